@@ -1,0 +1,222 @@
+//! The validated configuration: real types only, so nothing downstream re-checks or panics.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A whole validated configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was loaded from (`None` for the built-in default or a string).
+    pub source: Option<PathBuf>,
+    pub lb: LbSettings,
+    pub frontends: Vec<Frontend>,
+    pub pools: Vec<Pool>,
+    pub rules: Vec<Rule>,
+    /// Non-fatal findings (e.g. an idle timeout shorter than 1.5× the MQTT keep-alive).
+    pub warnings: Vec<Problem>,
+}
+
+/// Process-wide settings of the load balancer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LbSettings {
+    /// Admin/metrics HTTP server address. Loopback by default.
+    pub admin: SocketAddr,
+    /// On shutdown, how long live connections may take to finish before they are cut.
+    pub shutdown_grace: Duration,
+    /// Reload automatically when the config file changes (SIGHUP always reloads).
+    pub watch_config: bool,
+    /// How often the file is checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// A listening address (Azure: frontend IP configuration + frontend port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub backlog: NonZeroU32,
+}
+
+/// A backend pool with the probe that decides its members' health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub probe: Probe,
+    pub backends: Vec<Backend>,
+}
+
+/// One member of a pool. `id` is the stable identity the hash is computed on: keep it
+/// unchanged when a broker moves to another address and its clients stay with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub weight: NonZeroU32,
+    /// Start in the draining state (no new connections).
+    pub drain: bool,
+    pub mqtt_ports: MqttPorts,
+}
+
+/// Per-MQTT-level ports: rumqttd serves 3.1.1 and 5.0 on separate listeners.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct MqttPorts {
+    pub v3: Option<u16>,
+    pub v4: Option<u16>,
+    pub v5: Option<u16>,
+}
+
+impl Backend {
+    /// The address a client speaking MQTT protocol `level` (3, 4 or 5) is sent to;
+    /// `None` (not MQTT, or not inspected) means the backend's `addr`.
+    pub fn addr_for_level(&self, level: Option<u8>) -> SocketAddr {
+        let port = match level {
+            Some(3) => self.mqtt_ports.v3,
+            Some(4) => self.mqtt_ports.v4,
+            Some(5) => self.mqtt_ports.v5,
+            _ => None,
+        };
+        match port {
+            Some(p) => SocketAddr::new(self.addr.ip(), p),
+            None => self.addr,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProbeProtocol {
+    /// Healthy when a TCP connection is accepted (Azure's TCP probe).
+    Tcp,
+    /// Healthy when `GET path` answers 200 (Azure's HTTP probe).
+    Http { path: String },
+    /// Healthy when an MQTT CONNECT is answered by a CONNACK that accepts it.
+    Mqtt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbePort {
+    /// Probe this port on the backend's IP (Azure's model; default 8883).
+    Fixed(u16),
+    /// Probe the backend's own traffic address (`addr`).
+    Traffic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Probe {
+    pub name: String,
+    pub protocol: ProbeProtocol,
+    pub port: ProbePort,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub up_threshold: NonZeroU32,
+    /// Consecutive failures that bring an up backend down (Azure's `probeThreshold`).
+    pub down_threshold: NonZeroU32,
+}
+
+impl Probe {
+    /// The address probed for `backend`.
+    pub fn target(&self, backend: &Backend) -> SocketAddr {
+        match self.port {
+            ProbePort::Fixed(p) => SocketAddr::new(backend.addr.ip(), p),
+            ProbePort::Traffic => backend.addr,
+        }
+    }
+}
+
+/// How a rule picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Distribution {
+    /// Source IP, source port, destination IP, destination port, protocol (Azure default).
+    FiveTuple,
+    /// Source IP and destination IP (Azure "Client IP").
+    SourceIp,
+    /// Source IP, destination IP and protocol (Azure "Client IP and protocol").
+    SourceIpProtocol,
+    /// The MQTT client ID from the CONNECT packet.
+    MqttClientId,
+    RoundRobin,
+    LeastConnections,
+}
+
+impl Distribution {
+    pub const NAMES: [&'static str; 6] = [
+        "five-tuple",
+        "source-ip",
+        "source-ip-protocol",
+        "mqtt-client-id",
+        "round-robin",
+        "least-connections",
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "five-tuple" => Self::FiveTuple,
+            "source-ip" => Self::SourceIp,
+            "source-ip-protocol" => Self::SourceIpProtocol,
+            "mqtt-client-id" => Self::MqttClientId,
+            "round-robin" => Self::RoundRobin,
+            "least-connections" => Self::LeastConnections,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FiveTuple => "five-tuple",
+            Self::SourceIp => "source-ip",
+            Self::SourceIpProtocol => "source-ip-protocol",
+            Self::MqttClientId => "mqtt-client-id",
+            Self::RoundRobin => "round-robin",
+            Self::LeastConnections => "least-connections",
+        }
+    }
+}
+
+/// What an `mqtt-client-id` rule does with a connection that has no usable client ID
+/// (empty ID, or bytes that are not MQTT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fallback {
+    FiveTuple,
+    Reject,
+}
+
+/// Azure's load-balancing rule: frontend → pool, with distribution and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub name: String,
+    pub frontend: String,
+    pub pool: String,
+    pub distribution: Distribution,
+    /// Close a connection with no bytes either way for this long (Azure: 4 min).
+    pub idle_timeout: Duration,
+    /// Send a TCP RST to both sides on idle timeout (Azure "TCP reset").
+    pub reset_on_idle: bool,
+    pub connect_timeout: Duration,
+    /// Backends tried for one connection before giving up.
+    pub max_connect_attempts: NonZeroU32,
+    /// Time allowed for the client's CONNECT to arrive (mqtt-client-id rules).
+    pub inspect_timeout: Duration,
+    /// Bytes the LB buffers at most while looking for the client ID.
+    pub inspect_max_bytes: u32,
+    pub fallback: Fallback,
+    /// Close live connections to a backend when its probe marks it down (Azure keeps them).
+    pub close_on_backend_down: bool,
+    /// The longest MQTT keep-alive clients are expected to use; the idle timeout must exceed
+    /// 1.5× of it or idle-but-alive clients are cut (checked at load, warned).
+    pub mqtt_keep_alive: Duration,
+}
+
+/// One finding of validation: the key (a path like `pool[0].backend[1].addr`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}

@@ -1,0 +1,105 @@
+//! The file as written: serde structs with `deny_unknown_fields`, values still as text.
+//!
+//! Keeping durations, addresses and enums as strings here lets validation report *every*
+//! problem with its key, instead of serde stopping at the first.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub lb: RawLb,
+    #[serde(default, rename = "frontend")]
+    pub frontends: Vec<RawFrontend>,
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<RawPool>,
+    #[serde(default, rename = "probe")]
+    pub probes: Vec<RawProbe>,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLb {
+    pub admin: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub watch_config: Option<bool>,
+    pub watch_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFrontend {
+    pub name: String,
+    pub bind: String,
+    pub backlog: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    pub probe: Option<String>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub id: String,
+    pub addr: String,
+    pub weight: Option<u32>,
+    pub drain: Option<bool>,
+    pub mqtt_ports: Option<RawMqttPorts>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqttPorts {
+    pub v3: Option<u16>,
+    pub v4: Option<u16>,
+    pub v5: Option<u16>,
+}
+
+/// `port = 8883` or `port = "traffic"` (probe the backend's own traffic port).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPort {
+    Number(i64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    pub name: String,
+    pub protocol: Option<String>,
+    pub port: Option<RawPort>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub threshold: Option<u32>,
+    pub up_threshold: Option<u32>,
+    pub down_threshold: Option<u32>,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: String,
+    pub frontend: String,
+    pub pool: String,
+    pub distribution: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub reset_on_idle: Option<bool>,
+    pub connect_timeout: Option<String>,
+    pub max_connect_attempts: Option<u32>,
+    pub inspect_timeout: Option<String>,
+    pub inspect_max_bytes: Option<u32>,
+    pub fallback: Option<String>,
+    pub close_on_backend_down: Option<bool>,
+    pub mqtt_keep_alive: Option<String>,
+}

@@ -1,0 +1,190 @@
+use super::*;
+use std::time::Duration;
+
+fn problems(text: &str) -> Vec<Problem> {
+    match Config::parse(text, "t.toml") {
+        Err(ConfigError::Invalid { problems, .. }) => problems,
+        other => panic!("expected validation problems, got {other:?}"),
+    }
+}
+
+const MINIMAL: &str = r#"
+[[frontend]]
+name = "mqtt"
+bind = "127.0.0.1:1883"
+
+[[pool]]
+name = "brokers"
+[[pool.backend]]
+id = "b1"
+addr = "127.0.0.1:1884"
+
+[[rule]]
+name = "r"
+frontend = "mqtt"
+pool = "brokers"
+"#;
+
+#[test]
+fn minimal_file_gets_azure_defaults() {
+    let c = Config::parse(MINIMAL, "t.toml").expect("valid");
+    let pool = c.pool("brokers").expect("pool");
+    assert_eq!(pool.probe.protocol, ProbeProtocol::Tcp);
+    assert_eq!(pool.probe.port, ProbePort::Fixed(8883));
+    assert_eq!(pool.probe.interval, Duration::from_secs(5));
+    assert_eq!(pool.probe.down_threshold.get(), 1);
+    let rule = &c.rules[0];
+    assert_eq!(rule.distribution, Distribution::FiveTuple);
+    assert_eq!(rule.idle_timeout, Duration::from_secs(240));
+    assert_eq!(rule.fallback, Fallback::FiveTuple);
+    assert_eq!(c.lb.admin.to_string(), "127.0.0.1:9883");
+    assert_eq!(pool.probe.target(&pool.backends[0]).to_string(), "127.0.0.1:8883");
+}
+
+#[test]
+fn unknown_keys_are_refused_with_location() {
+    let err = Config::parse(&format!("{MINIMAL}\nbogus = 1\n"), "t.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("t.toml"), "{msg}");
+    assert!(msg.contains("bogus"), "{msg}");
+    let err = Config::parse(
+        "[[frontend]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nport = 3\n",
+        "t.toml",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("port"), "{err}");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key() {
+    let text = r#"
+[lb]
+admin = "nowhere"
+
+[[frontend]]
+name = "f"
+bind = "1.2.3.4"
+
+[[probe]]
+name = "p"
+protocol = "icmp"
+interval = "5"
+timeout = "10s"
+
+[[pool]]
+name = "pool"
+probe = "missing"
+[[pool.backend]]
+id = "b1"
+addr = "127.0.0.1:1"
+weight = 0
+[[pool.backend]]
+id = "b1"
+addr = "127.0.0.1:2"
+
+[[rule]]
+name = "r"
+frontend = "nope"
+pool = "nopool"
+distribution = "random"
+idle_timeout = "0s"
+"#;
+    let p = problems(text);
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    for expected in [
+        "lb.admin",
+        "frontend[0].bind",
+        "probe[0].protocol",
+        "probe[0].interval",
+        "pool[0].probe",
+        "pool[0].backend[0].weight",
+        "pool[0].backend[1].id",
+        "rule[0].frontend",
+        "rule[0].pool",
+        "rule[0].distribution",
+        "rule[0].idle_timeout",
+    ] {
+        assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+    }
+}
+
+#[test]
+fn one_rule_per_frontend_and_unique_binds() {
+    let text = format!(
+        "{MINIMAL}\n[[rule]]\nname = \"r2\"\nfrontend = \"mqtt\"\npool = \"brokers\"\n\
+         [[frontend]]\nname = \"dup\"\nbind = \"127.0.0.1:1883\"\n"
+    );
+    let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+    assert!(keys.contains(&"rule[1].frontend".to_string()), "{keys:?}");
+    assert!(keys.contains(&"frontend[1].bind".to_string()), "{keys:?}");
+}
+
+#[test]
+fn probe_port_traffic_and_thresholds() {
+    let text = format!(
+        "{MINIMAL}\n[[probe]]\nname = \"p\"\nport = \"traffic\"\nprotocol = \"http\"\npath = \"/health\"\n\
+         up_threshold = 2\ndown_threshold = 3\ninterval = \"1s\"\ntimeout = \"500ms\"\n"
+    )
+    .replace("name = \"brokers\"\n", "name = \"brokers\"\nprobe = \"p\"\n");
+    let c = Config::parse(&text, "t.toml").expect("valid");
+    let probe = &c.pools[0].probe;
+    assert_eq!(probe.port, ProbePort::Traffic);
+    assert_eq!(probe.protocol, ProbeProtocol::Http { path: "/health".into() });
+    assert_eq!((probe.up_threshold.get(), probe.down_threshold.get()), (2, 3));
+    assert_eq!(probe.target(&c.pools[0].backends[0]).to_string(), "127.0.0.1:1884");
+
+    let bad = format!("{MINIMAL}\n[[probe]]\nname = \"p\"\nport = 70000\nthreshold = 2\ndown_threshold = 1\n");
+    let keys: Vec<String> = problems(&bad).into_iter().map(|p| p.key).collect();
+    assert!(keys.contains(&"probe[0].port".to_string()), "{keys:?}");
+    assert!(keys.contains(&"probe[0].threshold".to_string()), "{keys:?}");
+}
+
+#[test]
+fn idle_timeout_below_keepalive_is_warned() {
+    let text = MINIMAL.replace(
+        "pool = \"brokers\"\n",
+        "pool = \"brokers\"\nidle_timeout = \"60s\"\nmqtt_keep_alive = \"60s\"\n",
+    );
+    let c = Config::parse(&text, "t.toml").expect("valid with a warning");
+    assert!(
+        c.warnings.iter().any(|w| w.key == "rule[0].idle_timeout"),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn mqtt_ports_pick_the_level() {
+    let text = MINIMAL.replace(
+        "addr = \"127.0.0.1:1884\"",
+        "addr = \"127.0.0.1:1884\"\nmqtt_ports = { v5 = 1885 }",
+    );
+    let c = Config::parse(&text, "t.toml").expect("valid");
+    let b = &c.pools[0].backends[0];
+    assert_eq!(b.addr_for_level(Some(5)).port(), 1885);
+    assert_eq!(b.addr_for_level(Some(4)).port(), 1884);
+    assert_eq!(b.addr_for_level(None).port(), 1884);
+}
+
+#[test]
+fn missing_file_names_the_file() {
+    let err = Config::load("/definitely/not/here.toml").unwrap_err();
+    assert!(err.to_string().contains("/definitely/not/here.toml"));
+}
+
+/// Every shipped example must load; the count guards against a glob that matches nothing.
+#[test]
+fn every_example_file_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) == Some("toml") {
+            let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(cfg.warnings.is_empty(), "{}: {:?}", path.display(), cfg.warnings);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "expected 3 example files in {}", dir.display());
+    Config::builtin().expect("built-in default is valid");
+}

@@ -1,0 +1,399 @@
+//! Raw file → validated [`Config`]: every problem is collected with its key, not just the first.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use crate::duration::{format_duration, parse_duration};
+use crate::model::*;
+use crate::raw::*;
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9883";
+pub const DEFAULT_PROBE_PORT: u16 = 8883;
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(240);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_INSPECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_INSPECT_MAX_BYTES: u32 = 4096;
+pub const MAX_INSPECT_MAX_BYTES: u32 = 1 << 20;
+pub const DEFAULT_MQTT_KEEP_ALIVE: Duration = Duration::from_secs(60);
+pub const DEFAULT_BACKLOG: u32 = 1024;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Collects problems while converting; each helper records and returns a fallback value so
+/// validation continues past the first error.
+struct Checker {
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+impl Checker {
+    fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    key,
+                    format!("invalid address {text:?}: expected IP:PORT such as \"127.0.0.1:1883\""),
+                );
+                None
+            }
+        }
+    }
+
+    /// A positive duration, or `default` when the key is absent.
+    fn duration(&mut self, key: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        match parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                self.error(key, "must be greater than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(key, e);
+                default
+            }
+        }
+    }
+
+    fn non_zero(&mut self, key: &str, value: Option<u32>, default: u32) -> NonZeroU32 {
+        let fallback = NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN);
+        match value {
+            None => fallback,
+            Some(v) => NonZeroU32::new(v).unwrap_or_else(|| {
+                self.error(key, "must be at least 1");
+                fallback
+            }),
+        }
+    }
+
+    fn name(&mut self, key: &str, name: &str, seen: &mut HashSet<String>, what: &str) {
+        if name.is_empty() {
+            self.error(key, format!("{what} name must not be empty"));
+        } else if name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            self.error(
+                key,
+                format!("{what} name {name:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+            );
+        } else if !seen.insert(name.to_string()) {
+            self.error(key, format!("duplicate {what} name {name:?}"));
+        }
+    }
+}
+
+pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> {
+    let mut c = Checker {
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+
+    let lb = LbSettings {
+        admin: c
+            .addr("lb.admin", raw.lb.admin.as_deref().unwrap_or(DEFAULT_ADMIN))
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9883))),
+        shutdown_grace: c.duration(
+            "lb.shutdown_grace",
+            raw.lb.shutdown_grace.as_deref(),
+            DEFAULT_SHUTDOWN_GRACE,
+        ),
+        watch_config: raw.lb.watch_config.unwrap_or(true),
+        watch_interval: c.duration(
+            "lb.watch_interval",
+            raw.lb.watch_interval.as_deref(),
+            DEFAULT_WATCH_INTERVAL,
+        ),
+    };
+
+    // Probes first: pools refer to them by name.
+    let mut probe_names = HashSet::new();
+    let mut probes = Vec::new();
+    for (i, p) in raw.probes.iter().enumerate() {
+        let k = format!("probe[{i}]");
+        c.name(&format!("{k}.name"), &p.name, &mut probe_names, "probe");
+        probes.push(probe(&mut c, &k, p));
+    }
+
+    let mut pool_names = HashSet::new();
+    let mut pools = Vec::new();
+    for (i, p) in raw.pools.iter().enumerate() {
+        let k = format!("pool[{i}]");
+        c.name(&format!("{k}.name"), &p.name, &mut pool_names, "pool");
+        let probe = match &p.probe {
+            None => default_probe(),
+            Some(name) => match probes.iter().find(|pr: &&Probe| &pr.name == name) {
+                Some(pr) => pr.clone(),
+                None => {
+                    c.error(format!("{k}.probe"), format!("no [[probe]] named {name:?}"));
+                    default_probe()
+                }
+            },
+        };
+        if p.backends.is_empty() {
+            c.warn(format!("{k}.backend"), "pool has no backends: its rules refuse every connection");
+        }
+        let mut ids = HashSet::new();
+        let mut backends = Vec::new();
+        for (j, b) in p.backends.iter().enumerate() {
+            let bk = format!("{k}.backend[{j}]");
+            c.name(&format!("{bk}.id"), &b.id, &mut ids, "backend");
+            let addr = c.addr(&format!("{bk}.addr"), &b.addr);
+            let weight = c.non_zero(&format!("{bk}.weight"), b.weight, 1);
+            if weight.get() > 10_000 {
+                c.error(format!("{bk}.weight"), "must be at most 10000");
+            }
+            let mqtt_ports = match &b.mqtt_ports {
+                None => MqttPorts::default(),
+                Some(m) => {
+                    for (lvl, port) in [("v3", m.v3), ("v4", m.v4), ("v5", m.v5)] {
+                        if port == Some(0) {
+                            c.error(format!("{bk}.mqtt_ports.{lvl}"), "port must not be 0");
+                        }
+                    }
+                    MqttPorts { v3: m.v3, v4: m.v4, v5: m.v5 }
+                }
+            };
+            if let Some(addr) = addr {
+                if addr.port() == 0 {
+                    c.error(format!("{bk}.addr"), "port must not be 0");
+                }
+                backends.push(Backend {
+                    id: b.id.clone(),
+                    addr,
+                    weight,
+                    drain: b.drain.unwrap_or(false),
+                    mqtt_ports,
+                });
+            }
+        }
+        pools.push(Pool {
+            name: p.name.clone(),
+            probe,
+            backends,
+        });
+    }
+
+    let mut frontend_names = HashSet::new();
+    let mut binds = HashSet::new();
+    let mut frontends = Vec::new();
+    for (i, f) in raw.frontends.iter().enumerate() {
+        let k = format!("frontend[{i}]");
+        c.name(&format!("{k}.name"), &f.name, &mut frontend_names, "frontend");
+        let backlog = c.non_zero(&format!("{k}.backlog"), f.backlog, DEFAULT_BACKLOG);
+        if let Some(bind) = c.addr(&format!("{k}.bind"), &f.bind) {
+            if bind.port() != 0 && !binds.insert(bind) {
+                c.error(format!("{k}.bind"), format!("address {bind} is used by another frontend"));
+            }
+            if bind == lb.admin && bind.port() != 0 {
+                c.error(format!("{k}.bind"), format!("address {bind} is also lb.admin"));
+            }
+            frontends.push(Frontend {
+                name: f.name.clone(),
+                bind,
+                backlog,
+            });
+        }
+    }
+
+    let mut rule_names = HashSet::new();
+    let mut used_frontends = HashSet::new();
+    let mut rules = Vec::new();
+    for (i, r) in raw.rules.iter().enumerate() {
+        let k = format!("rule[{i}]");
+        c.name(&format!("{k}.name"), &r.name, &mut rule_names, "rule");
+        if !raw.frontends.iter().any(|f| f.name == r.frontend) {
+            c.error(format!("{k}.frontend"), format!("no [[frontend]] named {:?}", r.frontend));
+        } else if !used_frontends.insert(r.frontend.clone()) {
+            c.error(
+                format!("{k}.frontend"),
+                format!("frontend {:?} already has a rule: one rule per frontend", r.frontend),
+            );
+        }
+        if !raw.pools.iter().any(|p| p.name == r.pool) {
+            c.error(format!("{k}.pool"), format!("no [[pool]] named {:?}", r.pool));
+        }
+        let distribution = match r.distribution.as_deref() {
+            None => Distribution::FiveTuple,
+            Some(s) => Distribution::parse(s).unwrap_or_else(|| {
+                c.error(
+                    format!("{k}.distribution"),
+                    format!("unknown distribution {s:?}: expected one of {}", Distribution::NAMES.join(", ")),
+                );
+                Distribution::FiveTuple
+            }),
+        };
+        let fallback = match r.fallback.as_deref() {
+            None | Some("five-tuple") => Fallback::FiveTuple,
+            Some("reject") => Fallback::Reject,
+            Some(s) => {
+                c.error(format!("{k}.fallback"), format!("unknown fallback {s:?}: expected five-tuple or reject"));
+                Fallback::FiveTuple
+            }
+        };
+        let inspect_max_bytes = r.inspect_max_bytes.unwrap_or(DEFAULT_INSPECT_MAX_BYTES);
+        if !(16..=MAX_INSPECT_MAX_BYTES).contains(&inspect_max_bytes) {
+            c.error(
+                format!("{k}.inspect_max_bytes"),
+                format!("must be between 16 and {MAX_INSPECT_MAX_BYTES}"),
+            );
+        }
+        let rule = Rule {
+            name: r.name.clone(),
+            frontend: r.frontend.clone(),
+            pool: r.pool.clone(),
+            distribution,
+            idle_timeout: c.duration(&format!("{k}.idle_timeout"), r.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT),
+            reset_on_idle: r.reset_on_idle.unwrap_or(false),
+            connect_timeout: c.duration(
+                &format!("{k}.connect_timeout"),
+                r.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            max_connect_attempts: c.non_zero(&format!("{k}.max_connect_attempts"), r.max_connect_attempts, 3),
+            inspect_timeout: c.duration(
+                &format!("{k}.inspect_timeout"),
+                r.inspect_timeout.as_deref(),
+                DEFAULT_INSPECT_TIMEOUT,
+            ),
+            inspect_max_bytes,
+            fallback,
+            close_on_backend_down: r.close_on_backend_down.unwrap_or(false),
+            mqtt_keep_alive: c.duration(
+                &format!("{k}.mqtt_keep_alive"),
+                r.mqtt_keep_alive.as_deref(),
+                DEFAULT_MQTT_KEEP_ALIVE,
+            ),
+        };
+        if distribution != Distribution::MqttClientId && (r.fallback.is_some() || r.inspect_timeout.is_some() || r.inspect_max_bytes.is_some()) {
+            c.warn(
+                format!("{k}.distribution"),
+                "fallback/inspect_* only apply to mqtt-client-id rules and are ignored here",
+            );
+        }
+        // An MQTT client that is idle but alive sends PINGREQ every keep-alive; brokers allow
+        // 1.5× of it. An idle timeout below that cuts healthy clients.
+        if rule.idle_timeout.as_secs_f64() <= rule.mqtt_keep_alive.as_secs_f64() * 1.5 {
+            c.warn(
+                format!("{k}.idle_timeout"),
+                format!(
+                    "idle_timeout {} does not exceed 1.5 x mqtt_keep_alive {}: idle MQTT clients will be disconnected",
+                    format_duration(rule.idle_timeout),
+                    format_duration(rule.mqtt_keep_alive)
+                ),
+            );
+        }
+        if distribution != Distribution::MqttClientId {
+            if let Some(pool) = raw.pools.iter().find(|p| p.name == r.pool) {
+                if pool.backends.iter().any(|b| b.mqtt_ports.is_some()) {
+                    c.warn(
+                        format!("{k}.distribution"),
+                        "pool has mqtt_ports but only mqtt-client-id rules read the MQTT level; backend addr is used",
+                    );
+                }
+            }
+        }
+        rules.push(rule);
+    }
+    for f in &raw.frontends {
+        if !used_frontends.contains(&f.name) && !f.name.is_empty() {
+            c.warn("frontend", format!("frontend {:?} has no rule and is not opened", f.name));
+        }
+    }
+
+    if c.problems.is_empty() {
+        Ok(Config {
+            source: None,
+            lb,
+            frontends: frontends
+                .into_iter()
+                .filter(|f| used_frontends.contains(&f.name))
+                .collect(),
+            pools,
+            rules,
+            warnings: c.warnings,
+        })
+    } else {
+        Err((c.problems, c.warnings))
+    }
+}
+
+fn default_probe() -> Probe {
+    Probe {
+        name: "default".into(),
+        protocol: ProbeProtocol::Tcp,
+        port: ProbePort::Fixed(DEFAULT_PROBE_PORT),
+        interval: DEFAULT_PROBE_INTERVAL,
+        timeout: DEFAULT_PROBE_TIMEOUT,
+        up_threshold: NonZeroU32::MIN,
+        down_threshold: NonZeroU32::MIN,
+    }
+}
+
+fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
+    let protocol = match p.protocol.as_deref().unwrap_or("tcp") {
+        "tcp" => ProbeProtocol::Tcp,
+        "mqtt" => ProbeProtocol::Mqtt,
+        "http" => {
+            let path = p.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                c.error(format!("{k}.path"), format!("invalid HTTP path {path:?}: must start with / and hold no spaces"));
+            }
+            ProbeProtocol::Http { path }
+        }
+        other => {
+            c.error(format!("{k}.protocol"), format!("unknown protocol {other:?}: expected tcp, http or mqtt"));
+            ProbeProtocol::Tcp
+        }
+    };
+    if p.path.is_some() && !matches!(protocol, ProbeProtocol::Http { .. }) {
+        c.error(format!("{k}.path"), "path is only valid with protocol = \"http\"");
+    }
+    let port = match &p.port {
+        None => ProbePort::Fixed(DEFAULT_PROBE_PORT),
+        Some(RawPort::Word(w)) if w == "traffic" => ProbePort::Traffic,
+        Some(RawPort::Number(n)) if (1..=65535).contains(n) => ProbePort::Fixed(*n as u16),
+        Some(other) => {
+            c.error(format!("{k}.port"), format!("invalid port {other:?}: expected 1-65535 or \"traffic\""));
+            ProbePort::Fixed(DEFAULT_PROBE_PORT)
+        }
+    };
+    let interval = c.duration(&format!("{k}.interval"), p.interval.as_deref(), DEFAULT_PROBE_INTERVAL);
+    let timeout = c.duration(
+        &format!("{k}.timeout"),
+        p.timeout.as_deref(),
+        DEFAULT_PROBE_TIMEOUT.min(interval),
+    );
+    if timeout > interval {
+        c.error(format!("{k}.timeout"), "must not exceed interval");
+    }
+    if p.threshold.is_some() && (p.up_threshold.is_some() || p.down_threshold.is_some()) {
+        c.error(format!("{k}.threshold"), "set either threshold or up_threshold/down_threshold, not both");
+    }
+    let both = p.threshold;
+    Probe {
+        name: p.name.clone(),
+        protocol,
+        port,
+        interval,
+        timeout,
+        up_threshold: c.non_zero(&format!("{k}.up_threshold"), p.up_threshold.or(both), 1),
+        down_threshold: c.non_zero(&format!("{k}.down_threshold"), p.down_threshold.or(both), 1),
+    }
+}
