@@ -1,0 +1,119 @@
+//! Prometheus metrics of one LB instance. The names are a public contract (DESIGN.md); each
+//! instance has its own registry so several LBs can live in one process (tests, embedding).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the LB exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: IntGaugeVec,
+    pub connections_total: IntCounterVec,
+    pub bytes_total: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub probe_duration: HistogramVec,
+    pub probes_total: IntCounterVec,
+    pub route_decisions_total: IntCounterVec,
+    pub mqtt_connect_errors_total: IntCounterVec,
+    pub config_reloads_total: IntCounterVec,
+    pub data_path_up: IntGaugeVec,
+    pub passive_failures_total: IntCounterVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Metrics {
+            connections_active: IntGaugeVec::new(
+                opts("mqlb_connections_active", "Proxied connections open now."),
+                &["rule", "backend"],
+            )?,
+            connections_total: IntCounterVec::new(
+                opts(
+                    "mqlb_connections_total",
+                    "Client connections by how they ended (outcome names who failed).",
+                ),
+                &["rule", "backend", "outcome"],
+            )?,
+            bytes_total: IntCounterVec::new(
+                opts(
+                    "mqlb_bytes_total",
+                    "Bytes proxied; direction=in is client to backend, out is backend to client.",
+                ),
+                &["rule", "backend", "direction"],
+            )?,
+            backend_up: IntGaugeVec::new(
+                opts("mqlb_backend_up", "1 when the backend's health is up, else 0."),
+                &["pool", "backend"],
+            )?,
+            probe_duration: HistogramVec::new(
+                HistogramOpts::new("mqlb_probe_duration_seconds", "Health probe duration.").buckets(
+                    vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                ),
+                &["pool", "backend"],
+            )?,
+            probes_total: IntCounterVec::new(
+                opts("mqlb_probes_total", "Health probes by result (ok or the failure)."),
+                &["pool", "backend", "result"],
+            )?,
+            route_decisions_total: IntCounterVec::new(
+                opts("mqlb_route_decisions_total", "Routing decisions by the key used."),
+                &["rule", "method"],
+            )?,
+            mqtt_connect_errors_total: IntCounterVec::new(
+                opts(
+                    "mqlb_mqtt_connect_errors_total",
+                    "Connections whose CONNECT could not be used, by reason.",
+                ),
+                &["rule", "reason"],
+            )?,
+            config_reloads_total: IntCounterVec::new(
+                opts("mqlb_config_reloads_total", "Configuration reloads by result."),
+                &["result"],
+            )?,
+            data_path_up: IntGaugeVec::new(
+                opts(
+                    "mqlb_data_path_up",
+                    "1 when a probe through the rule's frontend reached a backend.",
+                ),
+                &["rule"],
+            )?,
+            passive_failures_total: IntCounterVec::new(
+                opts(
+                    "mqlb_backend_connect_failures_total",
+                    "Failed connects to a backend by client traffic (passive health).",
+                ),
+                &["pool", "backend"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.connections_active.clone()))?;
+        m.registry.register(Box::new(m.connections_total.clone()))?;
+        m.registry.register(Box::new(m.bytes_total.clone()))?;
+        m.registry.register(Box::new(m.backend_up.clone()))?;
+        m.registry.register(Box::new(m.probe_duration.clone()))?;
+        m.registry.register(Box::new(m.probes_total.clone()))?;
+        m.registry.register(Box::new(m.route_decisions_total.clone()))?;
+        m.registry.register(Box::new(m.mqtt_connect_errors_total.clone()))?;
+        m.registry.register(Box::new(m.config_reloads_total.clone()))?;
+        m.registry.register(Box::new(m.data_path_up.clone()))?;
+        m.registry.register(Box::new(m.passive_failures_total.clone()))?;
+        // Make the reload counter visible before the first reload.
+        for r in ["ok", "error"] {
+            m.config_reloads_total.with_label_values(&[r]);
+        }
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}

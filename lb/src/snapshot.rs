@@ -1,0 +1,219 @@
+//! The one immutable value the data path reads: pools with their members, rules by frontend.
+//!
+//! Built off the hot path from a validated config (and the previous snapshot, whose backend
+//! state is carried over for unchanged backends), then published in a single `ArcSwap`, so
+//! the set of backends and their health can never be seen torn.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use mqlb_config::{Backend, Config, Distribution, Pool, Rule};
+
+use crate::select::{self, Candidate, Key};
+use crate::state::BackendState;
+
+/// A pool member: its config, the hash of its stable ID, and its live state.
+#[derive(Debug)]
+pub struct Member {
+    pub cfg: Backend,
+    pub hash: u64,
+    pub state: Arc<BackendState>,
+}
+
+#[derive(Debug)]
+pub struct PoolRt {
+    pub cfg: Pool,
+    pub members: Vec<Member>,
+    rr_tick: AtomicU64,
+}
+
+impl PoolRt {
+    fn candidates(&self) -> Vec<Candidate> {
+        self.members
+            .iter()
+            .map(|m| Candidate {
+                hash: m.hash,
+                weight: m.cfg.weight.get(),
+                active: m.state.active(),
+                eligible: m.state.is_up() && !m.state.is_draining(),
+            })
+            .collect()
+    }
+
+    /// Eligible members, best first, for a connection with this distribution and key.
+    /// `key` is what the distribution hashes on (client ID or a tuple).
+    pub fn order(&self, distribution: Distribution, key: &Key<'_>) -> Vec<usize> {
+        let cands = self.candidates();
+        match distribution {
+            Distribution::RoundRobin => {
+                select::round_robin_order(self.rr_tick.fetch_add(1, Ordering::Relaxed), &cands)
+            }
+            Distribution::LeastConnections => select::least_connections_order(key.hash(), &cands),
+            _ => select::rendezvous_order(key.hash(), &cands),
+        }
+    }
+
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.cfg.id == id)
+    }
+}
+
+#[derive(Debug)]
+pub struct RuleRt {
+    pub cfg: Rule,
+    pub pool: Arc<PoolRt>,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub pools: Vec<Arc<PoolRt>>,
+    /// Rules keyed by frontend name: the accept loop of a frontend finds its rule here.
+    pub rules: HashMap<String, Arc<RuleRt>>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; backends present in `prev` (same pool, same ID, same addresses) keep
+    /// their `BackendState`, so health, drain state and connection counts survive a reload.
+    pub fn build(config: Config, prev: Option<&Snapshot>) -> Snapshot {
+        let mut pools = Vec::new();
+        for p in &config.pools {
+            let old_pool = prev.and_then(|s| s.pool(&p.name));
+            let members = p
+                .backends
+                .iter()
+                .map(|b| {
+                    let carried = old_pool
+                        .and_then(|op| op.member(&b.id))
+                        .filter(|m| m.cfg.addr == b.addr && m.cfg.mqtt_ports == b.mqtt_ports);
+                    let state = match carried {
+                        Some(m) => {
+                            if m.cfg.drain != b.drain {
+                                m.state.set_draining(b.drain);
+                            }
+                            m.state.clone()
+                        }
+                        None => Arc::new(BackendState::new(b.drain)),
+                    };
+                    Member {
+                        cfg: b.clone(),
+                        hash: select::backend_hash(&b.id),
+                        state,
+                    }
+                })
+                .collect();
+            pools.push(Arc::new(PoolRt {
+                cfg: p.clone(),
+                members,
+                rr_tick: AtomicU64::new(0),
+            }));
+        }
+        let rules = config
+            .rules
+            .iter()
+            .filter_map(|r| {
+                let pool = pools.iter().find(|p| p.cfg.name == r.pool)?.clone();
+                Some((r.frontend.clone(), Arc::new(RuleRt { cfg: r.clone(), pool })))
+            })
+            .collect();
+        Snapshot {
+            config: Arc::new(config),
+            pools,
+            rules,
+        }
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<PoolRt>> {
+        self.pools.iter().find(|p| p.cfg.name == name)
+    }
+
+    /// Every member with this backend ID, in any pool (IDs are per pool).
+    pub fn members<'a>(&'a self, id: &'a str) -> impl Iterator<Item = (&'a Arc<PoolRt>, &'a Member)> + 'a {
+        self.pools
+            .iter()
+            .filter_map(move |p| p.member(id).map(|m| (p, m)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra_backend: &str) -> Config {
+        Config::parse(
+            &format!(
+                r#"
+[[frontend]]
+name = "f"
+bind = "127.0.0.1:0"
+[[pool]]
+name = "p"
+[[pool.backend]]
+id = "a"
+addr = "127.0.0.1:1001"
+[[pool.backend]]
+id = "b"
+addr = "127.0.0.1:1002"
+{extra_backend}
+[[rule]]
+name = "r"
+frontend = "f"
+pool = "p"
+"#
+            ),
+            "t",
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn reload_carries_state_of_unchanged_backends_only() {
+        let s1 = Snapshot::build(cfg(""), None);
+        let a1 = s1.pools[0].members[0].state.clone();
+        a1.set_draining(true);
+        a1.conn_opened();
+        let s2 = Snapshot::build(
+            cfg("[[pool.backend]]\nid = \"c\"\naddr = \"127.0.0.1:1003\""),
+            Some(&s1),
+        );
+        let p = &s2.pools[0];
+        assert!(Arc::ptr_eq(&p.member("a").expect("a").state, &a1));
+        assert!(p.member("a").expect("a").state.is_draining());
+        assert_eq!(p.member("a").expect("a").state.active(), 1);
+        assert_eq!(p.member("c").expect("c").state.active(), 0);
+        // Same ID, new address: a different server, fresh state.
+        let moved = cfg("").config_with_addr("b", "127.0.0.1:2002");
+        let s3 = Snapshot::build(moved, Some(&s2));
+        assert!(!Arc::ptr_eq(
+            &s3.pools[0].member("b").expect("b").state,
+            &s2.pools[0].member("b").expect("b").state
+        ));
+        assert_eq!(s3.rules["f"].pool.members.len(), 2);
+    }
+
+    trait WithAddr {
+        fn config_with_addr(self, id: &str, addr: &str) -> Config;
+    }
+    impl WithAddr for Config {
+        fn config_with_addr(mut self, id: &str, addr: &str) -> Config {
+            for b in &mut self.pools[0].backends {
+                if b.id == id {
+                    b.addr = addr.parse().expect("addr");
+                }
+            }
+            self
+        }
+    }
+
+    #[test]
+    fn order_skips_down_and_draining() {
+        let s = Snapshot::build(cfg("[[pool.backend]]\nid = \"c\"\naddr = \"127.0.0.1:1003\""), None);
+        let p = &s.pools[0];
+        p.members[0].state.set_draining(true);
+        p.members[1].state.observe(false, 1, 1);
+        for d in [Distribution::FiveTuple, Distribution::RoundRobin, Distribution::LeastConnections] {
+            assert_eq!(p.order(d, &Key::ClientId("x")), vec![2], "{d:?}");
+        }
+    }
+}
