@@ -264,7 +264,6 @@ mod tests {
     fn rejects_malformed_connects() {
         let good = encode_connect(&opts(ProtocolLevel::V311, "abc"));
         let cases: Vec<(Vec<u8>, &str)> = vec![
-            ({ let mut b = good.clone(); b[0] = 0x11; b }, "header flags"),
             ({ let mut b = good.clone(); b[9] |= 0x01; b }, "reserved flag"),
             ({ let mut b = good.clone(); b[9] |= 0x18; b }, "will qos 3"),
             ({ let mut b = good.clone(); b[9] |= 0x08; b }, "will qos without will"),
@@ -280,6 +279,9 @@ mod tests {
                 parse_connect(&bytes)
             );
         }
+        let mut b = good.clone();
+        b[0] = 0x11; // CONNECT with flags set: indistinguishable from another protocol
+        assert!(matches!(parse_connect(&b), Err(ConnectError::NotMqtt(_))));
         let mut b = good.clone();
         b[8] = 6;
         assert_eq!(parse_connect(&b), Err(ConnectError::UnsupportedLevel(6)));
