@@ -15,7 +15,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("invalid duration {text:?}: expected a number at {rest:?}"));
+            return Err(format!(
+                "invalid duration {text:?}: expected a number at {rest:?}"
+            ));
         }
         let value: u64 = rest[..digits]
             .parse()
@@ -56,11 +58,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Formats a duration the way config files write it, for messages and `check-config`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -83,7 +85,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["", "5", "s", "5x", "-5s", "5 s", "1.5s", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5x",
+            "-5s",
+            "5 s",
+            "1.5s",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse_duration("18446744073709551615h").is_err());

@@ -38,7 +38,10 @@ fn minimal_file_gets_azure_defaults() {
     assert_eq!(rule.idle_timeout, Duration::from_secs(240));
     assert_eq!(rule.fallback, Fallback::FiveTuple);
     assert_eq!(c.lb.admin.to_string(), "127.0.0.1:9883");
-    assert_eq!(pool.probe.target(&pool.backends[0]).to_string(), "127.0.0.1:8883");
+    assert_eq!(
+        pool.probe.target(&pool.backends[0]).to_string(),
+        "127.0.0.1:8883"
+    );
 }
 
 #[test]
@@ -129,11 +132,24 @@ fn probe_port_traffic_and_thresholds() {
     let c = Config::parse(&text, "t.toml").expect("valid");
     let probe = &c.pools[0].probe;
     assert_eq!(probe.port, ProbePort::Traffic);
-    assert_eq!(probe.protocol, ProbeProtocol::Http { path: "/health".into() });
-    assert_eq!((probe.up_threshold.get(), probe.down_threshold.get()), (2, 3));
-    assert_eq!(probe.target(&c.pools[0].backends[0]).to_string(), "127.0.0.1:1884");
+    assert_eq!(
+        probe.protocol,
+        ProbeProtocol::Http {
+            path: "/health".into()
+        }
+    );
+    assert_eq!(
+        (probe.up_threshold.get(), probe.down_threshold.get()),
+        (2, 3)
+    );
+    assert_eq!(
+        probe.target(&c.pools[0].backends[0]).to_string(),
+        "127.0.0.1:1884"
+    );
 
-    let bad = format!("{MINIMAL}\n[[probe]]\nname = \"p\"\nport = 70000\nthreshold = 2\ndown_threshold = 1\n");
+    let bad = format!(
+        "{MINIMAL}\n[[probe]]\nname = \"p\"\nport = 70000\nthreshold = 2\ndown_threshold = 1\n"
+    );
     let keys: Vec<String> = problems(&bad).into_iter().map(|p| p.key).collect();
     assert!(keys.contains(&"probe[0].port".to_string()), "{keys:?}");
     assert!(keys.contains(&"probe[0].threshold".to_string()), "{keys:?}");
@@ -181,7 +197,12 @@ fn every_example_file_validates() {
         let path = entry.expect("entry").path();
         if path.extension().and_then(|e| e.to_str()) == Some("toml") {
             let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!(cfg.warnings.is_empty(), "{}: {:?}", path.display(), cfg.warnings);
+            assert!(
+                cfg.warnings.is_empty(),
+                "{}: {:?}",
+                path.display(),
+                cfg.warnings
+            );
             checked += 1;
         }
     }

@@ -51,7 +51,9 @@ impl Checker {
             Err(_) => {
                 self.error(
                     key,
-                    format!("invalid address {text:?}: expected IP:PORT such as \"127.0.0.1:1883\""),
+                    format!(
+                        "invalid address {text:?}: expected IP:PORT such as \"127.0.0.1:1883\""
+                    ),
                 );
                 None
             }
@@ -88,7 +90,11 @@ impl Checker {
     fn name(&mut self, key: &str, name: &str, seen: &mut HashSet<String>, what: &str) {
         if name.is_empty() {
             self.error(key, format!("{what} name must not be empty"));
-        } else if name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        } else if name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             self.error(
                 key,
                 format!("{what} name {name:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
@@ -147,7 +153,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             },
         };
         if p.backends.is_empty() {
-            c.warn(format!("{k}.backend"), "pool has no backends: its rules refuse every connection");
+            c.warn(
+                format!("{k}.backend"),
+                "pool has no backends: its rules refuse every connection",
+            );
         }
         let mut ids = HashSet::new();
         let mut backends = Vec::new();
@@ -167,7 +176,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                             c.error(format!("{bk}.mqtt_ports.{lvl}"), "port must not be 0");
                         }
                     }
-                    MqttPorts { v3: m.v3, v4: m.v4, v5: m.v5 }
+                    MqttPorts {
+                        v3: m.v3,
+                        v4: m.v4,
+                        v5: m.v5,
+                    }
                 }
             };
             if let Some(addr) = addr {
@@ -195,14 +208,25 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
     let mut frontends = Vec::new();
     for (i, f) in raw.frontends.iter().enumerate() {
         let k = format!("frontend[{i}]");
-        c.name(&format!("{k}.name"), &f.name, &mut frontend_names, "frontend");
+        c.name(
+            &format!("{k}.name"),
+            &f.name,
+            &mut frontend_names,
+            "frontend",
+        );
         let backlog = c.non_zero(&format!("{k}.backlog"), f.backlog, DEFAULT_BACKLOG);
         if let Some(bind) = c.addr(&format!("{k}.bind"), &f.bind) {
             if bind.port() != 0 && !binds.insert(bind) {
-                c.error(format!("{k}.bind"), format!("address {bind} is used by another frontend"));
+                c.error(
+                    format!("{k}.bind"),
+                    format!("address {bind} is used by another frontend"),
+                );
             }
             if bind == lb.admin && bind.port() != 0 {
-                c.error(format!("{k}.bind"), format!("address {bind} is also lb.admin"));
+                c.error(
+                    format!("{k}.bind"),
+                    format!("address {bind} is also lb.admin"),
+                );
             }
             frontends.push(Frontend {
                 name: f.name.clone(),
@@ -219,22 +243,34 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
         let k = format!("rule[{i}]");
         c.name(&format!("{k}.name"), &r.name, &mut rule_names, "rule");
         if !raw.frontends.iter().any(|f| f.name == r.frontend) {
-            c.error(format!("{k}.frontend"), format!("no [[frontend]] named {:?}", r.frontend));
+            c.error(
+                format!("{k}.frontend"),
+                format!("no [[frontend]] named {:?}", r.frontend),
+            );
         } else if !used_frontends.insert(r.frontend.clone()) {
             c.error(
                 format!("{k}.frontend"),
-                format!("frontend {:?} already has a rule: one rule per frontend", r.frontend),
+                format!(
+                    "frontend {:?} already has a rule: one rule per frontend",
+                    r.frontend
+                ),
             );
         }
         if !raw.pools.iter().any(|p| p.name == r.pool) {
-            c.error(format!("{k}.pool"), format!("no [[pool]] named {:?}", r.pool));
+            c.error(
+                format!("{k}.pool"),
+                format!("no [[pool]] named {:?}", r.pool),
+            );
         }
         let distribution = match r.distribution.as_deref() {
             None => Distribution::FiveTuple,
             Some(s) => Distribution::parse(s).unwrap_or_else(|| {
                 c.error(
                     format!("{k}.distribution"),
-                    format!("unknown distribution {s:?}: expected one of {}", Distribution::NAMES.join(", ")),
+                    format!(
+                        "unknown distribution {s:?}: expected one of {}",
+                        Distribution::NAMES.join(", ")
+                    ),
                 );
                 Distribution::FiveTuple
             }),
@@ -243,7 +279,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             None | Some("five-tuple") => Fallback::FiveTuple,
             Some("reject") => Fallback::Reject,
             Some(s) => {
-                c.error(format!("{k}.fallback"), format!("unknown fallback {s:?}: expected five-tuple or reject"));
+                c.error(
+                    format!("{k}.fallback"),
+                    format!("unknown fallback {s:?}: expected five-tuple or reject"),
+                );
                 Fallback::FiveTuple
             }
         };
@@ -259,14 +298,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             frontend: r.frontend.clone(),
             pool: r.pool.clone(),
             distribution,
-            idle_timeout: c.duration(&format!("{k}.idle_timeout"), r.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT),
+            idle_timeout: c.duration(
+                &format!("{k}.idle_timeout"),
+                r.idle_timeout.as_deref(),
+                DEFAULT_IDLE_TIMEOUT,
+            ),
             reset_on_idle: r.reset_on_idle.unwrap_or(false),
             connect_timeout: c.duration(
                 &format!("{k}.connect_timeout"),
                 r.connect_timeout.as_deref(),
                 DEFAULT_CONNECT_TIMEOUT,
             ),
-            max_connect_attempts: c.non_zero(&format!("{k}.max_connect_attempts"), r.max_connect_attempts, 3),
+            max_connect_attempts: c.non_zero(
+                &format!("{k}.max_connect_attempts"),
+                r.max_connect_attempts,
+                3,
+            ),
             inspect_timeout: c.duration(
                 &format!("{k}.inspect_timeout"),
                 r.inspect_timeout.as_deref(),
@@ -281,7 +328,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 DEFAULT_MQTT_KEEP_ALIVE,
             ),
         };
-        if distribution != Distribution::MqttClientId && (r.fallback.is_some() || r.inspect_timeout.is_some() || r.inspect_max_bytes.is_some()) {
+        if distribution != Distribution::MqttClientId
+            && (r.fallback.is_some()
+                || r.inspect_timeout.is_some()
+                || r.inspect_max_bytes.is_some())
+        {
             c.warn(
                 format!("{k}.distribution"),
                 "fallback/inspect_* only apply to mqtt-client-id rules and are ignored here",
@@ -313,7 +364,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
     }
     for f in &raw.frontends {
         if !used_frontends.contains(&f.name) && !f.name.is_empty() {
-            c.warn("frontend", format!("frontend {:?} has no rule and is not opened", f.name));
+            c.warn(
+                "frontend",
+                format!("frontend {:?} has no rule and is not opened", f.name),
+            );
         }
     }
 
@@ -352,29 +406,47 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
         "mqtt" => ProbeProtocol::Mqtt,
         "http" => {
             let path = p.path.clone().unwrap_or_else(|| "/".into());
-            if !path.starts_with('/') || path.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
-                c.error(format!("{k}.path"), format!("invalid HTTP path {path:?}: must start with / and hold no spaces"));
+            if !path.starts_with('/')
+                || path.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+            {
+                c.error(
+                    format!("{k}.path"),
+                    format!("invalid HTTP path {path:?}: must start with / and hold no spaces"),
+                );
             }
             ProbeProtocol::Http { path }
         }
         other => {
-            c.error(format!("{k}.protocol"), format!("unknown protocol {other:?}: expected tcp, http or mqtt"));
+            c.error(
+                format!("{k}.protocol"),
+                format!("unknown protocol {other:?}: expected tcp, http or mqtt"),
+            );
             ProbeProtocol::Tcp
         }
     };
     if p.path.is_some() && !matches!(protocol, ProbeProtocol::Http { .. }) {
-        c.error(format!("{k}.path"), "path is only valid with protocol = \"http\"");
+        c.error(
+            format!("{k}.path"),
+            "path is only valid with protocol = \"http\"",
+        );
     }
     let port = match &p.port {
         None => ProbePort::Fixed(DEFAULT_PROBE_PORT),
         Some(RawPort::Word(w)) if w == "traffic" => ProbePort::Traffic,
         Some(RawPort::Number(n)) if (1..=65535).contains(n) => ProbePort::Fixed(*n as u16),
         Some(other) => {
-            c.error(format!("{k}.port"), format!("invalid port {other:?}: expected 1-65535 or \"traffic\""));
+            c.error(
+                format!("{k}.port"),
+                format!("invalid port {other:?}: expected 1-65535 or \"traffic\""),
+            );
             ProbePort::Fixed(DEFAULT_PROBE_PORT)
         }
     };
-    let interval = c.duration(&format!("{k}.interval"), p.interval.as_deref(), DEFAULT_PROBE_INTERVAL);
+    let interval = c.duration(
+        &format!("{k}.interval"),
+        p.interval.as_deref(),
+        DEFAULT_PROBE_INTERVAL,
+    );
     let timeout = c.duration(
         &format!("{k}.timeout"),
         p.timeout.as_deref(),
@@ -384,7 +456,10 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
         c.error(format!("{k}.timeout"), "must not exceed interval");
     }
     if p.threshold.is_some() && (p.up_threshold.is_some() || p.down_threshold.is_some()) {
-        c.error(format!("{k}.threshold"), "set either threshold or up_threshold/down_threshold, not both");
+        c.error(
+            format!("{k}.threshold"),
+            "set either threshold or up_threshold/down_threshold, not both",
+        );
     }
     let both = p.threshold;
     Probe {

@@ -32,7 +32,12 @@ impl HealthMachine {
     }
 
     /// Feeds one result; returns the transition it caused, if any.
-    pub fn observe(&mut self, ok: bool, up_threshold: u32, down_threshold: u32) -> Option<Transition> {
+    pub fn observe(
+        &mut self,
+        ok: bool,
+        up_threshold: u32,
+        down_threshold: u32,
+    ) -> Option<Transition> {
         if ok {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);

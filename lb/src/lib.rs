@@ -15,3 +15,13 @@ pub mod mqtt;
 pub mod select;
 pub mod snapshot;
 pub mod state;
+
+pub mod admin;
+mod lb;
+pub mod listener;
+pub mod probe;
+pub mod proxy;
+pub mod reload;
+
+pub use lb::{Lb, Listeners, ReloadError, StartError};
+pub use probe::{probe_once, ProbeError};

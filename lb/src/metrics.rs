@@ -48,21 +48,32 @@ impl Metrics {
                 &["rule", "backend", "direction"],
             )?,
             backend_up: IntGaugeVec::new(
-                opts("mqlb_backend_up", "1 when the backend's health is up, else 0."),
-                &["pool", "backend"],
-            )?,
-            probe_duration: HistogramVec::new(
-                HistogramOpts::new("mqlb_probe_duration_seconds", "Health probe duration.").buckets(
-                    vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                opts(
+                    "mqlb_backend_up",
+                    "1 when the backend's health is up, else 0.",
                 ),
                 &["pool", "backend"],
             )?,
+            probe_duration: HistogramVec::new(
+                HistogramOpts::new("mqlb_probe_duration_seconds", "Health probe duration.")
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0,
+                    ]),
+                &["pool", "backend"],
+            )?,
             probes_total: IntCounterVec::new(
-                opts("mqlb_probes_total", "Health probes by result (ok or the failure)."),
+                opts(
+                    "mqlb_probes_total",
+                    "Health probes by result (ok or the failure).",
+                ),
                 &["pool", "backend", "result"],
             )?,
             route_decisions_total: IntCounterVec::new(
-                opts("mqlb_route_decisions_total", "Routing decisions by the key used."),
+                opts(
+                    "mqlb_route_decisions_total",
+                    "Routing decisions by the key used.",
+                ),
                 &["rule", "method"],
             )?,
             mqtt_connect_errors_total: IntCounterVec::new(
@@ -73,7 +84,10 @@ impl Metrics {
                 &["rule", "reason"],
             )?,
             config_reloads_total: IntCounterVec::new(
-                opts("mqlb_config_reloads_total", "Configuration reloads by result."),
+                opts(
+                    "mqlb_config_reloads_total",
+                    "Configuration reloads by result.",
+                ),
                 &["result"],
             )?,
             data_path_up: IntGaugeVec::new(
@@ -92,17 +106,22 @@ impl Metrics {
             )?,
             registry,
         };
-        m.registry.register(Box::new(m.connections_active.clone()))?;
+        m.registry
+            .register(Box::new(m.connections_active.clone()))?;
         m.registry.register(Box::new(m.connections_total.clone()))?;
         m.registry.register(Box::new(m.bytes_total.clone()))?;
         m.registry.register(Box::new(m.backend_up.clone()))?;
         m.registry.register(Box::new(m.probe_duration.clone()))?;
         m.registry.register(Box::new(m.probes_total.clone()))?;
-        m.registry.register(Box::new(m.route_decisions_total.clone()))?;
-        m.registry.register(Box::new(m.mqtt_connect_errors_total.clone()))?;
-        m.registry.register(Box::new(m.config_reloads_total.clone()))?;
+        m.registry
+            .register(Box::new(m.route_decisions_total.clone()))?;
+        m.registry
+            .register(Box::new(m.mqtt_connect_errors_total.clone()))?;
+        m.registry
+            .register(Box::new(m.config_reloads_total.clone()))?;
         m.registry.register(Box::new(m.data_path_up.clone()))?;
-        m.registry.register(Box::new(m.passive_failures_total.clone()))?;
+        m.registry
+            .register(Box::new(m.passive_failures_total.clone()))?;
         // Make the reload counter visible before the first reload.
         for r in ["ok", "error"] {
             m.config_reloads_total.with_label_values(&[r]);

@@ -137,7 +137,11 @@ pub fn round_robin_order(tick: u64, cands: &[Candidate]) -> Vec<usize> {
         }
         slot -= w;
     }
-    eligible[first..].iter().chain(&eligible[..first]).copied().collect()
+    eligible[first..]
+        .iter()
+        .chain(&eligible[..first])
+        .copied()
+        .collect()
 }
 
 /// Fewest live connections per unit of weight first; ties broken by rendezvous on `key_hash`
@@ -175,7 +179,9 @@ mod tests {
     }
 
     fn pick(key: &str, cands: &[Candidate]) -> Option<usize> {
-        rendezvous_order(Key::ClientId(key).hash(), cands).first().copied()
+        rendezvous_order(Key::ClientId(key).hash(), cands)
+            .first()
+            .copied()
     }
 
     #[test]
@@ -185,7 +191,10 @@ mod tests {
         assert_eq!(backend_hash("b1"), mix64(fnv1a(b"b1")));
         let order = rendezvous_order(Key::ClientId("device-1").hash(), &pool(&["b1", "b2", "b3"]));
         assert_eq!(order.len(), 3);
-        assert_eq!(order, rendezvous_order(Key::ClientId("device-1").hash(), &pool(&["b1", "b2", "b3"])));
+        assert_eq!(
+            order,
+            rendezvous_order(Key::ClientId("device-1").hash(), &pool(&["b1", "b2", "b3"]))
+        );
     }
 
     #[test]
@@ -210,17 +219,29 @@ mod tests {
             counts[pick(&format!("k{i}"), &cands).expect("pick")] += 1;
         }
         // b1 should get half; b2 and b3 a quarter each.
-        assert!((counts[0] as f64 / 20_000.0 - 0.5).abs() < 0.03, "{counts:?}");
-        assert!((counts[1] as f64 / 20_000.0 - 0.25).abs() < 0.03, "{counts:?}");
+        assert!(
+            (counts[0] as f64 / 20_000.0 - 0.5).abs() < 0.03,
+            "{counts:?}"
+        );
+        assert!(
+            (counts[1] as f64 / 20_000.0 - 0.25).abs() < 0.03,
+            "{counts:?}"
+        );
     }
 
     #[test]
     fn a_failed_backend_moves_only_its_keys_and_they_return() {
         let mut cands = pool(&["b1", "b2", "b3", "b4"]);
         let keys: Vec<String> = (0..10_000).map(|i| format!("dev-{i}")).collect();
-        let before: Vec<usize> = keys.iter().map(|k| pick(k, &cands).expect("pick")).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|k| pick(k, &cands).expect("pick"))
+            .collect();
         cands[2].eligible = false;
-        let during: Vec<usize> = keys.iter().map(|k| pick(k, &cands).expect("pick")).collect();
+        let during: Vec<usize> = keys
+            .iter()
+            .map(|k| pick(k, &cands).expect("pick"))
+            .collect();
         let mut moved = 0;
         for (b, d) in before.iter().zip(&during) {
             if *b == 2 {
@@ -232,7 +253,10 @@ mod tests {
         }
         assert!(moved > 2000 && moved < 3000, "moved {moved}");
         cands[2].eligible = true;
-        let after: Vec<usize> = keys.iter().map(|k| pick(k, &cands).expect("pick")).collect();
+        let after: Vec<usize> = keys
+            .iter()
+            .map(|k| pick(k, &cands).expect("pick"))
+            .collect();
         assert_eq!(before, after);
     }
 
@@ -298,19 +322,46 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:5000".parse().expect("addr");
         let b: SocketAddr = "10.0.0.1:5001".parse().expect("addr");
         let d: SocketAddr = "10.0.0.9:1883".parse().expect("addr");
-        assert_ne!(Key::FiveTuple { src: a, dst: d }.hash(), Key::FiveTuple { src: b, dst: d }.hash());
+        assert_ne!(
+            Key::FiveTuple { src: a, dst: d }.hash(),
+            Key::FiveTuple { src: b, dst: d }.hash()
+        );
         assert_eq!(
-            Key::SourceIp { src: a.ip(), dst: d.ip() }.hash(),
-            Key::SourceIp { src: b.ip(), dst: d.ip() }.hash()
+            Key::SourceIp {
+                src: a.ip(),
+                dst: d.ip()
+            }
+            .hash(),
+            Key::SourceIp {
+                src: b.ip(),
+                dst: d.ip()
+            }
+            .hash()
         );
         assert_ne!(
-            Key::SourceIp { src: a.ip(), dst: d.ip() }.hash(),
-            Key::SourceIpProtocol { src: a.ip(), dst: d.ip() }.hash()
+            Key::SourceIp {
+                src: a.ip(),
+                dst: d.ip()
+            }
+            .hash(),
+            Key::SourceIpProtocol {
+                src: a.ip(),
+                dst: d.ip()
+            }
+            .hash()
         );
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
         assert_eq!(
-            Key::SourceIp { src: a.ip(), dst: d.ip() }.hash(),
-            Key::SourceIp { src: mapped, dst: d.ip() }.hash()
+            Key::SourceIp {
+                src: a.ip(),
+                dst: d.ip()
+            }
+            .hash(),
+            Key::SourceIp {
+                src: mapped,
+                dst: d.ip()
+            }
+            .hash()
         );
     }
 }

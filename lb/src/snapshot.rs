@@ -114,7 +114,13 @@ impl Snapshot {
             .iter()
             .filter_map(|r| {
                 let pool = pools.iter().find(|p| p.cfg.name == r.pool)?.clone();
-                Some((r.frontend.clone(), Arc::new(RuleRt { cfg: r.clone(), pool })))
+                Some((
+                    r.frontend.clone(),
+                    Arc::new(RuleRt {
+                        cfg: r.clone(),
+                        pool,
+                    }),
+                ))
             })
             .collect();
         Snapshot {
@@ -129,7 +135,10 @@ impl Snapshot {
     }
 
     /// Every member with this backend ID, in any pool (IDs are per pool).
-    pub fn members<'a>(&'a self, id: &'a str) -> impl Iterator<Item = (&'a Arc<PoolRt>, &'a Member)> + 'a {
+    pub fn members<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> impl Iterator<Item = (&'a Arc<PoolRt>, &'a Member)> + 'a {
         self.pools
             .iter()
             .filter_map(move |p| p.member(id).map(|m| (p, m)))
@@ -208,11 +217,18 @@ pool = "p"
 
     #[test]
     fn order_skips_down_and_draining() {
-        let s = Snapshot::build(cfg("[[pool.backend]]\nid = \"c\"\naddr = \"127.0.0.1:1003\""), None);
+        let s = Snapshot::build(
+            cfg("[[pool.backend]]\nid = \"c\"\naddr = \"127.0.0.1:1003\""),
+            None,
+        );
         let p = &s.pools[0];
         p.members[0].state.set_draining(true);
         p.members[1].state.observe(false, 1, 1);
-        for d in [Distribution::FiveTuple, Distribution::RoundRobin, Distribution::LeastConnections] {
+        for d in [
+            Distribution::FiveTuple,
+            Distribution::RoundRobin,
+            Distribution::LeastConnections,
+        ] {
             assert_eq!(p.order(d, &Key::ClientId("x")), vec![2], "{d:?}");
         }
     }

@@ -86,7 +86,12 @@ impl BackendState {
     }
 
     /// Feeds one health result (a probe, or a failed connect of client traffic).
-    pub(crate) fn observe(&self, ok: bool, up_threshold: u32, down_threshold: u32) -> Option<Transition> {
+    pub(crate) fn observe(
+        &self,
+        ok: bool,
+        up_threshold: u32,
+        down_threshold: u32,
+    ) -> Option<Transition> {
         let t = lock(&self.machine).observe(ok, up_threshold, down_threshold);
         match t {
             Some(Transition::WentUp) => self.up.store(true, Ordering::Release),

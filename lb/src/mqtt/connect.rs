@@ -72,7 +72,10 @@ impl From<ConnectError> for Need {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], Need> {
-        let stop = self.pos.checked_add(n).ok_or(Need::Bad(ConnectError::Malformed(what)))?;
+        let stop = self
+            .pos
+            .checked_add(n)
+            .ok_or(Need::Bad(ConnectError::Malformed(what)))?;
         if stop > self.end {
             return Err(Need::Bad(ConnectError::Malformed(what)));
         }
@@ -106,7 +109,9 @@ pub fn parse_connect(buf: &[u8]) -> Result<Option<Connect>, ConnectError> {
     // A CONNECT's first byte is exactly 0x10 (type 1, flags 0). Anything else is another
     // packet or another protocol: a TLS ClientHello (0x16) has type 1 but flags 6.
     if first != 0x10 {
-        return Err(ConnectError::NotMqtt("first byte is not an MQTT CONNECT header"));
+        return Err(ConnectError::NotMqtt(
+            "first byte is not an MQTT CONNECT header",
+        ));
     }
     let Some((remaining, varint_len)) = decode_varint(&buf[1..])? else {
         return Ok(None);
@@ -175,8 +180,8 @@ fn parse_body(c: &mut Cursor<'_>) -> Result<Connect, Need> {
     }
     let id_len = c.u16("client id length")?;
     let id = c.take(id_len as usize, "client id")?;
-    let client_id = std::str::from_utf8(id)
-        .map_err(|_| ConnectError::Malformed("client id is not UTF-8"))?;
+    let client_id =
+        std::str::from_utf8(id).map_err(|_| ConnectError::Malformed("client id is not UTF-8"))?;
     if client_id.contains('\0') {
         return Err(ConnectError::Malformed("client id contains U+0000").into());
     }
@@ -242,7 +247,10 @@ mod tests {
         o.password = Some(vec![7; 300_000]);
         o.username = Some("u".into());
         let bytes = encode_connect(&o);
-        assert!(bytes[1] & 0x80 != 0 && bytes[3] & 0x80 == 0, "3-byte remaining length");
+        assert!(
+            bytes[1] & 0x80 != 0 && bytes[3] & 0x80 == 0,
+            "3-byte remaining length"
+        );
         let c = parse_connect(&bytes[..40]).expect("ok").expect("complete");
         assert_eq!(c.client_id, "");
         assert_eq!(c.packet_len, bytes.len());
@@ -250,8 +258,15 @@ mod tests {
 
     #[test]
     fn rejects_other_protocols() {
-        for bytes in [&b"GET / HTTP/1.1\r\n"[..], b"\x16\x03\x01\x02\x00", b"\x30\x05\x00\x01a"] {
-            assert!(matches!(parse_connect(bytes), Err(ConnectError::NotMqtt(_))), "{bytes:?}");
+        for bytes in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01\x02\x00",
+            b"\x30\x05\x00\x01a",
+        ] {
+            assert!(
+                matches!(parse_connect(bytes), Err(ConnectError::NotMqtt(_))),
+                "{bytes:?}"
+            );
         }
         // Right packet type but a different protocol name.
         assert!(matches!(
@@ -264,12 +279,54 @@ mod tests {
     fn rejects_malformed_connects() {
         let good = encode_connect(&opts(ProtocolLevel::V311, "abc"));
         let cases: Vec<(Vec<u8>, &str)> = vec![
-            ({ let mut b = good.clone(); b[9] |= 0x01; b }, "reserved flag"),
-            ({ let mut b = good.clone(); b[9] |= 0x18; b }, "will qos 3"),
-            ({ let mut b = good.clone(); b[9] |= 0x08; b }, "will qos without will"),
-            ({ let mut b = good.clone(); b[9] |= 0x40; b }, "password without user"),
-            ({ let mut b = good.clone(); b[1] = 5; b }, "remaining length too short for fields"),
-            ({ let mut b = good.clone(); b[14] = 0xff; b }, "client id not utf8"),
+            (
+                {
+                    let mut b = good.clone();
+                    b[9] |= 0x01;
+                    b
+                },
+                "reserved flag",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[9] |= 0x18;
+                    b
+                },
+                "will qos 3",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[9] |= 0x08;
+                    b
+                },
+                "will qos without will",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[9] |= 0x40;
+                    b
+                },
+                "password without user",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[1] = 5;
+                    b
+                },
+                "remaining length too short for fields",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[14] = 0xff;
+                    b
+                },
+                "client id not utf8",
+            ),
             (vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x01], "5-byte length"),
         ];
         for (bytes, what) in cases {

@@ -98,3 +98,12 @@ pub fn connack_refusal(level: ProtocolLevel) -> &'static [u8] {
         _ => &[0x20, 0x02, 0x00, 0x03],
     }
 }
+
+/// A CONNACK refusing an empty client ID (rule fallback `reject`): return code 2
+/// ("identifier rejected") for 3.1/3.1.1, reason 0x85 for 5.0.
+pub fn connack_identifier_rejected(level: ProtocolLevel) -> &'static [u8] {
+    match level {
+        ProtocolLevel::V5 => &[0x20, 0x03, 0x00, 0x85, 0x00],
+        _ => &[0x20, 0x02, 0x00, 0x02],
+    }
+}

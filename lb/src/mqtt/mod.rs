@@ -6,7 +6,7 @@ mod connect;
 mod encode;
 
 pub use connect::{parse_connect, Connect, ConnectError, ProtocolLevel};
-pub use encode::{connack_refusal, encode_connect, ConnectOptions};
+pub use encode::{connack_identifier_rejected, connack_refusal, encode_connect, ConnectOptions};
 
 /// Decodes MQTT's variable-length "remaining length" (1 to 4 bytes, 7 bits each).
 /// `Ok(None)` means more bytes are needed.
@@ -21,7 +21,9 @@ pub(crate) fn decode_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, ConnectE
             return Ok(Some((value, i + 1)));
         }
     }
-    Err(ConnectError::Malformed("variable byte integer longer than 4 bytes"))
+    Err(ConnectError::Malformed(
+        "variable byte integer longer than 4 bytes",
+    ))
 }
 
 /// Encodes MQTT's variable byte integer; `value` must be below 2^28.
@@ -45,7 +47,16 @@ mod tests {
 
     #[test]
     fn varint_boundaries() {
-        for (value, len) in [(0u32, 1), (127, 1), (128, 2), (16_383, 2), (16_384, 3), (2_097_151, 3), (2_097_152, 4), (268_435_455, 4)] {
+        for (value, len) in [
+            (0u32, 1),
+            (127, 1),
+            (128, 2),
+            (16_383, 2),
+            (16_384, 3),
+            (2_097_151, 3),
+            (2_097_152, 4),
+            (268_435_455, 4),
+        ] {
             let mut out = Vec::new();
             encode_varint(value, &mut out);
             assert_eq!(out.len(), len, "{value}");

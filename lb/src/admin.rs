@@ -1,0 +1,181 @@
+//! The admin server (hyper, loopback by default): Prometheus metrics, liveness, the backend
+//! and connection views, and drain/enable. Its paths and JSON fields are a public contract
+//! (DESIGN.md, "lb: observability and control").
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::lb::Shared;
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        res.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    res
+}
+
+fn json_reply(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    reply(status, "application/json", format!("{v:#}\n"))
+}
+
+/// Every pool member with its state, as `/api/backends` lists it.
+pub(crate) fn backends_json(shared: &Shared) -> Value {
+    let snap = shared.snapshot.load();
+    let mut out = Vec::new();
+    for pool in &snap.pools {
+        for m in &pool.members {
+            let probe = m.state.last_probe().map(|p| {
+                json!({
+                    "ok": p.ok,
+                    "detail": p.detail,
+                    "time": unix(p.at),
+                    "duration_ms": p.duration.as_secs_f64() * 1000.0,
+                })
+            });
+            out.push(json!({
+                "pool": pool.cfg.name,
+                "id": m.cfg.id,
+                "addr": m.cfg.addr.to_string(),
+                "weight": m.cfg.weight.get(),
+                "state": m.state.state_name(),
+                "active_connections": m.state.active(),
+                "last_probe": probe,
+            }));
+        }
+    }
+    Value::Array(out)
+}
+
+fn connections_json(shared: &Shared) -> Value {
+    let now = std::time::Instant::now();
+    Value::Array(
+        shared
+            .conns
+            .snapshot()
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id,
+                    "rule": c.rule,
+                    "client_id": c.client_id,
+                    "peer": c.peer.to_string(),
+                    "backend": c.backend,
+                    "backend_addr": c.backend_addr.to_string(),
+                    "since": unix(c.since),
+                    "age_seconds": now.duration_since(c.started).as_secs_f64(),
+                    "bytes_in": c.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
+                    "bytes_out": c.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Sets or clears draining on every pool member with this ID.
+fn set_drain(shared: &Shared, id: &str, on: bool) -> Response<Full<Bytes>> {
+    let snap = shared.snapshot.load();
+    let mut changed = Vec::new();
+    for (pool, m) in snap.members(id) {
+        m.state.set_draining(on);
+        changed.push(json!({"pool": pool.cfg.name, "id": id, "state": m.state.state_name()}));
+    }
+    if changed.is_empty() {
+        return json_reply(
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("no backend with id {id:?}")}),
+        );
+    }
+    tracing::info!(
+        backend = id,
+        draining = on,
+        "backend drain state changed by the admin API"
+    );
+    json_reply(StatusCode::OK, &Value::Array(changed))
+}
+
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => match shared.metrics.render() {
+            Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("metrics: {e}\n"),
+            ),
+        },
+        (&Method::GET, ["healthz"]) => {
+            if shared.stopping.is_cancelled() {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "stopping\n".into(),
+                )
+            } else {
+                reply(StatusCode::OK, "text/plain", "ok\n".into())
+            }
+        }
+        (&Method::GET, ["api", "backends"]) => json_reply(StatusCode::OK, &backends_json(shared)),
+        (&Method::GET, ["api", "connections"]) => {
+            json_reply(StatusCode::OK, &connections_json(shared))
+        }
+        (&Method::POST, ["api", "backends", id, "drain"]) => set_drain(shared, id, true),
+        (&Method::POST, ["api", "backends", id, "enable"]) => set_drain(shared, id, false),
+        (_, ["metrics" | "healthz"] | ["api", "backends" | "connections"]) => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Serves the admin API on `listener` until `stop` fires.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let s = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let res = route(&s, &req);
+                async move { Ok::<_, Infallible>(res) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "admin connection error");
+                },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}

@@ -1,0 +1,518 @@
+//! The running load balancer: starting it, reloading it, stopping it. [`Lb`] is a cheap,
+//! cloneable handle; the binary drives it from signals, tests drive it directly.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use mqlb_config::{Config, ConfigError, Distribution, Frontend, Probe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
+use crate::reload::{self, plan_listeners};
+use crate::snapshot::Snapshot;
+use crate::state::{lock, BackendState, ConnRegistry};
+use crate::{admin, listener, probe};
+
+/// State shared by every task of one LB instance.
+pub(crate) struct Shared {
+    /// Everything the data path reads, swapped whole on reload.
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub conns: ConnRegistry,
+    /// Connection tasks, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Fired when shutdown begins: accept loops, probes and watchers stop.
+    pub stopping: CancellationToken,
+    /// Fired when shutdown's grace period is over: live connections are cut.
+    pub hard_stop: CancellationToken,
+}
+
+/// Sockets bound by the caller (tests bind `127.0.0.1:0`; a supervisor may pass its own).
+/// Frontends not given here are bound from the config.
+#[derive(Default)]
+pub struct Listeners {
+    /// By frontend name.
+    pub frontends: HashMap<String, TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Why the LB could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Why a reload was refused. The running configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this LB was started without a config file; nothing to reload")]
+    NoSource,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on frontend {name} {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct OpenFrontend {
+    cfg: Frontend,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+struct ProbeTask {
+    state: Arc<BackendState>,
+    probe: Probe,
+    target: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// What only reloads and shutdown touch; the data path never takes this lock.
+struct Control {
+    frontends: HashMap<String, OpenFrontend>,
+    probes: HashMap<(String, String), ProbeTask>,
+    data_path: CancellationToken,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    control: tokio::sync::Mutex<Control>,
+    admin_addr: SocketAddr,
+    /// Bound frontend addresses, readable without waiting for a reload in progress.
+    addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
+    admin_stop: CancellationToken,
+    source: Option<PathBuf>,
+}
+
+/// A running load balancer.
+#[derive(Clone)]
+pub struct Lb {
+    inner: Arc<Inner>,
+}
+
+fn bind_err(what: &str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |source| StartError::Bind {
+        what: what.to_string(),
+        addr,
+        source,
+    }
+}
+
+impl Lb {
+    /// Binds (or adopts) the listeners, starts probes, the admin server and, when the config
+    /// came from a file with `watch_config`, the file watcher.
+    pub async fn start(config: Config, mut listeners: Listeners) -> Result<Lb, StartError> {
+        for w in &config.warnings {
+            tracing::warn!(key = w.key, "{}", w.message);
+        }
+        let metrics = Arc::new(Metrics::new()?);
+        let admin_listener = match listeners.admin.take() {
+            Some(l) => l,
+            None => listener::bind(config.lb.admin, 128)
+                .map_err(bind_err("admin server", config.lb.admin))?,
+        };
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(bind_err("admin server", config.lb.admin))?;
+        let mut bound = Vec::new();
+        for f in reload::served_frontends(&config) {
+            let l = match listeners.frontends.remove(&f.name) {
+                Some(l) => l,
+                None => listener::bind(f.bind, f.backlog.get())
+                    .map_err(bind_err(&format!("frontend {}", f.name), f.bind))?,
+            };
+            bound.push((f, l));
+        }
+        let source = config.source.clone();
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            metrics,
+            conns: ConnRegistry::default(),
+            tracker: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        });
+        let lb = Lb {
+            inner: Arc::new(Inner {
+                shared: shared.clone(),
+                control: tokio::sync::Mutex::new(Control {
+                    frontends: HashMap::new(),
+                    probes: HashMap::new(),
+                    data_path: CancellationToken::new(),
+                }),
+                admin_addr,
+                addrs: std::sync::Mutex::new(HashMap::new()),
+                admin_stop: CancellationToken::new(),
+                source,
+            }),
+        };
+        {
+            let mut control = lb.inner.control.lock().await;
+            for (f, l) in bound {
+                lb.open_frontend(&mut control, f, l);
+            }
+            lb.reconcile_probes(&mut control);
+            lb.restart_data_path_probes(&mut control);
+        }
+        tokio::spawn(admin::serve(
+            shared.clone(),
+            admin_listener,
+            lb.inner.admin_stop.clone(),
+        ));
+        if let Some(path) = lb.inner.source.clone() {
+            tokio::spawn(watch_file(lb.clone(), path));
+        }
+        tracing::info!(admin = %admin_addr, frontends = ?lb.frontend_addrs(), "load balancer started");
+        Ok(lb)
+    }
+
+    /// The admin server's address (`/metrics`, `/api/...`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.inner.admin_addr
+    }
+
+    /// The bound address of a frontend, by name.
+    pub fn frontend_addr(&self, name: &str) -> Option<SocketAddr> {
+        lock(&self.inner.addrs).get(name).copied()
+    }
+
+    /// Bound addresses of every open frontend.
+    pub fn frontend_addrs(&self) -> HashMap<String, SocketAddr> {
+        lock(&self.inner.addrs).clone()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.shared.snapshot.load().config.clone()
+    }
+
+    /// The metrics in Prometheus text format (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.inner.shared.metrics.render().unwrap_or_default()
+    }
+
+    /// Live proxied connections.
+    pub fn connection_count(&self) -> usize {
+        self.inner.shared.conns.len()
+    }
+
+    /// Re-reads the config file this LB was started from and applies it (SIGHUP, file change).
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let result = match &self.inner.source {
+            None => Err(ReloadError::NoSource),
+            Some(path) => match Config::load(path) {
+                Ok(c) => return self.apply(c).await,
+                Err(e) => Err(ReloadError::Config(e)),
+            },
+        };
+        if let Err(e) = &result {
+            self.count_reload(false);
+            tracing::error!("reload refused, keeping the running config: {e}");
+        }
+        result
+    }
+
+    /// Applies a validated config: binds new listeners first (on failure nothing changes),
+    /// then swaps the snapshot in one store, closes removed listeners and restarts the probes
+    /// of changed backends. Live connections are not touched.
+    pub async fn apply(&self, mut config: Config) -> Result<(), ReloadError> {
+        let mut control = self.inner.control.lock().await;
+        if config.source.is_none() {
+            config.source = self.inner.source.clone();
+        }
+        let open_now: Vec<Frontend> = control.frontends.values().map(|f| f.cfg.clone()).collect();
+        let plan = plan_listeners(&open_now, &config);
+        let mut fresh = Vec::new();
+        for f in &plan.open {
+            // A frontend that changed keeps its old socket until here; if the new address is
+            // the same port with another backlog, close it first or the bind fails.
+            let same_addr = control
+                .frontends
+                .get(&f.name)
+                .is_some_and(|o| o.cfg.bind == f.bind);
+            if same_addr {
+                if let Some(o) = control.frontends.remove(&f.name) {
+                    o.stop.cancel();
+                }
+            }
+            match listener::bind(f.bind, f.backlog.get()) {
+                Ok(l) => fresh.push((f.clone(), l)),
+                Err(source) => {
+                    drop(fresh);
+                    self.count_reload(false);
+                    let e = ReloadError::Bind {
+                        name: f.name.clone(),
+                        addr: f.bind,
+                        source,
+                    };
+                    tracing::error!("reload refused, keeping the running config: {e}");
+                    return Err(e);
+                }
+            }
+        }
+        for w in &config.warnings {
+            tracing::warn!(key = w.key, "{}", w.message);
+        }
+        if config.lb.admin != self.config().lb.admin {
+            tracing::warn!(
+                running = %self.inner.admin_addr,
+                configured = %config.lb.admin,
+                "the admin address changes only on restart"
+            );
+        }
+        let shared = &self.inner.shared;
+        let next = Snapshot::build(config, Some(&shared.snapshot.load()));
+        shared.snapshot.store(Arc::new(next));
+        for name in &plan.close {
+            if let Some(o) = control.frontends.remove(name) {
+                o.stop.cancel();
+                lock(&self.inner.addrs).remove(name);
+            }
+        }
+        for (f, l) in fresh {
+            self.open_frontend(&mut control, f, l);
+        }
+        self.reconcile_probes(&mut control);
+        self.restart_data_path_probes(&mut control);
+        self.count_reload(true);
+        tracing::info!(
+            kept = plan.keep.len(),
+            opened = plan.open.len(),
+            closed = plan.close.len(),
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    fn count_reload(&self, ok: bool) {
+        self.inner
+            .shared
+            .metrics
+            .config_reloads_total
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    fn open_frontend(&self, control: &mut Control, f: Frontend, l: TcpListener) {
+        let addr = l.local_addr().unwrap_or(f.bind);
+        let stop = self.inner.shared.stopping.child_token();
+        tokio::spawn(listener::accept_loop(
+            self.inner.shared.clone(),
+            f.name.clone(),
+            l,
+            stop.clone(),
+        ));
+        tracing::info!(frontend = f.name, %addr, "listening");
+        lock(&self.inner.addrs).insert(f.name.clone(), addr);
+        control
+            .frontends
+            .insert(f.name.clone(), OpenFrontend { cfg: f, addr, stop });
+    }
+
+    /// Keeps the probe task of every unchanged backend and (re)starts the others.
+    fn reconcile_probes(&self, control: &mut Control) {
+        let shared = &self.inner.shared;
+        let snap = shared.snapshot.load();
+        let mut wanted = HashMap::new();
+        for pool in &snap.pools {
+            for m in &pool.members {
+                let key = (pool.cfg.name.clone(), m.cfg.id.clone());
+                let target = pool.cfg.probe.target(&m.cfg);
+                wanted.insert(key, (m.state.clone(), pool.cfg.probe.clone(), target));
+            }
+        }
+        control.probes.retain(|key, task| {
+            let keep = wanted.get(key).is_some_and(|(state, probe, target)| {
+                Arc::ptr_eq(state, &task.state) && *probe == task.probe && *target == task.target
+            });
+            if !keep {
+                task.stop.cancel();
+                if !wanted.contains_key(key) {
+                    // Gone from the config: its series go too.
+                    let m = &shared.metrics;
+                    if let Err(e) = m.backend_up.remove_label_values(&[&key.0, &key.1]) {
+                        tracing::debug!(error = %e, "no backend_up series to remove");
+                    }
+                }
+            }
+            keep
+        });
+        for (key, (state, probe, target)) in wanted {
+            if control.probes.contains_key(&key) {
+                continue;
+            }
+            let stop = shared.stopping.child_token();
+            tokio::spawn(probe::run(
+                shared.metrics.clone(),
+                key.0.clone(),
+                key.1.clone(),
+                target,
+                probe.clone(),
+                state.clone(),
+                stop.clone(),
+            ));
+            control.probes.insert(
+                key,
+                ProbeTask {
+                    state,
+                    probe,
+                    target,
+                    stop,
+                },
+            );
+        }
+    }
+
+    /// `mqlb_data_path_up{rule}`: Azure's data-path availability, measured by going through
+    /// the rule's own frontend like a client would.
+    fn restart_data_path_probes(&self, control: &mut Control) {
+        control.data_path.cancel();
+        control.data_path = self.inner.shared.stopping.child_token();
+        let snap = self.inner.shared.snapshot.load();
+        for (frontend, rule) in &snap.rules {
+            let Some(addr) = control.frontends.get(frontend).map(|f| f.addr) else {
+                continue;
+            };
+            tokio::spawn(data_path_probe(
+                self.inner.shared.clone(),
+                rule.cfg.name.clone(),
+                rule.cfg.distribution,
+                rule.pool.cfg.probe.clone(),
+                addr,
+                control.data_path.clone(),
+            ));
+        }
+    }
+
+    /// Stops accepting, lets live connections finish for up to `shutdown_grace`, then cuts
+    /// the rest. Returns how many connections were cut.
+    pub async fn shutdown(&self) -> usize {
+        let shared = &self.inner.shared;
+        let grace = self.config().lb.shutdown_grace;
+        shared.stopping.cancel();
+        shared.tracker.close();
+        let live = shared.conns.len();
+        tracing::info!(
+            live,
+            ?grace,
+            "shutting down: no new connections, waiting for live ones"
+        );
+        let mut cut = 0;
+        if tokio::time::timeout(grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            cut = shared.conns.len();
+            tracing::warn!(cut, "grace period over; closing the remaining connections");
+            shared.hard_stop.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!("connections still open 5 s after being cut");
+            }
+        }
+        self.inner.admin_stop.cancel();
+        cut
+    }
+}
+
+async fn data_path_probe(
+    shared: Arc<Shared>,
+    rule: String,
+    distribution: Distribution,
+    probe: Probe,
+    frontend: SocketAddr,
+    stop: CancellationToken,
+) {
+    let gauge = shared.metrics.data_path_up.with_label_values(&[&rule]);
+    let mut ticker = tokio::time::interval(probe.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let attempt = async {
+            let mut s = TcpStream::connect(frontend).await.ok()?;
+            if distribution == Distribution::MqttClientId {
+                // A full CONNECT → CONNACK through the LB to a broker.
+                let connect = encode_connect(&ConnectOptions {
+                    level: ProtocolLevel::V311,
+                    client_id: format!("mqlb-datapath-{rule}-{}", std::process::id()),
+                    keep_alive: 10,
+                    ..ConnectOptions::default()
+                });
+                s.write_all(&connect).await.ok()?;
+                let mut ack = [0u8; 4];
+                s.read_exact(&mut ack).await.ok()?;
+                let ok = ack[0] == 0x20 && ack[3] == 0;
+                if ok {
+                    s.write_all(&[0xe0, 0x00]).await.ok()?;
+                }
+                Some(ok)
+            } else {
+                // Raw TCP: the frontend accepts and the rule has a backend to send to.
+                let snap = shared.snapshot.load();
+                let eligible = snap.rules.values().any(|r| {
+                    r.cfg.name == rule
+                        && r.pool
+                            .members
+                            .iter()
+                            .any(|m| m.state.is_up() && !m.state.is_draining())
+                });
+                Some(eligible)
+            }
+        };
+        let ok = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(probe.timeout, attempt) => matches!(r, Ok(Some(true))),
+        };
+        gauge.set(i64::from(ok));
+    }
+}
+
+/// Polls the config file and reloads when its content changes (`watch_config`).
+async fn watch_file(lb: Lb, path: PathBuf) {
+    let stop = lb.inner.shared.stopping.clone();
+    let mut last = reload::fingerprint(&path);
+    loop {
+        let interval = reload::poll_interval(&lb.config());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if !lb.config().lb.watch_config {
+            continue;
+        }
+        let now = reload::fingerprint(&path);
+        if now != last && now.is_some() {
+            last = now;
+            tracing::info!(file = %path.display(), "config file changed; reloading");
+            // `reload` logs and counts a refusal itself.
+            if lb.reload().await.is_err() {
+                continue;
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Listening sockets and the accept loop. The accept loop does nothing but accept and hand
+//! each connection to its own task: a slow client can never hold up the next one.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::lb::Shared;
+use crate::proxy;
+
+/// Binds a listening socket the way a load balancer needs it: `SO_REUSEADDR` (restart while
+/// old connections sit in TIME_WAIT) and the configured listen backlog.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts on `listener` until `stop` fires, spawning one proxy task per connection.
+/// The rule is looked up in the current snapshot for each connection, so a reload that
+/// changes the rule of a kept listener applies to the next connection.
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    frontend: String,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(frontend, error = %e, "listener has no local address; not accepting");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Some(rule) = shared.snapshot.load().rules.get(&frontend).cloned() else {
+                    tracing::debug!(frontend, %peer, "no rule for this frontend any more; closing");
+                    continue;
+                };
+                let s = shared.clone();
+                shared
+                    .tracker
+                    .spawn(async move { proxy::handle(s, rule, stream, peer, local).await });
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: out of resources. Back off briefly instead of spinning;
+                // connections already accepted keep being served meanwhile.
+                tracing::warn!(frontend, error = %e, "accept failed");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        }
+    }
+    tracing::debug!(frontend, %local, "stopped accepting");
+}

@@ -1,0 +1,177 @@
+//! Health probes: one task per pool member, probing every `interval` (the first at once) and
+//! feeding the health state machine; plus `probe_once`, which `mqlb probe` runs by hand.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use mqlb_config::{Probe, ProbeProtocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Transition;
+use crate::metrics::Metrics;
+use crate::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
+use crate::state::{BackendState, ProbeRecord};
+
+/// Why a probe failed. The `label` is the `result` of `mqlb_probes_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP status {0} (want 200)")]
+    HttpStatus(u16),
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("CONNACK refused the connection (code {0:#04x})")]
+    MqttRefused(u8),
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+}
+
+impl ProbeError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProbeError::Timeout(_) => "timeout",
+            ProbeError::Connect(_) => "connect_error",
+            ProbeError::HttpStatus(_) => "bad_status",
+            ProbeError::Http(_) => "http_error",
+            ProbeError::MqttRefused(_) => "mqtt_refused",
+            ProbeError::Mqtt(_) => "mqtt_error",
+        }
+    }
+}
+
+/// Runs one probe against `target` within `timeout`.
+pub async fn probe_once(
+    protocol: &ProbeProtocol,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    tokio::time::timeout(timeout, async {
+        let stream = TcpStream::connect(target)
+            .await
+            .map_err(ProbeError::Connect)?;
+        match protocol {
+            ProbeProtocol::Tcp => Ok(()),
+            ProbeProtocol::Http { path } => http(stream, target, path).await,
+            ProbeProtocol::Mqtt => mqtt(stream).await,
+        }
+    })
+    .await
+    .unwrap_or(Err(ProbeError::Timeout(timeout)))
+}
+
+async fn http(stream: TcpStream, target: SocketAddr, path: &str) -> Result<(), ProbeError> {
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| ProbeError::Http(e.to_string()))?;
+    let driver = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "probe HTTP connection ended");
+        }
+    });
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, target.to_string())
+        .header(hyper::header::USER_AGENT, "mqlb-probe")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ProbeError::Http(e.to_string()))?;
+    let res = sender.send_request(req).await;
+    driver.abort();
+    let status = res.map_err(|e| ProbeError::Http(e.to_string()))?.status();
+    if status == hyper::StatusCode::OK {
+        Ok(())
+    } else {
+        Err(ProbeError::HttpStatus(status.as_u16()))
+    }
+}
+
+async fn mqtt(mut stream: TcpStream) -> Result<(), ProbeError> {
+    let connect = encode_connect(&ConnectOptions {
+        level: ProtocolLevel::V311,
+        client_id: format!("mqlb-probe-{}", std::process::id()),
+        keep_alive: 10,
+        clean_start: true,
+        ..ConnectOptions::default()
+    });
+    let io = |e: std::io::Error| ProbeError::Mqtt(e.to_string());
+    stream.write_all(&connect).await.map_err(io)?;
+    let mut ack = [0u8; 4];
+    stream.read_exact(&mut ack).await.map_err(io)?;
+    if ack[0] != 0x20 || ack[1] != 2 {
+        return Err(ProbeError::Mqtt(format!(
+            "expected CONNACK, got {ack:02x?}"
+        )));
+    }
+    if ack[3] != 0 {
+        return Err(ProbeError::MqttRefused(ack[3]));
+    }
+    // DISCONNECT, so the broker does not log an abrupt close; failure here changes nothing.
+    if let Err(e) = stream.write_all(&[0xe0, 0x00]).await {
+        tracing::debug!(error = %e, "probe DISCONNECT not sent");
+    }
+    Ok(())
+}
+
+/// The probe loop of one pool member. Stops when `stop` fires (reload or shutdown).
+pub(crate) async fn run(
+    metrics: Arc<Metrics>,
+    pool: String,
+    backend: String,
+    target: SocketAddr,
+    probe: Probe,
+    state: Arc<BackendState>,
+    stop: CancellationToken,
+) {
+    let duration = metrics.probe_duration.with_label_values(&[&pool, &backend]);
+    let up_gauge = metrics.backend_up.with_label_values(&[&pool, &backend]);
+    up_gauge.set(i64::from(state.is_up()));
+    let mut ticker = tokio::time::interval(probe.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = probe_once(&probe.protocol, target, probe.timeout) => r,
+        };
+        let took = started.elapsed();
+        duration.observe(took.as_secs_f64());
+        let label = result.as_ref().err().map_or("ok", ProbeError::label);
+        metrics
+            .probes_total
+            .with_label_values(&[&pool, &backend, label])
+            .inc();
+        let detail = match &result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        };
+        state.record_probe(ProbeRecord {
+            ok: result.is_ok(),
+            detail: detail.clone(),
+            at: SystemTime::now(),
+            duration: took,
+        });
+        match state.observe(
+            result.is_ok(),
+            probe.up_threshold.get(),
+            probe.down_threshold.get(),
+        ) {
+            Some(Transition::WentDown) => {
+                tracing::warn!(pool, backend, %target, detail, "backend down");
+            }
+            Some(Transition::WentUp) => tracing::info!(pool, backend, %target, "backend up"),
+            None => {}
+        }
+        up_gauge.set(i64::from(state.is_up()));
+    }
+}

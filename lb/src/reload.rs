@@ -1,0 +1,121 @@
+//! Reload planning and the config-file watcher. The plan (which listeners to keep, open and
+//! close) is a pure function of the old and new frontends, unit-tested; applying it is
+//! [`crate::Lb::apply`]'s job.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mqlb_config::{Config, Frontend};
+
+/// What a reload does to listening sockets.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ListenerPlan {
+    /// Frontends whose socket is kept as it is (same name, address and backlog).
+    pub keep: Vec<String>,
+    /// Frontends to bind (new, or changed address/backlog).
+    pub open: Vec<Frontend>,
+    /// Frontends whose socket is closed (removed, changed, or left without a rule).
+    pub close: Vec<String>,
+}
+
+/// Frontends that are opened: those a rule uses (validation warns about the others).
+pub fn served_frontends(config: &Config) -> Vec<Frontend> {
+    config
+        .frontends
+        .iter()
+        .filter(|f| config.rules.iter().any(|r| r.frontend == f.name))
+        .cloned()
+        .collect()
+}
+
+/// Plans the listener changes from the frontends open now to those `new` serves.
+pub fn plan_listeners(open_now: &[Frontend], new: &Config) -> ListenerPlan {
+    let wanted = served_frontends(new);
+    let mut plan = ListenerPlan::default();
+    for f in &wanted {
+        match open_now.iter().find(|o| o.name == f.name) {
+            Some(o) if o == f => plan.keep.push(f.name.clone()),
+            Some(o) => {
+                plan.close.push(o.name.clone());
+                plan.open.push(f.clone());
+            }
+            None => plan.open.push(f.clone()),
+        }
+    }
+    for o in open_now {
+        if !wanted.iter().any(|f| f.name == o.name) {
+            plan.close.push(o.name.clone());
+        }
+    }
+    plan
+}
+
+/// A cheap fingerprint of a file: changes when its content does. Polling this is portable
+/// and needs no inotify dependency; a config file is small.
+pub(crate) fn fingerprint(path: &PathBuf) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(crate::select::fnv1a(&bytes))
+}
+
+/// The interval a watcher polls at; at least 100 ms so a typo cannot make it spin.
+pub(crate) fn poll_interval(config: &Config) -> Duration {
+    config.lb.watch_interval.max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(frontends: &[(&str, &str)], ruled: &[&str]) -> Config {
+        let mut t = String::new();
+        for (name, bind) in frontends {
+            t += &format!("[[frontend]]\nname = \"{name}\"\nbind = \"{bind}\"\n");
+        }
+        t += "[[pool]]\nname = \"p\"\n[[pool.backend]]\nid = \"a\"\naddr = \"127.0.0.1:1\"\n";
+        for f in ruled {
+            t += &format!("[[rule]]\nname = \"r-{f}\"\nfrontend = \"{f}\"\npool = \"p\"\n");
+        }
+        Config::parse(&t, "test").expect("valid")
+    }
+
+    #[test]
+    fn unchanged_frontends_are_kept() {
+        let a = cfg(
+            &[("x", "127.0.0.1:1000"), ("y", "127.0.0.1:1001")],
+            &["x", "y"],
+        );
+        let plan = plan_listeners(&served_frontends(&a), &a);
+        assert_eq!(plan.keep, vec!["x", "y"]);
+        assert!(plan.open.is_empty() && plan.close.is_empty());
+    }
+
+    #[test]
+    fn added_moved_and_removed_frontends() {
+        let old = cfg(
+            &[("x", "127.0.0.1:1000"), ("y", "127.0.0.1:1001")],
+            &["x", "y"],
+        );
+        let new = cfg(
+            &[("x", "127.0.0.1:2000"), ("z", "127.0.0.1:1002")],
+            &["x", "z"],
+        );
+        let plan = plan_listeners(&served_frontends(&old), &new);
+        assert!(plan.keep.is_empty());
+        let opened: Vec<_> = plan.open.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(opened, vec!["x", "z"]);
+        assert_eq!(plan.close, vec!["x", "y"]);
+    }
+
+    #[test]
+    fn a_frontend_that_loses_its_rule_is_closed() {
+        let old = cfg(
+            &[("x", "127.0.0.1:1000"), ("y", "127.0.0.1:1001")],
+            &["x", "y"],
+        );
+        let new = cfg(&[("x", "127.0.0.1:1000"), ("y", "127.0.0.1:1001")], &["x"]);
+        let plan = plan_listeners(&served_frontends(&old), &new);
+        assert_eq!(plan.keep, vec!["x"]);
+        assert_eq!(plan.close, vec!["y"]);
+        assert!(plan.open.is_empty());
+    }
+}
