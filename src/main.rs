@@ -1,1 +1,197 @@
-fn main() {}
+//! The `mqlb` binary: parse the command line, set up tracing and signals, call the libraries.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use mqlb_config::{parse_duration, Config, ConfigError, ProbeProtocol};
+
+#[derive(Parser)]
+#[command(
+    name = "mqlb",
+    version,
+    about = "MQTT-aware L4 load balancer and broker-cluster kit"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer. SIGHUP (or a change of the file) reloads; SIGTERM/Ctrl-C stops
+    /// gracefully.
+    Lb {
+        /// Config file; without it the built-in default (LB on 127.0.0.1:1883).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file: print OK (and warnings) or every problem; exit 1 on error.
+    CheckConfig { file: PathBuf },
+    /// Run one health probe and print the result; exit 0 if healthy, 1 if not.
+    Probe {
+        /// HOST:PORT to probe.
+        target: String,
+        /// MQTT probe: CONNECT must be answered by an accepting CONNACK.
+        #[arg(long, conflicts_with = "http")]
+        mqtt: bool,
+        /// HTTP probe: GET this path must answer 200.
+        #[arg(long, value_name = "PATH")]
+        http: Option<String>,
+        /// Give up after this long (e.g. 2s, 500ms).
+        #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
+        timeout: Duration,
+    },
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::CheckConfig { file } => return check_config(&file),
+        Command::Probe {
+            target,
+            mqtt,
+            http,
+            timeout,
+        } => runtime().and_then(|rt| rt.block_on(probe(&target, mqtt, http, timeout))),
+        Command::Lb { config } => runtime().and_then(|rt| rt.block_on(run_lb(config))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mqlb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn check_config(file: &PathBuf) -> ExitCode {
+    match Config::load(file) {
+        Ok(cfg) => {
+            for w in &cfg.warnings {
+                println!("{}: warning: {w}", file.display());
+            }
+            println!(
+                "{}: OK ({} frontend(s), {} pool(s), {} rule(s))",
+                file.display(),
+                cfg.frontends.len(),
+                cfg.pools.len(),
+                cfg.rules.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            if let ConfigError::Invalid { file, warnings, .. } = &e {
+                for w in warnings {
+                    println!("  {file}: warning: {w}");
+                }
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn probe(
+    target: &str,
+    mqtt: bool,
+    http: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let addr: SocketAddr = target
+        .to_socket_addrs()
+        .with_context(|| format!("{target}: not a HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{target}: resolves to no address"))?;
+    let protocol = match (mqtt, http) {
+        (true, _) => ProbeProtocol::Mqtt,
+        (false, Some(path)) => ProbeProtocol::Http { path },
+        (false, None) => ProbeProtocol::Tcp,
+    };
+    let started = std::time::Instant::now();
+    let result = mqlb_lb::probe_once(&protocol, addr, timeout).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(match result {
+        Ok(()) => {
+            println!("{addr}: healthy ({ms:.1} ms)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{addr}: unhealthy: {e} ({ms:.1} ms)");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+async fn run_lb(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let cfg = match &config {
+        Some(path) => Config::load(path)?,
+        None => Config::builtin()?,
+    };
+    if cfg.rules.is_empty() {
+        bail!("the configuration has no [[rule]]: nothing to balance");
+    }
+    let lb = mqlb_lb::Lb::start(cfg, mqlb_lb::Listeners::default()).await?;
+    for (name, addr) in lb.frontend_addrs() {
+        tracing::info!("frontend {name} on {addr}");
+    }
+    tracing::info!("admin on http://{}/ (metrics at /metrics)", lb.admin_addr());
+    wait_for_signals(&lb).await?;
+    let cut = lb.shutdown().await;
+    tracing::info!(cut, "stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reloads on SIGHUP; returns on SIGTERM or Ctrl-C. A second Ctrl-C exits at once.
+#[cfg(unix)]
+async fn wait_for_signals(lb: &mqlb_lb::Lb) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                // `reload` logs why it refused; the running config stays.
+                if lb.reload().await.is_err() {
+                    continue;
+                }
+            }
+            _ = term.recv() => break,
+            r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; break; }
+        }
+    }
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("mqlb: second interrupt, exiting now");
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_lb: &mqlb_lb::Lb) -> anyhow::Result<()> {
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+}

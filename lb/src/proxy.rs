@@ -10,8 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mqlb_config::{Distribution, Fallback, Rule};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::lb::Shared;
@@ -354,9 +353,9 @@ enum Side {
 }
 
 /// Copies `from` → `to` until EOF (then half-closes `to`), counting bytes as they pass.
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut from: R,
+    mut to: W,
     counter: &AtomicU64,
 ) -> Result<(), (Side, std::io::Error)> {
     let mut buf = vec![0u8; COPY_BUF];
@@ -380,13 +379,33 @@ async fn relay(
     cfg: &Rule,
     member: &Member,
     info: &ConnInfo,
-    client: TcpStream,
-    server: TcpStream,
+    mut client: TcpStream,
+    mut server: TcpStream,
 ) -> Outcome {
-    let client_sock = SockRef::from(&client).try_clone().ok();
-    let server_sock = SockRef::from(&server).try_clone().ok();
-    let (cr, cw) = client.into_split();
-    let (sr, sw) = server.into_split();
+    let outcome = copy_until_done(shared, cfg, member, info, &mut client, &mut server).await;
+    if outcome == Outcome::IdleTimeout && cfg.reset_on_idle {
+        // Azure's "TCP reset on idle": both ends learn at once that the flow is gone.
+        for s in [&client, &server] {
+            if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
+                tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
+            }
+        }
+    }
+    outcome
+}
+
+async fn copy_until_done(
+    shared: &Shared,
+    cfg: &Rule,
+    member: &Member,
+    info: &ConnInfo,
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+) -> Outcome {
+    // Borrowed halves: unlike owned ones they send no FIN when dropped, so a reset on idle
+    // reaches the peers as a plain RST.
+    let (cr, cw) = client.split();
+    let (sr, sw) = server.split();
     let up = async {
         match pump(cr, sw, &info.bytes_in).await {
             Ok(()) => Ok(()),
@@ -473,13 +492,5 @@ async fn relay(
         }
     };
     fold(info);
-    if outcome == Outcome::IdleTimeout && cfg.reset_on_idle {
-        // Azure's "TCP reset on idle": both ends learn at once that the flow is gone.
-        for s in [&client_sock, &server_sock].into_iter().flatten() {
-            if let Err(e) = s.set_linger(Some(Duration::ZERO)) {
-                tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
-            }
-        }
-    }
     outcome
 }
