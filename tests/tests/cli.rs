@@ -1,0 +1,175 @@
+//! The `mqlb` binary as a user runs it: check-config, probe, and `lb` with signals.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use mqlb_tests::{free_port, http, metric, mqlb_bin, wait_until, Client, Mosquitto, TempDir};
+
+fn run(args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let out = Command::new(mqlb_bin()?).args(args).output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+#[test]
+fn check_config_accepts_every_example_and_lists_every_problem() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out) = run(&["check-config", path.to_str().unwrap_or_default()])?;
+            assert_eq!(code, 0, "{}: {out}", path.display());
+            assert!(out.contains(": OK ("), "{out}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "example files checked");
+
+    let tmp = TempDir::new("cli")?;
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:99999\"\n\
+         [[pool]]\nname = \"p\"\n[[pool.backend]]\nid = \"a\"\naddr = \"nowhere\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\ndistribution = \"random\"\n",
+    )?;
+    let (code, out) = run(&["check-config", bad.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 1, "{out}");
+    for key in [
+        "frontend[0].bind",
+        "pool[0].backend[0].addr",
+        "rule[0].distribution",
+        "bad.toml",
+    ] {
+        assert!(out.contains(key), "missing {key} in:\n{out}");
+    }
+    std::fs::write(&bad, "[lb]\nadmn = \"127.0.0.1:1\"\n")?;
+    let (code, out) = run(&["check-config", bad.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 1);
+    assert!(out.contains("admn"), "unknown key named: {out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn probe_reports_healthy_and_unhealthy() -> anyhow::Result<()> {
+    let broker = Mosquitto::start().await?;
+    let target = broker.addr().to_string();
+    let (code, out) = run(&["probe", &target])?;
+    assert_eq!((code, out.contains("healthy")), (0, true), "{out}");
+    let (code, out) = run(&["probe", &target, "--mqtt"])?;
+    assert_eq!(code, 0, "{out}");
+    let closed = format!("127.0.0.1:{}", free_port()?);
+    let (code, out) = run(&["probe", &closed])?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("unhealthy"), "{out}");
+    // An MQTT broker does not speak HTTP.
+    let (code, out) = run(&["probe", &target, "--http", "/health", "--timeout", "500ms"])?;
+    assert_eq!(code, 1, "{out}");
+    Ok(())
+}
+
+/// `mqlb lb -c FILE`: serves, reloads on SIGHUP and on a file change, stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_process_reloads_on_sighup_and_file_change_and_stops_on_sigterm() -> anyhow::Result<()> {
+    let broker = Mosquitto::start().await?;
+    let tmp = TempDir::new("cli-lb")?;
+    let file = tmp.path().join("lb.toml");
+    let toml = format!(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"3s\"\nwatch_config = true\nwatch_interval = \"200ms\"\n\
+         [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+         [[pool]]\nname = \"p\"\n[[pool.backend]]\nid = \"b1\"\naddr = \"{}\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"mqtt\"\npool = \"p\"\ndistribution = \"mqtt-client-id\"\n",
+        broker.addr()
+    );
+    std::fs::write(&file, &toml)?;
+    let mut child = Command::new(mqlb_bin()?)
+        .args(["lb", "-c", file.to_str().unwrap_or_default()])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut admin: Option<SocketAddr> = None;
+    let mut front: Option<SocketAddr> = None;
+    while admin.is_none() || front.is_none() {
+        let line = rx.recv_timeout(Duration::from_secs(20))?;
+        if let Some(rest) = line.split("admin on http://").nth(1) {
+            admin = rest.split('/').next().and_then(|a| a.parse().ok());
+        }
+        if let Some(rest) = line.split("frontend mqtt on ").nth(1) {
+            front = rest.trim().parse().ok();
+        }
+    }
+    let (admin, front) = (
+        admin.unwrap_or(broker.addr()),
+        front.unwrap_or(broker.addr()),
+    );
+    let pid = child.id().to_string();
+    let reloads = |result: &'static str| async move {
+        let body = http(admin, "GET", "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        metric(&body, "mqlb_config_reloads_total", &[("result", result)])
+    };
+
+    let c = Client::connect(front, "cli-client").await?;
+    // SIGHUP with a changed file: reloaded.
+    std::fs::write(
+        &file,
+        toml.replace("shutdown_grace = \"3s\"", "shutdown_grace = \"4s\""),
+    )?;
+    Command::new("kill").args(["-HUP", &pid]).status()?;
+    wait_until("reload ok", Duration::from_secs(5), || async {
+        reloads("ok").await >= 1.0
+    })
+    .await?;
+    // A broken file (picked up by the watcher) is refused and counted.
+    std::fs::write(&file, "[[rule]]\nname = \"r\"\n")?;
+    wait_until("reload error", Duration::from_secs(5), || async {
+        reloads("error").await >= 1.0
+    })
+    .await?;
+    // The client never noticed.
+    c.publish_qos1("cli/t", b"x").await?;
+    wait_until("puback", Duration::from_secs(5), || async {
+        c.pubacks() == 1
+    })
+    .await?;
+    assert_eq!(c.connacks(), 1);
+    c.disconnect().await;
+
+    Command::new("kill").args(["-TERM", &pid]).status()?;
+    let exited = wait_until(
+        "mqlb to exit after SIGTERM",
+        Duration::from_secs(10),
+        || {
+            let done = matches!(child.try_wait(), Ok(Some(_)));
+            async move { done }
+        },
+    )
+    .await;
+    if exited.is_err() {
+        child.kill()?;
+    }
+    exited?;
+    let status = child.wait()?;
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
