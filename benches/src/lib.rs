@@ -1,1 +1,231 @@
+//! Shared pieces of the benchmark programs: a discard server for bulk throughput, an MQTT
+//! connect/CONNACK round trip, and running `mqlb lb` (and HAProxy where installed) as real
+//! processes, so the LB under test does not share a runtime with the load generator.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A server that reads and discards everything, then answers one byte when the client
+/// half-closes: the client knows every byte was received.
+pub async fn discard_server() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+                if s.write_all(b"k").await.is_err() {
+                    eprintln!("discard server: client left before the ack");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Sends `bytes` on each of `conns` connections to `addr` and waits for the server's ack;
+/// returns the aggregate rate in MiB/s.
+pub async fn bulk_mib_s(addr: SocketAddr, conns: usize, bytes: usize) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await?;
+            let chunk = vec![0x5au8; 256 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                s.write_all(&chunk[..n]).await?;
+                left -= n;
+            }
+            s.shutdown().await?;
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack).await?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok((conns * bytes) as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+}
+
+/// Opens `total` MQTT connections (CONNECT → CONNACK → DISCONNECT) with `concurrency` at a
+/// time; returns connections per second and the p50/p99 CONNACK latency.
+pub async fn mqtt_connect_rate(
+    addr: SocketAddr,
+    total: usize,
+    concurrency: usize,
+    tag: &str,
+) -> anyhow::Result<(f64, Duration, Duration)> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for i in (w..total).step_by(concurrency) {
+                let t0 = Instant::now();
+                let mut s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                let c = encode_connect(&ConnectOptions {
+                    client_id: format!("{tag}-{i}"),
+                    ..ConnectOptions::default()
+                });
+                s.write_all(&c).await?;
+                let mut ack = [0u8; 4];
+                s.read_exact(&mut ack).await?;
+                if ack[0] != 0x20 || ack[3] != 0 {
+                    bail!("CONNACK refused: {ack:02x?}");
+                }
+                lat.push(t0.elapsed());
+                s.write_all(&[0xe0, 0x00]).await?;
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok((rate, pct(0.5), pct(0.99)))
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.kill() {
+            eprintln!("killing child: {e}");
+        }
+        if let Err(e) = self.0.wait() {
+            eprintln!("reaping child: {e}");
+        }
+    }
+}
+
+/// Waits until `addr` accepts TCP connections; fails at once if the process exits.
+pub async fn wait_listening(addr: SocketAddr, p: &mut Proc) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = p.0.try_wait()? {
+            bail!("process exited ({status}) before listening on {addr}");
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("nothing listening on {addr} after 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The release `mqlb` binary, built if needed.
+pub fn mqlb_release_bin() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "-q", "--release", "--bin", "mqlb"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo build")?
+        .success();
+    if !ok {
+        bail!("cargo build --release --bin mqlb failed");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    Ok(target.join("release").join("mqlb"))
+}
+
+/// Runs `mqlb lb` with one frontend in front of `backends`; returns the process and the
+/// frontend address.
+pub async fn start_mqlb(
+    dir: &Path,
+    backends: &[SocketAddr],
+    distribution: &str,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
+    let admin = mqlb_tests::free_port()?;
+    let mut t = format!(
+        "[lb]\nadmin = \"127.0.0.1:{admin}\"\nwatch_config = false\n\
+         [[frontend]]\nname = \"f\"\nbind = \"{front}\"\n[[pool]]\nname = \"p\"\nprobe = \"t\"\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        t += &format!("[[pool.backend]]\nid = \"b{i}\"\naddr = \"{b}\"\n");
+    }
+    t += &format!(
+        "[[probe]]\nname = \"t\"\nport = \"traffic\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\ndistribution = \"{distribution}\"\n"
+    );
+    let file = dir.join(format!("mqlb-{distribution}.toml"));
+    std::fs::write(&file, t)?;
+    let child = Command::new(mqlb_release_bin()?)
+        .args(["lb", "-c"])
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .context("starting mqlb lb")?;
+    let mut p = Proc(child);
+    wait_listening(front, &mut p).await?;
+    Ok((p, front))
+}
+
+/// Runs HAProxy in TCP mode in front of `backends` (round robin), if it is installed.
+pub async fn start_haproxy(
+    dir: &Path,
+    backends: &[SocketAddr],
+) -> anyhow::Result<Option<(Proc, SocketAddr)>> {
+    if Command::new("haproxy")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
+    let mut t = format!(
+        "global\n  maxconn 5000\ndefaults\n  mode tcp\n  timeout connect 3s\n  timeout client 4m\n  timeout server 4m\n\
+         frontend f\n  bind {front}\n  default_backend b\nbackend b\n  balance roundrobin\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        t += &format!("  server s{i} {b}\n");
+    }
+    let file = dir.join("haproxy.cfg");
+    std::fs::write(&file, t)?;
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting haproxy")?;
+    let mut p = Proc(child);
+    wait_listening(front, &mut p).await?;
+    Ok(Some((p, front)))
+}
