@@ -516,3 +516,16 @@ async fn watch_file(lb: Lb, path: PathBuf) {
         }
     }
 }
+
+/// Runs a load balancer until `shutdown` fires, then stops it gracefully (the library entry
+/// point of DESIGN.md; `mqlb up` and embedding programs use it, reloads go through [`Lb`]).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let lb = Lb::start(config, listeners).await?;
+    shutdown.cancelled().await;
+    lb.shutdown().await;
+    Ok(())
+}

@@ -23,5 +23,5 @@ pub mod probe;
 pub mod proxy;
 pub mod reload;
 
-pub use lb::{Lb, Listeners, ReloadError, StartError};
+pub use lb::{run, Lb, Listeners, ReloadError, StartError};
 pub use probe::{probe_once, ProbeError};

@@ -392,7 +392,14 @@ mod tests {
         ) {
             let mut bytes = prefix.to_vec();
             bytes.extend_from_slice(&tail);
-            let _ = parse_connect(&bytes);
+            let whole = parse_connect(&bytes);
+            // Bytes arrive in pieces: a prefix is either "need more" or already the final answer.
+            for cut in 0..bytes.len() {
+                match parse_connect(&bytes[..cut]) {
+                    Ok(None) => {}
+                    decided => prop_assert_eq!(decided, whole.clone()),
+                }
+            }
         }
     }
 }
