@@ -9,6 +9,22 @@ use std::time::Duration;
 
 use mqlb_tests::{free_port, http, metric, mqlb_bin, wait_until, Client, Mosquitto, TempDir};
 
+/// Kills the child if the test ends early, so a failed test leaves no process behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            if let Err(e) = self.0.kill() {
+                eprintln!("killing mqlb: {e}");
+            }
+            if let Err(e) = self.0.wait() {
+                eprintln!("reaping mqlb: {e}");
+            }
+        }
+    }
+}
+
 fn run(args: &[&str]) -> anyhow::Result<(i32, String)> {
     let out = Command::new(mqlb_bin()?).args(args).output()?;
     let text =
@@ -83,16 +99,20 @@ async fn lb_process_reloads_on_sighup_and_file_change_and_stops_on_sigterm() -> 
     let toml = format!(
         "[lb]\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"3s\"\nwatch_config = true\nwatch_interval = \"200ms\"\n\
          [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
-         [[pool]]\nname = \"p\"\n[[pool.backend]]\nid = \"b1\"\naddr = \"{}\"\n\
+         [[pool]]\nname = \"p\"\nprobe = \"own-port\"\n[[pool.backend]]\nid = \"b1\"\naddr = \"{}\"\n\
+         [[probe]]\nname = \"own-port\"\nport = \"traffic\"\n\
          [[rule]]\nname = \"r\"\nfrontend = \"mqtt\"\npool = \"p\"\ndistribution = \"mqtt-client-id\"\n",
         broker.addr()
     );
     std::fs::write(&file, &toml)?;
-    let mut child = Command::new(mqlb_bin()?)
-        .args(["lb", "-c", file.to_str().unwrap_or_default()])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut guard = KillOnDrop(
+        Command::new(mqlb_bin()?)
+            .args(["lb", "-c", file.to_str().unwrap_or_default()])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()?,
+    );
+    let child = &mut guard.0;
     let stderr = child
         .stderr
         .take()

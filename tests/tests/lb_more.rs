@@ -54,14 +54,18 @@ async fn per_backend(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_least_connections_and_source_ip_distribute_as_named() -> anyhow::Result<()> {
-    // Round robin: 30 connections, 10 per backend.
+    // Round robin: 30 connections, 10 per backend. The data-path probe's own connection
+    // (one a second, through the same frontend) takes a turn too, so allow one off.
     let t = topo(3, "distribution = \"round-robin\"\n").await?;
     let mut held = Vec::new();
     for i in 0..30 {
         held.push(mqtt_session(t.front, &format!("rr-{i}")).await?);
     }
     let counts = per_backend(t.admin, 30).await?;
-    assert!(counts.values().all(|n| *n == 10), "round-robin: {counts:?}");
+    assert!(
+        counts.len() == 3 && counts.values().all(|n| (9..=11).contains(n)),
+        "round-robin: {counts:?}"
+    );
     drop(held);
     t.lb.shutdown().await;
 
