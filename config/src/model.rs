@@ -14,6 +14,10 @@ pub struct Config {
     pub frontends: Vec<Frontend>,
     pub pools: Vec<Pool>,
     pub rules: Vec<Rule>,
+    /// Settings shared by every broker node of the cluster.
+    pub cluster: ClusterSettings,
+    /// The broker nodes; each is also every other node's mesh peer.
+    pub brokers: Vec<BrokerNode>,
     /// Non-fatal findings (e.g. an idle timeout shorter than 1.5× the MQTT keep-alive).
     pub warnings: Vec<Problem>,
 }
@@ -219,4 +223,63 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.key, self.message)
     }
+}
+
+/// A secret that must never reach a log: `Debug` and `Display` print it masked.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret's bytes, for the one place that needs them (the mesh handshake).
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("****")
+    }
+}
+
+/// `[cluster]`: how broker nodes talk to each other.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSettings {
+    /// Authenticates node-to-node links (HMAC challenge-response); required with 2+ brokers.
+    pub secret: Option<Secret>,
+    /// Messages queued per peer while its link is slow or down; beyond it they are dropped
+    /// and counted, so a slow peer never stalls a node.
+    pub peer_queue: NonZeroU32,
+    /// Reconnect back-off to a peer: starts here, doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// `[[broker]]`: one broker node (rumqttd) of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerNode {
+    pub id: String,
+    /// MQTT 3.1.1 listener.
+    pub mqtt: SocketAddr,
+    /// MQTT 5.0 listener (rumqttd serves 5.0 on its own port).
+    pub mqtt_v5: Option<SocketAddr>,
+    /// Node-to-node link listener; required when the cluster has more than one node.
+    pub mesh: Option<SocketAddr>,
+    /// `/metrics` and `/healthz` of the node.
+    pub http: Option<SocketAddr>,
+    pub max_connections: NonZeroU32,
+    /// Largest PUBLISH payload accepted, in bytes.
+    pub max_payload_size: NonZeroU32,
+    /// Unacknowledged QoS 1/2 messages per client.
+    pub max_inflight: NonZeroU32,
 }

@@ -18,6 +18,32 @@ pub struct RawConfig {
     pub probes: Vec<RawProbe>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub cluster: RawCluster,
+    #[serde(default, rename = "broker")]
+    pub brokers: Vec<RawBroker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub secret: Option<String>,
+    pub peer_queue: Option<u32>,
+    pub reconnect_min: Option<String>,
+    pub reconnect_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBroker {
+    pub id: String,
+    pub mqtt: String,
+    pub mqtt_v5: Option<String>,
+    pub mesh: Option<String>,
+    pub http: Option<String>,
+    pub max_connections: Option<u32>,
+    pub max_payload_size: Option<u32>,
+    pub max_inflight: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -209,3 +209,30 @@ fn every_example_file_validates() {
     assert_eq!(checked, 3, "expected 3 example files in {}", dir.display());
     Config::builtin().expect("built-in default is valid");
 }
+
+#[test]
+fn cluster_of_brokers_needs_mesh_and_secret() {
+    let two = |secret: &str, mesh2: &str| {
+        format!(
+            "{secret}[[broker]]\nid = \"n1\"\nmqtt = \"127.0.0.1:1001\"\nmesh = \"127.0.0.1:1002\"\n\
+             [[broker]]\nid = \"n2\"\nmqtt = \"127.0.0.1:1003\"\n{mesh2}"
+        )
+    };
+    let keys = |text: &str| problems(text).into_iter().map(|p| p.key).collect::<Vec<_>>();
+    assert_eq!(keys(&two("", "")), vec!["broker[1].mesh", "cluster.secret"]);
+    assert_eq!(
+        keys(&two("[cluster]\nsecret = \"short\"\n", "mesh = \"127.0.0.1:1002\"\n")),
+        vec!["broker[1].mesh", "cluster.secret"],
+        "short secret, and a mesh address shared with broker[0]"
+    );
+    let ok = Config::parse(
+        &two("[cluster]\nsecret = \"0123456789abcdef\"\n", "mesh = \"127.0.0.1:1004\"\n"),
+        "t",
+    )
+    .expect("valid");
+    assert_eq!(ok.brokers.len(), 2);
+    assert_eq!(ok.brokers[1].max_inflight.get(), 100);
+    assert_eq!(format!("{:?}", ok.cluster.secret), "Some(Secret(****))");
+    // One broker alone needs neither.
+    assert!(Config::parse("[[broker]]\nid = \"solo\"\nmqtt = \"127.0.0.1:1001\"\n", "t").is_ok());
+}

@@ -1,6 +1,6 @@
 //! Raw file → validated [`Config`]: every problem is collected with its key, not just the first.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -371,6 +371,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
         }
     }
 
+    let (cluster, brokers) = validate_cluster(&mut c, &raw);
+
     if c.problems.is_empty() {
         Ok(Config {
             source: None,
@@ -381,6 +383,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 .collect(),
             pools,
             rules,
+            cluster,
+            brokers,
             warnings: c.warnings,
         })
     } else {
@@ -471,4 +475,89 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
         up_threshold: c.non_zero(&format!("{k}.up_threshold"), p.up_threshold.or(both), 1),
         down_threshold: c.non_zero(&format!("{k}.down_threshold"), p.down_threshold.or(both), 1),
     }
+}
+
+pub const DEFAULT_PEER_QUEUE: u32 = 10_000;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+pub const DEFAULT_MAX_PAYLOAD: u32 = 256 * 1024;
+pub const DEFAULT_MAX_INFLIGHT: u32 = 100;
+/// The largest payload MQTT can carry (remaining length is at most 256 MiB).
+pub const MAX_PAYLOAD: u32 = 268_435_455;
+pub const MIN_SECRET_LEN: usize = 16;
+
+fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<BrokerNode>) {
+    let rc = &raw.cluster;
+    let secret = rc.secret.as_ref().map(Secret::new);
+    let reconnect_min = c.duration(
+        "cluster.reconnect_min",
+        rc.reconnect_min.as_deref(),
+        Duration::from_millis(100),
+    );
+    let reconnect_max = c.duration(
+        "cluster.reconnect_max",
+        rc.reconnect_max.as_deref(),
+        Duration::from_secs(5),
+    );
+    if reconnect_max < reconnect_min {
+        c.error("cluster.reconnect_max", "must not be below reconnect_min");
+    }
+    let cluster = ClusterSettings {
+        secret,
+        peer_queue: c.non_zero("cluster.peer_queue", rc.peer_queue, DEFAULT_PEER_QUEUE),
+        reconnect_min,
+        reconnect_max,
+    };
+    let mut ids = HashSet::new();
+    let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+    let mut brokers = Vec::new();
+    for (i, b) in raw.brokers.iter().enumerate() {
+        let k = format!("broker[{i}]");
+        c.name(&format!("{k}.id"), &b.id, &mut ids, "broker");
+        let mut addr = |c: &mut Checker, key: &str, text: Option<&str>| -> Option<SocketAddr> {
+            let full = format!("{k}.{key}");
+            let a = c.addr(&full, text?)?;
+            if a.port() != 0 {
+                if let Some(other) = addrs.insert(a, full.clone()) {
+                    c.error(&full, format!("address {a} is also {other}"));
+                }
+            }
+            Some(a)
+        };
+        let mqtt = addr(c, "mqtt", Some(&b.mqtt));
+        let mqtt_v5 = addr(c, "mqtt_v5", b.mqtt_v5.as_deref());
+        let mesh = addr(c, "mesh", b.mesh.as_deref());
+        let http = addr(c, "http", b.http.as_deref());
+        if raw.brokers.len() > 1 && b.mesh.is_none() {
+            c.error(format!("{k}.mesh"), "a cluster of several brokers needs each node's mesh address");
+        }
+        let max_payload_size = c.non_zero(
+            &format!("{k}.max_payload_size"),
+            b.max_payload_size,
+            DEFAULT_MAX_PAYLOAD,
+        );
+        if max_payload_size.get() > MAX_PAYLOAD {
+            c.error(format!("{k}.max_payload_size"), format!("MQTT payloads cannot exceed {MAX_PAYLOAD} bytes"));
+        }
+        brokers.push(BrokerNode {
+            id: b.id.clone(),
+            mqtt: mqtt.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            mqtt_v5,
+            mesh,
+            http,
+            max_connections: c.non_zero(&format!("{k}.max_connections"), b.max_connections, DEFAULT_MAX_CONNECTIONS),
+            max_payload_size,
+            max_inflight: c.non_zero(&format!("{k}.max_inflight"), b.max_inflight, DEFAULT_MAX_INFLIGHT),
+        });
+    }
+    if raw.brokers.len() > 1 {
+        match &rc.secret {
+            None => c.error("cluster.secret", "a cluster of several brokers needs a shared secret"),
+            Some(s) if s.len() < MIN_SECRET_LEN => c.error(
+                "cluster.secret",
+                format!("must be at least {MIN_SECRET_LEN} characters"),
+            ),
+            Some(_) => {}
+        }
+    }
+    (cluster, brokers)
 }
