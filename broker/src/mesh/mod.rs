@@ -1,0 +1,396 @@
+//! The cluster mesh: every node keeps one outbound link to each peer and accepts inbound links
+//! from them. A publish from a local client (seen by [`crate::tap`]) is queued once per peer
+//! and sent over that peer's link; a publish arriving on an inbound link is injected into the
+//! local router and goes no further (one hop, full mesh), so there are no loops and no
+//! duplicates.
+//!
+//! Links are authenticated ([`auth`]), framed with a version and a length limit ([`frame`]),
+//! reconnected with exponential back-off, and fed from a bounded queue per peer: a slow or
+//! dead peer costs dropped (and counted) messages, never a stalled node.
+
+pub mod auth;
+pub mod frame;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use mqlb_config::Secret;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use frame::{decode, encode, Frame, FrameError, MeshPublish, VERSION};
+
+/// Time allowed for a link's handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Frame bytes beyond the payload: topic, properties, header.
+const FRAME_OVERHEAD: usize = 128 * 1024;
+
+/// A peer this node sends to.
+pub struct PeerOut {
+    pub id: String,
+    pub addr: SocketAddr,
+    tx: mpsc::Sender<Bytes>,
+    up: AtomicBool,
+}
+
+impl PeerOut {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
+
+/// Why a link handshake failed; `label` is the `reason` of `mqlb_mesh_rejected_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("peer closed the link during the handshake")]
+    Closed,
+    #[error("no handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("peer speaks mesh version {0}, this node {VERSION}")]
+    Version(u8),
+    #[error("expected {0}, got {1}")]
+    Unexpected(&'static str, &'static str),
+    #[error("peer {0:?} failed authentication (wrong cluster secret?)")]
+    Auth(String),
+    #[error("peer claims this node's own id {0:?}")]
+    SelfLink(String),
+}
+
+impl HandshakeError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            HandshakeError::Io(_) | HandshakeError::Closed => "io",
+            HandshakeError::Frame(e) => e.label(),
+            HandshakeError::Timeout(_) => "timeout",
+            HandshakeError::Version(_) => "version",
+            HandshakeError::Unexpected(..) => "protocol",
+            HandshakeError::Auth(_) => "auth",
+            HandshakeError::SelfLink(_) => "self",
+        }
+    }
+}
+
+/// Link settings from `[cluster]`.
+#[derive(Clone)]
+pub struct MeshSettings {
+    pub secret: Secret,
+    pub peer_queue: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub max_payload: usize,
+}
+
+pub(crate) struct Mesh {
+    pub id: String,
+    settings: Option<MeshSettings>,
+    peers: ArcSwap<Vec<Arc<PeerOut>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Mesh {
+    pub(crate) fn new(id: String, settings: Option<MeshSettings>, metrics: Arc<Metrics>) -> Mesh {
+        Mesh {
+            id,
+            settings,
+            peers: ArcSwap::from_pointee(Vec::new()),
+            metrics,
+        }
+    }
+
+    fn max_frame(&self) -> usize {
+        self.settings.as_ref().map_or(0, |s| s.max_payload) + FRAME_OVERHEAD
+    }
+
+    pub(crate) fn peers(&self) -> Arc<Vec<Arc<PeerOut>>> {
+        self.peers.load_full()
+    }
+
+    /// Offers a local client's publish to every peer. Never blocks: a full queue drops.
+    pub(crate) fn forward_local(&self, m: &MeshPublish) {
+        self.metrics.local_publishes.inc();
+        let peers = self.peers.load();
+        if peers.is_empty() {
+            return;
+        }
+        let bytes = match encode(&Frame::Publish(m.clone())) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "publish not forwarded to peers");
+                return;
+            }
+        };
+        for p in peers.iter() {
+            if p.tx.try_send(bytes.clone()).is_err() {
+                self.metrics
+                    .dropped
+                    .with_label_values(&[&p.id, "queue_full"])
+                    .inc();
+            }
+        }
+    }
+
+    /// Adds a peer and starts its outbound link on the current runtime.
+    pub(crate) fn add_peer(self: &Arc<Self>, id: String, addr: SocketAddr, stop: CancellationToken) {
+        let Some(settings) = self.settings.clone() else {
+            tracing::warn!(peer = id, "no cluster secret: mesh links are disabled");
+            return;
+        };
+        let (tx, rx) = mpsc::channel(settings.peer_queue.max(1));
+        let peer = Arc::new(PeerOut {
+            id,
+            addr,
+            tx,
+            up: AtomicBool::new(false),
+        });
+        self.metrics.link_up.with_label_values(&[&peer.id]).set(0);
+        let mut next: Vec<Arc<PeerOut>> = self.peers.load().iter().cloned().collect();
+        next.push(peer.clone());
+        self.peers.store(Arc::new(next));
+        tokio::spawn(outbound(self.clone(), peer, rx, settings, stop));
+    }
+}
+
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Frame>, HandshakeError> {
+    loop {
+        if let Some(f) = decode(buf, max)? {
+            return Ok(Some(f));
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return if buf.is_empty() { Ok(None) } else { Err(HandshakeError::Closed) };
+        }
+    }
+}
+
+/// The symmetric handshake: HELLO both ways, then AUTH both ways. Returns the peer's id.
+async fn handshake(
+    mesh: &Mesh,
+    secret: &Secret,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<String, HandshakeError> {
+    let own_nonce = auth::nonce();
+    stream
+        .write_all(&encode(&Frame::Hello {
+            version: VERSION,
+            node_id: mesh.id.clone(),
+            nonce: own_nonce,
+        })?)
+        .await?;
+    // Handshake frames are small; a peer announcing a big one is not a peer.
+    let (peer, peer_nonce) = match read_frame(stream, buf, 1024).await? {
+        Some(Frame::Hello { version, .. }) if version != VERSION => {
+            return Err(HandshakeError::Version(version))
+        }
+        Some(Frame::Hello { node_id, nonce, .. }) => (node_id, nonce),
+        Some(_) => return Err(HandshakeError::Unexpected("HELLO", "another frame")),
+        None => return Err(HandshakeError::Closed),
+    };
+    if peer == mesh.id {
+        return Err(HandshakeError::SelfLink(peer));
+    }
+    stream
+        .write_all(&encode(&Frame::Auth {
+            mac: auth::mac(secret.expose(), &peer_nonce, &mesh.id),
+        })?)
+        .await?;
+    match read_frame(stream, buf, 1024).await? {
+        Some(Frame::Auth { mac }) if auth::verify(secret.expose(), &own_nonce, &peer, &mac) => Ok(peer),
+        Some(Frame::Auth { .. }) => Err(HandshakeError::Auth(peer)),
+        Some(_) => Err(HandshakeError::Unexpected("AUTH", "another frame")),
+        None => Err(HandshakeError::Closed),
+    }
+}
+
+/// Keeps the link to one peer up and drains its queue into it.
+async fn outbound(
+    mesh: Arc<Mesh>,
+    peer: Arc<PeerOut>,
+    mut rx: mpsc::Receiver<Bytes>,
+    settings: MeshSettings,
+    stop: CancellationToken,
+) {
+    let up_gauge = mesh.metrics.link_up.with_label_values(&[&peer.id]);
+    let forwarded = mesh.metrics.forwarded.with_label_values(&[&peer.id]);
+    let lost = mesh.metrics.dropped.with_label_values(&[&peer.id, "link_error"]);
+    let mut backoff = settings.reconnect_min;
+    loop {
+        let attempt = async {
+            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr))
+                .await
+                .map_err(|_| HandshakeError::Timeout(CONNECT_TIMEOUT))??;
+            s.set_nodelay(true)?;
+            let mut buf = BytesMut::new();
+            let id = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mesh, &settings.secret, &mut s, &mut buf))
+                .await
+                .map_err(|_| HandshakeError::Timeout(HANDSHAKE_TIMEOUT))??;
+            Ok::<_, HandshakeError>((s, id))
+        };
+        let connected = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = attempt => r,
+        };
+        match connected {
+            Ok((stream, id)) => {
+                if id != peer.id {
+                    tracing::warn!(expected = peer.id, got = id, addr = %peer.addr, "peer answered with another node id");
+                }
+                tracing::info!(peer = peer.id, addr = %peer.addr, "mesh link up");
+                peer.up.store(true, Ordering::Release);
+                up_gauge.set(1);
+                backoff = settings.reconnect_min;
+                let (mut r, w) = stream.into_split();
+                let mut w = BufWriter::with_capacity(64 * 1024, w);
+                let mut probe = [0u8; 64];
+                let why = loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        msg = rx.recv() => {
+                            let Some(first) = msg else { return };
+                            let mut batch = vec![first];
+                            while batch.len() < 256 {
+                                match rx.try_recv() {
+                                    Ok(m) => batch.push(m),
+                                    Err(_) => break,
+                                }
+                            }
+                            let mut sent = 0;
+                            let mut result = Ok(());
+                            for m in &batch {
+                                if let Err(e) = w.write_all(m).await {
+                                    result = Err(e);
+                                    break;
+                                }
+                                sent += 1;
+                            }
+                            if result.is_ok() {
+                                result = w.flush().await;
+                            }
+                            match result {
+                                Ok(()) => forwarded.inc_by(sent),
+                                Err(e) => {
+                                    lost.inc_by(batch.len() as u64);
+                                    break e.to_string();
+                                }
+                            }
+                        }
+                        // The peer never sends after the handshake: EOF or an error means the
+                        // link is gone, noticed before the next publish is written into it.
+                        r = r.read(&mut probe) => match r {
+                            Ok(0) => break "peer closed the link".to_string(),
+                            Ok(_) => break "peer sent data after the handshake".to_string(),
+                            Err(e) => break e.to_string(),
+                        },
+                    }
+                };
+                peer.up.store(false, Ordering::Release);
+                up_gauge.set(0);
+                tracing::warn!(peer = peer.id, addr = %peer.addr, why, "mesh link down; reconnecting");
+            }
+            Err(e) => {
+                tracing::debug!(peer = peer.id, addr = %peer.addr, error = %e, ?backoff, "mesh link attempt failed");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(settings.reconnect_max);
+    }
+}
+
+/// Accepts inbound links and hands their publishes to the injector.
+pub(crate) async fn serve_inbound(
+    mesh: Arc<Mesh>,
+    listener: TcpListener,
+    inject: mpsc::Sender<(String, MeshPublish)>,
+    stop: CancellationToken,
+) {
+    let Some(settings) = mesh.settings.clone() else {
+        return;
+    };
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let (mesh, inject, secret, stop) = (mesh.clone(), inject.clone(), settings.secret.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = inbound(mesh, stream, addr, secret, inject) => {}
+            }
+        });
+    }
+}
+
+async fn inbound(
+    mesh: Arc<Mesh>,
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    secret: Secret,
+    inject: mpsc::Sender<(String, MeshPublish)>,
+) {
+    let mut buf = BytesMut::new();
+    let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mesh, &secret, &mut stream, &mut buf))
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)));
+    let peer = match hs {
+        Ok(p) => p,
+        Err(e) => {
+            mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+            tracing::warn!(%addr, error = %e, "mesh link refused");
+            return;
+        }
+    };
+    tracing::info!(peer, %addr, "inbound mesh link up");
+    let received = mesh.metrics.received.with_label_values(&[&peer]);
+    let max = mesh.max_frame();
+    loop {
+        match read_frame(&mut stream, &mut buf, max).await {
+            Ok(Some(Frame::Publish(p))) => {
+                // Back-pressure: a full router queue slows this link, not the node.
+                if inject.send((peer.clone(), p)).await.is_err() {
+                    return;
+                }
+                received.inc();
+            }
+            Ok(Some(_)) => {
+                mesh.metrics.rejected.with_label_values(&["protocol"]).inc();
+                tracing::warn!(peer, "unexpected frame after the handshake; closing");
+                return;
+            }
+            Ok(None) => {
+                tracing::info!(peer, "inbound mesh link closed");
+                return;
+            }
+            Err(e) => {
+                mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+                tracing::warn!(peer, error = %e, "inbound mesh link failed");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Prometheus metrics of one broker node: what crossed each mesh link, link state, drops.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Publishes from this node's own clients (each is offered to every peer).
+    pub local_publishes: IntCounter,
+    pub forwarded: IntCounterVec,
+    pub received: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub link_up: IntGaugeVec,
+    pub rejected: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Metrics {
+            local_publishes: IntCounter::new(
+                "mqlb_broker_local_publishes_total",
+                "PUBLISH packets from this node's own clients.",
+            )?,
+            forwarded: IntCounterVec::new(
+                Opts::new("mqlb_mesh_forwarded_total", "Publishes sent to a peer node."),
+                &["peer"],
+            )?,
+            received: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_mesh_received_total",
+                    "Publishes received from a peer node and delivered to this node's router.",
+                ),
+                &["peer"],
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_mesh_dropped_total",
+                    "Publishes not sent to a peer: queue_full (peer slow or down), link_error.",
+                ),
+                &["peer", "reason"],
+            )?,
+            link_up: IntGaugeVec::new(
+                Opts::new("mqlb_mesh_link_up", "1 while the link to the peer is authenticated and open."),
+                &["peer"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_mesh_rejected_total",
+                    "Inbound mesh connections refused, by reason (auth, version, garbage, ...).",
+                ),
+                &["reason"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.local_publishes.clone()))?;
+        m.registry.register(Box::new(m.forwarded.clone()))?;
+        m.registry.register(Box::new(m.received.clone()))?;
+        m.registry.register(Box::new(m.dropped.clone()))?;
+        m.registry.register(Box::new(m.link_up.clone()))?;
+        m.registry.register(Box::new(m.rejected.clone()))?;
+        Ok(m)
+    }
+
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}

@@ -1,0 +1,304 @@
+//! One broker node: rumqttd's router and MQTT servers composed on a runtime the node owns, so
+//! it can be stopped (rumqttd's `Broker::start` blocks forever), plus the mesh links.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqlb_config::{BrokerNode, Config};
+use rumqttd::local::LinkBuilder;
+use rumqttd::protocol::{v4::V4, v5::V5, Packet, Publish, PublishProperties};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::mesh::frame::MeshPublish;
+use crate::mesh::{serve_inbound, Mesh, MeshSettings};
+use crate::metrics::Metrics;
+use crate::tap::Tap;
+use crate::http;
+
+/// Everything a node needs, resolved from the config (or built by a test).
+#[derive(Clone)]
+pub struct NodeSpec {
+    pub node: BrokerNode,
+    /// `(id, mesh address)` of every other node.
+    pub peers: Vec<(String, SocketAddr)>,
+    pub mesh: Option<MeshSettings>,
+}
+
+impl NodeSpec {
+    /// The spec of broker `id` in `config`: its peers are all the other `[[broker]]`s.
+    pub fn from_config(config: &Config, id: &str) -> Result<NodeSpec, NodeError> {
+        let node = config
+            .brokers
+            .iter()
+            .find(|b| b.id == id)
+            .cloned()
+            .ok_or_else(|| NodeError::UnknownNode(id.to_string()))?;
+        let peers = config
+            .brokers
+            .iter()
+            .filter(|b| b.id != id)
+            .filter_map(|b| Some((b.id.clone(), b.mesh?)))
+            .collect();
+        let mesh = config.cluster.secret.clone().map(|secret| MeshSettings {
+            secret,
+            peer_queue: config.cluster.peer_queue.get() as usize,
+            reconnect_min: config.cluster.reconnect_min,
+            reconnect_max: config.cluster.reconnect_max,
+            max_payload: node.max_payload_size.get() as usize,
+        });
+        Ok(NodeSpec { node, peers, mesh })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no [[broker]] with id {0:?} in the configuration")]
+    UnknownNode(String),
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the node's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("rumqttd: {0}")]
+    Rumqttd(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A running broker node. Stopping it (or dropping it) closes its listeners and every client
+/// and mesh connection.
+pub struct Node {
+    id: String,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: CancellationToken,
+    mesh: Arc<Mesh>,
+    metrics: Arc<Metrics>,
+    pub mqtt: SocketAddr,
+    pub mqtt_v5: Option<SocketAddr>,
+    pub mesh_addr: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+}
+
+fn connection_settings(n: &BrokerNode) -> ConnectionSettings {
+    ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: n.max_payload_size.get() as usize,
+        max_inflight_count: n.max_inflight.get() as usize,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    }
+}
+
+fn bind_std(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, NodeError> {
+    let l = std::net::TcpListener::bind(addr).map_err(|source| NodeError::Bind { what, addr, source })?;
+    l.set_nonblocking(true)
+        .map_err(|source| NodeError::Bind { what, addr, source })?;
+    Ok(l)
+}
+
+impl Node {
+    /// Starts the node and returns once its MQTT listeners accept connections.
+    pub async fn start(spec: NodeSpec) -> Result<Node, NodeError> {
+        let n = spec.node.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("mqlb-broker-{}", n.id))
+            .enable_all()
+            .build()
+            .map_err(NodeError::Runtime)?;
+        let metrics = Arc::new(Metrics::new()?);
+        let mesh = Arc::new(Mesh::new(n.id.clone(), spec.mesh.clone(), metrics.clone()));
+        let stop = CancellationToken::new();
+
+        // Listeners this crate binds itself are bound here, so an address in use is an error
+        // now. (rumqttd binds its MQTT listeners inside `Server::start`.)
+        let mesh_listener = n.mesh.map(|a| bind_std("mesh", a)).transpose()?;
+        let http_listener = n.http.map(|a| bind_std("http", a)).transpose()?;
+        let mesh_addr = mesh_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let router = Router::new(
+            0,
+            RouterConfig {
+                max_connections: n.max_connections.get() as usize + 16,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 100 * 1024 * 1024,
+                max_segment_count: 10,
+                ..RouterConfig::default()
+            },
+        );
+        let router_tx = router.spawn();
+        let (link_tx, link_rx, _ack) = LinkBuilder::new(&format!("mqlb-mesh-{}", n.id), router_tx.clone())
+            .build()
+            .map_err(|e| NodeError::Rumqttd(format!("mesh link: {e}")))?;
+
+        let handle = runtime.handle().clone();
+        let _guard = handle.enter();
+        let (inject_tx, inject_rx) = mpsc::channel::<(String, MeshPublish)>(1024);
+        handle.spawn(injector(inject_rx, link_tx, link_rx, stop.clone()));
+        let mut servers = Vec::new();
+        let settings = |name: &str, listen| ServerSettings {
+            name: name.to_string(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: connection_settings(&n),
+        };
+        let mut v4 = Server::new(settings("v4", n.mqtt), router_tx.clone(), Tap::new(V4, mesh.clone()));
+        servers.push(handle.spawn(async move { v4.start(LinkType::Remote).await }));
+        if let Some(addr) = n.mqtt_v5 {
+            let mut v5 = Server::new(settings("v5", addr), router_tx.clone(), Tap::new(V5, mesh.clone()));
+            servers.push(handle.spawn(async move { v5.start(LinkType::Remote).await }));
+        }
+        if let Some(l) = mesh_listener {
+            let l = tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Bind {
+                what: "mesh",
+                addr: mesh_addr.unwrap_or(n.mqtt),
+                source,
+            })?;
+            handle.spawn(serve_inbound(mesh.clone(), l, inject_tx, stop.clone()));
+        }
+        for (id, addr) in &spec.peers {
+            mesh.add_peer(id.clone(), *addr, stop.child_token());
+        }
+        if let Some(l) = http_listener {
+            let l = tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Bind {
+                what: "http",
+                addr: http_addr.unwrap_or(n.mqtt),
+                source,
+            })?;
+            handle.spawn(http::serve(metrics.clone(), mesh.clone(), l, stop.clone()));
+        }
+        drop(_guard);
+
+        let node = Node {
+            id: n.id.clone(),
+            runtime: Some(runtime),
+            stop,
+            mesh,
+            metrics,
+            mqtt: n.mqtt,
+            mqtt_v5: n.mqtt_v5,
+            mesh_addr,
+            http: http_addr,
+        };
+        // Ready when every MQTT listener accepts; a server that returned meanwhile failed.
+        let want: Vec<SocketAddr> = std::iter::once(n.mqtt).chain(n.mqtt_v5).collect();
+        let start = Instant::now();
+        loop {
+            let mut all = true;
+            for a in &want {
+                all &= TcpStream::connect(a).await.is_ok();
+            }
+            if all {
+                break;
+            }
+            if let Some(done) = servers.iter_mut().find(|s| s.is_finished()) {
+                let why = match done.await {
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "server returned".into(),
+                    Err(e) => e.to_string(),
+                };
+                node.shutdown();
+                return Err(NodeError::Rumqttd(format!("MQTT listener {}: {why}", n.mqtt)));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                node.shutdown();
+                return Err(NodeError::Rumqttd(format!("MQTT listeners {want:?} not up after 10 s")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(node = node.id, mqtt = %n.mqtt, mqtt_v5 = ?n.mqtt_v5, mesh = ?mesh_addr, http = ?http_addr, peers = spec.peers.len(), "broker node started");
+        Ok(node)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Prometheus text of this node's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render().unwrap_or_default()
+    }
+
+    /// `(peer id, link up)` for every peer.
+    pub fn links(&self) -> Vec<(String, bool)> {
+        self.mesh.peers().iter().map(|p| (p.id.clone(), p.is_up())).collect()
+    }
+
+    fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.cancel();
+        if let Some(rt) = self.runtime.take() {
+            // Drops every task: listeners, client links, mesh links. (rumqttd's router thread
+            // cannot be stopped in 0.20; it stays parked, idle, until the process exits.)
+            rt.shutdown_background();
+        }
+    }
+
+    /// Stops the node and waits until its MQTT port refuses connections.
+    pub async fn stop(mut self) {
+        self.stop_now();
+        let addr = self.mqtt;
+        let start = Instant::now();
+        while TcpStream::connect(addr).await.is_ok() && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(node = self.id, "broker node stopped");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// Delivers publishes from peers into the local router. They enter through a local link, not
+/// a codec, so the tap never sees them and they are never forwarded again.
+async fn injector(
+    mut rx: mpsc::Receiver<(String, MeshPublish)>,
+    mut link_tx: rumqttd::local::LinkTx,
+    _link_rx: rumqttd::local::LinkRx,
+    stop: CancellationToken,
+) {
+    loop {
+        let (peer, m) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.recv() => match r { Some(x) => x, None => return },
+        };
+        let has_props = m.payload_format_indicator.is_some()
+            || m.message_expiry_interval.is_some()
+            || m.response_topic.is_some()
+            || m.correlation_data.is_some()
+            || !m.user_properties.is_empty()
+            || m.content_type.is_some();
+        let props = has_props.then(|| PublishProperties {
+            payload_format_indicator: m.payload_format_indicator,
+            message_expiry_interval: m.message_expiry_interval,
+            response_topic: m.response_topic,
+            correlation_data: m.correlation_data,
+            user_properties: m.user_properties,
+            content_type: m.content_type,
+            ..PublishProperties::default()
+        });
+        // QoS 0 into the router is enough: rumqttd delivers with each subscription's QoS.
+        let publish = Publish::new(m.topic, m.payload, m.retain);
+        if let Err(e) = link_tx.send(Packet::Publish(publish, props)).await {
+            tracing::error!(peer, error = %e, "router refused a publish from a peer; mesh input stops");
+            return;
+        }
+    }
+}
