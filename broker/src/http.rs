@@ -33,7 +33,12 @@ fn respond(metrics: &Metrics, mesh: &Mesh, path: &str) -> Response<Full<Bytes>> 
     res
 }
 
-pub(crate) async fn serve(metrics: Arc<Metrics>, mesh: Arc<Mesh>, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn serve(
+    metrics: Arc<Metrics>,
+    mesh: Arc<Mesh>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -47,10 +52,11 @@ pub(crate) async fn serve(metrics: Arc<Metrics>, mesh: Arc<Mesh>, listener: TcpL
         };
         let (metrics, mesh) = (metrics.clone(), mesh.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let res = respond(&metrics, &mesh, req.uri().path());
-                async move { Ok::<_, Infallible>(res) }
-            });
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let res = respond(&metrics, &mesh, req.uri().path());
+                    async move { Ok::<_, Infallible>(res) }
+                });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await

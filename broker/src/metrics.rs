@@ -22,7 +22,10 @@ impl Metrics {
                 "PUBLISH packets from this node's own clients.",
             )?,
             forwarded: IntCounterVec::new(
-                Opts::new("mqlb_mesh_forwarded_total", "Publishes sent to a peer node."),
+                Opts::new(
+                    "mqlb_mesh_forwarded_total",
+                    "Publishes sent to a peer node.",
+                ),
                 &["peer"],
             )?,
             received: IntCounterVec::new(
@@ -40,7 +43,10 @@ impl Metrics {
                 &["peer", "reason"],
             )?,
             link_up: IntGaugeVec::new(
-                Opts::new("mqlb_mesh_link_up", "1 while the link to the peer is authenticated and open."),
+                Opts::new(
+                    "mqlb_mesh_link_up",
+                    "1 while the link to the peer is authenticated and open.",
+                ),
                 &["peer"],
             )?,
             rejected: IntCounterVec::new(

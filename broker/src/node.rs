@@ -13,11 +13,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::http;
 use crate::mesh::frame::MeshPublish;
 use crate::mesh::{serve_inbound, Mesh, MeshSettings};
 use crate::metrics::Metrics;
-use crate::tap::Tap;
-use crate::http;
+use crate::tap::{ConnLimit, Tap};
 
 /// Everything a node needs, resolved from the config (or built by a test).
 #[derive(Clone)]
@@ -99,7 +99,11 @@ fn connection_settings(n: &BrokerNode) -> ConnectionSettings {
 }
 
 fn bind_std(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, NodeError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| NodeError::Bind { what, addr, source })?;
+    let l = std::net::TcpListener::bind(addr).map_err(|source| NodeError::Bind {
+        what,
+        addr,
+        source,
+    })?;
     l.set_nonblocking(true)
         .map_err(|source| NodeError::Bind { what, addr, source })?;
     Ok(l)
@@ -137,9 +141,10 @@ impl Node {
             },
         );
         let router_tx = router.spawn();
-        let (link_tx, link_rx, _ack) = LinkBuilder::new(&format!("mqlb-mesh-{}", n.id), router_tx.clone())
-            .build()
-            .map_err(|e| NodeError::Rumqttd(format!("mesh link: {e}")))?;
+        let (link_tx, link_rx, _ack) =
+            LinkBuilder::new(&format!("mqlb-mesh-{}", n.id), router_tx.clone())
+                .build()
+                .map_err(|e| NodeError::Rumqttd(format!("mesh link: {e}")))?;
 
         let handle = runtime.handle().clone();
         let _guard = handle.enter();
@@ -153,10 +158,19 @@ impl Node {
             next_connection_delay_ms: 0,
             connections: connection_settings(&n),
         };
-        let mut v4 = Server::new(settings("v4", n.mqtt), router_tx.clone(), Tap::new(V4, mesh.clone()));
+        let limit = ConnLimit::new(n.max_connections.get() as usize);
+        let mut v4 = Server::new(
+            settings("v4", n.mqtt),
+            router_tx.clone(),
+            Tap::new(V4, mesh.clone(), limit.clone(), true),
+        );
         servers.push(handle.spawn(async move { v4.start(LinkType::Remote).await }));
         if let Some(addr) = n.mqtt_v5 {
-            let mut v5 = Server::new(settings("v5", addr), router_tx.clone(), Tap::new(V5, mesh.clone()));
+            let mut v5 = Server::new(
+                settings("v5", addr),
+                router_tx.clone(),
+                Tap::new(V5, mesh.clone(), limit.clone(), false),
+            );
             servers.push(handle.spawn(async move { v5.start(LinkType::Remote).await }));
         }
         if let Some(l) = mesh_listener {
@@ -209,11 +223,16 @@ impl Node {
                     Err(e) => e.to_string(),
                 };
                 node.shutdown();
-                return Err(NodeError::Rumqttd(format!("MQTT listener {}: {why}", n.mqtt)));
+                return Err(NodeError::Rumqttd(format!(
+                    "MQTT listener {}: {why}",
+                    n.mqtt
+                )));
             }
             if start.elapsed() > Duration::from_secs(10) {
                 node.shutdown();
-                return Err(NodeError::Rumqttd(format!("MQTT listeners {want:?} not up after 10 s")));
+                return Err(NodeError::Rumqttd(format!(
+                    "MQTT listeners {want:?} not up after 10 s"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -232,7 +251,11 @@ impl Node {
 
     /// `(peer id, link up)` for every peer.
     pub fn links(&self) -> Vec<(String, bool)> {
-        self.mesh.peers().iter().map(|p| (p.id.clone(), p.is_up())).collect()
+        self.mesh
+            .peers()
+            .iter()
+            .map(|p| (p.id.clone(), p.is_up()))
+            .collect()
     }
 
     fn shutdown(mut self) {

@@ -6,6 +6,7 @@
 //! flag is still set here; rumqttd clears it on live forwards.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -14,21 +15,115 @@ use rumqttd::protocol::{Error, Packet, Protocol, Publish, PublishProperties};
 use crate::mesh::frame::MeshPublish;
 use crate::mesh::Mesh;
 
-#[derive(Clone)]
+/// Client connections of one node, counted here so rumqttd's router never has to refuse one:
+/// a refusal inside rumqttd 0.20 leaves a stale will handler behind, and the next CONNECT with
+/// that client ID panics and poisons the listener for everyone (rumqtt issue #1062).
+pub(crate) struct ConnLimit {
+    active: AtomicUsize,
+    max: usize,
+}
+
+impl ConnLimit {
+    pub(crate) fn new(max: usize) -> Arc<ConnLimit> {
+        Arc::new(ConnLimit {
+            active: AtomicUsize::new(0),
+            max,
+        })
+    }
+}
+
 pub(crate) struct Tap<P> {
     inner: P,
     mesh: Arc<Mesh>,
     /// MQTT 5 topic aliases of this connection (each connection gets its own clone).
     aliases: HashMap<u16, Bytes>,
+    limit: Arc<ConnLimit>,
+    /// This clone holds one slot of `limit` (set at CONNECT, released on drop).
+    counted: bool,
+    /// The codec is MQTT 3.1.1: drop MQTT 5 properties before writing (see [`v4_safe`]).
+    strip_properties: bool,
+}
+
+impl<P: Clone> Clone for Tap<P> {
+    /// rumqttd clones the codec for each accepted connection: the clone starts fresh.
+    fn clone(&self) -> Self {
+        Tap {
+            inner: self.inner.clone(),
+            mesh: self.mesh.clone(),
+            aliases: HashMap::new(),
+            limit: self.limit.clone(),
+            counted: false,
+            strip_properties: self.strip_properties,
+        }
+    }
+}
+
+/// rumqttd 0.20's 3.1.1 codec panics (`unreachable!`) when asked to write a packet that carries
+/// MQTT 5 properties, which happens whenever a 5.0 client's publish with properties reaches a
+/// 3.1.1 subscriber. 3.1.1 has no properties: dropping them is the correct translation.
+fn v4_safe(packet: Packet) -> Packet {
+    match packet {
+        Packet::ConnAck(p, Some(_)) => Packet::ConnAck(p, None),
+        Packet::Publish(p, Some(_)) => Packet::Publish(p, None),
+        Packet::PubAck(p, Some(_)) => Packet::PubAck(p, None),
+        Packet::Subscribe(p, Some(_)) => Packet::Subscribe(p, None),
+        Packet::SubAck(p, Some(_)) => Packet::SubAck(p, None),
+        Packet::PubRec(p, Some(_)) => Packet::PubRec(p, None),
+        Packet::PubRel(p, Some(_)) => Packet::PubRel(p, None),
+        Packet::PubComp(p, Some(_)) => Packet::PubComp(p, None),
+        Packet::Unsubscribe(p, Some(_)) => Packet::Unsubscribe(p, None),
+        Packet::UnsubAck(p, Some(_)) => Packet::UnsubAck(p, None),
+        Packet::Disconnect(p, Some(_)) => Packet::Disconnect(p, None),
+        other => other,
+    }
+}
+
+impl<P> Drop for Tap<P> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.limit.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Client IDs rumqttd's router refuses (see [`ConnLimit`] for why they are refused here first).
+fn client_id_refused(id: &str) -> bool {
+    id.contains(['+', '$', '#', '/'])
 }
 
 impl<P> Tap<P> {
-    pub(crate) fn new(inner: P, mesh: Arc<Mesh>) -> Self {
+    /// `v4`: the inner codec is MQTT 3.1.1.
+    pub(crate) fn new(inner: P, mesh: Arc<Mesh>, limit: Arc<ConnLimit>, v4: bool) -> Self {
         Tap {
             inner,
             mesh,
             aliases: HashMap::new(),
+            limit,
+            counted: false,
+            strip_properties: v4,
         }
+    }
+
+    /// Admits a CONNECT, or refuses it before rumqttd's router could.
+    fn admit(&mut self, client_id: &str) -> Result<(), Error> {
+        if client_id_refused(client_id) {
+            tracing::info!(client_id, "CONNECT refused: client ID with + $ # or /");
+            return Err(Error::IncorrectPacketFormat);
+        }
+        if !self.counted {
+            let before = self.limit.active.fetch_add(1, Ordering::AcqRel);
+            if before >= self.limit.max {
+                self.limit.active.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(
+                    client_id,
+                    max = self.limit.max,
+                    "CONNECT refused: max_connections reached"
+                );
+                return Err(Error::IncorrectPacketFormat);
+            }
+            self.counted = true;
+        }
+        Ok(())
     }
 
     fn forward(&mut self, publish: &Publish, props: Option<&PublishProperties>) {
@@ -70,6 +165,9 @@ impl<P: Protocol> Protocol for Tap<P> {
         // rumqttd's `Publish`.
         let header = stream.first().copied().unwrap_or(0);
         let packet = self.inner.read_mut(stream, max_size)?;
+        if let Packet::Connect(connect, ..) = &packet {
+            self.admit(&connect.client_id)?;
+        }
         if let Packet::Publish(publish, props) = &packet {
             let qos = (header >> 1) & 0b11;
             let dup = header & 0b1000 != 0;
@@ -82,6 +180,9 @@ impl<P: Protocol> Protocol for Tap<P> {
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error> {
+        if self.strip_properties {
+            return self.inner.write(v4_safe(packet), write);
+        }
         self.inner.write(packet, write)
     }
 }

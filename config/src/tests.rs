@@ -218,15 +218,26 @@ fn cluster_of_brokers_needs_mesh_and_secret() {
              [[broker]]\nid = \"n2\"\nmqtt = \"127.0.0.1:1003\"\n{mesh2}"
         )
     };
-    let keys = |text: &str| problems(text).into_iter().map(|p| p.key).collect::<Vec<_>>();
+    let keys = |text: &str| {
+        problems(text)
+            .into_iter()
+            .map(|p| p.key)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(keys(&two("", "")), vec!["broker[1].mesh", "cluster.secret"]);
     assert_eq!(
-        keys(&two("[cluster]\nsecret = \"short\"\n", "mesh = \"127.0.0.1:1002\"\n")),
+        keys(&two(
+            "[cluster]\nsecret = \"short\"\n",
+            "mesh = \"127.0.0.1:1002\"\n"
+        )),
         vec!["broker[1].mesh", "cluster.secret"],
         "short secret, and a mesh address shared with broker[0]"
     );
     let ok = Config::parse(
-        &two("[cluster]\nsecret = \"0123456789abcdef\"\n", "mesh = \"127.0.0.1:1004\"\n"),
+        &two(
+            "[cluster]\nsecret = \"0123456789abcdef\"\n",
+            "mesh = \"127.0.0.1:1004\"\n",
+        ),
         "t",
     )
     .expect("valid");
@@ -234,5 +245,9 @@ fn cluster_of_brokers_needs_mesh_and_secret() {
     assert_eq!(ok.brokers[1].max_inflight.get(), 100);
     assert_eq!(format!("{:?}", ok.cluster.secret), "Some(Secret(****))");
     // One broker alone needs neither.
-    assert!(Config::parse("[[broker]]\nid = \"solo\"\nmqtt = \"127.0.0.1:1001\"\n", "t").is_ok());
+    assert!(Config::parse(
+        "[[broker]]\nid = \"solo\"\nmqtt = \"127.0.0.1:1001\"\n",
+        "t"
+    )
+    .is_ok());
 }

@@ -528,7 +528,10 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
         let mesh = addr(c, "mesh", b.mesh.as_deref());
         let http = addr(c, "http", b.http.as_deref());
         if raw.brokers.len() > 1 && b.mesh.is_none() {
-            c.error(format!("{k}.mesh"), "a cluster of several brokers needs each node's mesh address");
+            c.error(
+                format!("{k}.mesh"),
+                "a cluster of several brokers needs each node's mesh address",
+            );
         }
         let max_payload_size = c.non_zero(
             &format!("{k}.max_payload_size"),
@@ -536,7 +539,10 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
             DEFAULT_MAX_PAYLOAD,
         );
         if max_payload_size.get() > MAX_PAYLOAD {
-            c.error(format!("{k}.max_payload_size"), format!("MQTT payloads cannot exceed {MAX_PAYLOAD} bytes"));
+            c.error(
+                format!("{k}.max_payload_size"),
+                format!("MQTT payloads cannot exceed {MAX_PAYLOAD} bytes"),
+            );
         }
         brokers.push(BrokerNode {
             id: b.id.clone(),
@@ -544,14 +550,25 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
             mqtt_v5,
             mesh,
             http,
-            max_connections: c.non_zero(&format!("{k}.max_connections"), b.max_connections, DEFAULT_MAX_CONNECTIONS),
+            max_connections: c.non_zero(
+                &format!("{k}.max_connections"),
+                b.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            ),
             max_payload_size,
-            max_inflight: c.non_zero(&format!("{k}.max_inflight"), b.max_inflight, DEFAULT_MAX_INFLIGHT),
+            max_inflight: c.non_zero(
+                &format!("{k}.max_inflight"),
+                b.max_inflight,
+                DEFAULT_MAX_INFLIGHT,
+            ),
         });
     }
     if raw.brokers.len() > 1 {
         match &rc.secret {
-            None => c.error("cluster.secret", "a cluster of several brokers needs a shared secret"),
+            None => c.error(
+                "cluster.secret",
+                "a cluster of several brokers needs a shared secret",
+            ),
             Some(s) if s.len() < MIN_SECRET_LEN => c.error(
                 "cluster.secret",
                 format!("must be at least {MIN_SECRET_LEN} characters"),

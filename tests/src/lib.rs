@@ -7,11 +7,12 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+pub use rumqttc::QoS;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -260,10 +261,26 @@ pub async fn backend_state(admin: SocketAddr, id: &str) -> anyhow::Result<String
         .with_context(|| format!("backend {id} not in /api/backends"))
 }
 
+/// A message a test client received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// MQTT 5 user properties (empty for 3.1.1 clients).
+    pub user_properties: Vec<(String, String)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A rumqttc client whose event loop runs in a task and reconnects on errors (as devices do).
 pub struct Client {
     pub client: AsyncClient,
     pub id: String,
+    received: Arc<Mutex<Vec<Msg>>>,
+    subacks: Arc<AtomicUsize>,
     connacks: Arc<AtomicUsize>,
     pubacks: Arc<AtomicUsize>,
     errors: Arc<AtomicUsize>,
@@ -280,11 +297,14 @@ impl Client {
         let c = Client {
             client,
             id: id.to_string(),
+            received: Arc::default(),
+            subacks: Arc::default(),
             connacks: Arc::default(),
             pubacks: Arc::default(),
             errors: Arc::default(),
             stop: CancellationToken::new(),
         };
+        let (received, subacks) = (c.received.clone(), c.subacks.clone());
         let (connacks, pubacks, errors, stop) = (
             c.connacks.clone(),
             c.pubacks.clone(),
@@ -303,6 +323,17 @@ impl Client {
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         pubacks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        subacks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        lock(&received).push(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                            user_properties: Vec::new(),
+                        });
                     }
                     Ok(_) => {}
                     Err(_) => {
@@ -323,6 +354,32 @@ impl Client {
         })
         .await?;
         Ok(c)
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(&self, filter: &str, qos: QoS) -> anyhow::Result<()> {
+        let before = self.subacks.load(Ordering::SeqCst);
+        self.client.subscribe(filter, qos).await?;
+        let n = self.subacks.clone();
+        wait_until(
+            &format!("SUBACK for {filter}"),
+            Duration::from_secs(5),
+            || {
+                let n = n.clone();
+                async move { n.load(Ordering::SeqCst) > before }
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Messages received so far, in arrival order.
+    pub fn received(&self) -> Vec<Msg> {
+        lock(&self.received).clone()
+    }
+
+    pub fn received_count(&self) -> usize {
+        lock(&self.received).len()
     }
 
     /// CONNACKs received so far (more than one means it reconnected).
@@ -393,4 +450,268 @@ pub fn mqlb_bin() -> anyhow::Result<PathBuf> {
     })
     .clone()
     .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// A cluster of in-process broker nodes on ephemeral loopback ports, meshed with each other.
+pub struct Cluster {
+    nodes: Vec<Option<mqlb_broker::Node>>,
+    pub specs: Vec<mqlb_broker::NodeSpec>,
+}
+
+pub const TEST_SECRET: &str = "mqlb-test-secret-0123456789";
+
+fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
+    let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(mqlb_config::BrokerNode {
+            id: format!("n{}", i + 1),
+            mqtt: addr(free_port()?),
+            mqtt_v5: Some(addr(free_port()?)),
+            mesh: Some(addr(free_port()?)),
+            http: Some(addr(free_port()?)),
+            max_connections: std::num::NonZeroU32::new(1000).context("non-zero")?,
+            max_payload_size: std::num::NonZeroU32::new(1 << 20).context("non-zero")?,
+            max_inflight: std::num::NonZeroU32::new(100).context("non-zero")?,
+        });
+    }
+    Ok(nodes
+        .iter()
+        .map(|node| mqlb_broker::NodeSpec {
+            node: node.clone(),
+            peers: nodes
+                .iter()
+                .filter(|o| o.id != node.id)
+                .filter_map(|o| Some((o.id.clone(), o.mesh?)))
+                .collect(),
+            mesh: Some(mqlb_broker::MeshSettings {
+                secret: mqlb_config::Secret::new(TEST_SECRET),
+                peer_queue: 10_000,
+                reconnect_min: Duration::from_millis(50),
+                reconnect_max: Duration::from_millis(500),
+                max_payload: 1 << 20,
+            }),
+        })
+        .collect())
+}
+
+impl Cluster {
+    /// Starts `n` nodes and waits until every mesh link is up.
+    pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        let mut last = None;
+        // A port picked free may be taken before a node binds it: try again with new ports.
+        for _ in 0..3 {
+            let specs = cluster_specs(n)?;
+            let mut nodes = Vec::new();
+            for s in &specs {
+                match mqlb_broker::Node::start(s.clone()).await {
+                    Ok(node) => nodes.push(Some(node)),
+                    Err(e) => {
+                        last = Some(e);
+                        break;
+                    }
+                }
+            }
+            if nodes.len() == n {
+                let c = Cluster { nodes, specs };
+                c.wait_meshed().await?;
+                return Ok(c);
+            }
+        }
+        Err(anyhow::anyhow!("cluster did not start: {last:?}"))
+    }
+
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    /// The MQTT 3.1.1 address of node `i`.
+    pub fn mqtt(&self, i: usize) -> SocketAddr {
+        self.specs[i].node.mqtt
+    }
+
+    /// The MQTT 5 address of node `i`.
+    pub fn mqtt_v5(&self, i: usize) -> Option<SocketAddr> {
+        self.specs[i].node.mqtt_v5
+    }
+
+    pub fn node(&self, i: usize) -> Option<&mqlb_broker::Node> {
+        self.nodes[i].as_ref()
+    }
+
+    /// Waits until every running node's links to every other running node are up.
+    pub async fn wait_meshed(&self) -> anyhow::Result<()> {
+        let running: Vec<String> = self
+            .nodes
+            .iter()
+            .flatten()
+            .map(|n| n.id().to_string())
+            .collect();
+        wait_until("mesh links up", Duration::from_secs(10), || async {
+            self.nodes.iter().flatten().all(|n| {
+                n.links()
+                    .iter()
+                    .all(|(peer, up)| *up || !running.contains(peer))
+            })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Stops node `i` like a crashed machine: every connection to it closes.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.stop().await;
+        }
+    }
+
+    /// Starts node `i` again with the same addresses.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i).await;
+        let spec = self.specs[i].clone();
+        let mut last = None;
+        for _ in 0..50 {
+            match mqlb_broker::Node::start(spec.clone()).await {
+                Ok(n) => {
+                    self.nodes[i] = Some(n);
+                    return Ok(());
+                }
+                // The old listener may linger for a moment after the stop.
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(anyhow::anyhow!("node {i} did not restart: {last:?}"))
+    }
+}
+
+/// An MQTT 5 rumqttc client: records received messages with their user properties.
+pub struct Client5 {
+    pub client: rumqttc::v5::AsyncClient,
+    pub id: String,
+    received: Arc<Mutex<Vec<Msg>>>,
+    subacks: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Client5 {
+    pub async fn connect(addr: SocketAddr, id: &str) -> anyhow::Result<Client5> {
+        use rumqttc::v5::mqttbytes::v5::Packet as P5;
+        use rumqttc::v5::Event as E5;
+        let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 64);
+        let c = Client5 {
+            client,
+            id: id.to_string(),
+            received: Arc::default(),
+            subacks: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let connacks = Arc::new(AtomicUsize::new(0));
+        let (received, subacks, stop, acks) = (
+            c.received.clone(),
+            c.subacks.clone(),
+            c.stop.clone(),
+            connacks.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    ev = eventloop.poll() => ev,
+                };
+                match ev {
+                    Ok(E5::Incoming(P5::ConnAck(_))) => {
+                        acks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(E5::Incoming(P5::SubAck(_))) => {
+                        subacks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(E5::Incoming(P5::Publish(p))) => lock(&received).push(Msg {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                        user_properties: p
+                            .properties
+                            .map(|pr| pr.user_properties)
+                            .unwrap_or_default(),
+                    }),
+                    Ok(_) => {}
+                    Err(_) => tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    },
+                }
+            }
+        });
+        wait_until(
+            &format!("MQTT 5 CONNACK for {id}"),
+            Duration::from_secs(5),
+            || {
+                let n = connacks.clone();
+                async move { n.load(Ordering::SeqCst) >= 1 }
+            },
+        )
+        .await?;
+        Ok(c)
+    }
+
+    pub async fn subscribe(&self, filter: &str) -> anyhow::Result<()> {
+        let before = self.subacks.load(Ordering::SeqCst);
+        self.client
+            .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+            .await?;
+        let n = self.subacks.clone();
+        wait_until(
+            &format!("SUBACK for {filter}"),
+            Duration::from_secs(5),
+            || {
+                let n = n.clone();
+                async move { n.load(Ordering::SeqCst) > before }
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Publishes at QoS 1 with user properties.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        user_properties: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            user_properties: user_properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                payload.to_vec(),
+                props,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub fn received(&self) -> Vec<Msg> {
+        lock(&self.received).clone()
+    }
+}
+
+impl Drop for Client5 {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }

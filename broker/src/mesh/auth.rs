@@ -26,7 +26,12 @@ pub fn mac(secret: &[u8], nonce: &[u8; NONCE_LEN], sender: &str) -> [u8; MAC_LEN
 }
 
 /// Checks the peer's MAC in constant time.
-pub fn verify(secret: &[u8], own_nonce: &[u8; NONCE_LEN], peer: &str, their_mac: &[u8; MAC_LEN]) -> bool {
+pub fn verify(
+    secret: &[u8],
+    own_nonce: &[u8; NONCE_LEN],
+    peer: &str,
+    their_mac: &[u8; MAC_LEN],
+) -> bool {
     let Ok(mut m) = Hmac::<Sha256>::new_from_slice(secret) else {
         return false;
     };
@@ -49,9 +54,18 @@ mod tests {
         let n = nonce();
         let good = mac(b"0123456789abcdef", &n, "b1");
         assert!(verify(b"0123456789abcdef", &n, "b1", &good));
-        assert!(!verify(b"0123456789abcdeX", &n, "b1", &good), "other secret");
-        assert!(!verify(b"0123456789abcdef", &nonce(), "b1", &good), "replayed for another nonce");
-        assert!(!verify(b"0123456789abcdef", &n, "b2", &good), "claimed by another node");
+        assert!(
+            !verify(b"0123456789abcdeX", &n, "b1", &good),
+            "other secret"
+        );
+        assert!(
+            !verify(b"0123456789abcdef", &nonce(), "b1", &good),
+            "replayed for another nonce"
+        );
+        assert!(
+            !verify(b"0123456789abcdef", &n, "b2", &good),
+            "claimed by another node"
+        );
         assert_ne!(nonce(), nonce());
     }
 }

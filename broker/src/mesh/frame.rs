@@ -80,25 +80,34 @@ impl FrameError {
 }
 
 fn put_str16(out: &mut BytesMut, s: &[u8]) -> Result<(), FrameError> {
-    let len = u16::try_from(s.len()).map_err(|_| FrameError::Malformed("string over 65535 bytes"))?;
+    let len =
+        u16::try_from(s.len()).map_err(|_| FrameError::Malformed("string over 65535 bytes"))?;
     out.put_u16(len);
     out.put_slice(s);
     Ok(())
 }
 
-fn frame(kind: u8, body: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>) -> Result<Bytes, FrameError> {
+fn frame(
+    kind: u8,
+    body: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
+) -> Result<Bytes, FrameError> {
     let mut out = BytesMut::with_capacity(64);
     out.put_u32(0);
     out.put_u8(kind);
     body(&mut out)?;
-    let len = u32::try_from(out.len() - 4).map_err(|_| FrameError::Malformed("frame over 4 GiB"))?;
+    let len =
+        u32::try_from(out.len() - 4).map_err(|_| FrameError::Malformed("frame over 4 GiB"))?;
     out[..4].copy_from_slice(&len.to_be_bytes());
     Ok(out.freeze())
 }
 
 pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
     match f {
-        Frame::Hello { version, node_id, nonce } => frame(KIND_HELLO, |o| {
+        Frame::Hello {
+            version,
+            node_id,
+            nonce,
+        } => frame(KIND_HELLO, |o| {
             o.put_slice(MAGIC);
             o.put_u8(*version);
             put_str16(o, node_id.as_bytes())?;
@@ -138,7 +147,8 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
                 props.put_u8(TAG_CONTENT_TYPE);
                 put_str16(&mut props, v.as_bytes())?;
             }
-            let props_len = u32::try_from(props.len()).map_err(|_| FrameError::Malformed("properties over 4 GiB"))?;
+            let props_len = u32::try_from(props.len())
+                .map_err(|_| FrameError::Malformed("properties over 4 GiB"))?;
             o.put_u32(props_len);
             o.put_slice(&props);
             o.put_slice(&p.payload);
@@ -198,7 +208,11 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
             need(&b, NONCE_LEN, "hello nonce")?;
             let mut nonce = [0u8; NONCE_LEN];
             b.copy_to_slice(&mut nonce);
-            Frame::Hello { version, node_id, nonce }
+            Frame::Hello {
+                version,
+                node_id,
+                nonce,
+            }
         }
         KIND_AUTH => {
             need(&b, MAC_LEN, "auth mac")?;
@@ -232,14 +246,20 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
                         need(&props, 4, "message expiry")?;
                         p.message_expiry_interval = Some(props.get_u32());
                     }
-                    TAG_RESPONSE_TOPIC => p.response_topic = Some(get_string16(&mut props, "response topic")?),
-                    TAG_CORRELATION => p.correlation_data = Some(get_bytes16(&mut props, "correlation data")?),
+                    TAG_RESPONSE_TOPIC => {
+                        p.response_topic = Some(get_string16(&mut props, "response topic")?)
+                    }
+                    TAG_CORRELATION => {
+                        p.correlation_data = Some(get_bytes16(&mut props, "correlation data")?)
+                    }
                     TAG_USER_PROPERTY => {
                         let k = get_string16(&mut props, "user property")?;
                         let v = get_string16(&mut props, "user property")?;
                         p.user_properties.push((k, v));
                     }
-                    TAG_CONTENT_TYPE => p.content_type = Some(get_string16(&mut props, "content type")?),
+                    TAG_CONTENT_TYPE => {
+                        p.content_type = Some(get_string16(&mut props, "content type")?)
+                    }
                     _ => return Err(FrameError::Malformed("unknown property tag")),
                 }
             }
@@ -275,10 +295,17 @@ mod tests {
     #[test]
     fn every_frame_round_trips_even_byte_by_byte() {
         let frames = [
-            Frame::Hello { version: VERSION, node_id: "b1".into(), nonce: [7; NONCE_LEN] },
+            Frame::Hello {
+                version: VERSION,
+                node_id: "b1".into(),
+                nonce: [7; NONCE_LEN],
+            },
             Frame::Auth { mac: [9; MAC_LEN] },
             Frame::Publish(full()),
-            Frame::Publish(MeshPublish { topic: Bytes::from_static(b"t"), ..Default::default() }),
+            Frame::Publish(MeshPublish {
+                topic: Bytes::from_static(b"t"),
+                ..Default::default()
+            }),
         ];
         let mut wire = BytesMut::new();
         for f in &frames {
@@ -305,22 +332,42 @@ mod tests {
             ..Default::default()
         }))
         .expect("encodes");
-        assert!(matches!(decode(&mut BytesMut::from(&big[..]), 4096), Err(FrameError::TooLarge(..))));
+        assert!(matches!(
+            decode(&mut BytesMut::from(&big[..]), 4096),
+            Err(FrameError::TooLarge(..))
+        ));
         // Only the 4-byte header is needed to refuse an oversized frame.
-        assert!(matches!(decode(&mut BytesMut::from(&big[..4]), 4096), Err(FrameError::TooLarge(..))));
+        assert!(matches!(
+            decode(&mut BytesMut::from(&big[..4]), 4096),
+            Err(FrameError::TooLarge(..))
+        ));
         let cases: [(&[u8], FrameError); 5] = [
             (b"\x00\x00\x00\x00", FrameError::Malformed("empty frame")),
             (b"\x00\x00\x00\x01\x09", FrameError::UnknownKind(9)),
-            (b"\x00\x00\x00\x05\x01HTTP", FrameError::Malformed("hello header")),
+            (
+                b"\x00\x00\x00\x05\x01HTTP",
+                FrameError::Malformed("hello header"),
+            ),
             (b"\x00\x00\x00\x06\x01HTTP/", FrameError::BadMagic),
-            (b"\x00\x00\x00\x04\x03\x00\x00\x00", FrameError::Malformed("publish topic")),
+            (
+                b"\x00\x00\x00\x04\x03\x00\x00\x00",
+                FrameError::Malformed("publish topic"),
+            ),
         ];
         for (bytes, want) in cases {
-            assert_eq!(decode(&mut BytesMut::from(bytes), 1 << 20), Err(want), "{bytes:?}");
+            assert_eq!(
+                decode(&mut BytesMut::from(bytes), 1 << 20),
+                Err(want),
+                "{bytes:?}"
+            );
         }
-        let mut auth = BytesMut::from(&encode(&Frame::Auth { mac: [1; MAC_LEN] }).expect("encodes")[..]);
+        let mut auth =
+            BytesMut::from(&encode(&Frame::Auth { mac: [1; MAC_LEN] }).expect("encodes")[..]);
         auth[3] += 1; // claims one more byte than a MAC
         auth.put_u8(0);
-        assert_eq!(decode(&mut auth, 1 << 20), Err(FrameError::Malformed("trailing bytes")));
+        assert_eq!(
+            decode(&mut auth, 1 << 20),
+            Err(FrameError::Malformed("trailing bytes"))
+        );
     }
 }

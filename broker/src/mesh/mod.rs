@@ -142,7 +142,12 @@ impl Mesh {
     }
 
     /// Adds a peer and starts its outbound link on the current runtime.
-    pub(crate) fn add_peer(self: &Arc<Self>, id: String, addr: SocketAddr, stop: CancellationToken) {
+    pub(crate) fn add_peer(
+        self: &Arc<Self>,
+        id: String,
+        addr: SocketAddr,
+        stop: CancellationToken,
+    ) {
         let Some(settings) = self.settings.clone() else {
             tracing::warn!(peer = id, "no cluster secret: mesh links are disabled");
             return;
@@ -172,7 +177,11 @@ async fn read_frame(
             return Ok(Some(f));
         }
         if stream.read_buf(buf).await? == 0 {
-            return if buf.is_empty() { Ok(None) } else { Err(HandshakeError::Closed) };
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(HandshakeError::Closed)
+            };
         }
     }
 }
@@ -210,7 +219,9 @@ async fn handshake(
         })?)
         .await?;
     match read_frame(stream, buf, 1024).await? {
-        Some(Frame::Auth { mac }) if auth::verify(secret.expose(), &own_nonce, &peer, &mac) => Ok(peer),
+        Some(Frame::Auth { mac }) if auth::verify(secret.expose(), &own_nonce, &peer, &mac) => {
+            Ok(peer)
+        }
         Some(Frame::Auth { .. }) => Err(HandshakeError::Auth(peer)),
         Some(_) => Err(HandshakeError::Unexpected("AUTH", "another frame")),
         None => Err(HandshakeError::Closed),
@@ -227,7 +238,10 @@ async fn outbound(
 ) {
     let up_gauge = mesh.metrics.link_up.with_label_values(&[&peer.id]);
     let forwarded = mesh.metrics.forwarded.with_label_values(&[&peer.id]);
-    let lost = mesh.metrics.dropped.with_label_values(&[&peer.id, "link_error"]);
+    let lost = mesh
+        .metrics
+        .dropped
+        .with_label_values(&[&peer.id, "link_error"]);
     let mut backoff = settings.reconnect_min;
     loop {
         let attempt = async {
@@ -236,9 +250,12 @@ async fn outbound(
                 .map_err(|_| HandshakeError::Timeout(CONNECT_TIMEOUT))??;
             s.set_nodelay(true)?;
             let mut buf = BytesMut::new();
-            let id = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mesh, &settings.secret, &mut s, &mut buf))
-                .await
-                .map_err(|_| HandshakeError::Timeout(HANDSHAKE_TIMEOUT))??;
+            let id = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake(&mesh, &settings.secret, &mut s, &mut buf),
+            )
+            .await
+            .map_err(|_| HandshakeError::Timeout(HANDSHAKE_TIMEOUT))??;
             Ok::<_, HandshakeError>((s, id))
         };
         let connected = tokio::select! {
@@ -336,7 +353,12 @@ pub(crate) async fn serve_inbound(
                 }
             },
         };
-        let (mesh, inject, secret, stop) = (mesh.clone(), inject.clone(), settings.secret.clone(), stop.clone());
+        let (mesh, inject, secret, stop) = (
+            mesh.clone(),
+            inject.clone(),
+            settings.secret.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
@@ -354,9 +376,12 @@ async fn inbound(
     inject: mpsc::Sender<(String, MeshPublish)>,
 ) {
     let mut buf = BytesMut::new();
-    let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mesh, &secret, &mut stream, &mut buf))
-        .await
-        .unwrap_or(Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)));
+    let hs = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mesh, &secret, &mut stream, &mut buf),
+    )
+    .await
+    .unwrap_or(Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)));
     let peer = match hs {
         Ok(p) => p,
         Err(e) => {

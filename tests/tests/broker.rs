@@ -1,0 +1,372 @@
+//! The broker cluster end to end: in-process rumqttd nodes on ephemeral loopback ports, meshed,
+//! with real MQTT clients (rumqttc) on different nodes.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use mqlb_tests::{metric, wait_until, Client, Client5, Cluster, QoS};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits until `sub` got `n` messages, then checks they are exactly payloads `0..n`, once each.
+async fn expect_exactly(sub: &Client, n: usize, what: &str) -> anyhow::Result<()> {
+    let got = wait_until(
+        &format!("{what}: {n} messages at {}", sub.id),
+        DEADLINE,
+        || async { sub.received_count() >= n },
+    )
+    .await;
+    let msgs = sub.received();
+    got.map_err(|e| anyhow::anyhow!("{e}; got {}", msgs.len()))?;
+    let seqs: Vec<usize> = msgs
+        .iter()
+        .filter_map(|m| std::str::from_utf8(&m.payload).ok()?.parse().ok())
+        .collect();
+    let unique: BTreeSet<usize> = seqs.iter().copied().collect();
+    anyhow::ensure!(
+        seqs.len() == n,
+        "{what}: {} got {} messages, want {n}",
+        sub.id,
+        seqs.len()
+    );
+    anyhow::ensure!(
+        unique == (0..n).collect(),
+        "{what}: {} got a wrong set",
+        sub.id
+    );
+    Ok(())
+}
+
+/// Subscribers on every node, one publisher on node `from`: everyone gets every message once.
+async fn fan_out(cluster: &Cluster, from: usize, topic: &str, n: usize) -> anyhow::Result<()> {
+    let mut subs = Vec::new();
+    for i in 0..cluster.len() {
+        let s = Client::connect(
+            cluster.mqtt(i),
+            &format!("sub-{}-{i}", topic.replace('/', "-")),
+        )
+        .await?;
+        s.subscribe(topic, QoS::AtLeastOnce).await?;
+        subs.push(s);
+    }
+    let publisher = Client::connect(
+        cluster.mqtt(from),
+        &format!("pub-{}", topic.replace('/', "-")),
+    )
+    .await?;
+    for seq in 0..n {
+        publisher
+            .publish_qos1(topic, seq.to_string().as_bytes())
+            .await?;
+    }
+    wait_until("all publishes acked", DEADLINE, || async {
+        publisher.pubacks() >= n
+    })
+    .await?;
+    for s in &subs {
+        expect_exactly(s, n, topic).await?;
+    }
+    // Every peer link carried each message once; nothing arrived twice after the fact.
+    let sender = cluster
+        .node(from)
+        .ok_or_else(|| anyhow::anyhow!("node {from} not running"))?;
+    wait_until("forwarded counted", DEADLINE, || async {
+        metric(&sender.metrics_text(), "mqlb_mesh_forwarded_total", &[])
+            >= ((cluster.len() - 1) * n) as f64
+    })
+    .await?;
+    for s in &subs {
+        anyhow::ensure!(
+            s.received_count() == n,
+            "{} got duplicates: {}",
+            s.id,
+            s.received_count()
+        );
+    }
+    for s in subs {
+        s.disconnect().await;
+    }
+    publisher.disconnect().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_every_subscriber_gets_every_message_exactly_once() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    fan_out(&cluster, 0, "fleet/a", 1000).await?;
+    fan_out(&cluster, 2, "fleet/b", 1000).await?;
+    for i in 0..3 {
+        let m = cluster
+            .node(i)
+            .map(|n| n.metrics_text())
+            .unwrap_or_default();
+        assert_eq!(
+            metric(&m, "mqlb_mesh_dropped_total", &[]),
+            0.0,
+            "node {i} dropped"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_and_five_node_clusters() -> anyhow::Result<()> {
+    let two = Cluster::start(2).await?;
+    fan_out(&two, 1, "pair", 300).await?;
+    drop(two);
+    let five = Cluster::start(5).await?;
+    fan_out(&five, 3, "five", 300).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_retained_and_mqtt5_across_nodes() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let plus = Client::connect(cluster.mqtt(1), "plus").await?;
+    plus.subscribe("site/+/temp", QoS::AtLeastOnce).await?;
+    let hash = Client::connect(cluster.mqtt(2), "hash").await?;
+    hash.subscribe("site/#", QoS::AtMostOnce).await?;
+    let p = Client::connect(cluster.mqtt(0), "site-pub").await?;
+    for (topic, body) in [
+        ("site/a/temp", "1"),
+        ("site/b/hum", "2"),
+        ("site/c/temp", "3"),
+        ("other/x", "4"),
+    ] {
+        p.publish_qos1(topic, body.as_bytes()).await?;
+    }
+    wait_until("wildcard deliveries", DEADLINE, || async {
+        plus.received_count() >= 2 && hash.received_count() >= 3
+    })
+    .await?;
+    let topics = |c: &Client| {
+        c.received()
+            .into_iter()
+            .map(|m| m.topic)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(topics(&plus), vec!["site/a/temp", "site/c/temp"]);
+    assert_eq!(
+        topics(&hash),
+        vec!["site/a/temp", "site/b/hum", "site/c/temp"]
+    );
+
+    // Retained on node 1, new subscriber on node 3 gets it with the retain flag.
+    p.client
+        .publish("config/device-7", QoS::AtLeastOnce, true, b"v42".to_vec())
+        .await?;
+    wait_until("retained publish acked", DEADLINE, || async {
+        p.pubacks() >= 5
+    })
+    .await?;
+    let late = Client::connect(cluster.mqtt(2), "late").await?;
+    let found = wait_until("retained message on another node", DEADLINE, || async {
+        late.subscribe("config/#", QoS::AtLeastOnce).await.is_ok()
+            && late.received().iter().any(|m| m.topic == "config/device-7")
+    })
+    .await;
+    let msgs = late.received();
+    found.map_err(|e| anyhow::anyhow!("{e}: {msgs:?}"))?;
+    let m = msgs
+        .iter()
+        .find(|m| m.topic == "config/device-7")
+        .ok_or_else(|| anyhow::anyhow!("missing"))?;
+    assert_eq!((m.payload.as_slice(), m.retain), (&b"v42"[..], true));
+
+    // MQTT 5 on one node, 3.1.1 and 5 on the others: payload everywhere, user properties
+    // wherever the subscriber speaks 5.
+    let v5_addr = |i: usize| {
+        cluster
+            .mqtt_v5(i)
+            .ok_or_else(|| anyhow::anyhow!("no v5 port"))
+    };
+    let v5_sub = Client5::connect(v5_addr(2)?, "v5-sub").await?;
+    v5_sub.subscribe("v5/#").await?;
+    let v4_sub = Client::connect(cluster.mqtt(1), "v4-sub").await?;
+    v4_sub.subscribe("v5/#", QoS::AtLeastOnce).await?;
+    // Same node as the MQTT 5 publisher: rumqttd's own 3.1.1 codec would panic on the
+    // properties; the node strips them for 3.1.1 clients.
+    let v4_same = Client::connect(cluster.mqtt(0), "v4-same-node").await?;
+    v4_same.subscribe("v5/#", QoS::AtLeastOnce).await?;
+    let v5_pub = Client5::connect(v5_addr(0)?, "v5-pub").await?;
+    v5_pub
+        .publish(
+            "v5/hello",
+            b"five",
+            &[("origin", "sensor-9"), ("unit", "C")],
+        )
+        .await?;
+    wait_until("MQTT 5 publish on both other nodes", DEADLINE, || async {
+        !v5_sub.received().is_empty()
+            && v4_sub.received_count() >= 1
+            && v4_same.received_count() >= 1
+    })
+    .await?;
+    let got = &v5_sub.received()[0];
+    assert_eq!(got.payload, b"five");
+    assert_eq!(
+        got.user_properties,
+        vec![
+            ("origin".to_string(), "sensor-9".to_string()),
+            ("unit".to_string(), "C".to_string())
+        ]
+    );
+    assert_eq!(v4_sub.received()[0].payload, b"five");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_rejoins_and_its_subscribers_receive_again() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let sub1 = Client::connect(cluster.mqtt(1), "survivor").await?;
+    sub1.subscribe("alive/#", QoS::AtLeastOnce).await?;
+    cluster.kill(2).await;
+    // The others keep serving each other while node 3 is gone.
+    let p = Client::connect(cluster.mqtt(0), "pub-during").await?;
+    for seq in 0..50 {
+        p.publish_qos1("alive/during", seq.to_string().as_bytes())
+            .await?;
+    }
+    expect_exactly(&sub1, 50, "while a node is down").await?;
+    wait_until("link to the dead node reported down", DEADLINE, || async {
+        cluster
+            .node(0)
+            .is_some_and(|n| n.links().iter().any(|(id, up)| id == "n3" && !up))
+    })
+    .await?;
+
+    cluster.restart(2).await?;
+    cluster.wait_meshed().await?;
+    let sub3 = Client::connect(cluster.mqtt(2), "returner").await?;
+    sub3.subscribe("alive/#", QoS::AtLeastOnce).await?;
+    for seq in 0..50 {
+        p.publish_qos1("alive/after", seq.to_string().as_bytes())
+            .await?;
+    }
+    expect_exactly(&sub3, 50, "after the restart").await?;
+    // And the restarted node's own publishes reach the others.
+    let p3 = Client::connect(cluster.mqtt(2), "pub-restarted").await?;
+    p3.publish_qos1("alive/from-n3", b"hello").await?;
+    wait_until("publish from the restarted node", DEADLINE, || async {
+        sub1.received().iter().any(|m| m.topic == "alive/from-n3")
+    })
+    .await?;
+    Ok(())
+}
+
+/// rumqttd 0.20 panics and poisons the listener when a refused client ID connects twice
+/// (rumqtt #1062); the node refuses such IDs before rumqttd sees them, and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_client_ids_cannot_take_a_node_down() -> anyhow::Result<()> {
+    use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(1).await?;
+    for round in 0..3 {
+        for id in ["bad/id", "bad+id", "$bad"] {
+            let mut s = tokio::net::TcpStream::connect(cluster.mqtt(0)).await?;
+            s.write_all(&encode_connect(&ConnectOptions {
+                client_id: id.into(),
+                ..Default::default()
+            }))
+            .await?;
+            let mut buf = Vec::new();
+            let n = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await??;
+            assert_eq!(
+                n, 0,
+                "round {round}: {id} must be closed without a CONNACK, got {buf:?}"
+            );
+        }
+    }
+    let good = Client::connect(cluster.mqtt(0), "still-welcome").await?;
+    good.subscribe("ok", QoS::AtLeastOnce).await?;
+    good.publish_qos1("ok", b"0").await?;
+    expect_exactly(&good, 1, "after refused IDs").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_wrong_secret_peers_are_refused_and_the_mesh_keeps_working(
+) -> anyhow::Result<()> {
+    use bytes::BytesMut;
+    use mqlb_broker::mesh::{auth, frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(2).await?;
+    let mesh = cluster.specs[0]
+        .node
+        .mesh
+        .ok_or_else(|| anyhow::anyhow!("no mesh address"))?;
+    let rejected = |reason: &str| {
+        metric(
+            &cluster
+                .node(0)
+                .map(|n| n.metrics_text())
+                .unwrap_or_default(),
+            "mqlb_mesh_rejected_total",
+            &[("reason", reason)],
+        )
+    };
+
+    // Not a peer at all: an HTTP request.
+    let mut s = tokio::net::TcpStream::connect(mesh).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let mut sink = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut sink)).await??;
+    wait_until("garbage counted", DEADLINE, || async {
+        rejected("too_large") >= 1.0
+    })
+    .await?;
+
+    // A peer with the wrong secret: a correct handshake, a wrong MAC, then a publish.
+    let watcher = Client::connect(cluster.mqtt(0), "watcher").await?;
+    watcher.subscribe("forged/#", QoS::AtLeastOnce).await?;
+    let mut s = tokio::net::TcpStream::connect(mesh).await?;
+    let mut buf = BytesMut::new();
+    let their_nonce = loop {
+        if let Some(f) = frame::decode(&mut buf, 1024)? {
+            match f {
+                frame::Frame::Hello { nonce, .. } => break nonce,
+                other => anyhow::bail!("expected HELLO, got {other:?}"),
+            }
+        }
+        anyhow::ensure!(s.read_buf(&mut buf).await? > 0, "closed before HELLO");
+    };
+    let hello = frame::Frame::Hello {
+        version: frame::VERSION,
+        node_id: "intruder".into(),
+        nonce: auth::nonce(),
+    };
+    s.write_all(&frame::encode(&hello)?).await?;
+    let mac = auth::mac(b"not-the-cluster-secret", &their_nonce, "intruder");
+    s.write_all(&frame::encode(&frame::Frame::Auth { mac })?)
+        .await?;
+    // A publish it would like injected: must never arrive.
+    let sneaky = frame::MeshPublish {
+        topic: bytes::Bytes::from_static(b"forged/t"),
+        payload: bytes::Bytes::from_static(b"forged"),
+        ..Default::default()
+    };
+    if let Err(e) = s
+        .write_all(&frame::encode(&frame::Frame::Publish(sneaky))?)
+        .await
+    {
+        eprintln!("write after refusal: {e}");
+    }
+    wait_until("wrong secret refused", DEADLINE, || async {
+        rejected("auth") >= 1.0
+    })
+    .await?;
+
+    // The real mesh still carries messages (sent after the forged one), and the forged one
+    // never showed up.
+    fan_out(&cluster, 1, "mesh/t", 100).await?;
+    assert_eq!(watcher.received_count(), 0, "forged publish was injected");
+    let m = cluster
+        .node(0)
+        .map(|n| n.metrics_text())
+        .unwrap_or_default();
+    assert_eq!(
+        metric(&m, "mqlb_mesh_received_total", &[("peer", "intruder")]),
+        0.0
+    );
+    Ok(())
+}
