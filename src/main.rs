@@ -29,6 +29,17 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Run one broker node of the cluster: the `[[broker]]` with this id in the config file.
+    /// SIGTERM/Ctrl-C stops it.
+    Broker {
+        /// Config file with `[cluster]` and `[[broker]]` sections; without it the built-in
+        /// default (three nodes b1-b3 on loopback).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Which `[[broker]]` to run.
+        #[arg(long)]
+        id: String,
+    },
     /// Validate a config file: print OK (and warnings) or every problem; exit 1 on error.
     CheckConfig { file: PathBuf },
     /// Run one health probe and print the result; exit 0 if healthy, 1 if not.
@@ -56,7 +67,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // rumqttd logs routine events (every probe connection, every disconnect) as errors;
+                // `RUST_LOG=info,rumqttd=info` shows them.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -70,6 +83,9 @@ fn main() -> ExitCode {
             timeout,
         } => runtime().and_then(|rt| rt.block_on(probe(&target, mqtt, http, timeout))),
         Command::Lb { config } => runtime().and_then(|rt| rt.block_on(run_lb(config))),
+        Command::Broker { config, id } => {
+            runtime().and_then(|rt| rt.block_on(run_broker(config, &id)))
+        }
     };
     match result {
         Ok(code) => code,
@@ -162,6 +178,40 @@ async fn run_lb(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let cut = lb.shutdown().await;
     tracing::info!(cut, "stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_broker(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCode> {
+    let cfg = match &config {
+        Some(path) => Config::load(path)?,
+        None => Config::builtin()?,
+    };
+    let spec = mqlb_broker::NodeSpec::from_config(&cfg, id)?;
+    let node = mqlb_broker::Node::start(spec).await?;
+    println!("broker {id}: MQTT 3.1.1 on {}", node.mqtt);
+    if let Some(a) = node.mqtt_v5 {
+        println!("broker {id}: MQTT 5 on {a}");
+    }
+    if let Some(a) = node.http {
+        println!("broker {id}: metrics on http://{a}/metrics");
+    }
+    wait_for_stop().await?;
+    node.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Returns on SIGTERM or Ctrl-C.
+async fn wait_for_stop() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = term.recv() => Ok(()),
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
 }
 
 /// Reloads on SIGHUP; returns on SIGTERM or Ctrl-C. A second Ctrl-C exits at once.

@@ -42,6 +42,9 @@ pub(crate) struct Tap<P> {
     counted: bool,
     /// The codec is MQTT 3.1.1: drop MQTT 5 properties before writing (see [`v4_safe`]).
     strip_properties: bool,
+    /// The client's last will and its delay, sent to the peers if the connection ends without
+    /// DISCONNECT (rumqttd publishes it locally; peers would otherwise never see it).
+    will: Option<(MeshPublish, u32)>,
 }
 
 impl<P: Clone> Clone for Tap<P> {
@@ -54,6 +57,7 @@ impl<P: Clone> Clone for Tap<P> {
             limit: self.limit.clone(),
             counted: false,
             strip_properties: self.strip_properties,
+            will: None,
         }
     }
 }
@@ -83,6 +87,18 @@ impl<P> Drop for Tap<P> {
         if self.counted {
             self.limit.active.fetch_sub(1, Ordering::AcqRel);
         }
+        // The connection ended without DISCONNECT: its will fires, on every node.
+        if let Some((will, delay)) = self.will.take() {
+            let mesh = self.mesh.clone();
+            if delay == 0 {
+                mesh.forward_local(&will);
+            } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(u64::from(delay))).await;
+                    mesh.forward_local(&will);
+                });
+            }
+        }
     }
 }
 
@@ -101,6 +117,7 @@ impl<P> Tap<P> {
             limit,
             counted: false,
             strip_properties: v4,
+            will: None,
         }
     }
 
@@ -165,8 +182,31 @@ impl<P: Protocol> Protocol for Tap<P> {
         // rumqttd's `Publish`.
         let header = stream.first().copied().unwrap_or(0);
         let packet = self.inner.read_mut(stream, max_size)?;
-        if let Packet::Connect(connect, ..) = &packet {
-            self.admit(&connect.client_id)?;
+        match &packet {
+            Packet::Connect(connect, _, will, will_props, _) => {
+                self.admit(&connect.client_id)?;
+                self.will = will.as_ref().map(|w| {
+                    let mut m = MeshPublish {
+                        topic: w.topic.clone(),
+                        payload: w.message.clone(),
+                        retain: w.retain,
+                        ..MeshPublish::default()
+                    };
+                    let mut delay = 0;
+                    if let Some(p) = will_props {
+                        delay = p.delay_interval.unwrap_or(0);
+                        m.payload_format_indicator = p.payload_format_indicator;
+                        m.message_expiry_interval = p.message_expiry_interval;
+                        m.content_type = p.content_type.clone();
+                        m.response_topic = p.response_topic.clone();
+                        m.correlation_data = p.correlation_data.clone();
+                        m.user_properties = p.user_properties.clone();
+                    }
+                    (m, delay)
+                });
+            }
+            Packet::Disconnect(..) => self.will = None,
+            _ => {}
         }
         if let Packet::Publish(publish, props) = &packet {
             let qos = (header >> 1) & 0b11;

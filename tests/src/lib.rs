@@ -290,7 +290,24 @@ pub struct Client {
 impl Client {
     /// Connects through `addr` and waits for the first CONNACK (5 s deadline).
     pub async fn connect(addr: SocketAddr, id: &str) -> anyhow::Result<Client> {
+        Self::connect_with_will(addr, id, None).await
+    }
+
+    /// Connects with a last will `(topic, payload)` (QoS 1, not retained).
+    pub async fn connect_with_will(
+        addr: SocketAddr,
+        id: &str,
+        will: Option<(&str, &[u8])>,
+    ) -> anyhow::Result<Client> {
         let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        if let Some((topic, payload)) = will {
+            opts.set_last_will(rumqttc::LastWill::new(
+                topic,
+                payload.to_vec(),
+                QoS::AtLeastOnce,
+                false,
+            ));
+        }
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_session(true);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);

@@ -370,3 +370,139 @@ async fn garbage_and_wrong_secret_peers_are_refused_and_the_mesh_keeps_working(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_will_reaches_subscribers_on_every_node() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let s = Client::connect(cluster.mqtt(i), &format!("will-watch-{i}")).await?;
+        s.subscribe("wills/#", QoS::AtLeastOnce).await?;
+        subs.push(s);
+    }
+    // A clean DISCONNECT sends no will anywhere.
+    let polite =
+        Client::connect_with_will(cluster.mqtt(0), "polite", Some(("wills/polite", b"gone")))
+            .await?;
+    polite.disconnect().await;
+    // Dropped without DISCONNECT (a device losing power): the will fires on every node.
+    let doomed =
+        Client::connect_with_will(cluster.mqtt(0), "doomed", Some(("wills/doomed", b"lost")))
+            .await?;
+    drop(doomed);
+    for s in &subs {
+        wait_until(&format!("will at {}", s.id), DEADLINE, || async {
+            s.received_count() >= 1
+        })
+        .await?;
+    }
+    // A later message proves the links are flowing; still exactly one will each.
+    let p = Client::connect(cluster.mqtt(0), "after-will").await?;
+    p.publish_qos1("wills/marker", b"end").await?;
+    for s in &subs {
+        wait_until("marker", DEADLINE, || async { s.received_count() >= 2 }).await?;
+        let topics: Vec<String> = s.received().into_iter().map(|m| m.topic).collect();
+        assert_eq!(topics, vec!["wills/doomed", "wills/marker"], "{}", s.id);
+    }
+    Ok(())
+}
+
+/// A peer that completes the handshake and then never reads: the node keeps serving its own
+/// clients at full speed, and what the peer cannot take is dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_cannot_stall_the_node() -> anyhow::Result<()> {
+    use bytes::BytesMut;
+    use mqlb_broker::mesh::{auth, frame};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let fake_addr = fake.local_addr()?;
+    let held = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = fake.accept().await {
+            let mut buf = BytesMut::new();
+            let nonce = auth::nonce();
+            let hello = frame::Frame::Hello {
+                version: frame::VERSION,
+                node_id: "stuck".into(),
+                nonce,
+            };
+            if s.write_all(&frame::encode(&hello).unwrap_or_default())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let mut peer_nonce = None;
+            while peer_nonce.is_none() {
+                if let Ok(Some(frame::Frame::Hello { nonce, .. })) = frame::decode(&mut buf, 1024) {
+                    peer_nonce = Some(nonce);
+                } else if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            let Some(pn) = peer_nonce else { continue };
+            let mac = auth::mac(mqlb_tests::TEST_SECRET.as_bytes(), &pn, "stuck");
+            if s.write_all(&frame::encode(&frame::Frame::Auth { mac }).unwrap_or_default())
+                .await
+                .is_ok()
+            {
+                keep.lock().await.push(s); // never read again
+            }
+        }
+    });
+    let mut cluster_spec = Cluster::start(1).await?.specs.remove(0);
+    // Restart that node's spec with the stalled peer and a small queue.
+    cluster_spec.peers = vec![("stuck".into(), fake_addr)];
+    if let Some(m) = cluster_spec.mesh.as_mut() {
+        m.peer_queue = 100;
+    }
+    let node = {
+        let mut last = None;
+        let mut started = None;
+        for _ in 0..50 {
+            match mqlb_broker::Node::start(cluster_spec.clone()).await {
+                Ok(n) => {
+                    started = Some(n);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        started.ok_or_else(|| anyhow::anyhow!("node did not start: {last:?}"))?
+    };
+    wait_until("link to the stalled peer up", DEADLINE, || async {
+        node.links().iter().any(|(id, up)| id == "stuck" && *up)
+    })
+    .await?;
+    let sub = Client::connect(node.mqtt, "local-sub").await?;
+    sub.subscribe("bulk", QoS::AtLeastOnce).await?;
+    let p = Client::connect(node.mqtt, "local-pub").await?;
+    let body = vec![b'x'; 4096];
+    let n = 3000;
+    for i in 0..n {
+        let mut payload = i.to_string().into_bytes();
+        payload.push(b' ');
+        payload.extend_from_slice(&body);
+        p.publish_qos1("bulk", &payload).await?;
+    }
+    wait_until("local subscriber got everything", DEADLINE, || async {
+        sub.received_count() >= n
+    })
+    .await?;
+    let m = node.metrics_text();
+    let dropped = metric(
+        &m,
+        "mqlb_mesh_dropped_total",
+        &[("peer", "stuck"), ("reason", "queue_full")],
+    );
+    let forwarded = metric(&m, "mqlb_mesh_forwarded_total", &[("peer", "stuck")]);
+    eprintln!("stalled peer: forwarded {forwarded}, dropped {dropped} of {n}");
+    assert!(
+        dropped > 0.0,
+        "the stalled peer's queue must overflow and be counted"
+    );
+    assert_eq!(held.lock().await.len(), 1);
+    Ok(())
+}

@@ -193,3 +193,121 @@ async fn lb_process_reloads_on_sighup_and_file_change_and_stops_on_sigterm() -> 
     assert!(status.success(), "exit status {status}");
     Ok(())
 }
+
+/// Two `mqlb broker` processes from one config file: mosquitto_pub on one node reaches
+/// mosquitto_sub on the other (clients nobody here wrote); SIGTERM stops them with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_processes_form_a_cluster_for_mosquitto_clients() -> anyhow::Result<()> {
+    if !mqlb_tests::mosquitto_installed() {
+        anyhow::bail!("mosquitto-clients not installed (.ci/run installs them)");
+    }
+    let tmp = TempDir::new("cli-broker")?;
+    let file = tmp.path().join("cluster.toml");
+    let mut toml = format!("[cluster]\nsecret = \"{}\"\n", mqlb_tests::TEST_SECRET);
+    let mut ports = Vec::new();
+    for id in ["n1", "n2"] {
+        let (mqtt, mesh, http) = (free_port()?, free_port()?, free_port()?);
+        toml += &format!(
+            "[[broker]]\nid = \"{id}\"\nmqtt = \"127.0.0.1:{mqtt}\"\nmesh = \"127.0.0.1:{mesh}\"\nhttp = \"127.0.0.1:{http}\"\n"
+        );
+        ports.push((mqtt, http));
+    }
+    std::fs::write(&file, toml)?;
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2"] {
+        nodes.push(KillOnDrop(
+            Command::new(mqlb_bin()?)
+                .args([
+                    "broker",
+                    "-c",
+                    file.to_str().unwrap_or_default(),
+                    "--id",
+                    id,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ));
+    }
+    let http_addr = |i: usize| SocketAddr::from(([127, 0, 0, 1], ports[i].1));
+    wait_until("both nodes meshed", Duration::from_secs(20), || async {
+        let mut ok = true;
+        for i in 0..2 {
+            let body = http(http_addr(i), "GET", "/metrics")
+                .await
+                .map(|r| r.1)
+                .unwrap_or_default();
+            ok &= metric(&body, "mqlb_mesh_link_up", &[]) == 1.0;
+        }
+        ok
+    })
+    .await?;
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &ports[1].0.to_string(),
+            "-t",
+            "cli/#",
+            "-C",
+            "3",
+            "-W",
+            "10",
+            "-q",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // `-W 10`: mosquitto_sub gives up by itself after 10 s.
+    let waiter = std::thread::spawn(move || sub.wait_with_output());
+    for n in 0..3 {
+        // Give mosquitto_sub its SUBACK before the first publish: retained makes the first
+        // message independent of that race.
+        let mut args = vec![
+            "-h".to_string(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            ports[0].0.to_string(),
+            "-t".into(),
+            format!("cli/{n}"),
+            "-m".into(),
+            format!("m{n}"),
+            "-q".into(),
+            "1".into(),
+        ];
+        if n == 0 {
+            args.push("-r".into());
+        }
+        let ok = Command::new("mosquitto_pub")
+            .args(&args)
+            .status()?
+            .success();
+        assert!(ok, "mosquitto_pub {n}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let output = tokio::task::spawn_blocking(move || waiter.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("mosquitto_sub waiter panicked"))??;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec!["m0", "m1", "m2"],
+        "mosquitto_sub printed: {text}"
+    );
+    for n in &mut nodes {
+        Command::new("kill")
+            .args(["-TERM", &n.0.id().to_string()])
+            .status()?;
+    }
+    for n in &mut nodes {
+        let child = &mut n.0;
+        wait_until("broker exits on SIGTERM", Duration::from_secs(10), || {
+            let done = matches!(child.try_wait(), Ok(Some(_)));
+            async move { done }
+        })
+        .await?;
+        assert!(child.wait()?.success());
+    }
+    Ok(())
+}
