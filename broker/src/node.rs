@@ -73,11 +73,31 @@ pub enum NodeError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// The node's runtime. Shut down in the background whenever it goes (also on an error half-way
+/// through `start`): a runtime dropped plainly inside an async caller would panic.
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnedRuntime {
+    fn shut_down(&mut self) {
+        if let Some(rt) = self.0.take() {
+            // Drops every task: listeners, client links, mesh links. (rumqttd's router thread
+            // cannot be stopped in 0.20; it stays parked, idle, until the process exits.)
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
 /// A running broker node. Stopping it (or dropping it) closes its listeners and every client
 /// and mesh connection.
 pub struct Node {
     id: String,
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: OwnedRuntime,
     stop: CancellationToken,
     mesh: Arc<Mesh>,
     metrics: Arc<Metrics>,
@@ -113,12 +133,14 @@ impl Node {
     /// Starts the node and returns once its MQTT listeners accept connections.
     pub async fn start(spec: NodeSpec) -> Result<Node, NodeError> {
         let n = spec.node.clone();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name(format!("mqlb-broker-{}", n.id))
-            .enable_all()
-            .build()
-            .map_err(NodeError::Runtime)?;
+        let runtime = OwnedRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name(format!("mqlb-broker-{}", n.id))
+                .enable_all()
+                .build()
+                .map_err(NodeError::Runtime)?,
+        ));
         let metrics = Arc::new(Metrics::new()?);
         let mesh = Arc::new(Mesh::new(n.id.clone(), spec.mesh.clone(), metrics.clone()));
         let stop = CancellationToken::new();
@@ -146,7 +168,11 @@ impl Node {
                 .build()
                 .map_err(|e| NodeError::Rumqttd(format!("mesh link: {e}")))?;
 
-        let handle = runtime.handle().clone();
+        let handle = runtime
+            .0
+            .as_ref()
+            .map(|r| r.handle().clone())
+            .ok_or_else(|| NodeError::Rumqttd("runtime missing".into()))?;
         let _guard = handle.enter();
         let (inject_tx, inject_rx) = mpsc::channel::<(String, MeshPublish)>(1024);
         handle.spawn(injector(inject_rx, link_tx, link_rx, stop.clone()));
@@ -196,7 +222,7 @@ impl Node {
 
         let node = Node {
             id: n.id.clone(),
-            runtime: Some(runtime),
+            runtime,
             stop,
             mesh,
             metrics,
@@ -264,11 +290,7 @@ impl Node {
 
     fn stop_now(&mut self) {
         self.stop.cancel();
-        if let Some(rt) = self.runtime.take() {
-            // Drops every task: listeners, client links, mesh links. (rumqttd's router thread
-            // cannot be stopped in 0.20; it stays parked, idle, until the process exits.)
-            rt.shutdown_background();
-        }
+        self.runtime.shut_down();
     }
 
     /// Stops the node and waits until its MQTT port refuses connections.
