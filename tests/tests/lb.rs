@@ -32,6 +32,20 @@ async fn read_until_closed(s: &mut TcpStream) -> anyhow::Result<(Vec<u8>, bool)>
     Ok((all, ended))
 }
 
+/// Waits until a metric of `lb` reaches `min`.
+async fn wait_metric(
+    lb: &mqlb_lb::Lb,
+    name: &str,
+    labels: &[(&str, &str)],
+    min: f64,
+) -> anyhow::Result<()> {
+    wait_until(&format!("{name} {labels:?} >= {min}"), DEADLINE, || async {
+        metric(&lb.metrics_text(), name, labels) >= min
+    })
+    .await
+    .map(|_| ())
+}
+
 async fn backend_of(admin: std::net::SocketAddr, client_id: &str) -> anyhow::Result<String> {
     let start = Instant::now();
     loop {
@@ -477,7 +491,14 @@ async fn malformed_and_foreign_bytes_are_closed_while_good_clients_work() -> any
         let got = metric(&m, "mqlb_mqtt_connect_errors_total", &[("reason", reason)]);
         assert!(got >= at_least, "{reason}: {got}\n{m}");
     }
-    assert!(metric(&m, "mqlb_connections_total", &[("outcome", "rejected")]) >= 7.0);
+    // Outcomes are counted as the socket closes: wait rather than race it.
+    wait_metric(
+        &t.lb,
+        "mqlb_connections_total",
+        &[("outcome", "rejected")],
+        7.0,
+    )
+    .await?;
     good.disconnect().await;
     t.lb.shutdown().await;
     Ok(())
@@ -588,9 +609,15 @@ async fn all_backends_down_refuses_with_server_unavailable() -> anyhow::Result<(
         let (reply, _) = read_until_closed(&mut s).await?;
         assert_eq!(reply, want, "{level:?}");
     }
-    let m = t.lb.metrics_text();
     // Two refusals here, plus those of the data-path probe, which also finds no backend.
-    assert!(metric(&m, "mqlb_connections_total", &[("outcome", "no_backend")]) >= 2.0);
+    wait_metric(
+        &t.lb,
+        "mqlb_connections_total",
+        &[("outcome", "no_backend")],
+        2.0,
+    )
+    .await?;
+    let m = t.lb.metrics_text();
     wait_until(
         "data path reported down",
         Duration::from_secs(3),
@@ -631,6 +658,13 @@ async fn idle_connections_are_closed_and_reset_when_configured() -> anyhow::Resu
             "closed too early: {after:?}"
         );
         assert_eq!(was_reset, reset);
+        wait_metric(
+            &t.lb,
+            "mqlb_connections_total",
+            &[("outcome", "idle_timeout")],
+            1.0,
+        )
+        .await?;
         let m = t.lb.metrics_text();
         assert_eq!(
             metric(&m, "mqlb_connections_total", &[("outcome", "idle_timeout")]),
