@@ -506,3 +506,46 @@ async fn a_stalled_peer_cannot_stall_the_node() -> anyhow::Result<()> {
     assert_eq!(held.lock().await.len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_and_qos2_publishes_cross_nodes_too() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let sub = Client::connect(cluster.mqtt(1), "qos-sub").await?;
+    sub.subscribe("qos/#", QoS::ExactlyOnce).await?;
+    let p = Client::connect(cluster.mqtt(0), "qos-pub").await?;
+    for seq in 0..100 {
+        p.client
+            .publish(
+                "qos/2",
+                QoS::ExactlyOnce,
+                false,
+                seq.to_string().into_bytes(),
+            )
+            .await?;
+    }
+    expect_exactly(&sub, 100, "QoS 2 across nodes").await?;
+    for seq in 0..100 {
+        p.client
+            .publish(
+                "qos/0",
+                QoS::AtMostOnce,
+                false,
+                seq.to_string().into_bytes(),
+            )
+            .await?;
+    }
+    // QoS 0 may be dropped by design, but on an idle loopback none are.
+    wait_until("QoS 0 across nodes", DEADLINE, || async {
+        sub.received_count() >= 200
+    })
+    .await?;
+    let qos0: BTreeSet<String> = sub
+        .received()
+        .into_iter()
+        .filter(|m| m.topic == "qos/0")
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(qos0.len(), 100);
+    assert_eq!(sub.received_count(), 200, "no duplicates");
+    Ok(())
+}
