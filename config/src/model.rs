@@ -18,6 +18,8 @@ pub struct Config {
     pub cluster: ClusterSettings,
     /// The broker nodes; each is also every other node's mesh peer.
     pub brokers: Vec<BrokerNode>,
+    /// The HA servers and the membership timing they enforce.
+    pub ha: HaSettings,
     /// Non-fatal findings (e.g. an idle timeout shorter than 1.5× the MQTT keep-alive).
     pub warnings: Vec<Problem>,
 }
@@ -48,6 +50,9 @@ pub struct Frontend {
 pub struct Pool {
     pub name: String,
     pub probe: Probe,
+    /// Members come from the HA server's membership (`discovery = "haserver"`); the static
+    /// `backends` are used until the HA server first answers.
+    pub discovery: bool,
     pub backends: Vec<Backend>,
 }
 
@@ -282,4 +287,27 @@ pub struct BrokerNode {
     pub max_payload_size: NonZeroU32,
     /// Unacknowledged QoS 1/2 messages per client.
     pub max_inflight: NonZeroU32,
+}
+
+/// `[ha]` and `[[haserver]]`: the HA servers and the membership timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaSettings {
+    pub servers: Vec<HaServer>,
+    /// How often a broker heartbeats.
+    pub heartbeat_interval: Duration,
+    /// A member silent this long is marked down.
+    pub member_timeout: Duration,
+    /// A member down this long is removed.
+    pub remove_after: Duration,
+    /// The primary's lease: a backup takes over this long after the primary last renewed it.
+    pub lease: Duration,
+}
+
+/// One `mqlb haserver` instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaServer {
+    pub id: String,
+    pub listen: SocketAddr,
+    /// SQLite file. HA servers that back each other up share it (same machine).
+    pub db: PathBuf,
 }

@@ -22,6 +22,27 @@ pub struct RawConfig {
     pub cluster: RawCluster,
     #[serde(default, rename = "broker")]
     pub brokers: Vec<RawBroker>,
+    #[serde(default)]
+    pub ha: RawHa,
+    #[serde(default, rename = "haserver")]
+    pub haservers: Vec<RawHaServer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHa {
+    pub heartbeat_interval: Option<String>,
+    pub member_timeout: Option<String>,
+    pub remove_after: Option<String>,
+    pub lease: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHaServer {
+    pub id: String,
+    pub listen: String,
+    pub db: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +89,7 @@ pub struct RawFrontend {
 pub struct RawPool {
     pub name: String,
     pub probe: Option<String>,
+    pub discovery: Option<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }

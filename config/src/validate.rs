@@ -152,7 +152,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 }
             },
         };
-        if p.backends.is_empty() {
+        if p.backends.is_empty() && p.discovery.is_none() {
             c.warn(
                 format!("{k}.backend"),
                 "pool has no backends: its rules refuse every connection",
@@ -199,6 +199,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
         pools.push(Pool {
             name: p.name.clone(),
             probe,
+            discovery: p.discovery.as_deref() == Some("haserver"),
             backends,
         });
     }
@@ -372,6 +373,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
     }
 
     let (cluster, brokers) = validate_cluster(&mut c, &raw);
+    let ha = validate_ha(&mut c, &raw);
 
     if c.problems.is_empty() {
         Ok(Config {
@@ -385,6 +387,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             rules,
             cluster,
             brokers,
+            ha,
             warnings: c.warnings,
         })
     } else {
@@ -577,4 +580,51 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
         }
     }
     (cluster, brokers)
+}
+
+fn validate_ha(c: &mut Checker, raw: &RawConfig) -> HaSettings {
+    let r = &raw.ha;
+    let heartbeat_interval = c.duration("ha.heartbeat_interval", r.heartbeat_interval.as_deref(), Duration::from_secs(1));
+    let member_timeout = c.duration("ha.member_timeout", r.member_timeout.as_deref(), Duration::from_secs(3));
+    let remove_after = c.duration("ha.remove_after", r.remove_after.as_deref(), Duration::from_secs(60));
+    let lease = c.duration("ha.lease", r.lease.as_deref(), Duration::from_secs(3));
+    if member_timeout <= heartbeat_interval {
+        c.error("ha.member_timeout", "must be longer than ha.heartbeat_interval (members would flap)");
+    }
+    if remove_after < member_timeout {
+        c.error("ha.remove_after", "must not be shorter than ha.member_timeout");
+    }
+    let mut ids = HashSet::new();
+    let mut servers = Vec::new();
+    for (i, h) in raw.haservers.iter().enumerate() {
+        let k = format!("haserver[{i}]");
+        c.name(&format!("{k}.id"), &h.id, &mut ids, "haserver");
+        let listen = c.addr(&format!("{k}.listen"), &h.listen);
+        servers.push(HaServer {
+            id: h.id.clone(),
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            db: std::path::PathBuf::from(h.db.as_deref().unwrap_or("mqlb-ha.sqlite")),
+        });
+    }
+    for (i, p) in raw.pools.iter().enumerate() {
+        match p.discovery.as_deref() {
+            None => {}
+            Some("haserver") if raw.haservers.is_empty() => c.error(
+                format!("pool[{i}].discovery"),
+                "discovery = \"haserver\" needs at least one [[haserver]]",
+            ),
+            Some("haserver") => {}
+            Some(other) => c.error(
+                format!("pool[{i}].discovery"),
+                format!("unknown discovery {other:?}: expected \"haserver\""),
+            ),
+        }
+    }
+    HaSettings {
+        servers,
+        heartbeat_interval,
+        member_timeout,
+        remove_after,
+        lease,
+    }
 }
