@@ -40,6 +40,15 @@ enum Command {
         #[arg(long)]
         id: String,
     },
+    /// Run an HA server: the `[[haserver]]` with this id. Several with the same database file
+    /// are one primary and backups.
+    Haserver {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Which `[[haserver]]` to run.
+        #[arg(long)]
+        id: String,
+    },
     /// Validate a config file: print OK (and warnings) or every problem; exit 1 on error.
     CheckConfig { file: PathBuf },
     /// Run one health probe and print the result; exit 0 if healthy, 1 if not.
@@ -83,6 +92,9 @@ fn main() -> ExitCode {
             timeout,
         } => runtime().and_then(|rt| rt.block_on(probe(&target, mqtt, http, timeout))),
         Command::Lb { config } => runtime().and_then(|rt| rt.block_on(run_lb(config))),
+        Command::Haserver { config, id } => {
+            runtime().and_then(|rt| rt.block_on(run_haserver(config, &id)))
+        }
         Command::Broker { config, id } => {
             runtime().and_then(|rt| rt.block_on(run_broker(config, &id)))
         }
@@ -196,6 +208,39 @@ async fn run_broker(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCod
     }
     wait_for_stop().await?;
     node.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_haserver(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCode> {
+    let cfg = match &config {
+        Some(path) => Config::load(path)?,
+        None => Config::builtin()?,
+    };
+    let me = cfg
+        .ha
+        .servers
+        .iter()
+        .find(|h| h.id == id)
+        .with_context(|| format!("no [[haserver]] with id {id:?} in the configuration"))?;
+    let store = mqlb_haserver::SqliteStore::open(&me.db)
+        .with_context(|| format!("opening the database {}", me.db.display()))?;
+    let listener = tokio::net::TcpListener::bind(me.listen)
+        .await
+        .with_context(|| format!("listening on {}", me.listen))?;
+    let server = mqlb_haserver::HaServer::start(
+        id,
+        listener,
+        std::sync::Arc::new(store),
+        mqlb_haserver::Timing::from(&cfg.ha),
+    )
+    .await?;
+    println!(
+        "haserver {id}: http://{}/api/cluster (database {})",
+        server.addr(),
+        me.db.display()
+    );
+    wait_for_stop().await?;
+    server.stop().await;
     Ok(ExitCode::SUCCESS)
 }
 

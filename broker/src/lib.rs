@@ -6,6 +6,7 @@
 //! runtime the node owns.
 
 mod http;
+mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

@@ -14,10 +14,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::http;
+use crate::membership;
 use crate::mesh::frame::MeshPublish;
 use crate::mesh::{serve_inbound, Mesh, MeshSettings};
 use crate::metrics::Metrics;
 use crate::tap::{ConnLimit, Tap};
+use mqlb_haserver::model::Registration;
+use mqlb_haserver::HaClient;
 
 /// Everything a node needs, resolved from the config (or built by a test).
 #[derive(Clone)]
@@ -26,6 +29,9 @@ pub struct NodeSpec {
     /// `(id, mesh address)` of every other node.
     pub peers: Vec<(String, SocketAddr)>,
     pub mesh: Option<MeshSettings>,
+    /// HA servers to register with and learn peers from (none: static peers only).
+    pub ha: Vec<SocketAddr>,
+    pub heartbeat_interval: Duration,
 }
 
 impl NodeSpec {
@@ -50,7 +56,13 @@ impl NodeSpec {
             reconnect_max: config.cluster.reconnect_max,
             max_payload: node.max_payload_size.get() as usize,
         });
-        Ok(NodeSpec { node, peers, mesh })
+        Ok(NodeSpec {
+            node,
+            peers,
+            mesh,
+            ha: config.ha.servers.iter().map(|h| h.listen).collect(),
+            heartbeat_interval: config.ha.heartbeat_interval,
+        })
     }
 }
 
@@ -101,6 +113,7 @@ pub struct Node {
     stop: CancellationToken,
     mesh: Arc<Mesh>,
     metrics: Arc<Metrics>,
+    ha: Option<Arc<HaClient>>,
     pub mqtt: SocketAddr,
     pub mqtt_v5: Option<SocketAddr>,
     pub mesh_addr: Option<SocketAddr>,
@@ -210,6 +223,28 @@ impl Node {
         for (id, addr) in &spec.peers {
             mesh.add_peer(id.clone(), *addr, stop.child_token());
         }
+        let ha = (!spec.ha.is_empty()).then(|| Arc::new(HaClient::new(spec.ha.clone())));
+        if let Some(client) = &ha {
+            let reg = Registration {
+                id: n.id.clone(),
+                mqtt: n.mqtt.to_string(),
+                mqtt_v5: n.mqtt_v5.map(|a| a.to_string()),
+                mesh: mesh_addr.map(|a| a.to_string()),
+                http: http_addr.map(|a| a.to_string()),
+                pid: Some(std::process::id()),
+            };
+            handle.spawn(membership::register_and_heartbeat(
+                client.clone(),
+                reg,
+                spec.heartbeat_interval,
+                stop.clone(),
+            ));
+            handle.spawn(membership::follow_peers(
+                client.clone(),
+                mesh.clone(),
+                stop.clone(),
+            ));
+        }
         if let Some(l) = http_listener {
             let l = tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Bind {
                 what: "http",
@@ -226,6 +261,7 @@ impl Node {
             stop,
             mesh,
             metrics,
+            ha,
             mqtt: n.mqtt,
             mqtt_v5: n.mqtt_v5,
             mesh_addr,
@@ -293,8 +329,21 @@ impl Node {
         self.runtime.shut_down();
     }
 
-    /// Stops the node and waits until its MQTT port refuses connections.
+    /// Stops the node (leaving the HA membership first, if it has one) and waits until its
+    /// MQTT port refuses connections.
     pub async fn stop(mut self) {
+        if let Some(client) = &self.ha {
+            match tokio::time::timeout(Duration::from_secs(2), client.deregister(&self.id)).await {
+                Ok(Ok(())) => tracing::info!(node = self.id, "left the HA membership"),
+                Ok(Err(e)) => {
+                    tracing::warn!(node = self.id, error = %e, "could not deregister; the HA server will expire it")
+                }
+                Err(_) => tracing::warn!(
+                    node = self.id,
+                    "deregistration timed out; the HA server will expire it"
+                ),
+            }
+        }
         self.stop_now();
         let addr = self.mqtt;
         let start = Instant::now();

@@ -584,15 +584,33 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
 
 fn validate_ha(c: &mut Checker, raw: &RawConfig) -> HaSettings {
     let r = &raw.ha;
-    let heartbeat_interval = c.duration("ha.heartbeat_interval", r.heartbeat_interval.as_deref(), Duration::from_secs(1));
-    let member_timeout = c.duration("ha.member_timeout", r.member_timeout.as_deref(), Duration::from_secs(3));
-    let remove_after = c.duration("ha.remove_after", r.remove_after.as_deref(), Duration::from_secs(60));
+    let heartbeat_interval = c.duration(
+        "ha.heartbeat_interval",
+        r.heartbeat_interval.as_deref(),
+        Duration::from_secs(1),
+    );
+    let member_timeout = c.duration(
+        "ha.member_timeout",
+        r.member_timeout.as_deref(),
+        Duration::from_secs(3),
+    );
+    let remove_after = c.duration(
+        "ha.remove_after",
+        r.remove_after.as_deref(),
+        Duration::from_secs(60),
+    );
     let lease = c.duration("ha.lease", r.lease.as_deref(), Duration::from_secs(3));
     if member_timeout <= heartbeat_interval {
-        c.error("ha.member_timeout", "must be longer than ha.heartbeat_interval (members would flap)");
+        c.error(
+            "ha.member_timeout",
+            "must be longer than ha.heartbeat_interval (members would flap)",
+        );
     }
     if remove_after < member_timeout {
-        c.error("ha.remove_after", "must not be shorter than ha.member_timeout");
+        c.error(
+            "ha.remove_after",
+            "must not be shorter than ha.member_timeout",
+        );
     }
     let mut ids = HashSet::new();
     let mut servers = Vec::new();

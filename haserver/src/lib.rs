@@ -2,4 +2,11 @@
 //! clients watch with long-polls, an event log, and a primary lease, all in SQLite.
 
 pub mod model;
+pub mod server;
 pub mod store;
+
+pub use server::{HaError, HaServer, Timing};
+pub use store::{SqliteStore, Store, StoreError};
+pub mod client;
+
+pub use client::{ClientError, HaClient};

@@ -26,9 +26,15 @@ impl Registration {
     pub fn validate(&self) -> Result<(), String> {
         if self.id.is_empty()
             || self.id.len() > 64
-            || !self.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
-            return Err(format!("id {:?}: 1-64 characters of A-Z a-z 0-9 - _ .", self.id));
+            return Err(format!(
+                "id {:?}: 1-64 characters of A-Z a-z 0-9 - _ .",
+                self.id
+            ));
         }
         for (key, v) in [
             ("mqtt", Some(&self.mqtt)),
@@ -120,6 +126,9 @@ mod tests {
         r.id = "a/b".into();
         assert!(r.validate().is_err());
         let json = r#"{"id":"b1","mqtt":"127.0.0.1:1","evil":1}"#;
-        assert!(serde_json::from_str::<Registration>(json).is_err(), "unknown fields refused");
+        assert!(
+            serde_json::from_str::<Registration>(json).is_err(),
+            "unknown fields refused"
+        );
     }
 }

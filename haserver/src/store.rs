@@ -33,13 +33,24 @@ pub trait Store: Send + Sync {
     /// Removes a member that left on purpose; `None` if unknown.
     fn deregister(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError>;
     /// Marks silent members down and removes long-down ones; returns the version if changed.
-    fn expire(&self, now_ms: i64, down_after_ms: i64, remove_after_ms: i64) -> Result<Option<u64>, StoreError>;
+    fn expire(
+        &self,
+        now_ms: i64,
+        down_after_ms: i64,
+        remove_after_ms: i64,
+    ) -> Result<Option<u64>, StoreError>;
     fn cluster(&self) -> Result<ClusterView, StoreError>;
     fn version(&self) -> Result<u64, StoreError>;
     fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
     /// Takes the primary lease if it is free, expired or already ours; renews it if ours.
     /// Returns the lease as it stands after the attempt.
-    fn acquire_lease(&self, holder: &str, addr: &str, now_ms: i64, ttl_ms: i64) -> Result<Lease, StoreError>;
+    fn acquire_lease(
+        &self,
+        holder: &str,
+        addr: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Lease, StoreError>;
     /// Gives the lease up (clean shutdown of the primary), so a backup takes over at once.
     fn release_lease(&self, holder: &str) -> Result<(), StoreError>;
 }
@@ -124,9 +135,19 @@ impl SqliteStore {
     }
 }
 
-fn bump(tx: &rusqlite::Transaction<'_>, member: &str, kind: &str, now_ms: i64) -> Result<u64, rusqlite::Error> {
-    tx.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'", [])?;
-    let v: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| r.get(0))?;
+fn bump(
+    tx: &rusqlite::Transaction<'_>,
+    member: &str,
+    kind: &str,
+    now_ms: i64,
+) -> Result<u64, rusqlite::Error> {
+    tx.execute(
+        "UPDATE meta SET value = value + 1 WHERE key = 'version'",
+        [],
+    )?;
+    let v: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {
+        r.get(0)
+    })?;
     tx.execute(
         "INSERT INTO events (at_ms, member, kind, version) VALUES (?1, ?2, ?3, ?4)",
         params![now_ms, member, kind, v],
@@ -139,7 +160,9 @@ impl Store for SqliteStore {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let known: Option<String> = tx
-            .query_row("SELECT state FROM members WHERE id = ?1", [&reg.id], |r| r.get(0))
+            .query_row("SELECT state FROM members WHERE id = ?1", [&reg.id], |r| {
+                r.get(0)
+            })
             .optional()?;
         tx.execute(
             "INSERT INTO members (id, mqtt, mqtt_v5, mesh, http, pid, state, registered_ms, last_seen_ms)
@@ -148,7 +171,11 @@ impl Store for SqliteStore {
                  state = 'up', registered_ms = ?7, last_seen_ms = ?7",
             params![reg.id, reg.mqtt, reg.mqtt_v5, reg.mesh, reg.http, reg.pid, now_ms],
         )?;
-        let kind = if known.is_some() { "re-registered" } else { "registered" };
+        let kind = if known.is_some() {
+            "re-registered"
+        } else {
+            "registered"
+        };
         let v = bump(&tx, &reg.id, kind, now_ms)?;
         tx.commit()?;
         Ok(v)
@@ -158,16 +185,23 @@ impl Store for SqliteStore {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let state: Option<String> = tx
-            .query_row("SELECT state FROM members WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT state FROM members WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .optional()?;
         let Some(state) = state else {
             return Ok(None);
         };
-        tx.execute("UPDATE members SET last_seen_ms = ?2, state = 'up' WHERE id = ?1", params![id, now_ms])?;
+        tx.execute(
+            "UPDATE members SET last_seen_ms = ?2, state = 'up' WHERE id = ?1",
+            params![id, now_ms],
+        )?;
         let v = if state != "up" {
             bump(&tx, id, "up", now_ms)?
         } else {
-            tx.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| r.get::<_, i64>(0))? as u64
+            tx.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64
         };
         tx.commit()?;
         Ok(Some(v))
@@ -184,7 +218,12 @@ impl Store for SqliteStore {
         Ok(Some(v))
     }
 
-    fn expire(&self, now_ms: i64, down_after_ms: i64, remove_after_ms: i64) -> Result<Option<u64>, StoreError> {
+    fn expire(
+        &self,
+        now_ms: i64,
+        down_after_ms: i64,
+        remove_after_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut changed = None;
@@ -212,7 +251,10 @@ impl Store for SqliteStore {
         let mut conn = lock(&self.conn);
         // One read transaction: the version and the members belong together.
         let tx = conn.transaction()?;
-        let version: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| r.get(0))?;
+        let version: i64 =
+            tx.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {
+                r.get(0)
+            })?;
         let members = tx
             .prepare(
                 "SELECT id, mqtt, mqtt_v5, mesh, http, pid, state, registered_ms, last_seen_ms
@@ -244,7 +286,9 @@ impl Store for SqliteStore {
 
     fn version(&self) -> Result<u64, StoreError> {
         let conn = lock(&self.conn);
-        let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| r.get(0))?;
+        let v: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {
+            r.get(0)
+        })?;
         Ok(v as u64)
     }
 
@@ -265,18 +309,28 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
-    fn acquire_lease(&self, holder: &str, addr: &str, now_ms: i64, ttl_ms: i64) -> Result<Lease, StoreError> {
+    fn acquire_lease(
+        &self,
+        holder: &str,
+        addr: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Lease, StoreError> {
         let mut conn = lock(&self.conn);
         // IMMEDIATE takes the write lock first: two servers cannot both see the lease free.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: Option<Lease> = tx
-            .query_row("SELECT holder, addr, expires_ms FROM lease WHERE name = 'primary'", [], |r| {
-                Ok(Lease {
-                    holder: r.get(0)?,
-                    addr: r.get(1)?,
-                    expires_ms: r.get(2)?,
-                })
-            })
+            .query_row(
+                "SELECT holder, addr, expires_ms FROM lease WHERE name = 'primary'",
+                [],
+                |r| {
+                    Ok(Lease {
+                        holder: r.get(0)?,
+                        addr: r.get(1)?,
+                        expires_ms: r.get(2)?,
+                    })
+                },
+            )
             .optional()?;
         let lease = match current {
             Some(l) if l.holder != holder && l.expires_ms > now_ms => l,
@@ -300,7 +354,10 @@ impl Store for SqliteStore {
 
     fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
         let conn = lock(&self.conn);
-        conn.execute("DELETE FROM lease WHERE name = 'primary' AND holder = ?1", [holder])?;
+        conn.execute(
+            "DELETE FROM lease WHERE name = 'primary' AND holder = ?1",
+            [holder],
+        )?;
         Ok(())
     }
 }
@@ -325,21 +382,49 @@ mod tests {
         let s = SqliteStore::in_memory()?;
         assert_eq!(s.register(&reg("b1"), 1_000)?, 1);
         assert_eq!(s.register(&reg("b2"), 1_000)?, 2);
-        assert_eq!(s.heartbeat("b1", 2_000)?, Some(2), "a heartbeat of an up member changes nothing");
+        assert_eq!(
+            s.heartbeat("b1", 2_000)?,
+            Some(2),
+            "a heartbeat of an up member changes nothing"
+        );
         assert_eq!(s.heartbeat("nope", 2_000)?, None);
         // b2 silent for 3 s: down; b1 heard at 2 s: still up.
         assert_eq!(s.expire(4_500, 3_000, 10_000)?, Some(3));
         let view = s.cluster()?;
-        let states: Vec<_> = view.members.iter().map(|m| (m.reg.id.as_str(), m.state)).collect();
-        assert_eq!(states, vec![("b1", MemberState::Up), ("b2", MemberState::Down)]);
+        let states: Vec<_> = view
+            .members
+            .iter()
+            .map(|m| (m.reg.id.as_str(), m.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![("b1", MemberState::Up), ("b2", MemberState::Down)]
+        );
         assert_eq!(s.expire(4_600, 3_000, 10_000)?, None, "nothing new");
         assert_eq!(s.heartbeat("b2", 5_000)?, Some(4), "back up");
-        assert_eq!(s.expire(20_000, 3_000, 10_000)?, Some(8), "both down (5, 6), then removed (7, 8)");
+        assert_eq!(
+            s.expire(20_000, 3_000, 10_000)?,
+            Some(8),
+            "both down (5, 6), then removed (7, 8)"
+        );
         assert!(s.cluster()?.members.is_empty());
-        let kinds: Vec<String> = s.events(0, 100)?.into_iter().map(|e| format!("{}:{}", e.member, e.kind)).collect();
+        let kinds: Vec<String> = s
+            .events(0, 100)?
+            .into_iter()
+            .map(|e| format!("{}:{}", e.member, e.kind))
+            .collect();
         assert_eq!(
             kinds,
-            ["b1:registered", "b2:registered", "b2:down", "b2:up", "b1:down", "b2:down", "b1:removed", "b2:removed"]
+            [
+                "b1:registered",
+                "b2:registered",
+                "b2:down",
+                "b2:up",
+                "b1:down",
+                "b2:down",
+                "b1:removed",
+                "b2:removed"
+            ]
         );
         Ok(())
     }
@@ -348,13 +433,29 @@ mod tests {
     fn the_lease_has_one_holder_until_it_expires() -> Result<(), StoreError> {
         let s = SqliteStore::in_memory()?;
         assert_eq!(s.acquire_lease("ha1", "a1", 0, 3_000)?.holder, "ha1");
-        assert_eq!(s.acquire_lease("ha2", "a2", 2_999, 3_000)?.holder, "ha1", "not yet expired");
-        assert_eq!(s.acquire_lease("ha1", "a1", 2_000, 3_000)?.expires_ms, 5_000, "renewed");
-        assert_eq!(s.acquire_lease("ha2", "a2", 5_001, 3_000)?.holder, "ha2", "expired: taken over");
+        assert_eq!(
+            s.acquire_lease("ha2", "a2", 2_999, 3_000)?.holder,
+            "ha1",
+            "not yet expired"
+        );
+        assert_eq!(
+            s.acquire_lease("ha1", "a1", 2_000, 3_000)?.expires_ms,
+            5_000,
+            "renewed"
+        );
+        assert_eq!(
+            s.acquire_lease("ha2", "a2", 5_001, 3_000)?.holder,
+            "ha2",
+            "expired: taken over"
+        );
         s.release_lease("ha1")?; // not the holder: no effect
         assert_eq!(s.acquire_lease("ha1", "a1", 5_002, 3_000)?.holder, "ha2");
         s.release_lease("ha2")?;
-        assert_eq!(s.acquire_lease("ha1", "a1", 5_003, 3_000)?.holder, "ha1", "released: free");
+        assert_eq!(
+            s.acquire_lease("ha1", "a1", 5_003, 3_000)?.holder,
+            "ha1",
+            "released: free"
+        );
         Ok(())
     }
 

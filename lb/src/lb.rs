@@ -20,6 +20,8 @@ use crate::reload::{self, plan_listeners};
 use crate::snapshot::Snapshot;
 use crate::state::{lock, BackendState, ConnRegistry};
 use crate::{admin, listener, probe};
+use mqlb_haserver::model::ClusterView;
+use mqlb_haserver::HaClient;
 
 /// State shared by every task of one LB instance.
 pub(crate) struct Shared {
@@ -97,6 +99,10 @@ struct Control {
 struct Inner {
     shared: Arc<Shared>,
     control: tokio::sync::Mutex<Control>,
+    /// The configuration as given (before discovered members replace the static backends of
+    /// `discovery` pools), and the last membership the HA server sent.
+    base: std::sync::Mutex<Config>,
+    membership: std::sync::Mutex<Option<ClusterView>>,
     admin_addr: SocketAddr,
     /// Bound frontend addresses, readable without waiting for a reload in progress.
     addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
@@ -144,6 +150,7 @@ impl Lb {
             bound.push((f, l));
         }
         let source = config.source.clone();
+        let base = config.clone();
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             metrics,
@@ -155,6 +162,8 @@ impl Lb {
         let lb = Lb {
             inner: Arc::new(Inner {
                 shared: shared.clone(),
+                base: std::sync::Mutex::new(base),
+                membership: std::sync::Mutex::new(None),
                 control: tokio::sync::Mutex::new(Control {
                     frontends: HashMap::new(),
                     probes: HashMap::new(),
@@ -182,8 +191,18 @@ impl Lb {
         if let Some(path) = lb.inner.source.clone() {
             tokio::spawn(watch_file(lb.clone(), path));
         }
+        let cfg = lb.config();
+        if cfg.pools.iter().any(|p| p.discovery) && !cfg.ha.servers.is_empty() {
+            let client = HaClient::new(cfg.ha.servers.iter().map(|h| h.listen).collect());
+            tokio::spawn(crate::discovery::follow(lb.clone(), client));
+        }
         tracing::info!(admin = %admin_addr, frontends = ?lb.frontend_addrs(), "load balancer started");
         Ok(lb)
+    }
+
+    /// True once shutdown began.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.shared.stopping.is_cancelled()
     }
 
     /// The admin server's address (`/metrics`, `/api/...`).
@@ -235,10 +254,26 @@ impl Lb {
     /// Applies a validated config: binds new listeners first (on failure nothing changes),
     /// then swaps the snapshot in one store, closes removed listeners and restarts the probes
     /// of changed backends. Live connections are not touched.
-    pub async fn apply(&self, mut config: Config) -> Result<(), ReloadError> {
+    pub async fn apply(&self, config: Config) -> Result<(), ReloadError> {
+        self.apply_inner(config, true).await
+    }
+
+    /// A new membership from the HA server: re-applies the configuration with it. Not a
+    /// reload (not counted as one); live connections are untouched as always.
+    pub(crate) async fn apply_membership(&self, view: ClusterView) -> Result<(), ReloadError> {
+        *lock(&self.inner.membership) = Some(view);
+        let base = lock(&self.inner.base).clone();
+        self.apply_inner(base, false).await
+    }
+
+    async fn apply_inner(&self, mut config: Config, count: bool) -> Result<(), ReloadError> {
         let mut control = self.inner.control.lock().await;
         if config.source.is_none() {
             config.source = self.inner.source.clone();
+        }
+        *lock(&self.inner.base) = config.clone();
+        if let Some(view) = lock(&self.inner.membership).as_ref() {
+            config = crate::discovery::with_members(config, view);
         }
         let open_now: Vec<Frontend> = control.frontends.values().map(|f| f.cfg.clone()).collect();
         let plan = plan_listeners(&open_now, &config);
@@ -294,7 +329,9 @@ impl Lb {
         }
         self.reconcile_probes(&mut control);
         self.restart_data_path_probes(&mut control);
-        self.count_reload(true);
+        if count {
+            self.count_reload(true);
+        }
         tracing::info!(
             kept = plan.keep.len(),
             opened = plan.open.len(),

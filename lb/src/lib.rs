@@ -17,6 +17,7 @@ pub mod snapshot;
 pub mod state;
 
 pub mod admin;
+pub mod discovery;
 mod lb;
 pub mod listener;
 pub mod probe;

@@ -185,12 +185,29 @@ impl Drop for Mosquitto {
 
 /// A plain HTTP/1.1 request to the admin server; returns (status, body).
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_body(addr, method, path, b"").await
+}
+
+/// An HTTP/1.1 request with a body; returns (status, body).
+pub async fn http_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await?;
+    // The server may refuse an oversized body before reading it all.
+    if let Err(e) = s.write_all(body).await {
+        eprintln!("request body cut short: {e}");
+    }
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
         .await
@@ -508,6 +525,8 @@ fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
                 reconnect_max: Duration::from_millis(500),
                 max_payload: 1 << 20,
             }),
+            ha: Vec::new(),
+            heartbeat_interval: Duration::from_millis(200),
         })
         .collect())
 }
@@ -515,10 +534,18 @@ fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
 impl Cluster {
     /// Starts `n` nodes and waits until every mesh link is up.
     pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with_ha(n, &[]).await
+    }
+
+    /// Starts `n` nodes that register with the HA servers at `ha`.
+    pub async fn start_with_ha(n: usize, ha: &[SocketAddr]) -> anyhow::Result<Cluster> {
         let mut last = None;
         // A port picked free may be taken before a node binds it: try again with new ports.
         for _ in 0..3 {
-            let specs = cluster_specs(n)?;
+            let mut specs = cluster_specs(n)?;
+            for s in &mut specs {
+                s.ha = ha.to_vec();
+            }
             let mut nodes = Vec::new();
             for s in &specs {
                 match mqlb_broker::Node::start(s.clone()).await {
@@ -584,6 +611,11 @@ impl Cluster {
         if let Some(n) = self.nodes[i].take() {
             n.stop().await;
         }
+    }
+
+    /// Drops node `i` without leaving the HA membership, like a machine that lost power.
+    pub fn crash(&mut self, i: usize) {
+        drop(self.nodes[i].take());
     }
 
     /// Starts node `i` again with the same addresses.
@@ -731,4 +763,46 @@ impl Drop for Client5 {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Membership timing fast enough for tests.
+pub fn fast_ha_timing() -> mqlb_haserver::Timing {
+    mqlb_haserver::Timing {
+        heartbeat_interval: Duration::from_millis(200),
+        member_timeout: Duration::from_millis(800),
+        remove_after: Duration::from_secs(30),
+        lease: Duration::from_millis(900),
+    }
+}
+
+/// Starts an HA server on an ephemeral loopback port with the SQLite file `db`.
+pub async fn start_haserver(
+    id: &str,
+    db: &Path,
+    timing: mqlb_haserver::Timing,
+) -> anyhow::Result<mqlb_haserver::HaServer> {
+    let store = mqlb_haserver::SqliteStore::open(db)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(mqlb_haserver::HaServer::start(id, listener, Arc::new(store), timing).await?)
+}
+
+/// Starts an HA server on a given address (a restart on the same port).
+pub async fn start_haserver_at(
+    id: &str,
+    db: &Path,
+    addr: SocketAddr,
+    timing: mqlb_haserver::Timing,
+) -> anyhow::Result<mqlb_haserver::HaServer> {
+    let store = mqlb_haserver::SqliteStore::open(db)?;
+    let mut last = None;
+    for _ in 0..50 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                return Ok(mqlb_haserver::HaServer::start(id, l, Arc::new(store), timing).await?)
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(anyhow::anyhow!("cannot bind {addr}: {last:?}"))
 }

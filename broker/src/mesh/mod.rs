@@ -39,6 +39,10 @@ pub struct PeerOut {
     pub addr: SocketAddr,
     tx: mpsc::Sender<Bytes>,
     up: AtomicBool,
+    /// Learned from the HA server's membership (removed when the member goes), rather than
+    /// listed in the config (kept always).
+    dynamic: bool,
+    stop: CancellationToken,
 }
 
 impl PeerOut {
@@ -148,6 +152,44 @@ impl Mesh {
         addr: SocketAddr,
         stop: CancellationToken,
     ) {
+        self.add(id, addr, stop, false);
+    }
+
+    /// Makes the dynamic peers exactly `members` (from the HA server): new ones get a link,
+    /// gone or moved ones lose theirs. Peers from the config are never touched.
+    pub(crate) fn set_dynamic_peers(
+        self: &Arc<Self>,
+        members: &[(String, SocketAddr)],
+        parent: &CancellationToken,
+    ) {
+        let current = self.peers.load_full();
+        let keep =
+            |p: &PeerOut| !p.dynamic || members.iter().any(|(id, a)| *id == p.id && *a == p.addr);
+        let mut next = Vec::new();
+        for p in current.iter() {
+            if keep(p) {
+                next.push(p.clone());
+            } else {
+                tracing::info!(peer = p.id, addr = %p.addr, "peer left the membership; closing its link");
+                p.stop.cancel();
+                if let Err(e) = self.metrics.link_up.remove_label_values(&[&p.id]) {
+                    tracing::debug!(error = %e, "no link_up series to remove");
+                }
+            }
+        }
+        if next.len() != current.len() {
+            self.peers.store(Arc::new(next));
+        }
+        for (id, addr) in members {
+            if *id == self.id || self.peers.load().iter().any(|p| p.id == *id) {
+                continue;
+            }
+            tracing::info!(peer = id, %addr, "peer joined the membership");
+            self.add(id.clone(), *addr, parent.child_token(), true);
+        }
+    }
+
+    fn add(self: &Arc<Self>, id: String, addr: SocketAddr, stop: CancellationToken, dynamic: bool) {
         let Some(settings) = self.settings.clone() else {
             tracing::warn!(peer = id, "no cluster secret: mesh links are disabled");
             return;
@@ -158,6 +200,8 @@ impl Mesh {
             addr,
             tx,
             up: AtomicBool::new(false),
+            dynamic,
+            stop: stop.clone(),
         });
         self.metrics.link_up.with_label_values(&[&peer.id]).set(0);
         let mut next: Vec<Arc<PeerOut>> = self.peers.load().iter().cloned().collect();

@@ -1,0 +1,241 @@
+//! The client brokers and load balancers use to talk to the HA servers. It knows every HA
+//! server, tries them in turn, follows a backup's redirect to the primary, and remembers which
+//! one answered. When none answers, the caller keeps its last view (static stability).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+
+use crate::model::{ClusterView, Registration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}: {1}")]
+    Io(SocketAddr, String),
+    #[error("{0}: no answer within {1:?}")]
+    Timeout(SocketAddr, Duration),
+    #[error("HA server answered {0}: {1}")]
+    Status(u16, String),
+    #[error("HA server sent invalid JSON: {0}")]
+    Json(String),
+    #[error("no HA server configured")]
+    NoServers,
+    #[error("no HA server answered: {0}")]
+    AllFailed(String),
+}
+
+/// One HTTP/1.1 exchange: (status, Location header, body).
+pub async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Option<String>,
+    timeout: Duration,
+) -> Result<(u16, Option<String>, Bytes), ClientError> {
+    let io_err = |e: &dyn std::fmt::Display| ClientError::Io(addr, e.to_string());
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| io_err(&e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| io_err(&e))?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HA client connection");
+            }
+        });
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| io_err(&e))?;
+        let res = sender.send_request(req).await.map_err(|e| io_err(&e))?;
+        let status = res.status().as_u16();
+        let location = res
+            .headers()
+            .get(hyper::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| io_err(&e))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, location, bytes))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(ClientError::Timeout(addr, timeout)))
+}
+
+/// `http://host:port/...` → `host:port`.
+fn location_addr(location: &str) -> Option<SocketAddr> {
+    location
+        .strip_prefix("http://")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A client of a group of HA servers.
+pub struct HaClient {
+    servers: Vec<SocketAddr>,
+    preferred: AtomicUsize,
+    timeout: Duration,
+}
+
+impl HaClient {
+    pub fn new(servers: Vec<SocketAddr>) -> HaClient {
+        HaClient {
+            servers,
+            preferred: AtomicUsize::new(0),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
+    /// Sends to the last server that answered first, then the others; follows one redirect.
+    async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<String>,
+        extra_wait: Duration,
+    ) -> Result<(u16, Bytes), ClientError> {
+        if self.servers.is_empty() {
+            return Err(ClientError::NoServers);
+        }
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for k in 0..self.servers.len() {
+            let i = (start + k) % self.servers.len();
+            let mut addr = self.servers[i];
+            for _hop in 0..2 {
+                match request(
+                    addr,
+                    method.clone(),
+                    path,
+                    body.clone(),
+                    self.timeout + extra_wait,
+                )
+                .await
+                {
+                    Ok((307, Some(loc), _)) => match location_addr(&loc) {
+                        Some(a) => addr = a,
+                        None => {
+                            errors.push(format!("{addr}: bad redirect {loc:?}"));
+                            break;
+                        }
+                    },
+                    Ok((status, _, _)) if status >= 500 => {
+                        errors.push(format!("{addr}: status {status}"));
+                        break;
+                    }
+                    Ok((status, _, body)) => {
+                        if let Some(pos) = self.servers.iter().position(|s| *s == addr) {
+                            self.preferred.store(pos, Ordering::Relaxed);
+                        }
+                        return Ok((status, body));
+                    }
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        Err(ClientError::AllFailed(errors.join("; ")))
+    }
+
+    fn ok(status: u16, body: &Bytes) -> Result<(), ClientError> {
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(ClientError::Status(
+                status,
+                String::from_utf8_lossy(body).trim().to_string(),
+            ))
+        }
+    }
+
+    pub async fn register(&self, reg: &Registration) -> Result<(), ClientError> {
+        let body = serde_json::to_string(reg).map_err(|e| ClientError::Json(e.to_string()))?;
+        let (status, b) = self
+            .call(
+                hyper::Method::POST,
+                "/api/members",
+                Some(body),
+                Duration::ZERO,
+            )
+            .await?;
+        Self::ok(status, &b)
+    }
+
+    /// `Ok(false)`: the HA server does not know this member (it must register again).
+    pub async fn heartbeat(&self, id: &str) -> Result<bool, ClientError> {
+        let (status, b) = self
+            .call(
+                hyper::Method::POST,
+                &format!("/api/members/{id}/heartbeat"),
+                None,
+                Duration::ZERO,
+            )
+            .await?;
+        if status == 404 {
+            return Ok(false);
+        }
+        Self::ok(status, &b).map(|()| true)
+    }
+
+    pub async fn deregister(&self, id: &str) -> Result<(), ClientError> {
+        let (status, b) = self
+            .call(
+                hyper::Method::DELETE,
+                &format!("/api/members/{id}"),
+                None,
+                Duration::ZERO,
+            )
+            .await?;
+        Self::ok(status, &b)
+    }
+
+    /// The membership; with `since`, waits up to `wait` for a version after it (long-poll).
+    pub async fn cluster(
+        &self,
+        since: Option<u64>,
+        wait: Duration,
+    ) -> Result<ClusterView, ClientError> {
+        let path = match since {
+            Some(v) => format!("/api/cluster?since={v}&wait_ms={}", wait.as_millis()),
+            None => "/api/cluster".to_string(),
+        };
+        let (status, b) = self.call(hyper::Method::GET, &path, None, wait).await?;
+        Self::ok(status, &b)?;
+        serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redirect_locations_parse() {
+        assert_eq!(
+            super::location_addr("http://127.0.0.1:8082/api/members"),
+            Some("127.0.0.1:8082".parse().expect("addr"))
+        );
+        assert_eq!(super::location_addr("https://x/"), None);
+    }
+}

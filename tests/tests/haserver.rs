@@ -1,0 +1,405 @@
+//! The HA server end to end: brokers register and heartbeat, silent ones are marked down, the
+//! LB follows the membership without a reload, the data path survives the HA server's death,
+//! state survives its restart, and a backup takes over from a dead primary — never two
+//! primaries at once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqlb_config::Config;
+use mqlb_lb::{Lb, Listeners};
+use mqlb_tests::{
+    fast_ha_timing, get_json, http, http_body, metric, start_haserver, start_haserver_at,
+    wait_until, Client, Cluster, QoS, TempDir,
+};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+async fn members(ha: SocketAddr) -> anyhow::Result<Vec<(String, String)>> {
+    let v = get_json(ha, "/api/cluster").await?;
+    Ok(v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| {
+            Some((
+                m["id"].as_str()?.to_string(),
+                m["state"].as_str()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+async fn role(ha: SocketAddr) -> Option<String> {
+    let v = get_json(ha, "/healthz").await.ok()?;
+    v["role"].as_str().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_register_a_crashed_one_is_marked_down_and_long_polls_wake() -> anyhow::Result<()> {
+    let dir = TempDir::new("ha")?;
+    let timing = fast_ha_timing();
+    let ha = start_haserver("ha1", &dir.path().join("ha.sqlite"), timing).await?;
+    let mut cluster = Cluster::start_with_ha(3, &[ha.addr()]).await?;
+    wait_until("3 members up", DEADLINE, || async {
+        members(ha.addr())
+            .await
+            .is_ok_and(|m| m.len() == 3 && m.iter().all(|(_, s)| s == "up"))
+    })
+    .await?;
+    let view = get_json(ha.addr(), "/api/cluster").await?;
+    let version = view["version"].as_u64().unwrap_or(0);
+    assert_eq!(view["primary"], "ha1");
+    assert!(view["members"][0]["mesh"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("127.0.0.1:")));
+
+    // A long-poll from the current version returns as soon as something changes.
+    let addr = ha.addr();
+    let poll = tokio::spawn(async move {
+        let start = Instant::now();
+        let r = http(
+            addr,
+            "GET",
+            &format!("/api/cluster?since={version}&wait_ms=10000"),
+        )
+        .await;
+        (start.elapsed(), r)
+    });
+
+    let crashed_at = Instant::now();
+    cluster.crash(2);
+    wait_until("n3 marked down", DEADLINE, || async {
+        members(ha.addr())
+            .await
+            .is_ok_and(|m| m.iter().any(|(id, s)| id == "n3" && s == "down"))
+    })
+    .await?;
+    let took = crashed_at.elapsed();
+    eprintln!(
+        "crashed member marked down after {took:?} (member_timeout {:?})",
+        timing.member_timeout
+    );
+    assert!(
+        took <= timing.member_timeout + Duration::from_secs(1),
+        "{took:?}"
+    );
+    let (waited, r) = poll.await?;
+    let (status, body) = r?;
+    assert_eq!(status, 200);
+    assert!(
+        waited < Duration::from_secs(5),
+        "long-poll woke on the change ({waited:?}): {body}"
+    );
+    let after: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(after["version"].as_u64() > Some(version));
+
+    // A clean stop leaves the membership at once.
+    cluster.kill(1).await;
+    wait_until("n2 gone", DEADLINE, || async {
+        members(ha.addr())
+            .await
+            .is_ok_and(|m| !m.iter().any(|(id, _)| id == "n2"))
+    })
+    .await?;
+    let events = get_json(ha.addr(), "/api/events").await?;
+    let kinds: Vec<String> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some(format!("{}:{}", e["member"].as_str()?, e["kind"].as_str()?)))
+        .collect();
+    for want in ["n1:registered", "n3:down", "n2:deregistered"] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "missing {want} in {kinds:?}"
+        );
+    }
+    ha.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_never_corrupt_state() -> anyhow::Result<()> {
+    let dir = TempDir::new("ha-bad")?;
+    let ha = start_haserver("ha1", &dir.path().join("ha.sqlite"), fast_ha_timing()).await?;
+    let a = ha.addr();
+    let client = mqlb_haserver::HaClient::new(vec![a]);
+    let good = mqlb_haserver::model::Registration {
+        id: "b1".into(),
+        mqtt: "127.0.0.1:1883".into(),
+        mqtt_v5: None,
+        mesh: None,
+        http: None,
+        pid: None,
+    };
+    client.register(&good).await?;
+    let before = get_json(a, "/api/cluster").await?;
+
+    let post =
+        |path: &'static str, body: Vec<u8>| async move { http_body(a, "POST", path, &body).await };
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("not JSON", b"{id: b2".to_vec(), 400),
+        (
+            "unknown field",
+            br#"{"id":"b2","mqtt":"127.0.0.1:1","root":true}"#.to_vec(),
+            400,
+        ),
+        (
+            "bad address",
+            br#"{"id":"b2","mqtt":"somewhere"}"#.to_vec(),
+            400,
+        ),
+        (
+            "bad id",
+            br#"{"id":"../etc","mqtt":"127.0.0.1:1"}"#.to_vec(),
+            400,
+        ),
+        (
+            "oversized",
+            format!(
+                r#"{{"id":"b2","mqtt":"127.0.0.1:1","pid":1{}}}"#,
+                " ".repeat(100_000)
+            )
+            .into_bytes(),
+            413,
+        ),
+    ];
+    for (what, body, want) in cases {
+        let (status, text) = post("/api/members", body).await?;
+        assert_eq!(status, want, "{what}: {text}");
+        assert!(text.contains("error"), "{what}: {text}");
+    }
+    assert_eq!(
+        post("/api/members/ghost/heartbeat", Vec::new()).await?.0,
+        404
+    );
+    // A flood of heartbeats: most are refused (429), none corrupts anything.
+    let mut refused = 0;
+    for _ in 0..50 {
+        if post("/api/members/b1/heartbeat", Vec::new()).await?.0 == 429 {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 45, "only {refused} of 50 refused");
+    assert_eq!(http(a, "GET", "/api/nothing").await?.0, 404);
+    let after = get_json(a, "/api/cluster").await?;
+    assert_eq!(
+        members(a).await?,
+        vec![("b1".to_string(), "up".to_string())]
+    );
+    assert_eq!(before["members"][0]["mqtt"], after["members"][0]["mqtt"]);
+    assert_eq!(
+        before["version"], after["version"],
+        "no membership change from bad input"
+    );
+    let m = http(a, "GET", "/metrics").await?.1;
+    assert!(
+        metric(
+            &m,
+            "mqlb_ha_requests_total",
+            &[("route", "register"), ("status", "400")]
+        ) >= 4.0
+    );
+    ha.stop().await;
+    Ok(())
+}
+
+/// The LB takes its pool from the membership: joining brokers become backends, a crashed one
+/// stops getting connections, with no reload. With the HA server dead, everything keeps working
+/// on the last membership; restarted on the same database, its state is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_follows_membership_and_survives_the_ha_server() -> anyhow::Result<()> {
+    let dir = TempDir::new("ha-lb")?;
+    let db = dir.path().join("ha.sqlite");
+    let timing = fast_ha_timing();
+    let ha = start_haserver("ha1", &db, timing).await?;
+    let ha_addr = ha.addr();
+    let mut cluster = Cluster::start_with_ha(3, &[ha_addr]).await?;
+    let cfg = Config::parse(
+        &format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n\
+             [[haserver]]\nid = \"ha1\"\nlisten = \"{ha_addr}\"\n\
+             [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"brokers\"\nprobe = \"p\"\ndiscovery = \"haserver\"\n\
+             [[probe]]\nname = \"p\"\nport = \"traffic\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n\
+             [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\ndistribution = \"mqtt-client-id\"\n"
+        ),
+        "test",
+    )?;
+    let lb = Lb::start(cfg, Listeners::default()).await?;
+    let front = lb
+        .frontend_addr("mqtt")
+        .ok_or_else(|| anyhow::anyhow!("no frontend"))?;
+    let backend_ids = || async {
+        let v = get_json(lb.admin_addr(), "/api/backends")
+            .await
+            .unwrap_or_default();
+        let mut ids: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["id"].as_str().map(str::to_string))
+            .collect();
+        ids.sort();
+        ids
+    };
+    wait_until("LB pool = the 3 registered brokers", DEADLINE, || async {
+        backend_ids().await == ["n1", "n2", "n3"]
+    })
+    .await?;
+
+    // Crash n3: the HA server marks it down and the LB drops it, with no reload.
+    cluster.crash(2);
+    wait_until("LB pool without n3", DEADLINE, || async {
+        backend_ids().await == ["n1", "n2"]
+    })
+    .await?;
+    assert_eq!(
+        metric(
+            &lb.metrics_text(),
+            "mqlb_config_reloads_total",
+            &[("result", "ok")]
+        ),
+        0.0
+    );
+    // (The data-path probe may have reached n3 before the crash: count from here.)
+    let to_n3 = || {
+        metric(
+            &lb.metrics_text(),
+            "mqlb_connections_total",
+            &[("backend", "n3")],
+        )
+    };
+    let before = to_n3();
+    for i in 0..30 {
+        let c = Client::connect(front, &format!("dev-{i}")).await?;
+        c.disconnect().await;
+    }
+    assert_eq!(to_n3(), before, "no connection went to the crashed broker");
+
+    // The HA server dies: the LB and the brokers keep serving on the last membership.
+    let version_before = get_json(ha_addr, "/api/cluster").await?["version"]
+        .as_u64()
+        .unwrap_or(0);
+    ha.abort();
+    let sub = Client::connect(front, "sub-during-outage").await?;
+    sub.subscribe("outage/#", QoS::AtLeastOnce).await?;
+    let p = Client::connect(front, "pub-during-outage-7").await?;
+    for n in 0..20 {
+        p.publish_qos1("outage/t", n.to_string().as_bytes()).await?;
+    }
+    wait_until("messages flow without the HA server", DEADLINE, || async {
+        sub.received_count() >= 20
+    })
+    .await?;
+    assert_eq!(
+        backend_ids().await,
+        ["n1", "n2"],
+        "LB kept its last membership"
+    );
+
+    // It comes back on the same database and port: nothing lost, the brokers heartbeat again.
+    let ha = start_haserver_at("ha1", &db, ha_addr, timing).await?;
+    let view = get_json(ha_addr, "/api/cluster").await?;
+    assert!(
+        view["version"].as_u64() >= Some(version_before),
+        "version survived: {view}"
+    );
+    wait_until("members up again after the restart", DEADLINE, || async {
+        members(ha_addr)
+            .await
+            .is_ok_and(|m| m.iter().filter(|(_, s)| s == "up").count() == 2)
+    })
+    .await?;
+    let ids: Vec<String> = members(ha_addr)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        ids.contains(&"n3".to_string()),
+        "the down member is still recorded: {ids:?}"
+    );
+    sub.disconnect().await;
+    p.disconnect().await;
+    assert_eq!(lb.shutdown().await, 0, "no connection had to be cut");
+    ha.stop().await;
+    Ok(())
+}
+
+/// Two HA servers on one database: one primary; writes to the backup reach the primary; the
+/// primary dies and the backup takes over within the lease — and no poll ever sees two primaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_takes_over_within_the_lease_and_never_two_primaries() -> anyhow::Result<()> {
+    let dir = TempDir::new("ha-pair")?;
+    let db = dir.path().join("ha.sqlite");
+    let timing = fast_ha_timing();
+    let ha1 = start_haserver("ha1", &db, timing).await?;
+    let ha2 = start_haserver("ha2", &db, timing).await?;
+    let (a1, a2) = (ha1.addr(), ha2.addr());
+    assert_eq!(role(a1).await.as_deref(), Some("primary"));
+    assert_eq!(role(a2).await.as_deref(), Some("backup"));
+
+    // Watch both, all the time.
+    let both = Arc::new(AtomicBool::new(false));
+    let polls = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (both, polls, stop) = (both.clone(), polls.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let (r1, r2) = tokio::join!(role(a1), role(a2));
+                if r1.as_deref() == Some("primary") && r2.as_deref() == Some("primary") {
+                    both.store(true, Ordering::Relaxed);
+                }
+                polls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    // A broker that knows only the backup still registers (redirected to the primary).
+    let cluster = Cluster::start_with_ha(2, &[a2]).await?;
+    wait_until("registered via the backup", DEADLINE, || async {
+        members(a1).await.is_ok_and(|m| m.len() == 2)
+    })
+    .await?;
+    assert_eq!(
+        members(a2).await?.len(),
+        2,
+        "the backup reads the same state"
+    );
+
+    let killed = Instant::now();
+    ha1.abort();
+    wait_until("ha2 primary", DEADLINE, || async {
+        role(a2).await.as_deref() == Some("primary")
+    })
+    .await?;
+    let took = killed.elapsed();
+    eprintln!(
+        "backup took over {took:?} after the primary died (lease {:?})",
+        timing.lease
+    );
+    assert!(
+        took <= timing.lease + timing.lease / 3 + Duration::from_millis(500),
+        "{took:?}"
+    );
+    // The members keep heartbeating to the new primary: none goes down.
+    tokio::time::sleep(timing.member_timeout * 2).await;
+    assert!(members(a2).await?.iter().all(|(_, s)| s == "up"));
+
+    stop.store(true, Ordering::Relaxed);
+    watcher.await?;
+    assert!(polls.load(Ordering::Relaxed) > 20, "the watcher polled");
+    assert!(
+        !both.load(Ordering::Relaxed),
+        "two primaries were seen at once"
+    );
+    drop(cluster);
+    ha2.stop().await;
+    Ok(())
+}
