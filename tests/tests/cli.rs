@@ -311,3 +311,62 @@ async fn broker_processes_form_a_cluster_for_mosquitto_clients() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// `mqlb haserver` as a process: serves the API, keeps its state in the SQLite file across a
+/// restart, exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haserver_process_keeps_state_across_restarts() -> anyhow::Result<()> {
+    let tmp = TempDir::new("cli-ha")?;
+    let file = tmp.path().join("ha.toml");
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    std::fs::write(
+        &file,
+        format!(
+            "[[haserver]]\nid = \"ha1\"\nlisten = \"{addr}\"\ndb = \"{}\"\n",
+            tmp.path().join("state.sqlite").display()
+        ),
+    )?;
+    let start = || -> anyhow::Result<KillOnDrop> {
+        Ok(KillOnDrop(
+            Command::new(mqlb_bin()?)
+                .args([
+                    "haserver",
+                    "-c",
+                    file.to_str().unwrap_or_default(),
+                    "--id",
+                    "ha1",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ))
+    };
+    let mut p = start()?;
+    wait_until("haserver up", Duration::from_secs(20), || async {
+        http(addr, "GET", "/healthz")
+            .await
+            .is_ok_and(|r| r.0 == 200)
+    })
+    .await?;
+    let reg = br#"{"id":"b9","mqtt":"127.0.0.1:1883"}"#;
+    let (status, body) = mqlb_tests::http_body(addr, "POST", "/api/members", reg).await?;
+    assert_eq!(status, 200, "{body}");
+    Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()?;
+    assert!(p.0.wait()?.success());
+    let _p = start()?;
+    wait_until("haserver up again", Duration::from_secs(20), || async {
+        http(addr, "GET", "/healthz")
+            .await
+            .is_ok_and(|r| r.0 == 200)
+    })
+    .await?;
+    let (_, body) = http(addr, "GET", "/api/cluster").await?;
+    assert!(
+        body.contains("\"b9\""),
+        "state survived the restart: {body}"
+    );
+    Ok(())
+}
