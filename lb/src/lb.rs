@@ -336,7 +336,8 @@ impl Lb {
             kept = plan.keep.len(),
             opened = plan.open.len(),
             closed = plan.close.len(),
-            "configuration reloaded"
+            "{}",
+            if count { "configuration reloaded" } else { "membership applied" }
         );
         Ok(())
     }
