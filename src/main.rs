@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod up;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use mqlb_config::{parse_duration, Config, ConfigError, ProbeProtocol};
@@ -22,6 +24,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the whole topology of the config on this machine: HA servers, brokers and the
+    /// load balancer, each its own process. Ctrl-C stops everything.
+    Up {
+        /// Config file; without it the built-in default (LB on 127.0.0.1:1883, three brokers,
+        /// HA server on 127.0.0.1:8082).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Do not restart brokers and HA servers that die.
+        #[arg(long)]
+        no_restart: bool,
+    },
     /// Run the load balancer. SIGHUP (or a change of the file) reloads; SIGTERM/Ctrl-C stops
     /// gracefully.
     Lb {
@@ -92,6 +105,9 @@ fn main() -> ExitCode {
             timeout,
         } => runtime().and_then(|rt| rt.block_on(probe(&target, mqtt, http, timeout))),
         Command::Lb { config } => runtime().and_then(|rt| rt.block_on(run_lb(config))),
+        Command::Up { config, no_restart } => {
+            runtime().and_then(|rt| rt.block_on(up::run(config, !no_restart)))
+        }
         Command::Haserver { config, id } => {
             runtime().and_then(|rt| rt.block_on(run_haserver(config, &id)))
         }

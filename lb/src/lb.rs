@@ -337,7 +337,11 @@ impl Lb {
             opened = plan.open.len(),
             closed = plan.close.len(),
             "{}",
-            if count { "configuration reloaded" } else { "membership applied" }
+            if count {
+                "configuration reloaded"
+            } else {
+                "membership applied"
+            }
         );
         Ok(())
     }
