@@ -11,6 +11,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 mod tap;
+mod watchdog;
 
 pub use mesh::MeshSettings;
 pub use node::{Node, NodeError, NodeSpec};

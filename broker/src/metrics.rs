@@ -11,6 +11,7 @@ pub struct Metrics {
     pub dropped: IntCounterVec,
     pub link_up: IntGaugeVec,
     pub rejected: IntCounterVec,
+    pub listener_restarts: IntCounter,
 }
 
 impl Metrics {
@@ -56,8 +57,13 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            listener_restarts: IntCounter::new(
+                "mqlb_broker_listener_restarts_total",
+                "MQTT listeners replaced after they stopped answering CONNECT (rumqttd 0.20 bug).",
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.listener_restarts.clone()))?;
         m.registry.register(Box::new(m.local_publishes.clone()))?;
         m.registry.register(Box::new(m.forwarded.clone()))?;
         m.registry.register(Box::new(m.received.clone()))?;

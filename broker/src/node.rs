@@ -19,6 +19,7 @@ use crate::mesh::frame::MeshPublish;
 use crate::mesh::{serve_inbound, Mesh, MeshSettings};
 use crate::metrics::Metrics;
 use crate::tap::{ConnLimit, Tap};
+use crate::watchdog;
 use mqlb_haserver::model::Registration;
 use mqlb_haserver::HaClient;
 
@@ -198,19 +199,41 @@ impl Node {
             connections: connection_settings(&n),
         };
         let limit = ConnLimit::new(n.max_connections.get() as usize);
-        let mut v4 = Server::new(
-            settings("v4", n.mqtt),
-            router_tx.clone(),
-            Tap::new(V4, mesh.clone(), limit.clone(), true),
-        );
-        servers.push(handle.spawn(async move { v4.start(LinkType::Remote).await }));
-        if let Some(addr) = n.mqtt_v5 {
-            let mut v5 = Server::new(
+        let make_v4 = {
+            let (s, rt, m, l) = (
+                settings("v4", n.mqtt),
+                router_tx.clone(),
+                mesh.clone(),
+                limit.clone(),
+            );
+            move || {
+                let mut server = Server::new(
+                    s.clone(),
+                    rt.clone(),
+                    Tap::new(V4, m.clone(), l.clone(), true),
+                );
+                async move { server.start(LinkType::Remote).await }
+            }
+        };
+        servers.push(handle.spawn(make_v4()));
+        let make_v5 = n.mqtt_v5.map(|addr| {
+            let (s, rt, m, l) = (
                 settings("v5", addr),
                 router_tx.clone(),
-                Tap::new(V5, mesh.clone(), limit.clone(), false),
+                mesh.clone(),
+                limit.clone(),
             );
-            servers.push(handle.spawn(async move { v5.start(LinkType::Remote).await }));
+            move || {
+                let mut server = Server::new(
+                    s.clone(),
+                    rt.clone(),
+                    Tap::new(V5, m.clone(), l.clone(), false),
+                );
+                async move { server.start(LinkType::Remote).await }
+            }
+        });
+        if let Some(make) = &make_v5 {
+            servers.push(handle.spawn(make()));
         }
         if let Some(l) = mesh_listener {
             let l = tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Bind {
@@ -297,6 +320,30 @@ impl Node {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // From now on each listener is watched and replaced if rumqttd poisons it.
+        let mut handles = servers.into_iter();
+        if let Some(h) = handles.next() {
+            handle.spawn(watchdog::watch(
+                n.id.clone(),
+                n.mqtt,
+                4,
+                h,
+                make_v4,
+                node.metrics.clone(),
+                node.stop.clone(),
+            ));
+        }
+        if let (Some(h), Some(make), Some(addr)) = (handles.next(), make_v5, n.mqtt_v5) {
+            handle.spawn(watchdog::watch(
+                n.id.clone(),
+                addr,
+                5,
+                h,
+                make,
+                node.metrics.clone(),
+                node.stop.clone(),
+            ));
         }
         tracing::info!(node = node.id, mqtt = %n.mqtt, mqtt_v5 = ?n.mqtt_v5, mesh = ?mesh_addr, http = ?http_addr, peers = spec.peers.len(), "broker node started");
         Ok(node)

@@ -501,7 +501,7 @@ async fn data_path_probe(
                 // A full CONNECT → CONNACK through the LB to a broker.
                 let connect = encode_connect(&ConnectOptions {
                     level: ProtocolLevel::V311,
-                    client_id: format!("mqlb-datapath-{rule}-{}", std::process::id()),
+                    client_id: crate::probe::unique_client_id(&format!("mqlb-datapath-{rule}")),
                     keep_alive: 10,
                     ..ConnectOptions::default()
                 });

@@ -92,10 +92,22 @@ async fn http(stream: TcpStream, target: SocketAddr, path: &str) -> Result<(), P
     }
 }
 
+/// A client ID used once. A broker may keep state for an ID whose CONNECT was cut short (a
+/// probe timing out), and rumqttd 0.20 then fails the next CONNECT with that ID (rumqtt #1062):
+/// probes never reuse one.
+pub(crate) fn unique_client_id(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 async fn mqtt(mut stream: TcpStream) -> Result<(), ProbeError> {
     let connect = encode_connect(&ConnectOptions {
         level: ProtocolLevel::V311,
-        client_id: format!("mqlb-probe-{}", std::process::id()),
+        client_id: unique_client_id("mqlb-probe"),
         keep_alive: 10,
         clean_start: true,
         ..ConnectOptions::default()

@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod topology;
+pub use topology::Topology;
+
 use anyhow::{bail, Context};
 pub use rumqttc::QoS;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
@@ -296,6 +299,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Client {
     pub client: AsyncClient,
     pub id: String,
+    /// Filters to subscribe again after a reconnect (clean sessions forget them), as devices do.
+    subscriptions: Arc<Mutex<Vec<(String, QoS)>>>,
     received: Arc<Mutex<Vec<Msg>>>,
     subacks: Arc<AtomicUsize>,
     connacks: Arc<AtomicUsize>,
@@ -331,6 +336,7 @@ impl Client {
         let c = Client {
             client,
             id: id.to_string(),
+            subscriptions: Arc::default(),
             received: Arc::default(),
             subacks: Arc::default(),
             connacks: Arc::default(),
@@ -339,6 +345,7 @@ impl Client {
             stop: CancellationToken::new(),
         };
         let (received, subacks) = (c.received.clone(), c.subacks.clone());
+        let (subs, resubscriber) = (c.subscriptions.clone(), c.client.clone());
         let (connacks, pubacks, errors, stop) = (
             c.connacks.clone(),
             c.pubacks.clone(),
@@ -353,7 +360,13 @@ impl Client {
                 };
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        connacks.fetch_add(1, Ordering::SeqCst);
+                        if connacks.fetch_add(1, Ordering::SeqCst) > 0 {
+                            for (filter, qos) in lock(&subs).iter() {
+                                if let Err(e) = resubscriber.try_subscribe(filter.clone(), *qos) {
+                                    eprintln!("resubscribing {filter}: {e}");
+                                }
+                            }
+                        }
                     }
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         pubacks.fetch_add(1, Ordering::SeqCst);
@@ -393,6 +406,7 @@ impl Client {
     /// Subscribes and waits for the SUBACK.
     pub async fn subscribe(&self, filter: &str, qos: QoS) -> anyhow::Result<()> {
         let before = self.subacks.load(Ordering::SeqCst);
+        lock(&self.subscriptions).push((filter.to_string(), qos));
         self.client.subscribe(filter, qos).await?;
         let n = self.subacks.clone();
         wait_until(

@@ -549,3 +549,50 @@ async fn qos0_and_qos2_publishes_cross_nodes_too() -> anyhow::Result<()> {
     assert_eq!(sub.received_count(), 200, "no duplicates");
     Ok(())
 }
+
+/// rumqttd 0.20 poisons a listener when a client that hung up before its CONNACK connects
+/// again with the same ID (rumqtt #1062). The node notices its listener no longer answers and
+/// replaces it; clients connect again within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_listener_is_replaced() -> anyhow::Result<()> {
+    use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::start(1).await?;
+    let addr = cluster.mqtt(0);
+    let node = cluster.node(0).ok_or_else(|| anyhow::anyhow!("no node"))?;
+    let connect = encode_connect(&ConnectOptions {
+        client_id: "flaky-device".into(),
+        ..Default::default()
+    });
+    // Hang up with a reset right after CONNECT, twice with the same ID.
+    for _ in 0..2 {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        let mut s = s;
+        s.write_all(&connect).await?;
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let restarts = || {
+        metric(
+            &node.metrics_text(),
+            "mqlb_broker_listener_restarts_total",
+            &[],
+        )
+    };
+    // Whether or not the attack poisoned this rumqttd, a client gets in.
+    let c = wait_until("a client can connect again", DEADLINE, || async {
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            Client::connect(addr, "after-attack"),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    })
+    .await;
+    c?;
+    // The attack does poison rumqttd 0.20 (if this fails, rumqttd was fixed: revisit the
+    // watchdog).
+    assert!(restarts() >= 1.0, "listener restarts: {}", restarts());
+    Ok(())
+}

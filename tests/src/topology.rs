@@ -1,0 +1,270 @@
+//! The whole HA topology as real processes — an HA server, broker nodes and the load balancer,
+//! each a `mqlb` process on ephemeral loopback ports — so a test can kill (SIGKILL), hang
+//! (SIGSTOP) and restart any of them, like failing machines. The same shape as `mqlb up`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::net::TcpStream;
+
+use crate::{free_port, mqlb_bin, wait_until, TempDir, TEST_SECRET};
+
+/// One broker's addresses.
+#[derive(Debug, Clone)]
+pub struct BrokerAddrs {
+    pub id: String,
+    pub mqtt: SocketAddr,
+    pub mqtt_v5: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// A running topology. Dropping it kills every process.
+pub struct Topology {
+    _dir: TempDir,
+    pub config_file: PathBuf,
+    /// The LB's MQTT frontend: where clients connect.
+    pub front: SocketAddr,
+    /// The LB's admin server.
+    pub admin: SocketAddr,
+    /// The HA server.
+    pub ha: SocketAddr,
+    pub brokers: Vec<BrokerAddrs>,
+    procs: HashMap<String, Child>,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Topology {
+    /// Starts an HA server, `n` brokers (b1..bn) and the LB, and waits until the LB sees every
+    /// broker up.
+    pub async fn start(n: usize) -> anyhow::Result<Topology> {
+        let mut last = None;
+        // Ports picked free may be taken before a process binds them: try again.
+        for _ in 0..3 {
+            match Self::try_start(n).await {
+                Ok(t) => return Ok(t),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("topology did not start")))
+    }
+
+    async fn try_start(n: usize) -> anyhow::Result<Topology> {
+        let dir = TempDir::new("topology")?;
+        let (front, admin, ha) = (
+            loopback(free_port()?),
+            loopback(free_port()?),
+            loopback(free_port()?),
+        );
+        let mut brokers = Vec::new();
+        let mut toml = format!(
+            "[lb]\nadmin = \"{admin}\"\nshutdown_grace = \"2s\"\nwatch_config = false\n\
+             [[frontend]]\nname = \"mqtt\"\nbind = \"{front}\"\n\
+             [[pool]]\nname = \"brokers\"\nprobe = \"mqtt\"\ndiscovery = \"haserver\"\n"
+        );
+        let mut broker_toml = format!("[cluster]\nsecret = \"{TEST_SECRET}\"\n");
+        for i in 1..=n {
+            let b = BrokerAddrs {
+                id: format!("b{i}"),
+                mqtt: loopback(free_port()?),
+                mqtt_v5: loopback(free_port()?),
+                http: loopback(free_port()?),
+            };
+            let mesh = loopback(free_port()?);
+            toml += &format!(
+                "[[pool.backend]]\nid = \"{}\"\naddr = \"{}\"\nmqtt_ports = {{ v5 = {} }}\n",
+                b.id,
+                b.mqtt,
+                b.mqtt_v5.port()
+            );
+            broker_toml += &format!(
+                "[[broker]]\nid = \"{}\"\nmqtt = \"{}\"\nmqtt_v5 = \"{}\"\nmesh = \"{mesh}\"\nhttp = \"{}\"\n",
+                b.id, b.mqtt, b.mqtt_v5, b.http
+            );
+            brokers.push(b);
+        }
+        toml += &format!(
+            "[[probe]]\nname = \"mqtt\"\nprotocol = \"mqtt\"\nport = \"traffic\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nthreshold = 1\n\
+             [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\ndistribution = \"mqtt-client-id\"\n\
+             idle_timeout = \"2m\"\nmqtt_keep_alive = \"30s\"\n\
+             {broker_toml}\
+             [ha]\nheartbeat_interval = \"250ms\"\nmember_timeout = \"1s\"\nremove_after = \"60s\"\nlease = \"1s\"\n\
+             [[haserver]]\nid = \"ha1\"\nlisten = \"{ha}\"\ndb = \"{}\"\n",
+            dir.path().join("ha.sqlite").display()
+        );
+        let config_file = dir.path().join("mqlb.toml");
+        std::fs::write(&config_file, toml)?;
+        let mut t = Topology {
+            _dir: dir,
+            config_file,
+            front,
+            admin,
+            ha,
+            brokers,
+            procs: HashMap::new(),
+        };
+        t.spawn("ha1").await?;
+        for i in 1..=n {
+            t.spawn(&format!("b{i}")).await?;
+        }
+        t.spawn("lb").await?;
+        let want: Vec<String> = t.brokers.iter().map(|b| b.id.clone()).collect();
+        let admin = t.admin;
+        wait_until(
+            "the LB sees every broker up",
+            Duration::from_secs(20),
+            || {
+                let want = want.clone();
+                async move {
+                    let Ok(v) = crate::get_json(admin, "/api/backends").await else {
+                        return false;
+                    };
+                    let up: Vec<String> = v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|b| b["state"] == "up")
+                        .filter_map(|b| b["id"].as_str().map(str::to_string))
+                        .collect();
+                    want.iter().all(|w| up.contains(w))
+                }
+            },
+        )
+        .await?;
+        Ok(t)
+    }
+
+    fn listen_addr(&self, name: &str) -> Option<SocketAddr> {
+        match name {
+            "lb" => Some(self.front),
+            "ha1" => Some(self.ha),
+            b => self.brokers.iter().find(|x| x.id == b).map(|x| x.mqtt),
+        }
+    }
+
+    /// Starts process `name` (`lb`, `ha1`, `b1`...) and waits until it listens.
+    async fn spawn(&mut self, name: &str) -> anyhow::Result<()> {
+        let file = self.config_file.display().to_string();
+        let args: Vec<String> = match name {
+            "lb" => vec!["lb".into(), "-c".into(), file],
+            "ha1" => vec![
+                "haserver".into(),
+                "-c".into(),
+                file,
+                "--id".into(),
+                "ha1".into(),
+            ],
+            b => vec!["broker".into(), "-c".into(), file, "--id".into(), b.into()],
+        };
+        let addr = self
+            .listen_addr(name)
+            .with_context(|| format!("no process {name}"))?;
+        let mut child = Command::new(mqlb_bin()?)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("MQLB_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let started = std::time::Instant::now();
+        loop {
+            if TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited ({status}) before listening on {addr}");
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                if let Err(e) = child.kill() {
+                    eprintln!("killing {name}: {e}");
+                }
+                bail!("{name} not listening on {addr} after 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.procs.insert(name.to_string(), child);
+        Ok(())
+    }
+
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.get(name).map(Child::id)
+    }
+
+    fn signal(&self, name: &str, sig: &str) -> anyhow::Result<()> {
+        let pid = self
+            .pid(name)
+            .with_context(|| format!("{name} is not running"))?;
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill {sig} {name} failed");
+        Ok(())
+    }
+
+    /// SIGKILL, like a machine losing power.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut child = self
+            .procs
+            .remove(name)
+            .with_context(|| format!("{name} is not running"))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGSTOP: the process hangs (its sockets stay open, nothing answers).
+    pub fn pause(&self, name: &str) -> anyhow::Result<()> {
+        self.signal(name, "-STOP")
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self, name: &str) -> anyhow::Result<()> {
+        self.signal(name, "-CONT")
+    }
+
+    /// Starts a killed process again with the same configuration.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        if self.procs.contains_key(name) {
+            self.kill(name)?;
+        }
+        let mut last = None;
+        // The old process's ports may linger for a moment.
+        for _ in 0..20 {
+            match self.spawn(name).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("{name} did not restart")))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for (name, child) in self.procs.iter_mut() {
+            // A paused process must be resumed to die promptly.
+            if let Err(e) = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status()
+            {
+                eprintln!("resuming {name}: {e}");
+            }
+            if let Err(e) = child.kill() {
+                eprintln!("killing {name}: {e}");
+            }
+            if let Err(e) = child.wait() {
+                eprintln!("reaping {name}: {e}");
+            }
+        }
+    }
+}
