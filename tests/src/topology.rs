@@ -169,7 +169,7 @@ impl Topology {
             .args(&args)
             .env(
                 "RUST_LOG",
-                std::env::var("MQLB_TEST_LOG").unwrap_or_else(|_| "error".into()),
+                std::env::var("MQLB_TEST_LOG").unwrap_or_else(|_| "error,rumqttd=off".into()),
             )
             .stdout(Stdio::null())
             .spawn()

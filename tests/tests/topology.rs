@@ -337,3 +337,124 @@ async fn the_ha_server_dies_and_failover_still_works() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Clients nobody here wrote: mosquitto_sub/mosquitto_pub (3.1.1 and 5.0) and paho-mqtt, through
+/// the LB, with subscriber and publishers on different brokers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_and_paho_clients_across_brokers() -> anyhow::Result<()> {
+    use std::process::{Command, Stdio};
+    let t = Topology::start(3).await?;
+    let all = ["b1", "b2", "b3"];
+    let on = |b: &str, prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .find(|id| predicted(id, &all) == b)
+            .unwrap_or_default()
+    };
+    let (sub_id, pub_id, pub5_id) = (on("b1", "msub"), on("b2", "mpub"), on("b3", "mpub5"));
+    let port = t.front.port().to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            &sub_id,
+            "-t",
+            "real/#",
+            "-q",
+            "1",
+            "-C",
+            "3",
+            "-W",
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let reader = std::thread::spawn(move || sub.wait_with_output());
+    wait_until(
+        "mosquitto_sub connected through the LB",
+        DEADLINE,
+        || async {
+            by_client(&t)
+                .await
+                .is_ok_and(|m| m.get(&sub_id).is_some_and(|b| b == "b1"))
+        },
+    )
+    .await?;
+    let publish =
+        |id: &str, v5: bool, topic: &str, msg: &str, retain: bool| -> anyhow::Result<()> {
+            let mut args = vec![
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-i",
+                id,
+                "-t",
+                topic,
+                "-m",
+                msg,
+                "-q",
+                "1",
+            ];
+            if v5 {
+                args.extend(["-V", "mqttv5"]);
+            }
+            if retain {
+                args.push("-r");
+            }
+            anyhow::ensure!(
+                Command::new("mosquitto_pub")
+                    .args(&args)
+                    .status()?
+                    .success(),
+                "mosquitto_pub {msg}"
+            );
+            Ok(())
+        };
+    // Retained first: delivered whether it lands before or after the SUBSCRIBE.
+    publish(&pub_id, false, "real/a", "one", true)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&pub5_id, true, "real/b", "two", false)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&pub_id, false, "real/c", "three", false)?;
+    let out = tokio::task::spawn_blocking(move || reader.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["one", "two", "three"],
+        "mosquitto_sub printed {text:?}"
+    );
+
+    // paho-mqtt (PyPI), 3.1.1 and 5.0, subscriber and publisher on different brokers.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/paho_roundtrip.py");
+    for (proto, extra) in [("3.1.1", None), ("5.0", Some("v5"))] {
+        let (s, p) = (
+            on("b2", &format!("paho-sub-{proto}")),
+            on("b3", &format!("paho-pub-{proto}")),
+        );
+        let mut args = vec![
+            script.display().to_string(),
+            "127.0.0.1".into(),
+            port.clone(),
+            s,
+            p,
+            "50".into(),
+        ];
+        args.extend(extra.map(str::to_string));
+        let out = tokio::task::spawn_blocking(move || Command::new("python3").args(&args).output())
+            .await??;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "paho MQTT {proto}: {text} (install it: pip install paho-mqtt)"
+        );
+        assert!(text.contains("received 50 of 50: ok"), "{text}");
+    }
+    Ok(())
+}
