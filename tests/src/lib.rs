@@ -477,10 +477,14 @@ impl Drop for Client {
     }
 }
 
-/// The `mqlb` binary, built on first use (CLI tests run it as a user would).
+/// The `mqlb` binary: `$MQLB_BIN` if set (a project using this harness points it at an
+/// installed mqlb), else built from this workspace on first use.
 pub fn mqlb_bin() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MQLB_BIN") {
+            return Ok(PathBuf::from(p));
+        }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
