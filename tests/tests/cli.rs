@@ -276,9 +276,8 @@ async fn broker_processes_form_a_cluster_for_mosquitto_clients() -> anyhow::Resu
             "-q".into(),
             "1".into(),
         ];
-        if n == 0 {
-            args.push("-r".into());
-        }
+        // Retained: each is delivered once whether it lands before or after the SUBSCRIBE.
+        args.push("-r".into());
         let ok = Command::new("mosquitto_pub")
             .args(&args)
             .status()?
@@ -290,8 +289,10 @@ async fn broker_processes_form_a_cluster_for_mosquitto_clients() -> anyhow::Resu
         .await?
         .map_err(|_| anyhow::anyhow!("mosquitto_sub waiter panicked"))??;
     let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort();
     assert_eq!(
-        text.lines().collect::<Vec<_>>(),
+        lines,
         vec!["m0", "m1", "m2"],
         "mosquitto_sub printed: {text}"
     );
