@@ -824,3 +824,109 @@ pub async fn start_haserver_at(
     }
     Err(anyhow::anyhow!("cannot bind {addr}: {last:?}"))
 }
+
+/// A `mosquitto_sub -v` process whose output lines (`topic payload`) are read as they come.
+pub struct MosquittoSub {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl MosquittoSub {
+    /// Subscribes `filter` (QoS 1) at `addr`.
+    pub fn start(addr: SocketAddr, client_id: &str, filter: &str) -> anyhow::Result<MosquittoSub> {
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(["-i", client_id, "-t", filter, "-q", "1", "-v"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mosquitto_sub (apt-get install -y mosquitto-clients)")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(MosquittoSub { child, lines: rx })
+    }
+
+    /// Calls `ping` (which publishes to `ping_topic`) until a ping is printed: from then on the
+    /// subscription is in place and nothing published later can be missed.
+    pub async fn wait_subscribed(
+        &mut self,
+        ping_topic: &str,
+        ping: impl Fn() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            ping()?;
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                match self.lines.recv_timeout(left) {
+                    Ok(l) if l.starts_with(&format!("{ping_topic} ")) => return Ok(()),
+                    Ok(_) | Err(_) => {}
+                }
+            }
+        }
+        bail!("mosquitto_sub printed no ping within 15 s")
+    }
+
+    /// The next `n` lines that are not pings, waiting up to `timeout` in all.
+    pub fn lines(&mut self, n: usize, ping_topic: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(&format!("{ping_topic} ")) => {}
+                Ok(l) => out.push(l),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for MosquittoSub {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill() {
+            eprintln!("killing mosquitto_sub: {e}");
+        }
+        if let Err(e) = self.child.wait() {
+            eprintln!("reaping mosquitto_sub: {e}");
+        }
+    }
+}
+
+/// `mosquitto_pub` once (QoS 1), retried like a device if the connection fails.
+pub fn mosquitto_pub(
+    addr: SocketAddr,
+    client_id: &str,
+    topic: &str,
+    msg: &str,
+    v5: bool,
+) -> anyhow::Result<()> {
+    for attempt in 0..5 {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(["-i", client_id, "-t", topic, "-m", msg, "-q", "1"]);
+        if v5 {
+            cmd.args(["-V", "mqttv5"]);
+        }
+        if cmd.status().context("running mosquitto_pub")?.success() {
+            return Ok(());
+        }
+        eprintln!("mosquitto_pub {topic}: attempt {attempt} failed; retrying");
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    bail!("mosquitto_pub {topic} failed 5 times")
+}

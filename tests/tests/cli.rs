@@ -242,59 +242,21 @@ async fn broker_processes_form_a_cluster_for_mosquitto_clients() -> anyhow::Resu
         ok
     })
     .await?;
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &ports[1].0.to_string(),
-            "-t",
-            "cli/#",
-            "-C",
-            "3",
-            "-W",
-            "10",
-            "-q",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    // `-W 10`: mosquitto_sub gives up by itself after 10 s.
-    let waiter = std::thread::spawn(move || sub.wait_with_output());
+    let n1 = SocketAddr::from(([127, 0, 0, 1], ports[0].0));
+    let n2 = SocketAddr::from(([127, 0, 0, 1], ports[1].0));
+    let mut sub = mqlb_tests::MosquittoSub::start(n2, "cli-sub", "cli/#")?;
+    sub.wait_subscribed("cli/ping", || {
+        mqlb_tests::mosquitto_pub(n1, "cli-ping", "cli/ping", "p", false)
+    })
+    .await?;
     for n in 0..3 {
-        // Give mosquitto_sub its SUBACK before the first publish: retained makes the first
-        // message independent of that race.
-        let mut args = vec![
-            "-h".to_string(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            ports[0].0.to_string(),
-            "-t".into(),
-            format!("cli/{n}"),
-            "-m".into(),
-            format!("m{n}"),
-            "-q".into(),
-            "1".into(),
-        ];
-        // Retained: each is delivered once whether it lands before or after the SUBSCRIBE.
-        args.push("-r".into());
-        let ok = Command::new("mosquitto_pub")
-            .args(&args)
-            .status()?
-            .success();
-        assert!(ok, "mosquitto_pub {n}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        mqlb_tests::mosquitto_pub(n1, "cli-pub", &format!("cli/{n}"), &format!("m{n}"), false)?;
     }
-    let output = tokio::task::spawn_blocking(move || waiter.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("mosquitto_sub waiter panicked"))??;
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    let mut lines: Vec<&str> = text.lines().collect();
-    lines.sort();
+    let lines = sub.lines(3, "cli/ping", Duration::from_secs(10));
     assert_eq!(
         lines,
-        vec!["m0", "m1", "m2"],
-        "mosquitto_sub printed: {text}"
+        ["cli/0 m0", "cli/1 m1", "cli/2 m2"],
+        "mosquitto_sub on n2 printed"
     );
     for n in &mut nodes {
         Command::new("kill")

@@ -342,7 +342,7 @@ async fn the_ha_server_dies_and_failover_still_works() -> anyhow::Result<()> {
 /// the LB, with subscriber and publishers on different brokers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_and_paho_clients_across_brokers() -> anyhow::Result<()> {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let t = Topology::start(3).await?;
     let all = ["b1", "b2", "b3"];
     let on = |b: &str, prefix: &str| {
@@ -353,28 +353,9 @@ async fn mosquitto_and_paho_clients_across_brokers() -> anyhow::Result<()> {
     };
     let (sub_id, pub_id, pub5_id) = (on("b1", "msub"), on("b2", "mpub"), on("b3", "mpub5"));
     let port = t.front.port().to_string();
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-i",
-            &sub_id,
-            "-t",
-            "real/#",
-            "-q",
-            "1",
-            "-C",
-            "3",
-            "-W",
-            "15",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let reader = std::thread::spawn(move || sub.wait_with_output());
+    let mut sub = mqlb_tests::MosquittoSub::start(t.front, &sub_id, "real/#")?;
     wait_until(
-        "mosquitto_sub connected through the LB",
+        "mosquitto_sub connected through the LB to b1",
         DEADLINE,
         || async {
             by_client(&t)
@@ -383,49 +364,18 @@ async fn mosquitto_and_paho_clients_across_brokers() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let publish =
-        |id: &str, v5: bool, topic: &str, msg: &str, retain: bool| -> anyhow::Result<()> {
-            let mut args = vec![
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-i",
-                id,
-                "-t",
-                topic,
-                "-m",
-                msg,
-                "-q",
-                "1",
-            ];
-            if v5 {
-                args.extend(["-V", "mqttv5"]);
-            }
-            if retain {
-                args.push("-r");
-            }
-            anyhow::ensure!(
-                Command::new("mosquitto_pub")
-                    .args(&args)
-                    .status()?
-                    .success(),
-                "mosquitto_pub {msg}"
-            );
-            Ok(())
-        };
-    // Retained: each is delivered once whether it lands before or after the SUBSCRIBE.
-    publish(&pub_id, false, "real/a", "one", true)?;
-    publish(&pub5_id, true, "real/b", "two", true)?;
-    publish(&pub_id, false, "real/c", "three", true)?;
-    let out = tokio::task::spawn_blocking(move || reader.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    sub.wait_subscribed("real/ping", || {
+        mqlb_tests::mosquitto_pub(t.front, &pub_id, "real/ping", "p", false)
+    })
+    .await?;
+    mqlb_tests::mosquitto_pub(t.front, &pub_id, "real/a", "one", false)?;
+    mqlb_tests::mosquitto_pub(t.front, &pub5_id, "real/b", "two", true)?;
+    mqlb_tests::mosquitto_pub(t.front, &pub_id, "real/c", "three", false)?;
+    let lines = sub.lines(3, "real/ping", Duration::from_secs(10));
     assert_eq!(
-        text.lines().collect::<Vec<_>>(),
-        ["one", "two", "three"],
-        "mosquitto_sub printed {text:?}"
+        lines,
+        ["real/a one", "real/b two", "real/c three"],
+        "mosquitto_sub (on b1) printed"
     );
 
     // paho-mqtt (PyPI), 3.1.1 and 5.0, subscriber and publisher on different brokers.
