@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mqlb_config::{Distribution, Fallback, Rule};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::lb::Shared;
@@ -352,24 +352,73 @@ enum Side {
     Writer,
 }
 
+/// Copy buffers not in use, per worker thread: an idle connection holds none (it waits for
+/// readiness first), and a busy one reuses them without an allocation per packet.
+mod pool {
+    use std::cell::RefCell;
+
+    /// Buffers kept per thread; beyond this they are freed.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take(size: usize) -> Vec<u8> {
+        FREE.with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; size])
+    }
+
+    pub(super) fn give(buf: Vec<u8>) {
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(buf);
+            }
+        });
+    }
+}
+
 /// Copies `from` → `to` until EOF (then half-closes `to`), counting bytes as they pass.
-async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    mut from: R,
+async fn pump<W: AsyncWrite + Unpin>(
+    from: tokio::net::tcp::ReadHalf<'_>,
     mut to: W,
     counter: &AtomicU64,
 ) -> Result<(), (Side, std::io::Error)> {
-    let mut buf = vec![0u8; COPY_BUF];
-    loop {
-        let n = from.read(&mut buf).await.map_err(|e| (Side::Reader, e))?;
-        if n == 0 {
-            // Half-close: pass the FIN on and keep the other direction running.
-            return to.shutdown().await.map_err(|e| (Side::Writer, e));
+    let sock = from.as_ref();
+    let mut buf: Option<Vec<u8>> = None;
+    let result = loop {
+        if buf.is_none() {
+            // Idle: wait for data without holding a buffer.
+            if let Err(e) = sock.readable().await {
+                break Err((Side::Reader, e));
+            }
         }
-        to.write_all(&buf[..n])
-            .await
-            .map_err(|e| (Side::Writer, e))?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        let b = buf.get_or_insert_with(|| pool::take(COPY_BUF));
+        match sock.try_read(b) {
+            Ok(0) => {
+                // Half-close: pass the FIN on and keep the other direction running.
+                break to.shutdown().await.map_err(|e| (Side::Writer, e));
+            }
+            Ok(n) => {
+                if let Err(e) = to.write_all(&b[..n]).await {
+                    break Err((Side::Writer, e));
+                }
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Drained: the buffer goes back until the next data.
+                if let Some(b) = buf.take() {
+                    pool::give(b);
+                }
+            }
+            Err(e) => break Err((Side::Reader, e)),
+        }
+    };
+    if let Some(b) = buf.take() {
+        pool::give(b);
     }
+    result
 }
 
 /// Copies both ways with the rule's idle timeout, closing early on backend-down (when the
