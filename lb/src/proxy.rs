@@ -103,7 +103,8 @@ async fn read_connect(
     max_bytes: usize,
 ) -> Result<(Vec<u8>, Result<mqtt::Connect, ConnectError>), InspectFail> {
     let mut buf = Vec::with_capacity(256.min(max_bytes));
-    let mut chunk = [0u8; 1024];
+    // On the heap, not in the task: the task lives as long as the connection.
+    let mut chunk = vec![0u8; 1024];
     loop {
         let room = (max_bytes - buf.len()).min(chunk.len());
         let n = client
