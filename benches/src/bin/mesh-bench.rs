@@ -37,7 +37,9 @@ async fn run(
             match tokio::time::timeout(Duration::from_secs(20), sub_loop.poll()).await {
                 Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
                     if let Some(r) = ready.take() {
-                        let _sent = r.send(());
+                        if r.send(()).is_err() {
+                            eprintln!("bench: nobody waits for the SUBACK any more");
+                        }
                     }
                 }
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
