@@ -110,7 +110,7 @@ impl Mosquitto {
                 &conf,
                 format!(
                     "listener {port} 127.0.0.1\nlistener {alt_port} 127.0.0.1\n\
-                     allow_anonymous true\npersistence false\nlog_dest none\n"
+                     allow_anonymous true\npersistence false\nlog_dest none\nmax_queued_messages 100000\n"
                 ),
             )?;
             let mut m = Mosquitto {
