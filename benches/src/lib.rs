@@ -200,6 +200,16 @@ pub async fn start_haproxy(
     dir: &Path,
     backends: &[SocketAddr],
 ) -> anyhow::Result<Option<(Proc, SocketAddr)>> {
+    start_haproxy_with(dir, backends, false).await
+}
+
+/// Like [`start_haproxy`]; with `mqtt`, HAProxy reads the CONNECT and hashes the client ID
+/// (its MQTT rules), the same work `mqlb`'s `mqtt-client-id` rule does: the fair comparison.
+pub async fn start_haproxy_with(
+    dir: &Path,
+    backends: &[SocketAddr],
+    mqtt: bool,
+) -> anyhow::Result<Option<(Proc, SocketAddr)>> {
     if Command::new("haproxy")
         .arg("-v")
         .stdout(Stdio::null())
@@ -209,14 +219,26 @@ pub async fn start_haproxy(
         return Ok(None);
     }
     let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
+    let (inspect, balance) = if mqtt {
+        (
+            "  tcp-request inspect-delay 5s\n  tcp-request content reject unless { req.payload(0,0),mqtt_is_valid }\n",
+            "  balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)\n",
+        )
+    } else {
+        ("", "  balance roundrobin\n")
+    };
     let mut t = format!(
         "global\n  maxconn 5000\ndefaults\n  mode tcp\n  timeout connect 3s\n  timeout client 4m\n  timeout server 4m\n\
-         frontend f\n  bind {front}\n  default_backend b\nbackend b\n  balance roundrobin\n"
+         frontend f\n  bind {front}\n{inspect}  default_backend b\nbackend b\n{balance}"
     );
     for (i, b) in backends.iter().enumerate() {
         t += &format!("  server s{i} {b}\n");
     }
-    let file = dir.join("haproxy.cfg");
+    let file = dir.join(if mqtt {
+        "haproxy-mqtt.cfg"
+    } else {
+        "haproxy.cfg"
+    });
     std::fs::write(&file, t)?;
     let child = Command::new("haproxy")
         .args(["-db", "-f"])

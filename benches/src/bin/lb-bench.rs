@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     let broker = Mosquitto::start().await?;
     let (_mqlb2, via_mqlb_mqtt) =
         start_mqlb(dir.path(), &[broker.addr()], "mqtt-client-id").await?;
-    let haproxy = start_haproxy(dir.path(), &[broker.addr()]).await?;
+    let haproxy = start_haproxy_with(dir.path(), &[broker.addr()], true).await?;
     println!("\n== MQTT connection rate ({conn_total} CONNECT/CONNACK/DISCONNECT, 16 at a time, mosquitto backend) ==");
     let report = |name: &str, (rate, p50, p99): (f64, Duration, Duration), base: f64| {
         println!(
@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     report("mqlb (mqtt-client-id)", m, direct.0);
     if let Some((_, hp)) = &haproxy {
         let h = mqtt_connect_rate(*hp, conn_total, 16, "haproxy").await?;
-        report("haproxy (tcp, roundrobin)", h, direct.0);
+        report("haproxy (MQTT client-id hash)", h, direct.0);
     } else {
         println!("haproxy not installed: no comparison");
     }
