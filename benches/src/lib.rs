@@ -143,8 +143,11 @@ pub async fn wait_listening(addr: SocketAddr, p: &mut Proc) -> anyhow::Result<()
     }
 }
 
-/// The release `mqlb` binary, built if needed.
+/// The release `mqlb` binary, built if needed (`$MQLB_BIN` overrides: A/B runs of two builds).
 pub fn mqlb_release_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MQLB_BIN") {
+        return Ok(PathBuf::from(p));
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let ok = Command::new(cargo)

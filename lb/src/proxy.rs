@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mqlb_config::{Distribution, Fallback, Rule};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::lb::Shared;
@@ -354,7 +354,8 @@ enum Side {
 }
 
 /// Copy buffers not in use, per worker thread: an idle connection holds none (it waits for
-/// readiness first), and a busy one reuses them without an allocation per packet.
+/// readiness first, see `Dir::poll`), and a busy one reuses them without an allocation per
+/// packet.
 mod pool {
     use std::cell::RefCell;
 
@@ -380,46 +381,134 @@ mod pool {
     }
 }
 
-/// Copies `from` → `to` until EOF (then half-closes `to`), counting bytes as they pass.
-async fn pump<W: AsyncWrite + Unpin>(
-    from: tokio::net::tcp::ReadHalf<'_>,
-    mut to: W,
-    counter: &AtomicU64,
-) -> Result<(), (Side, std::io::Error)> {
-    let sock = from.as_ref();
-    let mut buf: Option<Vec<u8>> = None;
-    let result = loop {
-        if buf.is_none() {
-            // Idle: wait for data without holding a buffer.
-            if let Err(e) = sock.readable().await {
-                break Err((Side::Reader, e));
-            }
+/// One direction of a connection: a buffer only while bytes are in flight.
+#[derive(Default)]
+struct Dir {
+    buf: Option<Vec<u8>>,
+    pos: usize,
+    len: usize,
+    done: bool,
+}
+
+impl Dir {
+    fn release(&mut self) {
+        if let Some(b) = self.buf.take() {
+            pool::give(b);
         }
-        let b = buf.get_or_insert_with(|| pool::take(COPY_BUF));
-        match sock.try_read(b) {
-            Ok(0) => {
-                // Half-close: pass the FIN on and keep the other direction running.
-                break to.shutdown().await.map_err(|e| (Side::Writer, e));
-            }
-            Ok(n) => {
-                if let Err(e) = to.write_all(&b[..n]).await {
-                    break Err((Side::Writer, e));
-                }
-                counter.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Drained: the buffer goes back until the next data.
-                if let Some(b) = buf.take() {
-                    pool::give(b);
-                }
-            }
-            Err(e) => break Err((Side::Reader, e)),
-        }
-    };
-    if let Some(b) = buf.take() {
-        pool::give(b);
     }
-    result
+
+    /// Moves bytes `from` → `to` until EOF (then half-closes `to`) or until neither side is
+    /// ready. Plain readiness polling instead of nested futures keeps a connection's task
+    /// small: most connections are idle MQTT sessions, and this state is all they hold.
+    fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        counter: &AtomicU64,
+    ) -> std::task::Poll<Result<(), (Side, std::io::Error)>> {
+        use std::io::ErrorKind::WouldBlock;
+        use std::task::Poll;
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(buf) = &self.buf {
+                if self.pos < self.len {
+                    match to.poll_write_ready(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Writer, e))),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    match to.try_write(&buf[self.pos..self.len]) {
+                        Ok(n) => {
+                            self.pos += n;
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err((Side::Writer, e))),
+                    }
+                    continue;
+                }
+            }
+            match from.poll_read_ready(cx) {
+                Poll::Pending => {
+                    // Idle: the buffer goes back to the pool until the next data.
+                    self.release();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
+                Poll::Ready(Ok(())) => {}
+            }
+            let buf = self.buf.get_or_insert_with(|| pool::take(COPY_BUF));
+            match from.try_read(buf) {
+                Ok(0) => {
+                    self.release();
+                    self.done = true;
+                    // Half-close: pass the FIN on and keep the other direction running.
+                    return Poll::Ready(
+                        SockRef::from(to)
+                            .shutdown(std::net::Shutdown::Write)
+                            .map_err(|e| (Side::Writer, e)),
+                    );
+                }
+                Ok(n) => (self.pos, self.len) = (0, n),
+                Err(e) if e.kind() == WouldBlock => self.release(),
+                Err(e) => return Poll::Ready(Err((Side::Reader, e))),
+            }
+        }
+    }
+}
+
+/// Both directions of a proxied connection; done when both saw EOF, failed when either failed
+/// (the outcome names who).
+struct Bidi<'a> {
+    client: &'a TcpStream,
+    server: &'a TcpStream,
+    up: Dir,
+    down: Dir,
+    info: &'a ConnInfo,
+}
+
+impl std::future::Future for Bidi<'_> {
+    type Output = Result<(), (Outcome, std::io::Error)>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let me = &mut *self;
+        if let Poll::Ready(Err((side, e))) = me.up.poll(cx, me.client, me.server, &me.info.bytes_in)
+        {
+            let o = match side {
+                Side::Reader => Outcome::ClientError,
+                Side::Writer => Outcome::BackendError,
+            };
+            return Poll::Ready(Err((o, e)));
+        }
+        if let Poll::Ready(Err((side, e))) =
+            me.down.poll(cx, me.server, me.client, &me.info.bytes_out)
+        {
+            let o = match side {
+                Side::Reader => Outcome::BackendError,
+                Side::Writer => Outcome::ClientError,
+            };
+            return Poll::Ready(Err((o, e)));
+        }
+        if me.up.done && me.down.done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for Bidi<'_> {
+    fn drop(&mut self) {
+        self.up.release();
+        self.down.release();
+    }
 }
 
 /// Copies both ways with the rule's idle timeout, closing early on backend-down (when the
@@ -452,35 +541,14 @@ async fn copy_until_done(
     client: &mut TcpStream,
     server: &mut TcpStream,
 ) -> Outcome {
-    // Borrowed halves: unlike owned ones they send no FIN when dropped, so a reset on idle
-    // reaches the peers as a plain RST.
-    let (cr, cw) = client.split();
-    let (sr, sw) = server.split();
-    let up = async {
-        match pump(cr, sw, &info.bytes_in).await {
-            Ok(()) => Ok(()),
-            Err((Side::Reader, e)) => Err((Outcome::ClientError, e)),
-            Err((Side::Writer, e)) => Err((Outcome::BackendError, e)),
-        }
-    };
-    let down = async {
-        match pump(sr, cw, &info.bytes_out).await {
-            Ok(()) => Ok(()),
-            Err((Side::Reader, e)) => Err((Outcome::BackendError, e)),
-            Err((Side::Writer, e)) => Err((Outcome::ClientError, e)),
-        }
-    };
-    // Either direction failing ends the connection; both finishing cleanly is a normal close.
-    let copy = async {
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            tokio::select! {
-                r = &mut up, if !up_done => { r?; up_done = true; }
-                r = &mut down, if !down_done => { r?; down_done = true; }
-            }
-        }
-        Ok::<(), (Outcome, std::io::Error)>(())
+    // The streams are only borrowed: nothing sends a FIN when the copy ends, so a reset on
+    // idle reaches the peers as a plain RST.
+    let copy = Bidi {
+        client: &*client,
+        server: &*server,
+        up: Dir::default(),
+        down: Dir::default(),
+        info,
     };
 
     let labels_in =
