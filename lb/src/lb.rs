@@ -142,12 +142,15 @@ impl Lb {
             .map_err(bind_err("admin server", config.lb.admin))?;
         let mut bound = Vec::new();
         for f in reload::served_frontends(&config) {
-            let l = match listeners.frontends.remove(&f.name) {
-                Some(l) => l,
-                None => listener::bind(f.bind, f.backlog.get())
-                    .map_err(bind_err(&format!("frontend {}", f.name), f.bind))?,
+            let (l, ours) = match listeners.frontends.remove(&f.name) {
+                Some(l) => (l, false),
+                None => (
+                    listener::bind(f.bind, f.backlog.get())
+                        .map_err(bind_err(&format!("frontend {}", f.name), f.bind))?,
+                    true,
+                ),
             };
-            bound.push((f, l));
+            bound.push((f, l, ours));
         }
         let source = config.source.clone();
         let base = config.clone();
@@ -177,8 +180,8 @@ impl Lb {
         };
         {
             let mut control = lb.inner.control.lock().await;
-            for (f, l) in bound {
-                lb.open_frontend(&mut control, f, l);
+            for (f, l, ours) in bound {
+                lb.open_frontend(&mut control, f, l, ours);
             }
             lb.reconcile_probes(&mut control);
             lb.restart_data_path_probes(&mut control);
@@ -325,7 +328,7 @@ impl Lb {
             }
         }
         for (f, l) in fresh {
-            self.open_frontend(&mut control, f, l);
+            self.open_frontend(&mut control, f, l, true);
         }
         self.reconcile_probes(&mut control);
         self.restart_data_path_probes(&mut control);
@@ -355,13 +358,15 @@ impl Lb {
             .inc();
     }
 
-    fn open_frontend(&self, control: &mut Control, f: Frontend, l: TcpListener) {
+    /// `ours`: bound by [`listener::bind`], so accepted sockets inherit its options.
+    fn open_frontend(&self, control: &mut Control, f: Frontend, l: TcpListener, ours: bool) {
         let addr = l.local_addr().unwrap_or(f.bind);
         let stop = self.inner.shared.stopping.child_token();
         tokio::spawn(listener::accept_loop(
             self.inner.shared.clone(),
             f.name.clone(),
             l,
+            ours && listener::ACCEPTED_INHERIT_OPTIONS,
             stop.clone(),
         ));
         tracing::info!(frontend = f.name, %addr, "listening");

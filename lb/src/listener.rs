@@ -13,11 +13,20 @@ use tokio_util::sync::CancellationToken;
 use crate::lb::Shared;
 use crate::proxy;
 
+/// Linux copies a listening socket's TCP_NODELAY and keepalive settings to the sockets it
+/// accepts, which saves four syscalls per client connection.
+pub(crate) const ACCEPTED_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
+
 /// Binds a listening socket the way a load balancer needs it: `SO_REUSEADDR` (restart while
-/// old connections sit in TIME_WAIT) and the configured listen backlog.
+/// old connections sit in TIME_WAIT), the configured listen backlog, and the client-socket
+/// options (TCP_NODELAY, keepalive) for accepted sockets to inherit.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if ACCEPTED_INHERIT_OPTIONS {
+        socket.set_tcp_nodelay(true)?;
+        socket.set_tcp_keepalive(&crate::proxy::keepalive())?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
@@ -31,6 +40,7 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     frontend: String,
     listener: TcpListener,
+    inherits_options: bool,
     stop: CancellationToken,
 ) {
     let local = match listener.local_addr() {
@@ -52,9 +62,12 @@ pub(crate) async fn accept_loop(
                     continue;
                 };
                 let s = shared.clone();
-                shared
-                    .tracker
-                    .spawn(async move { proxy::handle(s, rule, stream, peer, local).await });
+                shared.tracker.spawn(async move {
+                    if !inherits_options {
+                        proxy::set_socket_options(&stream);
+                    }
+                    proxy::handle(s, rule, stream, peer, local).await
+                });
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: out of resources. Back off briefly instead of spinning;

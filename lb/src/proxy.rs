@@ -125,14 +125,19 @@ async fn read_connect(
     }
 }
 
-fn set_socket_options(s: &TcpStream) {
+pub(crate) fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+}
+
+/// TCP_NODELAY and keepalive on one leg (a client socket inherits them from a listener mqlb
+/// bound itself).
+pub(crate) fn set_socket_options(s: &TcpStream) {
     if let Err(e) = s.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
-    let ka = TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL);
-    if let Err(e) = SockRef::from(s).set_tcp_keepalive(&ka) {
+    if let Err(e) = SockRef::from(s).set_tcp_keepalive(&keepalive()) {
         tracing::debug!(error = %e, "TCP keepalive not set");
     }
 }
@@ -162,7 +167,6 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     local: SocketAddr,
 ) {
-    set_socket_options(&client);
     let cfg = &rule.cfg;
     let m = &shared.metrics;
 
