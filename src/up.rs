@@ -138,13 +138,13 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
         for (what, addr) in checks.iter().filter(|(w, _)| w.starts_with(&prefix)) {
             while !accepts(*addr).await {
                 if let Some(Ok(Some(status))) = p.child.as_mut().map(Child::try_wait) {
-                    stop_all(&mut procs).await;
+                    stop_all(&mut procs, cfg.lb.shutdown_grace).await;
                     bail!(
                         "{what} exited ({status}) before listening on {addr}; is the port taken?"
                     );
                 }
                 if Instant::now() > deadline {
-                    stop_all(&mut procs).await;
+                    stop_all(&mut procs, cfg.lb.shutdown_grace).await;
                     bail!("{what} not listening on {addr} after 30 s");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -225,32 +225,49 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
             break;
         }
     }
-    stop_all(&mut procs).await;
+    stop_all(&mut procs, cfg.lb.shutdown_grace).await;
     Ok(code)
 }
 
-/// SIGTERM to each child in turn (LB first, HA servers last) and wait for it; SIGKILL what
-/// is still there after 15 s in all.
-async fn stop_all(procs: &mut [Proc]) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for p in procs.iter_mut().rev() {
-        let Some(child) = p.child.as_mut() else {
-            continue;
-        };
-        signal(child.id(), "-TERM");
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() > deadline => {
-                    eprintln!("mqlb up: {} did not stop; killing it", p.name);
-                    signal(child.id(), "-KILL");
-                    if let Err(e) = child.wait() {
-                        eprintln!("mqlb up: reaping {}: {e}", p.name);
-                    }
-                    break;
-                }
-                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+/// Stops the children in three stages — the LB (it drains its connections for up to its
+/// `shutdown_grace`), then every broker at once (they leave the HA membership), then the HA
+/// servers — each stage SIGTERM, a wait, and SIGKILL for what is still there.
+async fn stop_all(procs: &mut [Proc], lb_grace: Duration) {
+    let stages: [(&str, Duration); 3] = [
+        ("lb", lb_grace + Duration::from_secs(5)),
+        ("broker ", Duration::from_secs(10)),
+        ("haserver ", Duration::from_secs(10)),
+    ];
+    for (prefix, wait) in stages {
+        let stage: Vec<&mut Proc> = procs
+            .iter_mut()
+            .filter(|p| p.name.starts_with(prefix))
+            .collect();
+        for p in &stage {
+            if let Some(c) = &p.child {
+                signal(c.id(), "-TERM");
             }
+        }
+        let deadline = Instant::now() + wait;
+        for p in stage {
+            let Some(child) = p.child.as_mut() else {
+                continue;
+            };
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        eprintln!("mqlb up: {} did not stop; killing it", p.name);
+                        signal(child.id(), "-KILL");
+                        if let Err(e) = child.wait() {
+                            eprintln!("mqlb up: reaping {}: {e}", p.name);
+                        }
+                        break;
+                    }
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            p.child = None;
         }
     }
 }
