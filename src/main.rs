@@ -124,11 +124,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The process's runtime: one worker per core, or `MQLB_WORKER_THREADS` (like HAProxy's
+/// `nbthread`).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Ok(v) = std::env::var("MQLB_WORKER_THREADS") {
+        let n: usize =
+            v.parse().ok().filter(|n| *n > 0).with_context(|| {
+                format!("MQLB_WORKER_THREADS={v:?}: expected a positive number")
+            })?;
+        b.worker_threads(n);
+    }
+    b.enable_all().build().context("starting the tokio runtime")
 }
 
 fn check_config(file: &PathBuf) -> ExitCode {
