@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mqlb_config::{Config, ConfigError, Distribution, Frontend, Probe};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
-use crate::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use crate::reload::{self, plan_listeners};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{RuleRt, Snapshot};
 use crate::state::{lock, BackendState, ConnRegistry};
 use crate::{admin, listener, probe};
 use mqlb_haserver::model::ClusterView;
@@ -441,10 +439,8 @@ impl Lb {
                 continue;
             };
             tokio::spawn(data_path_probe(
-                self.inner.shared.clone(),
-                rule.cfg.name.clone(),
-                rule.cfg.distribution,
-                rule.pool.cfg.probe.clone(),
+                self.inner.shared.metrics.clone(),
+                rule.clone(),
                 addr,
                 control.data_path.clone(),
             ));
@@ -485,14 +481,14 @@ impl Lb {
 }
 
 async fn data_path_probe(
-    shared: Arc<Shared>,
-    rule: String,
-    distribution: Distribution,
-    probe: Probe,
+    metrics: Arc<Metrics>,
+    rule: Arc<RuleRt>,
     frontend: SocketAddr,
     stop: CancellationToken,
 ) {
-    let gauge = shared.metrics.data_path_up.with_label_values(&[&rule]);
+    let gauge = metrics.data_path_up.with_label_values(&[&rule.cfg.name]);
+    let probe = &rule.pool.cfg.probe;
+    let client_prefix = format!("mqlb-datapath-{}", rule.cfg.name);
     let mut ticker = tokio::time::interval(probe.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -501,34 +497,19 @@ async fn data_path_probe(
             _ = ticker.tick() => {}
         }
         let attempt = async {
-            let mut s = TcpStream::connect(frontend).await.ok()?;
-            if distribution == Distribution::MqttClientId {
-                // A full CONNECT → CONNACK through the LB to a broker.
-                let connect = encode_connect(&ConnectOptions {
-                    level: ProtocolLevel::V311,
-                    client_id: crate::probe::unique_client_id(&format!("mqlb-datapath-{rule}")),
-                    keep_alive: 10,
-                    ..ConnectOptions::default()
-                });
-                s.write_all(&connect).await.ok()?;
-                let mut ack = [0u8; 4];
-                s.read_exact(&mut ack).await.ok()?;
-                let ok = ack[0] == 0x20 && ack[3] == 0;
-                if ok {
-                    s.write_all(&[0xe0, 0x00]).await.ok()?;
-                }
-                Some(ok)
+            let s = TcpStream::connect(frontend).await.ok()?;
+            if rule.cfg.distribution == Distribution::MqttClientId {
+                // The same CONNECT → CONNACK as the mqtt probe, through the LB to a broker.
+                Some(probe::mqtt_handshake(s, &client_prefix).await.is_ok())
             } else {
-                // Raw TCP: the frontend accepts and the rule has a backend to send to.
-                let snap = shared.snapshot.load();
-                let eligible = snap.rules.values().any(|r| {
-                    r.cfg.name == rule
-                        && r.pool
-                            .members
-                            .iter()
-                            .any(|m| m.state.is_up() && !m.state.is_draining())
-                });
-                Some(eligible)
+                // Raw TCP: the frontend accepts and the rule has a backend to send to. (This
+                // task is restarted with every snapshot, so `rule` is the current one.)
+                Some(
+                    rule.pool
+                        .members
+                        .iter()
+                        .any(|m| m.state.is_up() && !m.state.is_draining()),
+                )
             }
         };
         let ok = tokio::select! {

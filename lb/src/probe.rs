@@ -60,7 +60,7 @@ pub async fn probe_once(
         match protocol {
             ProbeProtocol::Tcp => Ok(()),
             ProbeProtocol::Http { path } => http(stream, target, path).await,
-            ProbeProtocol::Mqtt => mqtt(stream).await,
+            ProbeProtocol::Mqtt => mqtt_handshake(stream, "mqlb-probe").await,
         }
     })
     .await
@@ -95,7 +95,7 @@ async fn http(stream: TcpStream, target: SocketAddr, path: &str) -> Result<(), P
 /// A client ID used once. A broker may keep state for an ID whose CONNECT was cut short (a
 /// probe timing out), and rumqttd 0.20 then fails the next CONNECT with that ID (rumqtt #1062):
 /// probes never reuse one.
-pub(crate) fn unique_client_id(prefix: &str) -> String {
+fn unique_client_id(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     format!(
         "{prefix}-{}-{}",
@@ -104,10 +104,15 @@ pub(crate) fn unique_client_id(prefix: &str) -> String {
     )
 }
 
-async fn mqtt(mut stream: TcpStream) -> Result<(), ProbeError> {
+/// CONNECT (3.1.1, a one-time client ID starting with `client_prefix`) → an accepting CONNACK
+/// → DISCONNECT. The `mqtt` probe and the data-path probe (through a frontend) both use it.
+pub(crate) async fn mqtt_handshake(
+    mut stream: TcpStream,
+    client_prefix: &str,
+) -> Result<(), ProbeError> {
     let connect = encode_connect(&ConnectOptions {
         level: ProtocolLevel::V311,
-        client_id: unique_client_id("mqlb-probe"),
+        client_id: unique_client_id(client_prefix),
         keep_alive: 10,
         clean_start: true,
         ..ConnectOptions::default()
