@@ -10,3 +10,9 @@ pub use store::{SqliteStore, Store, StoreError};
 pub mod client;
 
 pub use client::{ClientError, HaClient};
+
+/// Locks a mutex even if a panicking holder poisoned it: what it guards (a database handle,
+/// small maps) stays usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

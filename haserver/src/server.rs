@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
 use crate::model::{MemberState, Registration};
 use crate::store::{Store, StoreError};
 
@@ -107,10 +108,6 @@ struct Shared {
     /// Last accepted heartbeat per member, to refuse floods without touching the database.
     heartbeats: Mutex<HashMap<String, Instant>>,
     metrics: Metrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
@@ -297,12 +294,20 @@ async fn expiry_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Notices version changes made by any server sharing the database (and updates gauges).
+/// Notices version changes made by any server sharing the database. Polls only the version
+/// (one row); the membership is read, for the gauges, when the version moved.
 async fn version_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut seen = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let Ok(version) = shared.db(|s| s.version()).await else {
+            continue;
+        };
+        if seen == Some(version) {
+            continue;
         }
         if let Ok(view) = shared.db(|s| s.cluster()).await {
             let up = view
@@ -310,17 +315,11 @@ async fn version_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 .iter()
                 .filter(|m| m.state == MemberState::Up)
                 .count();
-            shared
-                .metrics
-                .members
-                .with_label_values(&["up"])
-                .set(up as i64);
-            shared
-                .metrics
-                .members
-                .with_label_values(&["down"])
-                .set((view.members.len() - up) as i64);
+            let gauge = |state: &str| shared.metrics.members.with_label_values(&[state]);
+            gauge("up").set(up as i64);
+            gauge("down").set((view.members.len() - up) as i64);
             shared.metrics.version.set(view.version as i64);
+            seen = Some(view.version);
             if *shared.version.borrow() != view.version {
                 shared.version.send_replace(view.version);
             }

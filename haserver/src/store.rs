@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::lock;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
 
 #[derive(Debug, thiserror::Error)]
@@ -95,10 +96,6 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
-}
-
-fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SqliteStore {
@@ -227,21 +224,30 @@ impl Store for SqliteStore {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut changed = None;
-        let to_down: Vec<String> = tx
-            .prepare("SELECT id FROM members WHERE state = 'up' AND last_seen_ms < ?1")?
-            .query_map([now_ms - down_after_ms], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        for id in &to_down {
-            tx.execute("UPDATE members SET state = 'down' WHERE id = ?1", [id])?;
-            changed = Some(bump(&tx, id, "down", now_ms)?);
-        }
-        let to_remove: Vec<String> = tx
-            .prepare("SELECT id FROM members WHERE state = 'down' AND last_seen_ms < ?1")?
-            .query_map([now_ms - remove_after_ms], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        for id in &to_remove {
-            tx.execute("DELETE FROM members WHERE id = ?1", [id])?;
-            changed = Some(bump(&tx, id, "removed", now_ms)?);
+        // Up and silent too long → down; down and silent even longer → removed.
+        let steps = [
+            (
+                "up",
+                now_ms - down_after_ms,
+                "UPDATE members SET state = 'down' WHERE id = ?1",
+                "down",
+            ),
+            (
+                "down",
+                now_ms - remove_after_ms,
+                "DELETE FROM members WHERE id = ?1",
+                "removed",
+            ),
+        ];
+        for (state, silent_since, change, kind) in steps {
+            let ids: Vec<String> = tx
+                .prepare("SELECT id FROM members WHERE state = ?1 AND last_seen_ms < ?2")?
+                .query_map(params![state, silent_since], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &ids {
+                tx.execute(change, [id])?;
+                changed = Some(bump(&tx, id, kind, now_ms)?);
+            }
         }
         tx.commit()?;
         Ok(changed)
