@@ -3,7 +3,7 @@
 //! processes, so the LB under test does not share a runtime with the load generator.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -128,42 +128,10 @@ impl Drop for Proc {
 
 /// Waits until `addr` accepts TCP connections; fails at once if the process exits.
 pub async fn wait_listening(addr: SocketAddr, p: &mut Proc) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if let Some(status) = p.0.try_wait()? {
-            bail!("process exited ({status}) before listening on {addr}");
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("nothing listening on {addr} after 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    mqlb_tests::wait_listening(addr, &mut p.0, Duration::from_secs(10)).await
 }
 
-/// The release `mqlb` binary, built if needed (`$MQLB_BIN` overrides: A/B runs of two builds).
-pub fn mqlb_release_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("MQLB_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "-q", "--release", "--bin", "mqlb"])
-        .current_dir(&root)
-        .status()
-        .context("running cargo build")?
-        .success();
-    if !ok {
-        bail!("cargo build --release --bin mqlb failed");
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    Ok(target.join("release").join("mqlb"))
-}
+pub use mqlb_tests::mqlb_release_bin;
 
 /// Runs `mqlb lb` with one frontend in front of `backends`; returns the process and the
 /// frontend address.

@@ -42,6 +42,20 @@ where
     }
 }
 
+/// Waits until an event counter of a client reaches `at_least`.
+async fn wait_count(
+    what: &str,
+    counter: &AtomicUsize,
+    at_least: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    wait_until(what, timeout, || async {
+        counter.load(Ordering::SeqCst) >= at_least
+    })
+    .await
+    .map(|_| ())
+}
+
 /// A loopback port that was free a moment ago (for processes that must be told a port).
 pub fn free_port() -> anyhow::Result<u16> {
     let l = StdListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
@@ -394,11 +408,12 @@ impl Client {
                 }
             }
         });
-        let n = c.connacks.clone();
-        wait_until(&format!("CONNACK for {id}"), Duration::from_secs(5), || {
-            let n = n.clone();
-            async move { n.load(Ordering::SeqCst) >= 1 }
-        })
+        wait_count(
+            &format!("CONNACK for {id}"),
+            &c.connacks,
+            1,
+            Duration::from_secs(5),
+        )
         .await?;
         Ok(c)
     }
@@ -408,17 +423,13 @@ impl Client {
         let before = self.subacks.load(Ordering::SeqCst);
         lock(&self.subscriptions).push((filter.to_string(), qos));
         self.client.subscribe(filter, qos).await?;
-        let n = self.subacks.clone();
-        wait_until(
+        wait_count(
             &format!("SUBACK for {filter}"),
+            &self.subacks,
+            before + 1,
             Duration::from_secs(5),
-            || {
-                let n = n.clone();
-                async move { n.load(Ordering::SeqCst) > before }
-            },
         )
         .await
-        .map(|_| ())
     }
 
     /// Messages received so far, in arrival order.
@@ -457,12 +468,13 @@ impl Client {
             eprintln!("{}: disconnect: {e}", self.id);
         }
         // Let the event loop flush the DISCONNECT before it stops.
-        let errors = self.errors.clone();
-        let before = errors.load(Ordering::SeqCst);
-        let flushed = wait_until("the DISCONNECT to go out", Duration::from_secs(1), || {
-            let e = errors.clone();
-            async move { e.load(Ordering::SeqCst) > before }
-        })
+        let before = self.errors.load(Ordering::SeqCst);
+        let flushed = wait_count(
+            "the DISCONNECT to go out",
+            &self.errors,
+            before + 1,
+            Duration::from_secs(1),
+        )
         .await;
         if flushed.is_err() {
             eprintln!("{}: event loop did not close after DISCONNECT", self.id);
@@ -478,30 +490,66 @@ impl Drop for Client {
 }
 
 /// The `mqlb` binary: `$MQLB_BIN` if set (a project using this harness points it at an
-/// installed mqlb), else built from this workspace on first use.
+/// installed mqlb), else built from this workspace on first use (CLI tests run it as a user
+/// would).
 pub fn mqlb_bin() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MQLB_BIN") {
-            return Ok(PathBuf::from(p));
+    BIN.get_or_init(|| build_mqlb(false))
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The release `mqlb` binary for benchmarks, built if needed (`$MQLB_BIN` overrides it too:
+/// A/B runs of two builds).
+pub fn mqlb_release_bin() -> anyhow::Result<PathBuf> {
+    build_mqlb(true).map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_mqlb(release: bool) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("MQLB_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-q", "--bin", "mqlb"])
+        .current_dir(&root);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("running cargo build: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build --bin mqlb failed: {status}"));
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    Ok(target
+        .join(if release { "release" } else { "debug" })
+        .join("mqlb"))
+}
+
+/// Waits until `addr` accepts TCP connections; fails at once if `child` exits first.
+pub async fn wait_listening(
+    addr: SocketAddr,
+    child: &mut Child,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-q", "--bin", "mqlb"])
-            .current_dir(&root)
-            .status()
-            .map_err(|e| format!("running cargo build: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build --bin mqlb failed: {status}"));
+        if let Some(status) = child.try_wait()? {
+            bail!("process exited ({status}) before listening on {addr}");
         }
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root.join("target"));
-        Ok(target.join("debug").join("mqlb"))
-    })
-    .clone()
-    .map_err(|e| anyhow::anyhow!(e))
+        if start.elapsed() > timeout {
+            bail!("nothing listening on {addr} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A cluster of in-process broker nodes on ephemeral loopback ports, meshed with each other.
@@ -716,13 +764,11 @@ impl Client5 {
                 }
             }
         });
-        wait_until(
+        wait_count(
             &format!("MQTT 5 CONNACK for {id}"),
+            &connacks,
+            1,
             Duration::from_secs(5),
-            || {
-                let n = connacks.clone();
-                async move { n.load(Ordering::SeqCst) >= 1 }
-            },
         )
         .await?;
         Ok(c)
@@ -733,17 +779,13 @@ impl Client5 {
         self.client
             .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
             .await?;
-        let n = self.subacks.clone();
-        wait_until(
+        wait_count(
             &format!("SUBACK for {filter}"),
+            &self.subacks,
+            before + 1,
             Duration::from_secs(5),
-            || {
-                let n = n.clone();
-                async move { n.load(Ordering::SeqCst) > before }
-            },
         )
         .await
-        .map(|_| ())
     }
 
     /// Publishes at QoS 1 with user properties.

@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::net::TcpStream;
 
 use crate::{free_port, mqlb_bin, wait_until, TempDir, TEST_SECRET};
 
@@ -174,21 +173,11 @@ impl Topology {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        let started = std::time::Instant::now();
-        loop {
-            if TcpStream::connect(addr).await.is_ok() {
-                break;
+        if let Err(e) = crate::wait_listening(addr, &mut child, Duration::from_secs(20)).await {
+            if let Err(k) = child.kill() {
+                eprintln!("killing {name}: {k}");
             }
-            if let Some(status) = child.try_wait()? {
-                bail!("{name} exited ({status}) before listening on {addr}");
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                if let Err(e) = child.kill() {
-                    eprintln!("killing {name}: {e}");
-                }
-                bail!("{name} not listening on {addr} after 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            bail!("{name}: {e}");
         }
         self.procs.insert(name.to_string(), child);
         Ok(())
