@@ -199,38 +199,28 @@ impl Node {
             connections: connection_settings(&n),
         };
         let limit = ConnLimit::new(n.max_connections.get() as usize);
-        let make_v4 = {
-            let (s, rt, m, l) = (
-                settings("v4", n.mqtt),
-                router_tx.clone(),
-                mesh.clone(),
-                limit.clone(),
-            );
-            move || {
-                let mut server = Server::new(
-                    s.clone(),
-                    rt.clone(),
-                    Tap::new(V4, m.clone(), l.clone(), true),
-                );
-                async move { server.start(LinkType::Remote).await }
-            }
-        };
+        // A factory per listener: the watchdog calls it again to replace a poisoned server.
+        // (A macro, because rumqttd does not export the type of its router channel.)
+        macro_rules! factory {
+            ($settings:expr, $tap:expr) => {{
+                let (settings, router_tx, tap) = ($settings, router_tx.clone(), $tap);
+                move || {
+                    // `Tap::clone` starts a fresh per-connection state.
+                    let mut server = Server::new(settings.clone(), router_tx.clone(), tap.clone());
+                    async move { server.start(LinkType::Remote).await }
+                }
+            }};
+        }
+        let make_v4 = factory!(
+            settings("v4", n.mqtt),
+            Tap::new(V4, mesh.clone(), limit.clone(), true)
+        );
         servers.push(handle.spawn(make_v4()));
         let make_v5 = n.mqtt_v5.map(|addr| {
-            let (s, rt, m, l) = (
+            factory!(
                 settings("v5", addr),
-                router_tx.clone(),
-                mesh.clone(),
-                limit.clone(),
-            );
-            move || {
-                let mut server = Server::new(
-                    s.clone(),
-                    rt.clone(),
-                    Tap::new(V5, m.clone(), l.clone(), false),
-                );
-                async move { server.start(LinkType::Remote).await }
-            }
+                Tap::new(V5, mesh.clone(), limit.clone(), false)
+            )
         });
         if let Some(make) = &make_v5 {
             servers.push(handle.spawn(make()));
