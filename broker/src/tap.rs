@@ -91,11 +91,11 @@ impl<P> Drop for Tap<P> {
         if let Some((will, delay)) = self.will.take() {
             let mesh = self.mesh.clone();
             if delay == 0 {
-                mesh.forward_local(&will);
+                mesh.forward_local(|| will);
             } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     tokio::time::sleep(std::time::Duration::from_secs(u64::from(delay))).await;
-                    mesh.forward_local(&will);
+                    mesh.forward_local(|| will);
                 });
             }
         }
@@ -158,21 +158,24 @@ impl<P> Tap<P> {
         if topic.is_empty() || topic.iter().any(|b| *b == b'+' || *b == b'#') {
             return; // invalid for a publish; rumqttd disconnects the client
         }
-        let mut m = MeshPublish {
-            topic,
-            payload: publish.payload.clone(),
-            retain: publish.retain,
-            ..MeshPublish::default()
-        };
-        if let Some(p) = props {
-            m.payload_format_indicator = p.payload_format_indicator;
-            m.message_expiry_interval = p.message_expiry_interval;
-            m.response_topic = p.response_topic.clone();
-            m.correlation_data = p.correlation_data.clone();
-            m.user_properties = p.user_properties.clone();
-            m.content_type = p.content_type.clone();
-        }
-        self.mesh.forward_local(&m);
+        // Built only if some peer is there to take it.
+        self.mesh.forward_local(|| {
+            let mut m = MeshPublish {
+                topic,
+                payload: publish.payload.clone(),
+                retain: publish.retain,
+                ..MeshPublish::default()
+            };
+            if let Some(p) = props {
+                m.payload_format_indicator = p.payload_format_indicator;
+                m.message_expiry_interval = p.message_expiry_interval;
+                m.response_topic = p.response_topic.clone();
+                m.correlation_data = p.correlation_data.clone();
+                m.user_properties = p.user_properties.clone();
+                m.content_type = p.content_type.clone();
+            }
+            m
+        });
     }
 }
 

@@ -118,43 +118,48 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
             o.put_slice(mac);
             Ok(())
         }),
-        Frame::Publish(p) => frame(KIND_PUBLISH, |o| {
-            o.put_u8(u8::from(p.retain));
-            put_str16(o, &p.topic)?;
-            let mut props = BytesMut::new();
-            if let Some(v) = p.payload_format_indicator {
-                props.put_u8(TAG_PAYLOAD_FORMAT);
-                props.put_u8(v);
-            }
-            if let Some(v) = p.message_expiry_interval {
-                props.put_u8(TAG_EXPIRY);
-                props.put_u32(v);
-            }
-            if let Some(v) = &p.response_topic {
-                props.put_u8(TAG_RESPONSE_TOPIC);
-                put_str16(&mut props, v.as_bytes())?;
-            }
-            if let Some(v) = &p.correlation_data {
-                props.put_u8(TAG_CORRELATION);
-                put_str16(&mut props, v)?;
-            }
-            for (k, v) in &p.user_properties {
-                props.put_u8(TAG_USER_PROPERTY);
-                put_str16(&mut props, k.as_bytes())?;
-                put_str16(&mut props, v.as_bytes())?;
-            }
-            if let Some(v) = &p.content_type {
-                props.put_u8(TAG_CONTENT_TYPE);
-                put_str16(&mut props, v.as_bytes())?;
-            }
-            let props_len = u32::try_from(props.len())
-                .map_err(|_| FrameError::Malformed("properties over 4 GiB"))?;
-            o.put_u32(props_len);
-            o.put_slice(&props);
-            o.put_slice(&p.payload);
-            Ok(())
-        }),
+        Frame::Publish(p) => encode_publish(p),
     }
+}
+
+/// Encodes a PUBLISH frame (the hot path: once per local publish, shared by all peers).
+pub fn encode_publish(p: &MeshPublish) -> Result<Bytes, FrameError> {
+    frame(KIND_PUBLISH, |o| {
+        o.put_u8(u8::from(p.retain));
+        put_str16(o, &p.topic)?;
+        let mut props = BytesMut::new();
+        if let Some(v) = p.payload_format_indicator {
+            props.put_u8(TAG_PAYLOAD_FORMAT);
+            props.put_u8(v);
+        }
+        if let Some(v) = p.message_expiry_interval {
+            props.put_u8(TAG_EXPIRY);
+            props.put_u32(v);
+        }
+        if let Some(v) = &p.response_topic {
+            props.put_u8(TAG_RESPONSE_TOPIC);
+            put_str16(&mut props, v.as_bytes())?;
+        }
+        if let Some(v) = &p.correlation_data {
+            props.put_u8(TAG_CORRELATION);
+            put_str16(&mut props, v)?;
+        }
+        for (k, v) in &p.user_properties {
+            props.put_u8(TAG_USER_PROPERTY);
+            put_str16(&mut props, k.as_bytes())?;
+            put_str16(&mut props, v.as_bytes())?;
+        }
+        if let Some(v) = &p.content_type {
+            props.put_u8(TAG_CONTENT_TYPE);
+            put_str16(&mut props, v.as_bytes())?;
+        }
+        let props_len = u32::try_from(props.len())
+            .map_err(|_| FrameError::Malformed("properties over 4 GiB"))?;
+        o.put_u32(props_len);
+        o.put_slice(&props);
+        o.put_slice(&p.payload);
+        Ok(())
+    })
 }
 
 fn need(b: &Bytes, n: usize, what: &'static str) -> Result<(), FrameError> {

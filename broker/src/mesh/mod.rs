@@ -121,14 +121,16 @@ impl Mesh {
         self.peers.load_full()
     }
 
-    /// Offers a local client's publish to every peer. Never blocks: a full queue drops.
-    pub(crate) fn forward_local(&self, m: &MeshPublish) {
+    /// Offers a local client's publish (built only when there are peers) to every peer. Never
+    /// blocks: a full queue drops.
+    pub(crate) fn forward_local(&self, publish: impl FnOnce() -> MeshPublish) {
         self.metrics.local_publishes.inc();
         let peers = self.peers.load();
         if peers.is_empty() {
             return;
         }
-        let bytes = match encode(&Frame::Publish(m.clone())) {
+        // Encoded once, shared by every peer's queue.
+        let bytes = match frame::encode_publish(&publish()) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "publish not forwarded to peers");
