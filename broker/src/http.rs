@@ -1,7 +1,6 @@
 //! The node's small HTTP endpoint: `/metrics` (Prometheus) and `/healthz` (200 while serving,
 //! with each mesh link's state).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -39,30 +38,9 @@ pub(crate) async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    continue;
-                }
-            },
-        };
-        let (metrics, mesh) = (metrics.clone(), mesh.clone());
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let res = respond(&metrics, &mesh, req.uri().path());
-                    async move { Ok::<_, Infallible>(res) }
-                });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "node http connection");
-            }
-        });
-    }
+    mqlb_haserver::http_server::serve("broker", listener, stop, move |req| {
+        let res = respond(&metrics, &mesh, req.uri().path());
+        async move { res }
+    })
+    .await
 }

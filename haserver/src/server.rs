@@ -8,7 +8,6 @@
 //! file and redirect writes to the primary (307).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -556,41 +555,17 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
 }
 
 async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let (shared, stop) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move {
-                    let (route, res) = handle(shared.clone(), req).await;
-                    shared
-                        .metrics
-                        .requests
-                        .with_label_values(&[route, res.status().as_str()])
-                        .inc();
-                    Ok::<_, Infallible>(res)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(error = %e, "HA API connection");
-                },
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+    crate::http_server::serve("haserver", listener, stop, move |req| {
+        let shared = shared.clone();
+        async move {
+            let (route, res) = handle(shared.clone(), req).await;
+            shared
+                .metrics
+                .requests
+                .with_label_values(&[route, res.status().as_str()])
+                .inc();
+            res
+        }
+    })
+    .await
 }

@@ -2,7 +2,6 @@
 //! and connection views, and drain/enable. Its paths and JSON fields are a public contract
 //! (DESIGN.md, "lb: observability and control").
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -148,34 +147,9 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves the admin API on `listener` until `stop` fires.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let s = shared.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let res = route(&s, &req);
-                async move { Ok::<_, Infallible>(res) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "admin connection error");
-                },
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+    mqlb_haserver::http_server::serve("admin", listener, stop, move |req| {
+        let res = route(&shared, &req);
+        async move { res }
+    })
+    .await
 }
