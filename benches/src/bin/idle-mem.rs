@@ -55,17 +55,21 @@ async fn open(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
     Ok(all)
 }
 
-/// Spawns `cmd` under a shell that first raises the open-files limit to the hard limit.
+/// `program args` under a shell that first raises the open-files limit to the hard limit.
+fn unlimited(program: &str, args: &[String]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "ulimit -n $(ulimit -Hn) && exec \"$0\" \"$@\"",
+        program,
+    ])
+    .args(args);
+    cmd
+}
+
 fn spawn_unlimited(program: &str, args: &[String]) -> anyhow::Result<Proc> {
-    let mut full = vec![
-        "-c".to_string(),
-        "ulimit -n $(ulimit -Hn) && exec \"$0\" \"$@\"".into(),
-        program.to_string(),
-    ];
-    full.extend(args.iter().cloned());
     Ok(Proc(
-        Command::new("sh")
-            .args(&full)
+        unlimited(program, args)
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -103,14 +107,7 @@ async fn main() -> anyhow::Result<()> {
         // Re-run under a raised open-files limit.
         let exe = std::env::current_exe()?;
         let args: Vec<String> = std::env::args().skip(1).collect();
-        let mut full = vec![
-            "-c".to_string(),
-            "ulimit -n $(ulimit -Hn) && exec \"$0\" \"$@\"".into(),
-            exe.display().to_string(),
-        ];
-        full.extend(args);
-        let status = Command::new("sh")
-            .args(&full)
+        let status = unlimited(&exe.display().to_string(), &args)
             .env("MQLB_IDLE_MEM_RAISED", "1")
             .status()?;
         std::process::exit(status.code().unwrap_or(1));
