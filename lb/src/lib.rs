@@ -17,12 +17,15 @@ pub mod snapshot;
 pub mod state;
 
 pub mod admin;
+mod copy;
 pub mod discovery;
 mod lb;
 pub mod listener;
 pub mod probe;
 pub mod proxy;
 pub mod reload;
+#[cfg(target_os = "linux")]
+mod splice;
 
 pub use lb::{run, Lb, Listeners, ReloadError, StartError};
 pub use probe::{probe_once, ProbeError};

@@ -174,6 +174,80 @@ async fn half_close_passes_the_fin_and_keeps_the_other_direction() -> anyhow::Re
     Ok(())
 }
 
+/// An echo backend: writes back everything it reads, then closes after the client's FIN.
+async fn echo_server() -> anyhow::Result<std::net::SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if let Err(e) = tokio::io::copy(&mut r, &mut w).await {
+                    eprintln!("echo server: {e}");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Bulk streams (which the copy moves with splice(2) on Linux once a read fills a whole
+/// buffer) arrive intact and in order both ways, small messages after them too, and every
+/// byte is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_streams_are_relayed_intact_both_ways() -> anyhow::Result<()> {
+    const LEN: usize = 24 << 20;
+    let lb = Lb::start(
+        Config::parse(&tcp_lb_toml(echo_server().await?, ""), "test")?,
+        Listeners::default(),
+    )
+    .await?;
+    let front = lb
+        .frontend_addr("f")
+        .ok_or_else(|| anyhow::anyhow!("no frontend"))?;
+    let mut streams = Vec::new();
+    for seed in 0..3u32 {
+        streams.push(tokio::spawn(async move {
+            let data: Vec<u8> = (0..LEN as u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24) as u8)
+                .collect();
+            let (mut r, mut w) = TcpStream::connect(front).await?.into_split();
+            let sent = data.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&sent).await?;
+                // A small write after the bulk one: it must not be stuck behind a pipe.
+                w.write_all(b"tail").await?;
+                w.shutdown().await?;
+                anyhow::Ok(())
+            });
+            let mut got = Vec::with_capacity(LEN + 4);
+            tokio::time::timeout(DEADLINE * 2, r.read_to_end(&mut got)).await??;
+            writer.await??;
+            anyhow::ensure!(
+                got.len() == LEN + 4,
+                "got {} bytes of {}",
+                got.len(),
+                LEN + 4
+            );
+            anyhow::ensure!(got[..LEN] == data[..], "bulk bytes differ");
+            anyhow::ensure!(&got[LEN..] == b"tail", "tail differs");
+            anyhow::Ok(())
+        }));
+    }
+    for s in streams {
+        s.await??;
+    }
+    let total = 3.0 * (LEN + 4) as f64;
+    wait_until("bytes counted", DEADLINE, || async {
+        let m = lb.metrics_text();
+        metric(&m, "mqlb_bytes_total", &[("direction", "in")]) == total
+            && metric(&m, "mqlb_bytes_total", &[("direction", "out")]) >= total
+    })
+    .await?;
+    lb.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_and_mqtt_probes_judge_real_servers() -> anyhow::Result<()> {
     let backend = count_then_reply_server().await?;
