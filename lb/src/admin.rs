@@ -70,12 +70,12 @@ fn connections_json(shared: &Shared) -> Value {
             .map(|c| {
                 json!({
                     "id": c.id,
-                    "rule": c.rule,
+                    "rule": c.rule_name(),
                     "client_id": c.client_id,
                     "peer": c.peer.to_string(),
-                    "backend": c.backend,
-                    "backend_addr": c.backend_addr.to_string(),
-                    "since": unix(c.since),
+                    "backend": c.backend(),
+                    "backend_addr": c.backend_addr().to_string(),
+                    "since": unix(c.since()),
                     "age_seconds": now.duration_since(c.started).as_secs_f64(),
                     "bytes_in": c.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
                     "bytes_out": c.bytes_out.load(std::sync::atomic::Ordering::Relaxed),

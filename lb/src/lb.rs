@@ -468,6 +468,9 @@ impl Lb {
             cut = shared.conns.len();
             tracing::warn!(cut, "grace period over; closing the remaining connections");
             shared.hard_stop.cancel();
+            // Wake every live connection through its backend's cut signal, including backends
+            // a reload removed; each sees `hard_stop` and ends.
+            shared.conns.wake_all_backends();
             if tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait())
                 .await
                 .is_err()

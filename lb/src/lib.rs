@@ -23,6 +23,7 @@ mod lb;
 pub mod listener;
 pub mod probe;
 pub mod proxy;
+mod relay;
 pub mod reload;
 #[cfg(target_os = "linux")]
 mod splice;

@@ -62,12 +62,14 @@ pub(crate) async fn accept_loop(
                     continue;
                 };
                 let s = shared.clone();
-                shared.tracker.spawn(async move {
-                    if !inherits_options {
-                        proxy::set_socket_options(&stream);
-                    }
-                    proxy::handle(s, rule, stream, peer, local).await
-                });
+                shared.tracker.spawn(proxy::handle(
+                    s,
+                    rule,
+                    stream,
+                    peer,
+                    local,
+                    !inherits_options,
+                ));
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: out of resources. Back off briefly instead of spinning;

@@ -6,16 +6,16 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use mqlb_config::{Distribution, Fallback, Rule};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::copy::{Bidi, Dir, Peer};
 use crate::lb::Shared;
 use crate::mqtt::{self, parse_connect, ConnectError, ProtocolLevel};
+use crate::relay::Relay;
 use crate::select::Key;
 use crate::snapshot::{Member, RuleRt};
 use crate::state::ConnInfo;
@@ -157,14 +157,69 @@ fn tuple_key(d: Distribution, peer: SocketAddr, local: SocketAddr) -> Key<'stati
     }
 }
 
-/// Serves one client connection from accept to close.
-pub(crate) async fn handle(
+/// Serves one client connection from accept to close: the future of its task.
+///
+/// The connect phase runs boxed, so its state (inspect buffers, connect attempts and their
+/// timers, the accepted addresses) is freed once the backend answers; the task then holds only
+/// what the copy needs, which is what thousands of idle MQTT sessions cost. (A plain `fn`, so
+/// the arguments live in the box, not also in the task.)
+pub(crate) fn handle(
+    shared: Arc<Shared>,
+    rule: Arc<RuleRt>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    set_options: bool,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let connect = Box::pin(establish(
+        shared.clone(),
+        rule,
+        client,
+        peer,
+        local,
+        set_options,
+    ));
+    async move {
+        let Some((client, server, info)) = connect.await else {
+            return;
+        };
+        let cfg = &info.rule.cfg;
+        let member = &info.rule.pool.members[info.member];
+        member.state.conn_opened();
+        shared.conns.insert(info.clone());
+        let mm = info.rule.member_metrics(&shared.metrics, info.member);
+        mm.active.inc();
+        let outcome = Relay::new(&shared, &info, &client, &server).await;
+        if outcome == Outcome::IdleTimeout && cfg.reset_on_idle {
+            // Azure's "TCP reset on idle": both ends learn at once that the flow is gone.
+            for s in [&client, &server] {
+                if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
+                    tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
+                }
+            }
+        }
+        mm.active.dec();
+        shared.conns.remove(info.id);
+        member.state.conn_closed();
+        mm.finish(&shared.metrics, cfg, info.backend(), outcome);
+    }
+}
+
+/// The connect phase: inspects the CONNECT (client-ID rules), picks a backend, connects
+/// (trying the next choice when one fails before any byte went back) and replays the
+/// buffered bytes. `None` when the connection ended here (counted already).
+async fn establish(
     shared: Arc<Shared>,
     rule: Arc<RuleRt>,
     mut client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-) {
+    set_options: bool,
+) -> Option<(TcpStream, TcpStream, Arc<ConnInfo>)> {
+    if set_options {
+        set_socket_options(&client);
+    }
+    let (shared, rule) = (&*shared, &rule);
     let cfg = &rule.cfg;
     let m = &shared.metrics;
 
@@ -203,8 +258,8 @@ pub(crate) async fn handle(
                 m.mqtt_connect_errors_total
                     .with_label_values(&[&cfg.name, fail.reason()])
                     .inc();
-                finish(&shared, cfg, "", Outcome::Rejected);
-                return;
+                finish(shared, cfg, "", Outcome::Rejected);
+                return None;
             }
         };
         if let Some(reason) = fallback_reason {
@@ -223,15 +278,19 @@ pub(crate) async fn handle(
                             .await;
                         }
                     }
-                    finish(&shared, cfg, "", Outcome::Rejected);
-                    return;
+                    finish(shared, cfg, "", Outcome::Rejected);
+                    return None;
                 }
             }
         }
     }
-    m.route_decisions_total
-        .with_label_values(&[&cfg.name, method])
-        .inc();
+    if method == cfg.distribution.name() {
+        rule.routed(m).inc();
+    } else {
+        m.route_decisions_total
+            .with_label_values(&[&cfg.name, method])
+            .inc();
+    }
     let order = match &inspected.client_id {
         Some(id) => rule.pool.order(cfg.distribution, &Key::ClientId(id)),
         None => rule
@@ -243,8 +302,8 @@ pub(crate) async fn handle(
         if let Some(level) = inspected.level {
             write_best_effort(&mut client, mqtt::connack_refusal(level)).await;
         }
-        finish(&shared, cfg, "", Outcome::NoBackend);
-        return;
+        finish(shared, cfg, "", Outcome::NoBackend);
+        return None;
     }
 
     // 2. Connect, trying the next choice when one fails (nothing was sent to the client yet).
@@ -254,56 +313,44 @@ pub(crate) async fn handle(
         let addr = member.cfg.addr_for_level(inspected.level.map(|l| l as u8));
         match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
-                backend = Some((member, addr, s));
+                backend = Some((idx, addr, s));
                 break;
             }
-            Ok(Err(e)) => passive_failure(&shared, &rule, member, addr, &e.to_string()),
-            Err(_) => passive_failure(&shared, &rule, member, addr, "connect timeout"),
+            Ok(Err(e)) => passive_failure(shared, rule, member, addr, &e.to_string()),
+            Err(_) => passive_failure(shared, rule, member, addr, "connect timeout"),
         }
     }
-    let Some((member, backend_addr, mut server)) = backend else {
+    let Some((idx, backend_addr, mut server)) = backend else {
         if let Some(level) = inspected.level {
             write_best_effort(&mut client, mqtt::connack_refusal(level)).await;
         }
-        finish(&shared, cfg, "", Outcome::ConnectFailed);
-        return;
+        finish(shared, cfg, "", Outcome::ConnectFailed);
+        return None;
     };
     set_socket_options(&server);
-
-    // 3. Proxy.
-    let bid = member.cfg.id.as_str();
     let info = Arc::new(ConnInfo {
         id: shared.conns.next_id(),
-        rule: cfg.name.clone(),
+        rule: rule.clone(),
+        member: idx,
         peer,
-        backend: bid.to_string(),
-        backend_addr,
-        client_id: inspected.client_id.clone(),
-        since: SystemTime::now(),
+        level: inspected.level.map(|l| l as u8),
+        client_id: inspected.client_id.map(String::into_boxed_str),
         started: Instant::now(),
         bytes_in: AtomicU64::new(0),
         bytes_out: AtomicU64::new(0),
     });
-    member.state.conn_opened();
-    shared.conns.insert(info.clone());
-    let active = m.connections_active.with_label_values(&[&cfg.name, bid]);
-    active.inc();
+    let bid = info.backend();
     tracing::debug!(rule = cfg.name, %peer, backend = bid, %backend_addr, client_id = ?info.client_id, "proxying");
 
-    let outcome = if let Err(e) = server.write_all(&inspected.buffered).await {
+    // 3. Replay what the inspection read.
+    if let Err(e) = server.write_all(&inspected.buffered).await {
         tracing::debug!(backend = bid, error = %e, "backend failed while replaying the CONNECT");
-        Outcome::BackendError
-    } else {
-        info.bytes_in
-            .fetch_add(inspected.buffered.len() as u64, Ordering::Relaxed);
-        inspected.buffered = Vec::new();
-        relay(&shared, cfg, member, &info, client, server).await
-    };
-
-    active.dec();
-    shared.conns.remove(info.id);
-    member.state.conn_closed();
-    finish(&shared, cfg, bid, outcome);
+        finish(shared, cfg, bid, Outcome::BackendError);
+        return None;
+    }
+    info.bytes_in
+        .fetch_add(inspected.buffered.len() as u64, Ordering::Relaxed);
+    Some((client, server, info))
 }
 
 /// A client-traffic connect failure: counted against the backend (passive health).
@@ -347,111 +394,4 @@ async fn write_best_effort(client: &mut TcpStream, bytes: &[u8]) {
     if let Err(e) = client.shutdown().await {
         tracing::debug!(error = %e, "shutdown after refusal");
     }
-}
-
-/// Copies both ways with the rule's idle timeout, closing early on backend-down (when the
-/// rule says so) or when shutdown's grace period is over.
-async fn relay(
-    shared: &Shared,
-    cfg: &Rule,
-    member: &Member,
-    info: &ConnInfo,
-    mut client: TcpStream,
-    mut server: TcpStream,
-) -> Outcome {
-    let outcome = copy_until_done(shared, cfg, member, info, &mut client, &mut server).await;
-    if outcome == Outcome::IdleTimeout && cfg.reset_on_idle {
-        // Azure's "TCP reset on idle": both ends learn at once that the flow is gone.
-        for s in [&client, &server] {
-            if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
-                tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
-            }
-        }
-    }
-    outcome
-}
-
-async fn copy_until_done(
-    shared: &Shared,
-    cfg: &Rule,
-    member: &Member,
-    info: &ConnInfo,
-    client: &mut TcpStream,
-    server: &mut TcpStream,
-) -> Outcome {
-    // The streams are only borrowed: nothing sends a FIN when the copy ends, so a reset on
-    // idle reaches the peers as a plain RST.
-    let copy = Bidi {
-        client: &*client,
-        server: &*server,
-        up: Dir::default(),
-        down: Dir::default(),
-        bytes_in: &info.bytes_in,
-        bytes_out: &info.bytes_out,
-    };
-
-    let labels_in =
-        shared
-            .metrics
-            .bytes_total
-            .with_label_values(&[&cfg.name, &member.cfg.id, "in"]);
-    let labels_out =
-        shared
-            .metrics
-            .bytes_total
-            .with_label_values(&[&cfg.name, &member.cfg.id, "out"]);
-    let (mut seen_in, mut seen_out) = (0u64, 0u64);
-    let mut fold = |info: &ConnInfo| {
-        let (i, o) = (
-            info.bytes_in.load(Ordering::Relaxed),
-            info.bytes_out.load(Ordering::Relaxed),
-        );
-        labels_in.inc_by(i - seen_in);
-        labels_out.inc_by(o - seen_out);
-        let moved = i != seen_in || o != seen_out;
-        (seen_in, seen_out) = (i, o);
-        moved
-    };
-    // The watchdog ticks a few times per idle period; bytes seen since the last tick reset
-    // the idle clock and are folded into `mqlb_bytes_total`.
-    let tick = (cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_activity = tokio::time::Instant::now();
-    let backend_down = member.state.down.notified();
-    tokio::pin!(copy, backend_down);
-    backend_down.as_mut().enable();
-    let watch_down = cfg.close_on_backend_down;
-    if watch_down && !member.state.is_up() {
-        fold(info);
-        return Outcome::BackendDown;
-    }
-
-    let outcome = loop {
-        tokio::select! {
-            r = &mut copy => break match r {
-                Ok(()) => Outcome::Closed,
-                Err((who, e)) => {
-                    let o = match who {
-                        Peer::Client => Outcome::ClientError,
-                        Peer::Backend => Outcome::BackendError,
-                    };
-                    tracing::debug!(rule = cfg.name, peer = %info.peer, backend = member.cfg.id, outcome = o.label(), error = %e, "connection ended with an error");
-                    o
-                }
-            },
-            _ = ticker.tick() => {
-                let now = tokio::time::Instant::now();
-                if fold(info) {
-                    last_activity = now;
-                } else if now.duration_since(last_activity) >= cfg.idle_timeout {
-                    break Outcome::IdleTimeout;
-                }
-            }
-            _ = &mut backend_down, if watch_down => break Outcome::BackendDown,
-            _ = shared.hard_stop.cancelled() => break Outcome::Shutdown,
-        }
-    };
-    fold(info);
-    outcome
 }

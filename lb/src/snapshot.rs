@@ -6,10 +6,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{IntCounter, IntGauge};
 
 use mqlb_config::{Backend, Config, Distribution, Pool, Rule};
 
+use crate::metrics::Metrics;
+use crate::proxy::Outcome;
 use crate::select::{self, Candidate, Key};
 use crate::state::BackendState;
 
@@ -63,6 +67,70 @@ impl PoolRt {
 pub struct RuleRt {
     pub cfg: Rule,
     pub pool: Arc<PoolRt>,
+    /// Metric handles of this rule × each pool member, looked up on first use: the data path
+    /// then touches its counters without hashing label values or taking the vec's lock.
+    member_metrics: Vec<OnceLock<MemberMetrics>>,
+    routed: OnceLock<IntCounter>,
+}
+
+/// The metric series a connection of one rule to one backend updates.
+#[derive(Debug)]
+pub struct MemberMetrics {
+    pub active: IntGauge,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    closed: IntCounter,
+}
+
+impl MemberMetrics {
+    /// Counts a proxied connection's end; the common outcome by a cached handle.
+    pub(crate) fn finish(&self, m: &Metrics, cfg: &Rule, backend: &str, outcome: Outcome) {
+        if outcome == Outcome::Closed {
+            self.closed.inc();
+        } else {
+            m.connections_total
+                .with_label_values(&[&cfg.name, backend, outcome.label()])
+                .inc();
+        }
+    }
+}
+
+impl RuleRt {
+    pub fn new(cfg: Rule, pool: Arc<PoolRt>) -> RuleRt {
+        RuleRt {
+            member_metrics: pool.members.iter().map(|_| OnceLock::new()).collect(),
+            routed: OnceLock::new(),
+            cfg,
+            pool,
+        }
+    }
+
+    pub(crate) fn member_metrics(&self, m: &Metrics, idx: usize) -> &MemberMetrics {
+        self.member_metrics[idx].get_or_init(|| {
+            let (rule, backend) = (
+                self.cfg.name.as_str(),
+                self.pool.members[idx].cfg.id.as_str(),
+            );
+            MemberMetrics {
+                active: m.connections_active.with_label_values(&[rule, backend]),
+                bytes_in: m.bytes_total.with_label_values(&[rule, backend, "in"]),
+                bytes_out: m.bytes_total.with_label_values(&[rule, backend, "out"]),
+                closed: m.connections_total.with_label_values(&[
+                    rule,
+                    backend,
+                    Outcome::Closed.label(),
+                ]),
+            }
+        })
+    }
+
+    /// `mqlb_route_decisions_total` for the rule's own distribution (not a fallback).
+    pub(crate) fn routed(&self, m: &Metrics) -> &IntCounter {
+        self.routed.get_or_init(|| {
+            m.route_decisions_total
+                .with_label_values(&[&self.cfg.name, self.cfg.distribution.name()])
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -114,13 +182,7 @@ impl Snapshot {
             .iter()
             .filter_map(|r| {
                 let pool = pools.iter().find(|p| p.cfg.name == r.pool)?.clone();
-                Some((
-                    r.frontend.clone(),
-                    Arc::new(RuleRt {
-                        cfg: r.clone(),
-                        pool,
-                    }),
-                ))
+                Some((r.frontend.clone(), Arc::new(RuleRt::new(r.clone(), pool))))
             })
             .collect();
         Snapshot {

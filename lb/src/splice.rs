@@ -24,7 +24,8 @@ thread_local! {
 pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
-    pending: usize,
+    /// At most PIPE_SIZE.
+    pending: u32,
 }
 
 impl Pipe {
@@ -73,7 +74,7 @@ impl Pipe {
     }
 
     pub(crate) fn pending(&self) -> usize {
-        self.pending
+        self.pending as usize
     }
 
     /// Moves what `from` has received into the (empty) pipe. `Ok(0)` is EOF; `WouldBlock`
@@ -83,16 +84,17 @@ impl Pipe {
         let n = from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), self.write.as_raw_fd(), PIPE_SIZE as usize)
         })?;
-        self.pending = n;
+        // splice moves at most the `len` asked for, PIPE_SIZE
+        self.pending = n as u32;
         Ok(n)
     }
 
     /// Moves bytes from the pipe into `to`; returns how many.
     pub(crate) fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
         let n = to.try_io(Interest::WRITABLE, || {
-            splice(self.read.as_raw_fd(), to.as_raw_fd(), self.pending)
+            splice(self.read.as_raw_fd(), to.as_raw_fd(), self.pending as usize)
         })?;
-        self.pending -= n;
+        self.pending -= n as u32;
         Ok(n)
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::Notify;
 
 use crate::health::{HealthMachine, Transition};
+use crate::snapshot::RuleRt;
 
 /// Locks a mutex even if a panicking holder poisoned it: the data inside is plain counters
 /// and records that stay meaningful.
@@ -34,8 +35,9 @@ pub struct BackendState {
     active: AtomicU64,
     machine: Mutex<HealthMachine>,
     last_probe: Mutex<Option<ProbeRecord>>,
-    /// Woken when the backend goes down, for rules that close its connections then.
-    pub(crate) down: Notify,
+    /// Woken when the backend goes down (for rules that close its connections then) and when
+    /// shutdown cuts live connections: one waiter per connection, not two.
+    pub(crate) cut: Notify,
 }
 
 impl BackendState {
@@ -46,7 +48,7 @@ impl BackendState {
             active: AtomicU64::new(0),
             machine: Mutex::new(HealthMachine::new(true)),
             last_probe: Mutex::new(None),
-            down: Notify::new(),
+            cut: Notify::new(),
         }
     }
 
@@ -97,7 +99,7 @@ impl BackendState {
             Some(Transition::WentUp) => self.up.store(true, Ordering::Release),
             Some(Transition::WentDown) => {
                 self.up.store(false, Ordering::Release);
-                self.down.notify_waiters();
+                self.cut.notify_waiters();
             }
             None => {}
         }
@@ -113,21 +115,51 @@ impl BackendState {
     }
 }
 
-/// One live proxied connection, for `/api/connections` and the byte counters.
+/// One live proxied connection, for `/api/connections` and the byte counters. Names are
+/// borrowed from the rule it was routed by, not copied per connection.
 #[derive(Debug)]
 pub struct ConnInfo {
     pub id: u64,
-    pub rule: String,
+    pub rule: Arc<RuleRt>,
+    /// Index of the backend in the rule's pool.
+    pub member: usize,
     pub peer: SocketAddr,
-    pub backend: String,
-    pub backend_addr: SocketAddr,
-    pub client_id: Option<String>,
-    pub since: SystemTime,
+    /// The CONNECT's protocol level, which picked the backend port (`mqtt_ports`).
+    pub level: Option<u8>,
+    pub client_id: Option<Box<str>>,
     pub started: Instant,
     /// Client → backend.
     pub bytes_in: AtomicU64,
     /// Backend → client.
     pub bytes_out: AtomicU64,
+}
+
+impl ConnInfo {
+    pub fn backend_state(&self) -> &Arc<BackendState> {
+        &self.rule.pool.members[self.member].state
+    }
+
+    /// The backend address this connection went to.
+    pub fn backend_addr(&self) -> SocketAddr {
+        self.rule.pool.members[self.member]
+            .cfg
+            .addr_for_level(self.level)
+    }
+
+    /// When the connection was accepted, by the wall clock.
+    pub fn since(&self) -> SystemTime {
+        SystemTime::now()
+            .checked_sub(self.started.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    pub fn rule_name(&self) -> &str {
+        &self.rule.cfg.name
+    }
+
+    pub fn backend(&self) -> &str {
+        &self.rule.pool.members[self.member].cfg.id
+    }
 }
 
 const SHARDS: usize = 16;
@@ -169,6 +201,18 @@ impl ConnRegistry {
             .collect();
         all.sort_by_key(|c| c.id);
         all
+    }
+
+    /// Wakes the connections of every backend that has any, through its cut signal (shutdown
+    /// cutting what is left: each connection sees the stop flag and ends).
+    pub(crate) fn wake_all_backends(&self) {
+        let mut woken = std::collections::HashSet::new();
+        for c in self.snapshot() {
+            let state = c.backend_state();
+            if woken.insert(Arc::as_ptr(state)) {
+                state.cut.notify_waiters();
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
