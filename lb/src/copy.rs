@@ -8,10 +8,12 @@
 //! references and is never copied through user space (HAProxy's `splice-auto`, on by default).
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Copy buffer per direction, held only while data flows (idle connections hold none), so it
@@ -113,13 +115,18 @@ impl Dir {
         }
     }
 
-    /// Moves bytes `from` → `to` until EOF (then half-closes `to`) or until neither side is
-    /// ready.
+    /// Moves bytes `from` → `to` until EOF (then half-closes `to`, unless the other direction
+    /// is done too and closing will say it) or until neither side is ready.
+    ///
+    /// Reads and writes go through tokio's `poll_read`/`poll_write`, which take a short read
+    /// (or write) as proof the socket is drained (full): no extra call that would only return
+    /// EAGAIN, as `try_read` needs.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &mut TcpStream,
+        to: &mut TcpStream,
+        other_done: bool,
         counter: &AtomicU64,
     ) -> Poll<Result<(), (Side, io::Error)>> {
         use io::ErrorKind::WouldBlock;
@@ -128,26 +135,27 @@ impl Dir {
                 return Poll::Ready(Ok(()));
             }
             // 1. Flush what is in flight: the buffer first, then the pipe.
-            let buffered = self.buf.is_some() && self.pos < self.len;
-            let (pos, len) = (self.pos as usize, self.len as usize);
-            let piped = self.pipe.as_ref().is_some_and(|p| p.pending() > 0);
-            if buffered || piped {
+            if let Some(buf) = self.buf.as_ref().filter(|_| self.pos < self.len) {
+                let chunk = &buf[self.pos as usize..self.len as usize];
+                match Pin::new(&mut *to).poll_write(cx, chunk) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Writer, e))),
+                    Poll::Ready(Ok(n)) => {
+                        // n <= len - pos < COPY_BUF
+                        self.pos += n as u32;
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+                continue;
+            }
+            if let Some(pipe) = self.pipe.as_mut().filter(|p| p.pending() > 0) {
                 match to.poll_write_ready(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Writer, e))),
                     Poll::Ready(Ok(())) => {}
                 }
-                let written = match (&self.buf, &mut self.pipe) {
-                    (Some(buf), _) if buffered => to.try_write(&buf[pos..len]),
-                    (_, Some(pipe)) => pipe.drain(to),
-                    _ => Ok(0),
-                };
-                match written {
+                match pipe.drain(to) {
                     Ok(n) => {
-                        if buffered {
-                            // n <= len - pos < COPY_BUF
-                            self.pos += n as u32;
-                        }
                         counter.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == WouldBlock => {}
@@ -172,33 +180,44 @@ impl Dir {
                     if let Some(b) = self.buf.take() {
                         pool::give(b);
                     }
-                    pipe.fill(from)
+                    match pipe.fill(from) {
+                        Ok(n) => Poll::Ready(Ok(n)),
+                        Err(e) if e.kind() == WouldBlock => Poll::Pending,
+                        Err(e) => Poll::Ready(Err(e)),
+                    }
                 }
                 None => {
                     let buf = self.buf.get_or_insert_with(|| pool::take(COPY_BUF));
-                    let r = from.try_read(buf);
-                    if let Ok(n) = r {
+                    let mut rb = ReadBuf::new(buf);
+                    let r = Pin::new(&mut *from).poll_read(cx, &mut rb);
+                    let n = rb.filled().len();
+                    if let Poll::Ready(Ok(())) = r {
                         // n <= COPY_BUF
                         (self.pos, self.len) = (0, n as u32);
                         self.bulk |= n == buf.len();
                     }
-                    r
+                    r.map_ok(|()| n)
                 }
             };
             match read {
-                Ok(0) => {
+                Poll::Ready(Ok(0)) => {
                     self.release();
                     self.done = true;
+                    if other_done {
+                        // Both directions are over: the close that follows sends the FIN.
+                        return Poll::Ready(Ok(()));
+                    }
                     // Half-close: pass the FIN on and keep the other direction running.
                     return Poll::Ready(
-                        SockRef::from(to)
+                        SockRef::from(&*to)
                             .shutdown(std::net::Shutdown::Write)
                             .map_err(|e| (Side::Writer, e)),
                     );
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == WouldBlock => self.release(),
-                Err(e) => return Poll::Ready(Err((Side::Reader, e))),
+                Poll::Ready(Ok(_)) => {}
+                // Drained (readiness cleared): loop to register for the next bytes.
+                Poll::Pending => self.release(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
             }
         }
     }
@@ -206,14 +225,14 @@ impl Dir {
 
 /// Both directions of a proxied connection; done when both saw EOF, failed when either failed
 /// (the error names which peer).
-pub(crate) struct Bidi<'a> {
-    pub client: &'a TcpStream,
-    pub server: &'a TcpStream,
+pub(crate) struct Bidi {
+    pub client: TcpStream,
+    pub server: TcpStream,
     pub up: Dir,
     pub down: Dir,
 }
 
-impl Bidi<'_> {
+impl Bidi {
     /// Copies what is ready; `bytes_in` (client → backend) and `bytes_out` count what moved.
     pub(crate) fn poll_copy(
         &mut self,
@@ -222,14 +241,22 @@ impl Bidi<'_> {
         bytes_out: &AtomicU64,
     ) -> Poll<Result<(), (Peer, io::Error)>> {
         let me = self;
-        if let Poll::Ready(Err((side, e))) = me.up.poll(cx, me.client, me.server, bytes_in) {
+        let down_done = me.down.is_done();
+        if let Poll::Ready(Err((side, e))) =
+            me.up
+                .poll(cx, &mut me.client, &mut me.server, down_done, bytes_in)
+        {
             let who = match side {
                 Side::Reader => Peer::Client,
                 Side::Writer => Peer::Backend,
             };
             return Poll::Ready(Err((who, e)));
         }
-        if let Poll::Ready(Err((side, e))) = me.down.poll(cx, me.server, me.client, bytes_out) {
+        let up_done = me.up.is_done();
+        if let Poll::Ready(Err((side, e))) =
+            me.down
+                .poll(cx, &mut me.server, &mut me.client, up_done, bytes_out)
+        {
             let who = match side {
                 Side::Reader => Peer::Backend,
                 Side::Writer => Peer::Client,
@@ -244,7 +271,7 @@ impl Bidi<'_> {
     }
 }
 
-impl Drop for Bidi<'_> {
+impl Drop for Bidi {
     fn drop(&mut self) {
         self.up.release();
         self.down.release();

@@ -4,12 +4,12 @@
 //! the backend goes down (if the rule says so) or shutdown's grace runs out.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqlb_config::{Distribution, Fallback, Rule};
-use socket2::{SockRef, TcpKeepalive};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -189,15 +189,7 @@ pub(crate) fn handle(
         shared.conns.insert(info.clone());
         let mm = info.rule.member_metrics(&shared.metrics, info.member);
         mm.active.inc();
-        let outcome = Relay::new(&shared, &info, &client, &server).await;
-        if outcome == Outcome::IdleTimeout && cfg.reset_on_idle {
-            // Azure's "TCP reset on idle": both ends learn at once that the flow is gone.
-            for s in [&client, &server] {
-                if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
-                    tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
-                }
-            }
-        }
+        let outcome = Relay::new(&shared, &info, client, server).await;
         mm.active.dec();
         shared.conns.remove(info.id);
         member.state.conn_closed();
@@ -306,12 +298,14 @@ async fn establish(
         return None;
     }
 
-    // 2. Connect, trying the next choice when one fails (nothing was sent to the client yet).
+    // 2. Connect and replay what the inspection read, trying the next choice when either
+    //    fails (nothing was sent to the client yet).
     let mut backend = None;
     for &idx in order.iter().take(cfg.max_connect_attempts.get() as usize) {
         let member = &rule.pool.members[idx];
         let addr = member.cfg.addr_for_level(inspected.level.map(|l| l as u8));
-        match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
+        let attempt = connect_and_replay(addr, &inspected.buffered);
+        match tokio::time::timeout(cfg.connect_timeout, attempt).await {
             Ok(Ok(s)) => {
                 backend = Some((idx, addr, s));
                 break;
@@ -320,14 +314,13 @@ async fn establish(
             Err(_) => passive_failure(shared, rule, member, addr, "connect timeout"),
         }
     }
-    let Some((idx, backend_addr, mut server)) = backend else {
+    let Some((idx, backend_addr, server)) = backend else {
         if let Some(level) = inspected.level {
             write_best_effort(&mut client, mqtt::connack_refusal(level)).await;
         }
         finish(shared, cfg, "", Outcome::ConnectFailed);
         return None;
     };
-    set_socket_options(&server);
     let info = Arc::new(ConnInfo {
         id: shared.conns.next_id(),
         rule: rule.clone(),
@@ -336,21 +329,45 @@ async fn establish(
         level: inspected.level.map(|l| l as u8),
         client_id: inspected.client_id.map(String::into_boxed_str),
         started: Instant::now(),
-        bytes_in: AtomicU64::new(0),
+        bytes_in: AtomicU64::new(inspected.buffered.len() as u64),
         bytes_out: AtomicU64::new(0),
     });
-    let bid = info.backend();
-    tracing::debug!(rule = cfg.name, %peer, backend = bid, %backend_addr, client_id = ?info.client_id, "proxying");
-
-    // 3. Replay what the inspection read.
-    if let Err(e) = server.write_all(&inspected.buffered).await {
-        tracing::debug!(backend = bid, error = %e, "backend failed while replaying the CONNECT");
-        finish(shared, cfg, bid, Outcome::BackendError);
-        return None;
-    }
-    info.bytes_in
-        .fetch_add(inspected.buffered.len() as u64, Ordering::Relaxed);
+    tracing::debug!(rule = cfg.name, %peer, backend = info.backend(), %backend_addr, client_id = ?info.client_id, "proxying");
     Some((client, server, info))
+}
+
+/// Opens the backend leg and sends it the bytes read while inspecting.
+///
+/// The socket is made by hand rather than by `TcpStream::connect`: TCP_NODELAY is set on it
+/// (MQTT packets are small and latency matters) and, when there are bytes to replay, the
+/// replay itself reports a refused or failed connect, which saves the `SO_ERROR` query per
+/// connection. No TCP keepalive on this leg: the idle timeout and the health probes already
+/// notice a backend that vanished.
+async fn connect_and_replay(addr: SocketAddr, replay: &[u8]) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        // Under way: a non-blocking connect answers EINPROGRESS.
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    // Writable once the handshake is done, or once it failed (the error is then reported by
+    // the write below or by take_error).
+    stream.writable().await?;
+    if replay.is_empty() {
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    } else {
+        stream.write_all(replay).await?;
+    }
+    Ok(stream)
 }
 
 /// A client-traffic connect failure: counted against the backend (passive health).

@@ -1,5 +1,5 @@
-//! The life of an established connection: the copy both ways, the idle watchdog, and the
-//! cut (its backend went down under `close_on_backend_down`, or shutdown's grace ran out).
+//! The life of an established connection, which owns both sockets (dropping it closes them):
+//! the copy both ways, the idle watchdog, and the cut (its backend went down under `close_on_backend_down`, or shutdown's grace ran out).
 //!
 //! One hand-written future rather than an `async fn` around `select!`: the compiler lays out
 //! nested async state with copies of each pinned value, which more than doubled what every
@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use mqlb_config::Rule;
+use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::sync::futures::Notified;
 use tokio::time::{Instant, Sleep};
@@ -29,7 +30,7 @@ pin_project_lite::pin_project! {
     pub(crate) struct Relay<'a> {
         shared: &'a Shared,
         info: &'a ConnInfo,
-        copy: Bidi<'a>,
+        copy: Bidi,
         // Wakes a few times per idle period: bytes seen since the last wake reset the idle
         // clock.
         #[pin]
@@ -52,15 +53,13 @@ impl<'a> Relay<'a> {
     pub(crate) fn new(
         shared: &'a Shared,
         info: &'a ConnInfo,
-        client: &'a TcpStream,
-        server: &'a TcpStream,
+        client: TcpStream,
+        server: TcpStream,
     ) -> Self {
         let now = Instant::now();
         Relay {
             shared,
             info,
-            // The streams are only borrowed: nothing sends a FIN when the copy ends, so a reset
-            // on idle reaches the peers as a plain RST.
             copy: Bidi {
                 client,
                 server,
@@ -138,6 +137,15 @@ impl Future for Relay<'_> {
             if fold() {
                 *me.last_activity = now;
             } else if now.duration_since(*me.last_activity) >= cfg.idle_timeout {
+                if cfg.reset_on_idle {
+                    // Azure's "TCP reset on idle": with SO_LINGER 0 the close that follows is
+                    // an RST, so both ends learn at once that the flow is gone.
+                    for s in [&me.copy.client, &me.copy.server] {
+                        if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
+                            tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
+                        }
+                    }
+                }
                 return Poll::Ready(Outcome::IdleTimeout);
             }
             me.watchdog.as_mut().reset(now + tick(cfg));
