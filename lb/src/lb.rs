@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::reload::{self, plan_listeners};
 use crate::snapshot::{RuleRt, Snapshot};
 use crate::state::{lock, BackendState, ConnRegistry};
+use crate::workers::Workers;
 use crate::{admin, listener, probe};
 use mqlb_haserver::model::ClusterView;
 use mqlb_haserver::HaClient;
@@ -56,6 +57,8 @@ pub enum StartError {
     },
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("cannot start the data-path threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Why a reload was refused. The running configuration stays in force.
@@ -106,6 +109,8 @@ struct Inner {
     addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
     admin_stop: CancellationToken,
     source: Option<PathBuf>,
+    /// The data-path threads: every frontend has an accept loop on each.
+    workers: Workers,
 }
 
 /// A running load balancer.
@@ -174,6 +179,8 @@ impl Lb {
                 addrs: std::sync::Mutex::new(HashMap::new()),
                 admin_stop: CancellationToken::new(),
                 source,
+                workers: Workers::start(crate::workers::default_count())
+                    .map_err(StartError::Threads)?,
             }),
         };
         {
@@ -360,13 +367,27 @@ impl Lb {
     fn open_frontend(&self, control: &mut Control, f: Frontend, l: TcpListener, ours: bool) {
         let addr = l.local_addr().unwrap_or(f.bind);
         let stop = self.inner.shared.stopping.child_token();
-        tokio::spawn(listener::accept_loop(
-            self.inner.shared.clone(),
-            f.name.clone(),
-            l,
-            ours && listener::ACCEPTED_INHERIT_OPTIONS,
-            stop.clone(),
-        ));
+        // The same listening socket is watched by every data-path thread; whichever wakes
+        // first accepts.
+        let spawned = l.into_std().and_then(|std_l| {
+            for h in self.inner.workers.handles() {
+                let l = {
+                    let _rt = h.enter();
+                    TcpListener::from_std(std_l.try_clone()?)?
+                };
+                h.spawn(listener::accept_loop(
+                    self.inner.shared.clone(),
+                    f.name.clone(),
+                    l,
+                    ours && listener::ACCEPTED_INHERIT_OPTIONS,
+                    stop.clone(),
+                ));
+            }
+            Ok(())
+        });
+        if let Err(e) = spawned {
+            tracing::error!(frontend = f.name, %addr, error = %e, "cannot hand the listener to the data-path threads");
+        }
         tracing::info!(frontend = f.name, %addr, "listening");
         lock(&self.inner.addrs).insert(f.name.clone(), addr);
         control

@@ -27,6 +27,7 @@ mod relay;
 pub mod reload;
 #[cfg(target_os = "linux")]
 mod splice;
+mod workers;
 
 pub use lb::{run, Lb, Listeners, ReloadError, StartError};
 pub use probe::{probe_once, ProbeError};
