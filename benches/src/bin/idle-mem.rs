@@ -1,17 +1,24 @@
-//! Memory per idle proxied connection: hold N idle TCP connections through `mqlb lb` (and
-//! HAProxy where installed) and divide the growth of the LB process's RSS by N.
+//! Memory per idle proxied MQTT connection, and the connection rate while many are held:
+//! through `mqlb lb` and (where installed) HAProxy, both routing by MQTT client ID to one
+//! mosquitto broker.
+//!
+//! For each LB: hold 100 MQTT sessions (CONNECT → CONNACK, then silent), measure the connect
+//! rate (CONNECT/CONNACK/DISCONNECT, 16 at a time, median of 3), open N more sessions
+//! (9 000 by default), measure the rate again, and report the LB process's RSS growth / N.
 //!
 //! `cargo run --release -p mqlb-benches --bin idle-mem [-- --quick]`
 //! The program raises its own open-files limit to the hard limit (each held connection costs
-//! two descriptors here and two in the LB).
+//! one descriptor here, two in the LB and one in the broker, which inherits the limit).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mqlb_benches::{mqlb_release_bin, wait_listening, Proc};
-use tokio::net::{TcpListener, TcpStream};
+use mqlb_benches::{mqlb_release_bin, mqtt_connect_rate, wait_listening, Proc};
+use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -22,37 +29,50 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
-/// A server that holds each connection until its peer closes it.
-async fn holder() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut b = [0u8; 64];
-                while matches!(tokio::io::AsyncReadExt::read(&mut s, &mut b).await, Ok(n) if n > 0)
-                {
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// Opens `n` idle connections to `addr` (64 at a time) and returns them.
-async fn open(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+/// Opens `n` MQTT sessions through `addr` (64 at a time): CONNECT with keep-alive 0 (no
+/// pings: the sessions stay silent), wait for the CONNACK, keep the socket.
+async fn open_sessions(addr: SocketAddr, n: usize, tag: &str) -> anyhow::Result<Vec<TcpStream>> {
     let mut all = Vec::with_capacity(n);
     while all.len() < n {
         let batch = (n - all.len()).min(64);
         let mut tasks = Vec::new();
-        for _ in 0..batch {
-            tasks.push(tokio::spawn(TcpStream::connect(addr)));
+        for i in all.len()..all.len() + batch {
+            let id = format!("{tag}-{i}");
+            tasks.push(tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await?;
+                s.write_all(&encode_connect(&ConnectOptions {
+                    client_id: id,
+                    keep_alive: 0,
+                    ..ConnectOptions::default()
+                }))
+                .await?;
+                let mut ack = [0u8; 4];
+                tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut ack)).await??;
+                if ack[0] != 0x20 || ack[3] != 0 {
+                    bail!("CONNACK refused: {ack:02x?}");
+                }
+                anyhow::Ok(s)
+            }));
         }
         for t in tasks {
             all.push(t.await??);
         }
     }
     Ok(all)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Connect rate through `front`, median of 3 runs of `total` connections.
+async fn rate(front: SocketAddr, total: usize, tag: &str) -> anyhow::Result<f64> {
+    let mut v = Vec::new();
+    for r in 0..3 {
+        v.push(mqtt_connect_rate(front, total, 16, &format!("{tag}-r{r}")).await?.0);
+    }
+    Ok(median(v))
 }
 
 /// `program args` under a shell that first raises the open-files limit to the hard limit.
@@ -77,28 +97,45 @@ fn spawn_unlimited(program: &str, args: &[String]) -> anyhow::Result<Proc> {
     ))
 }
 
-async fn measure(name: &str, mut lb: Proc, front: SocketAddr, n: usize) -> anyhow::Result<f64> {
+struct Measured {
+    bytes_per_conn: f64,
+    rate_few: f64,
+    rate_many: f64,
+}
+
+async fn measure(name: &str, mut lb: Proc, front: SocketAddr, n: usize) -> anyhow::Result<Measured> {
     wait_listening(front, &mut lb).await?;
     let pid = lb.0.id();
-    // Warm up: allocator arenas, first task stacks.
-    let warm = open(front, 100).await?;
+    let rate_total = if n >= 9_000 { 3_000 } else { 1_000 };
+    // Warm up (allocator arenas, pools, first task allocations) and hold 100 sessions.
+    let warm = open_sessions(front, 100, &format!("{name}-warm")).await?;
+    let rate_few = rate(front, rate_total, &format!("{name}-few")).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(pid)?;
     let start = Instant::now();
-    let held = open(front, n).await?;
+    let held = open_sessions(front, n, &format!("{name}-held")).await?;
+    let opened = start.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid)?;
+    let rate_many = rate(front, rate_total, &format!("{name}-many")).await?;
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
     println!(
-        "{name:<8} {n} idle connections opened in {:>6.2} s; RSS {before} KiB -> {after} KiB: {per:>7.0} bytes/connection",
-        start.elapsed().as_secs_f64()
+        "{name:<8} {n} idle MQTT sessions opened in {:>5.2} s; RSS {before} KiB -> {after} KiB: {per:>5.0} bytes/connection; \
+         connect rate {rate_few:>6.0}/s with 100 held, {rate_many:>6.0}/s with {} held ({:.2})",
+        opened.as_secs_f64(),
+        n + 100,
+        rate_many / rate_few
     );
     drop(held);
     drop(warm);
     drop(lb);
-    // Let the holder see every close before the next LB opens as many again.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    Ok(per)
+    // Let the broker see every close before the next LB opens as many again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(Measured {
+        bytes_per_conn: per,
+        rate_few,
+        rate_many,
+    })
 }
 
 #[tokio::main]
@@ -114,7 +151,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 2_000 } else { 9_000 };
-    let hold = holder().await?;
+    // Started under the raised limit, so the broker can hold every session too.
+    let broker = mqlb_tests::Mosquitto::start().await?;
     let dir = mqlb_tests::TempDir::new("idle-mem")?;
     let port = |_: ()| -> anyhow::Result<SocketAddr> {
         Ok(format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?)
@@ -125,11 +163,13 @@ async fn main() -> anyhow::Result<()> {
         &cfg,
         format!(
             "[lb]\nadmin = \"{admin}\"\nwatch_config = false\n[[frontend]]\nname = \"f\"\nbind = \"{front}\"\nbacklog = 4096\n\
-             [[pool]]\nname = \"p\"\nprobe = \"t\"\n[[pool.backend]]\nid = \"h\"\naddr = \"{hold}\"\n\
-             [[probe]]\nname = \"t\"\nport = \"traffic\"\n[[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n"
+             [[pool]]\nname = \"p\"\nprobe = \"t\"\n[[pool.backend]]\nid = \"m\"\naddr = \"{}\"\n\
+             [[probe]]\nname = \"t\"\nport = \"traffic\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\ndistribution = \"mqtt-client-id\"\n",
+            broker.addr()
         ),
     )?;
-    println!("idle-mem: {n} idle TCP connections through each LB, loopback");
+    println!("idle-mem: {n} idle MQTT sessions through each LB (client-ID routing), mosquitto backend, loopback");
     let bin = mqlb_release_bin()?;
     let mqlb = spawn_unlimited(
         &bin.display().to_string(),
@@ -144,12 +184,16 @@ async fn main() -> anyhow::Result<()> {
     {
         let hfront = port(())?;
         let hcfg = dir.path().join("haproxy.cfg");
+        // HAProxy's own MQTT rules: validate the CONNECT, hash the client ID.
         std::fs::write(
             &hcfg,
             format!(
                 "global\n  maxconn {}\ndefaults\n  mode tcp\n  timeout connect 3s\n  timeout client 4m\n  timeout server 4m\n\
-                 frontend f\n  bind {hfront}\n  default_backend b\nbackend b\n  server s {hold}\n",
-                n + 200
+                 frontend f\n  bind {hfront}\n  tcp-request inspect-delay 5s\n\
+                 tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}\n  default_backend b\n\
+                 backend b\n  balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)\n  server s {}\n",
+                n + 500,
+                broker.addr()
             ),
         )?;
         let hp = spawn_unlimited(
@@ -157,11 +201,17 @@ async fn main() -> anyhow::Result<()> {
             &["-db".into(), "-f".into(), hcfg.display().to_string()],
         )?;
         let h = measure("haproxy", hp, hfront, n).await?;
-        println!("mqlb / haproxy memory per idle connection: {:.2}", m / h);
+        println!(
+            "mqlb / haproxy: memory per idle connection {:.2}; connect rate with {} held {:.2}, with 100 held {:.2}",
+            m.bytes_per_conn / h.bytes_per_conn,
+            n + 100,
+            m.rate_many / h.rate_many,
+            m.rate_few / h.rate_few
+        );
     } else {
         println!("haproxy not installed: no comparison");
     }
-    if m <= 0.0 {
+    if m.bytes_per_conn <= 0.0 {
         bail!("no memory growth measured; is the LB holding the connections?");
     }
     Ok(())
