@@ -191,6 +191,7 @@ impl Lb {
             lb.reconcile_probes(&mut control);
             lb.restart_data_path_probes(&mut control);
         }
+        tokio::spawn(sweep_idle(shared.clone(), lb.inner.admin_stop.clone()));
         tokio::spawn(admin::serve(
             shared.clone(),
             admin_listener,
@@ -429,7 +430,7 @@ impl Lb {
             }
             let stop = shared.stopping.child_token();
             tokio::spawn(probe::run(
-                shared.metrics.clone(),
+                shared.clone(),
                 key.0.clone(),
                 key.1.clone(),
                 target,
@@ -489,9 +490,8 @@ impl Lb {
             cut = shared.conns.len();
             tracing::warn!(cut, "grace period over; closing the remaining connections");
             shared.hard_stop.cancel();
-            // Wake every live connection through its backend's cut signal, including backends
-            // a reload removed; each sees `hard_stop` and ends.
-            shared.conns.wake_all_backends();
+            // Wake every live connection; each sees `hard_stop` and ends.
+            shared.conns.wake_all();
             if tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait())
                 .await
                 .is_err()
@@ -565,6 +565,26 @@ async fn watch_file(lb: Lb, path: PathBuf) {
             if lb.reload().await.is_err() {
                 continue;
             }
+        }
+    }
+}
+
+/// Sweeps the connection registry a few times per idle timeout (the shortest of the current
+/// rules): folds byte counts into the metrics and ends idle connections. Runs until the LB has
+/// fully stopped, so idle connections still time out during shutdown's grace period.
+async fn sweep_idle(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let tick = shared
+            .snapshot
+            .load()
+            .rules
+            .values()
+            .map(|r| crate::relay::sweep_tick(&r.cfg))
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(tick) => shared.conns.sweep(&shared.metrics),
         }
     }
 }

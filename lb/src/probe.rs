@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Transition;
-use crate::metrics::Metrics;
+use crate::lb::Shared;
 use crate::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use crate::state::{BackendState, ProbeRecord};
 
@@ -138,7 +138,7 @@ pub(crate) async fn mqtt_handshake(
 
 /// The probe loop of one pool member. Stops when `stop` fires (reload or shutdown).
 pub(crate) async fn run(
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
     pool: String,
     backend: String,
     target: SocketAddr,
@@ -146,6 +146,7 @@ pub(crate) async fn run(
     state: Arc<BackendState>,
     stop: CancellationToken,
 ) {
+    let metrics = &shared.metrics;
     let duration = metrics.probe_duration.with_label_values(&[&pool, &backend]);
     let up_gauge = metrics.backend_up.with_label_values(&[&pool, &backend]);
     up_gauge.set(i64::from(state.is_up()));
@@ -185,6 +186,7 @@ pub(crate) async fn run(
         ) {
             Some(Transition::WentDown) => {
                 tracing::warn!(pool, backend, %target, detail, "backend down");
+                shared.conns.backend_went_down(&state);
             }
             Some(Transition::WentUp) => tracing::info!(pool, backend, %target, "backend up"),
             None => {}

@@ -4,9 +4,8 @@
 //! the backend goes down (if the rule says so) or shutdown's grace runs out.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mqlb_config::{Distribution, Fallback, Rule};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -321,17 +320,15 @@ async fn establish(
         finish(shared, cfg, "", Outcome::ConnectFailed);
         return None;
     };
-    let info = Arc::new(ConnInfo {
-        id: shared.conns.next_id(),
-        rule: rule.clone(),
-        member: idx,
+    let info = Arc::new(ConnInfo::new(
+        shared.conns.next_id(),
+        rule.clone(),
+        idx,
         peer,
-        level: inspected.level.map(|l| l as u8),
-        client_id: inspected.client_id.map(String::into_boxed_str),
-        started: Instant::now(),
-        bytes_in: AtomicU64::new(inspected.buffered.len() as u64),
-        bytes_out: AtomicU64::new(0),
-    });
+        inspected.level.map(|l| l as u8),
+        inspected.client_id.map(String::into_boxed_str),
+        inspected.buffered.len() as u64,
+    ));
     tracing::debug!(rule = cfg.name, %peer, backend = info.backend(), %backend_addr, client_id = ?info.client_id, "proxying");
     Some((client, server, info))
 }
@@ -386,6 +383,7 @@ fn passive_failure(shared: &Shared, rule: &RuleRt, member: &Member, addr: Socket
     );
     if t.is_some() {
         tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");
+        shared.conns.backend_went_down(&member.state);
         shared
             .metrics
             .backend_up

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::health::{HealthMachine, Transition};
-use crate::snapshot::RuleRt;
+use crate::metrics::Metrics;
+use crate::snapshot::{MemberMetrics, RuleRt};
 
 /// Locks a mutex even if a panicking holder poisoned it: the data inside is plain counters
 /// and records that stay meaningful.
@@ -35,9 +36,6 @@ pub struct BackendState {
     active: AtomicU64,
     machine: Mutex<HealthMachine>,
     last_probe: Mutex<Option<ProbeRecord>>,
-    /// Woken when the backend goes down (for rules that close its connections then) and when
-    /// shutdown cuts live connections: one waiter per connection, not two.
-    pub(crate) cut: Notify,
 }
 
 impl BackendState {
@@ -48,7 +46,6 @@ impl BackendState {
             active: AtomicU64::new(0),
             machine: Mutex::new(HealthMachine::new(true)),
             last_probe: Mutex::new(None),
-            cut: Notify::new(),
         }
     }
 
@@ -97,10 +94,7 @@ impl BackendState {
         let t = lock(&self.machine).observe(ok, up_threshold, down_threshold);
         match t {
             Some(Transition::WentUp) => self.up.store(true, Ordering::Release),
-            Some(Transition::WentDown) => {
-                self.up.store(false, Ordering::Release);
-                self.cut.notify_waiters();
-            }
+            Some(Transition::WentDown) => self.up.store(false, Ordering::Release),
             None => {}
         }
         t
@@ -132,9 +126,86 @@ pub struct ConnInfo {
     pub bytes_in: AtomicU64,
     /// Backend → client.
     pub bytes_out: AtomicU64,
+    /// What the sweeper and the end of the connection have folded into `mqlb_bytes_total`.
+    folded_in: AtomicU64,
+    folded_out: AtomicU64,
+    /// Milliseconds after `started` when bytes last moved, as the sweeper saw it.
+    last_active_ms: AtomicU64,
+    /// Set by the sweeper when the idle timeout ran out.
+    idle_expired: AtomicBool,
+    /// The connection's task, woken to end it (idle, backend down, shutdown).
+    waker: AtomicWaker,
 }
 
 impl ConnInfo {
+    pub(crate) fn new(
+        id: u64,
+        rule: Arc<RuleRt>,
+        member: usize,
+        peer: SocketAddr,
+        level: Option<u8>,
+        client_id: Option<Box<str>>,
+        bytes_in: u64,
+    ) -> ConnInfo {
+        ConnInfo {
+            id,
+            rule,
+            member,
+            peer,
+            level,
+            client_id,
+            started: Instant::now(),
+            bytes_in: AtomicU64::new(bytes_in),
+            bytes_out: AtomicU64::new(0),
+            folded_in: AtomicU64::new(0),
+            folded_out: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(0),
+            idle_expired: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Adds the bytes moved since the last fold to `mqlb_bytes_total`; true if any moved.
+    /// Safe to race (sweeper and the connection's end): `fetch_max` keeps each byte counted once.
+    pub(crate) fn fold(&self, mm: &MemberMetrics) -> bool {
+        let fold_one = |now: &AtomicU64, folded: &AtomicU64, counter: &prometheus::IntCounter| {
+            let n = now.load(Ordering::Relaxed);
+            let before = folded.fetch_max(n, Ordering::Relaxed);
+            if n > before {
+                counter.inc_by(n - before);
+            }
+            n > before
+        };
+        let i = fold_one(&self.bytes_in, &self.folded_in, &mm.bytes_in);
+        let o = fold_one(&self.bytes_out, &self.folded_out, &mm.bytes_out);
+        i || o
+    }
+
+    /// Called by the connection's task on each poll before it looks at why it should end.
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    pub(crate) fn is_idle_expired(&self) -> bool {
+        self.idle_expired.load(Ordering::Acquire)
+    }
+
+    /// One sweep over this connection: fold its bytes; end it if nothing moved for the rule's
+    /// idle timeout.
+    fn sweep(&self, metrics: &Metrics) {
+        let mm = self.rule.member_metrics(metrics, self.member);
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if self.fold(mm) {
+            self.last_active_ms.store(now, Ordering::Relaxed);
+        } else {
+            let idle = now.saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
+            if u128::from(idle) >= self.rule.cfg.idle_timeout.as_millis() {
+                self.idle_expired.store(true, Ordering::Release);
+                self.waker.wake();
+            }
+        }
+    }
+
     pub fn backend_state(&self) -> &Arc<BackendState> {
         &self.rule.pool.members[self.member].state
     }
@@ -203,14 +274,33 @@ impl ConnRegistry {
         all
     }
 
-    /// Wakes the connections of every backend that has any, through its cut signal (shutdown
-    /// cutting what is left: each connection sees the stop flag and ends).
-    pub(crate) fn wake_all_backends(&self) {
-        let mut woken = std::collections::HashSet::new();
-        for c in self.snapshot() {
-            let state = c.backend_state();
-            if woken.insert(Arc::as_ptr(state)) {
-                state.cut.notify_waiters();
+    /// Wakes every live connection (shutdown cutting what is left: each sees the stop flag).
+    pub(crate) fn wake_all(&self) {
+        for shard in &self.shards {
+            for c in lock(shard).values() {
+                c.waker.wake();
+            }
+        }
+    }
+
+    /// Wakes the connections to a backend that just went down whose rule closes them then.
+    pub(crate) fn backend_went_down(&self, state: &Arc<BackendState>) {
+        for shard in &self.shards {
+            for c in lock(shard).values() {
+                if c.rule.cfg.close_on_backend_down && Arc::ptr_eq(c.backend_state(), state) {
+                    c.waker.wake();
+                }
+            }
+        }
+    }
+
+    /// Folds every connection's bytes into the metrics and ends the ones idle for longer than
+    /// their rule's idle timeout. One pass over the registry instead of a timer per
+    /// connection: an idle connection costs no wake-ups and no timer memory.
+    pub(crate) fn sweep(&self, metrics: &Metrics) {
+        for shard in &self.shards {
+            for c in lock(shard).values() {
+                c.sweep(metrics);
             }
         }
     }

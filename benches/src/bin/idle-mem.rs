@@ -70,7 +70,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn rate(front: SocketAddr, total: usize, tag: &str) -> anyhow::Result<f64> {
     let mut v = Vec::new();
     for r in 0..3 {
-        v.push(mqtt_connect_rate(front, total, 16, &format!("{tag}-r{r}")).await?.0);
+        v.push(
+            mqtt_connect_rate(front, total, 16, &format!("{tag}-r{r}"))
+                .await?
+                .0,
+        );
     }
     Ok(median(v))
 }
@@ -103,7 +107,12 @@ struct Measured {
     rate_many: f64,
 }
 
-async fn measure(name: &str, mut lb: Proc, front: SocketAddr, n: usize) -> anyhow::Result<Measured> {
+async fn measure(
+    name: &str,
+    mut lb: Proc,
+    front: SocketAddr,
+    n: usize,
+) -> anyhow::Result<Measured> {
     wait_listening(front, &mut lb).await?;
     let pid = lb.0.id();
     let rate_total = if n >= 9_000 { 3_000 } else { 1_000 };
