@@ -193,8 +193,13 @@ impl ConnInfo {
     /// One sweep over this connection: fold its bytes; end it if nothing moved for the rule's
     /// idle timeout.
     fn sweep(&self, metrics: &Metrics) {
-        let mm = self.rule.member_metrics(metrics, self.member);
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.sweep_at(metrics, now);
+    }
+
+    /// `sweep` at `now`, in milliseconds after `started`.
+    fn sweep_at(&self, metrics: &Metrics, now: u64) {
+        let mm = self.rule.member_metrics(metrics, self.member);
         if self.fold(mm) {
             self.last_active_ms.store(now, Ordering::Relaxed);
         } else {
@@ -311,5 +316,79 @@ impl ConnRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Snapshot;
+    use mqlb_config::Config;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn conn(idle: &str) -> (Arc<ConnInfo>, Metrics) {
+        let cfg = Config::parse(
+            &format!(
+                "[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n[[pool]]\nname = \"p\"\n\
+                 [[pool.backend]]\nid = \"a\"\naddr = \"127.0.0.1:1001\"\n\
+                 [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\nidle_timeout = \"{idle}\"\n"
+            ),
+            "t",
+        )
+        .expect("valid");
+        let snap = Snapshot::build(cfg, None);
+        let rule = snap.rules["f"].clone();
+        let info = ConnInfo::new(
+            1,
+            rule,
+            0,
+            "127.0.0.1:5000".parse().expect("addr"),
+            None,
+            None,
+            0,
+        );
+        (Arc::new(info), Metrics::new().expect("metrics"))
+    }
+
+    /// The sweeper and the connection's own end fold concurrently while bytes keep moving:
+    /// every byte is counted exactly once.
+    #[test]
+    fn racing_folds_count_each_byte_once() {
+        let (info, metrics) = conn("4m");
+        let mm = info.rule.member_metrics(&metrics, 0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..20_000 {
+                    info.bytes_in.fetch_add(3, Relaxed);
+                    info.bytes_out.fetch_add(1, Relaxed);
+                }
+            });
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..20_000 {
+                        info.fold(mm);
+                    }
+                });
+            }
+        });
+        info.fold(mm);
+        assert_eq!(mm.bytes_in.get(), 60_000);
+        assert_eq!(mm.bytes_out.get(), 20_000);
+    }
+
+    /// A sweep ends a connection only once nothing moved for its rule's idle timeout.
+    #[test]
+    fn sweep_expires_only_idle_connections() {
+        let (info, metrics) = conn("100ms");
+        info.sweep_at(&metrics, 60);
+        assert!(!info.is_idle_expired(), "60 ms after the start");
+        info.bytes_in.fetch_add(1, Relaxed);
+        info.sweep_at(&metrics, 90); // bytes moved: the idle clock restarts
+        info.sweep_at(&metrics, 150);
+        assert!(!info.is_idle_expired(), "60 ms after the last bytes");
+        info.sweep_at(&metrics, 189);
+        assert!(!info.is_idle_expired(), "99 ms after the last bytes");
+        info.sweep_at(&metrics, 190);
+        assert!(info.is_idle_expired(), "100 ms after the last bytes");
     }
 }

@@ -248,6 +248,47 @@ async fn bulk_streams_are_relayed_intact_both_ways() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// When shutdown's grace runs out, connections still open are cut (both peers see the close),
+/// counted, and shutdown returns how many it cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_what_outlives_the_grace_period() -> anyhow::Result<()> {
+    let toml = tcp_lb_toml(echo_server().await?, "").replace(
+        "watch_config = false\n",
+        "watch_config = false\nshutdown_grace = \"300ms\"\n",
+    );
+    let lb = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+    let front = lb
+        .frontend_addr("f")
+        .ok_or_else(|| anyhow::anyhow!("no frontend"))?;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(front).await?;
+        s.write_all(b"hi").await?;
+        let mut b = [0u8; 2];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut b)).await??;
+        held.push(s);
+    }
+    let started = std::time::Instant::now();
+    let cut = tokio::time::timeout(DEADLINE, lb.shutdown()).await?;
+    assert_eq!(cut, 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "cut before the grace ran out"
+    );
+    for mut s in held {
+        let mut b = [0u8; 8];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut b)).await??;
+        assert_eq!(n, 0, "the client sees the close");
+    }
+    let m = lb.metrics_text();
+    assert_eq!(
+        metric(&m, "mqlb_connections_total", &[("outcome", "shutdown")]),
+        3.0,
+        "{m}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_and_mqtt_probes_judge_real_servers() -> anyhow::Result<()> {
     let backend = count_then_reply_server().await?;
