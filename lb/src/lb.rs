@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +33,10 @@ pub(crate) struct Shared {
     pub tracker: TaskTracker,
     /// Fired when shutdown begins: accept loops, probes and watchers stop.
     pub stopping: CancellationToken,
-    /// Fired when shutdown's grace period is over: live connections are cut.
-    pub hard_stop: CancellationToken,
+    /// Set when shutdown's grace period is over: live connections are cut. A plain flag, not
+    /// a `CancellationToken`: every connection reads it on every wake-up, and a token's
+    /// `is_cancelled` takes a mutex shared by all of them.
+    pub hard_stop: AtomicBool,
 }
 
 /// Sockets bound by the caller (tests bind `127.0.0.1:0`; a supervisor may pass its own).
@@ -163,7 +166,7 @@ impl Lb {
             conns: ConnRegistry::default(),
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop: AtomicBool::new(false),
         });
         let lb = Lb {
             inner: Arc::new(Inner {
@@ -489,7 +492,7 @@ impl Lb {
         {
             cut = shared.conns.len();
             tracing::warn!(cut, "grace period over; closing the remaining connections");
-            shared.hard_stop.cancel();
+            shared.hard_stop.store(true, Ordering::Release);
             // Wake every live connection; each sees `hard_stop` and ends.
             shared.conns.wake_all();
             if tokio::time::timeout(Duration::from_secs(5), shared.tracker.wait())

@@ -51,9 +51,12 @@ pub(crate) async fn accept_loop(
         }
     };
     loop {
+        // Accept first: the stop token (whose check takes a lock shared by every accept loop)
+        // is looked at only when no connection is waiting.
         let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
+            biased;
             r = listener.accept() => r,
+            _ = stop.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -68,7 +68,11 @@ impl<'a> Relay<'a> {
                 }
             }
             Some(Outcome::IdleTimeout)
-        } else if self.shared.hard_stop.is_cancelled() {
+        } else if self
+            .shared
+            .hard_stop
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             Some(Outcome::Shutdown)
         } else if info.rule.cfg.close_on_backend_down && !info.backend_state().is_up() {
             Some(Outcome::BackendDown)
