@@ -80,6 +80,14 @@ pub enum ReloadError {
     },
 }
 
+/// A frontend's listening sockets before their accept loops start.
+enum Bound {
+    /// Given by the caller (`Listeners`): one socket, shared by the data-path threads.
+    Adopted(TcpListener),
+    /// Bound by mqlb: one per data-path thread.
+    Ours(Vec<std::net::TcpListener>),
+}
+
 struct OpenFrontend {
     cfg: Frontend,
     addr: SocketAddr,
@@ -146,17 +154,17 @@ impl Lb {
         let admin_addr = admin_listener
             .local_addr()
             .map_err(bind_err("admin server", config.lb.admin))?;
+        let threads = crate::workers::default_count();
         let mut bound = Vec::new();
         for f in reload::served_frontends(&config) {
-            let (l, ours) = match listeners.frontends.remove(&f.name) {
-                Some(l) => (l, false),
-                None => (
-                    listener::bind(f.bind, f.backlog.get())
+            let l = match listeners.frontends.remove(&f.name) {
+                Some(l) => Bound::Adopted(l),
+                None => Bound::Ours(
+                    listener::bind_group(f.bind, f.backlog.get(), threads)
                         .map_err(bind_err(&format!("frontend {}", f.name), f.bind))?,
-                    true,
                 ),
             };
-            bound.push((f, l, ours));
+            bound.push((f, l));
         }
         let source = config.source.clone();
         let base = config.clone();
@@ -182,14 +190,13 @@ impl Lb {
                 addrs: std::sync::Mutex::new(HashMap::new()),
                 admin_stop: CancellationToken::new(),
                 source,
-                workers: Workers::start(crate::workers::default_count())
-                    .map_err(StartError::Threads)?,
+                workers: Workers::start(threads).map_err(StartError::Threads)?,
             }),
         };
         {
             let mut control = lb.inner.control.lock().await;
-            for (f, l, ours) in bound {
-                lb.open_frontend(&mut control, f, l, ours);
+            for (f, l) in bound {
+                lb.open_frontend(&mut control, f, l);
             }
             lb.reconcile_probes(&mut control);
             lb.restart_data_path_probes(&mut control);
@@ -302,8 +309,8 @@ impl Lb {
                     o.stop.cancel();
                 }
             }
-            match listener::bind(f.bind, f.backlog.get()) {
-                Ok(l) => fresh.push((f.clone(), l)),
+            match listener::bind_group(f.bind, f.backlog.get(), self.inner.workers.len()) {
+                Ok(l) => fresh.push((f.clone(), Bound::Ours(l))),
                 Err(source) => {
                     drop(fresh);
                     self.count_reload(false);
@@ -337,7 +344,7 @@ impl Lb {
             }
         }
         for (f, l) in fresh {
-            self.open_frontend(&mut control, f, l, true);
+            self.open_frontend(&mut control, f, l);
         }
         self.reconcile_probes(&mut control);
         self.restart_data_path_probes(&mut control);
@@ -367,23 +374,42 @@ impl Lb {
             .inc();
     }
 
-    /// `ours`: bound by [`listener::bind`], so accepted sockets inherit its options.
-    fn open_frontend(&self, control: &mut Control, f: Frontend, l: TcpListener, ours: bool) {
-        let addr = l.local_addr().unwrap_or(f.bind);
+    /// Starts an accept loop on every data-path thread.
+    fn open_frontend(&self, control: &mut Control, f: Frontend, bound: Bound) {
+        let handles = self.inner.workers.handles();
+        // One socket per thread (ours, SO_REUSEPORT), or the caller's socket shared by all
+        // threads (whichever wakes first accepts). Ours were bound by `listener::bind_group`,
+        // so accepted sockets inherit their options.
+        let (sockets, inherits) = match bound {
+            Bound::Ours(v) => (Ok(v), listener::ACCEPTED_INHERIT_OPTIONS),
+            Bound::Adopted(l) => (
+                l.into_std().and_then(|l| {
+                    (1..handles.len()).try_fold(vec![l], |mut all, _| {
+                        all.push(all[0].try_clone()?);
+                        Ok(all)
+                    })
+                }),
+                false,
+            ),
+        };
+        let addr = sockets
+            .as_ref()
+            .ok()
+            .and_then(|v| v.first()?.local_addr().ok())
+            .unwrap_or(f.bind);
         let stop = self.inner.shared.stopping.child_token();
-        // The same listening socket is watched by every data-path thread; whichever wakes
-        // first accepts.
-        let spawned = l.into_std().and_then(|std_l| {
-            for h in self.inner.workers.handles() {
+        let spawned = sockets.and_then(|sockets| {
+            // A group bound before a change of thread count is shared round the threads.
+            for (i, h) in handles.iter().enumerate() {
                 let l = {
                     let _rt = h.enter();
-                    TcpListener::from_std(std_l.try_clone()?)?
+                    TcpListener::from_std(sockets[i % sockets.len()].try_clone()?)?
                 };
                 h.spawn(listener::accept_loop(
                     self.inner.shared.clone(),
                     f.name.clone(),
                     l,
-                    ours && listener::ACCEPTED_INHERIT_OPTIONS,
+                    inherits,
                     stop.clone(),
                 ));
             }

@@ -21,8 +21,16 @@ pub(crate) const ACCEPTED_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
 /// old connections sit in TIME_WAIT), the configured listen backlog, and the client-socket
 /// options (TCP_NODELAY, keepalive) for accepted sockets to inherit.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    TcpListener::from_std(listening_socket(addr, backlog, false)?.into())
+}
+
+fn listening_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if ACCEPTED_INHERIT_OPTIONS {
         socket.set_tcp_nodelay(true)?;
         socket.set_tcp_keepalive(&crate::proxy::keepalive())?;
@@ -30,7 +38,40 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(socket.into())
+    Ok(socket)
+}
+
+/// Binds one listening socket per data-path thread on `addr`, sharing the port with
+/// `SO_REUSEPORT`: the kernel spreads new connections over them, so a connection wakes only
+/// the thread that will serve it (one shared socket wakes every thread and all but one find
+/// nothing to accept). Where SO_REUSEPORT is refused, one socket is shared by all threads.
+pub(crate) fn bind_group(
+    addr: SocketAddr,
+    backlog: u32,
+    n: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = match listening_socket(addr, backlog, cfg!(unix) && n > 1) {
+        Ok(s) => s,
+        Err(e) if n > 1 && e.kind() != io::ErrorKind::AddrInUse => {
+            tracing::debug!(%addr, error = %e, "SO_REUSEPORT refused; one socket for all threads");
+            let shared: std::net::TcpListener = listening_socket(addr, backlog, false)?.into();
+            return (1..n).try_fold(vec![shared], |mut all, _| {
+                all.push(all[0].try_clone()?);
+                Ok(all)
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    // Port 0 picked a port: the others join that one.
+    let bound = first
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listening socket without an IP address"))?;
+    let mut all: Vec<std::net::TcpListener> = vec![first.into()];
+    for _ in 1..n {
+        all.push(listening_socket(bound, backlog, true)?.into());
+    }
+    Ok(all)
 }
 
 /// Accepts on `listener` until `stop` fires, spawning one proxy task per connection.

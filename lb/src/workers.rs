@@ -37,6 +37,10 @@ impl Workers {
     pub(crate) fn handles(&self) -> &[Handle] {
         &self.handles
     }
+
+    pub(crate) fn len(&self) -> usize {
+        self.handles.len()
+    }
 }
 
 impl Drop for Workers {
