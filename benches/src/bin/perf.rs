@@ -1,7 +1,7 @@
 //! The performance table of issue 6: each workload directly, through `mqlb lb` and through
 //! HAProxy (when installed), interleaved, repeated, medians and ratios from the same run.
 //!
-//! `cargo run --release -p mqlb-benches --bin perf [-- --quick]`
+//! `cargo run --release -p mqlb-benches --bin perf [-- [--quick] [--reps N]]`
 //! (memory per idle connection: `--bin idle-mem`).
 
 use std::net::SocketAddr;
@@ -166,7 +166,14 @@ struct Row {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let reps = if quick { 1 } else { 3 };
+    // `--reps N`: more repetitions narrow the medians on a noisy machine.
+    let args: Vec<String> = std::env::args().collect();
+    let reps = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(if quick { 1 } else { 3 });
     let (bulk, conns, per_pub, lat_n) = if quick {
         (64 << 20, 1000, 500, 300)
     } else {
@@ -266,6 +273,17 @@ async fn main() -> anyhow::Result<()> {
             h.map_or("-".into(), |h| format!("{:.2}", m / h)),
             r.unit
         );
+    }
+    if reps > 1 && hp_mqtt.is_some() {
+        // The spread behind the medians: one mqlb/haproxy ratio per repetition.
+        println!("per-repetition mqlb/haproxy (min..max):");
+        for r in &rows {
+            let ratios: Vec<f64> = r.mqlb.iter().zip(&r.haproxy).map(|(m, h)| m / h).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+            println!("  {:<32} {lo:.2}..{hi:.2}", r.name);
+        }
     }
     if let (Some(lat), true) = (rows.last(), hp_mqtt.is_some()) {
         let (d, m, h) = (
