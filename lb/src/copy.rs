@@ -5,7 +5,8 @@
 //! Small messages go through a per-thread pool of 64 KiB buffers (read, then write). A
 //! direction that fills a whole buffer in one read is a bulk stream; on Linux it switches to
 //! `splice(2)` through a pooled pipe, so the payload moves socket → pipe → socket as page
-//! references and is never copied through user space (HAProxy's `splice-auto`, on by default).
+//! references and is never copied through user space (what HAProxy does with `option
+//! splice-auto`, which is off there by default; here it is always on).
 
 use std::io;
 use std::pin::Pin;
