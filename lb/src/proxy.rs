@@ -336,10 +336,10 @@ async fn establish(
 /// Opens the backend leg and sends it the bytes read while inspecting.
 ///
 /// The socket is made by hand rather than by `TcpStream::connect`: TCP_NODELAY is set on it
-/// (MQTT packets are small and latency matters) and, when there are bytes to replay, the
-/// replay itself reports a refused or failed connect, which saves the `SO_ERROR` query per
-/// connection. No TCP keepalive on this leg: the idle timeout and the health probes already
-/// notice a backend that vanished.
+/// (MQTT packets are small and latency matters) and TCP keepalive (a backend host that
+/// vanished is noticed on a quiet connection too) before connecting and, when there are bytes
+/// to replay, the replay itself reports a refused or failed connect, which saves the `SO_ERROR`
+/// query per connection.
 async fn connect_and_replay(addr: SocketAddr, replay: &[u8]) -> std::io::Result<TcpStream> {
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -347,6 +347,7 @@ async fn connect_and_replay(addr: SocketAddr, replay: &[u8]) -> std::io::Result<
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&keepalive())?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         // Under way: a non-blocking connect answers EINPROGRESS.
@@ -408,5 +409,37 @@ async fn write_best_effort(client: &mut TcpStream, bytes: &[u8]) {
     }
     if let Err(e) = client.shutdown().await {
         tracing::debug!(error = %e, "shutdown after refusal");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// The backend leg gets TCP_NODELAY and keepalive, and carries the replayed bytes.
+    #[tokio::test]
+    async fn backend_leg_is_tuned_and_replays() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = connect_and_replay(addr, b"CONNECT").await.unwrap();
+        assert!(s.nodelay().unwrap());
+        assert!(SockRef::from(&s).keepalive().unwrap());
+        let (mut a, _) = l.accept().await.unwrap();
+        let mut got = [0u8; 7];
+        a.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"CONNECT");
+    }
+
+    /// A refused connect is an error, whether or not there are bytes to replay (the replay or
+    /// SO_ERROR reports it), so the next backend is tried.
+    #[tokio::test]
+    async fn refused_connect_is_an_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        assert!(connect_and_replay(addr, b"CONNECT").await.is_err());
+        assert!(connect_and_replay(addr, b"").await.is_err());
     }
 }
