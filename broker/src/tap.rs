@@ -15,6 +15,19 @@ use rumqttd::protocol::{Error, Packet, Protocol, Publish, PublishProperties};
 use crate::mesh::frame::MeshPublish;
 use crate::mesh::Mesh;
 
+/// Copies the MQTT 5 properties a publish and a last will share into a mesh frame: rumqttd
+/// has one property type for each, with the same fields.
+macro_rules! copy_props {
+    ($m:expr, $p:expr) => {{
+        $m.payload_format_indicator = $p.payload_format_indicator;
+        $m.message_expiry_interval = $p.message_expiry_interval;
+        $m.response_topic = $p.response_topic.clone();
+        $m.correlation_data = $p.correlation_data.clone();
+        $m.user_properties = $p.user_properties.clone();
+        $m.content_type = $p.content_type.clone();
+    }};
+}
+
 /// Client connections of one node, counted here so rumqttd's router never has to refuse one:
 /// a refusal inside rumqttd 0.20 leaves a stale will handler behind, and the next CONNECT with
 /// that client ID panics and poisons the listener for everyone (rumqtt issue #1062).
@@ -167,12 +180,7 @@ impl<P> Tap<P> {
                 ..MeshPublish::default()
             };
             if let Some(p) = props {
-                m.payload_format_indicator = p.payload_format_indicator;
-                m.message_expiry_interval = p.message_expiry_interval;
-                m.response_topic = p.response_topic.clone();
-                m.correlation_data = p.correlation_data.clone();
-                m.user_properties = p.user_properties.clone();
-                m.content_type = p.content_type.clone();
+                copy_props!(m, p);
             }
             m
         });
@@ -198,12 +206,7 @@ impl<P: Protocol> Protocol for Tap<P> {
                     let mut delay = 0;
                     if let Some(p) = will_props {
                         delay = p.delay_interval.unwrap_or(0);
-                        m.payload_format_indicator = p.payload_format_indicator;
-                        m.message_expiry_interval = p.message_expiry_interval;
-                        m.content_type = p.content_type.clone();
-                        m.response_topic = p.response_topic.clone();
-                        m.correlation_data = p.correlation_data.clone();
-                        m.user_properties = p.user_properties.clone();
+                        copy_props!(m, p);
                     }
                     (m, delay)
                 });

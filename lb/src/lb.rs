@@ -383,12 +383,7 @@ impl Lb {
         let (sockets, inherits) = match bound {
             Bound::Ours(v) => (Ok(v), listener::ACCEPTED_INHERIT_OPTIONS),
             Bound::Adopted(l) => (
-                l.into_std().and_then(|l| {
-                    (1..handles.len()).try_fold(vec![l], |mut all, _| {
-                        all.push(all[0].try_clone()?);
-                        Ok(all)
-                    })
-                }),
+                l.into_std().and_then(|l| listener::share(l, handles.len())),
                 false,
             ),
         };
@@ -398,12 +393,13 @@ impl Lb {
             .and_then(|v| v.first()?.local_addr().ok())
             .unwrap_or(f.bind);
         let stop = self.inner.shared.stopping.child_token();
+        // One socket (or handle on the shared one) per thread, registered with that thread's
+        // reactor.
         let spawned = sockets.and_then(|sockets| {
-            // A group bound before a change of thread count is shared round the threads.
-            for (i, h) in handles.iter().enumerate() {
+            for (h, socket) in handles.iter().zip(sockets) {
                 let l = {
                     let _rt = h.enter();
-                    TcpListener::from_std(sockets[i % sockets.len()].try_clone()?)?
+                    TcpListener::from_std(socket)?
                 };
                 h.spawn(listener::accept_loop(
                     self.inner.shared.clone(),

@@ -54,11 +54,7 @@ pub(crate) fn bind_group(
         Ok(s) => s,
         Err(e) if n > 1 && e.kind() != io::ErrorKind::AddrInUse => {
             tracing::debug!(%addr, error = %e, "SO_REUSEPORT refused; one socket for all threads");
-            let shared: std::net::TcpListener = listening_socket(addr, backlog, false)?.into();
-            return (1..n).try_fold(vec![shared], |mut all, _| {
-                all.push(all[0].try_clone()?);
-                Ok(all)
-            });
+            return share(listening_socket(addr, backlog, false)?.into(), n);
         }
         Err(e) => return Err(e),
     };
@@ -71,6 +67,16 @@ pub(crate) fn bind_group(
     for _ in 1..n {
         all.push(listening_socket(bound, backlog, true)?.into());
     }
+    Ok(all)
+}
+
+/// `n` handles on one listening socket (the first is `l` itself), for `n` accept loops.
+pub(crate) fn share(l: std::net::TcpListener, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let mut all = Vec::with_capacity(n.max(1));
+    for _ in 1..n {
+        all.push(l.try_clone()?);
+    }
+    all.push(l);
     Ok(all)
 }
 

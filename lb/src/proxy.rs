@@ -220,7 +220,8 @@ async fn establish(
         level: None,
         client_id: None,
     };
-    let mut method = cfg.distribution.name();
+    // The rule's own distribution unless the CONNECT forces the fallback.
+    let mut fallback = None;
     if cfg.distribution == Distribution::MqttClientId {
         let read = tokio::time::timeout(
             cfg.inspect_timeout,
@@ -258,7 +259,7 @@ async fn establish(
                 .with_label_values(&[&cfg.name, reason])
                 .inc();
             match cfg.fallback {
-                Fallback::FiveTuple => method = "fallback-five-tuple",
+                Fallback::FiveTuple => fallback = Some("fallback-five-tuple"),
                 Fallback::Reject => {
                     if reason == "empty_client_id" {
                         if let Some(level) = inspected.level {
@@ -275,12 +276,12 @@ async fn establish(
             }
         }
     }
-    if method == cfg.distribution.name() {
-        rule.routed(m).inc();
-    } else {
-        m.route_decisions_total
+    match fallback {
+        None => rule.routed(m).inc(),
+        Some(method) => m
+            .route_decisions_total
             .with_label_values(&[&cfg.name, method])
-            .inc();
+            .inc(),
     }
     let order = match &inspected.client_id {
         Some(id) => rule.pool.order(cfg.distribution, &Key::ClientId(id)),

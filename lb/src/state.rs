@@ -279,35 +279,32 @@ impl ConnRegistry {
         all
     }
 
+    /// Runs `f` on every live connection, one shard lock at a time.
+    fn for_each(&self, mut f: impl FnMut(&ConnInfo)) {
+        for shard in &self.shards {
+            lock(shard).values().for_each(|c| f(c));
+        }
+    }
+
     /// Wakes every live connection (shutdown cutting what is left: each sees the stop flag).
     pub(crate) fn wake_all(&self) {
-        for shard in &self.shards {
-            for c in lock(shard).values() {
-                c.waker.wake();
-            }
-        }
+        self.for_each(|c| c.waker.wake());
     }
 
     /// Wakes the connections to a backend that just went down whose rule closes them then.
     pub(crate) fn backend_went_down(&self, state: &Arc<BackendState>) {
-        for shard in &self.shards {
-            for c in lock(shard).values() {
-                if c.rule.cfg.close_on_backend_down && Arc::ptr_eq(c.backend_state(), state) {
-                    c.waker.wake();
-                }
+        self.for_each(|c| {
+            if c.rule.cfg.close_on_backend_down && Arc::ptr_eq(c.backend_state(), state) {
+                c.waker.wake();
             }
-        }
+        });
     }
 
     /// Folds every connection's bytes into the metrics and ends the ones idle for longer than
     /// their rule's idle timeout. One pass over the registry instead of a timer per
     /// connection: an idle connection costs no wake-ups and no timer memory.
     pub(crate) fn sweep(&self, metrics: &Metrics) {
-        for shard in &self.shards {
-            for c in lock(shard).values() {
-                c.sweep(metrics);
-            }
-        }
+        self.for_each(|c| c.sweep(metrics));
     }
 
     pub fn len(&self) -> usize {

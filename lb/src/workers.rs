@@ -50,11 +50,21 @@ impl Drop for Workers {
     }
 }
 
-/// How many data-path threads: `MQLB_DATA_THREADS` if set, else one per core.
+/// How many data-path threads: `MQLB_DATA_THREADS` if set, else one per core. A value that is
+/// not a positive number is reported, not silently taken for the default.
 pub(crate) fn default_count() -> usize {
-    std::env::var("MQLB_DATA_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n: &usize| *n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
+    match std::env::var("MQLB_DATA_THREADS") {
+        Err(_) => cores(),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                tracing::warn!(
+                    value = v,
+                    "MQLB_DATA_THREADS is not a positive number; using one thread per core"
+                );
+                cores()
+            }
+        },
+    }
 }
