@@ -175,6 +175,11 @@ impl Mosquitto {
         SocketAddr::from(([127, 0, 0, 1], self.alt_port))
     }
 
+    /// The broker's process id, while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the broker at once (SIGKILL): its clients see their connections reset.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
