@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -238,4 +239,60 @@ pub async fn start_haproxy_with(
     let mut p = Proc(child);
     wait_listening(front, &mut p).await?;
     Ok(Some((p, front)))
+}
+
+/// MQTT options of the benchmark clients: keep-alive 30 s, 500 messages in flight.
+pub fn opts(id: String, addr: SocketAddr) -> MqttOptions {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_inflight(500);
+    o
+}
+
+/// QoS 1, one message per millisecond, publisher and subscriber through `addr`: median
+/// end-to-end latency in microseconds.
+pub async fn paced_latency_us(addr: SocketAddr, n: usize, tag: &str) -> anyhow::Result<f64> {
+    let epoch = Instant::now();
+    let topic = format!("lat/{tag}");
+    let (sc, mut sel) = AsyncClient::new(opts(format!("{tag}-lsub"), addr), 1000);
+    sc.subscribe(&topic, QoS::AtLeastOnce).await?;
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) =
+            tokio::time::timeout(Duration::from_secs(10), sel.poll()).await??
+        {
+            break;
+        }
+    }
+    let recv = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(n);
+        while lat.len() < n {
+            match tokio::time::timeout(Duration::from_secs(10), sel.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&p.payload[..8]);
+                    let sent = u64::from_le_bytes(b) as f64;
+                    lat.push(epoch.elapsed().as_nanos() as f64 - sent);
+                }
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        lat
+    });
+    let (pc, mut pel) = AsyncClient::new(opts(format!("{tag}-lpub"), addr), 1000);
+    let driver = tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+    let mut payload = vec![0u8; 64];
+    for _ in 0..n {
+        payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
+        pc.publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+            .await?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let lat = recv.await?;
+    driver.abort();
+    drop(sc);
+    anyhow::ensure!(lat.len() == n, "latency run got {} of {n}", lat.len());
+    let mut lat = lat;
+    lat.sort_by(f64::total_cmp);
+    Ok(lat[lat.len() / 2] / 1000.0)
 }

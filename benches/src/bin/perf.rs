@@ -11,18 +11,11 @@ use std::time::{Duration, Instant};
 
 use mqlb_benches::*;
 use mqlb_tests::{Mosquitto, TempDir};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
-}
-
-fn opts(id: String, addr: SocketAddr) -> MqttOptions {
-    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_inflight(500);
-    o
 }
 
 /// 10 publishers → 2 subscribers, 64-byte payloads: messages delivered per second.
@@ -107,52 +100,6 @@ async fn publish_rate(
         t.abort();
     }
     Ok(delivered as f64 / elapsed.as_secs_f64())
-}
-
-/// QoS 1, one message per millisecond, publisher and subscriber through `addr`: median
-/// end-to-end latency in microseconds.
-async fn paced_latency_us(addr: SocketAddr, n: usize, tag: &str) -> anyhow::Result<f64> {
-    let epoch = Instant::now();
-    let topic = format!("lat/{tag}");
-    let (sc, mut sel) = AsyncClient::new(opts(format!("{tag}-lsub"), addr), 1000);
-    sc.subscribe(&topic, QoS::AtLeastOnce).await?;
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) =
-            tokio::time::timeout(Duration::from_secs(10), sel.poll()).await??
-        {
-            break;
-        }
-    }
-    let recv = tokio::spawn(async move {
-        let mut lat = Vec::with_capacity(n);
-        while lat.len() < n {
-            match tokio::time::timeout(Duration::from_secs(10), sel.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(&p.payload[..8]);
-                    let sent = u64::from_le_bytes(b) as f64;
-                    lat.push(epoch.elapsed().as_nanos() as f64 - sent);
-                }
-                Ok(Ok(_)) => {}
-                _ => break,
-            }
-        }
-        lat
-    });
-    let (pc, mut pel) = AsyncClient::new(opts(format!("{tag}-lpub"), addr), 1000);
-    let driver = tokio::spawn(async move { while pel.poll().await.is_ok() {} });
-    let mut payload = vec![0u8; 64];
-    for _ in 0..n {
-        payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-        pc.publish(&topic, QoS::AtLeastOnce, false, payload.clone())
-            .await?;
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let lat = recv.await?;
-    driver.abort();
-    drop(sc);
-    anyhow::ensure!(lat.len() == n, "latency run got {} of {n}", lat.len());
-    Ok(median(lat) / 1000.0)
 }
 
 struct Row {
