@@ -127,7 +127,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let me = std::process::id();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("CPU per unit of work, user+kernel, {cores} cores; medians are left to the reader: {reps} runs each");
+    println!(
+        "CPU per unit of work, user+kernel, {cores} cores; {reps} runs of each, every run printed"
+    );
     println!(
         "{:<18} {:>9} {:>15} {:>15} {:>15} {:>7}",
         "", "rate", "client", "broker", "proxy", "total"
