@@ -292,7 +292,22 @@ pub async fn paced_latency_us(addr: SocketAddr, n: usize, tag: &str) -> anyhow::
     driver.abort();
     drop(sc);
     anyhow::ensure!(lat.len() == n, "latency run got {} of {n}", lat.len());
-    let mut lat = lat;
-    lat.sort_by(f64::total_cmp);
-    Ok(lat[lat.len() / 2] / 1000.0)
+    Ok(median(lat) / 1000.0)
+}
+
+/// `--reps N` from the command line (more repetitions narrow the medians on a noisy machine),
+/// or `default` when absent or not a positive number.
+pub fn reps_arg(default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// The median (upper median for an even count) of non-empty `v`.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

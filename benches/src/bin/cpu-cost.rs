@@ -86,13 +86,7 @@ where
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let reps = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(3);
+    let reps = reps_arg(3);
     let (conns, mib) = (20_000usize, 1024usize);
     let dir = TempDir::new("cpu-cost")?;
     let sink = discard_server().await?;

@@ -174,11 +174,6 @@ fn ping_pong(addr: SocketAddr, n: usize) -> anyhow::Result<(f64, f64)> {
     Ok((rtt[n / 2], mean))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// One way to the backends: direct, or through a proxy (one address per backend).
 struct Path {
     name: &'static str,
@@ -189,13 +184,7 @@ struct Path {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let reps = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(3);
+    let reps = reps_arg(3);
     let (n, mib) = (10_000, 1024);
     let dir = TempDir::new("floors")?;
     let echo_addr = serve_forever("echo", echo)?;

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mqlb_benches::{mqlb_release_bin, mqtt_connect_rate, wait_listening, Proc};
+use mqlb_benches::{median, mqlb_release_bin, mqtt_connect_rate, wait_listening, Proc};
 use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -59,11 +59,6 @@ async fn open_sessions(addr: SocketAddr, n: usize, tag: &str) -> anyhow::Result<
         }
     }
     Ok(all)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Connect rate through `front`, median of 3 runs of `total` connections.

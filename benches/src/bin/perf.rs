@@ -13,11 +13,6 @@ use mqlb_benches::*;
 use mqlb_tests::{Mosquitto, TempDir};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// 10 publishers → 2 subscribers, 64-byte payloads: messages delivered per second.
 async fn publish_rate(
     addr: SocketAddr,
@@ -113,14 +108,7 @@ struct Row {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--reps N`: more repetitions narrow the medians on a noisy machine.
-    let args: Vec<String> = std::env::args().collect();
-    let reps = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(if quick { 1 } else { 3 });
+    let reps = reps_arg(if quick { 1 } else { 3 });
     let (bulk, conns, per_pub, lat_n) = if quick {
         (64 << 20, 1000, 500, 300)
     } else {
