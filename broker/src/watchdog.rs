@@ -1,9 +1,10 @@
-//! Keeps a node's MQTT listeners answering. rumqttd 0.20 poisons a listener for good when a
-//! client whose previous CONNECT failed half-way (say, it hung up before the CONNACK) connects
-//! again with the same ID (rumqtt #1062): every later CONNECT on that port panics. The node
-//! checks its own listener with a real CONNECT every second and, after two failures in a row,
-//! replaces the rumqttd server (a fresh one has a fresh state); established connections are
-//! separate tasks and keep running.
+//! Keeps a node's MQTT listeners answering. rumqttd 0.20 poisoned a listener for good when a
+//! client whose previous CONNECT failed half-way (say, it hung up before the CONNACK) connected
+//! again with the same ID (rumqtt #1062): every later CONNECT on that port panicked. mqlb builds
+//! rumqttd with that fixed (`vendor/rumqttd/PATCHED.md`); this watchdog stays as the second line
+//! for whatever else may stop a listener. The node checks its own listener with a real CONNECT
+//! every second and, after two failures in a row, replaces the rumqttd server (a fresh one has
+//! a fresh state); established connections are separate tasks and keep running.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -112,5 +113,119 @@ pub(crate) async fn watch<F, Fut, E>(
             }
             running = tokio::spawn(make());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+    use tokio::net::TcpListener;
+
+    /// A stand-in listener on `addr`: answers every CONNECT with a CONNACK when `healthy`,
+    /// otherwise reads it and never answers (what a poisoned rumqttd listener does). Counts the
+    /// CONNECTs it answered.
+    async fn fake(
+        addr: SocketAddr,
+        healthy: bool,
+        answered: Arc<AtomicUsize>,
+    ) -> Result<(), std::io::Error> {
+        let l = TcpListener::bind(addr).await?;
+        loop {
+            let (mut s, _) = l.accept().await?;
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if healthy {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    let _ = s.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+                }
+                // Hold the connection until the peer goes.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    }
+
+    async fn wait_for(what: &str, deadline: Duration, cond: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn free_addr() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_stops_answering_is_replaced() {
+        let addr = free_addr().await;
+        let answered = Arc::new(AtomicUsize::new(0));
+        let poisoned = tokio::spawn(fake(addr, false, answered.clone()));
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let stop = CancellationToken::new();
+        let make = {
+            let answered = answered.clone();
+            move || fake(addr, true, answered.clone())
+        };
+        let w = tokio::spawn(watch(
+            "n1".into(),
+            addr,
+            4,
+            poisoned,
+            make,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        wait_for(
+            "the listener to be replaced",
+            Duration::from_secs(10),
+            || metrics.listener_restarts.get() == 1,
+        )
+        .await;
+        // The replacement answers real CONNECTs (the watchdog's own checks among them).
+        assert!(
+            self_check(addr, 4, "test").await,
+            "replacement does not answer"
+        );
+        assert!(answered.load(Ordering::Relaxed) >= 1);
+        stop.cancel();
+        w.await.expect("watchdog task");
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_answers_is_left_alone() {
+        let addr = free_addr().await;
+        let answered = Arc::new(AtomicUsize::new(0));
+        let healthy = tokio::spawn(fake(addr, true, answered.clone()));
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let stop = CancellationToken::new();
+        let make = {
+            let answered = answered.clone();
+            move || fake(addr, true, answered.clone())
+        };
+        let w = tokio::spawn(watch(
+            "n1".into(),
+            addr,
+            5,
+            healthy,
+            make,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        // Three self-checks answered, none of them a reason to replace anything.
+        wait_for("three self-checks", Duration::from_secs(10), || {
+            answered.load(Ordering::Relaxed) >= 3
+        })
+        .await;
+        assert_eq!(metrics.listener_restarts.get(), 0);
+        stop.cancel();
+        w.await.expect("watchdog task");
     }
 }
