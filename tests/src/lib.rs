@@ -351,7 +351,7 @@ impl Client {
         }
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_session(true);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (client, eventloop) = AsyncClient::new(opts, 64);
         let c = Client {
             client,
             id: id.to_string(),
@@ -371,46 +371,33 @@ impl Client {
             c.errors.clone(),
             c.stop.clone(),
         );
-        tokio::spawn(async move {
-            loop {
-                let ev = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    ev = eventloop.poll() => ev,
-                };
-                match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        if connacks.fetch_add(1, Ordering::SeqCst) > 0 {
-                            for (filter, qos) in lock(&subs).iter() {
-                                if let Err(e) = resubscriber.try_subscribe(filter.clone(), *qos) {
-                                    eprintln!("resubscribing {filter}: {e}");
-                                }
-                            }
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        pubacks.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        subacks.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        lock(&received).push(Msg {
-                            topic: p.topic.clone(),
-                            payload: p.payload.to_vec(),
-                            retain: p.retain,
-                            user_properties: Vec::new(),
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::SeqCst);
-                        // Reconnect back-off, as a device would.
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        drive(eventloop, stop, move |ev| match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if connacks.fetch_add(1, Ordering::SeqCst) > 0 {
+                    for (filter, qos) in lock(&subs).iter() {
+                        if let Err(e) = resubscriber.try_subscribe(filter.clone(), *qos) {
+                            eprintln!("resubscribing {filter}: {e}");
                         }
                     }
                 }
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                pubacks.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                subacks.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                lock(&received).push(Msg {
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                    retain: p.retain,
+                    user_properties: Vec::new(),
+                });
+            }
+            Ok(_) => {}
+            Err(_) => {
+                errors.fetch_add(1, Ordering::SeqCst);
             }
         });
         wait_count(
@@ -709,6 +696,54 @@ impl Cluster {
     }
 }
 
+/// A rumqttc event loop (MQTT 3.1.1 or 5), polled by [`drive`].
+trait EventSource: Send + 'static {
+    type Event: Send;
+    type Error: Send;
+    fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send;
+}
+
+impl EventSource for rumqttc::EventLoop {
+    type Event = Event;
+    type Error = rumqttc::ConnectionError;
+    fn next(&mut self) -> impl Future<Output = Result<Event, Self::Error>> + Send {
+        self.poll()
+    }
+}
+
+impl EventSource for rumqttc::v5::EventLoop {
+    type Event = rumqttc::v5::Event;
+    type Error = rumqttc::v5::ConnectionError;
+    fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send {
+        self.poll()
+    }
+}
+
+/// Polls `events` until `stop`, handing each event or error to `on`; after an error it waits
+/// 50 ms before the next poll (which reconnects), as a device would back off.
+fn drive<S: EventSource>(
+    mut events: S,
+    stop: CancellationToken,
+    mut on: impl FnMut(Result<S::Event, S::Error>) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = events.next() => ev,
+            };
+            let failed = ev.is_err();
+            on(ev);
+            if failed {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    });
+}
+
 /// An MQTT 5 rumqttc client: records received messages with their user properties.
 pub struct Client5 {
     pub client: rumqttc::v5::AsyncClient,
@@ -724,7 +759,7 @@ impl Client5 {
         use rumqttc::v5::Event as E5;
         let mut opts = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
         opts.set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, 64);
+        let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, 64);
         let c = Client5 {
             client,
             id: id.to_string(),
@@ -739,35 +774,23 @@ impl Client5 {
             c.stop.clone(),
             connacks.clone(),
         );
-        tokio::spawn(async move {
-            loop {
-                let ev = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    ev = eventloop.poll() => ev,
-                };
-                match ev {
-                    Ok(E5::Incoming(P5::ConnAck(_))) => {
-                        acks.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(E5::Incoming(P5::SubAck(_))) => {
-                        subacks.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(E5::Incoming(P5::Publish(p))) => lock(&received).push(Msg {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.to_vec(),
-                        retain: p.retain,
-                        user_properties: p
-                            .properties
-                            .map(|pr| pr.user_properties)
-                            .unwrap_or_default(),
-                    }),
-                    Ok(_) => {}
-                    Err(_) => tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                    },
-                }
+        drive(eventloop, stop, move |ev| match ev {
+            Ok(E5::Incoming(P5::ConnAck(_))) => {
+                acks.fetch_add(1, Ordering::SeqCst);
             }
+            Ok(E5::Incoming(P5::SubAck(_))) => {
+                subacks.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(E5::Incoming(P5::Publish(p))) => lock(&received).push(Msg {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+                retain: p.retain,
+                user_properties: p
+                    .properties
+                    .map(|pr| pr.user_properties)
+                    .unwrap_or_default(),
+            }),
+            Ok(_) | Err(_) => {}
         });
         wait_count(
             &format!("MQTT 5 CONNACK for {id}"),
