@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::lb::Shared;
+use crate::metrics::Metrics;
 use crate::mqtt::{self, parse_connect, ConnectError, ProtocolLevel};
 use crate::relay::Relay;
 use crate::select::Key;
@@ -395,9 +396,13 @@ fn passive_failure(shared: &Shared, rule: &RuleRt, member: &Member, addr: Socket
 }
 
 fn finish(shared: &Shared, cfg: &Rule, backend: &str, outcome: Outcome) {
-    shared
-        .metrics
-        .connections_total
+    count_end(&shared.metrics, cfg, backend, outcome);
+}
+
+/// `mqlb_connections_total` by label lookup: every outcome but the common one, which
+/// [`MemberMetrics::finish`](crate::snapshot::MemberMetrics) counts by a cached handle.
+pub(crate) fn count_end(m: &Metrics, cfg: &Rule, backend: &str, outcome: Outcome) {
+    m.connections_total
         .with_label_values(&[&cfg.name, backend, outcome.label()])
         .inc();
 }

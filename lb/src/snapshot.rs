@@ -88,9 +88,7 @@ impl MemberMetrics {
         if outcome == Outcome::Closed {
             self.closed.inc();
         } else {
-            m.connections_total
-                .with_label_values(&[&cfg.name, backend, outcome.label()])
-                .inc();
+            crate::proxy::count_end(m, cfg, backend, outcome);
         }
     }
 }
