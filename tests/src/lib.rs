@@ -57,7 +57,40 @@ async fn wait_count(
 }
 
 /// A loopback port that was free a moment ago (for processes that must be told a port).
+///
+/// Picked below the kernel's ephemeral range: a port from `bind(0)` comes from the range that
+/// outgoing connections take their source ports from, so under parallel tests another test's
+/// client could take it before the child process binds it (seen as a rare `EADDRINUSE`). A
+/// port is never handed out twice by one process. Falls back to `bind(0)` when the range
+/// leaves no room below it.
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    if ephemeral_low > LOW + 1_000 {
+        let span = u64::from(ephemeral_low - LOW);
+        // RandomState is seeded per instance: a cheap random source without a dependency.
+        let random = std::collections::hash_map::RandomState::new();
+        for attempt in 0u64..500 {
+            let mut h = random.build_hasher();
+            h.write_u64(attempt);
+            let port = LOW + (h.finish() % span) as u16;
+            let mut given = lock(&GIVEN);
+            let given = given.get_or_insert_with(HashSet::new);
+            if given.contains(&port) {
+                continue;
+            }
+            if StdListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return Ok(port);
+            }
+        }
+    }
     let l = StdListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
