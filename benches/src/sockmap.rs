@@ -1,13 +1,13 @@
 //! A relay that runs in the kernel (Linux, eBPF `SOCKHASH` + an `sk_skb` verdict program): the
-//! kernel moves each segment that arrives on one socket straight to the other one's send path,
-//! so no process is woken per message (what Cilium and Envoy call socket acceleration;
-//! Cloudflare's "SOCKMAP – TCP splicing of the future").
+//! kernel moves each segment that arrives on one socket straight to the other one's send path
+//! (a kernel worker thread sends it), so no user-space code runs per message (what Cilium and
+//! Envoy call socket acceleration; Cloudflare's "SOCKMAP – TCP splicing of the future").
 //!
 //! Not in mqlb's data path: measured there (perf, cpu-cost; README "Tried and dropped") it
 //! lowered the added latency by about a third but cost QoS1 throughput (the kernel worker that
 //! sends the redirected segments batches less than the LB thread) and moved bulk streams no
-//! faster than `splice(2)`. `hop-cost` keeps it as a floor: what a hop costs with no process
-//! woken at all.
+//! faster than `splice(2)`. `floors` keeps it as a floor: what a hop costs with no user-space
+//! code in it.
 //!
 //! The program is 13 hand-assembled instructions, loaded with the raw `bpf(2)` syscall: no
 //! clang, no libbpf, no object file. It looks up the socket's cookie in `peers` (cookie →

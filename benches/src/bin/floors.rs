@@ -12,7 +12,7 @@
 //! The floors: the simplest user-space relay there is (two blocking threads per connection,
 //! read then write, 64 KiB buffer: no event loop, no parsing, no metrics), and a relay in the
 //! kernel (eBPF sockmap, where this process may load BPF programs: root or CAP_BPF), in which
-//! no process is woken per message.
+//! no user-space code runs per message (a kernel worker thread sends the redirected segments).
 //!
 //! `cargo run --release -p mqlb-benches --bin floors [-- --reps N]`
 
