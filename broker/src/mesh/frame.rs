@@ -375,4 +375,51 @@ mod tests {
             Err(FrameError::Malformed("trailing bytes"))
         );
     }
+
+    /// Whatever a peer (or anyone who reaches the mesh port before authenticating) sends, the
+    /// decoder returns a frame, asks for more, or refuses: it never panics and never returns a
+    /// frame without consuming bytes.
+    mod arbitrary_input {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn decode_all(mut buf: BytesMut, max: usize) {
+            loop {
+                let before = buf.len();
+                match decode(&mut buf, max) {
+                    Ok(Some(_)) => assert!(buf.len() < before, "a frame consumed nothing"),
+                    Ok(None) => return,
+                    Err(_) => return,
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                decode_all(BytesMut::from(&bytes[..]), 512);
+            }
+
+            #[test]
+            fn damaged_frames_never_panic(
+                which in 0usize..3,
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let frame = match which {
+                    0 => Frame::Hello { version: VERSION, node_id: "b1".into(), nonce: [7; NONCE_LEN] },
+                    1 => Frame::Auth { mac: [9; MAC_LEN] },
+                    _ => Frame::Publish(full()),
+                };
+                let mut wire = encode(&frame).expect("encodes").to_vec();
+                let i = at.index(wire.len());
+                wire[i] = byte;
+                let keep = cut.index(wire.len() + 1);
+                decode_all(BytesMut::from(&wire[..keep]), 1 << 20);
+            }
+        }
+    }
 }
