@@ -6,7 +6,7 @@ pub mod sockmap;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -131,18 +131,7 @@ pub async fn mqtt_connect_rate(
 }
 
 /// A child process killed on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.kill() {
-            eprintln!("killing child: {e}");
-        }
-        if let Err(e) = self.0.wait() {
-            eprintln!("reaping child: {e}");
-        }
-    }
-}
+pub use mqlb_tests::KillOnDrop as Proc;
 
 /// Waits until `addr` accepts TCP connections; fails at once if the process exits.
 pub async fn wait_listening(addr: SocketAddr, p: &mut Proc) -> anyhow::Result<()> {

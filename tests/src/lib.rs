@@ -95,6 +95,23 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// A child process killed and reaped on drop unless it has exited: a failed test or an
+/// interrupted benchmark leaves no process behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            if let Err(e) = self.0.kill() {
+                eprintln!("killing child {}: {e}", self.0.id());
+            }
+            if let Err(e) = self.0.wait() {
+                eprintln!("reaping child {}: {e}", self.0.id());
+            }
+        }
+    }
+}
+
 /// A scratch directory removed on drop.
 pub struct TempDir(PathBuf);
 

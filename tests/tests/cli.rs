@@ -7,23 +7,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use mqlb_tests::{free_port, http, metric, mqlb_bin, wait_until, Client, Mosquitto, TempDir};
-
-/// Kills the child if the test ends early, so a failed test leaves no process behind.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            if let Err(e) = self.0.kill() {
-                eprintln!("killing mqlb: {e}");
-            }
-            if let Err(e) = self.0.wait() {
-                eprintln!("reaping mqlb: {e}");
-            }
-        }
-    }
-}
+use mqlb_tests::{
+    free_port, http, metric, mqlb_bin, wait_until, Client, KillOnDrop, Mosquitto, TempDir,
+};
 
 fn run(args: &[&str]) -> anyhow::Result<(i32, String)> {
     let out = Command::new(mqlb_bin()?).args(args).output()?;

@@ -11,23 +11,11 @@ use std::time::Duration;
 
 use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
 use mqlb_tests::{
-    free_port, get_json, http, metric, mqlb_bin, wait_listening, wait_until, Mosquitto, TempDir,
+    free_port, get_json, http, metric, mqlb_bin, wait_listening, wait_until, KillOnDrop, Mosquitto,
+    TempDir,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.kill() {
-            eprintln!("killing mqlb: {e}");
-        }
-        if let Err(e) = self.0.wait() {
-            eprintln!("reaping mqlb: {e}");
-        }
-    }
-}
 
 fn open_fds(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
