@@ -35,6 +35,8 @@ pub struct LbSettings {
     pub watch_config: bool,
     /// How often the file is checked for changes.
     pub watch_interval: Duration,
+    /// Data-path threads (HAProxy's `nbthread`); `None`: one per core. Fixed at start.
+    pub data_threads: Option<NonZeroU32>,
 }
 
 /// A listening address (Azure: frontend IP configuration + frontend port).

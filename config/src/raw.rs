@@ -74,6 +74,7 @@ pub struct RawLb {
     pub shutdown_grace: Option<String>,
     pub watch_config: Option<bool>,
     pub watch_interval: Option<String>,
+    pub data_threads: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -251,3 +251,24 @@ fn cluster_of_brokers_needs_mesh_and_secret() {
     )
     .is_ok());
 }
+
+#[test]
+fn data_threads_default_to_one_per_core_and_must_be_sane() {
+    assert_eq!(
+        Config::parse(MINIMAL, "t.toml")
+            .expect("valid")
+            .lb
+            .data_threads,
+        None
+    );
+    let with = |n: &str| format!("[lb]\ndata_threads = {n}\n{MINIMAL}");
+    let c = Config::parse(&with("2"), "t.toml").expect("valid");
+    assert_eq!(c.lb.data_threads.map(|n| n.get()), Some(2));
+    for bad in ["0", "5000"] {
+        let p = problems(&with(bad));
+        assert!(
+            p.iter().any(|p| p.key == "lb.data_threads"),
+            "data_threads = {bad}: {p:?}"
+        );
+    }
+}

@@ -22,6 +22,8 @@ pub const DEFAULT_MQTT_KEEP_ALIVE: Duration = Duration::from_secs(60);
 pub const DEFAULT_BACKLOG: u32 = 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// More data threads than this is a typo, not a machine.
+pub const MAX_DATA_THREADS: u32 = 1024;
 
 /// Collects problems while converting; each helper records and returns a fallback value so
 /// validation continues past the first error.
@@ -126,7 +128,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             raw.lb.watch_interval.as_deref(),
             DEFAULT_WATCH_INTERVAL,
         ),
+        data_threads: raw
+            .lb
+            .data_threads
+            .map(|n| c.non_zero("lb.data_threads", Some(n), 1)),
     };
+    if let Some(n) = lb.data_threads.filter(|n| n.get() > MAX_DATA_THREADS) {
+        c.error(
+            "lb.data_threads",
+            format!("{n} threads: at most {MAX_DATA_THREADS} (one per core is the usual choice)"),
+        );
+    }
 
     // Probes first: pools refer to them by name.
     let mut probe_names = HashSet::new();

@@ -154,7 +154,7 @@ impl Lb {
         let admin_addr = admin_listener
             .local_addr()
             .map_err(bind_err("admin server", config.lb.admin))?;
-        let threads = crate::workers::default_count();
+        let threads = crate::workers::count(config.lb.data_threads);
         let mut bound = Vec::new();
         for f in reload::served_frontends(&config) {
             let l = match listeners.frontends.remove(&f.name) {
@@ -332,6 +332,12 @@ impl Lb {
                 running = %self.inner.admin_addr,
                 configured = %config.lb.admin,
                 "the admin address changes only on restart"
+            );
+        }
+        if config.lb.data_threads != self.config().lb.data_threads {
+            tracing::warn!(
+                configured = ?config.lb.data_threads,
+                "lb.data_threads changes only on restart"
             );
         }
         let shared = &self.inner.shared;

@@ -6,6 +6,7 @@
 //! path of a packet. Probes, the admin server and reloads stay on the caller's runtime.
 
 use std::io;
+use std::num::NonZeroU32;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -50,21 +51,46 @@ impl Drop for Workers {
     }
 }
 
-/// How many data-path threads: `MQLB_DATA_THREADS` if set, else one per core. A value that is
-/// not a positive number is reported, not silently taken for the default.
-pub(crate) fn default_count() -> usize {
-    let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
-    match std::env::var("MQLB_DATA_THREADS") {
-        Err(_) => cores(),
-        Ok(v) => match v.parse::<usize>() {
+/// How many data-path threads: `MQLB_DATA_THREADS` if set (an operator's override, say for an
+/// A/B run), else `lb.data_threads` from the config, else one per core.
+pub(crate) fn count(configured: Option<NonZeroU32>) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    choose(std::env::var("MQLB_DATA_THREADS").ok(), configured, cores)
+}
+
+/// The rule of [`count`], without the environment. A value of `MQLB_DATA_THREADS` that is not
+/// a positive number is reported, not silently taken for the default.
+fn choose(env: Option<String>, configured: Option<NonZeroU32>, cores: usize) -> usize {
+    let fallback = configured.map_or(cores, |n| n.get() as usize);
+    match env {
+        None => fallback,
+        Some(v) => match v.parse::<usize>() {
             Ok(n) if n > 0 => n,
             _ => {
                 tracing::warn!(
                     value = v,
-                    "MQLB_DATA_THREADS is not a positive number; using one thread per core"
+                    threads = fallback,
+                    "MQLB_DATA_THREADS is not a positive number; ignored"
                 );
-                cores()
+                fallback
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_overrides_the_config_which_overrides_the_core_count() {
+        let two = NonZeroU32::new(2);
+        assert_eq!(choose(None, None, 8), 8);
+        assert_eq!(choose(None, two, 8), 2);
+        assert_eq!(choose(Some("3".into()), two, 8), 3);
+        assert_eq!(choose(Some("3".into()), None, 8), 3);
+        // Not a positive number: reported and ignored.
+        assert_eq!(choose(Some("0".into()), two, 8), 2);
+        assert_eq!(choose(Some("many".into()), None, 8), 8);
     }
 }

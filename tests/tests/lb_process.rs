@@ -66,10 +66,11 @@ async fn one_life(front: SocketAddr, i: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `mqlb lb` with two data threads, a frontend to `backend` under `distribution`, and
-/// probes once an hour. Returns the process, the frontend and the admin address once the LB's
-/// own data-path check has gone through the frontend: the one connection the LB counts that
-/// the test did not open (the test waits on the admin port, not the frontend, to add none).
+/// Starts `mqlb lb` with [`DATA_THREADS`] data threads (`lb.data_threads`, checked), a
+/// frontend to `backend` under `distribution`, and probes once an hour. Returns the process,
+/// the frontend and the admin address once the LB's own data-path check has gone through the
+/// frontend: the one connection the LB counts that the test did not open (the test waits on
+/// the admin port, not the frontend, to add none).
 async fn start_lb(
     tmp: &TempDir,
     backend: SocketAddr,
@@ -83,7 +84,7 @@ async fn start_lb(
     std::fs::write(
         &file,
         format!(
-            "[lb]\nadmin = \"{admin}\"\nwatch_config = false\n\
+            "[lb]\nadmin = \"{admin}\"\nwatch_config = false\ndata_threads = {DATA_THREADS}\n\
              [[frontend]]\nname = \"f\"\nbind = \"{front}\"\n\
              [[pool]]\nname = \"p\"\nprobe = \"own-port\"\n[[pool.backend]]\nid = \"b1\"\naddr = \"{backend}\"\n\
              [[probe]]\nname = \"own-port\"\nport = \"traffic\"\ninterval = \"1h\"\n\
@@ -93,7 +94,8 @@ async fn start_lb(
     let mut lb = KillOnDrop(
         Command::new(mqlb_bin()?)
             .args(["lb", "-c", file.to_str().unwrap_or_default()])
-            .env("MQLB_DATA_THREADS", DATA_THREADS.to_string())
+            // The config's thread count, not an override from the caller's environment.
+            .env_remove("MQLB_DATA_THREADS")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
@@ -105,10 +107,20 @@ async fn start_lb(
             .is_ok_and(|(_, t)| metric(&t, "mqlb_data_path_up", &[("rule", "r")]) == 1.0)
     })
     .await?;
+    // `lb.data_threads` took effect: that many data-path threads, by name.
+    let data_threads = std::fs::read_dir(format!("/proc/{}/task", lb.0.id()))?
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("mqlb-data-"))
+        .count();
+    anyhow::ensure!(
+        data_threads == DATA_THREADS,
+        "{data_threads} data threads, {DATA_THREADS} configured"
+    );
     Ok((lb, front, admin))
 }
 
-const DATA_THREADS: usize = 2;
+/// Not the core count of a usual test machine, so the check shows the setting took effect.
+const DATA_THREADS: usize = 3;
 
 /// Connections ended (all outcomes) and open, from the LB's metrics.
 async fn ended_and_active(admin: SocketAddr) -> anyhow::Result<(f64, f64)> {
