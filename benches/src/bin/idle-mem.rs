@@ -2,7 +2,8 @@
 //! through `mqlb lb` and (where installed) HAProxy, both routing by MQTT client ID to one
 //! mosquitto broker.
 //!
-//! For each LB: hold 100 MQTT sessions (CONNECT → CONNACK, then silent), measure the connect
+//! First the same rates straight to the broker (how much it slows down itself with many
+//! sessions). Then for each LB: hold 100 MQTT sessions (CONNECT → CONNACK, then silent), measure the connect
 //! rate (CONNECT/CONNACK/DISCONNECT, 16 at a time, median of 3), open N more sessions
 //! (9 000 by default), measure the rate again, and report the LB process's RSS growth / N.
 //!
@@ -142,6 +143,26 @@ async fn measure(
     })
 }
 
+/// The same two connect rates straight to the broker, with 100 and then `n` + 100 sessions
+/// held on it: how much of the slowdown through an LB is the broker's own.
+async fn direct(broker: SocketAddr, n: usize) -> anyhow::Result<()> {
+    let rate_total = if n >= 9_000 { 3_000 } else { 1_000 };
+    let warm = open_sessions(broker, 100, "direct-warm").await?;
+    let rate_few = rate(broker, rate_total, "direct-few").await?;
+    let held = open_sessions(broker, n, "direct-held").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rate_many = rate(broker, rate_total, "direct-many").await?;
+    println!(
+        "direct   (no LB, sessions held on the broker itself): connect rate {rate_few:>6.0}/s with 100 held, {rate_many:>6.0}/s with {} held ({:.2})",
+        n + 100,
+        rate_many / rate_few
+    );
+    drop(held);
+    drop(warm);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::var_os("MQLB_IDLE_MEM_RAISED").is_none() {
@@ -174,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     println!("idle-mem: {n} idle MQTT sessions through each LB (client-ID routing), mosquitto backend, loopback");
+    direct(broker.addr(), n).await?;
     let bin = mqlb_release_bin()?;
     let mqlb = spawn_unlimited(
         &bin.display().to_string(),
