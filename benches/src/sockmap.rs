@@ -245,6 +245,10 @@ impl SockMap {
     /// other, and must not read either socket afterwards except to learn of EOF (or to take
     /// the bytes the program passes up when the peer is gone). Bytes already queued on either
     /// socket are relayed first, in order.
+    ///
+    /// On an error the pair is taken out of the maps again; if the program was already
+    /// attached, segments it had queued for the kernel's worker may be lost with it, so the
+    /// caller should close both sockets rather than fall back to relaying them itself.
     pub fn hand_over(&self, a: RawFd, b: RawFd) -> io::Result<Pair> {
         let pair = Pair {
             a: cookie(a)?,
