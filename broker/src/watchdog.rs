@@ -163,69 +163,73 @@ mod tests {
         l.local_addr().expect("addr")
     }
 
-    #[tokio::test]
-    async fn a_listener_that_stops_answering_is_replaced() {
+    /// A watchdog over a stand-in listener that answers CONNECTs or not (`healthy`); the
+    /// replacements it makes answer.
+    struct Watched {
+        addr: SocketAddr,
+        answered: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        task: JoinHandle<()>,
+    }
+
+    async fn watched(healthy: bool, level: u8) -> Watched {
         let addr = free_addr().await;
         let answered = Arc::new(AtomicUsize::new(0));
-        let poisoned = tokio::spawn(fake(addr, false, answered.clone()));
+        let first = tokio::spawn(fake(addr, healthy, answered.clone()));
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let stop = CancellationToken::new();
         let make = {
             let answered = answered.clone();
             move || fake(addr, true, answered.clone())
         };
-        let w = tokio::spawn(watch(
+        let task = tokio::spawn(watch(
             "n1".into(),
             addr,
-            4,
-            poisoned,
+            level,
+            first,
             make,
             metrics.clone(),
             stop.clone(),
         ));
+        Watched {
+            addr,
+            answered,
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_stops_answering_is_replaced() {
+        let w = watched(false, 4).await;
         wait_for(
             "the listener to be replaced",
             Duration::from_secs(10),
-            || metrics.listener_restarts.get() == 1,
+            || w.metrics.listener_restarts.get() == 1,
         )
         .await;
         // The replacement answers real CONNECTs (the watchdog's own checks among them).
         assert!(
-            self_check(addr, 4, "test").await,
+            self_check(w.addr, 4, "test").await,
             "replacement does not answer"
         );
-        assert!(answered.load(Ordering::Relaxed) >= 1);
-        stop.cancel();
-        w.await.expect("watchdog task");
+        assert!(w.answered.load(Ordering::Relaxed) >= 1);
+        w.stop.cancel();
+        w.task.await.expect("watchdog task");
     }
 
     #[tokio::test]
     async fn a_listener_that_answers_is_left_alone() {
-        let addr = free_addr().await;
-        let answered = Arc::new(AtomicUsize::new(0));
-        let healthy = tokio::spawn(fake(addr, true, answered.clone()));
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let stop = CancellationToken::new();
-        let make = {
-            let answered = answered.clone();
-            move || fake(addr, true, answered.clone())
-        };
-        let w = tokio::spawn(watch(
-            "n1".into(),
-            addr,
-            5,
-            healthy,
-            make,
-            metrics.clone(),
-            stop.clone(),
-        ));
+        let w = watched(true, 5).await;
         // Three self-checks answered, none of them a reason to replace anything.
         wait_for("three self-checks", Duration::from_secs(10), || {
-            answered.load(Ordering::Relaxed) >= 3
+            w.answered.load(Ordering::Relaxed) >= 3
         })
         .await;
-        assert_eq!(metrics.listener_restarts.get(), 0);
-        stop.cancel();
-        w.await.expect("watchdog task");
+        assert_eq!(w.metrics.listener_restarts.get(), 0);
+        w.stop.cancel();
+        w.task.await.expect("watchdog task");
     }
 }
