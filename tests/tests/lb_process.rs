@@ -170,16 +170,25 @@ async fn wait_all_ended(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn churn_leaves_nothing_behind_and_counts_every_connection_once() -> anyhow::Result<()> {
-    let broker = Mosquitto::start().await?;
-    let tmp = TempDir::new("lb-churn")?;
-    let (lb, front, admin) = start_lb(&tmp, broker.addr(), "mqtt-client-id").await?;
+/// Runs `warm` lives of `life` one by one (so pools and runtimes hold what they keep), takes
+/// the baselines, runs `n` more 20 at a time, and waits until all `n` ended, are counted once,
+/// and the LB holds at most `fd_slack` descriptors more than at the baseline.
+async fn churn<F, Fut>(
+    lb: &KillOnDrop,
+    front: SocketAddr,
+    admin: SocketAddr,
+    warm: usize,
+    n: usize,
+    fd_slack: usize,
+    life: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(SocketAddr, usize) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let pid = lb.0.id();
-    // Warm up every kind twice, so pools and runtimes hold what they keep; then the baselines.
-    let warm = 10;
     for i in 0..warm {
-        one_life(front, i).await?;
+        life(front, i).await?;
     }
     // Counted: the warm-up and the LB's data-path check.
     wait_until("the warm-up to end", Duration::from_secs(10), || async {
@@ -188,14 +197,11 @@ async fn churn_leaves_nothing_behind_and_counts_every_connection_once() -> anyho
     .await?;
     let (ended_before, _) = ended_and_active(admin).await?;
     let baseline = open_fds(pid)?;
-
-    // 1 000 more, 20 at a time.
-    let n = 1000;
     let mut tasks = Vec::new();
     for w in 0..20 {
         tasks.push(tokio::spawn(async move {
             for i in (warm + w..warm + n).step_by(20) {
-                one_life(front, i).await?;
+                life(front, i).await?;
             }
             anyhow::Ok(())
         }));
@@ -203,9 +209,16 @@ async fn churn_leaves_nothing_behind_and_counts_every_connection_once() -> anyho
     for t in tasks {
         t.await??;
     }
+    wait_all_ended(admin, pid, ended_before + n as f64, baseline + fd_slack).await
+}
 
-    // Every connection ends and is counted once; nothing stays open.
-    wait_all_ended(admin, pid, ended_before + n as f64, baseline).await?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_leaves_nothing_behind_and_counts_every_connection_once() -> anyhow::Result<()> {
+    let broker = Mosquitto::start().await?;
+    let tmp = TempDir::new("lb-churn")?;
+    let (lb, front, admin) = start_lb(&tmp, broker.addr(), "mqtt-client-id").await?;
+    // Warm up every kind twice, then 1 000 more; every descriptor comes back.
+    churn(&lb, front, admin, 10, 1000, 0, one_life).await?;
     // And the LB still serves.
     one_life(front, 0).await?;
     Ok(())
@@ -260,37 +273,10 @@ async fn one_stream(front: SocketAddr, i: usize) -> anyhow::Result<()> {
 async fn bulk_churn_with_resets_leaves_no_socket_or_pipe_behind() -> anyhow::Result<()> {
     let tmp = TempDir::new("lb-bulk-churn")?;
     let (lb, front, admin) = start_lb(&tmp, sink()?, "five-tuple").await?;
-    let pid = lb.0.id();
-    let warm = 3;
-    for i in 0..warm {
-        one_stream(front, i).await?;
-    }
-    // Counted: the warm-up and the LB's data-path check.
-    wait_until("the warm-up to end", Duration::from_secs(10), || async {
-        matches!(ended_and_active(admin).await, Ok((t, 0.0)) if t == (warm + 1) as f64)
-    })
-    .await?;
-    let (ended_before, _) = ended_and_active(admin).await?;
-    let baseline = open_fds(pid)?;
-
-    // 120 streams (about 100 MiB), 20 at a time.
-    let n = 120;
-    let mut tasks = Vec::new();
-    for w in 0..20 {
-        tasks.push(tokio::spawn(async move {
-            for i in (warm + w..warm + n).step_by(20) {
-                one_stream(front, i).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
     // Each data thread may keep up to 16 empty pipes (two descriptors each) for later bulk
-    // streams; a leak per stream would be hundreds of descriptors.
+    // streams; a leak per stream would be hundreds of descriptors. 120 streams: about 100 MiB.
     let pooled = 2 * 16 * DATA_THREADS;
-    wait_all_ended(admin, pid, ended_before + n as f64, baseline + pooled).await?;
+    churn(&lb, front, admin, 3, 120, pooled, one_stream).await?;
     one_stream(front, 0).await?;
     Ok(())
 }
