@@ -15,45 +15,11 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A server that reads and discards everything, then answers one byte when the client
-/// half-closes: the client knows every byte was received.
-///
-/// It runs on threads of its own (one per connection, blocking reads), not on the load
-/// generator's runtime: a backend is another process, woken by the kernel like one. (On the
-/// runtime, the writer and the reader of a direct connection sometimes shared a worker thread
-/// and handed data over without a wake-up, which made the direct baseline swing 2x between
-/// repetitions: 3131 to 7066 MiB/s in one run.)
-pub async fn discard_server() -> anyhow::Result<SocketAddr> {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    std::thread::Builder::new()
-        .name("discard-accept".into())
-        .spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let spawned = std::thread::Builder::new()
-                    .name("discard".into())
-                    .spawn(move || {
-                        let mut buf = vec![0u8; 256 * 1024];
-                        loop {
-                            match s.read(&mut buf) {
-                                Ok(0) => break,
-                                Ok(_) => {}
-                                Err(_) => return,
-                            }
-                        }
-                        if s.write_all(b"k").is_err() {
-                            eprintln!("discard server: client left before the ack");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    eprintln!("discard server: no thread for a connection: {e}");
-                }
-            }
-        })?;
-    Ok(addr)
-}
+/// The bulk sink. It runs on threads of its own, not on the load generator's runtime: there,
+/// the writer and the reader of a direct connection sometimes shared a worker thread and
+/// handed data over without a wake-up, which made the direct baseline swing 2x between
+/// repetitions (3131 to 7066 MiB/s in one run).
+pub use mqlb_tests::discard_server;
 
 /// Sends `bytes` on each of `conns` connections to `addr` and waits for the server's ack;
 /// returns the aggregate rate in MiB/s.

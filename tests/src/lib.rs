@@ -95,6 +95,56 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// Serves each connection accepted on a new 127.0.0.1 port with `serve`, on a thread of its
+/// own (blocking I/O): a backend woken by the kernel like another process would be, not a task
+/// on the caller's runtime. `serve`'s errors are printed with `name`.
+pub fn serve_threads(
+    name: &str,
+    serve: impl Fn(std::net::TcpStream) -> anyhow::Result<()> + Send + Sync + 'static,
+) -> anyhow::Result<SocketAddr> {
+    let l = StdListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let serve = Arc::new(serve);
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name(format!("{name}-accept"))
+        .spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let (serve, name2) = (serve.clone(), name.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || {
+                        if let Err(e) = serve(s) {
+                            eprintln!("{name2}: {e:#}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("{name}: no thread for a connection: {e}");
+                }
+            }
+        })?;
+    Ok(addr)
+}
+
+/// A backend that reads and discards everything, then answers one byte when the client
+/// half-closes: the client knows every byte was received. A client that resets is not an
+/// error.
+pub fn discard_server() -> anyhow::Result<SocketAddr> {
+    use std::io::{Read, Write};
+    serve_threads("discard", |mut s| {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+        s.write_all(b"k").context("client left before the ack")
+    })
+}
+
 /// A child process killed and reaped on drop unless it has exited: a failed test or an
 /// interrupted benchmark leaves no process behind.
 pub struct KillOnDrop(pub Child);

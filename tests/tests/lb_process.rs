@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
 use mqlb_tests::{
-    free_port, get_json, http, metric, mqlb_bin, wait_listening, wait_until, KillOnDrop, Mosquitto,
-    TempDir,
+    discard_server, free_port, get_json, http, metric, mqlb_bin, wait_listening, wait_until,
+    KillOnDrop, Mosquitto, TempDir,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -224,30 +224,6 @@ async fn churn_leaves_nothing_behind_and_counts_every_connection_once() -> anyho
     Ok(())
 }
 
-/// A backend that reads everything and, at EOF, answers one byte.
-fn sink() -> anyhow::Result<SocketAddr> {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-                let _ = s.write_all(b"k");
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// One bulk stream of kind `i % 3`: 1 MiB then a half-close and the backend's answer; 512 KiB
 /// then a reset; 1 MiB then a plain close without waiting.
 async fn one_stream(front: SocketAddr, i: usize) -> anyhow::Result<()> {
@@ -272,7 +248,7 @@ async fn one_stream(front: SocketAddr, i: usize) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_churn_with_resets_leaves_no_socket_or_pipe_behind() -> anyhow::Result<()> {
     let tmp = TempDir::new("lb-bulk-churn")?;
-    let (lb, front, admin) = start_lb(&tmp, sink()?, "five-tuple").await?;
+    let (lb, front, admin) = start_lb(&tmp, discard_server()?, "five-tuple").await?;
     // Each data thread may keep up to 16 empty pipes (two descriptors each) for later bulk
     // streams; a leak per stream would be hundreds of descriptors. 120 streams: about 100 MiB.
     let pooled = 2 * 16 * DATA_THREADS;

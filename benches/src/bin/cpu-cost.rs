@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let reps = reps_arg(3);
     let (conns, mib) = (20_000usize, 1024usize);
     let dir = TempDir::new("cpu-cost")?;
-    let sink = discard_server().await?;
+    let sink = discard_server()?;
     let broker = Mosquitto::start().await?;
     let broker_pid = broker.pid().context("mosquitto has no pid")?;
     let (m_mqtt, mqlb_mqtt) = start_mqlb(dir.path(), &[broker.addr()], "mqtt-client-id").await?;

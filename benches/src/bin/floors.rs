@@ -17,7 +17,7 @@
 //! `cargo run --release -p mqlb-benches --bin floors [-- --reps N]`
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,38 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use mqlb_benches::sockmap::{relayed, SockMap};
 use mqlb_benches::*;
-use mqlb_tests::{Mosquitto, TempDir};
-
-/// Serves each accepted connection on a thread of its own with `serve`.
-fn serve_forever(
-    name: &str,
-    serve: impl Fn(TcpStream) -> anyhow::Result<()> + Send + Sync + 'static,
-) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let serve = Arc::new(serve);
-    let name = name.to_string();
-    std::thread::Builder::new()
-        .name(format!("{name}-accept"))
-        .spawn(move || {
-            for s in l.incoming() {
-                let Ok(s) = s else { continue };
-                let serve = serve.clone();
-                let name2 = name.clone();
-                let r = std::thread::Builder::new()
-                    .name(name.clone())
-                    .spawn(move || {
-                        if let Err(e) = serve(s) {
-                            eprintln!("{name2}: {e:#}");
-                        }
-                    });
-                if let Err(e) = r {
-                    eprintln!("{name}: no thread: {e}");
-                }
-            }
-        })?;
-    Ok(addr)
-}
+use mqlb_tests::{serve_threads, Mosquitto, TempDir};
 
 fn echo(mut s: TcpStream) -> anyhow::Result<()> {
     s.set_nodelay(true)?;
@@ -87,7 +56,7 @@ fn copy(mut from: TcpStream, mut to: TcpStream) -> anyhow::Result<()> {
 
 /// The user-space floor: one blocking thread per direction.
 fn user_relay(backend: SocketAddr) -> anyhow::Result<SocketAddr> {
-    serve_forever("user-relay", move |c| {
+    serve_threads("user-relay", move |c| {
         let b = TcpStream::connect(backend)?;
         c.set_nodelay(true)?;
         b.set_nodelay(true)?;
@@ -141,7 +110,7 @@ fn pass_fin(from: &TcpStream, to: &TcpStream, to_connected: bool) -> anyhow::Res
 
 /// The kernel floor: the pair is handed to the sockmap; the threads only pass the FINs on.
 fn kernel_relay(backend: SocketAddr, map: Arc<SockMap>) -> anyhow::Result<SocketAddr> {
-    serve_forever("kernel-relay", move |c| {
+    serve_threads("kernel-relay", move |c| {
         let b = TcpStream::connect(backend)?;
         c.set_nodelay(true)?;
         b.set_nodelay(true)?;
@@ -187,8 +156,8 @@ async fn main() -> anyhow::Result<()> {
     let reps = reps_arg(3);
     let (n, mib) = (10_000, 1024);
     let dir = TempDir::new("floors")?;
-    let echo_addr = serve_forever("echo", echo)?;
-    let sink = discard_server().await?;
+    let echo_addr = serve_threads("echo", echo)?;
+    let sink = discard_server()?;
     let (_m1, mqlb_echo) = start_mqlb(dir.path(), &[echo_addr], "five-tuple").await?;
     let (_m2, mqlb_sink) = start_mqlb(dir.path(), &[sink], "five-tuple").await?;
     let broker = Mosquitto::start().await?;

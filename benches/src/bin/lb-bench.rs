@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Bulk TCP throughput to a discard server.
-    let sink = discard_server().await?;
+    let sink = discard_server()?;
     let (_mqlb, via_mqlb) = start_mqlb(dir.path(), &[sink], "five-tuple").await?;
     let haproxy = start_haproxy(dir.path(), &[sink]).await?;
     println!(

@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
         (256 << 20, 3000, 2000, 1000)
     };
     let dir = TempDir::new("perf")?;
-    let sink = discard_server().await?;
+    let sink = discard_server()?;
     let broker = Mosquitto::start().await?;
     let (_m1, mqlb_tcp) = start_mqlb(dir.path(), &[sink], "five-tuple").await?;
     let (_m2, mqlb_mqtt) = start_mqlb(dir.path(), &[broker.addr()], "mqtt-client-id").await?;
