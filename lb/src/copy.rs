@@ -34,6 +34,16 @@ enum Side {
     Writer,
 }
 
+impl Side {
+    /// The peer that failed, for a direction reading `reader` and writing `writer`.
+    fn of(self, reader: Peer, writer: Peer) -> Peer {
+        match self {
+            Side::Reader => reader,
+            Side::Writer => writer,
+        }
+    }
+}
+
 /// Copy buffers not in use, per worker thread: a busy connection reuses them without an
 /// allocation per packet.
 mod pool {
@@ -247,22 +257,14 @@ impl Bidi {
             me.up
                 .poll(cx, &mut me.client, &mut me.server, down_done, bytes_in)
         {
-            let who = match side {
-                Side::Reader => Peer::Client,
-                Side::Writer => Peer::Backend,
-            };
-            return Poll::Ready(Err((who, e)));
+            return Poll::Ready(Err((side.of(Peer::Client, Peer::Backend), e)));
         }
         let up_done = me.up.is_done();
         if let Poll::Ready(Err((side, e))) =
             me.down
                 .poll(cx, &mut me.server, &mut me.client, up_done, bytes_out)
         {
-            let who = match side {
-                Side::Reader => Peer::Backend,
-                Side::Writer => Peer::Client,
-            };
-            return Poll::Ready(Err((who, e)));
+            return Poll::Ready(Err((side.of(Peer::Backend, Peer::Client), e)));
         }
         if me.up.is_done() && me.down.is_done() {
             Poll::Ready(Ok(()))
