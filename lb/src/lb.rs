@@ -39,6 +39,24 @@ pub(crate) struct Shared {
     pub hard_stop: AtomicBool,
 }
 
+impl Shared {
+    /// Feeds one health result (a probe, or a failed connect of client traffic) to a backend
+    /// and, when it takes the backend down, wakes that backend's connections, which end there
+    /// under `close_on_backend_down`.
+    pub(crate) fn observe_health(
+        &self,
+        state: &Arc<BackendState>,
+        ok: bool,
+        probe: &Probe,
+    ) -> Option<crate::health::Transition> {
+        let t = state.observe(ok, probe.up_threshold.get(), probe.down_threshold.get());
+        if t == Some(crate::health::Transition::WentDown) {
+            self.conns.backend_went_down(state);
+        }
+        t
+    }
+}
+
 /// Sockets bound by the caller (tests bind `127.0.0.1:0`; a supervisor may pass its own).
 /// Frontends not given here are bound from the config.
 #[derive(Default)]

@@ -179,14 +179,9 @@ pub(crate) async fn run(
             at: SystemTime::now(),
             duration: took,
         });
-        match state.observe(
-            result.is_ok(),
-            probe.up_threshold.get(),
-            probe.down_threshold.get(),
-        ) {
+        match shared.observe_health(&state, result.is_ok(), &probe) {
             Some(Transition::WentDown) => {
                 tracing::warn!(pool, backend, %target, detail, "backend down");
-                shared.conns.backend_went_down(&state);
             }
             Some(Transition::WentUp) => tracing::info!(pool, backend, %target, "backend up"),
             None => {}

@@ -379,14 +379,11 @@ fn passive_failure(shared: &Shared, rule: &RuleRt, member: &Member, addr: Socket
         .passive_failures_total
         .with_label_values(&[&pool.name, &member.cfg.id])
         .inc();
-    let t = member.state.observe(
-        false,
-        pool.probe.up_threshold.get(),
-        pool.probe.down_threshold.get(),
-    );
-    if t.is_some() {
+    if shared
+        .observe_health(&member.state, false, &pool.probe)
+        .is_some()
+    {
         tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");
-        shared.conns.backend_went_down(&member.state);
         shared
             .metrics
             .backend_up
