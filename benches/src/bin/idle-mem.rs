@@ -98,34 +98,52 @@ fn spawn_unlimited(program: &str, args: &[String]) -> anyhow::Result<Proc> {
 }
 
 struct Measured {
-    bytes_per_conn: f64,
+    /// None for the broker alone (no LB process to weigh).
+    bytes_per_conn: Option<f64>,
     rate_few: f64,
     rate_many: f64,
 }
 
+/// Holds 100 sessions through `front`, measures the connect rate, holds `n` more, measures it
+/// again; with an LB process (`lb`), also its RSS growth per held session. Without one,
+/// `front` is the broker itself: how much of the slowdown through an LB is the broker's own.
 async fn measure(
     name: &str,
-    mut lb: Proc,
+    mut lb: Option<Proc>,
     front: SocketAddr,
     n: usize,
 ) -> anyhow::Result<Measured> {
-    wait_listening(front, &mut lb).await?;
-    let pid = lb.0.id();
+    if let Some(lb) = &mut lb {
+        wait_listening(front, lb).await?;
+    }
+    let rss = |lb: &Option<Proc>| lb.as_ref().map(|p| rss_kib(p.0.id())).transpose();
     let rate_total = if n >= 9_000 { 3_000 } else { 1_000 };
     // Warm up (allocator arenas, pools, first task allocations) and hold 100 sessions.
     let warm = open_sessions(front, 100, &format!("{name}-warm")).await?;
     let rate_few = rate(front, rate_total, &format!("{name}-few")).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(pid)?;
+    let before = rss(&lb)?;
     let start = Instant::now();
     let held = open_sessions(front, n, &format!("{name}-held")).await?;
     let opened = start.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(pid)?;
+    let after = rss(&lb)?;
     let rate_many = rate(front, rate_total, &format!("{name}-many")).await?;
-    let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
+    let (per, memory) = match (before, after) {
+        (Some(b), Some(a)) => {
+            let per = a.saturating_sub(b) as f64 * 1024.0 / n as f64;
+            (
+                Some(per),
+                format!("RSS {b} KiB -> {a} KiB: {per:>5.0} bytes/connection; "),
+            )
+        }
+        _ => (
+            None,
+            "(no LB: sessions held on the broker itself); ".to_string(),
+        ),
+    };
     println!(
-        "{name:<8} {n} idle MQTT sessions opened in {:>5.2} s; RSS {before} KiB -> {after} KiB: {per:>5.0} bytes/connection; \
+        "{name:<8} {n} idle MQTT sessions opened in {:>5.2} s; {memory}\
          connect rate {rate_few:>6.0}/s with 100 held, {rate_many:>6.0}/s with {} held ({:.2})",
         opened.as_secs_f64(),
         n + 100,
@@ -134,33 +152,13 @@ async fn measure(
     drop(held);
     drop(warm);
     drop(lb);
-    // Let the broker see every close before the next LB opens as many again.
+    // Let the broker see every close before the next one opens as many again.
     tokio::time::sleep(Duration::from_secs(2)).await;
     Ok(Measured {
         bytes_per_conn: per,
         rate_few,
         rate_many,
     })
-}
-
-/// The same two connect rates straight to the broker, with 100 and then `n` + 100 sessions
-/// held on it: how much of the slowdown through an LB is the broker's own.
-async fn direct(broker: SocketAddr, n: usize) -> anyhow::Result<()> {
-    let rate_total = if n >= 9_000 { 3_000 } else { 1_000 };
-    let warm = open_sessions(broker, 100, "direct-warm").await?;
-    let rate_few = rate(broker, rate_total, "direct-few").await?;
-    let held = open_sessions(broker, n, "direct-held").await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rate_many = rate(broker, rate_total, "direct-many").await?;
-    println!(
-        "direct   (no LB, sessions held on the broker itself): connect rate {rate_few:>6.0}/s with 100 held, {rate_many:>6.0}/s with {} held ({:.2})",
-        n + 100,
-        rate_many / rate_few
-    );
-    drop(held);
-    drop(warm);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(())
 }
 
 #[tokio::main]
@@ -195,13 +193,14 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     println!("idle-mem: {n} idle MQTT sessions through each LB (client-ID routing), mosquitto backend, loopback");
-    direct(broker.addr(), n).await?;
+    measure("direct", None, broker.addr(), n).await?;
     let bin = mqlb_release_bin()?;
     let mqlb = spawn_unlimited(
         &bin.display().to_string(),
         &["lb".into(), "-c".into(), cfg.display().to_string()],
     )?;
-    let m = measure("mqlb", mqlb, front, n).await?;
+    let m = measure("mqlb", Some(mqlb), front, n).await?;
+    let m_mem = m.bytes_per_conn.context("no RSS measured for mqlb")?;
     if Command::new("haproxy")
         .arg("-v")
         .stdout(Stdio::null())
@@ -226,10 +225,10 @@ async fn main() -> anyhow::Result<()> {
             "haproxy",
             &["-db".into(), "-f".into(), hcfg.display().to_string()],
         )?;
-        let h = measure("haproxy", hp, hfront, n).await?;
+        let h = measure("haproxy", Some(hp), hfront, n).await?;
         println!(
             "mqlb / haproxy: memory per idle connection {:.2}; connect rate with {} held {:.2}, with 100 held {:.2}",
-            m.bytes_per_conn / h.bytes_per_conn,
+            m_mem / h.bytes_per_conn.context("no RSS measured for haproxy")?,
             n + 100,
             m.rate_many / h.rate_many,
             m.rate_few / h.rate_few
@@ -237,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         println!("haproxy not installed: no comparison");
     }
-    if m.bytes_per_conn <= 0.0 {
+    if m_mem <= 0.0 {
         bail!("no memory growth measured; is the LB holding the connections?");
     }
     Ok(())
