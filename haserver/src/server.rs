@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::expiry;
 use crate::lock;
 use crate::model::{MemberState, Registration};
 use crate::store::{Store, StoreError};
@@ -101,6 +102,8 @@ struct Shared {
     timing: Timing,
     /// Unix ms until which this server may act as primary (0: backup).
     primary_until: AtomicI64,
+    /// Counts the times this server became primary: the expiry grace starts again with each.
+    term: AtomicU64,
     /// The lease holder as last seen: (id, addr).
     primary: Mutex<Option<(String, String)>>,
     version: watch::Sender<u64>,
@@ -112,6 +115,12 @@ struct Shared {
 impl Shared {
     fn is_primary(&self) -> bool {
         now_ms() < self.primary_until.load(Ordering::Acquire)
+    }
+
+    /// The primary term this server holds now, `None` while it is a backup.
+    fn primary_term(&self) -> Option<u64> {
+        let term = self.term.load(Ordering::Acquire);
+        self.is_primary().then_some(term)
     }
 
     fn primary_id(&self) -> Option<String> {
@@ -173,6 +182,7 @@ impl HaServer {
             store,
             timing,
             primary_until: AtomicI64::new(0),
+            term: AtomicU64::new(0),
             primary: Mutex::new(None),
             version: version_tx,
             heartbeats: Mutex::new(HashMap::new()),
@@ -230,6 +240,9 @@ async fn lease_round(shared: &Arc<Shared>) {
             // Act as primary until a tenth of the lease before it expires: a backup takes it
             // only after it expired, so the two windows never overlap.
             let was = shared.is_primary();
+            if !was {
+                shared.term.fetch_add(1, Ordering::AcqRel);
+            }
             shared
                 .primary_until
                 .store(lease.expires_ms - ttl / 10, Ordering::Release);
@@ -266,24 +279,29 @@ async fn lease_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// The primary marks silent members down and removes long-down ones.
+/// The primary marks silent members down and removes long-down ones, once it has watched long
+/// enough to know they are silent (`expiry::Watch`).
 async fn expiry_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let every = (shared.timing.heartbeat_interval / 4)
         .clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let (down, remove) = (
+        shared.timing.member_timeout.as_millis() as i64,
+        shared.timing.remove_after.as_millis() as i64,
+    );
+    let mut watch = expiry::Watch::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if !shared.is_primary() {
-            continue;
-        }
-        let (down, remove) = (
-            shared.timing.member_timeout.as_millis() as i64,
-            shared.timing.remove_after.as_millis() as i64,
-        );
         let now = now_ms();
-        match shared.db(move |s| s.expire(now, down, remove)).await {
+        let Some(cutoffs) = watch.round(now, shared.primary_term(), down, remove) else {
+            continue;
+        };
+        if cutoffs == expiry::Cutoffs::default() {
+            continue; // the grace is still running
+        }
+        match shared.db(move |s| s.expire(now, cutoffs)).await {
             Ok(Some(v)) => {
                 shared.version.send_replace(v);
             }

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::expiry::Cutoffs;
 use crate::lock;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
 
@@ -33,13 +34,9 @@ pub trait Store: Send + Sync {
     fn heartbeat(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError>;
     /// Removes a member that left on purpose; `None` if unknown.
     fn deregister(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError>;
-    /// Marks silent members down and removes long-down ones; returns the version if changed.
-    fn expire(
-        &self,
-        now_ms: i64,
-        down_after_ms: i64,
-        remove_after_ms: i64,
-    ) -> Result<Option<u64>, StoreError>;
+    /// Marks up members last seen before `cutoffs.down_before_ms` down and removes down ones
+    /// last seen before `cutoffs.remove_before_ms`; returns the version if anything changed.
+    fn expire(&self, now_ms: i64, cutoffs: Cutoffs) -> Result<Option<u64>, StoreError>;
     fn cluster(&self) -> Result<ClusterView, StoreError>;
     fn version(&self) -> Result<u64, StoreError>;
     fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
@@ -215,12 +212,7 @@ impl Store for SqliteStore {
         Ok(Some(v))
     }
 
-    fn expire(
-        &self,
-        now_ms: i64,
-        down_after_ms: i64,
-        remove_after_ms: i64,
-    ) -> Result<Option<u64>, StoreError> {
+    fn expire(&self, now_ms: i64, cutoffs: Cutoffs) -> Result<Option<u64>, StoreError> {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut changed = None;
@@ -228,18 +220,21 @@ impl Store for SqliteStore {
         let steps = [
             (
                 "up",
-                now_ms - down_after_ms,
+                cutoffs.down_before_ms,
                 "UPDATE members SET state = 'down' WHERE id = ?1",
                 "down",
             ),
             (
                 "down",
-                now_ms - remove_after_ms,
+                cutoffs.remove_before_ms,
                 "DELETE FROM members WHERE id = ?1",
                 "removed",
             ),
         ];
         for (state, silent_since, change, kind) in steps {
+            let Some(silent_since) = silent_since else {
+                continue;
+            };
             let ids: Vec<String> = tx
                 .prepare("SELECT id FROM members WHERE state = ?1 AND last_seen_ms < ?2")?
                 .query_map(params![state, silent_since], |r| r.get(0))?
@@ -383,6 +378,14 @@ mod tests {
         }
     }
 
+    /// The cutoffs of a round at `now_ms` with every grace over.
+    fn after(now_ms: i64, down_after_ms: i64, remove_after_ms: i64) -> Cutoffs {
+        Cutoffs {
+            down_before_ms: Some(now_ms - down_after_ms),
+            remove_before_ms: Some(now_ms - remove_after_ms),
+        }
+    }
+
     #[test]
     fn membership_lifecycle_bumps_the_version_and_logs_events() -> Result<(), StoreError> {
         let s = SqliteStore::in_memory()?;
@@ -394,8 +397,13 @@ mod tests {
             "a heartbeat of an up member changes nothing"
         );
         assert_eq!(s.heartbeat("nope", 2_000)?, None);
+        assert_eq!(
+            s.expire(99_000, Cutoffs::default())?,
+            None,
+            "during the grace nobody expires, however long the silence"
+        );
         // b2 silent for 3 s: down; b1 heard at 2 s: still up.
-        assert_eq!(s.expire(4_500, 3_000, 10_000)?, Some(3));
+        assert_eq!(s.expire(4_500, after(4_500, 3_000, 10_000))?, Some(3));
         let view = s.cluster()?;
         let states: Vec<_> = view
             .members
@@ -406,10 +414,14 @@ mod tests {
             states,
             vec![("b1", MemberState::Up), ("b2", MemberState::Down)]
         );
-        assert_eq!(s.expire(4_600, 3_000, 10_000)?, None, "nothing new");
+        assert_eq!(
+            s.expire(4_600, after(4_600, 3_000, 10_000))?,
+            None,
+            "nothing new"
+        );
         assert_eq!(s.heartbeat("b2", 5_000)?, Some(4), "back up");
         assert_eq!(
-            s.expire(20_000, 3_000, 10_000)?,
+            s.expire(20_000, after(20_000, 3_000, 10_000))?,
             Some(8),
             "both down (5, 6), then removed (7, 8)"
         );

@@ -403,3 +403,57 @@ async fn backup_takes_over_within_the_lease_and_never_two_primaries() -> anyhow:
     ha2.stop().await;
     Ok(())
 }
+
+/// Issue 14, item 3: an HA server that comes back after being away longer than
+/// `member_timeout` must not judge the members by heartbeats it could not receive. Every
+/// member gets one full `member_timeout` of grace from the moment it is primary again; the
+/// brokers, which kept retrying, heartbeat in that time and never go down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_primary_gives_every_member_a_grace_period() -> anyhow::Result<()> {
+    let dir = TempDir::new("ha-grace")?;
+    let db = dir.path().join("ha.sqlite");
+    let timing = fast_ha_timing();
+    let ha = start_haserver("ha1", &db, timing).await?;
+    let ha_addr = ha.addr();
+    let cluster = Cluster::start_with_ha(2, &[ha_addr]).await?;
+    wait_until("2 members up", DEADLINE, || async {
+        members(ha_addr)
+            .await
+            .is_ok_and(|m| m.len() == 2 && m.iter().all(|(_, s)| s == "up"))
+    })
+    .await?;
+    let seq_before = get_json(ha_addr, "/api/events?limit=10000")
+        .await?
+        .as_array()
+        .and_then(|a| a.last().and_then(|e| e["seq"].as_i64()))
+        .unwrap_or(0);
+
+    // Away for twice the member timeout (and longer than the lease, so nobody holds it).
+    ha.abort();
+    tokio::time::sleep(timing.member_timeout * 2).await;
+    let ha = start_haserver_at("ha1", &db, ha_addr, timing).await?;
+    let restarted = Instant::now();
+
+    // For two member timeouts after the restart, every poll sees both members up.
+    let mut polls = 0;
+    while restarted.elapsed() < timing.member_timeout * 2 {
+        let m = members(ha_addr).await?;
+        let up = m.iter().filter(|(_, s)| s == "up").count();
+        assert_eq!(up, 2, "{:?} after the restart: {m:?}", restarted.elapsed());
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(polls > 20, "only {polls} polls");
+    // The event log agrees: nobody went down, not even between two polls.
+    let events = get_json(ha_addr, &format!("/api/events?after={seq_before}")).await?;
+    let downs: Vec<&serde_json::Value> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "down")
+        .collect();
+    assert!(downs.is_empty(), "members went down: {downs:?}");
+    drop(cluster);
+    ha.stop().await;
+    Ok(())
+}
