@@ -64,6 +64,8 @@ struct Metrics {
     members: IntGaugeVec,
     version: IntGauge,
     requests: IntCounterVec,
+    /// Entries of `Shared::heartbeats`, set when `/metrics` is read.
+    tracked_heartbeats: IntGauge,
 }
 
 impl Metrics {
@@ -86,8 +88,14 @@ impl Metrics {
                 ),
                 &["route", "status"],
             )?,
+            tracked_heartbeats: IntGauge::new(
+                "mqlb_ha_tracked_heartbeats",
+                "Members whose last heartbeat time this server keeps (its flood guard).",
+            )?,
         };
         m.registry.register(Box::new(m.primary.clone()))?;
+        m.registry
+            .register(Box::new(m.tracked_heartbeats.clone()))?;
         m.registry.register(Box::new(m.members.clone()))?;
         m.registry.register(Box::new(m.version.clone()))?;
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -108,6 +116,8 @@ struct Shared {
     primary: Mutex<Option<(String, String)>>,
     version: watch::Sender<u64>,
     /// Last accepted heartbeat per member, to refuse floods without touching the database.
+    /// Holds only what the guard needs: ids the store knows, heard within the last
+    /// `min_heartbeat_gap` (older entries refuse nothing and are pruned every expiry round).
     heartbeats: Mutex<HashMap<String, Instant>>,
     metrics: Metrics,
 }
@@ -128,6 +138,18 @@ impl Shared {
             return Some(self.id.clone());
         }
         lock(&self.primary).as_ref().map(|(id, _)| id.clone())
+    }
+
+    /// Heartbeats closer together than this are refused.
+    fn min_heartbeat_gap(&self) -> Duration {
+        self.timing.heartbeat_interval / 4
+    }
+
+    /// Drops the flood-guard entries that can no longer refuse anything, so members that went
+    /// away (removed, deregistered, or never known) leave nothing behind.
+    fn prune_heartbeats(&self, now: Instant) {
+        let gap = self.min_heartbeat_gap();
+        lock(&self.heartbeats).retain(|_, at| now.saturating_duration_since(*at) < gap);
     }
 
     /// Runs a store call off the async threads.
@@ -294,6 +316,7 @@ async fn expiry_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+        shared.prune_heartbeats(Instant::now());
         let now = now_ms();
         let Some(cutoffs) = watch.round(now, shared.primary_term(), down, remove) else {
             continue;
@@ -426,6 +449,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
             ),
         ),
         (Method::GET, ["metrics"]) => {
+            let tracked = lock(&shared.heartbeats).len();
+            shared.metrics.tracked_heartbeats.set(tracked as i64);
             let mut buf = Vec::new();
             let res = match TextEncoder::new().encode(&shared.metrics.registry.gather(), &mut buf) {
                 Ok(()) => {
@@ -517,7 +542,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
             }
             let id = id.to_string();
             // A flood of heartbeats is refused before it reaches the database.
-            let min_gap = shared.timing.heartbeat_interval / 4;
+            let min_gap = shared.min_heartbeat_gap();
             {
                 let mut hb = lock(&shared.heartbeats);
                 if hb.get(&id).is_some_and(|t| t.elapsed() < min_gap) {
@@ -532,7 +557,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
                 hb.insert(id.clone(), Instant::now());
             }
             let now = now_ms();
-            let res = match shared.db(move |s| s.heartbeat(&id, now)).await {
+            let known = id.clone();
+            let res = match shared.db(move |s| s.heartbeat(&known, now)).await {
                 Ok(Some(v)) => {
                     shared.version.send_if_modified(|cur| {
                         let changed = *cur != v;
@@ -541,8 +567,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
                     });
                     reply(StatusCode::OK, json!({ "version": v }))
                 }
-                Ok(None) => error(StatusCode::NOT_FOUND, "unknown member: register first"),
-                Err(e) => store_error(e),
+                // An id the store does not know (or a heartbeat that did not land) keeps no
+                // entry: a stream of made-up ids must not grow the map.
+                Ok(None) => {
+                    lock(&shared.heartbeats).remove(&id);
+                    error(StatusCode::NOT_FOUND, "unknown member: register first")
+                }
+                Err(e) => {
+                    lock(&shared.heartbeats).remove(&id);
+                    store_error(e)
+                }
             };
             ("heartbeat", res)
         }
@@ -552,8 +586,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
             }
             let id = id.to_string();
             let now = now_ms();
-            let res = match shared.db(move |s| s.deregister(&id, now)).await {
+            let gone = id.clone();
+            let res = match shared.db(move |s| s.deregister(&gone, now)).await {
                 Ok(Some(v)) => {
+                    lock(&shared.heartbeats).remove(&id);
                     shared.version.send_replace(v);
                     reply(StatusCode::OK, json!({ "version": v }))
                 }

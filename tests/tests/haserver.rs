@@ -457,3 +457,67 @@ async fn a_restarted_primary_gives_every_member_a_grace_period() -> anyhow::Resu
     ha.stop().await;
     Ok(())
 }
+
+/// Issue 14, item 6: heartbeats for ids the HA server does not know leave nothing behind, and
+/// a member that leaves takes its entry with it; the flood guard's map stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_of_unknown_or_departed_members_leave_no_state() -> anyhow::Result<()> {
+    let dir = TempDir::new("ha-hb-mem")?;
+    let ha = start_haserver("ha1", &dir.path().join("ha.sqlite"), fast_ha_timing()).await?;
+    let a = ha.addr();
+    let tracked = || async {
+        let text = http(a, "GET", "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        metric(&text, "mqlb_ha_tracked_heartbeats", &[])
+    };
+    const IDS: usize = 5_000;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..8)
+        .map(|k| {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                for i in (k..IDS).step_by(8) {
+                    let path = format!("/api/members/ghost-{i}/heartbeat");
+                    if let Ok((404, _)) = http_body(a, "POST", &path, b"").await {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await?;
+    }
+    assert_eq!(
+        sent.load(Ordering::Relaxed),
+        IDS,
+        "every unknown id got 404"
+    );
+    let after_ghosts = tracked().await;
+    eprintln!("{IDS} unknown ids: {after_ghosts} tracked heartbeats");
+    assert!(
+        after_ghosts <= 10.0,
+        "{after_ghosts} entries for unknown ids"
+    );
+
+    // A member that registered, heartbeat and left is forgotten too.
+    let client = mqlb_haserver::HaClient::new(vec![a]);
+    let reg = mqlb_haserver::model::Registration {
+        id: "b1".into(),
+        mqtt: "127.0.0.1:1883".into(),
+        mqtt_v5: None,
+        mesh: None,
+        http: None,
+        pid: None,
+    };
+    client.register(&reg).await?;
+    client.deregister("b1").await?;
+    wait_until("the departed member's entry is gone", DEADLINE, || async {
+        tracked().await == 0.0
+    })
+    .await?;
+    ha.stop().await;
+    Ok(())
+}
