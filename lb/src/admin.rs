@@ -107,6 +107,19 @@ fn set_drain(shared: &Shared, id: &str, on: bool) -> Response<Full<Bytes>> {
     json_reply(StatusCode::OK, &Value::Array(changed))
 }
 
+/// Why the LB is not serving, if it is not: shutting down, or a frontend of a rule without a
+/// running accept loop (its port is closed although the process is alive).
+fn health_problem(shared: &Shared) -> Option<String> {
+    if shared.stopping.is_cancelled() {
+        return Some("stopping".into());
+    }
+    let snap = shared.snapshot.load();
+    let missing = shared
+        .listening
+        .missing(snap.rules.keys().map(String::as_str));
+    (!missing.is_empty()).then(|| format!("not listening: frontend {}", missing.join(", ")))
+}
+
 fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -119,17 +132,10 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 format!("metrics: {e}\n"),
             ),
         },
-        (&Method::GET, ["healthz"]) => {
-            if shared.stopping.is_cancelled() {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "stopping\n".into(),
-                )
-            } else {
-                reply(StatusCode::OK, "text/plain", "ok\n".into())
-            }
-        }
+        (&Method::GET, ["healthz"]) => match health_problem(shared) {
+            Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
+            None => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        },
         (&Method::GET, ["api", "backends"]) => json_reply(StatusCode::OK, &backends_json(shared)),
         (&Method::GET, ["api", "connections"]) => {
             json_reply(StatusCode::OK, &connections_json(shared))

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::reload::{self, plan_listeners};
 use crate::snapshot::{RuleRt, Snapshot};
-use crate::state::{lock, BackendState, ConnRegistry};
+use crate::state::{lock, BackendState, ConnRegistry, Listening};
 use crate::workers::Workers;
 use crate::{admin, listener, probe};
 use mqlb_haserver::model::ClusterView;
@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub conns: ConnRegistry,
+    /// Frontends with a running accept loop (`/healthz`).
+    pub listening: Listening,
     /// Connection tasks, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Fired when shutdown begins: accept loops, probes and watchers stop.
@@ -110,6 +112,8 @@ struct OpenFrontend {
     cfg: Frontend,
     addr: SocketAddr,
     stop: CancellationToken,
+    /// Handles on the listening sockets the accept loops own, to change their backlog in place.
+    sockets: Vec<socket2::Socket>,
 }
 
 struct ProbeTask {
@@ -166,7 +170,8 @@ impl Lb {
         let metrics = Arc::new(Metrics::new()?);
         let admin_listener = match listeners.admin.take() {
             Some(l) => l,
-            None => listener::bind(config.lb.admin, 128)
+            None => listener::ensure_free(config.lb.admin)
+                .and_then(|()| listener::bind(config.lb.admin, 128))
                 .map_err(bind_err("admin server", config.lb.admin))?,
         };
         let admin_addr = admin_listener
@@ -178,7 +183,8 @@ impl Lb {
             let l = match listeners.frontends.remove(&f.name) {
                 Some(l) => Bound::Adopted(l),
                 None => Bound::Ours(
-                    listener::bind_group(f.bind, f.backlog.get(), threads)
+                    listener::ensure_free(f.bind)
+                        .and_then(|()| listener::bind_group(f.bind, f.backlog.get(), threads))
                         .map_err(bind_err(&format!("frontend {}", f.name), f.bind))?,
                 ),
             };
@@ -190,6 +196,7 @@ impl Lb {
             snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
             metrics,
             conns: ConnRegistry::default(),
+            listening: Listening::default(),
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
             hard_stop: AtomicBool::new(false),
@@ -289,8 +296,9 @@ impl Lb {
     }
 
     /// Applies a validated config: binds new listeners first (on failure nothing changes),
-    /// then swaps the snapshot in one store, closes removed listeners and restarts the probes
-    /// of changed backends. Live connections are not touched.
+    /// then swaps the snapshot in one store, changes backlogs in place, closes removed
+    /// listeners and restarts the probes of changed backends. Live connections are not touched,
+    /// and a port that stays in the config never stops listening.
     pub async fn apply(&self, config: Config) -> Result<(), ReloadError> {
         self.apply_inner(config, true).await
     }
@@ -316,18 +324,17 @@ impl Lb {
         let plan = plan_listeners(&open_now, &config);
         let mut fresh = Vec::new();
         for f in &plan.open {
-            // A frontend that changed keeps its old socket until here; if the new address is
-            // the same port with another backlog, close it first or the bind fails.
-            let same_addr = control
-                .frontends
-                .get(&f.name)
-                .is_some_and(|o| o.cfg.bind == f.bind);
-            if same_addr {
-                if let Some(o) = control.frontends.remove(&f.name) {
-                    o.stop.cancel();
-                }
+            // Bound while the old sockets still listen: where a frontend takes over an address
+            // another of ours holds, the two share it (SO_REUSEPORT) until the old one closes.
+            // Any other address must be free.
+            let ours = open_now.iter().any(|o| o.bind == f.bind);
+            let bound = if ours {
+                Ok(())
+            } else {
+                listener::ensure_free(f.bind)
             }
-            match listener::bind_group(f.bind, f.backlog.get(), self.inner.workers.len()) {
+            .and_then(|()| listener::bind_group(f.bind, f.backlog.get(), self.inner.workers.len()));
+            match bound {
                 Ok(l) => fresh.push((f.clone(), Bound::Ours(l))),
                 Err(source) => {
                     drop(fresh);
@@ -361,6 +368,17 @@ impl Lb {
         let shared = &self.inner.shared;
         let next = Snapshot::build(config, Some(&shared.snapshot.load()));
         shared.snapshot.store(Arc::new(next));
+        for f in &plan.resize {
+            if let Some(o) = control.frontends.get_mut(&f.name) {
+                let backlog = i32::try_from(f.backlog.get()).unwrap_or(i32::MAX);
+                for s in &o.sockets {
+                    if let Err(e) = s.listen(backlog) {
+                        tracing::warn!(frontend = f.name, error = %e, "listen backlog not changed");
+                    }
+                }
+                o.cfg = f.clone();
+            }
+        }
         for name in &plan.close {
             if let Some(o) = control.frontends.remove(name) {
                 o.stop.cancel();
@@ -377,6 +395,7 @@ impl Lb {
         }
         tracing::info!(
             kept = plan.keep.len(),
+            resized = plan.resize.len(),
             opened = plan.open.len(),
             closed = plan.close.len(),
             "{}",
@@ -417,10 +436,12 @@ impl Lb {
             .and_then(|v| v.first()?.local_addr().ok())
             .unwrap_or(f.bind);
         let stop = self.inner.shared.stopping.child_token();
+        let mut handles_kept = Vec::new();
         // One socket (or handle on the shared one) per thread, registered with that thread's
         // reactor.
         let spawned = sockets.and_then(|sockets| {
             for (h, socket) in handles.iter().zip(sockets) {
+                handles_kept.push(socket2::Socket::from(socket.try_clone()?));
                 let l = {
                     let _rt = h.enter();
                     TcpListener::from_std(socket)?
@@ -440,9 +461,15 @@ impl Lb {
         }
         tracing::info!(frontend = f.name, %addr, "listening");
         lock(&self.inner.addrs).insert(f.name.clone(), addr);
-        control
-            .frontends
-            .insert(f.name.clone(), OpenFrontend { cfg: f, addr, stop });
+        control.frontends.insert(
+            f.name.clone(),
+            OpenFrontend {
+                cfg: f,
+                addr,
+                stop,
+                sockets: handles_kept,
+            },
+        );
     }
 
     /// Keeps the probe task of every unchanged backend and (re)starts the others.
@@ -524,6 +551,9 @@ impl Lb {
         let shared = &self.inner.shared;
         let grace = self.config().lb.shutdown_grace;
         shared.stopping.cancel();
+        // The accept loops end on `stopping`; these handles on their sockets must go too, or
+        // the ports would keep completing handshakes nobody accepts.
+        self.inner.control.lock().await.frontends.clear();
         shared.tracker.close();
         let live = shared.conns.len();
         tracing::info!(

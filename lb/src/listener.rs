@@ -19,18 +19,47 @@ pub(crate) const ACCEPTED_INHERIT_OPTIONS: bool = cfg!(target_os = "linux");
 
 /// Binds a listening socket the way a load balancer needs it: `SO_REUSEADDR` (restart while
 /// old connections sit in TIME_WAIT), the configured listen backlog, and the client-socket
-/// options (TCP_NODELAY, keepalive) for accepted sockets to inherit.
+/// options (TCP_NODELAY, keepalive) for accepted sockets to inherit. Not shareable: a second
+/// socket on the same address fails to bind.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     TcpListener::from_std(listening_socket(addr, backlog, false)?.into())
 }
 
-fn listening_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Socket> {
+fn new_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
+    Ok(socket)
+}
+
+/// Fails with `AddrInUse`, naming the process that holds the port where it can be found, when
+/// anything listens on `addr` already. The LB's own sockets share their port among data
+/// threads with `SO_REUSEPORT`, which would let a second LB (same user) bind beside a running
+/// one and take part of its connections; a socket bound *without* `SO_REUSEPORT` conflicts
+/// with every listener, so binding one first tells whether the port is really free.
+pub fn ensure_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = new_socket(addr, false)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            match crate::port::who_listens(addr) {
+                Some(h) => format!("port {} is in use by {h}", addr.port()),
+                None => format!("port {} is in use by another program", addr.port()),
+            },
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+fn listening_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<Socket> {
+    let socket = new_socket(addr, reuse_port)?;
     if ACCEPTED_INHERIT_OPTIONS {
         socket.set_tcp_nodelay(true)?;
         socket.set_tcp_keepalive(&crate::proxy::keepalive())?;
@@ -45,14 +74,16 @@ fn listening_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Res
 /// `SO_REUSEPORT`: the kernel spreads new connections over them, so a connection wakes only
 /// the thread that will serve it (one shared socket wakes every thread and all but one find
 /// nothing to accept). Where SO_REUSEPORT is refused, one socket is shared by all threads.
+/// `SO_REUSEPORT` is set even for one thread, so that a reload can bind a frontend's new
+/// sockets before it closes the old ones; [`ensure_free`] keeps other programs out.
 pub(crate) fn bind_group(
     addr: SocketAddr,
     backlog: u32,
     n: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
-    let first = match listening_socket(addr, backlog, cfg!(unix) && n > 1) {
+    let first = match listening_socket(addr, backlog, cfg!(unix)) {
         Ok(s) => s,
-        Err(e) if n > 1 && e.kind() != io::ErrorKind::AddrInUse => {
+        Err(e) if e.kind() != io::ErrorKind::AddrInUse => {
             tracing::debug!(%addr, error = %e, "SO_REUSEPORT refused; one socket for all threads");
             return share(listening_socket(addr, backlog, false)?.into(), n);
         }
@@ -97,6 +128,7 @@ pub(crate) async fn accept_loop(
             return;
         }
     };
+    let _listening = shared.listening.enter(&frontend);
     loop {
         // Accept first: the stop token (whose check takes a lock shared by every accept loop)
         // is looked at only when no connection is waiting.

@@ -12,9 +12,12 @@ use mqlb_config::{Config, Frontend};
 pub struct ListenerPlan {
     /// Frontends whose socket is kept as it is (same name, address and backlog).
     pub keep: Vec<String>,
-    /// Frontends to bind (new, or changed address/backlog).
+    /// Frontends whose socket is kept with a new listen backlog (`listen(2)` again on the
+    /// open socket): re-creating it would close the port, however briefly.
+    pub resize: Vec<Frontend>,
+    /// Frontends to bind (new, or moved to another address).
     pub open: Vec<Frontend>,
-    /// Frontends whose socket is closed (removed, changed, or left without a rule).
+    /// Frontends whose socket is closed (removed, moved, or left without a rule).
     pub close: Vec<String>,
 }
 
@@ -35,6 +38,7 @@ pub fn plan_listeners(open_now: &[Frontend], new: &Config) -> ListenerPlan {
     for f in &wanted {
         match open_now.iter().find(|o| o.name == f.name) {
             Some(o) if o == f => plan.keep.push(f.name.clone()),
+            Some(o) if o.bind == f.bind => plan.resize.push(f.clone()),
             Some(o) => {
                 plan.close.push(o.name.clone());
                 plan.open.push(f.clone());
@@ -117,5 +121,15 @@ mod tests {
         assert_eq!(plan.keep, vec!["x"]);
         assert_eq!(plan.close, vec!["y"]);
         assert!(plan.open.is_empty());
+    }
+
+    #[test]
+    fn a_new_backlog_on_the_same_address_keeps_the_socket() {
+        let old = cfg(&[("x", "127.0.0.1:1000")], &["x"]);
+        let mut new = old.clone();
+        new.frontends[0].backlog = std::num::NonZeroU32::new(4096).expect("non-zero");
+        let plan = plan_listeners(&served_frontends(&old), &new);
+        assert_eq!(plan.resize, new.frontends);
+        assert!(plan.open.is_empty() && plan.close.is_empty() && plan.keep.is_empty());
     }
 }

@@ -238,6 +238,49 @@ impl ConnInfo {
     }
 }
 
+/// Which frontends have an accept loop running, so `/healthz` can tell a port that stopped
+/// listening (a reload gone wrong, a listener that could not be handed to the data path) from a
+/// healthy LB. Each accept loop holds a [`ListeningGuard`] for as long as it accepts.
+#[derive(Default)]
+pub struct Listening(Arc<Mutex<HashMap<String, usize>>>);
+
+/// Counts one accept loop of a frontend until dropped.
+pub struct ListeningGuard {
+    set: Arc<Mutex<HashMap<String, usize>>>,
+    frontend: String,
+}
+
+impl Listening {
+    pub fn enter(&self, frontend: &str) -> ListeningGuard {
+        *lock(&self.0).entry(frontend.to_string()).or_default() += 1;
+        ListeningGuard {
+            set: self.0.clone(),
+            frontend: frontend.to_string(),
+        }
+    }
+
+    /// The frontends of `served` without a running accept loop.
+    pub fn missing<'a>(&self, served: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+        let set = lock(&self.0);
+        served
+            .into_iter()
+            .filter(|f| set.get(*f).is_none_or(|n| *n == 0))
+            .collect()
+    }
+}
+
+impl Drop for ListeningGuard {
+    fn drop(&mut self) {
+        let mut set = lock(&self.set);
+        if let Some(n) = set.get_mut(&self.frontend) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                set.remove(&self.frontend);
+            }
+        }
+    }
+}
+
 const SHARDS: usize = 16;
 
 /// Live connections, sharded so that opening and closing connections on different cores do
@@ -387,5 +430,18 @@ mod tests {
         assert!(!info.is_idle_expired(), "99 ms after the last bytes");
         info.sweep_at(&metrics, 190);
         assert!(info.is_idle_expired(), "100 ms after the last bytes");
+    }
+
+    #[test]
+    fn a_frontend_is_listening_while_one_of_its_loops_runs() {
+        let l = Listening::default();
+        assert_eq!(l.missing(["a", "b"]), vec!["a", "b"]);
+        let a1 = l.enter("a");
+        let a2 = l.enter("a");
+        let _b = l.enter("b");
+        drop(a1);
+        assert!(l.missing(["a", "b"]).is_empty());
+        drop(a2);
+        assert_eq!(l.missing(["a", "b"]), vec!["a"]);
     }
 }

@@ -1,0 +1,142 @@
+//! It keeps working through faults (issue 14): one regression test per defect found by
+//! trying mqlb as a user would — a reload that closed a listener, a second instance sharing a
+//! port, the LB's death under `mqlb up`, the LB's own probe counted as a client, ...
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mqlb_config::Config;
+use mqlb_lb::{Lb, Listeners, StartError};
+use mqlb_tests::{free_port, http, wait_until};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A TCP backend that answers every connection with "hi" and closes.
+fn hello_server() -> anyhow::Result<SocketAddr> {
+    use std::io::Write;
+    mqlb_tests::serve_threads("hello", |mut s| Ok(s.write_all(b"hi")?))
+}
+
+fn tcp_lb(front: SocketAddr, backend: SocketAddr, lb_extra: &str, frontend_extra: &str) -> String {
+    format!(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n{lb_extra}\n\
+         [[frontend]]\nname = \"f\"\nbind = \"{front}\"\n{frontend_extra}\n\
+         [[pool]]\nname = \"p\"\nprobe = \"t\"\n[[pool.backend]]\nid = \"only\"\naddr = \"{backend}\"\n\
+         [[probe]]\nname = \"t\"\nport = \"traffic\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n"
+    )
+}
+
+/// What a client connecting to `front` gets back.
+async fn answer(front: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(front).await?;
+    let mut got = String::new();
+    tokio::time::timeout(DEADLINE, s.read_to_string(&mut got)).await??;
+    Ok(got)
+}
+
+/// Defect 2: with one data thread, a reload that changed a frontend's backlog cancelled the
+/// listener, failed to bind the new one (`Address already in use`) and left the port closed
+/// while `/healthz` said ok. Now the backlog changes on the open socket, and the port never
+/// stops answering; the same with two threads, and when the frontend moves to another port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_closes_a_listener_that_stays() -> anyhow::Result<()> {
+    let backend = hello_server()?;
+    for threads in [1, 2] {
+        let front = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let lb_extra = format!("data_threads = {threads}");
+        let lb = Lb::start(
+            Config::parse(&tcp_lb(front, backend, &lb_extra, ""), "test")?,
+            Listeners::default(),
+        )
+        .await?;
+        assert_eq!(answer(front).await?, "hi");
+        let live = TcpStream::connect(front).await?;
+
+        // Clients keep connecting while the backlog changes back and forth.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let clients = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                for _ in 0..100_000 {
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    match answer(front).await {
+                        Ok(a) if a == "hi" => ok += 1,
+                        Ok(a) => failed.push(format!("answered {a:?}")),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            }
+        });
+        for i in 0..40 {
+            let backlog = if i % 2 == 0 { 1024 } else { 512 };
+            let next = tcp_lb(front, backend, &lb_extra, &format!("backlog = {backlog}"));
+            lb.apply(Config::parse(&next, "test")?).await?;
+            assert_eq!(lb.frontend_addr("f"), Some(front));
+            tokio::time::sleep(Duration::from_millis(5)).await; // let clients in between reloads
+        }
+        stop.cancel();
+        let (ok, failed) = clients.await?;
+        assert!(
+            failed.is_empty() && ok > 0,
+            "{threads} thread(s): {ok} clients served, {} failed during the reloads: {:?}",
+            failed.len(),
+            failed.first()
+        );
+        let (status, body) = http(lb.admin_addr(), "GET", "/healthz").await?;
+        assert_eq!((status, body.trim()), (200, "ok"), "{threads} thread(s)");
+
+        // Moved to another port: the new one answers, the old one is closed.
+        let moved = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        lb.apply(Config::parse(
+            &tcp_lb(moved, backend, &lb_extra, ""),
+            "test",
+        )?)
+        .await?;
+        assert_eq!(answer(moved).await?, "hi");
+        wait_until("the old port is closed", DEADLINE, || async {
+            TcpStream::connect(front).await.is_err()
+        })
+        .await?;
+        drop(live);
+        lb.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Defect 9 (one LB): a second LB with the same frontend bound beside the running one
+/// (SO_REUSEPORT) without a word and took part of its connections. Now it refuses to start,
+/// naming the port and who holds it; the first keeps every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_lb_on_a_taken_port_refuses_to_start() -> anyhow::Result<()> {
+    let backend = hello_server()?;
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let toml = tcp_lb(front, backend, "data_threads = 2", "");
+    let first = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+    match Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await {
+        Ok(second) => {
+            second.shutdown().await;
+            anyhow::bail!("a second LB started on {front}, which the first one serves");
+        }
+        Err(e @ StartError::Bind { .. }) => {
+            let text = e.to_string();
+            let me = format!("pid {}", std::process::id());
+            assert!(
+                text.contains(&front.port().to_string()) && text.contains(&me),
+                "the error names the port and the holder: {text}"
+            );
+        }
+        Err(e) => anyhow::bail!("unexpected error: {e}"),
+    }
+    for _ in 0..20 {
+        assert_eq!(answer(front).await?, "hi");
+    }
+    first.shutdown().await;
+    Ok(())
+}
