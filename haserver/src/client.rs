@@ -140,8 +140,14 @@ impl HaClient {
                             break;
                         }
                     },
-                    Ok((status, _, _)) if status >= 500 => {
-                        errors.push(format!("{addr}: status {status}"));
+                    // Keep what the server said: "the disk is full" is not "try another one".
+                    Ok((status, _, body)) if status >= 500 => {
+                        let said: String = String::from_utf8_lossy(&body)
+                            .trim()
+                            .chars()
+                            .take(200)
+                            .collect();
+                        errors.push(format!("{addr}: status {status}: {said}"));
                         break;
                     }
                     Ok((status, _, body)) => {

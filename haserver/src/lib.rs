@@ -3,6 +3,7 @@
 
 pub mod expiry;
 pub mod http_server;
+pub mod log_limit;
 pub mod model;
 pub mod server;
 pub mod store;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::expiry;
 use crate::lock;
+use crate::log_limit::LogLimiter;
 use crate::model::{MemberState, Registration};
 use crate::store::{Store, StoreError};
 
@@ -31,6 +32,8 @@ use crate::store::{Store, StoreError};
 pub const MAX_BODY: usize = 64 * 1024;
 /// Longest long-poll.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// A failure that repeats per request or per round is logged at most this often.
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Membership timing (from `[ha]`).
 #[derive(Debug, Clone, Copy)]
@@ -114,12 +117,23 @@ struct Shared {
     term: AtomicU64,
     /// The lease holder as last seen: (id, addr).
     primary: Mutex<Option<(String, String)>>,
+    /// Why the last lease round failed (the database), while it keeps failing: a server that
+    /// cannot renew its lease stops acting as primary, and its writes must say why.
+    lease_error: Mutex<Option<String>>,
     version: watch::Sender<u64>,
     /// Last accepted heartbeat per member, to refuse floods without touching the database.
     /// Holds only what the guard needs: ids the store knows, heard within the last
     /// `min_heartbeat_gap` (older entries refuse nothing and are pruned every expiry round).
     heartbeats: Mutex<HashMap<String, Instant>>,
     metrics: Metrics,
+    /// Rate limits of the log lines that repeat while the database fails.
+    logs: Mutex<Logs>,
+}
+
+struct Logs {
+    request: LogLimiter,
+    lease: LogLimiter,
+    expiry: LogLimiter,
 }
 
 impl Shared {
@@ -160,9 +174,7 @@ impl Shared {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || f(me.store.as_ref())).await {
             Ok(r) => r,
-            Err(e) => Err(StoreError::Db(rusqlite::Error::ToSqlConversionFailure(
-                Box::new(e),
-            ))),
+            Err(e) => Err(StoreError::Task(e.to_string())),
         }
     }
 }
@@ -206,9 +218,15 @@ impl HaServer {
             primary_until: AtomicI64::new(0),
             term: AtomicU64::new(0),
             primary: Mutex::new(None),
+            lease_error: Mutex::new(None),
             version: version_tx,
             heartbeats: Mutex::new(HashMap::new()),
             metrics: Metrics::new()?,
+            logs: Mutex::new(Logs {
+                request: LogLimiter::new(LOG_EVERY),
+                lease: LogLimiter::new(LOG_EVERY),
+                expiry: LogLimiter::new(LOG_EVERY),
+            }),
         });
         let stop = CancellationToken::new();
         // Try for the lease before serving, so a lone server answers as primary at once.
@@ -259,6 +277,9 @@ async fn lease_round(shared: &Arc<Shared>) {
         .await
     {
         Ok(lease) if lease.holder == shared.id => {
+            if lock(&shared.lease_error).take().is_some() {
+                tracing::info!(id = shared.id, "lease round succeeded again");
+            }
             // Act as primary until a tenth of the lease before it expires: a backup takes it
             // only after it expired, so the two windows never overlap.
             let was = shared.is_primary();
@@ -274,6 +295,7 @@ async fn lease_round(shared: &Arc<Shared>) {
             }
         }
         Ok(lease) => {
+            *lock(&shared.lease_error) = None;
             if shared.is_primary() {
                 tracing::warn!(
                     id = shared.id,
@@ -285,7 +307,12 @@ async fn lease_round(shared: &Arc<Shared>) {
             *lock(&shared.primary) = Some((lease.holder, lease.addr));
         }
         // Could not renew: keep acting only until the current lease runs out.
-        Err(e) => tracing::warn!(id = shared.id, error = %e, "lease round failed"),
+        Err(e) => {
+            if let Some(suppressed) = lock(&shared.logs).lease.admit(Instant::now()) {
+                tracing::warn!(id = shared.id, error = %e, suppressed, "lease round failed");
+            }
+            *lock(&shared.lease_error) = Some(e.to_string());
+        }
     }
     shared.metrics.primary.set(i64::from(shared.is_primary()));
 }
@@ -329,7 +356,11 @@ async fn expiry_loop(shared: Arc<Shared>, stop: CancellationToken) {
                 shared.version.send_replace(v);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "expiry round failed"),
+            Err(e) => {
+                if let Some(suppressed) = lock(&shared.logs).expiry.admit(Instant::now()) {
+                    tracing::warn!(error = %e, suppressed, "expiry round failed");
+                }
+            }
         }
     }
 }
@@ -383,9 +414,13 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Res {
     reply(status, json!({ "error": msg.into() }))
 }
 
-fn store_error(e: StoreError) -> Res {
-    tracing::error!(error = %e, "store");
-    error(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}"))
+/// A request the database failed: 503 with the store's error as it is (it names the database
+/// already; a second prefix made "database: database: …"). Logged, but at most once per `LOG_EVERY` with the count of those left out.
+fn store_error(shared: &Shared, e: StoreError) -> Res {
+    if let Some(suppressed) = lock(&shared.logs).request.admit(Instant::now()) {
+        tracing::error!(error = %e, suppressed, "request failed");
+    }
+    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 /// Writes go to the primary: a backup redirects (307 keeps the method and body).
@@ -402,10 +437,17 @@ fn not_primary(shared: &Shared, path: &str) -> Option<Res> {
             }
             r
         }
-        _ => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no primary HA server right now; retry",
-        ),
+        // Not primary because this server's own database fails: say so, not "no primary".
+        _ => match lock(&shared.lease_error).clone() {
+            Some(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e} (this HA server cannot hold the primary lease); retry"),
+            ),
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no primary HA server right now; retry",
+            ),
+        },
     })
 }
 
@@ -494,7 +536,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
                         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                     }
                 }
-                Err(e) => store_error(e),
+                Err(e) => store_error(&shared, e),
             };
             ("cluster", res)
         }
@@ -508,7 +550,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
                 .min(10_000);
             let res = match shared.db(move |s| s.events(after, limit)).await {
                 Ok(ev) => reply(StatusCode::OK, json!(ev)),
-                Err(e) => store_error(e),
+                Err(e) => store_error(&shared, e),
             };
             ("events", res)
         }
@@ -532,7 +574,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
                     tracing::info!(member = id, version = v, "registered");
                     reply(StatusCode::OK, json!({ "version": v }))
                 }
-                Err(e) => store_error(e),
+                Err(e) => store_error(&shared, e),
             };
             ("register", res)
         }
@@ -575,7 +617,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
                 }
                 Err(e) => {
                     lock(&shared.heartbeats).remove(&id);
-                    store_error(e)
+                    store_error(&shared, e)
                 }
             };
             ("heartbeat", res)
@@ -594,7 +636,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
                     reply(StatusCode::OK, json!({ "version": v }))
                 }
                 Ok(None) => error(StatusCode::NOT_FOUND, "unknown member"),
-                Err(e) => store_error(e),
+                Err(e) => store_error(&shared, e),
             };
             ("deregister", res)
         }
@@ -622,4 +664,128 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationTok
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::expiry::Cutoffs;
+    use crate::model::{ClusterView, Event};
+    use crate::store::{Lease, SqliteStore};
+    use std::sync::atomic::AtomicBool;
+
+    /// SQLite, until `full` is set: then every write fails the way SQLite does on a full disk.
+    struct FillingStore {
+        inner: SqliteStore,
+        full: AtomicBool,
+    }
+
+    impl FillingStore {
+        fn write(&self) -> Result<(), StoreError> {
+            if !self.full.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            Err(StoreError::Db(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                Some("database or disk is full".into()),
+            )))
+        }
+    }
+
+    impl Store for FillingStore {
+        fn register(&self, reg: &Registration, now_ms: i64) -> Result<u64, StoreError> {
+            self.write()?;
+            self.inner.register(reg, now_ms)
+        }
+        fn heartbeat(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+            self.write()?;
+            self.inner.heartbeat(id, now_ms)
+        }
+        fn deregister(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+            self.write()?;
+            self.inner.deregister(id, now_ms)
+        }
+        fn expire(&self, now_ms: i64, cutoffs: Cutoffs) -> Result<Option<u64>, StoreError> {
+            self.write()?;
+            self.inner.expire(now_ms, cutoffs)
+        }
+        fn cluster(&self) -> Result<ClusterView, StoreError> {
+            self.inner.cluster()
+        }
+        fn version(&self) -> Result<u64, StoreError> {
+            self.inner.version()
+        }
+        fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+            self.inner.events(after, limit)
+        }
+        fn acquire_lease(
+            &self,
+            holder: &str,
+            addr: &str,
+            now_ms: i64,
+            ttl_ms: i64,
+        ) -> Result<Lease, StoreError> {
+            self.write()?;
+            self.inner.acquire_lease(holder, addr, now_ms, ttl_ms)
+        }
+        fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
+            self.write()?;
+            self.inner.release_lease(holder)
+        }
+    }
+
+    async fn register(addr: SocketAddr, id: &str) -> (u16, String) {
+        let body = format!(r#"{{"id":"{id}","mqtt":"127.0.0.1:1883"}}"#);
+        match crate::client::request(
+            addr,
+            Method::POST,
+            "/api/members",
+            Some(body),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok((status, _, body)) => (status, String::from_utf8_lossy(&body).into_owned()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    /// Issue 14, item 11: a write the database failed names the database's error, once (not
+    /// "database: database: …"), both while this server is still primary and after its lease
+    /// lapsed because the database could not renew it (not "no primary HA server").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_on_a_full_disk_name_the_database_error(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let store = Arc::new(FillingStore {
+            inner: SqliteStore::in_memory()?,
+            full: AtomicBool::new(false),
+        });
+        let timing = Timing {
+            heartbeat_interval: Duration::from_millis(200),
+            member_timeout: Duration::from_millis(800),
+            remove_after: Duration::from_secs(30),
+            lease: Duration::from_millis(600),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let ha = HaServer::start("ha1", listener, store.clone(), timing).await?;
+        assert_eq!(register(ha.addr(), "b1").await.0, 200);
+
+        store.full.store(true, Ordering::Relaxed);
+        let check = |(status, text): (u16, String), when: &str| {
+            assert_eq!(status, 503, "{when}: {text}");
+            assert!(text.contains("disk is full"), "{when}: {text}");
+            assert!(!text.contains("database: database"), "{when}: {text}");
+            assert!(!text.contains("no primary"), "{when}: {text}");
+        };
+        check(register(ha.addr(), "b2").await, "still primary");
+        // The lease cannot be renewed either: the server stops acting as primary.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ha.is_primary() {
+            assert!(Instant::now() < deadline, "still primary on a full disk");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        check(register(ha.addr(), "b2").await, "lease lapsed");
+        ha.abort();
+        Ok(())
+    }
 }

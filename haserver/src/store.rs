@@ -13,10 +13,15 @@ use crate::model::{ClusterView, Event, Member, MemberState, Registration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
+    /// SQLite's own message already says "database" where it matters ("database or disk is
+    /// full", "database is locked"); the prefix names the engine instead of repeating it.
+    #[error("SQLite: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("database schema version {0} is newer than this mqlb understands ({SCHEMA_VERSION})")]
     TooNew(i64),
+    /// The blocking task that ran a database call panicked or was cancelled.
+    #[error("database call did not finish: {0}")]
+    Task(String),
 }
 
 /// Who holds the primary lease after an attempt to take or renew it.
