@@ -14,14 +14,42 @@ use mqlb_config::Config;
 struct Proc {
     name: String,
     args: Vec<String>,
+    /// What it listens on (a name for messages, the address): every one must be free before
+    /// `up` starts anything, and held by this child before it counts as started.
+    listens: Vec<(String, SocketAddr)>,
     child: Option<Child>,
-    /// Brokers and HA servers are restarted after a crash; the LB is the entry point, and
-    /// its death ends `up`.
-    restart: bool,
-    died_at: Option<Instant>,
+    started_at: Instant,
+    /// The last restart delay, for the back-off; `None` until it first crashed.
+    delay: Option<Duration>,
+    /// When a crashed child is due to start again.
+    restart_at: Option<Instant>,
+}
+
+/// The delay before a crashed child starts again: 1 s, doubled each time it crashes again
+/// within a minute of its start (a crash loop), at most 30 s; back to 1 s once it ran a minute.
+fn restart_delay(last: Option<Duration>, lived: Duration) -> Duration {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+    const STABLE: Duration = Duration::from_secs(60);
+    match last {
+        Some(d) if lived < STABLE => (d * 2).min(MAX),
+        _ => FIRST,
+    }
 }
 
 impl Proc {
+    fn new(name: String, args: Vec<String>, listens: Vec<(String, SocketAddr)>) -> Proc {
+        Proc {
+            name,
+            args,
+            listens,
+            child: None,
+            started_at: Instant::now(),
+            delay: None,
+            restart_at: None,
+        }
+    }
+
     fn spawn(&mut self, exe: &PathBuf) -> anyhow::Result<()> {
         let mut cmd = Command::new(exe);
         // The summary `up` prints replaces each child's own banner.
@@ -40,11 +68,38 @@ impl Proc {
             cmd.spawn()
                 .with_context(|| format!("starting {}", self.name))?,
         );
+        self.started_at = Instant::now();
         Ok(())
     }
 
     fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits until this child listens on every address it should. On Linux the listener
+    /// must be the child's own (`/proc`), so another program answering on the port does not
+    /// count; elsewhere a connection that is accepted does.
+    async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        for (what, addr) in self.listens.clone() {
+            loop {
+                let ours = if cfg!(target_os = "linux") {
+                    mqlb_lb::port::who_listens(addr).is_some_and(|h| h.pid == self.pid())
+                } else {
+                    accepts(addr).await
+                };
+                if ours {
+                    break;
+                }
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                    bail!("{what} exited ({status}) before listening on {addr}");
+                }
+                if Instant::now() > deadline {
+                    bail!("{what} not listening on {addr} after 30 s");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -73,82 +128,26 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
         bail!("nothing to start: the configuration has no [[broker]] and no [[rule]]");
     }
     let exe = std::env::current_exe().context("locating the mqlb executable")?;
-    let with = |sub: &str, id: Option<&str>| {
-        let mut a = vec![sub.to_string()];
-        a.extend(file_args.iter().cloned());
-        if let Some(id) = id {
-            a.extend(["--id".to_string(), id.to_string()]);
+    let mut procs = plan(&cfg, &file_args);
+    // Every port must be free before anything starts: a second `up` (or another program on a
+    // port) is refused here, naming the port and its holder, instead of half-starting.
+    for p in &procs {
+        for (what, addr) in &p.listens {
+            mqlb_lb::listener::ensure_free(*addr)
+                .with_context(|| format!("cannot start {what} on {addr}"))?;
         }
-        a
-    };
-    let mut procs = Vec::new();
-    for h in &cfg.ha.servers {
-        procs.push(Proc {
-            name: format!("haserver {}", h.id),
-            args: with("haserver", Some(&h.id)),
-            child: None,
-            restart,
-            died_at: None,
-        });
-    }
-    for b in &cfg.brokers {
-        procs.push(Proc {
-            name: format!("broker {}", b.id),
-            args: with("broker", Some(&b.id)),
-            child: None,
-            restart,
-            died_at: None,
-        });
-    }
-    if !cfg.rules.is_empty() {
-        procs.push(Proc {
-            name: "lb".into(),
-            args: with("lb", None),
-            child: None,
-            restart: false,
-            died_at: None,
-        });
     }
 
-    // Start in dependency order and wait for each group to be reachable.
+    // Start in dependency order (HA servers, brokers, LB) and wait for each to listen.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut checks: Vec<(String, SocketAddr)> = Vec::new();
-    checks.extend(
-        cfg.ha
-            .servers
-            .iter()
-            .map(|h| (format!("haserver {}", h.id), h.listen)),
-    );
-    checks.extend(
-        cfg.brokers
-            .iter()
-            .map(|b| (format!("broker {}", b.id), b.mqtt)),
-    );
-    checks.extend(
-        cfg.frontends
-            .iter()
-            .map(|f| (format!("lb frontend {}", f.name), f.bind)),
-    );
-    if !cfg.rules.is_empty() {
-        checks.push(("lb admin".into(), cfg.lb.admin));
-    }
-    for p in &mut procs {
-        p.spawn(&exe)?;
-        let prefix = p.name.clone();
-        for (what, addr) in checks.iter().filter(|(w, _)| w.starts_with(&prefix)) {
-            while !accepts(*addr).await {
-                if let Some(Ok(Some(status))) = p.child.as_mut().map(Child::try_wait) {
-                    stop_all(&mut procs, cfg.lb.shutdown_grace).await;
-                    bail!(
-                        "{what} exited ({status}) before listening on {addr}; is the port taken?"
-                    );
-                }
-                if Instant::now() > deadline {
-                    stop_all(&mut procs, cfg.lb.shutdown_grace).await;
-                    bail!("{what} not listening on {addr} after 30 s");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+    for i in 0..procs.len() {
+        let started = match procs[i].spawn(&exe) {
+            Ok(()) => procs[i].wait_ready(deadline).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
+            stop_all(&mut procs, cfg.lb.shutdown_grace).await;
+            return Err(e);
         }
     }
 
@@ -164,10 +163,12 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
     for f in &cfg.frontends {
         println!("  MQTT (3.1.1 and 5.0)   mqtt://{}", f.bind);
     }
-    if !cfg.rules.is_empty() {
+    if let Some(lb) = procs.iter().find(|p| p.name == "lb") {
         println!(
-            "  LB admin / metrics     http://{}/api/backends  http://{}/metrics",
-            cfg.lb.admin, cfg.lb.admin
+            "  LB admin / metrics     http://{}/api/backends  http://{}/metrics  pid {}",
+            cfg.lb.admin,
+            cfg.lb.admin,
+            lb.pid()
         );
     }
     for h in &cfg.ha.servers {
@@ -184,49 +185,94 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
             .unwrap_or_default();
         println!("  broker {:<15} MQTT {}{v5}  pid {}", b.id, b.mqtt, p.pid());
     }
-    println!("Simulate a failure: kill -9 <broker pid> (crash) or kill -STOP <pid> (hang; -CONT resumes).");
+    println!(
+        "Simulate a failure: kill -9 <pid> (crash) or kill -STOP <pid> (hang; -CONT resumes)."
+    );
     if restart {
-        println!(
-            "Crashed brokers and HA servers are restarted after 5 s. Ctrl-C stops everything."
-        );
+        println!("A process that crashes is started again after 1 s. Ctrl-C stops everything.");
     } else {
         println!("Ctrl-C stops everything.");
     }
 
-    // Supervise until Ctrl-C/SIGTERM or the LB's death.
+    // Supervise until Ctrl-C/SIGTERM: only that stops the topology, never a child's death.
     let stop = crate::wait_for_stop();
     tokio::pin!(stop);
-    let mut code = ExitCode::SUCCESS;
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        let mut lb_died = false;
         for p in &mut procs {
-            if let Some(Ok(Some(status))) = p.child.as_mut().map(Child::try_wait) {
-                p.child = None;
-                p.died_at = Some(Instant::now());
-                println!("mqlb up: {} exited ({status})", p.name);
-                lb_died |= !p.restart && p.name == "lb";
-            }
-            if p.child.is_none()
-                && p.restart
-                && p.died_at
-                    .is_some_and(|t| t.elapsed() > Duration::from_secs(5))
-            {
-                p.spawn(&exe)?;
-                p.died_at = None;
-                println!("mqlb up: restarted {} (pid {})", p.name, p.pid());
-            }
-        }
-        if lb_died {
-            code = ExitCode::FAILURE;
-            break;
+            supervise(p, &exe, restart);
         }
     }
     stop_all(&mut procs, cfg.lb.shutdown_grace).await;
-    Ok(code)
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The processes of a config, in start order, with what each listens on.
+fn plan(cfg: &Config, file_args: &[String]) -> Vec<Proc> {
+    let with = |sub: &str, id: Option<&str>| {
+        let mut a = vec![sub.to_string()];
+        a.extend(file_args.iter().cloned());
+        if let Some(id) = id {
+            a.extend(["--id".to_string(), id.to_string()]);
+        }
+        a
+    };
+    let mut procs = Vec::new();
+    for h in &cfg.ha.servers {
+        let name = format!("haserver {}", h.id);
+        let listens = vec![(name.clone(), h.listen)];
+        procs.push(Proc::new(name, with("haserver", Some(&h.id)), listens));
+    }
+    for b in &cfg.brokers {
+        let name = format!("broker {}", b.id);
+        let mut listens = vec![(format!("{name} MQTT"), b.mqtt)];
+        listens.extend(b.mqtt_v5.map(|a| (format!("{name} MQTT 5"), a)));
+        listens.extend(b.mesh.map(|a| (format!("{name} mesh"), a)));
+        listens.extend(b.http.map(|a| (format!("{name} http"), a)));
+        procs.push(Proc::new(name, with("broker", Some(&b.id)), listens));
+    }
+    if !cfg.rules.is_empty() {
+        let mut listens: Vec<(String, SocketAddr)> = mqlb_lb::reload::served_frontends(cfg)
+            .into_iter()
+            .map(|f| (format!("lb frontend {}", f.name), f.bind))
+            .collect();
+        listens.push(("lb admin".into(), cfg.lb.admin));
+        procs.push(Proc::new("lb".into(), with("lb", None), listens));
+    }
+    procs
+}
+
+/// Notices a child's exit and starts it again when its back-off delay has passed.
+fn supervise(p: &mut Proc, exe: &PathBuf, restart: bool) {
+    if let Some(Ok(Some(status))) = p.child.as_mut().map(Child::try_wait) {
+        p.child = None;
+        if restart {
+            let delay = restart_delay(p.delay, p.started_at.elapsed());
+            p.delay = Some(delay);
+            p.restart_at = Some(Instant::now() + delay);
+            println!(
+                "mqlb up: {} exited ({status}); starting it again in {delay:?}",
+                p.name
+            );
+        } else {
+            println!("mqlb up: {} exited ({status})", p.name);
+        }
+    }
+    if p.restart_at.is_some_and(|t| Instant::now() >= t) {
+        p.restart_at = None;
+        match p.spawn(exe) {
+            Ok(()) => println!("mqlb up: restarted {} (pid {})", p.name, p.pid()),
+            Err(e) => {
+                let delay = restart_delay(p.delay, Duration::ZERO);
+                p.delay = Some(delay);
+                p.restart_at = Some(Instant::now() + delay);
+                eprintln!("mqlb up: {e:#}; trying again in {delay:?}");
+            }
+        }
+    }
 }
 
 /// Stops the children in three stages — the LB (it drains its connections for up to its
@@ -269,5 +315,20 @@ async fn stop_all(procs: &mut [Proc], lb_grace: Duration) {
             }
             p.child = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_in_a_crash_loop_and_recover_after_a_good_run() {
+        let s = Duration::from_secs;
+        assert_eq!(restart_delay(None, s(0)), s(1));
+        assert_eq!(restart_delay(Some(s(1)), s(2)), s(2));
+        assert_eq!(restart_delay(Some(s(16)), s(2)), s(30));
+        assert_eq!(restart_delay(Some(s(30)), s(2)), s(30));
+        assert_eq!(restart_delay(Some(s(30)), s(61)), s(1));
     }
 }

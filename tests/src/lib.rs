@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod topology;
-pub use topology::Topology;
+pub mod up;
+pub use topology::{Topology, TopologyFile};
+pub use up::Up;
 
 use anyhow::{bail, Context};
 pub use rumqttc::QoS;

@@ -21,10 +21,12 @@ pub struct BrokerAddrs {
     pub http: SocketAddr,
 }
 
-/// A running topology. Dropping it kills every process.
-pub struct Topology {
-    _dir: TempDir,
-    pub config_file: PathBuf,
+/// The configuration file of a topology: an HA server, `n` brokers (b1..bn) and an LB with
+/// an MQTT client-ID rule, on free loopback ports, written to a scratch directory. What
+/// [`Topology`] starts process by process, and what `mqlb up -c` starts in one command.
+pub struct TopologyFile {
+    pub dir: TempDir,
+    pub path: PathBuf,
     /// The LB's MQTT frontend: where clients connect.
     pub front: SocketAddr,
     /// The LB's admin server.
@@ -32,29 +34,10 @@ pub struct Topology {
     /// The HA server.
     pub ha: SocketAddr,
     pub brokers: Vec<BrokerAddrs>,
-    procs: HashMap<String, Child>,
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-impl Topology {
-    /// Starts an HA server, `n` brokers (b1..bn) and the LB, and waits until the LB sees every
-    /// broker up.
-    pub async fn start(n: usize) -> anyhow::Result<Topology> {
-        let mut last = None;
-        // Ports picked free may be taken before a process binds them: try again.
-        for _ in 0..3 {
-            match Self::try_start(n).await {
-                Ok(t) => return Ok(t),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("topology did not start")))
-    }
-
-    async fn try_start(n: usize) -> anyhow::Result<Topology> {
+impl TopologyFile {
+    pub fn write(n: usize) -> anyhow::Result<TopologyFile> {
         let dir = TempDir::new("topology")?;
         let (front, admin, ha) = (
             loopback(free_port()?),
@@ -97,15 +80,61 @@ impl Topology {
              [[haserver]]\nid = \"ha1\"\nlisten = \"{ha}\"\ndb = \"{}\"\n",
             dir.path().join("ha.sqlite").display()
         );
-        let config_file = dir.path().join("mqlb.toml");
-        std::fs::write(&config_file, toml)?;
-        let mut t = Topology {
-            _dir: dir,
-            config_file,
+        let path = dir.path().join("mqlb.toml");
+        std::fs::write(&path, toml)?;
+        Ok(TopologyFile {
+            dir,
+            path,
             front,
             admin,
             ha,
             brokers,
+        })
+    }
+}
+
+/// A running topology. Dropping it kills every process.
+pub struct Topology {
+    _dir: TempDir,
+    pub config_file: PathBuf,
+    /// The LB's MQTT frontend: where clients connect.
+    pub front: SocketAddr,
+    /// The LB's admin server.
+    pub admin: SocketAddr,
+    /// The HA server.
+    pub ha: SocketAddr,
+    pub brokers: Vec<BrokerAddrs>,
+    procs: HashMap<String, Child>,
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Topology {
+    /// Starts an HA server, `n` brokers (b1..bn) and the LB, and waits until the LB sees every
+    /// broker up.
+    pub async fn start(n: usize) -> anyhow::Result<Topology> {
+        let mut last = None;
+        // Ports picked free may be taken before a process binds them: try again.
+        for _ in 0..3 {
+            match Self::try_start(n).await {
+                Ok(t) => return Ok(t),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("topology did not start")))
+    }
+
+    async fn try_start(n: usize) -> anyhow::Result<Topology> {
+        let f = TopologyFile::write(n)?;
+        let mut t = Topology {
+            _dir: f.dir,
+            config_file: f.path,
+            front: f.front,
+            admin: f.admin,
+            ha: f.ha,
+            brokers: f.brokers,
             procs: HashMap::new(),
         };
         t.spawn("ha1").await?;

@@ -324,99 +324,25 @@ async fn haserver_process_keeps_state_across_restarts() -> anyhow::Result<()> {
 /// pids, MQTT works through the LB, and Ctrl-C (SIGINT) stops them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_the_topology_and_ctrl_c_stops_it() -> anyhow::Result<()> {
-    let tmp = TempDir::new("cli-up")?;
-    let file = tmp.path().join("up.toml");
-    let p = |_: ()| -> anyhow::Result<u16> { free_port() };
-    let (front, admin, ha) = (p(())?, p(())?, p(())?);
-    let mut toml = format!(
-        "[lb]\nadmin = \"127.0.0.1:{admin}\"\nshutdown_grace = \"2s\"\nwatch_config = false\n\
-         [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{front}\"\n\
-         [[pool]]\nname = \"brokers\"\nprobe = \"m\"\ndiscovery = \"haserver\"\n"
-    );
-    let mut brokers = format!("[cluster]\nsecret = \"{}\"\n", mqlb_tests::TEST_SECRET);
-    for i in 1..=2 {
-        let (mqtt, mesh) = (p(())?, p(())?);
-        toml += &format!("[[pool.backend]]\nid = \"b{i}\"\naddr = \"127.0.0.1:{mqtt}\"\n");
-        brokers += &format!(
-            "[[broker]]\nid = \"b{i}\"\nmqtt = \"127.0.0.1:{mqtt}\"\nmesh = \"127.0.0.1:{mesh}\"\n"
-        );
-    }
-    toml += &format!(
-        "[[probe]]\nname = \"m\"\nprotocol = \"mqtt\"\nport = \"traffic\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n\
-         [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\ndistribution = \"mqtt-client-id\"\n\
-         {brokers}[[haserver]]\nid = \"ha1\"\nlisten = \"127.0.0.1:{ha}\"\ndb = \"{}\"\n",
-        tmp.path().join("ha.sqlite").display()
-    );
-    std::fs::write(&file, toml)?;
-    let mut up = KillOnDrop(
-        Command::new(mqlb_bin()?)
-            .args([
-                "up",
-                "-c",
-                file.to_str().unwrap_or_default(),
-                "--no-restart",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let stdout =
-        up.0.stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut summary = Vec::new();
-    while summary.len() < 6 {
-        let line = rx.recv_timeout(Duration::from_secs(30))?;
-        summary.push(line);
-    }
-    let text = summary.join("\n");
+    let file = mqlb_tests::TopologyFile::write(2)?;
+    let up = mqlb_tests::Up::start(&file.path, &["--no-restart"]).await?;
+    let text = up.output();
     assert!(text.contains("mqlb is up"), "{text}");
-    assert!(
-        text.contains(&format!("mqtt://127.0.0.1:{front}")),
-        "{text}"
-    );
-    let pids: Vec<String> = summary
+    assert!(text.contains(&format!("mqtt://{}", file.front)), "{text}");
+    let pids: Vec<u32> = ["lb", "b1", "b2"]
         .iter()
-        .filter(|l| l.contains("broker "))
-        .filter_map(|l| l.rsplit("pid ").next().map(str::to_string))
+        .filter_map(|n| up.pid(n))
         .collect();
-    assert_eq!(pids.len(), 2, "{text}");
+    assert_eq!(pids.len(), 3, "{text}");
 
-    let c =
-        mqlb_tests::Client::connect(SocketAddr::from(([127, 0, 0, 1], front)), "up-client").await?;
+    let c = mqlb_tests::Client::connect(file.front, "up-client").await?;
     c.disconnect().await;
 
-    Command::new("kill")
-        .args(["-INT", &up.0.id().to_string()])
-        .status()?;
-    let child = &mut up.0;
-    wait_until(
-        "mqlb up exits after Ctrl-C",
-        Duration::from_secs(30),
-        || {
-            let done = matches!(child.try_wait(), Ok(Some(_)));
-            async move { done }
-        },
-    )
-    .await?;
-    assert!(child.wait()?.success());
+    assert!(up.stop().await?, "mqlb up exits cleanly on Ctrl-C");
     for pid in pids {
-        let alive = Command::new("kill")
-            .args(["-0", &pid])
-            .stderr(Stdio::null())
-            .status()?
-            .success();
         assert!(
-            !alive,
-            "broker pid {pid} still running after mqlb up stopped"
+            !mqlb_tests::up::alive(pid),
+            "pid {pid} still running after mqlb up stopped"
         );
     }
     Ok(())

@@ -3,11 +3,16 @@
 //! port, the LB's death under `mqlb up`, the LB's own probe counted as a client, ...
 
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context;
+
 use mqlb_config::Config;
+use mqlb_lb::port::who_listens;
 use mqlb_lb::{Lb, Listeners, StartError};
-use mqlb_tests::{free_port, http, wait_until};
+use mqlb_tests::up::alive;
+use mqlb_tests::{free_port, http, mqlb_bin, wait_until, Client, TopologyFile, Up};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -138,5 +143,95 @@ async fn a_second_lb_on_a_taken_port_refuses_to_start() -> anyhow::Result<()> {
         assert_eq!(answer(front).await?, "hi");
     }
     first.shutdown().await;
+    Ok(())
+}
+
+/// Defect 1: `kill -9` of the LB made `mqlb up` stop every broker and the HA server and exit.
+/// Now the LB is restarted like any child, and the brokers live on untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqlb_up_restarts_a_killed_lb_and_keeps_the_brokers() -> anyhow::Result<()> {
+    let file = TopologyFile::write(2)?;
+    let mut up = Up::start(&file.path, &[]).await?;
+    let lb = up.pid("lb").context("the summary names the LB's pid")?;
+    assert_eq!(who_listens(file.front).map(|h| h.pid), Some(lb));
+    let brokers = [up.pid("b1"), up.pid("b2")];
+    let brokers: Vec<u32> = brokers.into_iter().flatten().collect();
+    assert_eq!(brokers.len(), 2, "{}", up.output());
+
+    Command::new("kill")
+        .args(["-KILL", &lb.to_string()])
+        .status()?;
+    let front = file.front;
+    wait_until(
+        "a new LB serves the frontend",
+        Duration::from_secs(20),
+        || async move { who_listens(front).is_some_and(|h| h.pid != lb) },
+    )
+    .await?;
+    assert!(up.is_running(), "mqlb up exited:\n{}", up.output());
+    for pid in &brokers {
+        assert!(
+            alive(*pid),
+            "broker pid {pid} was stopped:\n{}",
+            up.output()
+        );
+    }
+    let c = Client::connect(front, "after-the-lb-crash").await?;
+    c.disconnect().await;
+    assert!(up.stop().await?, "mqlb up exits cleanly on Ctrl-C");
+    for pid in &brokers {
+        assert!(!alive(*pid), "broker pid {pid} outlived mqlb up");
+    }
+    Ok(())
+}
+
+/// Defect 9 (`mqlb up`): a second `up` on the same file printed "mqlb is up" with pids that
+/// were already dead (its readiness check passed on the first one's ports); with another
+/// program on a port it blamed the wrong one. Now it starts nothing and names the port and
+/// its holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqlb_up_refuses_ports_that_are_taken_and_names_the_holder() -> anyhow::Result<()> {
+    let file = TopologyFile::write(1)?;
+    // Another program (this test) holds the LB's frontend port.
+    let squatter = std::net::TcpListener::bind(file.front)?;
+    let out = Command::new(mqlb_bin()?)
+        .args(["up", "-c"])
+        .arg(&file.path)
+        .stdin(Stdio::null())
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(!text.contains("mqlb is up"), "{text}");
+    let holder = format!(
+        "port {} is in use by pid {}",
+        file.front.port(),
+        std::process::id()
+    );
+    assert!(
+        text.contains(&holder),
+        "names the frontend's port and holder: {text}"
+    );
+    // Nothing was started: the HA server's port is still free.
+    assert!(std::net::TcpListener::bind(file.ha).is_ok(), "{text}");
+    drop(squatter);
+
+    let first = Up::start(&file.path, &[]).await?;
+    let second = Command::new(mqlb_bin()?)
+        .args(["up", "-c"])
+        .arg(&file.path)
+        .stdin(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&second.stderr).to_string();
+    assert!(
+        !second.status.success() && !String::from_utf8_lossy(&second.stdout).contains("mqlb is up")
+    );
+    assert!(text.contains("is in use by pid"), "{text}");
+    let c = Client::connect(file.front, "the-first-up-still-serves").await?;
+    c.disconnect().await;
+    assert!(first.stop().await?);
     Ok(())
 }
