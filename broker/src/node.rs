@@ -280,13 +280,16 @@ impl Node {
             mesh_addr,
             http: http_addr,
         };
-        // Ready when every MQTT listener accepts; a server that returned meanwhile failed.
-        let want: Vec<SocketAddr> = std::iter::once(n.mqtt).chain(n.mqtt_v5).collect();
+        // Ready when every MQTT listener answers a CONNECT (a bare TCP connect that hangs up
+        // made rumqttd log an error per listener); a server that returned meanwhile failed.
+        let want: Vec<(SocketAddr, u8)> = std::iter::once((n.mqtt, 4))
+            .chain(n.mqtt_v5.map(|a| (a, 5)))
+            .collect();
         let start = Instant::now();
         loop {
             let mut all = true;
-            for a in &want {
-                all &= TcpStream::connect(a).await.is_ok();
+            for (a, level) in &want {
+                all &= watchdog::self_check(*a, *level, &n.id).await;
             }
             if all {
                 break;

@@ -4,7 +4,9 @@
 //! rumqttd with that fixed (`vendor/rumqttd/PATCHED.md`); this watchdog stays as the second line
 //! for whatever else may stop a listener. The node checks its own listener with a real CONNECT
 //! every second and, after two failures in a row, replaces the rumqttd server (a fresh one has
-//! a fresh state); established connections are separate tasks and keep running.
+//! a fresh state); established connections are separate tasks and keep running. The check is a
+//! well-behaved client (whole CONNACK read, DISCONNECT, orderly close), so it leaves nothing in
+//! the broker's log; node start-up uses it as its readiness check too.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -23,41 +25,103 @@ use crate::metrics::Metrics;
 const EVERY: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A CONNECT for protocol `level` 4 (3.1.1) or 5 with a client ID used once.
-fn connect_packet(level: u8, node: &str) -> Vec<u8> {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let id = format!(
-        "mqlb-selfcheck-{node}-{}",
-        N.fetch_add(1, Ordering::Relaxed)
-    );
+/// MQTT's variable-length "remaining length" (MQTT-2.2.3, at most four bytes).
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// A CONNECT for protocol `level` 4 (3.1.1) or 5, clean session, keep alive 10 s, no will,
+/// with `client_id`.
+fn connect_packet(level: u8, client_id: &str) -> Vec<u8> {
     let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x0a];
     if level == 5 {
         body.push(0x00); // no properties
     }
+    // Client IDs come from the node's configured id, far below the 65 535 bytes MQTT allows.
+    let id = &client_id.as_bytes()[..client_id.len().min(u16::MAX as usize)];
     body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id.as_bytes());
-    let mut out = vec![0x10, body.len() as u8];
+    body.extend_from_slice(id);
+    let mut out = vec![0x10];
+    remaining_length(body.len(), &mut out);
     out.extend_from_slice(&body);
     out
 }
 
-/// One CONNECT → CONNACK round trip against the node's own listener.
-async fn self_check(addr: SocketAddr, level: u8, node: &str) -> bool {
+/// A fresh client ID per check: a check never takes over the session of a previous one.
+fn check_client_id(node: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "mqlb-selfcheck-{node}-{}",
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The largest CONNACK the check reads (rumqttd's carry a few properties).
+const MAX_CONNACK: usize = 4096;
+
+/// Reads one whole CONNACK; `true` if it accepted the connection (return/reason code 0).
+async fn read_connack(s: &mut TcpStream) -> std::io::Result<bool> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    if s.read_u8().await? != 0x20 {
+        return Err(bad("not a CONNACK"));
+    }
+    let mut len = 0usize;
+    for shift in [0, 7, 14, 21] {
+        let b = s.read_u8().await?;
+        len |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if shift == 21 {
+            return Err(bad("remaining length over four bytes"));
+        }
+    }
+    if !(2..=MAX_CONNACK).contains(&len) {
+        return Err(bad("CONNACK length out of range"));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    Ok(body[1] == 0)
+}
+
+/// One CONNECT → CONNACK round trip against the node's own listener, ended the way a
+/// well-behaved client ends it, so the broker has nothing to complain about: the whole CONNACK
+/// is read (unread bytes at close make the kernel send a reset), then DISCONNECT, then our half
+/// of the connection is closed and the broker's close awaited.
+pub(crate) async fn self_check(addr: SocketAddr, level: u8, node: &str) -> bool {
     let attempt = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(&connect_packet(level, node)).await.ok()?;
-        let mut first = [0u8; 1];
-        s.read_exact(&mut first).await.ok()?;
-        if first[0] != 0x20 {
-            return Some(false);
-        }
-        // A polite goodbye; the check already passed.
-        if let Err(e) = s.write_all(&[0xe0, 0x00]).await {
-            tracing::debug!(error = %e, "self-check DISCONNECT not sent");
-        }
-        Some(true)
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(&connect_packet(level, &check_client_id(node)))
+            .await?;
+        let accepted = read_connack(&mut s).await?;
+        s.write_all(&[0xe0, 0x00]).await?;
+        s.shutdown().await?;
+        // The broker closes after the DISCONNECT; anything it still sends is drained.
+        let mut rest = [0u8; 256];
+        while s.read(&mut rest).await? > 0 {}
+        Ok::<_, std::io::Error>(accepted)
     };
-    matches!(tokio::time::timeout(TIMEOUT, attempt).await, Ok(Some(true)))
+    match tokio::time::timeout(TIMEOUT, attempt).await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            tracing::debug!(%addr, error = %e, "self-check failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!(%addr, "self-check timed out");
+            false
+        }
+    }
 }
 
 /// Watches the server in `running` (made by `make`) and replaces it when it stops answering.
@@ -199,6 +263,22 @@ mod tests {
             stop,
             task,
         }
+    }
+
+    #[test]
+    fn connect_packets_are_well_formed_whatever_the_id_length() {
+        let short = connect_packet(4, "c1");
+        assert_eq!(short[..2], [0x10, 14], "one-byte remaining length");
+        assert_eq!(short.len(), 2 + 14);
+        let v5 = connect_packet(5, "c1");
+        assert_eq!(v5[1], 15, "v5 adds the empty property length");
+        assert_eq!(v5[8], 5);
+        // An id that takes the remaining length past 127 needs two bytes (200 + 12 = 212).
+        let long = connect_packet(4, &"x".repeat(200));
+        assert_eq!(long[..3], [0x10, 0xd4, 0x01]);
+        assert_eq!(long.len(), 3 + 212);
+        assert_eq!(long[3..13], [0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
+        assert_eq!(long[13..15], [0, 200]);
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use mqlb_tests::{metric, wait_until, Client, Client5, Cluster, QoS};
+use mqlb_tests::{free_port, metric, mqlb_bin, wait_until, Client, Client5, Cluster, QoS, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -593,4 +593,90 @@ async fn a_client_hanging_up_before_its_connack_does_not_poison_the_listener() -
     );
     assert_eq!(restarts, 0.0, "the listener never had to be replaced");
     Ok(())
+}
+
+/// Issue 14, item 7: an idle node is quiet at `RUST_LOG=info` too. Its own once-a-second
+/// listener self-checks (a CONNECT to each of its two listeners) used to log eight lines a
+/// second, half of them ERROR. Runs `mqlb broker` for four watchdog periods and counts.
+#[test]
+fn an_idle_node_logs_next_to_nothing_at_info() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    use std::time::Instant;
+
+    let dir = TempDir::new("quiet-node")?;
+    let cfg = dir.path().join("mqlb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[cluster]\nsecret = \"mqlb-test-secret-not-the-example\"\n\
+             [[broker]]\nid = \"q1\"\nmqtt = \"127.0.0.1:{}\"\nmqtt_v5 = \"127.0.0.1:{}\"\n\
+             mesh = \"127.0.0.1:{}\"\n",
+            free_port()?,
+            free_port()?,
+            free_port()?
+        ),
+    )?;
+    let mut child = std::process::Command::new(mqlb_bin()?)
+        .args(["broker", "--id", "q1", "-c"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let result = (|| -> anyhow::Result<()> {
+        // Started: from here on it is idle.
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines.recv_timeout(left)?;
+            if line.contains("broker node started") {
+                break;
+            }
+        }
+        const WINDOW: Duration = Duration::from_secs(4);
+        let end = Instant::now() + WINDOW;
+        let mut seen = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                Err(e) => anyhow::bail!("the node's stderr closed: {e}"),
+            }
+        }
+        let count = |level: &str| seen.iter().filter(|l| l.contains(level)).count();
+        eprintln!(
+            "idle node, {WINDOW:?} at RUST_LOG=info: {} lines ({} ERROR, {} WARN, {} INFO)",
+            seen.len(),
+            count(" ERROR "),
+            count(" WARN "),
+            count(" INFO ")
+        );
+        for l in seen.iter().take(12) {
+            eprintln!("  {l}");
+        }
+        anyhow::ensure!(count(" ERROR ") == 0, "ERROR lines from an idle node");
+        anyhow::ensure!(seen.len() <= 2, "{} lines from an idle node", seen.len());
+        Ok(())
+    })();
+    if let Err(e) = child.kill() {
+        eprintln!("killing the node: {e}");
+    }
+    child.wait()?;
+    result
 }

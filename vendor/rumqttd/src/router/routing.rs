@@ -359,7 +359,8 @@ impl Router {
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
         self.connection_map.insert(client_id.clone(), connection_id);
-        info!(connection_id, "Client connection registered");
+        // mqlb patch (quiet routine connections): per-connection lifecycle at debug.
+        debug!(connection_id, "Client connection registered");
 
         assert_eq!(self.ackslog.insert(ackslog), connection_id);
         assert_eq!(self.scheduler.add(tracker), connection_id);
@@ -413,7 +414,9 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // mqlb patch (quiet routine connections): the second report of one ending,
+                // which every client that sends DISCONNECT and then closes causes (see above).
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -427,7 +430,8 @@ impl Router {
         //     self.handle_last_will(id);
         // }
 
-        info!("Disconnecting connection");
+        // mqlb patch (quiet routine connections): per-connection lifecycle at debug.
+        debug!("Disconnecting connection");
 
         if let Some(reason_code) = reason {
             let outgoing = match self.obufs.get_mut(id) {

@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -408,7 +408,9 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            info!(
+            // mqlb patch (quiet routine connections): one line per accepted socket flooded
+            // `RUST_LOG=info` with health checks; debug keeps it for who wants it.
+            debug!(
                 name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
             );
 
@@ -508,6 +510,14 @@ async fn remote<P: Protocol>(
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
+        // mqlb patch (quiet routine connections): a peer that closes before sending anything
+        // is a TCP health check or a port scan, not a broker error.
+        Err(remote::Error::Network(network::Error::Io(e)))
+            if e.kind() == io::ErrorKind::ConnectionAborted =>
+        {
+            debug!(error=?e, "closed before an MQTT connect packet");
+            return;
+        }
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
             return;
@@ -583,6 +593,13 @@ async fn remote<P: Protocol>(
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
+        // mqlb patch (quiet routine connections): the router drops the link when it ends the
+        // connection itself, which it does for every client that sends DISCONNECT (the
+        // router logs the disconnection); not an error of its own.
+        Err(remote::Error::Link(local::LinkError::Recv(e))) => {
+            debug!(error=?e, "router-drop");
+            send_disconnect = false;
+        }
         Err(remote::Error::Link(e)) => {
             error!(error=?e, "router-drop");
             send_disconnect = false;
@@ -591,7 +608,8 @@ async fn remote<P: Protocol>(
         Err(remote::Error::Network(network::Error::Io(err)) | remote::Error::Io(err))
             if err.kind() == io::ErrorKind::ConnectionAborted =>
         {
-            info!(error=?err, "disconnected");
+            // mqlb patch (quiet routine connections): a clean close, logged at debug.
+            debug!(error=?err, "disconnected");
         }
         // Any other error
         Err(e) => {
