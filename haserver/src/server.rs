@@ -415,7 +415,8 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Res {
 }
 
 /// A request the database failed: 503 with the store's error as it is (it names the database
-/// already; a second prefix made "database: database: …"). Logged, but at most once per `LOG_EVERY` with the count of those left out.
+/// already; a second prefix made "database: database: …"). Logged at most once per
+/// `LOG_EVERY`, with the count of those left out.
 fn store_error(shared: &Shared, e: StoreError) -> Res {
     if let Some(suppressed) = lock(&shared.logs).request.admit(Instant::now()) {
         tracing::error!(error = %e, suppressed, "request failed");
