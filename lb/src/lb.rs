@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use mqlb_config::{Config, ConfigError, Distribution, Frontend, Probe};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::metrics::Metrics;
 use crate::reload::{self, plan_listeners};
 use crate::snapshot::{RuleRt, Snapshot};
-use crate::state::{lock, BackendState, ConnRegistry, Listening};
+use crate::state::{lock, BackendState, ConnRegistry, Listening, OwnProbes};
 use crate::workers::Workers;
 use crate::{admin, listener, probe};
 use mqlb_haserver::model::ClusterView;
@@ -31,6 +32,8 @@ pub(crate) struct Shared {
     pub conns: ConnRegistry,
     /// Frontends with a running accept loop (`/healthz`).
     pub listening: Listening,
+    /// Source addresses of the data-path probe's connections in flight.
+    pub own_probes: OwnProbes,
     /// Connection tasks, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Fired when shutdown begins: accept loops, probes and watchers stop.
@@ -197,6 +200,7 @@ impl Lb {
             metrics,
             conns: ConnRegistry::default(),
             listening: Listening::default(),
+            own_probes: OwnProbes::default(),
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
             hard_stop: AtomicBool::new(false),
@@ -537,7 +541,7 @@ impl Lb {
                 continue;
             };
             tokio::spawn(data_path_probe(
-                self.inner.shared.metrics.clone(),
+                self.inner.shared.clone(),
                 rule.clone(),
                 addr,
                 control.data_path.clone(),
@@ -583,12 +587,37 @@ impl Lb {
     }
 }
 
+/// Connects to a frontend from a source address registered in `own_probes` before the
+/// connection exists, so the proxy knows it for the LB's own whenever it accepts it. The
+/// address stays registered while the guard lives: keep it until the proxy has answered.
+async fn own_connect(
+    shared: &Shared,
+    frontend: SocketAddr,
+) -> std::io::Result<(crate::state::OwnProbeGuard, TcpStream)> {
+    // A wildcard frontend is reached on loopback; the source is then the same loopback address
+    // (the peer address the accept loop sees is exactly the one registered).
+    let ip = match frontend.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let socket = match ip {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    let own = shared.own_probes.add(socket.local_addr()?);
+    let s = socket.connect(SocketAddr::new(ip, frontend.port())).await?;
+    Ok((own, s))
+}
+
 async fn data_path_probe(
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
     rule: Arc<RuleRt>,
     frontend: SocketAddr,
     stop: CancellationToken,
 ) {
+    let metrics = &shared.metrics;
     let gauge = metrics.data_path_up.with_label_values(&[&rule.cfg.name]);
     let probe = &rule.pool.cfg.probe;
     let client_prefix = format!("mqlb-datapath-{}", rule.cfg.name);
@@ -600,18 +629,24 @@ async fn data_path_probe(
             _ = ticker.tick() => {}
         }
         let attempt = async {
-            let s = TcpStream::connect(frontend).await.ok()?;
+            let (_own, mut s) = own_connect(&shared, frontend).await.ok()?;
             if rule.cfg.distribution == Distribution::MqttClientId {
                 // The same CONNECT → CONNACK as the mqtt probe, through the LB to a broker.
                 Some(probe::mqtt_handshake(s, &client_prefix).await.is_ok())
             } else {
-                // Raw TCP: the frontend accepts and the rule has a backend to send to. (This
-                // task is restarted with every snapshot, so `rule` is the current one.)
+                // Raw TCP: the connection is accepted and closed by the proxy, which knows it
+                // for the probe's (a backend gets no empty connection every interval), and the
+                // rule has a backend to send to. (This task is restarted with every snapshot,
+                // so `rule` is the current one.)
+                let mut byte = [0u8; 1];
+                let closed = matches!(s.read(&mut byte).await, Ok(0));
                 Some(
-                    rule.pool
-                        .members
-                        .iter()
-                        .any(|m| m.state.is_up() && !m.state.is_draining()),
+                    closed
+                        && rule
+                            .pool
+                            .members
+                            .iter()
+                            .any(|m| m.state.is_up() && !m.state.is_draining()),
                 )
             }
         };

@@ -171,6 +171,9 @@ pub(crate) fn handle(
     local: SocketAddr,
     set_options: bool,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    // The LB's own data-path probe: served like a client, counted as nothing.
+    let client_traffic = !shared.own_probes.contains(peer);
+    let rule_is_raw = rule.cfg.distribution != Distribution::MqttClientId;
     let connect = Box::pin(establish(
         shared.clone(),
         rule,
@@ -178,11 +181,30 @@ pub(crate) fn handle(
         peer,
         local,
         set_options,
+        client_traffic,
     ));
+    // Its raw-TCP form only checks that the frontend accepts: closed here, no backend bothered.
+    let probe_only = !client_traffic && rule_is_raw;
     async move {
-        let Some((client, server, info)) = connect.await else {
+        if probe_only {
+            return;
+        }
+        let Some((mut client, mut server, info)) = connect.await else {
             return;
         };
+        if !client_traffic {
+            let limit = info.rule.pool.cfg.probe.timeout;
+            // The probe hangs up after its CONNACK; a broken one is cut at its own timeout.
+            if let Ok(Err(e)) = tokio::time::timeout(
+                limit,
+                tokio::io::copy_bidirectional(&mut client, &mut server),
+            )
+            .await
+            {
+                tracing::debug!(error = %e, "data-path probe connection ended with an error");
+            }
+            return;
+        }
         let cfg = &info.rule.cfg;
         let member = &info.rule.pool.members[info.member];
         member.state.conn_opened();
@@ -207,13 +229,18 @@ async fn establish(
     peer: SocketAddr,
     local: SocketAddr,
     set_options: bool,
+    client_traffic: bool,
 ) -> Option<(TcpStream, TcpStream, Arc<ConnInfo>)> {
     if set_options {
         set_socket_options(&client);
     }
     let (shared, rule) = (&*shared, &rule);
     let cfg = &rule.cfg;
-    let m = &shared.metrics;
+    let tally = Tally {
+        shared,
+        rule,
+        client_traffic,
+    };
 
     // 1. Decide the key: inspect the CONNECT for client-ID rules.
     let mut inspected = Inspected {
@@ -248,17 +275,13 @@ async fn establish(
             }
             Err(fail) => {
                 tracing::debug!(rule = cfg.name, %peer, reason = fail.reason(), error = %fail, "closing: unusable CONNECT");
-                m.mqtt_connect_errors_total
-                    .with_label_values(&[&cfg.name, fail.reason()])
-                    .inc();
-                finish(shared, cfg, "", Outcome::Rejected);
+                tally.connect_error(fail.reason());
+                tally.end(Outcome::Rejected);
                 return None;
             }
         };
         if let Some(reason) = fallback_reason {
-            m.mqtt_connect_errors_total
-                .with_label_values(&[&cfg.name, reason])
-                .inc();
+            tally.connect_error(reason);
             match cfg.fallback {
                 Fallback::FiveTuple => fallback = Some("fallback-five-tuple"),
                 Fallback::Reject => {
@@ -271,19 +294,13 @@ async fn establish(
                             .await;
                         }
                     }
-                    finish(shared, cfg, "", Outcome::Rejected);
+                    tally.end(Outcome::Rejected);
                     return None;
                 }
             }
         }
     }
-    match fallback {
-        None => rule.routed(m).inc(),
-        Some(method) => m
-            .route_decisions_total
-            .with_label_values(&[&cfg.name, method])
-            .inc(),
-    }
+    tally.routed(fallback);
     let order = match &inspected.client_id {
         Some(id) => rule.pool.order(cfg.distribution, &Key::ClientId(id)),
         None => rule
@@ -295,7 +312,7 @@ async fn establish(
         if let Some(level) = inspected.level {
             write_best_effort(&mut client, mqtt::connack_refusal(level)).await;
         }
-        finish(shared, cfg, "", Outcome::NoBackend);
+        tally.end(Outcome::NoBackend);
         return None;
     }
 
@@ -311,15 +328,15 @@ async fn establish(
                 backend = Some((idx, addr, s));
                 break;
             }
-            Ok(Err(e)) => passive_failure(shared, rule, member, addr, &e.to_string()),
-            Err(_) => passive_failure(shared, rule, member, addr, "connect timeout"),
+            Ok(Err(e)) => tally.connect_failed(member, addr, &e.to_string()),
+            Err(_) => tally.connect_failed(member, addr, "connect timeout"),
         }
     }
     let Some((idx, backend_addr, server)) = backend else {
         if let Some(level) = inspected.level {
             write_best_effort(&mut client, mqtt::connack_refusal(level)).await;
         }
-        finish(shared, cfg, "", Outcome::ConnectFailed);
+        tally.end(Outcome::ConnectFailed);
         return None;
     };
     let info = Arc::new(ConnInfo::new(
@@ -370,30 +387,73 @@ async fn connect_and_replay(addr: SocketAddr, replay: &[u8]) -> std::io::Result<
     Ok(stream)
 }
 
-/// A client-traffic connect failure: counted against the backend (passive health).
-fn passive_failure(shared: &Shared, rule: &RuleRt, member: &Member, addr: SocketAddr, why: &str) {
-    let pool = &rule.pool.cfg;
-    tracing::debug!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend connect failed");
-    shared
-        .metrics
-        .passive_failures_total
-        .with_label_values(&[&pool.name, &member.cfg.id])
-        .inc();
-    if shared
-        .observe_health(&member.state, false, &pool.probe)
-        .is_some()
-    {
-        tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");
-        shared
-            .metrics
-            .backend_up
-            .with_label_values(&[&pool.name, &member.cfg.id])
-            .set(0);
-    }
+/// Where the connect phase counts what happens: the metrics and the backends' passive health
+/// for client traffic; nowhere for the LB's own data-path probe, which must neither inflate
+/// the client counts nor count against `down_threshold` beside the real probe.
+#[derive(Clone, Copy)]
+struct Tally<'a> {
+    shared: &'a Shared,
+    rule: &'a RuleRt,
+    client_traffic: bool,
 }
 
-fn finish(shared: &Shared, cfg: &Rule, backend: &str, outcome: Outcome) {
-    count_end(&shared.metrics, cfg, backend, outcome);
+impl Tally<'_> {
+    fn connect_error(&self, reason: &str) {
+        if self.client_traffic {
+            self.shared
+                .metrics
+                .mqtt_connect_errors_total
+                .with_label_values(&[&self.rule.cfg.name, reason])
+                .inc();
+        }
+    }
+
+    /// The routing decision: the rule's distribution, or the fallback method it fell to.
+    fn routed(&self, fallback: Option<&str>) {
+        if !self.client_traffic {
+            return;
+        }
+        let m = &self.shared.metrics;
+        match fallback {
+            None => self.rule.routed(m).inc(),
+            Some(method) => m
+                .route_decisions_total
+                .with_label_values(&[&self.rule.cfg.name, method])
+                .inc(),
+        }
+    }
+
+    /// A connection that ended before it reached a backend.
+    fn end(&self, outcome: Outcome) {
+        if self.client_traffic {
+            count_end(&self.shared.metrics, &self.rule.cfg, "", outcome);
+        }
+    }
+
+    /// A connect to a backend failed: counted against it (passive health).
+    fn connect_failed(&self, member: &Member, addr: SocketAddr, why: &str) {
+        let (shared, pool) = (self.shared, &self.rule.pool.cfg);
+        tracing::debug!(pool = pool.name, backend = member.cfg.id, %addr, why, own_probe = !self.client_traffic, "backend connect failed");
+        if !self.client_traffic {
+            return;
+        }
+        shared
+            .metrics
+            .passive_failures_total
+            .with_label_values(&[&pool.name, &member.cfg.id])
+            .inc();
+        if shared
+            .observe_health(&member.state, false, &pool.probe)
+            .is_some()
+        {
+            tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");
+            shared
+                .metrics
+                .backend_up
+                .with_label_values(&[&pool.name, &member.cfg.id])
+                .set(0);
+        }
+    }
 }
 
 /// `mqlb_connections_total` by label lookup: every outcome but the common one, which

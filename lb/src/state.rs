@@ -281,6 +281,46 @@ impl Drop for ListeningGuard {
     }
 }
 
+/// Source addresses of the LB's own data-path probe connections, which go through a frontend
+/// like a client but are not client traffic: not counted, never a passive health failure. A
+/// lock-free lookup per accepted connection (the set is written once per probe round).
+#[derive(Default)]
+pub struct OwnProbes(Arc<arc_swap::ArcSwap<Vec<SocketAddr>>>);
+
+/// Keeps one source address in [`OwnProbes`] until dropped.
+pub struct OwnProbeGuard {
+    set: Arc<arc_swap::ArcSwap<Vec<SocketAddr>>>,
+    addr: SocketAddr,
+}
+
+impl OwnProbes {
+    pub fn add(&self, addr: SocketAddr) -> OwnProbeGuard {
+        self.0.rcu(|v| {
+            let mut v = Vec::clone(v);
+            v.push(addr);
+            v
+        });
+        OwnProbeGuard {
+            set: self.0.clone(),
+            addr,
+        }
+    }
+
+    pub fn contains(&self, peer: SocketAddr) -> bool {
+        self.0.load().contains(&peer)
+    }
+}
+
+impl Drop for OwnProbeGuard {
+    fn drop(&mut self) {
+        self.set.rcu(|v| {
+            let mut v = Vec::clone(v);
+            v.retain(|a| *a != self.addr);
+            v
+        });
+    }
+}
+
 const SHARDS: usize = 16;
 
 /// Live connections, sharded so that opening and closing connections on different cores do
@@ -443,5 +483,20 @@ mod tests {
         assert!(l.missing(["a", "b"]).is_empty());
         drop(a2);
         assert_eq!(l.missing(["a", "b"]), vec!["a"]);
+    }
+
+    #[test]
+    fn own_probe_addresses_are_known_while_their_guard_lives() {
+        let probes = OwnProbes::default();
+        let (a, b) = (
+            "127.0.0.1:5000".parse().expect("addr"),
+            "127.0.0.1:5001".parse().expect("addr"),
+        );
+        let ga = probes.add(a);
+        let gb = probes.add(b);
+        drop(ga);
+        assert!(!probes.contains(a) && probes.contains(b));
+        drop(gb);
+        assert!(!probes.contains(b));
     }
 }

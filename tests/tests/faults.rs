@@ -12,7 +12,10 @@ use mqlb_config::Config;
 use mqlb_lb::port::who_listens;
 use mqlb_lb::{Lb, Listeners, StartError};
 use mqlb_tests::up::alive;
-use mqlb_tests::{free_port, http, mqlb_bin, wait_until, Client, TopologyFile, Up};
+use mqlb_tests::{
+    backend_state, free_port, http, metric, mqlb_bin, wait_until, Client, Mosquitto, TopologyFile,
+    Up,
+};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -233,5 +236,75 @@ async fn mqlb_up_refuses_ports_that_are_taken_and_names_the_holder() -> anyhow::
     let c = Client::connect(file.front, "the-first-up-still-serves").await?;
     c.disconnect().await;
     assert!(first.stop().await?);
+    Ok(())
+}
+
+/// Defect 4: the LB's own data-path probe went through the proxy like a client: it was
+/// counted in `mqlb_connections_total` and the route counters, and its failed connects counted
+/// against `down_threshold` (a backend went down after one real probe failure). Now it is the
+/// LB's own: not client traffic, never a passive failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_path_probe_is_not_client_traffic() -> anyhow::Result<()> {
+    let mut broker = Mosquitto::start().await?;
+    let toml = format!(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+         [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+         [[pool]]\nname = \"p\"\nprobe = \"m\"\n[[pool.backend]]\nid = \"b1\"\naddr = \"{}\"\n\
+         [[probe]]\nname = \"m\"\nprotocol = \"mqtt\"\nport = \"traffic\"\ninterval = \"300ms\"\n\
+         timeout = \"250ms\"\nup_threshold = 1\ndown_threshold = 3\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"mqtt\"\npool = \"p\"\ndistribution = \"mqtt-client-id\"\n",
+        broker.addr()
+    );
+    let lb = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+    let m = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let lb = lb.clone();
+        move || metric(&lb.metrics_text(), name, labels)
+    };
+    let data_path_up = m("mqlb_data_path_up", &[("rule", "r")]);
+    wait_until("the data path probe succeeds", DEADLINE, || {
+        let up = data_path_up();
+        async move { up == 1.0 }
+    })
+    .await?;
+    let probes = m("mqlb_probes_total", &[("backend", "b1")]);
+    let started = probes();
+    wait_until("four more probe rounds", DEADLINE, || {
+        let n = probes();
+        async move { n >= started + 4.0 }
+    })
+    .await?;
+    let text = lb.metrics_text();
+    for series in ["mqlb_connections_total", "mqlb_route_decisions_total"] {
+        assert_eq!(
+            metric(&text, series, &[]),
+            0.0,
+            "{series} counts no client:\n{text}"
+        );
+    }
+
+    broker.kill();
+    wait_until("b1 goes down", DEADLINE, || async {
+        backend_state(lb.admin_addr(), "b1")
+            .await
+            .is_ok_and(|s| s == "down")
+    })
+    .await?;
+    let text = lb.metrics_text();
+    let failed = metric(&text, "mqlb_probes_total", &[("backend", "b1")])
+        - metric(
+            &text,
+            "mqlb_probes_total",
+            &[("backend", "b1"), ("result", "ok")],
+        );
+    assert!(
+        failed >= 3.0,
+        "down after {failed} failed probes, want down_threshold = 3:\n{text}"
+    );
+    let passive = metric(&text, "mqlb_backend_connect_failures_total", &[]);
+    assert_eq!(
+        passive, 0.0,
+        "no client connected, so no passive failure:\n{text}"
+    );
+    lb.shutdown().await;
     Ok(())
 }
