@@ -185,12 +185,22 @@ impl Distribution {
     }
 }
 
-/// What an `mqtt-client-id` rule does with a connection that has no usable client ID
-/// (empty ID, or bytes that are not MQTT).
+/// What an `mqtt-client-id` rule does with a CONNECT whose client ID is empty (the server is to
+/// assign one, so there is nothing to hash).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Fallback {
     FiveTuple,
     Reject,
+}
+
+/// What an `mqtt-client-id` rule does with a connection whose first bytes are not MQTT (HTTP, a
+/// TLS ClientHello, random bytes, a PUBLISH before any CONNECT). Refused unless the rule says
+/// otherwise: a broker must not be fed what no MQTT client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NonMqtt {
+    Refuse,
+    /// Forwarded, hashed on the five-tuple (a frontend that also carries another protocol).
+    Forward,
 }
 
 /// Azure's load-balancing rule: frontend → pool, with distribution and timeouts.
@@ -212,6 +222,7 @@ pub struct Rule {
     /// Bytes the LB buffers at most while looking for the client ID.
     pub inspect_max_bytes: u32,
     pub fallback: Fallback,
+    pub non_mqtt: NonMqtt,
     /// Close live connections to a backend when its probe marks it down (Azure keeps them).
     pub close_on_backend_down: bool,
     /// The longest MQTT keep-alive clients are expected to use; the idle timeout must exceed

@@ -149,6 +149,7 @@ pub struct RawRule {
     pub inspect_timeout: Option<String>,
     pub inspect_max_bytes: Option<u32>,
     pub fallback: Option<String>,
+    pub non_mqtt: Option<String>,
     pub close_on_backend_down: Option<bool>,
     pub mqtt_keep_alive: Option<String>,
 }

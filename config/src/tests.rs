@@ -37,11 +37,23 @@ fn minimal_file_gets_azure_defaults() {
     assert_eq!(rule.distribution, Distribution::FiveTuple);
     assert_eq!(rule.idle_timeout, Duration::from_secs(240));
     assert_eq!(rule.fallback, Fallback::FiveTuple);
+    assert_eq!(rule.non_mqtt, NonMqtt::Refuse);
     assert_eq!(c.lb.admin.to_string(), "127.0.0.1:9883");
     assert_eq!(
         pool.probe.target(&pool.backends[0]).to_string(),
         "127.0.0.1:8883"
     );
+}
+
+#[test]
+fn non_mqtt_is_refused_or_forwarded() {
+    let with =
+        |v: &str| format!("{MINIMAL}distribution = \"mqtt-client-id\"\nnon_mqtt = \"{v}\"\n");
+    let c = Config::parse(&with("forward"), "t.toml").expect("valid");
+    assert_eq!(c.rules[0].non_mqtt, NonMqtt::Forward);
+    let p = problems(&with("pass"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "rule[0].non_mqtt");
 }
 
 #[test]

@@ -299,6 +299,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 Fallback::FiveTuple
             }
         };
+        let non_mqtt = match r.non_mqtt.as_deref() {
+            None | Some("refuse") => NonMqtt::Refuse,
+            Some("forward") => NonMqtt::Forward,
+            Some(s) => {
+                c.error(
+                    format!("{k}.non_mqtt"),
+                    format!("unknown non_mqtt {s:?}: expected refuse or forward"),
+                );
+                NonMqtt::Refuse
+            }
+        };
         let inspect_max_bytes = r.inspect_max_bytes.unwrap_or(DEFAULT_INSPECT_MAX_BYTES);
         if !(16..=MAX_INSPECT_MAX_BYTES).contains(&inspect_max_bytes) {
             c.error(
@@ -334,6 +345,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             ),
             inspect_max_bytes,
             fallback,
+            non_mqtt,
             close_on_backend_down: r.close_on_backend_down.unwrap_or(false),
             mqtt_keep_alive: c.duration(
                 &format!("{k}.mqtt_keep_alive"),

@@ -7,14 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqlb_config::{Distribution, Fallback, Rule};
+use mqlb_config::{Distribution, Fallback, NonMqtt, Rule};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::lb::Shared;
 use crate::metrics::Metrics;
-use crate::mqtt::{self, parse_connect, ConnectError, ProtocolLevel};
+use crate::mqtt::{self, parse_connect, ConnectError, ProtocolLevel, Refusal};
 use crate::relay::Relay;
 use crate::select::Key;
 use crate::snapshot::{Member, RuleRt};
@@ -71,10 +71,12 @@ struct Inspected {
 /// Why the inspection gave up; the `reason` label of `mqlb_mqtt_connect_errors_total`.
 #[derive(Debug, thiserror::Error)]
 enum InspectFail {
-    #[error(transparent)]
-    Parse(ConnectError),
-    #[error("no CONNECT within the inspect byte limit")]
-    Oversized,
+    /// A CONNECT the LB must refuse (the level, once it was read).
+    #[error("{0}")]
+    Parse(ConnectError, Option<ProtocolLevel>),
+    /// The client ID had not ended within the limit (the level, once it was read).
+    #[error("no client ID within the inspect byte limit")]
+    Oversized(Option<ProtocolLevel>),
     #[error("no CONNECT within the inspect timeout")]
     Timeout,
     #[error("client closed before its CONNECT was complete")]
@@ -84,10 +86,28 @@ enum InspectFail {
 }
 
 impl InspectFail {
+    /// What the client is told before the close, if its version has a word for it.
+    fn refusal(&self) -> Option<&'static [u8]> {
+        let (level, why) = match self {
+            InspectFail::Parse(ConnectError::UnsupportedLevel(_), _) => {
+                (ProtocolLevel::V311, Refusal::UnsupportedVersion)
+            }
+            InspectFail::Parse(ConnectError::Malformed(_), level) => {
+                ((*level)?, Refusal::Malformed)
+            }
+            InspectFail::Parse(ConnectError::Protocol(_), level) => {
+                ((*level)?, Refusal::ProtocolError)
+            }
+            InspectFail::Oversized(level) => ((*level)?, Refusal::PacketTooLarge),
+            _ => return None,
+        };
+        mqtt::connack(level, why)
+    }
+
     fn reason(&self) -> &'static str {
         match self {
-            InspectFail::Parse(e) => e.reason(),
-            InspectFail::Oversized => "oversized",
+            InspectFail::Parse(e, _) => e.reason(),
+            InspectFail::Oversized(_) => "oversized",
             InspectFail::Timeout => "timeout",
             InspectFail::Eof => "eof",
             InspectFail::Io(_) => "io_error",
@@ -115,10 +135,12 @@ async fn read_connect(
         buf.extend_from_slice(&chunk[..n]);
         match parse_connect(&buf) {
             Ok(Some(c)) => return Ok((buf, Ok(c))),
-            Ok(None) if buf.len() >= max_bytes => return Err(InspectFail::Oversized),
+            Ok(None) if buf.len() >= max_bytes => {
+                return Err(InspectFail::Oversized(mqtt::level_of(&buf)))
+            }
             Ok(None) => {}
             Err(e @ ConnectError::NotMqtt(_)) => return Ok((buf, Err(e))),
-            Err(e) => return Err(InspectFail::Parse(e)),
+            Err(e) => return Err(InspectFail::Parse(e, mqtt::level_of(&buf))),
         }
     }
 }
@@ -257,46 +279,46 @@ async fn establish(
         )
         .await
         .unwrap_or(Err(InspectFail::Timeout));
-        let fallback_reason = match read {
+        match read {
             Ok((buf, Ok(c))) => {
                 inspected.buffered = buf;
                 inspected.level = Some(c.level);
                 if c.client_id.is_empty() {
-                    Some("empty_client_id")
+                    tally.connect_error("empty_client_id");
+                    match cfg.fallback {
+                        Fallback::FiveTuple => fallback = Some("fallback-five-tuple"),
+                        Fallback::Reject => {
+                            let no = mqtt::connack(c.level, Refusal::IdentifierRejected);
+                            refuse(&mut client, no).await;
+                            tally.end(Outcome::Rejected);
+                            return None;
+                        }
+                    }
                 } else {
                     inspected.client_id = Some(c.client_id);
-                    None
                 }
             }
             Ok((buf, Err(e))) => {
-                inspected.buffered = buf;
                 tracing::debug!(rule = cfg.name, %peer, error = %e, "first bytes are not MQTT");
-                Some(e.reason())
+                tally.connect_error(e.reason());
+                match cfg.non_mqtt {
+                    NonMqtt::Forward => {
+                        inspected.buffered = buf;
+                        fallback = Some("non-mqtt-five-tuple");
+                    }
+                    NonMqtt::Refuse => {
+                        refuse(&mut client, None).await;
+                        tally.end(Outcome::Rejected);
+                        return None;
+                    }
+                }
             }
             Err(fail) => {
-                tracing::debug!(rule = cfg.name, %peer, reason = fail.reason(), error = %fail, "closing: unusable CONNECT");
+                tracing::debug!(rule = cfg.name, %peer, reason = fail.reason(), error = %fail, "refusing: unusable CONNECT");
                 tally.connect_error(fail.reason());
+                refuse(&mut client, fail.refusal()).await;
                 tally.end(Outcome::Rejected);
                 return None;
-            }
-        };
-        if let Some(reason) = fallback_reason {
-            tally.connect_error(reason);
-            match cfg.fallback {
-                Fallback::FiveTuple => fallback = Some("fallback-five-tuple"),
-                Fallback::Reject => {
-                    if reason == "empty_client_id" {
-                        if let Some(level) = inspected.level {
-                            write_best_effort(
-                                &mut client,
-                                mqtt::connack_identifier_rejected(level),
-                            )
-                            .await;
-                        }
-                    }
-                    tally.end(Outcome::Rejected);
-                    return None;
-                }
             }
         }
     }
@@ -309,9 +331,10 @@ async fn establish(
     };
     if order.is_empty() {
         tracing::debug!(rule = cfg.name, %peer, "no backend up; refusing");
-        if let Some(level) = inspected.level {
-            write_best_effort(&mut client, mqtt::connack_refusal(level)).await;
-        }
+        let no = inspected
+            .level
+            .and_then(|l| mqtt::connack(l, Refusal::ServerUnavailable));
+        refuse(&mut client, no).await;
         tally.end(Outcome::NoBackend);
         return None;
     }
@@ -333,9 +356,10 @@ async fn establish(
         }
     }
     let Some((idx, backend_addr, server)) = backend else {
-        if let Some(level) = inspected.level {
-            write_best_effort(&mut client, mqtt::connack_refusal(level)).await;
-        }
+        let no = inspected
+            .level
+            .and_then(|l| mqtt::connack(l, Refusal::ServerUnavailable));
+        refuse(&mut client, no).await;
         tally.end(Outcome::ConnectFailed);
         return None;
     };
@@ -464,14 +488,42 @@ pub(crate) fn count_end(m: &Metrics, cfg: &Rule, backend: &str, outcome: Outcome
         .inc();
 }
 
-/// Writes a packet the LB itself sends (a refusing CONNACK) before closing; the client may
-/// already be gone, which is fine.
-async fn write_best_effort(client: &mut TcpStream, bytes: &[u8]) {
-    if let Err(e) = client.write_all(bytes).await {
-        tracing::debug!(error = %e, "could not tell the client why it is refused");
-    }
+/// Sends the refusing CONNACK, if there is one for the client's version, and closes; the
+/// client may already be gone, which is fine.
+async fn refuse(client: &mut TcpStream, connack: Option<&[u8]>) {
+    let told = match connack {
+        Some(bytes) => match client.write_all(bytes).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not tell the client why it is refused");
+                false
+            }
+        },
+        None => false,
+    };
     if let Err(e) = client.shutdown().await {
         tracing::debug!(error = %e, "shutdown after refusal");
+    }
+    if told {
+        // A lingering close: what the client still sends (the rest of an oversized CONNECT) is
+        // read and dropped until it closes, for at most 64 KiB and 1 s. Closing with unread bytes
+        // sends an RST, which can destroy the CONNACK in the client's buffers before it reads it.
+        let mut sink = [0u8; 2048];
+        let drain = async {
+            let mut total = 0;
+            while total < 64 * 1024 {
+                match client.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(1), drain)
+            .await
+            .is_err()
+        {
+            tracing::debug!("refused client kept its connection open; closing");
+        }
     }
 }
 

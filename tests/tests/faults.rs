@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use mqlb_config::Config;
+use mqlb_lb::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_lb::port::who_listens;
 use mqlb_lb::{Lb, Listeners, StartError};
 use mqlb_tests::up::alive;
@@ -16,7 +17,7 @@ use mqlb_tests::{
     backend_state, free_port, http, metric, mqlb_bin, wait_until, Client, Mosquitto, TopologyFile,
     Up,
 };
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -305,6 +306,185 @@ async fn the_data_path_probe_is_not_client_traffic() -> anyhow::Result<()> {
         passive, 0.0,
         "no client connected, so no passive failure:\n{text}"
     );
+    lb.shutdown().await;
+    Ok(())
+}
+
+/// A backend that counts its connections and answers a CONNECT with an accepting CONNACK:
+/// what reached a broker, and that a good client still gets through.
+fn counting_broker() -> anyhow::Result<(SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)>
+{
+    use std::io::{Read, Write};
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    let addr = mqlb_tests::serve_threads("counting-broker", move |mut s| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut first = [0u8; 1];
+        if s.read(&mut first)? == 1 && first[0] == 0x10 {
+            s.write_all(&[0x20, 0x02, 0x00, 0x00])?;
+        }
+        let mut rest = [0u8; 4096];
+        while s.read(&mut rest)? > 0 {}
+        Ok(())
+    })?;
+    Ok((addr, count))
+}
+
+/// Sends `bytes` to `front` and returns what came back before the LB closed.
+async fn reply_to(front: SocketAddr, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(front).await?;
+    s.write_all(bytes).await?;
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut got)).await??;
+    Ok(got)
+}
+
+/// A v5 CONNECT with these raw properties.
+fn v5_connect(props: &[u8], client_id: &str) -> Vec<u8> {
+    encode_connect(&ConnectOptions {
+        level: ProtocolLevel::V5,
+        client_id: client_id.into(),
+        properties: props.to_vec(),
+        ..ConnectOptions::default()
+    })
+}
+
+/// Defect 8: with the shipped example (`fallback = "five-tuple"` on an MQTT rule) HTTP, a TLS
+/// ClientHello, random bytes, a wrong protocol name and a PUBLISH-first stream all reached the
+/// broker; an MQTT 5 CONNECT with Receive Maximum 0 was forwarded and accepted; an unknown
+/// protocol level and an over-long CONNECT were closed without a word. Now none reaches a
+/// broker, and each MQTT client is told why in its own version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_mqtt_reaches_a_broker_and_refusals_say_why() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (broker, reached) = counting_broker()?;
+    let toml = |extra: &str| {
+        format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+             [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"p\"\nprobe = \"t\"\n[[pool.backend]]\nid = \"b1\"\naddr = \"{broker}\"\n\
+             [[probe]]\nname = \"t\"\nport = \"traffic\"\ninterval = \"1h\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"mqtt\"\npool = \"p\"\ndistribution = \"mqtt-client-id\"\n\
+             fallback = \"five-tuple\"\ninspect_max_bytes = 256\ninspect_timeout = \"2s\"\n{extra}"
+        )
+    };
+    let lb = Lb::start(Config::parse(&toml(""), "test")?, Listeners::default()).await?;
+    let front = lb.frontend_addr("mqtt").context("frontend")?;
+    // The probes' first round (a TCP connect, an MQTT handshake through the LB) is all the
+    // broker has seen so far; probes then wait an hour.
+    wait_until("the first probe rounds", DEADLINE, || {
+        let text = lb.metrics_text();
+        async move {
+            metric(&text, "mqlb_data_path_up", &[]) == 1.0
+                && metric(&text, "mqlb_probes_total", &[]) == 1.0
+        }
+    })
+    .await?;
+    let base = reached.load(SeqCst);
+
+    let garbage: [(&str, Vec<u8>); 5] = [
+        ("HTTP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        (
+            "a TLS ClientHello",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03".to_vec(),
+        ),
+        (
+            "random bytes",
+            vec![0x9e, 0x11, 0x07, 0x42, 0xff, 0x00, 0x13],
+        ),
+        (
+            "a wrong protocol name",
+            b"\x10\x0c\x00\x04MQTX\x04\x02\x00\x3c\x00\x00".to_vec(),
+        ),
+        ("a PUBLISH first", b"\x30\x07\x00\x03a/bhi".to_vec()),
+    ];
+    for (what, bytes) in &garbage {
+        assert_eq!(
+            reply_to(front, bytes).await?,
+            b"",
+            "{what}: closed without an answer"
+        );
+    }
+    let refusals: [(&str, Vec<u8>, &[u8]); 6] = [
+        (
+            "receive maximum 0",
+            v5_connect(&[0x21, 0, 0], "d1"),
+            &[0x20, 3, 0, 0x82, 0],
+        ),
+        (
+            "a property twice",
+            v5_connect(&[0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 1], "d2"),
+            &[0x20, 3, 0, 0x82, 0],
+        ),
+        (
+            "no such property",
+            v5_connect(&[0x7f, 0], "d3"),
+            &[0x20, 3, 0, 0x81, 0],
+        ),
+        (
+            "protocol level 6",
+            b"\x10\x0c\x00\x04MQTT\x06\x02\x00\x3c\x00\x00".to_vec(),
+            &[0x20, 2, 0, 1],
+        ),
+        (
+            "MQTT 5 properties beyond inspect_max_bytes",
+            v5_connect(
+                &[&[0x26, 0, 200][..], &[b'k'; 200], &[0, 100], &[b'v'; 100]].concat(),
+                "d4",
+            ),
+            &[0x20, 3, 0, 0x95, 0],
+        ),
+        (
+            "a 3.1.1 client ID beyond inspect_max_bytes",
+            encode_connect(&ConnectOptions {
+                client_id: "x".repeat(300),
+                ..ConnectOptions::default()
+            }),
+            &[0x20, 2, 0, 2],
+        ),
+    ];
+    for (what, bytes, want) in &refusals {
+        assert_eq!(reply_to(front, bytes).await?, *want, "{what}");
+    }
+    assert_eq!(
+        reached.load(SeqCst),
+        base,
+        "nothing above reached the broker"
+    );
+    // Counted as each refused connection's task ends, after its lingering close.
+    let refused = (garbage.len() + refusals.len()) as f64;
+    wait_until("every refusal counted", DEADLINE, || {
+        let n = metric(
+            &lb.metrics_text(),
+            "mqlb_connections_total",
+            &[("outcome", "rejected")],
+        );
+        async move { n == refused }
+    })
+    .await?;
+
+    // A good client gets through, and a rule that asks for it forwards non-MQTT bytes.
+    let good = encode_connect(&ConnectOptions {
+        client_id: "good".into(),
+        ..ConnectOptions::default()
+    });
+    let mut s = TcpStream::connect(front).await?;
+    s.write_all(&good).await?;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut connack)).await??;
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    drop(s);
+    lb.apply(Config::parse(&toml("non_mqtt = \"forward\""), "test")?)
+        .await?;
+    let before = reached.load(SeqCst);
+    let mut http = TcpStream::connect(front).await?;
+    http.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+    wait_until("the HTTP bytes reach the backend", DEADLINE, || {
+        let n = reached.load(SeqCst);
+        async move { n > before }
+    })
+    .await?;
+    drop(http);
     lb.shutdown().await;
     Ok(())
 }

@@ -4,6 +4,14 @@
 //! with a large will message or password is routed after its first few dozen bytes. Bytes
 //! arrive in pieces, so "incomplete" is an answer (`Ok(None)`), not an error; the caller
 //! bounds how long and how much it waits for.
+//!
+//! What it reads it checks the way a broker must, so that a CONNECT a broker would have to
+//! refuse is refused at the LB with the reason code the client expects: the MQTT 5 CONNECT
+//! properties (each identifier valid for CONNECT and of its data type, MQTT-2.2.2; no
+//! duplicates; Receive Maximum and Maximum Packet Size not 0, MQTT-3.1.2; Request Response /
+//! Problem Information 0 or 1; Authentication Data only with a Method) and UTF-8 strings
+//! (MQTT-1.5.4-1, -2). The will properties, user name and password come after the client ID and
+//! are the broker's to check.
 
 use super::decode_varint;
 
@@ -32,9 +40,12 @@ pub enum ConnectError {
     /// The first packet is not an MQTT CONNECT at all (another protocol, or another packet).
     #[error("not MQTT: {0}")]
     NotMqtt(&'static str),
-    /// It claims to be a CONNECT but breaks the specification.
+    /// It claims to be a CONNECT but cannot be decoded (MQTT 5: reason code 0x81).
     #[error("malformed CONNECT: {0}")]
     Malformed(&'static str),
+    /// A well-formed CONNECT that breaks a rule of the protocol (MQTT 5: reason code 0x82).
+    #[error("CONNECT breaks the protocol: {0}")]
+    Protocol(&'static str),
     /// A protocol level this LB does not know (only 3, 4 and 5 exist).
     #[error("unsupported MQTT protocol level {0}")]
     UnsupportedLevel(u8),
@@ -46,6 +57,7 @@ impl ConnectError {
         match self {
             ConnectError::NotMqtt(_) => "not_mqtt",
             ConnectError::Malformed(_) => "malformed",
+            ConnectError::Protocol(_) => "protocol_error",
             ConnectError::UnsupportedLevel(_) => "unsupported_level",
         }
     }
@@ -176,7 +188,7 @@ fn parse_body(c: &mut Cursor<'_>) -> Result<Connect, Need> {
             None => return Err(Need::More),
         };
         c.take(n, "properties length")?;
-        c.take(props_len as usize, "properties")?;
+        check_properties(c.take(props_len as usize, "properties")?)?;
     }
     let id_len = c.u16("client id length")?;
     let id = c.take(id_len as usize, "client id")?;
@@ -192,6 +204,122 @@ fn parse_body(c: &mut Cursor<'_>) -> Result<Connect, Need> {
         clean_start: flags & 0x02 != 0,
         packet_len: 0,
     })
+}
+
+/// The protocol level of a CONNECT whose beginning is in `buf`, once the bytes up to the level
+/// have arrived and make sense: how to word a refusal for a CONNECT that failed later on.
+pub fn level_of(buf: &[u8]) -> Option<ProtocolLevel> {
+    if buf.first() != Some(&0x10) {
+        return None;
+    }
+    let (remaining, n) = decode_varint(&buf[1..]).ok()??;
+    let at = 1 + n;
+    let mut c = Cursor {
+        buf,
+        pos: at,
+        end: at + remaining as usize,
+    };
+    let name_len = c.u16("").ok()?;
+    let name = c.take(name_len as usize, "").ok()?;
+    match (name, c.u8("").ok()?) {
+        (b"MQTT", 4) => Some(ProtocolLevel::V311),
+        (b"MQTT", 5) => Some(ProtocolLevel::V5),
+        (b"MQIsdp", 3) => Some(ProtocolLevel::V31),
+        _ => None,
+    }
+}
+
+/// Checks MQTT 5 CONNECT properties (all of them are in `props`).
+fn check_properties(props: &[u8]) -> Result<(), ConnectError> {
+    let malformed = ConnectError::Malformed;
+    let mut seen = 0u64; // bit per identifier below 64: every CONNECT property is
+    let mut auth_method = false;
+    let mut auth_data = false;
+    let mut rest = props;
+    // Reads `n` bytes of the property value, or says the property runs past the list.
+    fn take<'a>(
+        rest: &mut &'a [u8],
+        n: usize,
+        what: &'static str,
+    ) -> Result<&'a [u8], ConnectError> {
+        if rest.len() < n {
+            return Err(ConnectError::Malformed(what));
+        }
+        let (v, r) = rest.split_at(n);
+        *rest = r;
+        Ok(v)
+    }
+    fn utf8<'a>(rest: &mut &'a [u8], what: &'static str) -> Result<&'a str, ConnectError> {
+        let len = take(rest, 2, what)?;
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        let s = std::str::from_utf8(take(rest, len, what)?)
+            .map_err(|_| ConnectError::Malformed(what))?;
+        if s.contains('\0') {
+            return Err(ConnectError::Malformed(what));
+        }
+        Ok(s)
+    }
+    while !rest.is_empty() {
+        let (id, n) = decode_varint(rest)?.ok_or(malformed("property identifier cut short"))?;
+        rest = &rest[n..];
+        if id < 64 {
+            if id != 0x26 && seen & (1 << id) != 0 {
+                return Err(ConnectError::Protocol("a CONNECT property appears twice"));
+            }
+            seen |= 1 << id;
+        }
+        match id {
+            0x11 => {
+                take(&mut rest, 4, "session expiry interval")?;
+            }
+            0x21 => {
+                let v = take(&mut rest, 2, "receive maximum")?;
+                if v == [0, 0] {
+                    return Err(ConnectError::Protocol("receive maximum 0"));
+                }
+            }
+            0x27 => {
+                let v = take(&mut rest, 4, "maximum packet size")?;
+                if v == [0, 0, 0, 0] {
+                    return Err(ConnectError::Protocol("maximum packet size 0"));
+                }
+            }
+            0x22 => {
+                take(&mut rest, 2, "topic alias maximum")?;
+            }
+            0x19 | 0x17 => {
+                if take(&mut rest, 1, "request response/problem information")?[0] > 1 {
+                    return Err(ConnectError::Protocol(
+                        "request response/problem information other than 0 or 1",
+                    ));
+                }
+            }
+            0x26 => {
+                utf8(&mut rest, "user property name")?;
+                utf8(&mut rest, "user property value")?;
+            }
+            0x15 => {
+                utf8(&mut rest, "authentication method")?;
+                auth_method = true;
+            }
+            0x16 => {
+                let len = take(&mut rest, 2, "authentication data")?;
+                take(
+                    &mut rest,
+                    u16::from_be_bytes([len[0], len[1]]) as usize,
+                    "authentication data",
+                )?;
+                auth_data = true;
+            }
+            _ => return Err(malformed("a property that CONNECT cannot carry")),
+        }
+    }
+    if auth_data && !auth_method {
+        return Err(ConnectError::Protocol(
+            "authentication data without an authentication method",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -344,8 +472,110 @@ mod tests {
         assert_eq!(parse_connect(&b), Err(ConnectError::UnsupportedLevel(6)));
     }
 
+    /// A v5 CONNECT with these raw property bytes.
+    fn v5_with(props: &[u8]) -> Vec<u8> {
+        let mut o = opts(ProtocolLevel::V5, "dev");
+        o.properties = props.to_vec();
+        encode_connect(&o)
+    }
+
+    #[test]
+    fn checks_mqtt5_connect_properties() {
+        let ok: &[&[u8]] = &[
+            &[],
+            &[0x11, 0, 0, 0, 10, 0x21, 0, 20, 0x27, 0, 0, 1, 0, 0x22, 0, 5],
+            &[0x19, 1, 0x17, 0],
+            &[0x26, 0, 1, b'a', 0, 1, b'b', 0x26, 0, 1, b'a', 0, 0], // user properties repeat
+            &[0x15, 0, 4, b'S', b'C', b'R', b'M', 0x16, 0, 2, 1, 2],
+        ];
+        for props in ok {
+            let c = parse_connect(&v5_with(props));
+            assert!(matches!(c, Ok(Some(_))), "{props:?}: {c:?}");
+        }
+        let protocol: &[&[u8]] = &[
+            &[0x21, 0, 0],                         // receive maximum 0
+            &[0x27, 0, 0, 0, 0],                   // maximum packet size 0
+            &[0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2], // twice
+            &[0x19, 2],                            // request response information 2
+            &[0x17, 7],                            // request problem information 7
+            &[0x16, 0, 1, 9],                      // authentication data, no method
+        ];
+        for props in protocol {
+            let c = parse_connect(&v5_with(props));
+            assert!(
+                matches!(c, Err(ConnectError::Protocol(_))),
+                "{props:?}: {c:?}"
+            );
+        }
+        let malformed: &[&[u8]] = &[
+            &[0x01, 1],                      // payload format indicator: a PUBLISH/will property
+            &[0x7f],                         // no such property
+            &[0x21, 0],                      // value cut short
+            &[0x26, 0, 2, 0xff, 0xfe, 0, 0], // user property name not UTF-8
+            &[0x15, 0, 1, 0],                // U+0000 in a string
+            &[0x80, 0x80, 0x80, 0x80, 0x01], // identifier longer than a varint
+        ];
+        for props in malformed {
+            let c = parse_connect(&v5_with(props));
+            assert!(
+                matches!(c, Err(ConnectError::Malformed(_))),
+                "{props:?}: {c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_level_is_known_from_the_first_bytes() {
+        for level in [ProtocolLevel::V31, ProtocolLevel::V311, ProtocolLevel::V5] {
+            let bytes = encode_connect(&opts(level, "some-client"));
+            let at = if level == ProtocolLevel::V31 { 11 } else { 9 };
+            assert_eq!(level_of(&bytes[..at]), Some(level));
+            assert_eq!(level_of(&bytes[..at - 1]), None);
+        }
+        assert_eq!(level_of(b"GET / HTTP/1.1"), None);
+        assert_eq!(level_of(b"\x10\x0a\x00\x04MQTT\x06"), None);
+    }
+
+    /// Property lists made of valid CONNECT properties (user properties repeated at will).
+    fn valid_properties() -> impl Strategy<Value = Vec<u8>> {
+        (
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(1u16..),
+            proptest::collection::vec(("[a-z]{0,8}", "[a-z0-9]{0,8}"), 0..4),
+        )
+            .prop_map(|(expiry, recv_max, users)| {
+                let mut p = Vec::new();
+                if let Some(e) = expiry {
+                    p.push(0x11);
+                    p.extend_from_slice(&e.to_be_bytes());
+                }
+                if let Some(r) = recv_max {
+                    p.push(0x21);
+                    p.extend_from_slice(&r.to_be_bytes());
+                }
+                for (k, v) in users {
+                    p.push(0x26);
+                    for s in [k, v] {
+                        p.extend_from_slice(&(s.len() as u16).to_be_bytes());
+                        p.extend_from_slice(s.as_bytes());
+                    }
+                }
+                p
+            })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary property bytes never panic: a CONNECT is parsed, or refused as malformed
+        /// or as breaking the protocol.
+        #[test]
+        fn arbitrary_properties_never_panic(props in proptest::collection::vec(any::<u8>(), 0..300)) {
+            match parse_connect(&v5_with(&props)) {
+                Ok(Some(_)) | Err(ConnectError::Malformed(_) | ConnectError::Protocol(_)) => {}
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
 
         /// Encode → parse gives back what was encoded, for every version and field mix.
         #[test]
@@ -354,7 +584,7 @@ mod tests {
             id in "[^\u{0}]{0,40}",
             keep_alive in any::<u16>(),
             clean in any::<bool>(),
-            props in proptest::collection::vec(any::<u8>(), 0..300),
+            props in valid_properties(),
             will in proptest::option::of(("[a-z/]{1,20}", proptest::collection::vec(any::<u8>(), 0..200))),
             user in proptest::option::of("[a-z]{0,20}"),
         ) {

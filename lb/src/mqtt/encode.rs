@@ -90,20 +90,76 @@ pub fn encode_connect(o: &ConnectOptions) -> Vec<u8> {
     out
 }
 
-/// A CONNACK refusing the connection because no broker is available: return code 3
-/// ("server unavailable") for 3.1/3.1.1, reason 0x88 for 5.0.
-pub fn connack_refusal(level: ProtocolLevel) -> &'static [u8] {
-    match level {
-        ProtocolLevel::V5 => &[0x20, 0x03, 0x00, 0x88, 0x00],
-        _ => &[0x20, 0x02, 0x00, 0x03],
-    }
+/// Why the LB refuses a client before any broker saw it, worded per protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No broker is available: 3.1.1 return code 3, MQTT 5 reason 0x88.
+    ServerUnavailable,
+    /// Empty client ID under `fallback = "reject"`, or (3.x) a client ID longer than the LB
+    /// reads: return code 2, reason 0x85.
+    IdentifierRejected,
+    /// A CONNECT that cannot be decoded: MQTT 5 reason 0x81; 3.x has no code (MQTT-4.8.0-1:
+    /// close the connection).
+    Malformed,
+    /// A CONNECT that breaks a protocol rule: MQTT 5 reason 0x82; 3.x has no code.
+    ProtocolError,
+    /// The CONNECT is larger than the LB reads before the client ID ends: MQTT 5 reason 0x95.
+    PacketTooLarge,
+    /// A protocol level the LB does not know: return code 1 (unacceptable protocol version),
+    /// in the 3.1.1 format every MQTT client reads (MQTT 5's 0x84 is only legible to a client
+    /// that speaks 5, which would not be refused for its level).
+    UnsupportedVersion,
 }
 
-/// A CONNACK refusing an empty client ID (rule fallback `reject`): return code 2
-/// ("identifier rejected") for 3.1/3.1.1, reason 0x85 for 5.0.
-pub fn connack_identifier_rejected(level: ProtocolLevel) -> &'static [u8] {
-    match level {
-        ProtocolLevel::V5 => &[0x20, 0x03, 0x00, 0x85, 0x00],
-        _ => &[0x20, 0x02, 0x00, 0x02],
+/// The CONNACK that tells a client of `level` why it is refused, or `None` where the version
+/// has no code for it and the connection is just closed.
+pub fn connack(level: ProtocolLevel, why: Refusal) -> Option<&'static [u8]> {
+    let v5 = level == ProtocolLevel::V5;
+    Some(match (why, v5) {
+        (Refusal::ServerUnavailable, true) => &[0x20, 0x03, 0x00, 0x88, 0x00],
+        (Refusal::ServerUnavailable, false) => &[0x20, 0x02, 0x00, 0x03],
+        (Refusal::IdentifierRejected, true) => &[0x20, 0x03, 0x00, 0x85, 0x00],
+        (Refusal::IdentifierRejected, false) => &[0x20, 0x02, 0x00, 0x02],
+        (Refusal::Malformed, true) => &[0x20, 0x03, 0x00, 0x81, 0x00],
+        (Refusal::ProtocolError, true) => &[0x20, 0x03, 0x00, 0x82, 0x00],
+        (Refusal::PacketTooLarge, true) => &[0x20, 0x03, 0x00, 0x95, 0x00],
+        // 3.x: a client ID is all that precedes its own end.
+        (Refusal::PacketTooLarge, false) => &[0x20, 0x02, 0x00, 0x02],
+        (Refusal::UnsupportedVersion, _) => &[0x20, 0x02, 0x00, 0x01],
+        (Refusal::Malformed | Refusal::ProtocolError, false) => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_in_each_version() {
+        use ProtocolLevel::{V311, V5};
+        let code = |level, why| connack(level, why).map(|b| b[3]);
+        assert_eq!(code(V5, Refusal::Malformed), Some(0x81));
+        assert_eq!(code(V5, Refusal::ProtocolError), Some(0x82));
+        assert_eq!(code(V5, Refusal::PacketTooLarge), Some(0x95));
+        assert_eq!(code(V5, Refusal::ServerUnavailable), Some(0x88));
+        assert_eq!(code(V311, Refusal::ServerUnavailable), Some(0x03));
+        assert_eq!(code(V311, Refusal::PacketTooLarge), Some(0x02));
+        assert_eq!(code(V311, Refusal::Malformed), None);
+        assert_eq!(
+            connack(V5, Refusal::UnsupportedVersion),
+            Some(&[0x20, 2, 0, 1][..])
+        );
+        for why in [
+            Refusal::Malformed,
+            Refusal::PacketTooLarge,
+            Refusal::IdentifierRejected,
+        ] {
+            let b = connack(V5, why).expect("MQTT 5 has a code");
+            assert_eq!(
+                (b[0], b[1] as usize),
+                (0x20, b.len() - 2),
+                "{why:?}: a whole CONNACK"
+            );
+        }
     }
 }

@@ -5,8 +5,8 @@
 mod connect;
 mod encode;
 
-pub use connect::{parse_connect, Connect, ConnectError, ProtocolLevel};
-pub use encode::{connack_identifier_rejected, connack_refusal, encode_connect, ConnectOptions};
+pub use connect::{level_of, parse_connect, Connect, ConnectError, ProtocolLevel};
+pub use encode::{connack, encode_connect, ConnectOptions, Refusal};
 
 /// Decodes MQTT's variable-length "remaining length" (1 to 4 bytes, 7 bits each).
 /// `Ok(None)` means more bytes are needed.
