@@ -254,7 +254,7 @@ async fn run_haserver(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitC
         id,
         listener,
         std::sync::Arc::new(store),
-        mqlb_haserver::Timing::from(&cfg.ha),
+        mqlb_haserver::Options::from_config(&cfg)?,
     )
     .await?;
     println!(

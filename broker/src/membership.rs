@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mqlb_haserver::model::Registration;
-use mqlb_haserver::HaClient;
+use mqlb_haserver::{ClientError, HaClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::mesh::Mesh;
@@ -43,6 +43,18 @@ pub(crate) async fn register_and_heartbeat(
                 }
                 registered = ok;
                 failing = false;
+            }
+            // Another live member holds this id at other addresses (or this node restarted on
+            // new ports before its old record expired): retry until it expires.
+            Err(ClientError::Status(409, why)) => {
+                if !failing {
+                    tracing::warn!(
+                        node = reg.id,
+                        error = why,
+                        "HA server refused the registration; retrying"
+                    );
+                }
+                failing = true;
             }
             Err(e) => {
                 if !failing {

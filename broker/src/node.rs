@@ -236,7 +236,19 @@ impl Node {
         for (id, addr) in &spec.peers {
             mesh.add_peer(id.clone(), *addr, stop.child_token());
         }
-        let ha = (!spec.ha.is_empty()).then(|| Arc::new(HaClient::new(spec.ha.clone())));
+        // The HA servers authenticate every request with the cluster secret, which the mesh
+        // settings carry (`NodeSpec::from_config` sets them whenever `[cluster] secret` is).
+        let ha = match (&spec.mesh, spec.ha.is_empty()) {
+            (_, true) => None,
+            (Some(m), false) => Some(Arc::new(HaClient::new(spec.ha.clone(), m.secret.clone()))),
+            (None, false) => {
+                tracing::error!(
+                    node = n.id,
+                    "HA servers configured but no [cluster] secret: not registering"
+                );
+                None
+            }
+        };
         if let Some(client) = &ha {
             let reg = Registration {
                 id: n.id.clone(),

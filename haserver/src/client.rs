@@ -1,6 +1,7 @@
 //! The client brokers and load balancers use to talk to the HA servers. It knows every HA
 //! server, tries them in turn, follows a backup's redirect to the primary, and remembers which
-//! one answered. When none answers, the caller keeps its last view (static stability).
+//! one answered. When none answers, the caller keeps its last view (static stability). Every
+//! request is signed with the cluster secret (`crate::auth`), afresh for each server tried.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
+use crate::auth;
 use crate::model::{ClusterView, Registration};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,14 +29,19 @@ pub enum ClientError {
     AllFailed(String),
 }
 
-/// One HTTP/1.1 exchange: (status, Location header, body).
+/// One HTTP/1.1 exchange signed with `secret`: (status, Location header, body).
 pub async fn request(
     addr: SocketAddr,
     method: hyper::Method,
     path: &str,
     body: Option<String>,
+    secret: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Option<String>, Bytes), ClientError> {
+    let body = Bytes::from(body.unwrap_or_default());
+    let time_ms = crate::server::now_ms();
+    let nonce = auth::nonce();
+    let signature = auth::sign(secret, method.as_str(), path, time_ms, &nonce, &body);
     let io_err = |e: &dyn std::fmt::Display| ClientError::Io(addr, e.to_string());
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr)
@@ -54,7 +61,10 @@ pub async fn request(
             .uri(path)
             .header(hyper::header::HOST, addr.to_string())
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .header(auth::TIME_HEADER, time_ms.to_string())
+            .header(auth::NONCE_HEADER, nonce)
+            .header(auth::SIGNATURE_HEADER, signature)
+            .body(Full::new(body))
             .map_err(|e| io_err(&e))?;
         let res = sender.send_request(req).await.map_err(|e| io_err(&e))?;
         let status = res.status().as_u16();
@@ -90,14 +100,17 @@ fn location_addr(location: &str) -> Option<SocketAddr> {
 /// A client of a group of HA servers.
 pub struct HaClient {
     servers: Vec<SocketAddr>,
+    secret: mqlb_config::Secret,
     preferred: AtomicUsize,
     timeout: Duration,
 }
 
 impl HaClient {
-    pub fn new(servers: Vec<SocketAddr>) -> HaClient {
+    /// A client of `servers` that signs its requests with the cluster `secret`.
+    pub fn new(servers: Vec<SocketAddr>, secret: mqlb_config::Secret) -> HaClient {
         HaClient {
             servers,
+            secret,
             preferred: AtomicUsize::new(0),
             timeout: Duration::from_secs(2),
         }
@@ -129,6 +142,7 @@ impl HaClient {
                     method.clone(),
                     path,
                     body.clone(),
+                    self.secret.expose(),
                     self.timeout + extra_wait,
                 )
                 .await

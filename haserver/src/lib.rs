@@ -1,6 +1,7 @@
 //! mqlb's HA server (DESIGN.md, "haserver"): broker membership with heartbeats, a version that
 //! clients watch with long-polls, an event log, and a primary lease, all in SQLite.
 
+pub mod auth;
 pub mod expiry;
 pub mod http_server;
 pub mod log_limit;
@@ -8,7 +9,7 @@ pub mod model;
 pub mod server;
 pub mod store;
 
-pub use server::{HaError, HaServer, Timing};
+pub use server::{HaError, HaServer, Options, Timing};
 pub use store::{SqliteStore, Store, StoreError};
 pub mod client;
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -22,11 +22,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{self, AuthFailure, Verifier};
 use crate::expiry;
+use crate::http_server::{self, BodyError, ConnMetrics, Limits};
 use crate::lock;
 use crate::log_limit::LogLimiter;
 use crate::model::{MemberState, Registration};
-use crate::store::{Store, StoreError};
+use crate::store::{Lease, Registered, Store, StoreError};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -34,6 +36,10 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// A failure that repeats per request or per round is logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Time for a request body to arrive once its headers did.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Members registered at most, by default (`[ha] max_members`).
+pub const DEFAULT_MAX_MEMBERS: usize = 1_000;
 
 /// Membership timing (from `[ha]`).
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +61,43 @@ impl From<&mqlb_config::HaSettings> for Timing {
     }
 }
 
+/// How an HA server runs: its timing, the secret every API request must be signed with
+/// (`auth`), and its limits.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub timing: Timing,
+    /// The cluster secret (`[cluster] secret`).
+    pub secret: mqlb_config::Secret,
+    /// Registrations of new ids beyond this many members are refused (507).
+    pub max_members: usize,
+    pub http: Limits,
+    /// Reads of the membership and the events need the secret too (the default): the
+    /// membership is a map of the cluster. `/healthz` and `/metrics` are always open.
+    pub authenticate_reads: bool,
+}
+
+impl Options {
+    /// The defaults, with `timing` and `secret`.
+    pub fn new(timing: Timing, secret: mqlb_config::Secret) -> Options {
+        Options {
+            timing,
+            secret,
+            max_members: DEFAULT_MAX_MEMBERS,
+            http: Limits {
+                max_connections: 4_096,
+                ..Limits::default()
+            },
+            authenticate_reads: true,
+        }
+    }
+
+    /// The options of the HA servers of `config`; the cluster secret is required.
+    pub fn from_config(config: &mqlb_config::Config) -> Result<Options, HaError> {
+        let secret = config.cluster.secret.clone().ok_or(HaError::NoSecret)?;
+        Ok(Options::new(Timing::from(&config.ha), secret))
+    }
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -69,6 +112,9 @@ struct Metrics {
     requests: IntCounterVec,
     /// Entries of `Shared::heartbeats`, set when `/metrics` is read.
     tracked_heartbeats: IntGauge,
+    auth_failures: IntCounterVec,
+    registrations_refused: IntCounterVec,
+    connections: ConnMetrics,
 }
 
 impl Metrics {
@@ -95,7 +141,27 @@ impl Metrics {
                 "mqlb_ha_tracked_heartbeats",
                 "Members whose last heartbeat time this server keeps (its flood guard).",
             )?,
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_ha_auth_failures_total",
+                    "API requests refused (401) for want of a valid signature, by reason.",
+                ),
+                &["reason"],
+            )?,
+            registrations_refused: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_ha_registrations_refused_total",
+                    "Signed registrations refused: address_held (a live member's id at another \
+                     address, 409) or full (max_members reached, 507).",
+                ),
+                &["reason"],
+            )?,
+            connections: ConnMetrics::new("mqlb_ha")?,
         };
+        m.registry.register(Box::new(m.auth_failures.clone()))?;
+        m.registry
+            .register(Box::new(m.registrations_refused.clone()))?;
+        m.connections.register(&m.registry)?;
         m.registry.register(Box::new(m.primary.clone()))?;
         m.registry
             .register(Box::new(m.tracked_heartbeats.clone()))?;
@@ -128,12 +194,17 @@ struct Shared {
     metrics: Metrics,
     /// Rate limits of the log lines that repeat while the database fails.
     logs: Mutex<Logs>,
+    verifier: Mutex<Verifier>,
+    max_members: usize,
+    authenticate_reads: bool,
 }
 
 struct Logs {
     request: LogLimiter,
     lease: LogLimiter,
     expiry: LogLimiter,
+    auth: LogLimiter,
+    refused: LogLimiter,
 }
 
 impl Shared {
@@ -145,6 +216,46 @@ impl Shared {
     fn primary_term(&self) -> Option<u64> {
         let term = self.term.load(Ordering::Acquire);
         self.is_primary().then_some(term)
+    }
+
+    /// Whether `lease` is this server's: its id *and* its address (another process started
+    /// with the same id by mistake holds a lease with another address).
+    fn holds(&self, lease: &Lease) -> bool {
+        lease.holder == self.id && lease.addr == self.addr
+    }
+
+    /// Checks a request's signature; a refusal is counted and logged (rate-limited).
+    fn authenticate(
+        &self,
+        parts: &hyper::http::request::Parts,
+        body: &[u8],
+    ) -> Result<(), AuthFailure> {
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path(), |p| p.as_str());
+        let r = lock(&self.verifier).verify(
+            parts.method.as_str(),
+            path,
+            auth::Stamp {
+                time: header(auth::TIME_HEADER),
+                nonce: header(auth::NONCE_HEADER),
+                signature: header(auth::SIGNATURE_HEADER),
+            },
+            body,
+            now_ms(),
+        );
+        if let Err(f) = r {
+            self.metrics
+                .auth_failures
+                .with_label_values(&[f.label()])
+                .inc();
+            if let Some(suppressed) = lock(&self.logs).auth.admit(Instant::now()) {
+                tracing::warn!(method = %parts.method, path, reason = %f, suppressed, "request refused: not authenticated");
+            }
+        }
+        r
     }
 
     fn primary_id(&self) -> Option<String> {
@@ -188,6 +299,10 @@ pub enum HaError {
     Store(#[from] StoreError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("[cluster] secret is not set: the HA server authenticates every request with it")]
+    NoSecret,
+    #[error("another HA server with id {id:?} is primary at {addr}: refusing to start a second one (ids must be unique)")]
+    DuplicateId { id: String, addr: String },
 }
 
 /// A running HA server.
@@ -198,13 +313,15 @@ pub struct HaServer {
 }
 
 impl HaServer {
-    /// Starts serving on `listener` with `store`.
+    /// Starts serving on `listener` with `store`. Refuses to start while another server with
+    /// the same id holds the lease.
     pub async fn start(
         id: &str,
         listener: TcpListener,
         store: Arc<dyn Store>,
-        timing: Timing,
+        options: Options,
     ) -> Result<HaServer, HaError> {
+        let timing = options.timing;
         let addr = listener
             .local_addr()
             .map_err(|e| HaError::Bind(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
@@ -226,15 +343,27 @@ impl HaServer {
                 request: LogLimiter::new(LOG_EVERY),
                 lease: LogLimiter::new(LOG_EVERY),
                 expiry: LogLimiter::new(LOG_EVERY),
+                auth: LogLimiter::new(LOG_EVERY),
+                refused: LogLimiter::new(LOG_EVERY),
             }),
+            verifier: Mutex::new(Verifier::new(options.secret.expose())),
+            max_members: options.max_members,
+            authenticate_reads: options.authenticate_reads,
         });
         let stop = CancellationToken::new();
         // Try for the lease before serving, so a lone server answers as primary at once.
-        lease_round(&shared).await;
+        if let Some(lease) = lease_round(&shared).await {
+            if lease.holder == shared.id && !shared.holds(&lease) {
+                return Err(HaError::DuplicateId {
+                    id: lease.holder,
+                    addr: lease.addr,
+                });
+            }
+        }
         tokio::spawn(lease_loop(shared.clone(), stop.clone()));
         tokio::spawn(expiry_loop(shared.clone(), stop.clone()));
         tokio::spawn(version_loop(shared.clone(), stop.clone()));
-        tokio::spawn(serve(shared.clone(), listener, stop.clone()));
+        tokio::spawn(serve(shared.clone(), listener, options.http, stop.clone()));
         tracing::info!(id, %addr, primary = shared.is_primary(), "HA server started");
         Ok(HaServer { shared, addr, stop })
     }
@@ -259,8 +388,8 @@ impl HaServer {
         self.stop.cancel();
         if self.shared.is_primary() {
             self.shared.primary_until.store(0, Ordering::Release);
-            let id = self.shared.id.clone();
-            if let Err(e) = self.shared.db(move |s| s.release_lease(&id)).await {
+            let (id, addr) = (self.shared.id.clone(), self.shared.addr.clone());
+            if let Err(e) = self.shared.db(move |s| s.release_lease(&id, &addr)).await {
                 tracing::warn!(error = %e, "lease not released; a backup takes over when it expires");
             }
         }
@@ -268,15 +397,17 @@ impl HaServer {
     }
 }
 
-async fn lease_round(shared: &Arc<Shared>) {
+/// One attempt to take or renew the lease; returns it as it stands (`None`: the database failed).
+async fn lease_round(shared: &Arc<Shared>) -> Option<Lease> {
     let ttl = shared.timing.lease.as_millis() as i64;
     let (id, addr) = (shared.id.clone(), shared.addr.clone());
     let now = now_ms();
-    match shared
+    let result = shared
         .db(move |s| s.acquire_lease(&id, &addr, now, ttl))
-        .await
-    {
-        Ok(lease) if lease.holder == shared.id => {
+        .await;
+    let out = result.as_ref().ok().cloned();
+    match result {
+        Ok(lease) if shared.holds(&lease) => {
             if lock(&shared.lease_error).take().is_some() {
                 tracing::info!(id = shared.id, "lease round succeeded again");
             }
@@ -296,6 +427,16 @@ async fn lease_round(shared: &Arc<Shared>) {
         }
         Ok(lease) => {
             *lock(&shared.lease_error) = None;
+            if lease.holder == shared.id {
+                if let Some(suppressed) = lock(&shared.logs).lease.admit(Instant::now()) {
+                    tracing::error!(
+                        id = shared.id,
+                        other = lease.addr,
+                        suppressed,
+                        "another HA server with this id holds the lease; ids must be unique"
+                    );
+                }
+            }
             if shared.is_primary() {
                 tracing::warn!(
                     id = shared.id,
@@ -315,6 +456,7 @@ async fn lease_round(shared: &Arc<Shared>) {
         }
     }
     shared.metrics.primary.set(i64::from(shared.is_primary()));
+    out
 }
 
 async fn lease_loop(shared: Arc<Shared>, stop: CancellationToken) {
@@ -431,7 +573,7 @@ fn not_primary(shared: &Shared, path: &str) -> Option<Res> {
     }
     let primary = lock(&shared.primary).clone();
     Some(match primary {
-        Some((id, addr)) if id != shared.id => {
+        Some((id, addr)) if id != shared.id || addr != shared.addr => {
             let mut r = error(StatusCode::TEMPORARY_REDIRECT, format!("{id} is primary"));
             if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("http://{addr}{path}")) {
                 r.headers_mut().insert(hyper::header::LOCATION, v);
@@ -452,9 +594,8 @@ fn not_primary(shared: &Shared, path: &str) -> Option<Res> {
     })
 }
 
-fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    req.uri()
-        .query()
+fn query(uri: &hyper::Uri) -> HashMap<String, String> {
+    uri.query()
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -462,197 +603,306 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .collect()
 }
 
-async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Res> {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body over {MAX_BODY} bytes"),
-            ))
-        }
-    };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))
+/// The API's routes; `/healthz` and `/metrics` are open, every other one is signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route<'a> {
+    Healthz,
+    Metrics,
+    Cluster,
+    Events,
+    Register,
+    Heartbeat(&'a str),
+    Deregister(&'a str),
+    Other,
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, Res) {
-    let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method().clone(), segments.as_slice()) {
-        (Method::GET, ["healthz"]) => (
-            "healthz",
-            reply(
-                StatusCode::OK,
-                json!({
-                    "id": shared.id,
-                    "role": if shared.is_primary() { "primary" } else { "backup" },
-                    "primary": shared.primary_id(),
-                }),
-            ),
-        ),
-        (Method::GET, ["metrics"]) => {
-            let tracked = lock(&shared.heartbeats).len();
-            shared.metrics.tracked_heartbeats.set(tracked as i64);
-            let mut buf = Vec::new();
-            let res = match TextEncoder::new().encode(&shared.metrics.registry.gather(), &mut buf) {
-                Ok(()) => {
-                    let mut r = Response::new(Full::new(Bytes::from(buf)));
-                    r.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    r
-                }
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            };
-            ("metrics", res)
+impl<'a> Route<'a> {
+    fn of(method: &Method, segments: &[&'a str]) -> Route<'a> {
+        match (method, segments) {
+            (&Method::GET, ["healthz"]) => Route::Healthz,
+            (&Method::GET, ["metrics"]) => Route::Metrics,
+            (&Method::GET, ["api", "cluster"]) => Route::Cluster,
+            (&Method::GET, ["api", "events"]) => Route::Events,
+            (&Method::POST, ["api", "members"]) => Route::Register,
+            (&Method::POST, ["api", "members", id, "heartbeat"]) => Route::Heartbeat(id),
+            (&Method::DELETE, ["api", "members", id]) => Route::Deregister(id),
+            _ => Route::Other,
         }
-        (Method::GET, ["api", "cluster"]) => {
-            let q = query(&req);
-            let since: Option<u64> = q.get("since").and_then(|v| v.parse().ok());
-            let wait = q
-                .get("wait_ms")
-                .and_then(|v| v.parse().ok())
-                .map_or(Duration::ZERO, Duration::from_millis)
-                .min(MAX_WAIT);
-            let mut rx = shared.version.subscribe();
-            let deadline = tokio::time::Instant::now() + wait;
-            if let Some(since) = since {
-                // Long-poll: wait until the version passes `since`, or the time is up.
-                while *rx.borrow_and_update() <= since {
-                    if tokio::time::timeout_at(deadline, rx.changed())
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-            let res = match shared.db(|s| s.cluster()).await {
-                Ok(mut view) => {
-                    view.primary = shared.primary_id();
-                    match serde_json::to_value(&view) {
-                        Ok(v) => reply(StatusCode::OK, v),
-                        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                    }
-                }
-                Err(e) => store_error(&shared, e),
-            };
-            ("cluster", res)
+    }
+
+    /// The `route` label of `mqlb_ha_requests_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Metrics => "metrics",
+            Route::Cluster => "cluster",
+            Route::Events => "events",
+            Route::Register => "register",
+            Route::Heartbeat(_) => "heartbeat",
+            Route::Deregister(_) => "deregister",
+            Route::Other => "other",
         }
-        (Method::GET, ["api", "events"]) => {
-            let q = query(&req);
-            let after = q.get("after").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let limit = q
-                .get("limit")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1000)
-                .min(10_000);
-            let res = match shared.db(move |s| s.events(after, limit)).await {
-                Ok(ev) => reply(StatusCode::OK, json!(ev)),
-                Err(e) => store_error(&shared, e),
-            };
-            ("events", res)
-        }
-        (Method::POST, ["api", "members"]) => {
-            if let Some(r) = not_primary(&shared, &path) {
-                return ("register", r);
-            }
-            let reg: Registration = match body_json(req).await {
-                Ok(r) => r,
-                Err(r) => return ("register", r),
-            };
-            if let Err(msg) = reg.validate() {
-                return ("register", error(StatusCode::BAD_REQUEST, msg));
-            }
-            let now = now_ms();
-            let id = reg.id.clone();
-            let res = match shared.db(move |s| s.register(&reg, now)).await {
-                Ok(v) => {
-                    shared.version.send_replace(v);
-                    lock(&shared.heartbeats).insert(id.clone(), Instant::now());
-                    tracing::info!(member = id, version = v, "registered");
-                    reply(StatusCode::OK, json!({ "version": v }))
-                }
-                Err(e) => store_error(&shared, e),
-            };
-            ("register", res)
-        }
-        (Method::POST, ["api", "members", id, "heartbeat"]) => {
-            if let Some(r) = not_primary(&shared, &path) {
-                return ("heartbeat", r);
-            }
-            let id = id.to_string();
-            // A flood of heartbeats is refused before it reaches the database.
-            let min_gap = shared.min_heartbeat_gap();
-            {
-                let mut hb = lock(&shared.heartbeats);
-                if hb.get(&id).is_some_and(|t| t.elapsed() < min_gap) {
-                    return (
-                        "heartbeat",
-                        error(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            format!("heartbeats more often than every {min_gap:?}"),
-                        ),
-                    );
-                }
-                hb.insert(id.clone(), Instant::now());
-            }
-            let now = now_ms();
-            let known = id.clone();
-            let res = match shared.db(move |s| s.heartbeat(&known, now)).await {
-                Ok(Some(v)) => {
-                    shared.version.send_if_modified(|cur| {
-                        let changed = *cur != v;
-                        *cur = v;
-                        changed
-                    });
-                    reply(StatusCode::OK, json!({ "version": v }))
-                }
-                // An id the store does not know (or a heartbeat that did not land) keeps no
-                // entry: a stream of made-up ids must not grow the map.
-                Ok(None) => {
-                    lock(&shared.heartbeats).remove(&id);
-                    error(StatusCode::NOT_FOUND, "unknown member: register first")
-                }
-                Err(e) => {
-                    lock(&shared.heartbeats).remove(&id);
-                    store_error(&shared, e)
-                }
-            };
-            ("heartbeat", res)
-        }
-        (Method::DELETE, ["api", "members", id]) => {
-            if let Some(r) = not_primary(&shared, &path) {
-                return ("deregister", r);
-            }
-            let id = id.to_string();
-            let now = now_ms();
-            let gone = id.clone();
-            let res = match shared.db(move |s| s.deregister(&gone, now)).await {
-                Ok(Some(v)) => {
-                    lock(&shared.heartbeats).remove(&id);
-                    shared.version.send_replace(v);
-                    reply(StatusCode::OK, json!({ "version": v }))
-                }
-                Ok(None) => error(StatusCode::NOT_FOUND, "unknown member"),
-                Err(e) => store_error(&shared, e),
-            };
-            ("deregister", res)
-        }
-        _ => (
-            "other",
-            error(
-                StatusCode::NOT_FOUND,
-                format!("no route {} {path}", req.method()),
-            ),
-        ),
+    }
+
+    fn is_open(self) -> bool {
+        matches!(self, Route::Healthz | Route::Metrics)
+    }
+
+    fn is_read(self) -> bool {
+        matches!(self, Route::Cluster | Route::Events)
     }
 }
 
-async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
-    crate::http_server::serve("haserver", listener, stop, move |req| {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, Res) {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let route = Route::of(&parts.method, &segments);
+    if route.is_open() {
+        return (route.label(), open_route(&shared, route));
+    }
+    // The body is part of what is signed: read it (bounded in size and time) before anything.
+    let body = match http_server::read_body(body, MAX_BODY, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(e) => {
+            let status = match e {
+                BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                BodyError::Io(_) => StatusCode::BAD_REQUEST,
+            };
+            return (route.label(), error(status, e.to_string()));
+        }
+    };
+    if !route.is_read() || shared.authenticate_reads {
+        if let Err(f) = shared.authenticate(&parts, &body) {
+            return (
+                route.label(),
+                error(StatusCode::UNAUTHORIZED, f.to_string()),
+            );
+        }
+    }
+    let write = matches!(
+        route,
+        Route::Register | Route::Heartbeat(_) | Route::Deregister(_)
+    );
+    if write {
+        if let Some(r) = not_primary(&shared, &path) {
+            return (route.label(), r);
+        }
+    }
+    let res = match route {
+        Route::Cluster => cluster(&shared, &parts.uri).await,
+        Route::Events => events(&shared, &parts.uri).await,
+        Route::Register => register(&shared, &body).await,
+        Route::Heartbeat(id) => heartbeat(&shared, id).await,
+        Route::Deregister(id) => deregister(&shared, id).await,
+        Route::Healthz | Route::Metrics | Route::Other => error(
+            StatusCode::NOT_FOUND,
+            format!("no route {} {path}", parts.method),
+        ),
+    };
+    (route.label(), res)
+}
+
+fn open_route(shared: &Shared, route: Route<'_>) -> Res {
+    if route == Route::Healthz {
+        return reply(
+            StatusCode::OK,
+            json!({
+                "id": shared.id,
+                "role": if shared.is_primary() { "primary" } else { "backup" },
+                "primary": shared.primary_id(),
+            }),
+        );
+    }
+    let tracked = lock(&shared.heartbeats).len();
+    shared.metrics.tracked_heartbeats.set(tracked as i64);
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&shared.metrics.registry.gather(), &mut buf) {
+        Ok(()) => {
+            let mut r = Response::new(Full::new(Bytes::from(buf)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn cluster(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
+    let q = query(uri);
+    let since: Option<u64> = q.get("since").and_then(|v| v.parse().ok());
+    let wait = q
+        .get("wait_ms")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
+        .min(MAX_WAIT);
+    let mut rx = shared.version.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    if let Some(since) = since {
+        // Long-poll: wait until the version passes `since`, or the time is up.
+        while *rx.borrow_and_update() <= since {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+    match shared.db(|s| s.cluster()).await {
+        Ok(mut view) => {
+            view.primary = shared.primary_id();
+            match serde_json::to_value(&view) {
+                Ok(v) => reply(StatusCode::OK, v),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        Err(e) => store_error(shared, e),
+    }
+}
+
+async fn events(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
+    let q = query(uri);
+    let after = q.get("after").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let limit = q
+        .get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+        .min(10_000);
+    match shared.db(move |s| s.events(after, limit)).await {
+        Ok(ev) => reply(StatusCode::OK, json!(ev)),
+        Err(e) => store_error(shared, e),
+    }
+}
+
+async fn register(shared: &Arc<Shared>, body: &[u8]) -> Res {
+    let reg: Registration = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    if let Err(msg) = reg.validate() {
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
+    let now = now_ms();
+    let max = shared.max_members;
+    let wanted = reg.clone();
+    match shared.db(move |s| s.register(&wanted, now, max)).await {
+        Ok(Registered::Done(v)) => {
+            shared.version.send_replace(v);
+            lock(&shared.heartbeats).insert(reg.id.clone(), Instant::now());
+            tracing::info!(member = reg.id, version = v, "registered");
+            reply(StatusCode::OK, json!({ "version": v }))
+        }
+        Ok(Registered::AddressHeld(current)) => {
+            refused(
+                shared,
+                "address_held",
+                &reg,
+                &format!("held at {}", current.mqtt),
+            );
+            error(
+                StatusCode::CONFLICT,
+                format!(
+                    "member {:?} is up at {}: a live member cannot be re-pointed; it must \
+                     deregister or expire first",
+                    reg.id, current.mqtt
+                ),
+            )
+        }
+        Ok(Registered::Full(n)) => {
+            refused(shared, "full", &reg, &format!("{n} members"));
+            error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the membership is full ({n} members, ha.max_members)"),
+            )
+        }
+        Err(e) => store_error(shared, e),
+    }
+}
+
+/// Counts and logs (rate-limited) a signed registration that was refused.
+fn refused(shared: &Shared, reason: &'static str, reg: &Registration, detail: &str) {
+    shared
+        .metrics
+        .registrations_refused
+        .with_label_values(&[reason])
+        .inc();
+    if let Some(suppressed) = lock(&shared.logs).refused.admit(Instant::now()) {
+        tracing::warn!(
+            member = reg.id,
+            mqtt = reg.mqtt,
+            reason,
+            detail,
+            suppressed,
+            "registration refused"
+        );
+    }
+}
+
+async fn heartbeat(shared: &Arc<Shared>, id: &str) -> Res {
+    let id = id.to_string();
+    // A flood of heartbeats is refused before it reaches the database.
+    let min_gap = shared.min_heartbeat_gap();
+    {
+        let mut hb = lock(&shared.heartbeats);
+        if hb.get(&id).is_some_and(|t| t.elapsed() < min_gap) {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("heartbeats more often than every {min_gap:?}"),
+            );
+        }
+        hb.insert(id.clone(), Instant::now());
+    }
+    let now = now_ms();
+    let known = id.clone();
+    match shared.db(move |s| s.heartbeat(&known, now)).await {
+        Ok(Some(v)) => {
+            shared.version.send_if_modified(|cur| {
+                let changed = *cur != v;
+                *cur = v;
+                changed
+            });
+            reply(StatusCode::OK, json!({ "version": v }))
+        }
+        // An id the store does not know (or a heartbeat that did not land) keeps no
+        // entry: a stream of made-up ids must not grow the map.
+        Ok(None) => {
+            lock(&shared.heartbeats).remove(&id);
+            error(StatusCode::NOT_FOUND, "unknown member: register first")
+        }
+        Err(e) => {
+            lock(&shared.heartbeats).remove(&id);
+            store_error(shared, e)
+        }
+    }
+}
+
+async fn deregister(shared: &Arc<Shared>, id: &str) -> Res {
+    let id = id.to_string();
+    let now = now_ms();
+    let gone = id.clone();
+    match shared.db(move |s| s.deregister(&gone, now)).await {
+        Ok(Some(v)) => {
+            lock(&shared.heartbeats).remove(&id);
+            shared.version.send_replace(v);
+            reply(StatusCode::OK, json!({ "version": v }))
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, "unknown member"),
+        Err(e) => store_error(shared, e),
+    }
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let metrics = shared.metrics.connections.clone();
+    http_server::serve_with("haserver", listener, stop, limits, metrics, move |req| {
         let shared = shared.clone();
         async move {
             let (route, res) = handle(shared.clone(), req).await;
@@ -694,9 +944,14 @@ mod tests {
     }
 
     impl Store for FillingStore {
-        fn register(&self, reg: &Registration, now_ms: i64) -> Result<u64, StoreError> {
+        fn register(
+            &self,
+            reg: &Registration,
+            now_ms: i64,
+            max_members: usize,
+        ) -> Result<Registered, StoreError> {
             self.write()?;
-            self.inner.register(reg, now_ms)
+            self.inner.register(reg, now_ms, max_members)
         }
         fn heartbeat(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
             self.write()?;
@@ -729,9 +984,9 @@ mod tests {
             self.write()?;
             self.inner.acquire_lease(holder, addr, now_ms, ttl_ms)
         }
-        fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
+        fn release_lease(&self, holder: &str, addr: &str) -> Result<(), StoreError> {
             self.write()?;
-            self.inner.release_lease(holder)
+            self.inner.release_lease(holder, addr)
         }
     }
 
@@ -742,6 +997,7 @@ mod tests {
             Method::POST,
             "/api/members",
             Some(body),
+            b"0123456789abcdef",
             Duration::from_secs(5),
         )
         .await
@@ -768,7 +1024,8 @@ mod tests {
             lease: Duration::from_millis(600),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let ha = HaServer::start("ha1", listener, store.clone(), timing).await?;
+        let options = Options::new(timing, mqlb_config::Secret::new("0123456789abcdef"));
+        let ha = HaServer::start("ha1", listener, store.clone(), options).await?;
         assert_eq!(register(ha.addr(), "b1").await.0, 200);
 
         store.full.store(true, Ordering::Relaxed);

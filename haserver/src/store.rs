@@ -32,9 +32,35 @@ pub struct Lease {
     pub expires_ms: i64,
 }
 
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// Recorded; the new version.
+    Done(u64),
+    /// Refused: the id is held by an up member at another address (this one); a live member
+    /// cannot be re-pointed until it deregisters or expires (issue 13's traffic hijack).
+    AddressHeld(Registration),
+    /// Refused: a new id, and the membership already has this many members.
+    Full(usize),
+}
+
+impl Registration {
+    /// Whether `other` serves at the same addresses (its pid may differ: a restart).
+    fn same_addresses(&self, other: &Registration) -> bool {
+        (&self.mqtt, &self.mqtt_v5, &self.mesh, &self.http)
+            == (&other.mqtt, &other.mqtt_v5, &other.mesh, &other.http)
+    }
+}
+
 pub trait Store: Send + Sync {
-    /// Registers (or re-registers) a member as up; returns the new version.
-    fn register(&self, reg: &Registration, now_ms: i64) -> Result<u64, StoreError>;
+    /// Registers (or re-registers) a member as up, unless it would re-point a live member or
+    /// add one beyond `max_members`.
+    fn register(
+        &self,
+        reg: &Registration,
+        now_ms: i64,
+        max_members: usize,
+    ) -> Result<Registered, StoreError>;
     /// Records a heartbeat. `None`: unknown member (it must register). A down member comes up.
     fn heartbeat(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError>;
     /// Removes a member that left on purpose; `None` if unknown.
@@ -45,8 +71,9 @@ pub trait Store: Send + Sync {
     fn cluster(&self) -> Result<ClusterView, StoreError>;
     fn version(&self) -> Result<u64, StoreError>;
     fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
-    /// Takes the primary lease if it is free, expired or already ours; renews it if ours.
-    /// Returns the lease as it stands after the attempt.
+    /// Takes the primary lease if it is free, expired or already ours (same holder *and*
+    /// address: a second server started with the same id does not renew the first one's
+    /// lease); renews it if ours. Returns the lease as it stands after the attempt.
     fn acquire_lease(
         &self,
         holder: &str,
@@ -55,7 +82,7 @@ pub trait Store: Send + Sync {
         ttl_ms: i64,
     ) -> Result<Lease, StoreError>;
     /// Gives the lease up (clean shutdown of the primary), so a backup takes over at once.
-    fn release_lease(&self, holder: &str) -> Result<(), StoreError>;
+    fn release_lease(&self, holder: &str, addr: &str) -> Result<(), StoreError>;
 }
 
 pub const SCHEMA_VERSION: i64 = 1;
@@ -155,14 +182,45 @@ fn bump(
 }
 
 impl Store for SqliteStore {
-    fn register(&self, reg: &Registration, now_ms: i64) -> Result<u64, StoreError> {
+    fn register(
+        &self,
+        reg: &Registration,
+        now_ms: i64,
+        max_members: usize,
+    ) -> Result<Registered, StoreError> {
         let mut conn = lock(&self.conn);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let known: Option<String> = tx
-            .query_row("SELECT state FROM members WHERE id = ?1", [&reg.id], |r| {
-                r.get(0)
-            })
+        let known: Option<(String, Registration)> = tx
+            .query_row(
+                "SELECT state, mqtt, mqtt_v5, mesh, http, pid FROM members WHERE id = ?1",
+                [&reg.id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        Registration {
+                            id: reg.id.clone(),
+                            mqtt: r.get(1)?,
+                            mqtt_v5: r.get(2)?,
+                            mesh: r.get(3)?,
+                            http: r.get(4)?,
+                            pid: r.get(5)?,
+                        },
+                    ))
+                },
+            )
             .optional()?;
+        match &known {
+            Some((state, current)) if state == "up" && !current.same_addresses(reg) => {
+                return Ok(Registered::AddressHeld(current.clone()));
+            }
+            Some(_) => {}
+            None => {
+                let n: i64 = tx.query_row("SELECT COUNT(*) FROM members", [], |r| r.get(0))?;
+                if n as usize >= max_members {
+                    return Ok(Registered::Full(n as usize));
+                }
+            }
+        }
         tx.execute(
             "INSERT INTO members (id, mqtt, mqtt_v5, mesh, http, pid, state, registered_ms, last_seen_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'up', ?7, ?7)
@@ -177,7 +235,7 @@ impl Store for SqliteStore {
         };
         let v = bump(&tx, &reg.id, kind, now_ms)?;
         tx.commit()?;
-        Ok(v)
+        Ok(Registered::Done(v))
     }
 
     fn heartbeat(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
@@ -339,7 +397,7 @@ impl Store for SqliteStore {
             )
             .optional()?;
         let lease = match current {
-            Some(l) if l.holder != holder && l.expires_ms > now_ms => l,
+            Some(l) if (l.holder != holder || l.addr != addr) && l.expires_ms > now_ms => l,
             _ => {
                 let l = Lease {
                     holder: holder.to_string(),
@@ -358,11 +416,11 @@ impl Store for SqliteStore {
         Ok(lease)
     }
 
-    fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
+    fn release_lease(&self, holder: &str, addr: &str) -> Result<(), StoreError> {
         let conn = lock(&self.conn);
         conn.execute(
-            "DELETE FROM lease WHERE name = 'primary' AND holder = ?1",
-            [holder],
+            "DELETE FROM lease WHERE name = 'primary' AND holder = ?1 AND addr = ?2",
+            [holder, addr],
         )?;
         Ok(())
     }
@@ -394,8 +452,8 @@ mod tests {
     #[test]
     fn membership_lifecycle_bumps_the_version_and_logs_events() -> Result<(), StoreError> {
         let s = SqliteStore::in_memory()?;
-        assert_eq!(s.register(&reg("b1"), 1_000)?, 1);
-        assert_eq!(s.register(&reg("b2"), 1_000)?, 2);
+        assert_eq!(s.register(&reg("b1"), 1_000, 10)?, Registered::Done(1));
+        assert_eq!(s.register(&reg("b2"), 1_000, 10)?, Registered::Done(2));
         assert_eq!(
             s.heartbeat("b1", 2_000)?,
             Some(2),
@@ -471,14 +529,97 @@ mod tests {
             "ha2",
             "expired: taken over"
         );
-        s.release_lease("ha1")?; // not the holder: no effect
+        s.release_lease("ha1", "a1")?; // not the holder: no effect
         assert_eq!(s.acquire_lease("ha1", "a1", 5_002, 3_000)?.holder, "ha2");
-        s.release_lease("ha2")?;
+        s.release_lease("ha2", "elsewhere")?; // the holder's id at another address: neither
+        assert_eq!(s.acquire_lease("ha1", "a1", 5_002, 3_000)?.holder, "ha2");
+        s.release_lease("ha2", "a2")?;
         assert_eq!(
             s.acquire_lease("ha1", "a1", 5_003, 3_000)?.holder,
             "ha1",
             "released: free"
         );
+        Ok(())
+    }
+
+    /// Issue 13: a second server started by mistake with the id of the primary must not renew
+    /// (and so share) the primary's lease.
+    #[test]
+    fn the_same_id_at_another_address_does_not_share_the_lease() -> Result<(), StoreError> {
+        let s = SqliteStore::in_memory()?;
+        assert_eq!(s.acquire_lease("ha1", "a1", 0, 3_000)?.addr, "a1");
+        let l = s.acquire_lease("ha1", "a9", 1_000, 3_000)?;
+        assert_eq!(
+            (l.addr.as_str(), l.expires_ms),
+            ("a1", 3_000),
+            "not taken, not renewed"
+        );
+        assert_eq!(
+            s.acquire_lease("ha1", "a1", 2_000, 3_000)?.expires_ms,
+            5_000
+        );
+        assert_eq!(
+            s.acquire_lease("ha1", "a9", 5_001, 3_000)?.addr,
+            "a9",
+            "expired: free for anyone"
+        );
+        Ok(())
+    }
+
+    /// Issue 13: a registration re-pointing a live member is refused; once it is down or gone
+    /// (expired, deregistered), or at the same addresses (a restart), it is accepted.
+    #[test]
+    fn a_live_member_cannot_be_re_pointed() -> Result<(), StoreError> {
+        let s = SqliteStore::in_memory()?;
+        let at = |id: &str, mqtt: &str| Registration {
+            mqtt: mqtt.into(),
+            ..reg(id)
+        };
+        assert_eq!(s.register(&reg("b1"), 1_000, 10)?, Registered::Done(1));
+        let trap = at("b1", "127.0.0.1:30950");
+        assert_eq!(
+            s.register(&trap, 1_100, 10)?,
+            Registered::AddressHeld(reg("b1"))
+        );
+        let moved_mesh = Registration {
+            mesh: Some("127.0.0.1:30951".into()),
+            ..reg("b1")
+        };
+        assert!(matches!(
+            s.register(&moved_mesh, 1_100, 10)?,
+            Registered::AddressHeld(_)
+        ));
+        let restarted = Registration {
+            pid: Some(42),
+            ..reg("b1")
+        };
+        assert_eq!(s.register(&restarted, 1_200, 10)?, Registered::Done(2));
+        assert_eq!(s.cluster()?.members[0].reg.mqtt, "127.0.0.1:1883");
+        // Down (expired): the id may move.
+        assert!(s.expire(9_000, after(9_000, 3_000, 60_000))?.is_some());
+        assert_eq!(s.register(&trap, 9_100, 10)?, Registered::Done(4));
+        // Deregistered: the id may move.
+        assert!(s.deregister("b1", 9_200)?.is_some());
+        assert_eq!(s.register(&reg("b1"), 9_300, 10)?, Registered::Done(6));
+        Ok(())
+    }
+
+    #[test]
+    fn registrations_beyond_max_members_are_refused_re_registrations_are_not(
+    ) -> Result<(), StoreError> {
+        let s = SqliteStore::in_memory()?;
+        for i in 0..3 {
+            assert!(matches!(
+                s.register(&reg(&format!("b{i}")), 1_000, 3)?,
+                Registered::Done(_)
+            ));
+        }
+        assert_eq!(s.register(&reg("b3"), 1_000, 3)?, Registered::Full(3));
+        assert!(matches!(
+            s.register(&reg("b0"), 1_100, 3)?,
+            Registered::Done(_)
+        ));
+        assert_eq!(s.cluster()?.members.len(), 3);
         Ok(())
     }
 
@@ -489,7 +630,7 @@ mod tests {
         let path = dir.join("ha.sqlite");
         {
             let s = SqliteStore::open(&path)?;
-            s.register(&reg("b1"), 1)?;
+            s.register(&reg("b1"), 1, 10)?;
         }
         let s = SqliteStore::open(&path)?;
         assert_eq!(s.version()?, 1);

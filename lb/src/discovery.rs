@@ -10,6 +10,7 @@ use std::time::Duration;
 use mqlb_config::{Backend, Config, MqttPorts};
 use mqlb_haserver::model::{ClusterView, MemberState};
 use mqlb_haserver::HaClient;
+use tokio_util::sync::CancellationToken;
 
 use crate::Lb;
 
@@ -49,12 +50,17 @@ pub fn with_members(mut config: Config, view: &ClusterView) -> Config {
     config
 }
 
-/// Follows the membership with long-polls and applies each change.
-pub(crate) async fn follow(lb: Lb, client: HaClient) {
+/// Follows the membership with long-polls and applies each change, until `stopping` fires
+/// (at once: a long-poll in flight is dropped, not waited for).
+pub(crate) async fn follow(lb: Lb, client: HaClient, stopping: CancellationToken) {
     let mut since = None;
     let mut failing = false;
     loop {
-        match client.cluster(since, Duration::from_secs(20)).await {
+        let view = tokio::select! {
+            _ = stopping.cancelled() => return,
+            v = client.cluster(since, Duration::from_secs(20)) => v,
+        };
+        match view {
             Ok(view) => {
                 if failing {
                     tracing::info!("HA server answers again");
@@ -79,11 +85,11 @@ pub(crate) async fn follow(lb: Lb, client: HaClient) {
                     tracing::warn!(error = %e, "HA server unreachable; keeping the last membership");
                 }
                 failing = true;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
-        }
-        if lb.is_stopping() {
-            return;
         }
     }
 }
@@ -113,6 +119,8 @@ mod tests {
     fn discovery_pools_take_the_up_members_and_others_keep_theirs() {
         let cfg = Config::parse(
             r#"
+[cluster]
+secret = "0123456789abcdef-test"
 [[haserver]]
 id = "ha1"
 listen = "127.0.0.1:8082"

@@ -241,8 +241,18 @@ impl Lb {
         }
         let cfg = lb.config();
         if cfg.pools.iter().any(|p| p.discovery) && !cfg.ha.servers.is_empty() {
-            let client = HaClient::new(cfg.ha.servers.iter().map(|h| h.listen).collect());
-            tokio::spawn(crate::discovery::follow(lb.clone(), client));
+            let servers = cfg.ha.servers.iter().map(|h| h.listen).collect();
+            // The HA servers authenticate every request with the cluster secret.
+            match cfg.cluster.secret.clone() {
+                Some(secret) => {
+                    let client = HaClient::new(servers, secret);
+                    let stopping = lb.inner.shared.stopping.clone();
+                    tokio::spawn(crate::discovery::follow(lb.clone(), client, stopping));
+                }
+                None => tracing::error!(
+                    "discovery = \"haserver\" needs [cluster] secret; the pools keep their static backends"
+                ),
+            }
         }
         tracing::info!(admin = %admin_addr, frontends = ?lb.frontend_addrs(), "load balancer started");
         Ok(lb)

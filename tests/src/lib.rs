@@ -319,10 +319,25 @@ pub async fn http_body(
     path: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, String)> {
+    http_with_headers(addr, method, path, &[], body).await
+}
+
+/// An HTTP/1.1 request with extra headers and a body; returns (status, body).
+pub async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     s.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
             body.len()
         )
         .as_bytes(),
@@ -344,6 +359,70 @@ pub async fn http_body(
         .and_then(|s| s.parse().ok())
         .context("no status code")?;
     Ok((status, body.to_string()))
+}
+
+/// The headers that authenticate a request to the HA server (DESIGN.md, "Security"), computed
+/// here independently of mqlb's own client: `X-Mqlb-Time` (Unix ms), `X-Mqlb-Nonce` (unique per
+/// call) and `X-Mqlb-Signature`, the hex HMAC-SHA256 with `secret` of
+/// `mqlb-ha-v1\n{METHOD}\n{path?query}\n{time}\n{nonce}\n{body}`.
+pub fn ha_auth_headers(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    time_ms: i64,
+    body: &[u8],
+) -> Vec<(String, String)> {
+    use hmac::Mac;
+    static NONCES: AtomicUsize = AtomicUsize::new(0);
+    let nonce = format!(
+        "t{}-{}",
+        std::process::id(),
+        NONCES.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return Vec::new(), // HMAC takes keys of any length
+    };
+    mac.update(format!("mqlb-ha-v1\n{method}\n{path}\n{time_ms}\n{nonce}\n").as_bytes());
+    mac.update(body);
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    vec![
+        ("X-Mqlb-Time".to_string(), time_ms.to_string()),
+        ("X-Mqlb-Nonce".to_string(), nonce),
+        ("X-Mqlb-Signature".to_string(), sig),
+    ]
+}
+
+/// Now, in Unix ms (the clock the HA server's replay window uses).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A request to the HA server signed with [`TEST_SECRET`], as brokers and the LB send them.
+pub async fn ha_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
+    let headers = ha_auth_headers(TEST_SECRET.as_bytes(), method, path, unix_ms(), body);
+    http_with_headers(addr, method, path, &headers, body).await
+}
+
+/// `GET` a JSON document from the HA server, signed with [`TEST_SECRET`].
+pub async fn ha_get_json(ha: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = ha_request(ha, "GET", path, b"").await?;
+    if status != 200 {
+        bail!("GET {path}: status {status}: {body}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON"))
 }
 
 /// `GET` a JSON document from the admin server.
@@ -965,7 +1044,13 @@ pub fn fast_ha_timing() -> mqlb_haserver::Timing {
     }
 }
 
-/// Starts an HA server on an ephemeral loopback port with the SQLite file `db`.
+/// The HA server's options in tests: `timing`, the secret [`TEST_SECRET`], the defaults.
+pub fn ha_options(timing: mqlb_haserver::Timing) -> mqlb_haserver::Options {
+    mqlb_haserver::Options::new(timing, mqlb_config::Secret::new(TEST_SECRET))
+}
+
+/// Starts an HA server on an ephemeral loopback port with the SQLite file `db`, authenticating
+/// requests with [`TEST_SECRET`].
 pub async fn start_haserver(
     id: &str,
     db: &Path,
@@ -973,7 +1058,7 @@ pub async fn start_haserver(
 ) -> anyhow::Result<mqlb_haserver::HaServer> {
     let store = mqlb_haserver::SqliteStore::open(db)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    Ok(mqlb_haserver::HaServer::start(id, listener, Arc::new(store), timing).await?)
+    Ok(mqlb_haserver::HaServer::start(id, listener, Arc::new(store), ha_options(timing)).await?)
 }
 
 /// Starts an HA server on a given address (a restart on the same port).
@@ -988,7 +1073,8 @@ pub async fn start_haserver_at(
     for _ in 0..50 {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
-                return Ok(mqlb_haserver::HaServer::start(id, l, Arc::new(store), timing).await?)
+                let options = ha_options(timing);
+                return Ok(mqlb_haserver::HaServer::start(id, l, Arc::new(store), options).await?);
             }
             Err(e) => last = Some(e),
         }

@@ -272,7 +272,8 @@ async fn haserver_process_keeps_state_across_restarts() -> anyhow::Result<()> {
     std::fs::write(
         &file,
         format!(
-            "[[haserver]]\nid = \"ha1\"\nlisten = \"{addr}\"\ndb = \"{}\"\n",
+            "[cluster]\nsecret = \"{}\"\n[[haserver]]\nid = \"ha1\"\nlisten = \"{addr}\"\ndb = \"{}\"\n",
+            mqlb_tests::TEST_SECRET,
             tmp.path().join("state.sqlite").display()
         ),
     )?;
@@ -299,7 +300,7 @@ async fn haserver_process_keeps_state_across_restarts() -> anyhow::Result<()> {
     })
     .await?;
     let reg = br#"{"id":"b9","mqtt":"127.0.0.1:1883"}"#;
-    let (status, body) = mqlb_tests::http_body(addr, "POST", "/api/members", reg).await?;
+    let (status, body) = mqlb_tests::ha_request(addr, "POST", "/api/members", reg).await?;
     assert_eq!(status, 200, "{body}");
     Command::new("kill")
         .args(["-TERM", &p.0.id().to_string()])
@@ -312,7 +313,7 @@ async fn haserver_process_keeps_state_across_restarts() -> anyhow::Result<()> {
             .is_ok_and(|r| r.0 == 200)
     })
     .await?;
-    let (_, body) = http(addr, "GET", "/api/cluster").await?;
+    let (_, body) = mqlb_tests::ha_request(addr, "GET", "/api/cluster", b"").await?;
     assert!(
         body.contains("\"b9\""),
         "state survived the restart: {body}"

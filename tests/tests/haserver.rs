@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use mqlb_config::Config;
 use mqlb_lb::{Lb, Listeners};
 use mqlb_tests::{
-    fast_ha_timing, get_json, http, http_body, metric, start_haserver, start_haserver_at,
-    wait_until, Client, Cluster, QoS, TempDir,
+    fast_ha_timing, get_json, ha_get_json, ha_request, http, metric, start_haserver,
+    start_haserver_at, wait_until, Client, Cluster, QoS, TempDir, TEST_SECRET,
 };
 
 const DEADLINE: Duration = Duration::from_secs(15);
 
 async fn members(ha: SocketAddr) -> anyhow::Result<Vec<(String, String)>> {
-    let v = get_json(ha, "/api/cluster").await?;
+    let v = ha_get_json(ha, "/api/cluster").await?;
     Ok(v["members"]
         .as_array()
         .into_iter()
@@ -49,7 +49,7 @@ async fn brokers_register_a_crashed_one_is_marked_down_and_long_polls_wake() -> 
             .is_ok_and(|m| m.len() == 3 && m.iter().all(|(_, s)| s == "up"))
     })
     .await?;
-    let view = get_json(ha.addr(), "/api/cluster").await?;
+    let view = ha_get_json(ha.addr(), "/api/cluster").await?;
     let version = view["version"].as_u64().unwrap_or(0);
     assert_eq!(view["primary"], "ha1");
     assert!(view["members"][0]["mesh"]
@@ -60,10 +60,11 @@ async fn brokers_register_a_crashed_one_is_marked_down_and_long_polls_wake() -> 
     let addr = ha.addr();
     let poll = tokio::spawn(async move {
         let start = Instant::now();
-        let r = http(
+        let r = ha_request(
             addr,
             "GET",
             &format!("/api/cluster?since={version}&wait_ms=10000"),
+            b"",
         )
         .await;
         (start.elapsed(), r)
@@ -104,7 +105,7 @@ async fn brokers_register_a_crashed_one_is_marked_down_and_long_polls_wake() -> 
             .is_ok_and(|m| !m.iter().any(|(id, _)| id == "n2"))
     })
     .await?;
-    let events = get_json(ha.addr(), "/api/events").await?;
+    let events = ha_get_json(ha.addr(), "/api/events").await?;
     let kinds: Vec<String> = events
         .as_array()
         .into_iter()
@@ -126,7 +127,7 @@ async fn bad_requests_get_clear_errors_and_never_corrupt_state() -> anyhow::Resu
     let dir = TempDir::new("ha-bad")?;
     let ha = start_haserver("ha1", &dir.path().join("ha.sqlite"), fast_ha_timing()).await?;
     let a = ha.addr();
-    let client = mqlb_haserver::HaClient::new(vec![a]);
+    let client = mqlb_haserver::HaClient::new(vec![a], mqlb_config::Secret::new(TEST_SECRET));
     let good = mqlb_haserver::model::Registration {
         id: "b1".into(),
         mqtt: "127.0.0.1:1883".into(),
@@ -136,10 +137,10 @@ async fn bad_requests_get_clear_errors_and_never_corrupt_state() -> anyhow::Resu
         pid: None,
     };
     client.register(&good).await?;
-    let before = get_json(a, "/api/cluster").await?;
+    let before = ha_get_json(a, "/api/cluster").await?;
 
     let post =
-        |path: &'static str, body: Vec<u8>| async move { http_body(a, "POST", path, &body).await };
+        |path: &'static str, body: Vec<u8>| async move { ha_request(a, "POST", path, &body).await };
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("not JSON", b"{id: b2".to_vec(), 400),
         (
@@ -184,8 +185,8 @@ async fn bad_requests_get_clear_errors_and_never_corrupt_state() -> anyhow::Resu
         }
     }
     assert!(refused >= 45, "only {refused} of 50 refused");
-    assert_eq!(http(a, "GET", "/api/nothing").await?.0, 404);
-    let after = get_json(a, "/api/cluster").await?;
+    assert_eq!(ha_request(a, "GET", "/api/nothing", b"").await?.0, 404);
+    let after = ha_get_json(a, "/api/cluster").await?;
     assert_eq!(
         members(a).await?,
         vec![("b1".to_string(), "up".to_string())]
@@ -221,6 +222,7 @@ async fn lb_follows_membership_and_survives_the_ha_server() -> anyhow::Result<()
     let cfg = Config::parse(
         &format!(
             "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n\
+             [cluster]\nsecret = \"{TEST_SECRET}\"\n\
              [[haserver]]\nid = \"ha1\"\nlisten = \"{ha_addr}\"\n\
              [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
              [[pool]]\nname = \"brokers\"\nprobe = \"p\"\ndiscovery = \"haserver\"\n\
@@ -281,7 +283,7 @@ async fn lb_follows_membership_and_survives_the_ha_server() -> anyhow::Result<()
     assert_eq!(to_n3(), before, "no connection went to the crashed broker");
 
     // The HA server dies: the LB and the brokers keep serving on the last membership.
-    let version_before = get_json(ha_addr, "/api/cluster").await?["version"]
+    let version_before = ha_get_json(ha_addr, "/api/cluster").await?["version"]
         .as_u64()
         .unwrap_or(0);
     ha.abort();
@@ -303,7 +305,7 @@ async fn lb_follows_membership_and_survives_the_ha_server() -> anyhow::Result<()
 
     // It comes back on the same database and port: nothing lost, the brokers heartbeat again.
     let ha = start_haserver_at("ha1", &db, ha_addr, timing).await?;
-    let view = get_json(ha_addr, "/api/cluster").await?;
+    let view = ha_get_json(ha_addr, "/api/cluster").await?;
     assert!(
         view["version"].as_u64() >= Some(version_before),
         "version survived: {view}"
@@ -422,7 +424,7 @@ async fn a_restarted_primary_gives_every_member_a_grace_period() -> anyhow::Resu
             .is_ok_and(|m| m.len() == 2 && m.iter().all(|(_, s)| s == "up"))
     })
     .await?;
-    let seq_before = get_json(ha_addr, "/api/events?limit=10000")
+    let seq_before = ha_get_json(ha_addr, "/api/events?limit=10000")
         .await?
         .as_array()
         .and_then(|a| a.last().and_then(|e| e["seq"].as_i64()))
@@ -445,7 +447,7 @@ async fn a_restarted_primary_gives_every_member_a_grace_period() -> anyhow::Resu
     }
     assert!(polls > 20, "only {polls} polls");
     // The event log agrees: nobody went down, not even between two polls.
-    let events = get_json(ha_addr, &format!("/api/events?after={seq_before}")).await?;
+    let events = ha_get_json(ha_addr, &format!("/api/events?after={seq_before}")).await?;
     let downs: Vec<&serde_json::Value> = events
         .as_array()
         .into_iter()
@@ -480,7 +482,7 @@ async fn heartbeats_of_unknown_or_departed_members_leave_no_state() -> anyhow::R
             tokio::spawn(async move {
                 for i in (k..IDS).step_by(8) {
                     let path = format!("/api/members/ghost-{i}/heartbeat");
-                    if let Ok((404, _)) = http_body(a, "POST", &path, b"").await {
+                    if let Ok((404, _)) = ha_request(a, "POST", &path, b"").await {
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -503,7 +505,7 @@ async fn heartbeats_of_unknown_or_departed_members_leave_no_state() -> anyhow::R
     );
 
     // A member that registered, heartbeat and left is forgotten too.
-    let client = mqlb_haserver::HaClient::new(vec![a]);
+    let client = mqlb_haserver::HaClient::new(vec![a], mqlb_config::Secret::new(TEST_SECRET));
     let reg = mqlb_haserver::model::Registration {
         id: "b1".into(),
         mqtt: "127.0.0.1:1883".into(),
@@ -519,5 +521,84 @@ async fn heartbeats_of_unknown_or_departed_members_leave_no_state() -> anyhow::R
     })
     .await?;
     ha.stop().await;
+    Ok(())
+}
+
+/// Issue 13: two HA servers with the same id on one database both acted as primary (the second
+/// "renewed" the first one's lease). The second must not become primary while the first holds
+/// the lease, and the first stays primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ha_server_with_the_same_id_does_not_become_primary() -> anyhow::Result<()> {
+    let dir = TempDir::new("ha-same-id")?;
+    let db = dir.path().join("ha.sqlite");
+    let timing = fast_ha_timing();
+    let first = start_haserver("ha1", &db, timing).await?;
+    assert!(first.is_primary());
+    match start_haserver("ha1", &db, timing).await {
+        Err(e) => {
+            let text = format!("{e:#}");
+            assert!(text.contains(&first.addr().to_string()), "{text}");
+        }
+        Ok(second) => {
+            let became = wait_until("the second acts as primary", timing.lease * 3, || async {
+                second.is_primary()
+            })
+            .await
+            .is_ok();
+            second.abort();
+            assert!(!became, "a second server with the same id became primary");
+        }
+    }
+    let watched = Instant::now();
+    while watched.elapsed() < timing.lease * 2 {
+        assert!(first.is_primary(), "the first lost the lease");
+        assert_eq!(role(first.addr()).await.as_deref(), Some("primary"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.stop().await;
+    Ok(())
+}
+
+/// Issue 14, item 11: the LB's membership watch ignored shutdown and kept its long-poll (and
+/// the LB) alive for up to ~20 s after it. It must end with the LB: here the "HA server" takes
+/// the long-poll and never answers; the LB's connection to it closes as soon as the LB stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_membership_watch_ends_when_the_lb_stops() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let ha_addr = silent.local_addr()?;
+    let cfg = Config::parse(
+        &format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n\
+             [cluster]\nsecret = \"{TEST_SECRET}\"\n\
+             [[haserver]]\nid = \"ha1\"\nlisten = \"{ha_addr}\"\n\
+             [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"brokers\"\ndiscovery = \"haserver\"\n\
+             [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\n"
+        ),
+        "test",
+    )?;
+    let lb = Lb::start(cfg, Listeners::default()).await?;
+    let (mut watch, _) = tokio::time::timeout(DEADLINE, silent.accept()).await??;
+    lb.shutdown().await;
+    let stopped = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match watch.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the request itself
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the LB's long-poll was still open 3 s after it stopped"
+    );
+    eprintln!(
+        "membership watch closed {:?} after the LB stopped",
+        stopped.elapsed()
+    );
     Ok(())
 }

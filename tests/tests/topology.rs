@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use mqlb_lb::select::{backend_hash, rendezvous_order, Candidate, Key};
-use mqlb_tests::{connections, get_json, wait_until, Client, QoS, Topology};
+use mqlb_tests::{connections, get_json, ha_get_json, wait_until, Client, QoS, Topology};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -279,7 +279,7 @@ async fn a_hung_broker_is_marked_down_in_time_and_avoided() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ha_server_dies_and_failover_still_works() -> anyhow::Result<()> {
     let mut t = Topology::start(3).await?;
-    let version = get_json(t.ha, "/api/cluster").await?["version"]
+    let version = ha_get_json(t.ha, "/api/cluster").await?["version"]
         .as_u64()
         .unwrap_or(0);
     t.kill("ha1")?;
@@ -320,7 +320,7 @@ async fn the_ha_server_dies_and_failover_still_works() -> anyhow::Result<()> {
     .await?;
     // The HA server returns with its state.
     t.restart("ha1").await?;
-    let view = get_json(t.ha, "/api/cluster").await?;
+    let view = ha_get_json(t.ha, "/api/cluster").await?;
     assert!(view["version"].as_u64() >= Some(version), "{view}");
     let ids: HashSet<String> = view["members"]
         .as_array()
