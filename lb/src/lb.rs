@@ -381,7 +381,9 @@ impl Lb {
         }
         let shared = &self.inner.shared;
         let next = Snapshot::build(config, Some(&shared.snapshot.load()));
+        let gone = shared.snapshot.load().departed(&next);
         shared.snapshot.store(Arc::new(next));
+        shared.metrics.forget(&gone);
         for f in &plan.resize {
             if let Some(o) = control.frontends.get_mut(&f.name) {
                 let backlog = i32::try_from(f.backlog.get()).unwrap_or(i32::MAX);
@@ -504,13 +506,6 @@ impl Lb {
             });
             if !keep {
                 task.stop.cancel();
-                if !wanted.contains_key(key) {
-                    // Gone from the config: its series go too.
-                    let m = &shared.metrics;
-                    if let Err(e) = m.backend_up.remove_label_values(&[&key.0, &key.1]) {
-                        tracing::debug!(error = %e, "no backend_up series to remove");
-                    }
-                }
             }
             keep
         });

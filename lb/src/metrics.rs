@@ -129,6 +129,34 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Removes every series of members that left (their label values are known: the outcome,
+    /// direction and probe-result label sets are closed).
+    pub fn forget(&self, gone: &crate::snapshot::Departed) {
+        for (pool, backend) in &gone.pool_members {
+            let pb = [pool.as_str(), backend.as_str()];
+            self.backend_up.remove_label_values(&pb).ok();
+            self.probe_duration.remove_label_values(&pb).ok();
+            self.passive_failures_total.remove_label_values(&pb).ok();
+            for result in crate::probe::RESULTS {
+                self.probes_total
+                    .remove_label_values(&[pool.as_str(), backend.as_str(), result])
+                    .ok();
+            }
+        }
+        for (rule, backend) in &gone.rule_members {
+            let (r, b) = (rule.as_str(), backend.as_str());
+            self.connections_active.remove_label_values(&[r, b]).ok();
+            for outcome in crate::proxy::Outcome::ALL {
+                self.connections_total
+                    .remove_label_values(&[r, b, outcome.label()])
+                    .ok();
+            }
+            for direction in ["in", "out"] {
+                self.bytes_total.remove_label_values(&[r, b, direction]).ok();
+            }
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::new();

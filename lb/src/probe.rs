@@ -34,6 +34,17 @@ pub enum ProbeError {
     Mqtt(String),
 }
 
+/// Every `result` label of `mqlb_probes_total`: "ok" and each [`ProbeError::label`].
+pub const RESULTS: [&str; 7] = [
+    "ok",
+    "timeout",
+    "connect_error",
+    "bad_status",
+    "http_error",
+    "mqtt_refused",
+    "mqtt_error",
+];
+
 impl ProbeError {
     pub fn label(&self) -> &'static str {
         match self {
@@ -187,5 +198,25 @@ pub(crate) async fn run(
             None => {}
         }
         up_gauge.set(i64::from(state.is_up()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_probe_error_label_is_listed() {
+        let io = || std::io::Error::other("x");
+        for e in [
+            ProbeError::Timeout(Duration::ZERO),
+            ProbeError::Connect(io()),
+            ProbeError::HttpStatus(500),
+            ProbeError::Http(String::new()),
+            ProbeError::MqttRefused(5),
+            ProbeError::Mqtt(String::new()),
+        ] {
+            assert!(RESULTS.contains(&e.label()), "{e}");
+        }
     }
 }

@@ -46,6 +46,18 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Closed,
+        Outcome::ClientError,
+        Outcome::BackendError,
+        Outcome::IdleTimeout,
+        Outcome::BackendDown,
+        Outcome::Shutdown,
+        Outcome::ConnectFailed,
+        Outcome::NoBackend,
+        Outcome::Rejected,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Closed => "closed",

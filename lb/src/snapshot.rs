@@ -4,7 +4,7 @@
 //! state is carried over for unchanged backends), then published in a single `ArcSwap`, so
 //! the set of backends and their health can never be seen torn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -131,6 +131,15 @@ impl RuleRt {
     }
 }
 
+/// Label pairs that left with a new snapshot ([`Snapshot::departed`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Departed {
+    /// (pool, backend): `mqlb_backend_up`, the probe series, passive failures.
+    pub pool_members: Vec<(String, String)>,
+    /// (rule, backend): connection and byte series.
+    pub rule_members: Vec<(String, String)>,
+}
+
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<Config>,
@@ -188,6 +197,36 @@ impl Snapshot {
             pools,
             rules,
         }
+    }
+
+    /// The (pool, backend) and (rule, backend) label pairs of `self` that `next` no longer
+    /// has: their metric series go with them, or the LB's memory grows with every member that
+    /// ever came and went.
+    pub fn departed(&self, next: &Snapshot) -> Departed {
+        let pairs = |s: &Snapshot| -> (HashSet<(String, String)>, HashSet<(String, String)>) {
+            let mut pools = HashSet::new();
+            let mut rules = HashSet::new();
+            for p in &s.pools {
+                for m in &p.members {
+                    pools.insert((p.cfg.name.clone(), m.cfg.id.clone()));
+                }
+            }
+            for r in s.rules.values() {
+                for m in &r.pool.members {
+                    rules.insert((r.cfg.name.clone(), m.cfg.id.clone()));
+                }
+            }
+            (pools, rules)
+        };
+        let (old_pools, old_rules) = pairs(self);
+        let (new_pools, new_rules) = pairs(next);
+        let mut d = Departed {
+            pool_members: old_pools.difference(&new_pools).cloned().collect(),
+            rule_members: old_rules.difference(&new_rules).cloned().collect(),
+        };
+        d.pool_members.sort();
+        d.rule_members.sort();
+        d
     }
 
     pub fn pool(&self, name: &str) -> Option<&Arc<PoolRt>> {
@@ -259,6 +298,24 @@ pool = "p"
             &s2.pools[0].member("b").expect("b").state
         ));
         assert_eq!(s3.rules["f"].pool.members.len(), 2);
+    }
+
+    #[test]
+    fn departed_members_are_those_the_next_snapshot_lacks() {
+        let with_c = Snapshot::build(
+            cfg("[[pool.backend]]\nid = \"c\"\naddr = \"127.0.0.1:1003\""),
+            None,
+        );
+        let without = Snapshot::build(cfg(""), Some(&with_c));
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            with_c.departed(&without),
+            Departed {
+                pool_members: vec![pair("p", "c")],
+                rule_members: vec![pair("r", "c")],
+            }
+        );
+        assert_eq!(without.departed(&with_c), Departed::default());
     }
 
     trait WithAddr {

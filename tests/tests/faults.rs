@@ -488,3 +488,59 @@ async fn only_mqtt_reaches_a_broker_and_refusals_say_why() -> anyhow::Result<()>
     lb.shutdown().await;
     Ok(())
 }
+
+/// Defect 6 (LB): the metric series of backends that left stayed forever (2 000 members that
+/// came and went left 34 162 series). Now a member's series leave with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_series_leave_with_their_backends() -> anyhow::Result<()> {
+    let backend = hello_server()?;
+    let members = |round: usize| {
+        let mut t = format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+             [[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"p\"\nprobe = \"t\"\n"
+        );
+        for i in 0..3 {
+            t += &format!("[[pool.backend]]\nid = \"gen{round}-{i}\"\naddr = \"{backend}\"\n");
+        }
+        t + "[[probe]]\nname = \"t\"\nport = \"traffic\"\ninterval = \"1h\"\ntimeout = \"500ms\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\ndistribution = \"round-robin\"\n"
+    };
+    let lb = Lb::start(Config::parse(&members(0), "test")?, Listeners::default()).await?;
+    let front = lb.frontend_addr("f").context("frontend")?;
+    const ROUNDS: usize = 20;
+    for round in 0..ROUNDS {
+        if round > 0 {
+            lb.apply(Config::parse(&members(round), "test")?).await?;
+        }
+        // Every series kind exists for this round's members: probes, connections, bytes.
+        for _ in 0..3 {
+            assert_eq!(answer(front).await?, "hi");
+        }
+        wait_until("this round's series", DEADLINE, || {
+            let text = lb.metrics_text();
+            async move {
+                (0..3).all(|i| {
+                    let b = format!("gen{round}-{i}");
+                    metric(&text, "mqlb_probes_total", &[("backend", &b)]) >= 1.0
+                        && metric(&text, "mqlb_connections_total", &[("backend", &b)]) >= 1.0
+                })
+            }
+        })
+        .await?;
+    }
+    let text = lb.metrics_text();
+    let current = format!("backend=\"gen{}-", ROUNDS - 1);
+    let stale: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("backend=\"gen") && !l.contains(&current))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} series of departed backends, e.g. {:?}",
+        stale.len(),
+        stale.first()
+    );
+    lb.shutdown().await;
+    Ok(())
+}
