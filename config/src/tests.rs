@@ -219,7 +219,9 @@ fn every_example_file_validates() {
         }
     }
     assert_eq!(checked, 3, "expected 3 example files in {}", dir.display());
-    Config::builtin().expect("built-in default is valid");
+    let builtin = Config::builtin().expect("built-in default is valid");
+    // `mqlb up`'s clients of a hung broker reconnect elsewhere at once, not after their keep alive.
+    assert!(builtin.rules.iter().all(|r| r.close_on_backend_down));
 }
 
 #[test]

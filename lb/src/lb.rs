@@ -381,9 +381,17 @@ impl Lb {
         }
         let shared = &self.inner.shared;
         let next = Snapshot::build(config, Some(&shared.snapshot.load()));
-        let gone = shared.snapshot.load().departed(&next);
+        let (gone, left) = {
+            let now = shared.snapshot.load();
+            (now.departed(&next), now.left_behind(&next))
+        };
         shared.snapshot.store(Arc::new(next));
         shared.metrics.forget(&gone);
+        // A backend that left the pool is down for the connections it still has.
+        for state in left {
+            state.retire();
+            shared.conns.backend_went_down(&state);
+        }
         for f in &plan.resize {
             if let Some(o) = control.frontends.get_mut(&f.name) {
                 let backlog = i32::try_from(f.backlog.get()).unwrap_or(i32::MAX);

@@ -152,7 +152,9 @@ impl Metrics {
                     .ok();
             }
             for direction in ["in", "out"] {
-                self.bytes_total.remove_label_values(&[r, b, direction]).ok();
+                self.bytes_total
+                    .remove_label_values(&[r, b, direction])
+                    .ok();
             }
         }
     }

@@ -203,7 +203,8 @@ impl Snapshot {
     /// has: their metric series go with them, or the LB's memory grows with every member that
     /// ever came and went.
     pub fn departed(&self, next: &Snapshot) -> Departed {
-        let pairs = |s: &Snapshot| -> (HashSet<(String, String)>, HashSet<(String, String)>) {
+        type Pairs = HashSet<(String, String)>;
+        let pairs = |s: &Snapshot| -> (Pairs, Pairs) {
             let mut pools = HashSet::new();
             let mut rules = HashSet::new();
             for p in &s.pools {
@@ -227,6 +228,22 @@ impl Snapshot {
         d.pool_members.sort();
         d.rule_members.sort();
         d
+    }
+
+    /// The backend states of `self` that `next` does not carry: members that left, or came
+    /// back as another server (new address).
+    pub(crate) fn left_behind(&self, next: &Snapshot) -> Vec<Arc<BackendState>> {
+        let kept: Vec<&Arc<BackendState>> = next
+            .pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(|m| &m.state))
+            .collect();
+        self.pools
+            .iter()
+            .flat_map(|p| p.members.iter().map(|m| &m.state))
+            .filter(|s| !kept.iter().any(|k| Arc::ptr_eq(k, s)))
+            .cloned()
+            .collect()
     }
 
     pub fn pool(&self, name: &str) -> Option<&Arc<PoolRt>> {
@@ -316,6 +333,10 @@ pool = "p"
             }
         );
         assert_eq!(without.departed(&with_c), Departed::default());
+        let left = with_c.left_behind(&without);
+        assert_eq!(left.len(), 1);
+        let c = &with_c.pools[0].member("c").expect("c").state;
+        assert!(Arc::ptr_eq(&left[0], c));
     }
 
     trait WithAddr {

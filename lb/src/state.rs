@@ -100,6 +100,13 @@ impl BackendState {
         t
     }
 
+    /// The backend left the pool (removed from the config, or reported down by the HA
+    /// server): no snapshot refers to this state any more, only its live connections, which
+    /// see it down and end under `close_on_backend_down`.
+    pub(crate) fn retire(&self) {
+        self.up.store(false, Ordering::Release);
+    }
+
     pub(crate) fn record_probe(&self, rec: ProbeRecord) {
         *lock(&self.last_probe) = Some(rec);
     }

@@ -74,7 +74,7 @@ impl TopologyFile {
         toml += &format!(
             "[[probe]]\nname = \"mqtt\"\nprotocol = \"mqtt\"\nport = \"traffic\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nthreshold = 1\n\
              [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\ndistribution = \"mqtt-client-id\"\n\
-             idle_timeout = \"2m\"\nmqtt_keep_alive = \"30s\"\n\
+             idle_timeout = \"2m\"\nmqtt_keep_alive = \"30s\"\nclose_on_backend_down = true\n\
              {broker_toml}\
              [ha]\nheartbeat_interval = \"250ms\"\nmember_timeout = \"1s\"\nremove_after = \"60s\"\nlease = \"1s\"\n\
              [[haserver]]\nid = \"ha1\"\nlisten = \"{ha}\"\ndb = \"{}\"\n",
