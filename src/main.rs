@@ -89,9 +89,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                // rumqttd logs routine events (every probe connection, every disconnect) as errors;
-                // `RUST_LOG=info,rumqttd=info` shows them.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
+                // rumqttd's routine events (each connection, disconnect, self-check) are patched
+                // to debug (vendor/rumqttd/PATCHED.md), so info is quiet on an idle node.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -139,29 +139,43 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn check_config(file: &PathBuf) -> ExitCode {
-    match Config::load(file) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let code = match Config::load(file) {
         Ok(cfg) => {
             for w in &cfg.warnings {
-                println!("{}: warning: {w}", file.display());
+                writeln!(out, "{}: warning: {w}", file.display()).ok();
             }
-            println!(
+            writeln!(
+                out,
                 "{}: OK ({} frontend(s), {} pool(s), {} rule(s))",
                 file.display(),
                 cfg.frontends.len(),
                 cfg.pools.len(),
                 cfg.rules.len()
-            );
+            )
+            .ok();
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("{e}");
+            writeln!(out, "{e}").ok();
             if let ConfigError::Invalid { file, warnings, .. } = &e {
                 for w in warnings {
-                    println!("  {file}: warning: {w}");
+                    writeln!(out, "  {file}: warning: {w}").ok();
                 }
             }
             ExitCode::FAILURE
         }
+    };
+    // `mqlb check-config f | head -1`: a reader that left is no error of the check's
+    // (println! would panic on the broken pipe).
+    match std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("mqlb check-config: writing the report: {e}");
+            ExitCode::FAILURE
+        }
+        _ => code,
     }
 }
 

@@ -57,6 +57,17 @@ fn non_mqtt_is_refused_or_forwarded() {
 }
 
 #[test]
+fn durations_have_an_upper_bound() {
+    let with = |d: &str| format!("{MINIMAL}idle_timeout = \"{d}\"\n");
+    assert!(Config::parse(&with("8760h"), "t.toml").is_ok());
+    for huge in ["8761h", "100000000000h", "18446744073709551615s"] {
+        let p = problems(&with(huge));
+        assert_eq!(p.len(), 1, "{huge}: {p:?}");
+        assert_eq!(p[0].key, "rule[0].idle_timeout", "{huge}");
+    }
+}
+
+#[test]
 fn unknown_keys_are_refused_with_location() {
     let err = Config::parse(&format!("{MINIMAL}\nbogus = 1\n"), "t.toml").unwrap_err();
     let msg = err.to_string();

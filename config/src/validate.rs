@@ -25,6 +25,10 @@ pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// More data threads than this is a typo, not a machine.
 pub const MAX_DATA_THREADS: u32 = 1024;
 
+/// The longest duration any key takes: timers built from longer ones would overflow clock
+/// arithmetic (`Instant + interval`) in the tasks that use them.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Collects problems while converting; each helper records and returns a fallback value so
 /// validation continues past the first error.
 struct Checker {
@@ -68,6 +72,10 @@ impl Checker {
         match parse_duration(text) {
             Ok(d) if d.is_zero() => {
                 self.error(key, "must be greater than zero");
+                default
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.error(key, "must be at most 8760h (a year)");
                 default
             }
             Ok(d) => d,

@@ -145,6 +145,9 @@ struct Inner {
     addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
     admin_stop: CancellationToken,
     source: Option<PathBuf>,
+    /// The fingerprint of the source file's content as last loaded (start, SIGHUP or the
+    /// watcher), so the watcher does not load again what a SIGHUP already did.
+    loaded: std::sync::Mutex<Option<u64>>,
     /// The data-path threads: every frontend has an accept loop on each.
     workers: Workers,
 }
@@ -218,6 +221,7 @@ impl Lb {
                 admin_addr,
                 addrs: std::sync::Mutex::new(HashMap::new()),
                 admin_stop: CancellationToken::new(),
+                loaded: std::sync::Mutex::new(source.as_ref().and_then(reload::fingerprint)),
                 source,
                 workers: Workers::start(threads).map_err(StartError::Threads)?,
             }),
@@ -297,10 +301,20 @@ impl Lb {
     pub async fn reload(&self) -> Result<(), ReloadError> {
         let result = match &self.inner.source {
             None => Err(ReloadError::NoSource),
-            Some(path) => match Config::load(path) {
-                Ok(c) => return self.apply(c).await,
-                Err(e) => Err(ReloadError::Config(e)),
-            },
+            Some(path) => {
+                // Read before the load: a change landing in between is seen again next poll.
+                let fingerprint = reload::fingerprint(path);
+                match Config::load(path) {
+                    Ok(c) => {
+                        let applied = self.apply(c).await;
+                        if applied.is_ok() {
+                            *lock(&self.inner.loaded) = fingerprint;
+                        }
+                        return applied;
+                    }
+                    Err(e) => Err(ReloadError::Config(e)),
+                }
+            }
         };
         if let Err(e) = &result {
             self.count_reload(false);
@@ -674,7 +688,8 @@ async fn data_path_probe(
 /// Polls the config file and reloads when its content changes (`watch_config`).
 async fn watch_file(lb: Lb, path: PathBuf) {
     let stop = lb.inner.shared.stopping.clone();
-    let mut last = reload::fingerprint(&path);
+    // The content last tried, so a refused file is not tried again until it changes.
+    let mut tried = *lock(&lb.inner.loaded);
     loop {
         let interval = reload::poll_interval(&lb.config());
         tokio::select! {
@@ -685,8 +700,8 @@ async fn watch_file(lb: Lb, path: PathBuf) {
             continue;
         }
         let now = reload::fingerprint(&path);
-        if now != last && now.is_some() {
-            last = now;
+        if reload::file_changed(now, tried, *lock(&lb.inner.loaded)) {
+            tried = now;
             tracing::info!(file = %path.display(), "config file changed; reloading");
             // `reload` logs and counts a refusal itself.
             if lb.reload().await.is_err() {

@@ -61,6 +61,13 @@ pub(crate) fn fingerprint(path: &PathBuf) -> Option<u64> {
     Some(crate::select::fnv1a(&bytes))
 }
 
+/// Whether the watcher should load the file whose content it now sees (`now`): readable, not
+/// the content it last tried (a refused file waits for its next change), and not what is
+/// loaded already (a SIGHUP may have loaded it since: it is not loaded twice).
+pub(crate) fn file_changed(now: Option<u64>, tried: Option<u64>, loaded: Option<u64>) -> bool {
+    now.is_some() && now != tried && now != loaded
+}
+
 /// The interval a watcher polls at; at least 100 ms so a typo cannot make it spin.
 pub(crate) fn poll_interval(config: &Config) -> Duration {
     config.lb.watch_interval.max(Duration::from_millis(100))
@@ -121,6 +128,25 @@ mod tests {
         assert_eq!(plan.keep, vec!["x"]);
         assert_eq!(plan.close, vec!["y"]);
         assert!(plan.open.is_empty());
+    }
+
+    #[test]
+    fn the_watcher_loads_each_new_content_once() {
+        let (a, b, c) = (Some(1), Some(2), Some(3));
+        assert!(file_changed(b, a, a), "a change is loaded");
+        assert!(
+            !file_changed(b, a, b),
+            "not when a SIGHUP loaded it already"
+        );
+        assert!(
+            !file_changed(b, b, a),
+            "a refused content waits for its next change"
+        );
+        assert!(file_changed(c, b, a), "which is loaded");
+        assert!(
+            !file_changed(None, a, a),
+            "an unreadable file is not loaded"
+        );
     }
 
     #[test]

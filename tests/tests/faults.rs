@@ -15,7 +15,7 @@ use mqlb_lb::{Lb, Listeners, StartError};
 use mqlb_tests::up::alive;
 use mqlb_tests::{
     backend_state, connections, free_port, http, metric, mqlb_bin, wait_until, Client, Mosquitto,
-    Topology, TopologyFile, Up,
+    TempDir, Topology, TopologyFile, Up,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -635,5 +635,32 @@ async fn a_backend_that_leaves_the_pool_loses_its_connections() -> anyhow::Resul
         "{text}"
     );
     lb.shutdown().await;
+    Ok(())
+}
+
+/// Defect 11: `mqlb check-config FILE | head` panicked on the broken pipe. Now a reader that
+/// left is no error: the exit code is the check's.
+#[test]
+fn check_config_into_a_closed_pipe_does_not_panic() -> anyhow::Result<()> {
+    let dir = TempDir::new("broken-pipe")?;
+    let file = dir.path().join("ok.toml");
+    std::fs::write(
+        &file,
+        "[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:1\"\n[[pool]]\nname = \"p\"\n\
+         [[pool.backend]]\nid = \"a\"\naddr = \"127.0.0.1:2\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n",
+    )?;
+    // A pipe whose reader is gone before the child writes: every write is EPIPE.
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = Command::new(mqlb_bin()?)
+        .args(["check-config"])
+        .arg(&file)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
     Ok(())
 }
