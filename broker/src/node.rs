@@ -194,6 +194,7 @@ impl Node {
         let settings = |name: &str, listen| ServerSettings {
             name: name.to_string(),
             listen,
+            backlog: n.backlog.get(),
             tls: None,
             next_connection_delay_ms: 0,
             connections: connection_settings(&n),

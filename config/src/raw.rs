@@ -65,6 +65,7 @@ pub struct RawBroker {
     pub max_connections: Option<u32>,
     pub max_payload_size: Option<u32>,
     pub max_inflight: Option<u32>,
+    pub backlog: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

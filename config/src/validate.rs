@@ -596,6 +596,7 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
                 b.max_inflight,
                 DEFAULT_MAX_INFLIGHT,
             ),
+            backlog: c.non_zero(&format!("{k}.backlog"), b.backlog, DEFAULT_BACKLOG),
         });
     }
     if raw.brokers.len() > 1 {

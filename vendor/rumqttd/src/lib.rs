@@ -109,10 +109,18 @@ impl TlsConfig {
     }
 }
 
+fn default_backlog() -> u32 {
+    1024
+}
+
 #[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct ServerSettings {
     pub name: String,
     pub listen: SocketAddr,
+    /// mqlb patch: the listen backlog (mio's `bind` uses 128, which a burst of connects
+    /// overflows).
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
