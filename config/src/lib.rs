@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub use duration::{format_duration, parse_duration};
 pub use model::*;
 pub use validate::{
-    DEFAULT_ADMIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_PORT,
+    DEFAULT_ADMIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_PORT, EXAMPLE_SECRET,
 };
 
 /// The built-in default: a loopback cluster (LB on 1883, admin on 9883, three brokers).
@@ -90,5 +90,7 @@ impl Config {
     }
 }
 
+#[cfg(test)]
+mod security_tests;
 #[cfg(test)]
 mod tests;

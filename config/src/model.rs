@@ -37,6 +37,10 @@ pub struct LbSettings {
     pub watch_interval: Duration,
     /// Data-path threads (HAProxy's `nbthread`); `None`: one per core. Fixed at start.
     pub data_threads: Option<NonZeroU32>,
+    /// The bearer token of `admin` (`admin_token_file`, read at load): needed for every write,
+    /// and off loopback for reads too (`/healthz` excepted). Without one, writes are taken only
+    /// on a loopback `admin`, and a non-loopback `admin` is refused at load.
+    pub admin_token: Option<Secret>,
 }
 
 /// A listening address (Azure: frontend IP configuration + frontend port).
@@ -295,6 +299,9 @@ pub struct BrokerNode {
     pub mesh: Option<SocketAddr>,
     /// `/metrics` and `/healthz` of the node.
     pub http: Option<SocketAddr>,
+    /// The bearer token of `http` (`http_token_file`, read at load): needed for its reads off
+    /// loopback (`/healthz` excepted) and for any write; required when `http` is not loopback.
+    pub http_token: Option<Secret>,
     pub max_connections: NonZeroU32,
     /// Largest PUBLISH payload accepted, in bytes.
     pub max_payload_size: NonZeroU32,

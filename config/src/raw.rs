@@ -65,6 +65,7 @@ pub struct RawBroker {
     pub max_connections: Option<u32>,
     pub max_payload_size: Option<u32>,
     pub max_inflight: Option<u32>,
+    pub http_token_file: Option<String>,
     pub backlog: Option<u32>,
 }
 
@@ -76,6 +77,7 @@ pub struct RawLb {
     pub watch_config: Option<bool>,
     pub watch_interval: Option<String>,
     pub data_threads: Option<u32>,
+    pub admin_token_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

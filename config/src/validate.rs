@@ -86,6 +86,40 @@ impl Checker {
         }
     }
 
+    /// The bearer token in the file at `path` (relative to the working directory, like
+    /// `haserver.db`), read now so a missing or unusable file is refused at load, not at the
+    /// first request. Surrounding whitespace (the newline of `echo ... > file`) is dropped.
+    fn token_file(&mut self, key: &str, path: Option<&str>) -> Option<Secret> {
+        let path = path?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.error(key, format!("cannot read {path:?}: {e}"));
+                return None;
+            }
+        };
+        let token = text.trim();
+        let problem = if token.is_empty() {
+            Some("is empty".to_string())
+        } else if token.len() < MIN_SECRET_LEN {
+            Some(format!(
+                "holds {} characters: a token needs at least {MIN_SECRET_LEN}",
+                token.len()
+            ))
+        } else if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            Some("holds spaces or non-ASCII characters: it travels in an HTTP header".into())
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => {
+                self.error(key, format!("{path:?} {p}"));
+                None
+            }
+            None => Some(Secret::new(token)),
+        }
+    }
+
     fn non_zero(&mut self, key: &str, value: Option<u32>, default: u32) -> NonZeroU32 {
         let fallback = NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN);
         match value {
@@ -140,6 +174,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             .lb
             .data_threads
             .map(|n| c.non_zero("lb.data_threads", Some(n), 1)),
+        admin_token: c.token_file("lb.admin_token_file", raw.lb.admin_token_file.as_deref()),
     };
     if let Some(n) = lb.data_threads.filter(|n| n.get() > MAX_DATA_THREADS) {
         c.error(
@@ -406,6 +441,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
 
     let (cluster, brokers) = validate_cluster(&mut c, &raw);
     let ha = validate_ha(&mut c, &raw);
+    refuse_exposure(&mut c, &raw, &lb, &cluster, &brokers, &ha);
 
     if c.problems.is_empty() {
         Ok(Config {
@@ -519,6 +555,54 @@ pub const DEFAULT_MAX_INFLIGHT: u32 = 100;
 /// The largest payload MQTT can carry (remaining length is at most 256 MiB).
 pub const MAX_PAYLOAD: u32 = 268_435_455;
 pub const MIN_SECRET_LEN: usize = 16;
+/// The secret of the shipped example (`mqlb up`'s default): fine on loopback, refused as soon
+/// as a bind that takes it (or an admin endpoint) is reachable from elsewhere.
+pub const EXAMPLE_SECRET: &str = "mqlb-dev-secret-change-me";
+
+/// Issue 13: control endpoints reachable from the network must have a lock. A non-loopback
+/// `lb.admin` or broker `http` needs its token file, and the example secret is refused once a
+/// mesh, HA server, admin or http bind is not loopback. Loopback needs nothing (the quick start).
+fn refuse_exposure(
+    c: &mut Checker,
+    raw: &RawConfig,
+    lb: &LbSettings,
+    cluster: &ClusterSettings,
+    brokers: &[BrokerNode],
+    ha: &HaSettings,
+) {
+    let exposed = |a: &SocketAddr| !a.ip().is_loopback();
+    // Keyed like the file; a token file that failed to load was reported already.
+    let mut binds: Vec<(String, SocketAddr)> = Vec::new();
+    if exposed(&lb.admin) && raw.lb.admin_token_file.is_none() {
+        c.error(
+            "lb.admin",
+            format!("{} is not loopback: set lb.admin_token_file (admin writes and reads need its bearer token)", lb.admin),
+        );
+    }
+    binds.push(("lb.admin".into(), lb.admin));
+    for (i, (b, rb)) in brokers.iter().zip(&raw.brokers).enumerate() {
+        if let Some(http) = b.http.filter(exposed) {
+            if rb.http_token_file.is_none() {
+                c.error(
+                    format!("broker[{i}].http"),
+                    format!("{http} is not loopback: set broker[{i}].http_token_file (its reads and writes need its bearer token)"),
+                );
+            }
+        }
+        binds.extend(b.mesh.map(|a| (format!("broker[{i}].mesh"), a)));
+        binds.extend(b.http.map(|a| (format!("broker[{i}].http"), a)));
+    }
+    for (i, h) in ha.servers.iter().enumerate() {
+        binds.push((format!("haserver[{i}].listen"), h.listen));
+    }
+    let example = cluster.secret.as_ref().map(Secret::expose) == Some(EXAMPLE_SECRET.as_bytes());
+    if let Some((key, addr)) = binds.iter().find(|(_, a)| exposed(a)).filter(|_| example) {
+        c.error(
+            "cluster.secret",
+            format!("is the example secret and {key} ({addr}) is not loopback: anyone who read the example could join the mesh and sign HA server requests; set a secret of your own (e.g. `openssl rand -hex 32`)"),
+        );
+    }
+}
 
 fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<BrokerNode>) {
     let rc = &raw.cluster;
@@ -585,6 +669,10 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
             mqtt_v5,
             mesh,
             http,
+            http_token: c.token_file(
+                &format!("{k}.http_token_file"),
+                b.http_token_file.as_deref(),
+            ),
             max_connections: c.non_zero(
                 &format!("{k}.max_connections"),
                 b.max_connections,

@@ -743,6 +743,7 @@ fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
             mqtt_v5: Some(addr(free_port()?)),
             mesh: Some(addr(free_port()?)),
             http: Some(addr(free_port()?)),
+            http_token: None,
             max_connections: std::num::NonZeroU32::new(1000).context("non-zero")?,
             max_payload_size: std::num::NonZeroU32::new(1 << 20).context("non-zero")?,
             max_inflight: std::num::NonZeroU32::new(100).context("non-zero")?,
