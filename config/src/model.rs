@@ -60,6 +60,26 @@ pub struct Pool {
     /// `backends` are used until the HA server first answers.
     pub discovery: bool,
     pub backends: Vec<Backend>,
+    /// How fast each member takes new connections (HAProxy's server `maxconn`, `maxqueue`,
+    /// `timeout queue`, `slowstart`).
+    pub admission: Admission,
+}
+
+/// Admission of new connections to each member of a pool. A burst (a failover moves thousands
+/// of devices at once) opened every backend connection at the same instant, overflowed the
+/// brokers' listen backlog and waited seconds for SYN retries, or failed over to the next broker
+/// and counted as passive failures; with a bound on connects in flight the rest wait their turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Admission {
+    /// Connects to one backend in flight at once (SYN sent, CONNECT not yet replayed).
+    pub max_pending: NonZeroU32,
+    /// Connections waiting for one of those slots; beyond, a new one is refused at once.
+    pub max_queue: u32,
+    /// The longest a connection waits in that queue before it is refused.
+    pub queue_timeout: Duration,
+    /// After a backend comes (back) up, its `max_pending` grows from 1 to the full value over
+    /// this long, so it is not flooded the instant it answers. `None`: at once.
+    pub slow_start: Option<Duration>,
 }
 
 /// One member of a pool. `id` is the stable identity the hash is computed on: keep it

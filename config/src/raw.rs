@@ -94,6 +94,10 @@ pub struct RawPool {
     pub name: String,
     pub probe: Option<String>,
     pub discovery: Option<String>,
+    pub max_pending: Option<u32>,
+    pub max_queue: Option<u32>,
+    pub queue_timeout: Option<String>,
+    pub slow_start: Option<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }

@@ -20,6 +20,11 @@ pub const DEFAULT_INSPECT_MAX_BYTES: u32 = 4096;
 pub const MAX_INSPECT_MAX_BYTES: u32 = 1 << 20;
 pub const DEFAULT_MQTT_KEEP_ALIVE: Duration = Duration::from_secs(60);
 pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Connects in flight per backend: a quarter of a broker's default listen backlog, so a burst
+/// through the LB never overflows it.
+pub const DEFAULT_MAX_PENDING: u32 = 256;
+pub const DEFAULT_MAX_QUEUE: u32 = 10_000;
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// More data threads than this is a typo, not a machine.
@@ -251,11 +256,30 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 });
             }
         }
+        let admission = Admission {
+            max_pending: c.non_zero(
+                &format!("{k}.max_pending"),
+                p.max_pending,
+                DEFAULT_MAX_PENDING,
+            ),
+            max_queue: p.max_queue.unwrap_or(DEFAULT_MAX_QUEUE),
+            queue_timeout: c.duration(
+                &format!("{k}.queue_timeout"),
+                p.queue_timeout.as_deref(),
+                DEFAULT_QUEUE_TIMEOUT,
+            ),
+            slow_start: p
+                .slow_start
+                .as_deref()
+                .map(|s| c.duration(&format!("{k}.slow_start"), Some(s), Duration::ZERO))
+                .filter(|d| !d.is_zero()),
+        };
         pools.push(Pool {
             name: p.name.clone(),
             probe,
             discovery: p.discovery.as_deref() == Some("haserver"),
             backends,
+            admission,
         });
     }
 

@@ -53,6 +53,8 @@ pub(crate) fn backends_json(shared: &Shared) -> Value {
                 "weight": m.cfg.weight.get(),
                 "state": m.state.state_name(),
                 "active_connections": m.state.active(),
+                "pending_connects": m.state.pending.pending(),
+                "queued_connects": m.state.pending.queued(),
                 "last_probe": probe,
             }));
         }

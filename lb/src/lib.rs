@@ -21,6 +21,7 @@ mod copy;
 pub mod discovery;
 mod lb;
 pub mod listener;
+pub mod pending;
 pub mod port;
 pub mod probe;
 pub mod proxy;

@@ -43,10 +43,14 @@ pub enum Outcome {
     NoBackend,
     /// The CONNECT could not be used (malformed, oversized, too slow, fallback = reject).
     Rejected,
+    /// The backend's admission queue was full (`max_queue`).
+    QueueFull,
+    /// No connect slot of the backend came free within `queue_timeout`.
+    QueueTimeout,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Closed,
         Outcome::ClientError,
         Outcome::BackendError,
@@ -56,6 +60,8 @@ impl Outcome {
         Outcome::ConnectFailed,
         Outcome::NoBackend,
         Outcome::Rejected,
+        Outcome::QueueFull,
+        Outcome::QueueTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -69,6 +75,8 @@ impl Outcome {
             Outcome::ConnectFailed => "connect_failed",
             Outcome::NoBackend => "no_backend",
             Outcome::Rejected => "rejected",
+            Outcome::QueueFull => "queue_full",
+            Outcome::QueueTimeout => "queue_timeout",
         }
     }
 }
@@ -352,10 +360,27 @@ async fn establish(
     }
 
     // 2. Connect and replay what the inspection read, trying the next choice when either
-    //    fails (nothing was sent to the client yet).
+    //    fails (nothing was sent to the client yet). Each connect waits for a slot of its
+    //    backend's admission first: a burst queues here instead of flooding the broker.
     let mut backend = None;
+    let mut outcome = Outcome::ConnectFailed;
+    let admission = &rule.pool.cfg.admission;
     for &idx in order.iter().take(cfg.max_connect_attempts.get() as usize) {
         let member = &rule.pool.members[idx];
+        let state = &member.state;
+        let _slot = match state.pending.admit(admission, || state.since_up()).await {
+            Ok(slot) => slot,
+            Err(refused) => {
+                // The backend is busy, not broken: no passive failure, and not the next
+                // backend either (the client belongs on this one); it may retry.
+                tracing::debug!(rule = cfg.name, %peer, backend = member.cfg.id, ?refused, "admission refused");
+                outcome = match refused {
+                    crate::pending::Refused::QueueFull => Outcome::QueueFull,
+                    crate::pending::Refused::QueueTimeout => Outcome::QueueTimeout,
+                };
+                break;
+            }
+        };
         let addr = member.cfg.addr_for_level(inspected.level.map(|l| l as u8));
         let attempt = connect_and_replay(addr, &inspected.buffered);
         match tokio::time::timeout(cfg.connect_timeout, attempt).await {
@@ -372,7 +397,7 @@ async fn establish(
             .level
             .and_then(|l| mqtt::connack(l, Refusal::ServerUnavailable));
         refuse(&mut client, no).await;
-        tally.end(Outcome::ConnectFailed);
+        tally.end(outcome);
         return None;
     };
     let info = Arc::new(ConnInfo::new(

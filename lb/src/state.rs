@@ -36,6 +36,10 @@ pub struct BackendState {
     active: AtomicU64,
     machine: Mutex<HealthMachine>,
     last_probe: Mutex<Option<ProbeRecord>>,
+    /// Connects in flight and waiting (the pool's admission).
+    pub pending: crate::pending::PendingGate,
+    /// When it last came back up (a probe or passive result flipped it), for slow start.
+    went_up: Mutex<Option<Instant>>,
 }
 
 impl BackendState {
@@ -46,6 +50,8 @@ impl BackendState {
             active: AtomicU64::new(0),
             machine: Mutex::new(HealthMachine::new(true)),
             last_probe: Mutex::new(None),
+            pending: crate::pending::PendingGate::default(),
+            went_up: Mutex::new(None),
         }
     }
 
@@ -93,7 +99,10 @@ impl BackendState {
     ) -> Option<Transition> {
         let t = lock(&self.machine).observe(ok, up_threshold, down_threshold);
         match t {
-            Some(Transition::WentUp) => self.up.store(true, Ordering::Release),
+            Some(Transition::WentUp) => {
+                *lock(&self.went_up) = Some(Instant::now());
+                self.up.store(true, Ordering::Release);
+            }
             Some(Transition::WentDown) => self.up.store(false, Ordering::Release),
             None => {}
         }
@@ -105,6 +114,11 @@ impl BackendState {
     /// see it down and end under `close_on_backend_down`.
     pub(crate) fn retire(&self) {
         self.up.store(false, Ordering::Release);
+    }
+
+    /// How long ago it came back up, if it ever went down and came back.
+    pub fn since_up(&self) -> Option<std::time::Duration> {
+        lock(&self.went_up).map(|t| t.elapsed())
     }
 
     pub(crate) fn record_probe(&self, rec: ProbeRecord) {

@@ -712,3 +712,77 @@ async fn a_broker_takes_a_burst_of_connects_into_its_backlog() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Defect 5, the LB's side: a burst opened every backend connection at once (no bound, no
+/// queue), overflowing the brokers' backlogs; failed connects counted against the backends.
+/// Now each backend takes `max_pending` connects in flight, `max_queue` more wait up to
+/// `queue_timeout`, the rest are refused at once; none of it is a passive failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_to_a_busy_backend_wait_in_a_bounded_queue() -> anyhow::Result<()> {
+    // A backend whose accept queue is full: the kernel drops further SYNs, so connects to it
+    // hang (as to a broker whose backlog overflowed).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.listen(1)?;
+    let backend = socket.local_addr()?.as_socket().context("address")?;
+    let mut filling = Vec::new();
+    for _ in 0..2 {
+        filling.push(std::net::TcpStream::connect(backend)?);
+    }
+    // The probe goes to another port of the same host, which answers: the backend is up.
+    let healthy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let probe_port = healthy.local_addr()?.port();
+    let toml = format!(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n\
+         [[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+         [[pool]]\nname = \"p\"\nprobe = \"t\"\nmax_pending = 2\nmax_queue = 3\nqueue_timeout = \"700ms\"\n\
+         [[pool.backend]]\nid = \"busy\"\naddr = \"{backend}\"\n\
+         [[probe]]\nname = \"t\"\nport = {probe_port}\ninterval = \"1h\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\nconnect_timeout = \"3s\"\n"
+    );
+    let lb = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+    let front = lb.frontend_addr("f").context("frontend")?;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(TcpStream::connect(front).await?);
+    }
+    let state = || async {
+        let v = mqlb_tests::get_json(lb.admin_addr(), "/api/backends").await?;
+        let b = &v[0];
+        anyhow::Ok((
+            b["pending_connects"].as_u64(),
+            b["queued_connects"].as_u64(),
+        ))
+    };
+    wait_until("2 connects in flight, 3 waiting", DEADLINE, || async {
+        state().await.is_ok_and(|s| s == (Some(2), Some(3)))
+    })
+    .await?;
+    let count = |outcome: &'static str| {
+        let lb = lb.clone();
+        move || {
+            metric(
+                &lb.metrics_text(),
+                "mqlb_connections_total",
+                &[("outcome", outcome)],
+            )
+        }
+    };
+    let (full, timed_out) = (count("queue_full"), count("queue_timeout"));
+    wait_until("3 refused at once, 3 after waiting", DEADLINE, || {
+        let (f, t) = (full(), timed_out());
+        async move { f == 3.0 && t == 3.0 }
+    })
+    .await?;
+    let text = lb.metrics_text();
+    assert_eq!(
+        metric(&text, "mqlb_backend_connect_failures_total", &[]),
+        0.0,
+        "a busy backend is not a failed one:\n{text}"
+    );
+    assert_eq!(backend_state(lb.admin_addr(), "busy").await?, "up");
+    drop(clients);
+    drop(filling);
+    lb.shutdown().await;
+    Ok(())
+}
