@@ -52,6 +52,7 @@ pub(crate) fn backends_json(shared: &Shared) -> Value {
                 "addr": m.cfg.addr.to_string(),
                 "weight": m.cfg.weight.get(),
                 "state": m.state.state_name(),
+                "why": m.state.why_not(),
                 "active_connections": m.state.active(),
                 "pending_connects": m.state.pending.pending(),
                 "queued_connects": m.state.pending.queued(),

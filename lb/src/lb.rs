@@ -53,8 +53,10 @@ impl Shared {
         state: &Arc<BackendState>,
         ok: bool,
         probe: &Probe,
+        from: crate::state::Source,
     ) -> Option<crate::health::Transition> {
-        let t = state.observe(ok, probe.up_threshold.get(), probe.down_threshold.get());
+        let (up, down) = (probe.up_threshold.get(), probe.down_threshold.get());
+        let t = state.observe(ok, up, down, from);
         if t == Some(crate::health::Transition::WentDown) {
             self.conns.backend_went_down(state);
         }

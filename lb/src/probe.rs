@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::Transition;
 use crate::lb::Shared;
 use crate::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
-use crate::state::{BackendState, ProbeRecord};
+use crate::state::{BackendState, ProbeRecord, Source};
 
 /// Why a probe failed. The `label` is the `result` of `mqlb_probes_total`.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +190,7 @@ pub(crate) async fn run(
             at: SystemTime::now(),
             duration: took,
         });
-        match shared.observe_health(&state, result.is_ok(), &probe) {
+        match shared.observe_health(&state, result.is_ok(), &probe, Source::Probe) {
             Some(Transition::WentDown) => {
                 tracing::warn!(pool, backend, %target, detail, "backend down");
             }

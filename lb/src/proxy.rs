@@ -18,7 +18,7 @@ use crate::mqtt::{self, parse_connect, ConnectError, ProtocolLevel, Refusal};
 use crate::relay::Relay;
 use crate::select::Key;
 use crate::snapshot::{Member, RuleRt};
-use crate::state::ConnInfo;
+use crate::state::{ConnInfo, Source};
 
 /// TCP keepalive on both legs, so a peer that vanished without a FIN is noticed.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -504,7 +504,7 @@ impl Tally<'_> {
             .with_label_values(&[&pool.name, &member.cfg.id])
             .inc();
         if shared
-            .observe_health(&member.state, false, &pool.probe)
+            .observe_health(&member.state, false, &pool.probe, Source::Passive)
             .is_some()
         {
             tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");

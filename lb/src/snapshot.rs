@@ -361,7 +361,9 @@ pool = "p"
         );
         let p = &s.pools[0];
         p.members[0].state.set_draining(true);
-        p.members[1].state.observe(false, 1, 1);
+        p.members[1]
+            .state
+            .observe(false, 1, 1, crate::state::Source::Probe);
         for d in [
             Distribution::FiveTuple,
             Distribution::RoundRobin,

@@ -28,6 +28,27 @@ pub struct ProbeRecord {
     pub duration: std::time::Duration,
 }
 
+/// What a health result came from: why a backend is down, as `/api/backends` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Its health probe.
+    Probe,
+    /// Failed connects of client traffic (passive health).
+    Passive,
+    /// It left the pool (removed from the config, or down in the HA server's membership).
+    Left,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Probe => "probe",
+            Source::Passive => "passive",
+            Source::Left => "left_pool",
+        }
+    }
+}
+
 /// Health and load of one backend, shared by the data path, the probe loop and the admin API.
 #[derive(Debug)]
 pub struct BackendState {
@@ -40,6 +61,8 @@ pub struct BackendState {
     pub pending: crate::pending::PendingGate,
     /// When it last came back up (a probe or passive result flipped it), for slow start.
     went_up: Mutex<Option<Instant>>,
+    /// What took it down, while it is down.
+    down_by: Mutex<Option<Source>>,
 }
 
 impl BackendState {
@@ -52,6 +75,7 @@ impl BackendState {
             last_probe: Mutex::new(None),
             pending: crate::pending::PendingGate::default(),
             went_up: Mutex::new(None),
+            down_by: Mutex::new(None),
         }
     }
 
@@ -96,23 +120,41 @@ impl BackendState {
         ok: bool,
         up_threshold: u32,
         down_threshold: u32,
+        from: Source,
     ) -> Option<Transition> {
         let t = lock(&self.machine).observe(ok, up_threshold, down_threshold);
         match t {
             Some(Transition::WentUp) => {
                 *lock(&self.went_up) = Some(Instant::now());
+                *lock(&self.down_by) = None;
                 self.up.store(true, Ordering::Release);
             }
-            Some(Transition::WentDown) => self.up.store(false, Ordering::Release),
+            Some(Transition::WentDown) => {
+                *lock(&self.down_by) = Some(from);
+                self.up.store(false, Ordering::Release);
+            }
             None => {}
         }
         t
+    }
+
+    /// Why it takes no new connections, if it takes none: `probe`, `passive`, `left_pool`
+    /// (down), or `drain`.
+    pub fn why_not(&self) -> Option<&'static str> {
+        if !self.is_up() {
+            Some(lock(&self.down_by).map_or("probe", Source::name))
+        } else if self.is_draining() {
+            Some("drain")
+        } else {
+            None
+        }
     }
 
     /// The backend left the pool (removed from the config, or reported down by the HA
     /// server): no snapshot refers to this state any more, only its live connections, which
     /// see it down and end under `close_on_backend_down`.
     pub(crate) fn retire(&self) {
+        *lock(&self.down_by) = Some(Source::Left);
         self.up.store(false, Ordering::Release);
     }
 
@@ -491,6 +533,23 @@ mod tests {
         assert!(!info.is_idle_expired(), "99 ms after the last bytes");
         info.sweep_at(&metrics, 190);
         assert!(info.is_idle_expired(), "100 ms after the last bytes");
+    }
+
+    #[test]
+    fn a_backend_says_why_it_takes_no_connections() {
+        let s = BackendState::new(false);
+        assert_eq!(s.why_not(), None);
+        s.observe(false, 1, 1, Source::Passive);
+        assert_eq!(s.why_not(), Some("passive"));
+        s.observe(true, 1, 1, Source::Probe);
+        assert_eq!(s.why_not(), None);
+        s.observe(false, 1, 1, Source::Probe);
+        assert_eq!(s.why_not(), Some("probe"));
+        s.observe(true, 1, 1, Source::Probe);
+        s.set_draining(true);
+        assert_eq!(s.why_not(), Some("drain"));
+        s.retire();
+        assert_eq!(s.why_not(), Some("left_pool"));
     }
 
     #[test]

@@ -306,6 +306,11 @@ async fn the_data_path_probe_is_not_client_traffic() -> anyhow::Result<()> {
         passive, 0.0,
         "no client connected, so no passive failure:\n{text}"
     );
+    let backends = mqlb_tests::get_json(lb.admin_addr(), "/api/backends").await?;
+    assert_eq!(
+        backends[0]["why"], "probe",
+        "/api/backends says why: {backends}"
+    );
     lb.shutdown().await;
     Ok(())
 }
