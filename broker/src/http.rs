@@ -1,20 +1,24 @@
 //! The node's small HTTP endpoint: `/metrics` (Prometheus) and `/healthz` (200 while serving,
-//! with each mesh link's state).
+//! with each mesh link's state). Requests pass the Host/Origin/token checks of
+//! [`mqlb_haserver::http_access`] first (DESIGN.md, "Security"): the peer list and the metrics
+//! are a map of the cluster, and the endpoint will take writes one day.
 
 use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
+use mqlb_config::Secret;
+use mqlb_haserver::http_access::{Guard, Policy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 
-fn respond(metrics: &Metrics, mesh: &Mesh, path: &str) -> Response<Full<Bytes>> {
+fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Response<Full<Bytes>> {
     let (status, body) = match path {
-        "/metrics" => match metrics.render() {
+        "/metrics" => match metrics.render().and_then(|t| Ok(t + &guard.render()?)) {
             Ok(t) => (StatusCode::OK, t),
             Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
@@ -32,14 +36,38 @@ fn respond(metrics: &Metrics, mesh: &Mesh, path: &str) -> Response<Full<Bytes>> 
     res
 }
 
+/// Serves the endpoint on `listener` until `stop` fires; `token` is the node's
+/// `http_token_file`.
 pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     mesh: Arc<Mesh>,
     listener: TcpListener,
+    token: Option<Secret>,
     stop: CancellationToken,
 ) {
+    let bind = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "broker http not started: bound address unknown");
+            return;
+        }
+    };
+    let guard = match Guard::new("broker") {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            tracing::error!(error = %e, "broker http not started");
+            return;
+        }
+    };
     mqlb_haserver::http_server::serve("broker", listener, stop, move |req| {
-        let res = respond(&metrics, &mesh, req.uri().path());
+        let policy = Policy {
+            bind,
+            token: token.as_ref(),
+        };
+        let res = match guard.refuse(&req, &policy) {
+            None => respond(&metrics, &guard, &mesh, req.uri().path()),
+            Some(refused) => refused,
+        };
         async move { res }
     })
     .await

@@ -277,7 +277,13 @@ impl Node {
                 addr: http_addr.unwrap_or(n.mqtt),
                 source,
             })?;
-            handle.spawn(http::serve(metrics.clone(), mesh.clone(), l, stop.clone()));
+            handle.spawn(http::serve(
+                metrics.clone(),
+                mesh.clone(),
+                l,
+                n.http_token.clone(),
+                stop.clone(),
+            ));
         }
         drop(_guard);
 

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod expiry;
+pub mod http_access;
 pub mod http_server;
 pub mod log_limit;
 pub mod model;

@@ -1,13 +1,17 @@
 //! The admin server (hyper, loopback by default): Prometheus metrics, liveness, the backend
 //! and connection views, and drain/enable. Its paths and JSON fields are a public contract
-//! (DESIGN.md, "lb: observability and control").
+//! (DESIGN.md, "lb: observability and control"). Every request passes the Host/Origin/token
+//! checks of [`mqlb_haserver::http_access`] first (DESIGN.md, "Security"), with the token of the
+//! config in force, so a reload that changes `admin_token_file` applies to the next request.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
+use mqlb_haserver::http_access::{Guard, Policy};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -123,11 +127,15 @@ fn health_problem(shared: &Shared) -> Option<String> {
     (!missing.is_empty()).then(|| format!("not listening: frontend {}", missing.join(", ")))
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Shared, guard: &Guard, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["metrics"]) => match shared.metrics.render() {
+        (&Method::GET, ["metrics"]) => match shared
+            .metrics
+            .render()
+            .and_then(|text| Ok(text + &guard.render()?))
+        {
             Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -156,9 +164,42 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves the admin API on `listener` until `stop` fires.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
+    // Host is checked against the address really bound (tests and `:0` binds get another port).
+    let bind = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            let configured = shared.snapshot.load().config.lb.admin;
+            tracing::warn!(error = %e, %configured, "admin server: bound address unknown; Host is checked against the configured one");
+            configured
+        }
+    };
+    let guard = match Guard::new("admin") {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            tracing::error!(error = %e, "admin server not started");
+            return;
+        }
+    };
     mqlb_haserver::http_server::serve("admin", listener, stop, move |req| {
-        let res = route(&shared, &req);
+        let res = handle(&shared, &guard, bind, &req);
         async move { res }
     })
     .await
+}
+
+fn handle(
+    shared: &Shared,
+    guard: &Guard,
+    bind: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let config = shared.snapshot.load().config.clone();
+    let policy = Policy {
+        bind,
+        token: config.lb.admin_token.as_ref(),
+    };
+    match guard.refuse(req, &policy) {
+        None => route(shared, guard, req),
+        Some(refused) => refused,
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod http_host;
 pub mod topology;
 pub mod up;
 pub use topology::{Topology, TopologyFile};

@@ -342,3 +342,196 @@ async fn idle_connections_do_not_stop_the_ha_server_serving_brokers_and_the_lb(
     lb.shutdown().await;
     Ok(())
 }
+
+/// An LB on loopback with one backend `b1` (a discard server, probed over TCP) and, when given,
+/// `[lb] admin_token_file`; returns once `b1` is up.
+async fn lb_with_admin_token(token_file: Option<&std::path::Path>) -> anyhow::Result<Lb> {
+    let backend = mqlb_tests::discard_server()?;
+    let token = token_file.map_or(String::new(), |p| {
+        format!("admin_token_file = {:?}\n", p.display().to_string())
+    });
+    let cfg = Config::parse(
+        &format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n{token}\
+             [[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+             [[probe]]\nname = \"p\"\nport = \"traffic\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+             [[pool]]\nname = \"pool\"\nprobe = \"p\"\n\
+             [[pool.backend]]\nid = \"b1\"\naddr = \"{backend}\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"pool\"\n"
+        ),
+        "test",
+    )?;
+    let lb = Lb::start(cfg, Listeners::default()).await?;
+    let admin = lb.admin_addr();
+    wait_until("b1 up", DEADLINE, || async {
+        mqlb_tests::backend_state(admin, "b1").await.ok().as_deref() == Some("up")
+    })
+    .await?;
+    Ok(lb)
+}
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
+
+fn bearer(token: &str) -> Vec<(String, String)> {
+    vec![("Authorization".into(), format!("Bearer {token}"))]
+}
+
+/// The drain of issue 13, on an LB with `admin_token_file`: without the token, or with a wrong
+/// one, a drain is refused (401, counted by reason) and the backend keeps serving; with it, the
+/// drain happens. Reads on loopback need no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_write_without_the_token_is_refused_and_with_it_is_done() -> anyhow::Result<()> {
+    let dir = TempDir::new("sec-admin-token")?;
+    let file = dir.path().join("admin.token");
+    std::fs::write(&file, format!("{ADMIN_TOKEN}\n"))?;
+    let lb = lb_with_admin_token(Some(&file)).await?;
+    let admin = lb.admin_addr();
+
+    let (status, _) = http(admin, "POST", "/api/backends/b1/drain").await?;
+    assert_eq!(status, 401, "no token");
+    let wrong = bearer("admin-token-0123456789abcdeX");
+    let (status, _) =
+        http_with_headers(admin, "POST", "/api/backends/b1/drain", &wrong, b"").await?;
+    assert_eq!(status, 401, "a wrong token");
+    assert_eq!(mqlb_tests::backend_state(admin, "b1").await?, "up");
+
+    let (status, body) = http_with_headers(
+        admin,
+        "POST",
+        "/api/backends/b1/drain",
+        &bearer(ADMIN_TOKEN),
+        b"",
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mqlb_tests::backend_state(admin, "b1").await?, "draining");
+
+    let (status, text) = http(admin, "GET", "/metrics").await?;
+    assert_eq!(status, 200, "reads on loopback need no token");
+    let refused = |reason| {
+        metric(
+            &text,
+            "mqlb_admin_requests_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(
+        (refused("missing_token"), refused("bad_token")),
+        (1.0, 1.0),
+        "{text}"
+    );
+    lb.shutdown().await;
+    Ok(())
+}
+
+/// DNS rebinding and cross-site requests: a request that carries an Origin (even with the
+/// token) or names another Host is refused with 403, reads included, and changes nothing;
+/// `localhost:PORT` is the loopback bind's other name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requests_with_an_origin_or_a_foreign_host_are_refused() -> anyhow::Result<()> {
+    use mqlb_tests::http_host::http_host;
+    let dir = TempDir::new("sec-admin-host")?;
+    let file = dir.path().join("admin.token");
+    std::fs::write(&file, ADMIN_TOKEN)?;
+    let lb = lb_with_admin_token(Some(&file)).await?;
+    let admin = lb.admin_addr();
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+
+    let mut origin = bearer(ADMIN_TOKEN);
+    origin.push(("Origin".into(), "http://evil.example".into()));
+    let (status, _) =
+        http_with_headers(admin, "POST", "/api/backends/b1/drain", &origin, b"").await?;
+    assert_eq!(status, 403, "Origin set, token right");
+    let headers = [("Authorization", auth.as_str())];
+    for (method, path) in [("POST", "/api/backends/b1/drain"), ("GET", "/api/backends")] {
+        for host in [
+            "evil.example",
+            "evil.example:80",
+            &format!("evil.example:{}", admin.port()),
+        ] {
+            let status = http_host(admin, method, path, host, &headers).await?;
+            assert_eq!(status, 403, "{method} {path} Host: {host}");
+        }
+    }
+    assert_eq!(mqlb_tests::backend_state(admin, "b1").await?, "up");
+    let port = admin.port();
+    assert_eq!(
+        http_host(
+            admin,
+            "GET",
+            "/api/backends",
+            &format!("localhost:{port}"),
+            &[]
+        )
+        .await?,
+        200
+    );
+    let (status, text) = http(admin, "GET", "/metrics").await?;
+    assert_eq!(status, 200);
+    let refused = |reason| {
+        metric(
+            &text,
+            "mqlb_admin_requests_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!((refused("origin"), refused("host")), (1.0, 6.0), "{text}");
+    lb.shutdown().await;
+    Ok(())
+}
+
+/// Without a token an LB on loopback takes writes (the quick start), but still not from a
+/// browser: Origin and Host are checked all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_a_loopback_admin_takes_writes_but_not_cross_site_ones(
+) -> anyhow::Result<()> {
+    use mqlb_tests::http_host::http_host;
+    let lb = lb_with_admin_token(None).await?;
+    let admin = lb.admin_addr();
+    let origin = vec![("Origin".to_string(), format!("http://{admin}"))];
+    let (status, _) =
+        http_with_headers(admin, "POST", "/api/backends/b1/drain", &origin, b"").await?;
+    assert_eq!(status, 403, "Origin set");
+    let status = http_host(admin, "POST", "/api/backends/b1/drain", "evil.example", &[]).await?;
+    assert_eq!(status, 403, "foreign Host");
+    assert_eq!(mqlb_tests::backend_state(admin, "b1").await?, "up");
+    let (status, _) = http(admin, "POST", "/api/backends/b1/drain").await?;
+    assert_eq!(status, 200);
+    assert_eq!(mqlb_tests::backend_state(admin, "b1").await?, "draining");
+    lb.shutdown().await;
+    Ok(())
+}
+
+/// A broker's http endpoint checks Host and Origin too (its reads are a map of the cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_http_refuses_a_foreign_host_or_an_origin() -> anyhow::Result<()> {
+    use mqlb_tests::http_host::http_host;
+    let cluster = Cluster::start(1).await?;
+    let addr = cluster.specs[0]
+        .node
+        .http
+        .ok_or_else(|| anyhow::anyhow!("no http"))?;
+    let (status, _) = http(addr, "GET", "/metrics").await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        http_host(addr, "GET", "/metrics", "evil.example", &[]).await?,
+        403
+    );
+    let origin = [("Origin", "http://evil.example")];
+    let host = addr.to_string();
+    assert_eq!(
+        http_host(addr, "GET", "/healthz", &host, &origin).await?,
+        403
+    );
+    let (status, text) = http(addr, "GET", "/metrics").await?;
+    assert_eq!(status, 200);
+    let refused = |reason| {
+        metric(
+            &text,
+            "mqlb_admin_requests_refused_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!((refused("host"), refused("origin")), (1.0, 1.0), "{text}");
+    Ok(())
+}
