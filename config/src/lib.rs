@@ -6,6 +6,7 @@
 //! structs (unknown keys refused), then [`validate`]d into [`Config`], whose fields are real
 //! types (`SocketAddr`, `Duration`, `NonZeroU32`), so no component re-checks or panics later.
 
+mod auth;
 mod duration;
 mod model;
 mod raw;
@@ -13,6 +14,7 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
+pub use auth::AuthSettings;
 pub use duration::{format_duration, parse_duration};
 pub use model::*;
 pub use validate::{

@@ -20,6 +20,8 @@ pub struct Config {
     pub brokers: Vec<BrokerNode>,
     /// The HA servers and the membership timing they enforce.
     pub ha: HaSettings,
+    /// MQTT logins and ACLs of every broker node (`[auth]`).
+    pub auth: crate::AuthSettings,
     /// Non-fatal findings (e.g. an idle timeout shorter than 1.5× the MQTT keep-alive).
     pub warnings: Vec<Problem>,
 }

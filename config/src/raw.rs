@@ -26,6 +26,8 @@ pub struct RawConfig {
     pub ha: RawHa,
     #[serde(default, rename = "haserver")]
     pub haservers: Vec<RawHaServer>,
+    #[serde(default)]
+    pub auth: crate::auth::RawAuth,
 }
 
 #[derive(Debug, Default, Deserialize)]

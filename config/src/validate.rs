@@ -466,6 +466,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
     let (cluster, brokers) = validate_cluster(&mut c, &raw);
     let ha = validate_ha(&mut c, &raw);
     refuse_exposure(&mut c, &raw, &lb, &cluster, &brokers, &ha);
+    let auth = validate_auth(&mut c, &raw, &lb, &frontends, &brokers, &ha);
 
     if c.problems.is_empty() {
         Ok(Config {
@@ -480,6 +481,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             cluster,
             brokers,
             ha,
+            auth,
             warnings: c.warnings,
         })
     } else {
@@ -626,6 +628,33 @@ fn refuse_exposure(
             format!("is the example secret and {key} ({addr}) is not loopback: anyone who read the example could join the mesh and sign HA server requests; set a secret of your own (e.g. `openssl rand -hex 32`)"),
         );
     }
+}
+
+/// `[auth]` (config/src/auth.rs), given every bind of the topology: `allow_anonymous`
+/// defaults to whether all of them are loopback.
+fn validate_auth(
+    c: &mut Checker,
+    raw: &RawConfig,
+    lb: &LbSettings,
+    frontends: &[Frontend],
+    brokers: &[BrokerNode],
+    ha: &HaSettings,
+) -> crate::AuthSettings {
+    let mut binds: Vec<(String, SocketAddr)> = vec![("lb.admin".into(), lb.admin)];
+    binds.extend(frontends.iter().map(|f| (format!("frontend {:?}", f.name), f.bind)));
+    for (i, b) in brokers.iter().enumerate() {
+        binds.push((format!("broker[{i}].mqtt"), b.mqtt));
+        binds.extend(b.mqtt_v5.map(|a| (format!("broker[{i}].mqtt_v5"), a)));
+        binds.extend(b.mesh.map(|a| (format!("broker[{i}].mesh"), a)));
+        binds.extend(b.http.map(|a| (format!("broker[{i}].http"), a)));
+    }
+    for (i, h) in ha.servers.iter().enumerate() {
+        binds.push((format!("haserver[{i}].listen"), h.listen));
+    }
+    let (auth, errors, warnings) = crate::auth::validate(&raw.auth, &binds);
+    c.problems.extend(errors);
+    c.warnings.extend(warnings);
+    auth
 }
 
 fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<BrokerNode>) {
