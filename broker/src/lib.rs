@@ -3,8 +3,9 @@
 //!
 //! [`tap`] sees local clients' publishes inside rumqttd's codec; [`mesh`] carries them to each
 //! peer once and injects what peers send into the local router; [`node`] composes it all on a
-//! runtime the node owns.
+//! runtime the node owns. [`auth`] holds the node's logins and ACL (mosquitto's files).
 
+pub mod auth;
 mod http;
 mod membership;
 pub mod mesh;

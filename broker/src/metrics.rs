@@ -12,6 +12,10 @@ pub struct Metrics {
     pub link_up: IntGaugeVec,
     pub rejected: IntCounterVec,
     pub listener_restarts: IntCounter,
+    /// MQTT requests the password file or the ACL refused, by what was refused.
+    pub auth_refused: IntCounterVec,
+    /// Reloads of the password and ACL files, by result (ok, error).
+    pub auth_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -61,8 +65,24 @@ impl Metrics {
                 "mqlb_broker_listener_restarts_total",
                 "MQTT listeners replaced after they stopped answering CONNECT (rumqttd 0.20 bug).",
             )?,
+            auth_refused: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_broker_auth_refused_total",
+                    "MQTT requests refused by [auth]: connect (login), will, publish, subscribe, deliver (a message a subscriber may not read).",
+                ),
+                &["what"],
+            )?,
+            auth_reloads: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_broker_auth_reloads_total",
+                    "Reloads of the password and ACL files (SIGHUP), by result: ok, error (the old ones stay).",
+                ),
+                &["result"],
+            )?,
             registry,
         };
+        m.registry.register(Box::new(m.auth_refused.clone()))?;
+        m.registry.register(Box::new(m.auth_reloads.clone()))?;
         m.registry.register(Box::new(m.listener_restarts.clone()))?;
         m.registry.register(Box::new(m.local_publishes.clone()))?;
         m.registry.register(Box::new(m.forwarded.clone()))?;

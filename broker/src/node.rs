@@ -5,14 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqlb_config::{BrokerNode, Config};
+use mqlb_config::{AuthSettings, BrokerNode, Config};
 use rumqttd::local::LinkBuilder;
 use rumqttd::protocol::{v4::V4, v5::V5, Packet, Publish, PublishProperties};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use rumqttd::{
+    Authorizer, ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings,
+};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Auth, AuthError};
 use crate::http;
 use crate::membership;
 use crate::mesh::frame::MeshPublish;
@@ -33,6 +36,8 @@ pub struct NodeSpec {
     /// HA servers to register with and learn peers from (none: static peers only).
     pub ha: Vec<SocketAddr>,
     pub heartbeat_interval: Duration,
+    /// `[auth]`: the same password and ACL files on every node.
+    pub auth: AuthSettings,
 }
 
 impl NodeSpec {
@@ -63,6 +68,7 @@ impl NodeSpec {
             mesh,
             ha: config.ha.servers.iter().map(|h| h.listen).collect(),
             heartbeat_interval: config.ha.heartbeat_interval,
+            auth: config.auth.clone(),
         })
     }
 }
@@ -84,6 +90,8 @@ pub enum NodeError {
     Rumqttd(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Auth(#[from] AuthError),
 }
 
 /// The node's runtime. Shut down in the background whenever it goes (also on an error half-way
@@ -115,13 +123,14 @@ pub struct Node {
     mesh: Arc<Mesh>,
     metrics: Arc<Metrics>,
     ha: Option<Arc<HaClient>>,
+    auth: Arc<Auth>,
     pub mqtt: SocketAddr,
     pub mqtt_v5: Option<SocketAddr>,
     pub mesh_addr: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
 }
 
-fn connection_settings(n: &BrokerNode) -> ConnectionSettings {
+fn connection_settings(n: &BrokerNode, auth: Option<Arc<Auth>>) -> ConnectionSettings {
     ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: n.max_payload_size.get() as usize,
@@ -129,6 +138,7 @@ fn connection_settings(n: &BrokerNode) -> ConnectionSettings {
         auth: None,
         external_auth: None,
         dynamic_filters: true,
+        authorizer: auth.map(|a| a as Arc<dyn Authorizer>),
     }
 }
 
@@ -156,6 +166,9 @@ impl Node {
                 .map_err(NodeError::Runtime)?,
         ));
         let metrics = Arc::new(Metrics::new()?);
+        let auth = Arc::new(Auth::load(spec.auth.clone(), metrics.clone())?);
+        // Only asked when something is checked: an open broker pays nothing.
+        let checked = auth.is_active().then(|| auth.clone());
         let mesh = Arc::new(Mesh::new(n.id.clone(), spec.mesh.clone(), metrics.clone()));
         let stop = CancellationToken::new();
 
@@ -197,7 +210,7 @@ impl Node {
             backlog: n.backlog.get(),
             tls: None,
             next_connection_delay_ms: 0,
-            connections: connection_settings(&n),
+            connections: connection_settings(&n, checked.clone()),
         };
         let limit = ConnLimit::new(n.max_connections.get() as usize);
         // A factory per listener: the watchdog calls it again to replace a poisoned server.
@@ -214,13 +227,13 @@ impl Node {
         }
         let make_v4 = factory!(
             settings("v4", n.mqtt),
-            Tap::new(V4, mesh.clone(), limit.clone(), true)
+            Tap::new(V4, mesh.clone(), limit.clone(), checked.clone(), true)
         );
         servers.push(handle.spawn(make_v4()));
         let make_v5 = n.mqtt_v5.map(|addr| {
             factory!(
                 settings("v5", addr),
-                Tap::new(V5, mesh.clone(), limit.clone(), false)
+                Tap::new(V5, mesh.clone(), limit.clone(), checked.clone(), false)
             )
         });
         if let Some(make) = &make_v5 {
@@ -294,6 +307,7 @@ impl Node {
             mesh,
             metrics,
             ha,
+            auth,
             mqtt: n.mqtt,
             mqtt_v5: n.mqtt_v5,
             mesh_addr,
@@ -363,6 +377,13 @@ impl Node {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Reads `[auth]`'s password and ACL files again (SIGHUP). Connected clients stay; their
+    /// next publish, subscription and delivery are decided by the new files. On an error the
+    /// old files stay and the error says why.
+    pub fn reload_auth(&self) -> Result<(), AuthError> {
+        self.auth.reload()
     }
 
     /// Prometheus text of this node's metrics.

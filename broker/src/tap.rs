@@ -6,12 +6,13 @@
 //! flag is still set here; rumqttd clears it on live forwards.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use rumqttd::protocol::{Error, Packet, Protocol, Publish, PublishProperties};
+use rumqttd::protocol::{ConnectReturnCode, Error, Packet, Protocol, Publish, PublishProperties};
 
+use crate::auth::Auth;
 use crate::mesh::frame::MeshPublish;
 use crate::mesh::Mesh;
 
@@ -58,6 +59,13 @@ pub(crate) struct Tap<P> {
     /// The client's last will and its delay, sent to the peers if the connection ends without
     /// DISCONNECT (rumqttd publishes it locally; peers would otherwise never see it).
     will: Option<(MeshPublish, u32)>,
+    /// The node's ACL (`None`: nothing is checked) and who this connection is.
+    auth: Option<Arc<Auth>>,
+    client_id: String,
+    username: Option<String>,
+    /// A successful CONNACK went out: only then is the will armed (a refused login must not
+    /// leave a will behind that reaches every node).
+    accepted: AtomicBool,
 }
 
 impl<P: Clone> Clone for Tap<P> {
@@ -71,6 +79,10 @@ impl<P: Clone> Clone for Tap<P> {
             counted: false,
             strip_properties: self.strip_properties,
             will: None,
+            auth: self.auth.clone(),
+            client_id: String::new(),
+            username: None,
+            accepted: AtomicBool::new(false),
         }
     }
 }
@@ -101,7 +113,11 @@ impl<P> Drop for Tap<P> {
             self.limit.active.fetch_sub(1, Ordering::AcqRel);
         }
         // The connection ended without DISCONNECT: its will fires, on every node.
-        if let Some((will, delay)) = self.will.take() {
+        let will = self
+            .will
+            .take()
+            .filter(|_| self.accepted.load(Ordering::Acquire));
+        if let Some((will, delay)) = will {
             let mesh = self.mesh.clone();
             if delay == 0 {
                 mesh.forward_local(|| will);
@@ -122,7 +138,13 @@ fn client_id_refused(id: &str) -> bool {
 
 impl<P> Tap<P> {
     /// `v4`: the inner codec is MQTT 3.1.1.
-    pub(crate) fn new(inner: P, mesh: Arc<Mesh>, limit: Arc<ConnLimit>, v4: bool) -> Self {
+    pub(crate) fn new(
+        inner: P,
+        mesh: Arc<Mesh>,
+        limit: Arc<ConnLimit>,
+        auth: Option<Arc<Auth>>,
+        v4: bool,
+    ) -> Self {
         Tap {
             inner,
             mesh,
@@ -131,6 +153,10 @@ impl<P> Tap<P> {
             counted: false,
             strip_properties: v4,
             will: None,
+            auth,
+            client_id: String::new(),
+            username: None,
+            accepted: AtomicBool::new(false),
         }
     }
 
@@ -171,6 +197,13 @@ impl<P> Tap<P> {
         if topic.is_empty() || topic.iter().any(|b| *b == b'+' || *b == b'#') {
             return; // invalid for a publish; rumqttd disconnects the client
         }
+        // rumqttd's router refuses it locally with the same decision (and acknowledges it).
+        if let Some(auth) = &self.auth {
+            let t = String::from_utf8_lossy(&topic);
+            if !auth.may_publish(&self.client_id, self.username.as_deref(), &t) {
+                return;
+            }
+        }
         // Built only if some peer is there to take it.
         self.mesh.forward_local(|| {
             let mut m = MeshPublish {
@@ -194,8 +227,10 @@ impl<P: Protocol> Protocol for Tap<P> {
         let header = stream.first().copied().unwrap_or(0);
         let packet = self.inner.read_mut(stream, max_size)?;
         match &packet {
-            Packet::Connect(connect, _, will, will_props, _) => {
+            Packet::Connect(connect, _, will, will_props, login) => {
                 self.admit(&connect.client_id)?;
+                self.client_id = connect.client_id.clone();
+                self.username = login.as_ref().map(|l| l.username.clone());
                 self.will = will.as_ref().map(|w| {
                     let mut m = MeshPublish {
                         topic: w.topic.clone(),
@@ -226,6 +261,21 @@ impl<P: Protocol> Protocol for Tap<P> {
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error> {
+        let packet = match packet {
+            Packet::ConnAck(mut ack, props) => {
+                if ack.code == ConnectReturnCode::Success {
+                    self.accepted.store(true, Ordering::Release);
+                }
+                // A refused login: 5.0's 0x86 Bad User Name or Password is, in 3.1.1,
+                // 0x05 Not authorized, the code mosquitto sends (3.1.1's 0x04 means the
+                // user name or password is malformed).
+                if self.strip_properties && ack.code == ConnectReturnCode::BadUserNamePassword {
+                    ack.code = ConnectReturnCode::NotAuthorized;
+                }
+                Packet::ConnAck(ack, props)
+            }
+            other => other,
+        };
         if self.strip_properties {
             return self.inner.write(v4_safe(packet), write);
         }

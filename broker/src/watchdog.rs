@@ -40,17 +40,38 @@ fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     }
 }
 
+/// The user name of the check's login.
+pub(crate) const SELF_CHECK_USER: &str = "mqlb-selfcheck";
+
+/// The check's password: random, made once per process and never leaves it, so with
+/// `[auth]` the node's listeners let its own check in and nobody else with this name
+/// ([`crate::auth::Auth`] accepts it before the password file).
+pub(crate) fn self_check_password() -> &'static str {
+    static PASSWORD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PASSWORD.get_or_init(|| {
+        let bytes: [u8; 32] = rand::random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    })
+}
+
 /// A CONNECT for protocol `level` 4 (3.1.1) or 5, clean session, keep alive 10 s, no will,
-/// with `client_id`.
+/// with `client_id` and the check's login.
 fn connect_packet(level: u8, client_id: &str) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0x02, 0x00, 0x0a];
+    // Flags: user name, password, clean session.
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0xc2, 0x00, 0x0a];
     if level == 5 {
         body.push(0x00); // no properties
     }
     // Client IDs come from the node's configured id, far below the 65 535 bytes MQTT allows.
     let id = &client_id.as_bytes()[..client_id.len().min(u16::MAX as usize)];
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id);
+    for field in [
+        id,
+        SELF_CHECK_USER.as_bytes(),
+        self_check_password().as_bytes(),
+    ] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field);
+    }
     let mut out = vec![0x10];
     remaining_length(body.len(), &mut out);
     out.extend_from_slice(&body);
@@ -267,18 +288,27 @@ mod tests {
 
     #[test]
     fn connect_packets_are_well_formed_whatever_the_id_length() {
+        // The login: user name (2 + 14 bytes) and a 64-hex-digit password (2 + 64).
+        let login = 2 + SELF_CHECK_USER.len() + 2 + 64;
         let short = connect_packet(4, "c1");
-        assert_eq!(short[..2], [0x10, 14], "one-byte remaining length");
-        assert_eq!(short.len(), 2 + 14);
+        assert_eq!(
+            short[..2],
+            [0x10, 14 + login as u8],
+            "one-byte remaining length"
+        );
+        assert_eq!(short.len(), 2 + 14 + login);
         let v5 = connect_packet(5, "c1");
-        assert_eq!(v5[1], 15, "v5 adds the empty property length");
+        assert_eq!(v5[1], 15 + login as u8, "v5 adds the empty property length");
         assert_eq!(v5[8], 5);
-        // An id that takes the remaining length past 127 needs two bytes (200 + 12 = 212).
+        // An id that takes the remaining length past 127 needs two bytes (200 + 12 + 82 = 294).
         let long = connect_packet(4, &"x".repeat(200));
-        assert_eq!(long[..3], [0x10, 0xd4, 0x01]);
-        assert_eq!(long.len(), 3 + 212);
-        assert_eq!(long[3..13], [0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10]);
+        assert_eq!(long[..3], [0x10, 0xa6, 0x02]);
+        assert_eq!(long.len(), 3 + 294);
+        assert_eq!(long[3..13], [0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 10]);
         assert_eq!(long[13..15], [0, 200]);
+        assert_eq!(long[215..217], [0, 14]);
+        assert_eq!(&long[217..231], SELF_CHECK_USER.as_bytes());
+        assert_eq!(&long[233..], self_check_password().as_bytes());
     }
 
     #[tokio::test]

@@ -769,6 +769,7 @@ fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
             }),
             ha: Vec::new(),
             heartbeat_interval: Duration::from_millis(200),
+            auth: mqlb_config::AuthSettings::default(),
         })
         .collect())
 }
@@ -781,12 +782,29 @@ impl Cluster {
 
     /// Starts `n` nodes that register with the HA servers at `ha`.
     pub async fn start_with_ha(n: usize, ha: &[SocketAddr]) -> anyhow::Result<Cluster> {
+        Self::start_with(n, ha, &mqlb_config::AuthSettings::default()).await
+    }
+
+    /// Starts `n` nodes with the same `[auth]` settings (password and ACL files).
+    pub async fn start_with_auth(
+        n: usize,
+        auth: &mqlb_config::AuthSettings,
+    ) -> anyhow::Result<Cluster> {
+        Self::start_with(n, &[], auth).await
+    }
+
+    async fn start_with(
+        n: usize,
+        ha: &[SocketAddr],
+        auth: &mqlb_config::AuthSettings,
+    ) -> anyhow::Result<Cluster> {
         let mut last = None;
         // A port picked free may be taken before a node binds it: try again with new ports.
         for _ in 0..3 {
             let mut specs = cluster_specs(n)?;
             for s in &mut specs {
                 s.ha = ha.to_vec();
+                s.auth = auth.clone();
             }
             let mut nodes = Vec::new();
             for s in &specs {

@@ -26,6 +26,8 @@ use segments::Storage;
 pub use server::{Broker, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
+// mqlb patch: authentication and authorisation hooks (PATCHED.md).
+pub use router::authorize::{Access, Authorizer, ConnectionAcl};
 
 mod link;
 pub mod protocol;
@@ -160,6 +162,11 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// mqlb patch: decides every CONNECT's login and every PUBLISH, SUBSCRIBE and delivery
+    /// of the connections of this listener (see `router::authorize`). Takes precedence over
+    /// `auth` and `external_auth`.
+    #[serde(skip)]
+    pub authorizer: Option<Arc<dyn Authorizer>>,
 }
 
 impl ConnectionSettings {
@@ -185,6 +192,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("authorizer", &self.authorizer.is_some())
             .finish()
     }
 }

@@ -4,7 +4,7 @@ use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{Access, ConnectionAcl, ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -68,8 +68,10 @@ impl<P: Protocol> RemoteLink<P> {
         connect_packet: Packet,
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
+        authorizer: Option<Arc<dyn crate::Authorizer>>,
     ) -> Result<RemoteLink<P>, Error> {
-        let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
+        let Packet::Connect(connect, props, lastwill, lastwill_props, login) = connect_packet
+        else {
             return Err(Error::NotConnectPacket(connect_packet));
         };
 
@@ -100,6 +102,13 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            // mqlb patch (router/authorize.rs): the router decides this connection's
+            // publishes, subscriptions and deliveries with its identity.
+            .acl(authorizer.map(|authorizer| ConnectionAcl {
+                authorizer,
+                client_id: client_id.to_owned(),
+                username: login.map(|l| l.username),
+            }))
             .build()?;
 
         let id = link_rx.id();
@@ -188,14 +197,40 @@ where
     })
     .await??;
 
-    let (connect, _props, login) = match packet {
-        Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
+    let (connect, _props, will, login) = match packet {
+        Packet::Connect(ref connect, ref props, ref will, _, ref login) => {
+            (connect, props, will, login)
+        }
         packet => return Err(Error::NotConnectPacket(packet)),
     };
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    // mqlb patch (router/authorize.rs): a refused login is answered with a CONNACK before
+    // the connection closes (MQTT-3.1.4-2, MQTT-3.2.2-5: 5.0's 0x86 Bad User Name or Password;
+    // the embedder's 3.1.1 codec may send 0x05 Not authorized, as mosquitto does), and so is a
+    // last will on a topic the client may not publish to (0x87 / 0x05).
+    if let Some(authorizer) = &config.authorizer {
+        let username = login.as_ref().map(|l| l.username.as_str());
+        let code = if !authorizer.authenticate(&connect.client_id, login.as_ref()) {
+            Some(ConnectReturnCode::BadUserNamePassword)
+        } else {
+            let will_topic = will.as_ref().map(|w| String::from_utf8_lossy(&w.topic));
+            will_topic
+                .filter(|t| !authorizer.authorize(&connect.client_id, username, Access::Publish, t))
+                .map(|_| ConnectReturnCode::NotAuthorized)
+        };
+        if let Some(code) = code {
+            let ack = ConnAck {
+                session_present: false,
+                code,
+            };
+            network.write(Packet::ConnAck(ack, None)).await?;
+            return Err(Error::InvalidAuth);
+        }
+    } else {
+        handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.
@@ -283,6 +318,7 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            authorizer: None,
         }
     }
 

@@ -33,6 +33,11 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// mqlb patch (router/authorize.rs): who this connection is; `None`: not checked.
+    pub acl: Option<crate::ConnectionAcl>,
+    /// mqlb patch: packet ids of QoS 2 publishes refused by the ACL; their PUBREL is answered
+    /// without delivering anything (3.1.1 clients send one after any PUBREC).
+    pub(crate) denied_qos2: HashSet<u16>,
 }
 
 impl Connection {
@@ -66,6 +71,8 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            acl: None,
+            denied_qos2: HashSet::new(),
         }
     }
 

@@ -406,6 +406,17 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
+    /// mqlb patch (router/authorize.rs): the PUBREC of a refused QoS 2 publish, which is
+    /// not recorded.
+    pub fn pubrec_refused(&mut self, ack: PubRec) {
+        self.committed.push_back(Ack::PubRec(ack));
+    }
+
+    /// mqlb patch (router/authorize.rs): the PUBCOMP of a refused QoS 2 publish's PUBREL.
+    pub fn pubcomp_refused(&mut self, ack: PubComp) {
+        self.committed.push_back(Ack::PubComp(ack));
+    }
+
     pub fn pubrel(&mut self, ack: PubRel) {
         let ack = Ack::PubRel(ack);
         self.committed.push_back(ack);

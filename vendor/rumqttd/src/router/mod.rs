@@ -16,6 +16,8 @@ use crate::{
 };
 
 mod alertlog;
+// mqlb patch: authentication and authorisation hooks (PATCHED.md).
+pub mod authorize;
 mod connection;
 mod graveyard;
 pub mod iobufs;

@@ -568,6 +568,35 @@ impl Router {
                     let qos = publish.qos;
                     let pkid = publish.pkid;
 
+                    // mqlb patch (router/authorize.rs): a PUBLISH the client may not send is
+                    // acknowledged as refused (5.0: 0x87 Not authorized; 3.1.1 has no code, its
+                    // codec sends a plain ack as mosquitto does) and delivered nowhere.
+                    if let Some(connection) = self.connections.get_mut(id) {
+                        if publish_denied(connection, &publish, properties.as_ref()) {
+                            debug!("PUBLISH refused by the ACL");
+                            let ackslog = self.ackslog.get_mut(id).unwrap();
+                            match qos {
+                                QoS::AtMostOnce => {}
+                                QoS::AtLeastOnce => {
+                                    ackslog.puback(PubAck {
+                                        pkid,
+                                        reason: PubAckReason::NotAuthorized,
+                                    });
+                                    force_ack = true;
+                                }
+                                QoS::ExactlyOnce => {
+                                    connection.denied_qos2.insert(pkid);
+                                    ackslog.pubrec_refused(PubRec {
+                                        pkid,
+                                        reason: PubRecReason::NotAuthorized,
+                                    });
+                                    force_ack = true;
+                                }
+                            }
+                            continue;
+                        }
+                    }
+
                     // Prepare acks for the above publish
                     // If any of the publish in the batch results in force flush,
                     // set global force flush flag. Force flush is triggered when the
@@ -676,6 +705,18 @@ impl Router {
                             group = Some(grp);
                             filter = filter_path;
                         };
+
+                        // mqlb patch (router/authorize.rs): a filter the client may not
+                        // subscribe to fails alone (MQTT-3.9.3: 3.1.1's 0x80, 5.0's 0x87).
+                        if connection
+                            .acl
+                            .as_ref()
+                            .is_some_and(|acl| !acl.allows(Access::Subscribe, &filter))
+                        {
+                            debug!("SUBSCRIBE {} refused by the ACL", f.path);
+                            return_codes.push(SubscribeReasonCode::NotAuthorized);
+                            continue;
+                        }
 
                         let subscription_id = props.as_ref().and_then(|p| p.id);
 
@@ -809,6 +850,16 @@ impl Router {
                         pkid: pubrel.pkid,
                         reason: PubCompReason::Success,
                     };
+
+                    // mqlb patch (router/authorize.rs): the release of a refused QoS 2
+                    // publish: nothing was recorded, nothing is delivered.
+                    if let Some(connection) = self.connections.get_mut(id) {
+                        if connection.denied_qos2.remove(&pubrel.pkid) {
+                            ackslog.pubcomp_refused(pubcomp);
+                            force_ack = true;
+                            continue;
+                        }
+                    }
 
                     // NOTE: client can try to resend previously unacked pubrels
                     // on reconnection ( with clean session false )
@@ -1367,6 +1418,41 @@ fn validate_and_set_topic_alias(
     Ok(())
 }
 
+/// mqlb patch (router/authorize.rs): whether the connection's ACL refuses this publish. The
+/// topic of an alias-only publish is the alias's; an alias this publish sets is recorded even
+/// when it is refused, so the client's next alias-only publish is decided, not a protocol error.
+/// A topic that cannot be resolved is left to `append_to_commitlog` to refuse.
+fn publish_denied(
+    connection: &mut Connection,
+    publish: &Publish,
+    properties: Option<&PublishProperties>,
+) -> bool {
+    let Some(acl) = &connection.acl else {
+        return false;
+    };
+    let alias = properties.and_then(|p| p.topic_alias);
+    let topic = if publish.topic.is_empty() {
+        match alias.and_then(|a| connection.topic_aliases.get(&a)) {
+            Some(t) => t.clone(),
+            None => return false,
+        }
+    } else {
+        match std::str::from_utf8(&publish.topic) {
+            Ok(t) => t.to_owned(),
+            Err(_) => return false,
+        }
+    };
+    if acl.allows(Access::Publish, &topic) {
+        return false;
+    }
+    if let Some(a) = alias.filter(|a| *a > 0 && *a <= TOPIC_ALIAS_MAX) {
+        if !publish.topic.is_empty() {
+            connection.topic_aliases.insert(a, topic);
+        }
+    }
+    true
+}
+
 /// Sweep ackslog for all the pending acks.
 /// We write everything to outgoing buf with out worrying about buffer size
 /// because acks most certainly won't cause memory bloat
@@ -1543,6 +1629,22 @@ fn forward_device_data(
 
     if publishes.is_empty() {
         return ConsumeStatus::FilterCaughtup;
+    }
+
+    // mqlb patch (router/authorize.rs): read access is checked at delivery, message by
+    // message, as mosquitto does: a wildcard subscription never carries a topic the
+    // subscriber may not read, also after the ACL changed.
+    if let Some(acl) = &connection.acl {
+        publishes.retain(|((publish, _), _)| {
+            std::str::from_utf8(&publish.topic).is_ok_and(|t| acl.allows(Access::Deliver, t))
+        });
+        if publishes.is_empty() {
+            return if caughtup {
+                ConsumeStatus::FilterCaughtup
+            } else {
+                ConsumeStatus::PartialRead
+            };
+        }
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;

@@ -517,6 +517,8 @@ async fn remote<P: Protocol>(
     );
 
     let dynamic_filters = config.dynamic_filters;
+    // mqlb patch (router/authorize.rs): the link's identity for the router's decisions.
+    let authorizer = config.authorizer.clone();
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
@@ -526,6 +528,12 @@ async fn remote<P: Protocol>(
             if e.kind() == io::ErrorKind::ConnectionAborted =>
         {
             debug!(error=?e, "closed before an MQTT connect packet");
+            return;
+        }
+        // mqlb patch (router/authorize.rs): a refused login was answered with its CONNACK;
+        // the authorizer logs and counts refusals itself.
+        Err(remote::Error::InvalidAuth) => {
+            debug!("CONNECT refused by the authorizer");
             return;
         }
         Err(e) => {
@@ -584,6 +592,7 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        authorizer,
     )
     .await
     {
