@@ -243,9 +243,36 @@ async fn run_broker(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCod
     if let Some(a) = node.http {
         println!("broker {id}: metrics on http://{a}/metrics");
     }
-    wait_for_stop().await?;
+    wait_for_broker_signals(&node).await?;
     node.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP reloads `[auth]`'s password and ACL files (clients stay connected; a bad file keeps
+/// the old ones, and the node logs why); returns on SIGTERM or Ctrl-C.
+#[cfg(unix)]
+async fn wait_for_broker_signals(node: &mqlb_broker::Node) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!(node = node.id(), "SIGHUP: reloading the auth files");
+                // `reload_auth` logged the error; the previous files stay in force.
+                if node.reload_auth().is_err() {
+                    continue;
+                }
+            }
+            _ = term.recv() => return Ok(()),
+            r = tokio::signal::ctrl_c() => return r.context("waiting for Ctrl-C"),
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_broker_signals(_node: &mqlb_broker::Node) -> anyhow::Result<()> {
+    wait_for_stop().await
 }
 
 async fn run_haserver(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCode> {
