@@ -43,6 +43,26 @@ pub struct LbSettings {
     /// and off loopback for reads too (`/healthz` excepted). Without one, writes are taken only
     /// on a loopback `admin`, and a non-loopback `admin` is refused at load.
     pub admin_token: Option<Secret>,
+    /// Live connections of all frontends together; beyond, new ones are reset at accept.
+    pub max_connections: Option<NonZeroU32>,
+}
+
+/// Per-frontend connection limits, checked at accept (a refused connection is reset before
+/// any byte is read, and counted by reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FrontendLimits {
+    pub max_connections: Option<NonZeroU32>,
+    /// Live connections from one client address.
+    pub max_connections_per_source: Option<NonZeroU32>,
+    /// New connections per second from one client address (a token bucket).
+    pub source_rate: Option<SourceRate>,
+}
+
+/// A token bucket: `per_second` new connections a second, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceRate {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
 }
 
 /// A listening address (Azure: frontend IP configuration + frontend port).
@@ -51,6 +71,7 @@ pub struct Frontend {
     pub name: String,
     pub bind: SocketAddr,
     pub backlog: NonZeroU32,
+    pub limits: FrontendLimits,
 }
 
 /// A backend pool with the probe that decides its members' health.

@@ -80,6 +80,7 @@ pub struct RawLb {
     pub watch_interval: Option<String>,
     pub data_threads: Option<u32>,
     pub admin_token_file: Option<String>,
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +89,10 @@ pub struct RawFrontend {
     pub name: String,
     pub bind: String,
     pub backlog: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_source: Option<u32>,
+    pub source_rate: Option<u32>,
+    pub source_burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

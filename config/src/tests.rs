@@ -57,6 +57,42 @@ fn non_mqtt_is_refused_or_forwarded() {
 }
 
 #[test]
+fn connection_limits_are_read_and_checked() {
+    let with = |lb: &str, fe: &str| {
+        MINIMAL
+            .replace("[[frontend]]", &format!("{lb}[[frontend]]"))
+            .replace(
+                "bind = \"127.0.0.1:1883\"",
+                &format!("bind = \"127.0.0.1:1883\"\n{fe}"),
+            )
+    };
+    let c = Config::parse(
+        &with(
+            "[lb]\nmax_connections = 5000\n",
+            "max_connections_per_source = 100\nsource_rate = 20",
+        ),
+        "t.toml",
+    )
+    .expect("valid");
+    let l = c.frontends[0].limits;
+    assert_eq!(c.lb.max_connections.map(|n| n.get()), Some(5000));
+    assert_eq!(l.max_connections_per_source.map(|n| n.get()), Some(100));
+    let rate = l.source_rate.expect("a rate");
+    assert_eq!(
+        (rate.per_second.get(), rate.burst.get()),
+        (20, 20),
+        "burst defaults to the rate"
+    );
+    let p = problems(&with("", "source_burst = 5\nmax_connections = 0"));
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["frontend[0].source_burst", "frontend[0].max_connections"],
+        "{p:?}"
+    );
+}
+
+#[test]
 fn durations_have_an_upper_bound() {
     let with = |d: &str| format!("{MINIMAL}idle_timeout = \"{d}\"\n");
     assert!(Config::parse(&with("8760h"), "t.toml").is_ok());

@@ -180,6 +180,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             .data_threads
             .map(|n| c.non_zero("lb.data_threads", Some(n), 1)),
         admin_token: c.token_file("lb.admin_token_file", raw.lb.admin_token_file.as_deref()),
+        max_connections: raw
+            .lb
+            .max_connections
+            .map(|n| c.non_zero("lb.max_connections", Some(n), 1)),
     };
     if let Some(n) = lb.data_threads.filter(|n| n.get() > MAX_DATA_THREADS) {
         c.error(
@@ -308,10 +312,31 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                     format!("address {bind} is also lb.admin"),
                 );
             }
+            if f.source_burst.is_some() && f.source_rate.is_none() {
+                c.error(format!("{k}.source_burst"), "needs source_rate");
+            }
+            let mut positive = |key: &str, v: Option<u32>| {
+                v.map(|n| c.non_zero(&format!("{k}.{key}"), Some(n), 1))
+            };
+            let limits = FrontendLimits {
+                max_connections: positive("max_connections", f.max_connections),
+                max_connections_per_source: positive(
+                    "max_connections_per_source",
+                    f.max_connections_per_source,
+                ),
+                source_rate: positive("source_rate", f.source_rate).map(|per_second| {
+                    SourceRate {
+                        per_second,
+                        // A burst of one second's worth unless said otherwise.
+                        burst: positive("source_burst", f.source_burst).unwrap_or(per_second),
+                    }
+                }),
+            };
             frontends.push(Frontend {
                 name: f.name.clone(),
                 bind,
                 backlog,
+                limits,
             });
         }
     }
@@ -641,7 +666,11 @@ fn validate_auth(
     ha: &HaSettings,
 ) -> crate::AuthSettings {
     let mut binds: Vec<(String, SocketAddr)> = vec![("lb.admin".into(), lb.admin)];
-    binds.extend(frontends.iter().map(|f| (format!("frontend {:?}", f.name), f.bind)));
+    binds.extend(
+        frontends
+            .iter()
+            .map(|f| (format!("frontend {:?}", f.name), f.bind)),
+    );
     for (i, b) in brokers.iter().enumerate() {
         binds.push((format!("broker[{i}].mqtt"), b.mqtt));
         binds.extend(b.mqtt_v5.map(|a| (format!("broker[{i}].mqtt_v5"), a)));

@@ -34,6 +34,11 @@ pub(crate) struct Shared {
     pub listening: Listening,
     /// Source addresses of the data-path probe's connections in flight.
     pub own_probes: OwnProbes,
+    /// Live accepted connections, in all and per frontend, and per client address: the
+    /// connection limits (`lb::limits`).
+    pub live: Arc<std::sync::atomic::AtomicU32>,
+    pub live_by_frontend: std::sync::Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU32>>>,
+    pub sources: Arc<crate::limits::Sources>,
     /// Connection tasks, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Fired when shutdown begins: accept loops, probes and watchers stop.
@@ -206,6 +211,9 @@ impl Lb {
             conns: ConnRegistry::default(),
             listening: Listening::default(),
             own_probes: OwnProbes::default(),
+            live: Arc::default(),
+            live_by_frontend: std::sync::Mutex::new(HashMap::new()),
+            sources: Arc::default(),
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
             hard_stop: AtomicBool::new(false),
@@ -717,6 +725,7 @@ async fn watch_file(lb: Lb, path: PathBuf) {
 /// rules): folds byte counts into the metrics and ends idle connections. Runs until the LB has
 /// fully stopped, so idle connections still time out during shutdown's grace period.
 async fn sweep_idle(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut last_prune = std::time::Instant::now();
     loop {
         let tick = shared
             .snapshot
@@ -729,6 +738,13 @@ async fn sweep_idle(shared: Arc<Shared>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(tick) => shared.conns.sweep(&shared.metrics),
+        }
+        if last_prune.elapsed() >= crate::limits::PRUNE_EVERY {
+            last_prune = std::time::Instant::now();
+            let snap = shared.snapshot.load();
+            shared
+                .sources
+                .prune(|f| snap.rules.get(f).map(|r| r.limits), last_prune);
         }
     }
 }

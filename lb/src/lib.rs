@@ -20,6 +20,7 @@ pub mod admin;
 mod copy;
 pub mod discovery;
 mod lb;
+pub mod limits;
 pub mod listener;
 pub mod pending;
 pub mod port;

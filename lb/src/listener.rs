@@ -3,15 +3,19 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::lb::Shared;
+use crate::limits::Admitted;
 use crate::proxy;
+use crate::snapshot::RuleRt;
+use crate::state::lock;
 
 /// Linux copies a listening socket's TCP_NODELAY and keepalive settings to the sockets it
 /// accepts, which saves four syscalls per client connection.
@@ -111,6 +115,61 @@ pub(crate) fn share(l: std::net::TcpListener, n: usize) -> io::Result<Vec<std::n
     Ok(all)
 }
 
+/// Checks the connection limits for a new connection and counts it in; `None` when refused
+/// (counted, and logged at most once a second per frontend).
+fn admit(
+    shared: &Arc<Shared>,
+    frontend: &Arc<str>,
+    frontend_live: &Arc<AtomicU32>,
+    rule: &RuleRt,
+    peer: SocketAddr,
+) -> Option<Admitted> {
+    let global_max = shared
+        .snapshot
+        .load()
+        .config
+        .lb
+        .max_connections
+        .map(|n| n.get());
+    let limits = &rule.limits;
+    let unlimited = global_max.is_none()
+        && limits.max_connections.is_none()
+        && limits.max_connections_per_source.is_none()
+        && limits.source_rate.is_none();
+    let in_table = !unlimited && !shared.own_probes.contains(peer);
+    let decided = if !in_table {
+        Ok(())
+    } else {
+        let load = crate::limits::Load {
+            global_max,
+            global: shared.live.load(Ordering::Acquire),
+            frontend: frontend_live.load(Ordering::Acquire),
+        };
+        shared
+            .sources
+            .admit(frontend, peer.ip(), limits, load, Instant::now())
+    };
+    if let Err(why) = decided {
+        shared
+            .metrics
+            .refused_total
+            .with_label_values(&[frontend, why.label()])
+            .inc();
+        tracing::debug!(frontend = %frontend, %peer, reason = why.label(), "connection refused by a limit");
+        return None;
+    }
+    shared.live.fetch_add(1, Ordering::AcqRel);
+    frontend_live.fetch_add(1, Ordering::AcqRel);
+    Some(Admitted {
+        global: shared.live.clone(),
+        frontend: frontend_live.clone(),
+        sources: shared.sources.clone(),
+        name: frontend.clone(),
+        ip: peer.ip(),
+        in_table,
+    })
+}
+
 /// Accepts on `listener` until `stop` fires, spawning one proxy task per connection.
 /// The rule is looked up in the current snapshot for each connection, so a reload that
 /// changes the rule of a kept listener applies to the next connection.
@@ -129,6 +188,11 @@ pub(crate) async fn accept_loop(
         }
     };
     let _listening = shared.listening.enter(&frontend);
+    let name: Arc<str> = Arc::from(frontend.as_str());
+    let frontend_live = lock(&shared.live_by_frontend)
+        .entry(frontend.clone())
+        .or_default()
+        .clone();
     loop {
         // Accept first: the stop token (whose check takes a lock shared by every accept loop)
         // is looked at only when no connection is waiting.
@@ -143,15 +207,21 @@ pub(crate) async fn accept_loop(
                     tracing::debug!(frontend, %peer, "no rule for this frontend any more; closing");
                     continue;
                 };
+                let admitted = admit(&shared, &name, &frontend_live, &rule, peer);
+                let Some(admitted) = admitted else {
+                    // Reset, not closed: the client learns at once, and no FIN handshake waits.
+                    if let Err(e) = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))
+                    {
+                        tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
+                    }
+                    continue;
+                };
                 let s = shared.clone();
-                shared.tracker.spawn(proxy::handle(
-                    s,
-                    rule,
-                    stream,
-                    peer,
-                    local,
-                    !inherits_options,
-                ));
+                let connection = proxy::handle(s, rule, stream, peer, local, !inherits_options);
+                shared.tracker.spawn(async move {
+                    let _admitted = admitted;
+                    connection.await
+                });
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: out of resources. Back off briefly instead of spinning;

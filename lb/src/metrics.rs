@@ -19,6 +19,7 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     pub data_path_up: IntGaugeVec,
     pub passive_failures_total: IntCounterVec,
+    pub refused_total: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -104,6 +105,13 @@ impl Metrics {
                 ),
                 &["pool", "backend"],
             )?,
+            refused_total: IntCounterVec::new(
+                opts(
+                    "mqlb_connections_refused_total",
+                    "Connections reset at accept by a connection limit, by frontend and limit.",
+                ),
+                &["frontend", "reason"],
+            )?,
             registry,
         };
         m.registry
@@ -122,6 +130,7 @@ impl Metrics {
         m.registry.register(Box::new(m.data_path_up.clone()))?;
         m.registry
             .register(Box::new(m.passive_failures_total.clone()))?;
+        m.registry.register(Box::new(m.refused_total.clone()))?;
         // Make the reload counter visible before the first reload.
         for r in ["ok", "error"] {
             m.config_reloads_total.with_label_values(&[r]);

@@ -67,6 +67,8 @@ impl PoolRt {
 pub struct RuleRt {
     pub cfg: Rule,
     pub pool: Arc<PoolRt>,
+    /// The connection limits of the rule's frontend, checked at accept.
+    pub limits: mqlb_config::FrontendLimits,
     /// Metric handles of this rule × each pool member, looked up on first use: the data path
     /// then touches its counters without hashing label values or taking the vec's lock.
     member_metrics: Vec<OnceLock<MemberMetrics>>,
@@ -98,6 +100,7 @@ impl RuleRt {
         RuleRt {
             member_metrics: pool.members.iter().map(|_| OnceLock::new()).collect(),
             routed: OnceLock::new(),
+            limits: mqlb_config::FrontendLimits::default(),
             cfg,
             pool,
         }
@@ -189,7 +192,11 @@ impl Snapshot {
             .iter()
             .filter_map(|r| {
                 let pool = pools.iter().find(|p| p.cfg.name == r.pool)?.clone();
-                Some((r.frontend.clone(), Arc::new(RuleRt::new(r.clone(), pool))))
+                let mut rt = RuleRt::new(r.clone(), pool);
+                if let Some(f) = config.frontends.iter().find(|f| f.name == r.frontend) {
+                    rt.limits = f.limits;
+                }
+                Some((r.frontend.clone(), Arc::new(rt)))
             })
             .collect();
         Snapshot {
