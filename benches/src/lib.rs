@@ -253,11 +253,15 @@ pub async fn paced_latency_us(addr: SocketAddr, n: usize, tag: &str) -> anyhow::
 /// `--reps N` from the command line (more repetitions narrow the medians on a noisy machine),
 /// or `default` when absent or not a positive number.
 pub fn reps_arg(default: usize) -> usize {
+    arg("--reps", default).max(1)
+}
+
+/// The value after `--name` on the command line, or `default` (also when it does not parse).
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
-        .filter(|n| *n > 0)
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(default)
 }
 

@@ -43,33 +43,46 @@ fn toml(backend: SocketAddr, frontend_extra: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_101st_connection_of_one_source_is_refused_while_another_source_gets_in(
-) -> anyhow::Result<()> {
-    let backend = discard_server()?;
-    let cfg = toml(backend, "max_connections_per_source = 100");
-    let lb = Lb::start(Config::parse(&cfg, "test")?, Listeners::default()).await?;
+/// Opens `n` connections from `source` that the LB relays (each sends a byte), and waits
+/// until the LB holds `total` relayed connections.
+async fn relayed(
+    lb: &Lb,
+    source: [u8; 4],
+    n: usize,
+    total: usize,
+) -> anyhow::Result<Vec<TcpStream>> {
     let front = lb.frontend_addr("f").context("frontend")?;
     let mut held = Vec::new();
-    for _ in 0..100 {
-        let mut s = connect_from([127, 0, 0, 2], front).await?;
+    for _ in 0..n {
+        let mut s = connect_from(source, front).await?;
         s.write_all(b"x").await?;
         held.push(s);
     }
-    wait_until("100 relayed", DEADLINE, || async {
-        lb.connection_count() == 100
+    wait_until(&format!("{total} relayed"), DEADLINE, || async {
+        lb.connection_count() == total
     })
     .await?;
+    Ok(held)
+}
+
+/// An LB in front of a discard server, with these frontend keys.
+async fn lb_with(frontend_extra: &str) -> anyhow::Result<(Lb, SocketAddr)> {
+    let cfg = toml(discard_server()?, frontend_extra);
+    let lb = Lb::start(Config::parse(&cfg, "test")?, Listeners::default()).await?;
+    let front = lb.frontend_addr("f").context("frontend")?;
+    Ok((lb, front))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_101st_connection_of_one_source_is_refused_while_another_source_gets_in(
+) -> anyhow::Result<()> {
+    let (lb, front) = lb_with("max_connections_per_source = 100").await?;
+    let mut held = relayed(&lb, [127, 0, 0, 2], 100, 100).await?;
     assert!(
         refused([127, 0, 0, 2], front).await,
         "the 101st from 127.0.0.2 is reset"
     );
-    let mut other = connect_from([127, 0, 0, 3], front).await?;
-    other.write_all(b"y").await?;
-    wait_until("127.0.0.3 relayed", DEADLINE, || async {
-        lb.connection_count() == 101
-    })
-    .await?;
+    let other = relayed(&lb, [127, 0, 0, 3], 1, 101).await?;
     let text = lb.metrics_text();
     assert_eq!(
         metric(
@@ -86,12 +99,7 @@ async fn the_101st_connection_of_one_source_is_refused_while_another_source_gets
         lb.connection_count() == 100
     })
     .await?;
-    let mut again = connect_from([127, 0, 0, 2], front).await?;
-    again.write_all(b"z").await?;
-    wait_until("the freed place is taken", DEADLINE, || async {
-        lb.connection_count() == 101
-    })
-    .await?;
+    let again = relayed(&lb, [127, 0, 0, 2], 1, 101).await?;
     drop((held, other, again));
     lb.shutdown().await;
     Ok(())
@@ -99,28 +107,11 @@ async fn the_101st_connection_of_one_source_is_refused_while_another_source_gets
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_beyond_its_connection_rate_is_refused() -> anyhow::Result<()> {
-    let backend = discard_server()?;
     // 1 a second, 5 at once: six connects in a row, the sixth refused.
-    let cfg = toml(backend, "source_rate = 1\nsource_burst = 5");
-    let lb = Lb::start(Config::parse(&cfg, "test")?, Listeners::default()).await?;
-    let front = lb.frontend_addr("f").context("frontend")?;
-    let mut held = Vec::new();
-    for _ in 0..5 {
-        let mut s = connect_from([127, 0, 0, 4], front).await?;
-        s.write_all(b"x").await?;
-        held.push(s);
-    }
-    wait_until("5 relayed", DEADLINE, || async {
-        lb.connection_count() == 5
-    })
-    .await?;
+    let (lb, front) = lb_with("source_rate = 1\nsource_burst = 5").await?;
+    let held = relayed(&lb, [127, 0, 0, 4], 5, 5).await?;
     assert!(refused([127, 0, 0, 4], front).await, "the sixth is reset");
-    let mut other = connect_from([127, 0, 0, 5], front).await?;
-    other.write_all(b"y").await?;
-    wait_until("another source relayed", DEADLINE, || async {
-        lb.connection_count() == 6
-    })
-    .await?;
+    let other = relayed(&lb, [127, 0, 0, 5], 1, 6).await?;
     let text = lb.metrics_text();
     assert_eq!(
         metric(

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mqlb_benches::{median, mqlb_release_bin, reps_arg, wait_listening, Proc};
+use mqlb_benches::{arg, median, mqlb_release_bin, reps_arg, wait_listening, Proc};
 use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,14 +38,6 @@ fn raise_nofile() {
             }
         }
     }
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
 }
 
 /// One burst's result.

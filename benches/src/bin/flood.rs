@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mqlb_benches::{mqlb_release_bin, wait_listening, Proc};
+use mqlb_benches::{arg, mqlb_release_bin, wait_listening, Proc};
 use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -23,14 +23,6 @@ const SLOW: usize = 2_000;
 const FLOODERS: usize = 50;
 const DEVICE_EVERY: Duration = Duration::from_millis(200);
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn connect_from(source: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
     let s = TcpSocket::new_v4()?;
@@ -180,7 +172,7 @@ async fn start(dir: &std::path::Path, limits: bool) -> anyhow::Result<(Vec<Proc>
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let flood_secs = Duration::from_secs(arg("--flood-secs", 15));
+    let flood_secs = Duration::from_secs(arg("--flood-secs", 15u64));
     let quiet = Duration::from_secs(5);
     let dir = mqlb_tests::TempDir::new("flood")?;
     println!(
