@@ -579,10 +579,17 @@ async fn the_clients_of_a_hung_broker_move_at_once() -> anyhow::Result<()> {
         "b2's clients reconnected elsewhere",
         Duration::from_secs(15),
         || async {
+            // Listed on another broker and, since the LB lists a connection before the
+            // broker's CONNACK reaches the client, connected again as the client sees it.
             let now = connections(t.admin).await.unwrap_or_default();
-            on_b2
+            let again = clients
                 .iter()
-                .all(|id| now.iter().any(|(c, b, _)| c == id && b != "b2"))
+                .filter(|c| on_b2.contains(&c.id))
+                .all(|c| c.connacks() >= 2);
+            again
+                && on_b2
+                    .iter()
+                    .all(|id| now.iter().any(|(c, b, _)| c == id && b != "b2"))
         },
     )
     .await?;
@@ -591,9 +598,6 @@ async fn the_clients_of_a_hung_broker_move_at_once() -> anyhow::Result<()> {
         on_b2.len(),
         paused.elapsed()
     );
-    for c in clients.iter().filter(|c| on_b2.contains(&c.id)) {
-        assert!(c.connacks() >= 2, "{} reconnected", c.id);
-    }
     t.resume("b2")?;
     Ok(())
 }
