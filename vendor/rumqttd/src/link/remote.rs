@@ -232,11 +232,9 @@ where
         handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
     }
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // mqlb patch: a keep alive of 0 turns the keep alive mechanism off (MQTT 3.1.1 3.1.2.10,
+    // MQTT 5 3.1.2.10); it was refused here without a CONNACK. A dead peer of such a client
+    // is still found by TCP keepalive and by the LB's idle timeout.
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;
