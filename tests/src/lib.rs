@@ -331,6 +331,19 @@ pub async fn http_with_headers(
     headers: &[(String, String)],
     body: &[u8],
 ) -> anyhow::Result<(u16, String)> {
+    http_request(addr, &addr.to_string(), method, path, headers, body).await
+}
+
+/// The one HTTP/1.1 client of the harness: `Host: host` (the address connected to, except in
+/// the DNS-rebinding tests), extra headers, a body; returns (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     let extra: String = headers
         .iter()
@@ -338,7 +351,7 @@ pub async fn http_with_headers(
         .collect();
     s.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
             body.len()
         )
         .as_bytes(),
