@@ -227,17 +227,13 @@ pub struct Admitted {
     pub(crate) sources: Arc<Sources>,
     pub(crate) name: Arc<str>,
     pub(crate) ip: IpAddr,
-    /// Counted in the per-source table (not when the frontend has no limit to check).
-    pub(crate) in_table: bool,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.global.fetch_sub(1, Ordering::AcqRel);
         self.frontend.fetch_sub(1, Ordering::AcqRel);
-        if self.in_table {
-            self.sources.release(&self.name, self.ip);
-        }
+        self.sources.release(&self.name, self.ip);
     }
 }
 

@@ -115,40 +115,33 @@ pub(crate) fn share(l: std::net::TcpListener, n: usize) -> io::Result<Vec<std::n
     Ok(all)
 }
 
-/// Checks the connection limits for a new connection and counts it in; `None` when refused
-/// (counted, and logged at most once a second per frontend).
+/// Checks the connection limits for a new connection and counts it in: `Ok(None)` where no
+/// limit applies (nothing is counted then: a frontend without limits pays nothing per
+/// connection), `Err(())` when refused (counted; logged at debug, so a flood floods no log).
 fn admit(
     shared: &Arc<Shared>,
     frontend: &Arc<str>,
     frontend_live: &Arc<AtomicU32>,
+    global_max: Option<u32>,
     rule: &RuleRt,
     peer: SocketAddr,
-) -> Option<Admitted> {
-    let global_max = shared
-        .snapshot
-        .load()
-        .config
-        .lb
-        .max_connections
-        .map(|n| n.get());
+) -> Result<Option<Admitted>, ()> {
     let limits = &rule.limits;
     let unlimited = global_max.is_none()
         && limits.max_connections.is_none()
         && limits.max_connections_per_source.is_none()
         && limits.source_rate.is_none();
-    let in_table = !unlimited && !shared.own_probes.contains(peer);
-    let decided = if !in_table {
-        Ok(())
-    } else {
-        let load = crate::limits::Load {
-            global_max,
-            global: shared.live.load(Ordering::Acquire),
-            frontend: frontend_live.load(Ordering::Acquire),
-        };
-        shared
-            .sources
-            .admit(frontend, peer.ip(), limits, load, Instant::now())
+    if unlimited || shared.own_probes.contains(peer) {
+        return Ok(None);
+    }
+    let load = crate::limits::Load {
+        global_max,
+        global: shared.live.load(Ordering::Acquire),
+        frontend: frontend_live.load(Ordering::Acquire),
     };
+    let decided = shared
+        .sources
+        .admit(frontend, peer.ip(), limits, load, Instant::now());
     if let Err(why) = decided {
         shared
             .metrics
@@ -156,18 +149,17 @@ fn admit(
             .with_label_values(&[frontend, why.label()])
             .inc();
         tracing::debug!(frontend = %frontend, %peer, reason = why.label(), "connection refused by a limit");
-        return None;
+        return Err(());
     }
     shared.live.fetch_add(1, Ordering::AcqRel);
     frontend_live.fetch_add(1, Ordering::AcqRel);
-    Some(Admitted {
+    Ok(Some(Admitted {
         global: shared.live.clone(),
         frontend: frontend_live.clone(),
         sources: shared.sources.clone(),
         name: frontend.clone(),
         ip: peer.ip(),
-        in_table,
-    })
+    }))
 }
 
 /// Accepts on `listener` until `stop` fires, spawning one proxy task per connection.
@@ -203,12 +195,15 @@ pub(crate) async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(rule) = shared.snapshot.load().rules.get(&frontend).cloned() else {
+                let snap = shared.snapshot.load();
+                let Some(rule) = snap.rules.get(&frontend).cloned() else {
                     tracing::debug!(frontend, %peer, "no rule for this frontend any more; closing");
                     continue;
                 };
-                let admitted = admit(&shared, &name, &frontend_live, &rule, peer);
-                let Some(admitted) = admitted else {
+                let global_max = snap.config.lb.max_connections.map(|n| n.get());
+                drop(snap);
+                let Ok(admitted) = admit(&shared, &name, &frontend_live, global_max, &rule, peer)
+                else {
                     // Reset, not closed: the client learns at once, and no FIN handshake waits.
                     if let Err(e) = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))
                     {
@@ -218,10 +213,14 @@ pub(crate) async fn accept_loop(
                 };
                 let s = shared.clone();
                 let connection = proxy::handle(s, rule, stream, peer, local, !inherits_options);
-                shared.tracker.spawn(async move {
-                    let _admitted = admitted;
-                    connection.await
-                });
+                match admitted {
+                    // Holds the connection's place in the counts for its whole life.
+                    Some(place) => shared.tracker.spawn(async move {
+                        let _place = place;
+                        connection.await
+                    }),
+                    None => shared.tracker.spawn(connection),
+                };
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: out of resources. Back off briefly instead of spinning;
