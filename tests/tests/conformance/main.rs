@@ -6,3 +6,5 @@
 mod harness;
 
 mod connect;
+
+mod delivery;

@@ -1667,7 +1667,15 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // mqlb patch (MQTT-3.8.4-8, 3.1.1 MQTT-3.8.4-6): delivered at the minimum of the
+            // QoS the message was published with (kept in the log) and the subscription's;
+            // rumqttd delivered every message at the subscription's QoS.
+            if publish.qos as u8 > qos {
+                publish.qos = protocol::qos(qos).unwrap_or(QoS::AtMostOnce);
+            }
+            if publish.qos == QoS::AtMostOnce {
+                publish.pkid = 0;
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
