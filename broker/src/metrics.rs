@@ -43,7 +43,7 @@ impl Metrics {
             dropped: IntCounterVec::new(
                 Opts::new(
                     "mqlb_mesh_dropped_total",
-                    "Publishes not sent to a peer: queue_full (peer slow or down), link_error.",
+                    "Publishes not sent to a peer: queue_full (peer slow or down), link_error, expired (its message expiry interval passed while it was queued).",
                 ),
                 &["peer", "reason"],
             )?,

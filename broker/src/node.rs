@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use mqlb_config::{AuthSettings, BrokerNode, Config};
 use rumqttd::local::LinkBuilder;
-use rumqttd::protocol::{v4::V4, v5::V5, Packet, Publish, PublishProperties};
+use rumqttd::protocol::{
+    v4::V4, v5::V5, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
+};
 use rumqttd::{
     Authorizer, ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings,
 };
@@ -201,7 +203,7 @@ impl Node {
             .map(|r| r.handle().clone())
             .ok_or_else(|| NodeError::Rumqttd("runtime missing".into()))?;
         let _guard = handle.enter();
-        let (inject_tx, inject_rx) = mpsc::channel::<(String, MeshPublish)>(1024);
+        let (inject_tx, inject_rx) = mpsc::channel::<(String, MeshPublish, Instant)>(1024);
         handle.spawn(injector(inject_rx, link_tx, link_rx, stop.clone()));
         let mut servers = Vec::new();
         let settings = |name: &str, listen| ServerSettings {
@@ -442,17 +444,51 @@ impl Drop for Node {
 
 /// Delivers publishes from peers into the local router. They enter through a local link, not
 /// a codec, so the tap never sees them and they are never forwarded again.
+///
+/// Each keeps the QoS it was published with, so the router delivers it at the minimum of that
+/// and each subscription's (MQTT-3.8.4-8). The router acknowledges QoS 1 and 2 to the link:
+/// the acks are drained here as they come (the link's buffer would otherwise grow without
+/// bound), and a PUBREC is answered with the PUBREL that releases the message to subscribers.
+/// The time a message waited since it arrived from the peer is taken off its message expiry
+/// interval, and one that expired meanwhile is not delivered (MQTT-3.3.2-5, -6).
 async fn injector(
-    mut rx: mpsc::Receiver<(String, MeshPublish)>,
+    mut rx: mpsc::Receiver<(String, MeshPublish, Instant)>,
     mut link_tx: rumqttd::local::LinkTx,
-    _link_rx: rumqttd::local::LinkRx,
+    mut link_rx: rumqttd::local::LinkRx,
     stop: CancellationToken,
 ) {
+    let mut pkid: u16 = 0;
     loop {
-        let (peer, m) = tokio::select! {
+        let (peer, mut m, received) = tokio::select! {
             _ = stop.cancelled() => return,
             r = rx.recv() => match r { Some(x) => x, None => return },
+            n = link_rx.next() => {
+                match n {
+                    Ok(Some(n)) => {
+                        if let Some(Packet::PubRec(rec, _)) = Option::<Packet>::from(n) {
+                            let rel = PubRel { pkid: rec.pkid, reason: PubRelReason::Success };
+                            if let Err(e) = link_tx.send(Packet::PubRel(rel, None)).await {
+                                tracing::error!(error = %e, "router refused a PUBREL; mesh input stops");
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "the router closed the mesh link; mesh input stops");
+                        return;
+                    }
+                }
+                continue;
+            }
         };
+        if let Some(interval) = m.message_expiry_interval {
+            let waited = u32::try_from(received.elapsed().as_secs()).unwrap_or(u32::MAX);
+            match interval.checked_sub(waited).filter(|r| *r > 0) {
+                Some(remaining) => m.message_expiry_interval = Some(remaining),
+                None => continue,
+            }
+        }
         let has_props = m.payload_format_indicator.is_some()
             || m.message_expiry_interval.is_some()
             || m.response_topic.is_some()
@@ -468,8 +504,15 @@ async fn injector(
             content_type: m.content_type,
             ..PublishProperties::default()
         });
-        // QoS 0 into the router is enough: rumqttd delivers with each subscription's QoS.
-        let publish = Publish::new(m.topic, m.payload, m.retain);
+        let qos = match m.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        if qos != QoS::AtMostOnce {
+            pkid = pkid.checked_add(1).unwrap_or(1);
+        }
+        let publish = Publish::new(m.topic, m.payload, m.retain).with_qos(qos, pkid);
         if let Err(e) = link_tx.send(Packet::Publish(publish, props)).await {
             tracing::error!(peer, error = %e, "router refused a publish from a peer; mesh input stops");
             return;

@@ -182,7 +182,8 @@ impl<P> Tap<P> {
         Ok(())
     }
 
-    fn forward(&mut self, publish: &Publish, props: Option<&PublishProperties>) {
+    /// `qos`: the publication's, from the fixed header.
+    fn forward(&mut self, publish: &Publish, qos: u8, props: Option<&PublishProperties>) {
         let mut topic = publish.topic.clone();
         if let Some(alias) = props.and_then(|p| p.topic_alias) {
             if topic.is_empty() {
@@ -210,6 +211,7 @@ impl<P> Tap<P> {
                 topic,
                 payload: publish.payload.clone(),
                 retain: publish.retain,
+                qos,
                 ..MeshPublish::default()
             };
             if let Some(p) = props {
@@ -236,6 +238,7 @@ impl<P: Protocol> Protocol for Tap<P> {
                         topic: w.topic.clone(),
                         payload: w.message.clone(),
                         retain: w.retain,
+                        qos: w.qos as u8,
                         ..MeshPublish::default()
                     };
                     let mut delay = 0;
@@ -254,7 +257,7 @@ impl<P: Protocol> Protocol for Tap<P> {
             let dup = header & 0b1000 != 0;
             // A QoS 2 retransmission is delivered once by rumqttd; forward it once too.
             if !(qos == 2 && dup) {
-                self.forward(publish, props.as_ref());
+                self.forward(publish, qos, props.as_ref());
             }
         }
         Ok(packet)

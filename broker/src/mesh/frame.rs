@@ -5,7 +5,7 @@
 //! frame   := len:u32 (bytes after it) kind:u8 body
 //! HELLO   := "MQLB" version:u8 id_len:u16 id nonce:[u8; 16]
 //! AUTH    := mac:[u8; 32]                      HMAC-SHA256, see `auth`
-//! PUBLISH := flags:u8 (bit 0 retain) topic_len:u16 topic props_len:u32 props payload
+//! PUBLISH := flags:u8 (bit 0 retain, bits 1-2 QoS) topic_len:u16 topic props_len:u32 props payload
 //! props   := (tag:u8 value)*                   v5 properties worth carrying
 //! ```
 
@@ -34,6 +34,10 @@ pub struct MeshPublish {
     pub topic: Bytes,
     pub payload: Bytes,
     pub retain: bool,
+    /// The QoS it was published with (0, 1 or 2): the receiving node delivers at the minimum
+    /// of it and each subscription's (MQTT-3.8.4-8). A node of an older mesh format sends 0 in
+    /// these bits and ignores them, so the links of mixed versions still work.
+    pub qos: u8,
     pub payload_format_indicator: Option<u8>,
     pub message_expiry_interval: Option<u32>,
     pub response_topic: Option<String>,
@@ -124,8 +128,18 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
 
 /// Encodes a PUBLISH frame (the hot path: once per local publish, shared by all peers).
 pub fn encode_publish(p: &MeshPublish) -> Result<Bytes, FrameError> {
-    frame(KIND_PUBLISH, |o| {
-        o.put_u8(u8::from(p.retain));
+    encode_publish_expiry_at(p).map(|(b, _)| b)
+}
+
+/// Encodes a PUBLISH frame and says where in it the message expiry interval's 4 bytes are, if
+/// it has one, so a sender can count down the time the frame waited ([`with_expiry`]).
+pub fn encode_publish_expiry_at(p: &MeshPublish) -> Result<(Bytes, Option<usize>), FrameError> {
+    if p.qos > 2 {
+        return Err(FrameError::Malformed("publish qos"));
+    }
+    let mut expiry_at = None;
+    let bytes = frame(KIND_PUBLISH, |o| {
+        o.put_u8(u8::from(p.retain) | (p.qos << 1));
         put_str16(o, &p.topic)?;
         let mut props = BytesMut::new();
         if let Some(v) = p.payload_format_indicator {
@@ -134,6 +148,8 @@ pub fn encode_publish(p: &MeshPublish) -> Result<Bytes, FrameError> {
         }
         if let Some(v) = p.message_expiry_interval {
             props.put_u8(TAG_EXPIRY);
+            // after the 4-byte properties length written below
+            expiry_at = Some(o.len() + 4 + props.len());
             props.put_u32(v);
         }
         if let Some(v) = &p.response_topic {
@@ -159,7 +175,20 @@ pub fn encode_publish(p: &MeshPublish) -> Result<Bytes, FrameError> {
         o.put_slice(&props);
         o.put_slice(&p.payload);
         Ok(())
-    })
+    })?;
+    Ok((bytes, expiry_at))
+}
+
+/// The PUBLISH frame `frame` with its message expiry interval (at `at`, from
+/// [`encode_publish_expiry_at`]) set to `remaining`. `None` if `at` is not inside the frame.
+pub fn with_expiry(frame: &Bytes, at: usize, remaining: u32) -> Option<Bytes> {
+    let end = at.checked_add(4)?;
+    if end > frame.len() {
+        return None;
+    }
+    let mut b = BytesMut::from(&frame[..]);
+    b[at..end].copy_from_slice(&remaining.to_be_bytes());
+    Some(b.freeze())
 }
 
 fn need(b: &Bytes, n: usize, what: &'static str) -> Result<(), FrameError> {
@@ -227,7 +256,12 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
         }
         KIND_PUBLISH => {
             need(&b, 1, "publish flags")?;
-            let retain = b.get_u8() & 1 == 1;
+            let flags = b.get_u8();
+            let retain = flags & 1 == 1;
+            let qos = (flags >> 1) & 0b11;
+            if qos > 2 {
+                return Err(FrameError::Malformed("publish qos"));
+            }
             let topic = get_bytes16(&mut b, "publish topic")?;
             if topic.is_empty() || std::str::from_utf8(&topic).is_err() {
                 return Err(FrameError::Malformed("publish topic"));
@@ -239,6 +273,7 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
             let mut p = MeshPublish {
                 topic,
                 retain,
+                qos,
                 ..MeshPublish::default()
             };
             while props.has_remaining() {
@@ -288,6 +323,7 @@ mod tests {
             topic: Bytes::from_static(b"site/1/temp"),
             payload: Bytes::from_static(b"21.5"),
             retain: true,
+            qos: 2,
             payload_format_indicator: Some(1),
             message_expiry_interval: Some(3600),
             response_topic: Some("reply/here".into()),
@@ -327,6 +363,61 @@ mod tests {
         }
         assert_eq!(got, frames);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn qos_travels_in_the_flags() {
+        for qos in 0..=2 {
+            let p = MeshPublish {
+                topic: Bytes::from_static(b"t"),
+                qos,
+                ..Default::default()
+            };
+            let wire = encode_publish(&p).expect("encodes");
+            assert_eq!(wire[5], qos << 1, "flags of QoS {qos}");
+            let got = decode(&mut BytesMut::from(&wire[..]), 1 << 20).expect("valid");
+            assert_eq!(got, Some(Frame::Publish(p)));
+        }
+        let bad = MeshPublish {
+            topic: Bytes::from_static(b"t"),
+            qos: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            encode_publish(&bad),
+            Err(FrameError::Malformed("publish qos"))
+        );
+        // flags 0b110: QoS 3
+        assert_eq!(
+            decode(
+                &mut BytesMut::from(&b"\x00\x00\x00\x09\x03\x06\x00\x01t\x00\x00\x00\x00"[..]),
+                1 << 20
+            ),
+            Err(FrameError::Malformed("publish qos"))
+        );
+    }
+
+    #[test]
+    fn the_expiry_interval_can_be_rewritten_in_place() {
+        let p = full();
+        let (wire, at) = encode_publish_expiry_at(&p).expect("encodes");
+        let at = at.expect("full() has an expiry");
+        let counted = with_expiry(&wire, at, 3599).expect("inside");
+        let got = decode(&mut BytesMut::from(&counted[..]), 1 << 20).expect("valid");
+        assert_eq!(
+            got,
+            Some(Frame::Publish(MeshPublish {
+                message_expiry_interval: Some(3599),
+                ..p
+            }))
+        );
+        let none = MeshPublish {
+            topic: Bytes::from_static(b"t"),
+            ..Default::default()
+        };
+        assert_eq!(encode_publish_expiry_at(&none).expect("encodes").1, None);
+        assert_eq!(with_expiry(&wire, wire.len() - 3, 1), None);
+        assert_eq!(with_expiry(&wire, usize::MAX, 1), None);
     }
 
     #[test]

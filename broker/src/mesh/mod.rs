@@ -14,7 +14,7 @@ pub mod frame;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -33,11 +33,36 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Frame bytes beyond the payload: topic, properties, header.
 const FRAME_OVERHEAD: usize = 128 * 1024;
 
+/// A frame waiting in a peer's queue.
+#[derive(Clone)]
+struct Outbound {
+    frame: Bytes,
+    /// Where the frame's message expiry interval is, its value, and when the message was
+    /// received: the interval sent is what is left of it when the frame is written
+    /// (MQTT-3.3.2-6), and a message that expired while queued is not sent (MQTT-3.3.2-5).
+    expiry: Option<(usize, u32, Instant)>,
+}
+
+impl Outbound {
+    /// The bytes to write now; `None`: the message expired while it waited.
+    fn now(&self) -> Option<Bytes> {
+        let Some((at, interval, received)) = self.expiry else {
+            return Some(self.frame.clone());
+        };
+        let waited = u32::try_from(received.elapsed().as_secs()).unwrap_or(u32::MAX);
+        if waited == 0 {
+            return Some(self.frame.clone());
+        }
+        let remaining = interval.checked_sub(waited).filter(|r| *r > 0)?;
+        frame::with_expiry(&self.frame, at, remaining)
+    }
+}
+
 /// A peer this node sends to.
 pub struct PeerOut {
     pub id: String,
     pub addr: SocketAddr,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outbound>,
     up: AtomicBool,
     /// Learned from the HA server's membership (removed when the member goes), rather than
     /// listed in the config (kept always).
@@ -130,15 +155,22 @@ impl Mesh {
             return;
         }
         // Encoded once, shared by every peer's queue.
-        let bytes = match frame::encode_publish(&publish()) {
-            Ok(b) => b,
+        let publish = publish();
+        let received = Instant::now();
+        let out = match frame::encode_publish_expiry_at(&publish) {
+            Ok((frame, at)) => Outbound {
+                frame,
+                expiry: at
+                    .zip(publish.message_expiry_interval)
+                    .map(|(a, i)| (a, i, received)),
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "publish not forwarded to peers");
                 return;
             }
         };
         for p in peers.iter() {
-            if p.tx.try_send(bytes.clone()).is_err() {
+            if p.tx.try_send(out.clone()).is_err() {
                 self.metrics
                     .dropped
                     .with_label_values(&[&p.id, "queue_full"])
@@ -278,7 +310,7 @@ async fn handshake(
 async fn outbound(
     mesh: Arc<Mesh>,
     peer: Arc<PeerOut>,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Outbound>,
     settings: MeshSettings,
     stop: CancellationToken,
 ) {
@@ -288,6 +320,10 @@ async fn outbound(
         .metrics
         .dropped
         .with_label_values(&[&peer.id, "link_error"]);
+    let expired = mesh
+        .metrics
+        .dropped
+        .with_label_values(&[&peer.id, "expired"]);
     let mut backoff = settings.reconnect_min;
     loop {
         let attempt = async {
@@ -335,7 +371,11 @@ async fn outbound(
                             let mut sent = 0;
                             let mut result = Ok(());
                             for m in &batch {
-                                if let Err(e) = w.write_all(m).await {
+                                let Some(m) = m.now() else {
+                                    expired.inc();
+                                    continue;
+                                };
+                                if let Err(e) = w.write_all(&m).await {
                                     result = Err(e);
                                     break;
                                 }
@@ -381,7 +421,7 @@ async fn outbound(
 pub(crate) async fn serve_inbound(
     mesh: Arc<Mesh>,
     listener: TcpListener,
-    inject: mpsc::Sender<(String, MeshPublish)>,
+    inject: mpsc::Sender<(String, MeshPublish, Instant)>,
     stop: CancellationToken,
 ) {
     let Some(settings) = mesh.settings.clone() else {
@@ -419,7 +459,7 @@ async fn inbound(
     mut stream: TcpStream,
     addr: SocketAddr,
     secret: Secret,
-    inject: mpsc::Sender<(String, MeshPublish)>,
+    inject: mpsc::Sender<(String, MeshPublish, Instant)>,
 ) {
     let mut buf = BytesMut::new();
     let hs = tokio::time::timeout(
@@ -443,7 +483,11 @@ async fn inbound(
         match read_frame(&mut stream, &mut buf, max).await {
             Ok(Some(Frame::Publish(p))) => {
                 // Back-pressure: a full router queue slows this link, not the node.
-                if inject.send((peer.clone(), p)).await.is_err() {
+                if inject
+                    .send((peer.clone(), p, Instant::now()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 received.inc();
@@ -463,5 +507,61 @@ async fn inbound(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(interval: u32, waited: Duration) -> (Outbound, MeshPublish) {
+        let p = MeshPublish {
+            topic: Bytes::from_static(b"t"),
+            message_expiry_interval: Some(interval),
+            ..Default::default()
+        };
+        let (frame, at) = frame::encode_publish_expiry_at(&p).expect("encodes");
+        let received = Instant::now()
+            .checked_sub(waited)
+            .expect("the clock is past the wait");
+        let at = at.expect("has an expiry");
+        (
+            Outbound {
+                frame,
+                expiry: Some((at, interval, received)),
+            },
+            p,
+        )
+    }
+
+    fn sent(out: &Outbound) -> Option<MeshPublish> {
+        let bytes = out.now()?;
+        match decode(&mut BytesMut::from(&bytes[..]), 1 << 20) {
+            Ok(Some(Frame::Publish(p))) => Some(p),
+            other => panic!("not a publish: {other:?}"),
+        }
+    }
+
+    /// MQTT-3.3.2-6: the interval a peer receives is what is left of it after the wait in the
+    /// queue; MQTT-3.3.2-5: a message that expired while queued is not sent.
+    #[test]
+    fn a_queued_message_expiry_counts_down() {
+        let (out, p) = queued(10, Duration::ZERO);
+        assert_eq!(sent(&out), Some(p));
+        let (out, p) = queued(10, Duration::from_millis(3500));
+        assert_eq!(
+            sent(&out),
+            Some(MeshPublish {
+                message_expiry_interval: Some(7),
+                ..p
+            })
+        );
+        let (out, _) = queued(3, Duration::from_secs(3));
+        assert_eq!(sent(&out), None);
+        let plain = Outbound {
+            frame: Bytes::from_static(b"x"),
+            expiry: None,
+        };
+        assert_eq!(plain.now(), Some(Bytes::from_static(b"x")));
     }
 }

@@ -191,6 +191,21 @@ impl Publish {
         }
     }
 
+    /// mqlb patch (mesh QoS, MQTT-3.8.4-8): a local link that relays publishes from elsewhere
+    /// (mqlb's mesh injector) keeps their QoS, so the router delivers each at the minimum of
+    /// it and the subscription's. The link then receives the router's acks and must answer a
+    /// PUBREC with a PUBREL. `pkid` must not be 0 for QoS 1 and 2.
+    pub fn with_qos(mut self, qos: QoS, pkid: u16) -> Publish {
+        self.qos = qos;
+        self.pkid = if qos == QoS::AtMostOnce { 0 } else { pkid };
+        self
+    }
+
+    /// mqlb patch (mesh QoS): the QoS this publish was sent with.
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }
