@@ -479,3 +479,132 @@ pub fn publish5(topic: &str, qos: QoS, payload: &str) -> v5::Publish {
     }
     p
 }
+
+/// An MQTT 5 CONNECT for a session: `clean_start` and the Session Expiry Interval property
+/// (`None`: absent, which means 0).
+pub fn connect5_session(client_id: &str, clean_start: bool, expiry: Option<u32>) -> v5::Connect {
+    let mut c = connect5(client_id);
+    c.clean_start = clean_start;
+    c.properties = expiry.map(|e| v5::ConnectProperties {
+        session_expiry_interval: Some(e),
+        ..v5::ConnectProperties::new()
+    });
+    c
+}
+
+/// An MQTT 3.1.1 CONNECT with `clean_session` as given.
+pub fn connect4_session(client_id: &str, clean_session: bool) -> v4::Connect {
+    let mut c = connect4(client_id);
+    c.clean_session = clean_session;
+    c
+}
+
+impl<C: Codec> Raw<C> {
+    /// Closes the connection without DISCONNECT and waits until the broker has closed its side
+    /// too (it has seen the end of the connection), bounded by [`DEADLINE`].
+    pub async fn drop_connection(mut self) -> anyhow::Result<()> {
+        self.stream.shutdown().await.ok();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let mut scratch = [0u8; 1024];
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
+                Err(_) => bail!("the broker kept the connection open"),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(()),
+                Ok(Ok(_)) => {} // whatever was in flight
+            }
+        }
+    }
+}
+
+impl Raw<V5> {
+    /// Sends DISCONNECT (Normal disconnection; with a Session Expiry Interval property if
+    /// `expiry` is given, hand-made: rumqttc does not export its DISCONNECT properties) and
+    /// waits until the connection is closed (see [`Raw::drop_connection`]).
+    pub async fn disconnect(mut self, expiry: Option<u32>) -> anyhow::Result<()> {
+        match expiry {
+            None => {
+                self.send(v5::Packet::Disconnect(v5::Disconnect {
+                    reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+                    properties: None,
+                }))
+                .await?
+            }
+            Some(e) => {
+                let [a, b, c, d] = e.to_be_bytes();
+                // DISCONNECT, remaining length 7, reason 0x00, properties length 5,
+                // 0x11 Session Expiry Interval (four bytes).
+                self.send_bytes(&[0xE0, 7, 0x00, 5, 0x11, a, b, c, d])
+                    .await?
+            }
+        }
+        self.drop_connection().await
+    }
+}
+
+impl Raw<V4> {
+    /// Sends DISCONNECT and waits until the connection is closed.
+    pub async fn disconnect(mut self) -> anyhow::Result<()> {
+        self.send(v4::Packet::Disconnect).await?;
+        self.drop_connection().await
+    }
+
+    /// Subscribes to one filter and waits for its SUBACK, returning the return codes.
+    pub async fn subscribe(
+        &mut self,
+        pkid: u16,
+        path: &str,
+        qos: rumqttc::QoS,
+    ) -> anyhow::Result<Vec<v4::SubscribeReasonCode>> {
+        let mut s = v4::Subscribe::new(path, qos);
+        s.pkid = pkid;
+        self.send(v4::Packet::Subscribe(s)).await?;
+        loop {
+            match self.recv().await? {
+                v4::Packet::SubAck(a) if a.pkid == pkid => return Ok(a.return_codes),
+                v4::Packet::Publish(_) => {} // retained messages may come first
+                other => bail!("expected SUBACK {pkid}, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next PUBLISH, acknowledging nothing; other packets are an error.
+    pub async fn recv_publish(&mut self) -> anyhow::Result<v4::Publish> {
+        match self.recv().await? {
+            v4::Packet::Publish(p) => Ok(p),
+            other => bail!("expected a PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Publishes and completes the QoS flow (PUBACK, or PUBREC/PUBREL/PUBCOMP).
+    pub async fn publish(&mut self, publish: v4::Publish) -> anyhow::Result<()> {
+        let (qos, pkid) = (publish.qos, publish.pkid);
+        self.send(v4::Packet::Publish(publish)).await?;
+        match qos {
+            rumqttc::QoS::AtMostOnce => Ok(()),
+            rumqttc::QoS::AtLeastOnce => match self.recv().await? {
+                v4::Packet::PubAck(a) if a.pkid == pkid => Ok(()),
+                other => bail!("expected PUBACK {pkid}, got {other:?}"),
+            },
+            rumqttc::QoS::ExactlyOnce => {
+                match self.recv().await? {
+                    v4::Packet::PubRec(a) if a.pkid == pkid => {}
+                    other => bail!("expected PUBREC {pkid}, got {other:?}"),
+                }
+                self.send(v4::Packet::PubRel(v4::PubRel::new(pkid))).await?;
+                match self.recv().await? {
+                    v4::Packet::PubComp(a) if a.pkid == pkid => Ok(()),
+                    other => bail!("expected PUBCOMP {pkid}, got {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+/// A 3.1.1 PUBLISH of `payload` to `topic` at `qos` (packet id 1 unless QoS 0).
+pub fn publish4(topic: &str, qos: rumqttc::QoS, payload: &str) -> v4::Publish {
+    let mut p = v4::Publish::new(topic, qos, payload.as_bytes().to_vec());
+    if qos != rumqttc::QoS::AtMostOnce {
+        p.pkid = 1;
+    }
+    p
+}

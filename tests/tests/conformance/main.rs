@@ -9,3 +9,4 @@ mod cluster;
 mod connect;
 
 mod delivery;
+mod session;

@@ -51,6 +51,8 @@ pub struct LinkBuilder<'a> {
     topic_alias_max: u16,
     // mqlb patch (router/authorize.rs): none for a local link: it may do anything.
     acl: Option<crate::ConnectionAcl>,
+    // mqlb patch (session expiry): `None`: derived from `clean_session` (3.1.1's rule).
+    session_expiry: Option<u32>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -65,6 +67,7 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             acl: None,
+            session_expiry: None,
         }
     }
 
@@ -97,6 +100,14 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// mqlb patch (session expiry): the session outlives the link by `secs` seconds (MQTT 5's
+    /// Session Expiry Interval: 0 ends it with the link, `u32::MAX` never); without this call,
+    /// 3.1.1's rule: a clean session ends with the link, another never.
+    pub fn session_expiry(mut self, secs: u32) -> Self {
+        self.session_expiry = Some(secs);
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
@@ -121,6 +132,9 @@ impl<'a> LinkBuilder<'a> {
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
         connection.acl = self.acl;
+        if let Some(secs) = self.session_expiry {
+            connection.session_expiry = secs;
+        }
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

@@ -98,6 +98,10 @@ impl<P: Protocol> RemoteLink<P> {
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
+            // mqlb patch (session expiry): the session outlives the connection by the
+            // client's Session Expiry Interval (absent: 0, MQTT-3.1.2-23; the 3.1.1 codec
+            // states Clean Session as an interval).
+            .session_expiry(session_expiry)
             .last_will(lastwill)
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)

@@ -17,8 +17,13 @@ pub struct Connection {
     pub tenant_prefix: Option<String>,
     /// Dynamically create subscription filters incase they didn't exist during a publish
     pub dynamic_filters: bool,
-    /// Clean session
+    /// Clean session (MQTT 5: Clean Start): discard a saved session at CONNECT
     pub clean: bool,
+    /// mqlb patch (session expiry): how long the session outlives this connection, in seconds
+    /// (MQTT 5's Session Expiry Interval; 0: it ends with the connection, `u32::MAX`: never).
+    /// [`Connection::new`] derives it from `clean` as MQTT 3.1.1 does (Clean Session 1: 0,
+    /// Clean Session 0: never); an MQTT 5 link sets the client's interval.
+    pub session_expiry: u32,
     /// Subscriptions
     pub subscriptions: HashSet<Filter>,
     /// Last will of this connection
@@ -64,6 +69,7 @@ impl Connection {
             tenant_prefix,
             dynamic_filters,
             clean,
+            session_expiry: if clean { 0 } else { u32::MAX },
             subscriptions: HashSet::default(),
             last_will: None,
             last_will_properties: None,

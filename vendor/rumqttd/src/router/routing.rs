@@ -196,9 +196,22 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            // mqlb patch (session expiry): wait no longer than the next saved session's end.
+            match self.graveyard.next_expiry() {
+                None => {
+                    let (id, data) = self.router_rx.recv()?;
+                    self.events(id, data);
+                }
+                Some(at) => match self.router_rx.recv_deadline(at) {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(flume::RecvTimeoutError::Timeout) => {}
+                    Err(flume::RecvTimeoutError::Disconnected) => {
+                        return Err(RouterError::Disconnected)
+                    }
+                },
+            }
         }
+        self.expire_sessions();
 
         // Try reading more from connections in a non-blocking
         // fashion to accumulate data and handle subscriptions.
@@ -303,6 +316,9 @@ impl Router {
         // Retrieve previous connection state from graveyard
         let saved = self.graveyard.retrieve(&client_id);
         let clean_session = connection.clean;
+        // mqlb patch (session expiry): Clean Start 1 discards the saved session (MQTT-3.1.2-4)
+        // and Session Present is 0 (MQTT-3.2.2-2/-3); whether the new session outlives this
+        // connection is its Session Expiry Interval's business (`handle_disconnection`).
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
@@ -398,6 +414,22 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+    }
+
+    /// mqlb patch (session expiry): ends the saved sessions whose Session Expiry Interval
+    /// has passed (MQTT-3.1.2-23); the graveyard frees their state. Called from the router's
+    /// loop, which waits no longer than the next expiry, so no session has a timer of its own.
+    fn expire_sessions(&mut self) {
+        if self
+            .graveyard
+            .next_expiry()
+            .is_none_or(|at| at > std::time::Instant::now())
+        {
+            return;
+        }
+        for client_id in self.graveyard.expire(std::time::Instant::now()) {
+            debug!(client_id, "session expired");
+        }
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
@@ -499,7 +531,11 @@ impl Router {
         }
 
         // Save state for persistent sessions
-        if !connection.clean {
+        // mqlb patch (session expiry): a session outlives its connection if its Session
+        // Expiry Interval is above 0 (MQTT-3.1.2-23), whatever Clean Start was: Clean Start
+        // 1 with an interval is a new session that is kept, Clean Start 0 without one ends
+        // here. (3.1.1's Clean Session 0 is an interval that never ends.)
+        if connection.session_expiry > 0 {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -524,6 +560,7 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                connection.session_expiry,
             );
         } else {
             tracker.pause(PauseReason::Busy);

@@ -313,7 +313,22 @@ impl Protocol for V4 {
         let packet = match packet_type {
             PacketType::Connect => {
                 let (connect, login, lastwill) = connect::read(fixed_header, packet)?;
-                Packet::Connect(connect, None, lastwill, None, login)
+                // mqlb patch (session expiry): 3.1.1's Clean Session 0 is 5.0's Session
+                // Expiry Interval 0xFFFFFFFF (never), Clean Session 1 its 0, so the link
+                // gives the router one rule for both versions.
+                let expiry = if connect.clean_session { 0 } else { u32::MAX };
+                let props = ConnectProperties {
+                    session_expiry_interval: Some(expiry),
+                    receive_maximum: None,
+                    max_packet_size: None,
+                    topic_alias_max: None,
+                    request_response_info: None,
+                    request_problem_info: None,
+                    user_properties: Vec::new(),
+                    authentication_method: None,
+                    authentication_data: None,
+                };
+                Packet::Connect(connect, Some(props), lastwill, None, login)
             }
             PacketType::ConnAck => Packet::ConnAck(connack::read(fixed_header, packet)?, None),
             PacketType::Publish => Packet::Publish(publish::read(fixed_header, packet)?, None),
@@ -342,7 +357,9 @@ impl Protocol for V4 {
 
     fn write(&self, packet: Packet, buffer: &mut BytesMut) -> Result<usize, Error> {
         let size = match packet {
-            Packet::Connect(connect, None, last_will, None, login) => {
+            // mqlb patch (session expiry): the properties `read` gives a CONNECT are
+            // Clean Session again, which `connect` carries.
+            Packet::Connect(connect, _, last_will, None, login) => {
                 connect::write(&connect, &login, &last_will, buffer)?
             }
             // TODO: set ConnAckProperties conditionally based on version
