@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use anyhow::ensure;
+use anyhow::{bail, ensure, Context};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
-use crate::harness::{connect4, connect5, Role, Target};
+use crate::harness::{connect4, connect5, Ended, Raw, Role, Target, Version, DEADLINE, V5};
 use crate::rule;
 
 /// MQTT 3.1.1 and 5.0, 3.1.2.10: a Keep Alive of 0 turns the keep alive mechanism off. Several
@@ -32,3 +32,91 @@ async fn keep_alive_zero_is_accepted(t: Arc<Target>) -> anyhow::Result<()> {
     Ok(())
 }
 rule!(keep_alive_zero_is_accepted);
+
+/// A hand-made MQTT 5 CONNECT (clean start, keep alive 60) with `props` as its properties and,
+/// if given, a will on topic `w` with `will_props` as the will's properties.
+fn connect5_bytes(client_id: &str, props: &[u8], will_props: Option<&[u8]>) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5];
+    body.push(if will_props.is_some() { 0x06 } else { 0x02 });
+    body.extend_from_slice(&[0, 60]);
+    push_varint(&mut body, props.len());
+    body.extend_from_slice(props);
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    if let Some(w) = will_props {
+        push_varint(&mut body, w.len());
+        body.extend_from_slice(w);
+        body.extend_from_slice(&[0, 1, b'w', 0, 1, b'x']);
+    }
+    let mut packet = vec![0x10];
+    push_varint(&mut packet, body.len());
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// MQTT's variable byte integer.
+fn push_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+/// MQTT 5.0, 3.1.2.11: "It is a Protocol Error to include the Receive Maximum value more than
+/// once or for it to have the value 0" (3.1.2.11.3), likewise the Maximum Packet Size
+/// (3.1.2.11.4), the Session Expiry Interval (3.1.2.11.2), a Request Problem Information other
+/// than 0 or 1 (3.1.2.11.7) and the Will Delay Interval (3.1.3.2.2). The server answers a
+/// CONNECT that is a Protocol Error by closing the connection, after a CONNACK 0x82 if it
+/// sends one (MQTT-3.1.4-1, MQTT-3.2.2-8, 4.13.1; mqlb sends it, mosquitto does not). rumqttd
+/// accepted every one of them.
+async fn connect_property_protocol_errors_are_refused(t: Arc<Target>) -> anyhow::Result<()> {
+    let addr = t.addr(Role::Subscriber, Version::V5)?;
+    // The hand-made CONNECT is right: a valid one is accepted.
+    let mut c = Raw::<V5>::open(addr).await?;
+    c.send_bytes(&connect5_bytes("cpe-ok", &[0x21, 0, 10], None))
+        .await?;
+    match c.recv().await? {
+        v5::Packet::ConnAck(a) if a.code == v5::ConnectReturnCode::Success => {}
+        other => bail!("a valid hand-made CONNECT: {other:?}"),
+    }
+    let cases: [(&str, &[u8], Option<&[u8]>); 6] = [
+        ("Receive Maximum 0", &[0x21, 0, 0], None),
+        ("Maximum Packet Size 0", &[0x27, 0, 0, 0, 0], None),
+        ("Receive Maximum twice", &[0x21, 0, 10, 0x21, 0, 10], None),
+        (
+            "Session Expiry Interval twice",
+            &[0x11, 0, 0, 0, 10, 0x11, 0, 0, 0, 10],
+            None,
+        ),
+        ("Request Problem Information 2", &[0x17, 2], None),
+        (
+            "Will Delay Interval twice",
+            &[],
+            Some(&[0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 1]),
+        ),
+    ];
+    for (i, (what, props, will)) in cases.into_iter().enumerate() {
+        let mut c = Raw::<V5>::open(addr).await?;
+        c.send_bytes(&connect5_bytes(&format!("cpe-{i}"), props, will))
+            .await?;
+        // The CONNACK is a MAY (mosquitto closes without one); a successful one is wrong.
+        match c.next(DEADLINE).await? {
+            Ok(v5::Packet::ConnAck(a)) if a.code == v5::ConnectReturnCode::ProtocolError => {
+                c.expect_closed(|_| false)
+                    .await
+                    .with_context(|| format!("{what}: after CONNACK 0x82"))?;
+            }
+            Err(Ended::Closed) => {}
+            other => bail!("{what}: expected CONNACK 0x82 or a close, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+rule!(connect_property_protocol_errors_are_refused);

@@ -199,7 +199,23 @@ where
         let packet = network.read().await?;
         Ok::<_, network::Error>(packet)
     })
-    .await??;
+    .await?;
+    // mqlb patch (CONNECT protocol errors): a CONNECT that is a Protocol Error is answered
+    // with CONNACK 0x82 before the connection closes (MQTT-3.1.4-1, MQTT-3.2.2-8, 4.13.1).
+    let packet = match packet {
+        Err(network::Error::Protocol(crate::protocol::Error::ProtocolError(why))) => {
+            trace!(why, "CONNECT refused: protocol error");
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::ProtocolError,
+            };
+            network.write(Packet::ConnAck(ack, None)).await?;
+            return Err(
+                network::Error::Protocol(crate::protocol::Error::ProtocolError(why)).into(),
+            );
+        }
+        other => other?,
+    };
 
     let (connect, _props, will, login) = match packet {
         Packet::Connect(ref connect, ref props, ref will, _, ref login) => {

@@ -753,6 +753,11 @@ pub enum Error {
     MalformedRemainingLength,
     #[error("Invalid property type = {0}")]
     InvalidPropertyType(u8),
+    /// mqlb patch (CONNECT protocol errors): a well-formed packet that breaks a rule of the
+    /// protocol (a property given twice, a Receive Maximum of 0, ...): MQTT 5's reason code
+    /// 0x82 Protocol Error. Read from a CONNECT, it is answered with CONNACK 0x82.
+    #[error("Protocol error: {0}")]
+    ProtocolError(&'static str),
     /// More bytes required to frame packet. Argument
     /// implies minimum additional bytes required to
     /// proceed further

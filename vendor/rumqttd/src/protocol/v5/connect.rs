@@ -125,6 +125,22 @@ pub fn write(
     Ok(1 + count + len)
 }
 
+/// mqlb patch (CONNECT protocol errors): a property that may appear once, seen again.
+fn once<T>(seen: &Option<T>) -> Result<(), Error> {
+    match seen {
+        Some(_) => Err(Error::ProtocolError("a property included more than once")),
+        None => Ok(()),
+    }
+}
+
+/// mqlb patch (CONNECT protocol errors): a request flag property, 0 or 1.
+fn flag(v: u8) -> Result<u8, Error> {
+    match v {
+        0 | 1 => Ok(v),
+        _ => Err(Error::ProtocolError("a request flag other than 0 or 1")),
+    }
+}
+
 mod will {
     use super::*;
 
@@ -258,29 +274,37 @@ mod willproperties {
             cursor += 1;
 
             match property(prop)? {
+                // mqlb patch (CONNECT protocol errors): each will property but the User
+                // Property at most once (MQTT 5.0 3.1.3.2.2-.7).
                 PropertyType::WillDelayInterval => {
+                    once(&delay_interval)?;
                     delay_interval = Some(read_u32(bytes)?);
                     cursor += 4;
                 }
                 PropertyType::PayloadFormatIndicator => {
+                    once(&payload_format_indicator)?;
                     payload_format_indicator = Some(read_u8(bytes)?);
                     cursor += 1;
                 }
                 PropertyType::MessageExpiryInterval => {
+                    once(&message_expiry_interval)?;
                     message_expiry_interval = Some(read_u32(bytes)?);
                     cursor += 4;
                 }
                 PropertyType::ContentType => {
+                    once(&content_type)?;
                     let typ = read_mqtt_string(bytes)?;
                     cursor += 2 + typ.len();
                     content_type = Some(typ);
                 }
                 PropertyType::ResponseTopic => {
+                    once(&response_topic)?;
                     let topic = read_mqtt_string(bytes)?;
                     cursor += 2 + topic.len();
                     response_topic = Some(topic);
                 }
                 PropertyType::CorrelationData => {
+                    once(&correlation_data)?;
                     let data = read_mqtt_bytes(bytes)?;
                     cursor += 2 + data.len();
                     correlation_data = Some(data);
@@ -434,28 +458,46 @@ mod properties {
             let prop = read_u8(bytes)?;
             cursor += 1;
             match property(prop)? {
+                // mqlb patch (CONNECT protocol errors): each property but the User Property
+                // at most once, and the values 3.1.2.11 allows (MQTT 5.0 3.1.2.11.2-.8:
+                // "It is a Protocol Error to include ... more than once", a Receive Maximum or
+                // Maximum Packet Size of 0, a request flag other than 0 or 1).
                 PropertyType::SessionExpiryInterval => {
+                    once(&session_expiry_interval)?;
                     session_expiry_interval = Some(read_u32(bytes)?);
                     cursor += 4;
                 }
                 PropertyType::ReceiveMaximum => {
-                    receive_maximum = Some(read_u16(bytes)?);
+                    once(&receive_maximum)?;
+                    let v = read_u16(bytes)?;
+                    if v == 0 {
+                        return Err(Error::ProtocolError("Receive Maximum 0"));
+                    }
+                    receive_maximum = Some(v);
                     cursor += 2;
                 }
                 PropertyType::MaximumPacketSize => {
-                    max_packet_size = Some(read_u32(bytes)?);
+                    once(&max_packet_size)?;
+                    let v = read_u32(bytes)?;
+                    if v == 0 {
+                        return Err(Error::ProtocolError("Maximum Packet Size 0"));
+                    }
+                    max_packet_size = Some(v);
                     cursor += 4;
                 }
                 PropertyType::TopicAliasMaximum => {
+                    once(&topic_alias_max)?;
                     topic_alias_max = Some(read_u16(bytes)?);
                     cursor += 2;
                 }
                 PropertyType::RequestResponseInformation => {
-                    request_response_info = Some(read_u8(bytes)?);
+                    once(&request_response_info)?;
+                    request_response_info = Some(flag(read_u8(bytes)?)?);
                     cursor += 1;
                 }
                 PropertyType::RequestProblemInformation => {
-                    request_problem_info = Some(read_u8(bytes)?);
+                    once(&request_problem_info)?;
+                    request_problem_info = Some(flag(read_u8(bytes)?)?);
                     cursor += 1;
                 }
                 PropertyType::UserProperty => {
@@ -465,17 +507,26 @@ mod properties {
                     user_properties.push((key, value));
                 }
                 PropertyType::AuthenticationMethod => {
+                    once(&authentication_method)?;
                     let method = read_mqtt_string(bytes)?;
                     cursor += 2 + method.len();
                     authentication_method = Some(method);
                 }
                 PropertyType::AuthenticationData => {
+                    once(&authentication_data)?;
                     let data = read_mqtt_bytes(bytes)?;
                     cursor += 2 + data.len();
                     authentication_data = Some(data);
                 }
                 _ => return Err(Error::InvalidPropertyType(prop)),
             }
+        }
+
+        // mqlb patch (CONNECT protocol errors): 3.1.2.11.10.
+        if authentication_data.is_some() && authentication_method.is_none() {
+            return Err(Error::ProtocolError(
+                "Authentication Data without an Authentication Method",
+            ));
         }
 
         Ok(Some(ConnectProperties {
