@@ -88,10 +88,7 @@ async fn delivered_qos_is_the_minimum_of_publication_and_subscription(
     }
     Ok(())
 }
-rule!(
-    delivered_qos_is_the_minimum_of_publication_and_subscription,
-    pending_mesh = "the mesh injects every forwarded publish at QoS 0 (node.rs injector)"
-);
+rule!(delivered_qos_is_the_minimum_of_publication_and_subscription);
 
 /// The next PUBLISH to a 3.1.1 `sub`, checked to be `payload` at `qos`, its flow completed.
 async fn receive4(sub: &mut Raw<V4>, qos: rumqttc::QoS, payload: &str) -> anyhow::Result<()> {
@@ -202,7 +199,181 @@ async fn delivered_qos_is_the_minimum_of_publication_and_subscription_v311(
     }
     Ok(())
 }
-rule!(
-    delivered_qos_is_the_minimum_of_publication_and_subscription_v311,
-    pending_mesh = "the mesh injects every forwarded publish at QoS 0 (node.rs injector)"
-);
+rule!(delivered_qos_is_the_minimum_of_publication_and_subscription_v311);
+
+/// Subscription properties carrying a subscription identifier.
+fn sub_id(id: usize) -> Option<v5::SubscribeProperties> {
+    Some(v5::SubscribeProperties {
+        id: Some(id),
+        user_properties: Vec::new(),
+    })
+}
+
+/// The subscription identifiers of a delivered PUBLISH.
+fn ids_of(p: &v5::Publish) -> Vec<usize> {
+    p.properties
+        .as_ref()
+        .map(|p| p.subscription_identifiers.clone())
+        .unwrap_or_default()
+}
+
+/// MQTT-3.8.4-3: a SUBSCRIBE with a filter identical to an existing subscription's replaces
+/// it: a publication then arrives once, at the new subscription's QoS, with only the new
+/// subscription identifier (none when the new SUBSCRIBE has none, MQTT-3.8.2.1.2). rumqttd
+/// kept the first subscription's QoS and, without a new identifier, its old identifier.
+async fn resubscribing_replaces_the_subscription(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut sub, _) = t.connect5(Role::Subscriber, connect5("resub-sub")).await?;
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("resub-pub")).await?;
+    sub.subscribe(1, vec![filter5("resub/t", QoS::ExactlyOnce)], sub_id(1))
+        .await?;
+    sub.subscribe(2, vec![filter5("resub/t", QoS::AtLeastOnce)], sub_id(2))
+        .await?;
+    let mut p = publish5("resub/t", QoS::ExactlyOnce, "first");
+    p.pkid = 1;
+    publisher.publish(p).await?;
+    let got = receive5(&mut sub, QoS::AtLeastOnce, "first").await?;
+    ensure!(
+        ids_of(&got) == [2],
+        "the new subscription's identifier only: {got:?}"
+    );
+    sub.expect_none().await?;
+
+    sub.subscribe(3, vec![filter5("resub/t", QoS::AtMostOnce)], None)
+        .await?;
+    let mut p = publish5("resub/t", QoS::ExactlyOnce, "second");
+    p.pkid = 2;
+    publisher.publish(p).await?;
+    let got = receive5(&mut sub, QoS::AtMostOnce, "second").await?;
+    ensure!(ids_of(&got).is_empty(), "no identifier any more: {got:?}");
+    sub.expect_none().await?;
+    Ok(())
+}
+rule!(resubscribing_replaces_the_subscription);
+
+/// MQTT 3.1.1, MQTT-3.8.4-3: the same for 3.1.1: the re-subscription's QoS replaces the
+/// first's, and a publication arrives once.
+async fn resubscribing_replaces_the_subscription_v311(t: Arc<Target>) -> anyhow::Result<()> {
+    use rumqttc::QoS as Q;
+    let (mut sub, _) = t.connect4(Role::Subscriber, connect4("resub4-sub")).await?;
+    let (mut publisher, _) = t.connect4(Role::Publisher, connect4("resub4-pub")).await?;
+    subscribe4(&mut sub, 1, &[("resub4/t", Q::ExactlyOnce)]).await?;
+    subscribe4(&mut sub, 2, &[("resub4/t", Q::AtLeastOnce)]).await?;
+    let mut p = v4::Publish::new("resub4/t", Q::ExactlyOnce, "first");
+    p.pkid = 1;
+    publish4(&mut publisher, p).await?;
+    receive4(&mut sub, Q::AtLeastOnce, "first").await?;
+    sub.expect_none().await?;
+    Ok(())
+}
+rule!(resubscribing_replaces_the_subscription_v311);
+
+/// Collects the deliveries of `payload` to `sub`, at most `copies` (one per matching
+/// subscription), acknowledging each as its QoS asks, and checks that together they carry
+/// every identifier in `want`. The first must come within the deadline; each further one
+/// within [`QUIET`](crate::harness::QUIET) of the last, and no more than `copies` come.
+async fn collect_overlapping(
+    sub: &mut Raw<V5>,
+    payload: &str,
+    want: &[usize],
+    copies: usize,
+) -> anyhow::Result<Vec<v5::Publish>> {
+    let mut got: Vec<v5::Publish> = vec![sub.recv_publish().await?];
+    while let Some(p) = got.last() {
+        ensure!(p.payload[..] == *payload.as_bytes(), "unexpected {p:?}");
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let ack = v5::PubAck::new(p.pkid, None);
+                sub.send(v5::Packet::PubAck(ack)).await?
+            }
+            QoS::ExactlyOnce => bail!("published at QoS 1, delivered at 2: {p:?}"),
+        }
+        if got.len() == copies {
+            sub.expect_none().await?;
+            break;
+        }
+        match sub.next(crate::harness::QUIET).await? {
+            Ok(v5::Packet::Publish(p)) => got.push(p),
+            Ok(other) => bail!("expected a PUBLISH, got {other:?}"),
+            Err(_) => break,
+        }
+    }
+    for id in want {
+        ensure!(
+            got.iter().any(|p| ids_of(p).contains(id)),
+            "no delivery carries identifier {id}: {got:?}"
+        );
+    }
+    Ok(got)
+}
+
+/// MQTT-3.3.4-2 to -5: a publication matching several of a client's subscriptions (`ov/+`
+/// at QoS 0 with identifier 1, `ov/b` at QoS 1 with identifier 2) is delivered, either once
+/// per subscription with its own identifier or once with both; at least one delivery is at
+/// the highest matching QoS (-2). Also with both filters in one SUBSCRIBE (one identifier for
+/// both) and without identifiers.
+async fn overlapping_subscriptions_are_all_delivered(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut sub, _) = t.connect5(Role::Subscriber, connect5("ov-sub")).await?;
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("ov-pub")).await?;
+    sub.subscribe(1, vec![filter5("ov/+", QoS::AtMostOnce)], sub_id(1))
+        .await?;
+    sub.subscribe(2, vec![filter5("ov/b", QoS::AtLeastOnce)], sub_id(2))
+        .await?;
+    let mut p = publish5("ov/b", QoS::AtLeastOnce, "two ids");
+    p.pkid = 1;
+    publisher.publish(p).await?;
+    let got = collect_overlapping(&mut sub, "two ids", &[1, 2], 2).await?;
+    ensure!(
+        got.iter().any(|p| p.qos == QoS::AtLeastOnce),
+        "none delivered at the highest matching QoS: {got:?}"
+    );
+
+    // One SUBSCRIBE, one identifier for both filters.
+    let (mut one, _) = t.connect5(Role::Subscriber, connect5("ov-one")).await?;
+    one.subscribe(
+        1,
+        vec![
+            filter5("ov1/+", QoS::AtLeastOnce),
+            filter5("ov1/b", QoS::AtLeastOnce),
+        ],
+        sub_id(7),
+    )
+    .await?;
+    let mut p = publish5("ov1/b", QoS::AtLeastOnce, "one id");
+    p.pkid = 2;
+    publisher.publish(p).await?;
+    collect_overlapping(&mut one, "one id", &[7], 2).await?;
+
+    // No identifiers: at least one delivery.
+    let (mut none, _) = t.connect5(Role::Subscriber, connect5("ov-none")).await?;
+    none.subscribe(1, vec![filter5("ov2/+", QoS::AtLeastOnce)], None)
+        .await?;
+    none.subscribe(2, vec![filter5("ov2/b", QoS::AtLeastOnce)], None)
+        .await?;
+    let mut p = publish5("ov2/b", QoS::AtLeastOnce, "no id");
+    p.pkid = 3;
+    publisher.publish(p).await?;
+    collect_overlapping(&mut none, "no id", &[], 2).await?;
+
+    // A subscriber that accepts topic aliases (as most client libraries do).
+    let mut c = connect5("ov-alias");
+    c.properties = Some(v5::ConnectProperties {
+        topic_alias_max: Some(10),
+        ..v5::ConnectProperties::new()
+    });
+    let (mut alias, _) = t.connect5(Role::Subscriber, c).await?;
+    alias
+        .subscribe(1, vec![filter5("ov3/+", QoS::AtLeastOnce)], sub_id(1))
+        .await?;
+    alias
+        .subscribe(2, vec![filter5("ov3/b", QoS::AtLeastOnce)], sub_id(2))
+        .await?;
+    for (pkid, payload) in (4..).zip(["alias 1", "alias 2"]) {
+        let mut p = publish5("ov3/b", QoS::AtLeastOnce, payload);
+        p.pkid = pkid;
+        publisher.publish(p).await?;
+        collect_overlapping(&mut alias, payload, &[1, 2], 2).await?;
+    }
+    Ok(())
+}
+rule!(overlapping_subscriptions_are_all_delivered);

@@ -216,28 +216,6 @@ macro_rules! rule {
             }
         }
     };
-    // `rule!(name, pending_mesh = "what the mesh must carry")`: a rule the nodes keep but the
-    // mesh does not carry yet; no `across_nodes` test until it does (then drop the argument).
-    // The reason stays in the source for the lead to find.
-    ($name:ident, pending_mesh = $why:literal) => {
-        mod $name {
-            use $crate::harness::{run, Kind};
-            #[allow(dead_code)]
-            const PENDING_MESH: &str = $why;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn one_node() -> anyhow::Result<()> {
-                run(Kind::Node, super::$name).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn through_lb() -> anyhow::Result<()> {
-                run(Kind::ThroughLb, super::$name).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mosquitto() -> anyhow::Result<()> {
-                run(Kind::Mosquitto, super::$name).await
-            }
-        }
-    };
 }
 
 /// A codec of one MQTT version, rumqttc's.

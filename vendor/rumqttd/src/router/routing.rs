@@ -1043,10 +1043,17 @@ impl Router {
             shared_group.add_client(client_id);
         };
 
-        if let Some(subscription_id) = subscription_id {
-            connection
-                .subscription_ids
-                .insert(filter_path.clone(), subscription_id);
+        // mqlb patch (MQTT-3.8.4-3): a re-subscription replaces the subscription, its
+        // identifier too: without one, the old one no longer goes out.
+        match subscription_id {
+            Some(subscription_id) => {
+                connection
+                    .subscription_ids
+                    .insert(filter_path.clone(), subscription_id);
+            }
+            None => {
+                connection.subscription_ids.remove(filter_path);
+            }
         }
 
         // check is group is None because retained messages aren't sent
@@ -1072,6 +1079,11 @@ impl Router {
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else if let Some(request) = self.existing_request(id, filter_idx, filter_path) {
+            // mqlb patch (MQTT-3.8.4-3): a SUBSCRIBE with a filter the session already has
+            // replaces that subscription: its data request (the log cursor, so the flow of
+            // publications is not interrupted) takes the new QoS. rumqttd kept the old one.
+            request.qos = filter.qos as u8;
         }
 
         // TODO: figure out how we can update existing DataRequest
@@ -1080,6 +1092,31 @@ impl Router {
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
+    }
+
+    /// mqlb patch (MQTT-3.8.4-3): the data request of connection `id`'s subscription to
+    /// `filter`, wherever it is: in the connection's tracker, parked in the filter's waiters, or
+    /// woken and about to be tracked again.
+    fn existing_request(
+        &mut self,
+        id: ConnectionId,
+        filter_idx: FilterIdx,
+        filter: &str,
+    ) -> Option<&mut DataRequest> {
+        let ours = |r: &DataRequest| r.filter == filter;
+        if let Some(tracker) = self.scheduler.trackers.get(id) {
+            if let Some(i) = tracker.data_requests.iter().position(ours) {
+                return self.scheduler.trackers.get_mut(id)?.data_requests.get_mut(i);
+            }
+        }
+        if let Some(i) = self
+            .notifications
+            .iter()
+            .position(|(c, r)| *c == id && ours(r))
+        {
+            return self.notifications.get_mut(i).map(|(_, r)| r);
+        }
+        self.datalog.waiting_request(filter_idx, id, filter)
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
