@@ -7,8 +7,12 @@
 use std::sync::Arc;
 
 use anyhow::ensure;
+use rumqttc::mqttbytes::v4;
 
-use crate::harness::{connect4_session, connect5_session, Role, Target};
+use crate::harness::{
+    connect4, connect4_session, connect5, connect5_session, filter5, publish4, publish5, QoS, Role,
+    Target,
+};
 use crate::rule;
 
 /// A day, as a Session Expiry Interval that outlives any test.
@@ -103,3 +107,136 @@ async fn session_present_says_whether_the_session_was_kept_311(
     Ok(())
 }
 rule!(session_present_says_whether_the_session_was_kept_311);
+
+/// MQTT-3.1.2-4, MQTT-4.1.0-1 (3.1.1: MQTT-3.1.2-4): the session state a server keeps includes
+/// the client's subscriptions, so after a reconnect to a present session a publish reaches
+/// the client with no new SUBSCRIBE. 5.0 and 3.1.1.
+async fn subscriptions_survive_a_reconnect(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut c, _) = t
+        .connect5(Role::Subscriber, connect5_session("subs5", true, Some(DAY)))
+        .await?;
+    c.subscribe(1, vec![filter5("subs/v5", QoS::AtLeastOnce)], None)
+        .await?;
+    c.disconnect(None).await?;
+    let (mut c, ack) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("subs5", false, Some(DAY)),
+        )
+        .await?;
+    ensure!(ack.session_present, "5.0 reconnect: {ack:?}");
+    let (mut p, _) = t.connect5(Role::Publisher, connect5("subs5-pub")).await?;
+    p.publish(publish5("subs/v5", QoS::AtLeastOnce, "five"))
+        .await?;
+    let got = c.recv_publish().await?;
+    ensure!(&got.payload[..] == b"five", "5.0: {got:?}");
+
+    let (mut c, _) = t
+        .connect4(Role::Subscriber, connect4_session("subs4", false))
+        .await?;
+    c.subscribe(1, "subs/v4", rumqttc::QoS::AtLeastOnce).await?;
+    c.disconnect().await?;
+    let (mut c, ack) = t
+        .connect4(Role::Subscriber, connect4_session("subs4", false))
+        .await?;
+    ensure!(ack.session_present, "3.1.1 reconnect: {ack:?}");
+    let (mut p, _) = t.connect4(Role::Publisher, connect4("subs4-pub")).await?;
+    p.publish(publish4("subs/v4", rumqttc::QoS::AtLeastOnce, "four"))
+        .await?;
+    let got = c.recv_publish().await?;
+    ensure!(&got.payload[..] == b"four", "3.1.1: {got:?}");
+    Ok(())
+}
+rule!(subscriptions_survive_a_reconnect);
+
+/// MQTT-3.1.2-5 (5.0 and 3.1.1): the session of a client that is away keeps the QoS 1 and
+/// QoS 2 messages that match its subscriptions, and they are delivered when it comes back.
+/// An online subscriber on the session's node gets them first, which proves they were routed
+/// there while the session's client was away (across nodes: through the mesh).
+async fn offline_messages_are_queued_for_the_session(t: Arc<Target>) -> anyhow::Result<()> {
+    // 5.0
+    let (mut c, _) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("queue5", true, Some(DAY)),
+        )
+        .await?;
+    c.subscribe(1, vec![filter5("queue/v5/#", QoS::ExactlyOnce)], None)
+        .await?;
+    c.disconnect(None).await?;
+    let (mut watch, _) = t
+        .connect5(Role::Subscriber, connect5("queue5-watch"))
+        .await?;
+    watch
+        .subscribe(1, vec![filter5("queue/v5/#", QoS::AtMostOnce)], None)
+        .await?;
+    let (mut p, _) = t.connect5(Role::Publisher, connect5("queue5-pub")).await?;
+    p.publish(publish5("queue/v5/a", QoS::AtLeastOnce, "one"))
+        .await?;
+    p.publish(publish5("queue/v5/b", QoS::ExactlyOnce, "two"))
+        .await?;
+    for _ in 0..2 {
+        watch.recv_publish().await?;
+    }
+    let (mut c, ack) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("queue5", false, Some(DAY)),
+        )
+        .await?;
+    ensure!(ack.session_present, "5.0 reconnect: {ack:?}");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = c.recv_publish().await?;
+        got.push((String::from_utf8_lossy(&m.payload).into_owned(), m.qos));
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    ensure!(
+        got == [
+            ("one".to_owned(), QoS::AtLeastOnce),
+            ("two".to_owned(), QoS::ExactlyOnce)
+        ],
+        "5.0: queued while away: {got:?}"
+    );
+
+    // 3.1.1
+    let (mut c, _) = t
+        .connect4(Role::Subscriber, connect4_session("queue4", false))
+        .await?;
+    c.subscribe(1, "queue/v4/#", rumqttc::QoS::ExactlyOnce)
+        .await?;
+    c.disconnect().await?;
+    let (mut watch, _) = t
+        .connect4(Role::Subscriber, connect4("queue4-watch"))
+        .await?;
+    watch
+        .subscribe(1, "queue/v4/#", rumqttc::QoS::AtMostOnce)
+        .await?;
+    let (mut p, _) = t.connect4(Role::Publisher, connect4("queue4-pub")).await?;
+    p.publish(publish4("queue/v4/a", rumqttc::QoS::AtLeastOnce, "one"))
+        .await?;
+    p.publish(publish4("queue/v4/b", rumqttc::QoS::ExactlyOnce, "two"))
+        .await?;
+    for _ in 0..2 {
+        watch.recv_publish().await?;
+    }
+    let (mut c, ack) = t
+        .connect4(Role::Subscriber, connect4_session("queue4", false))
+        .await?;
+    ensure!(ack.session_present, "3.1.1 reconnect: {ack:?}");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m: v4::Publish = c.recv_publish().await?;
+        got.push((String::from_utf8_lossy(&m.payload).into_owned(), m.qos));
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    ensure!(
+        got == [
+            ("one".to_owned(), rumqttc::QoS::AtLeastOnce),
+            ("two".to_owned(), rumqttc::QoS::ExactlyOnce)
+        ],
+        "3.1.1: queued while away: {got:?}"
+    );
+    Ok(())
+}
+rule!(offline_messages_are_queued_for_the_session);
