@@ -6,7 +6,7 @@ use anyhow::{bail, ensure, Context};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
-use crate::harness::{connect4, connect5, Ended, Raw, Role, Target, Version, DEADLINE, V5};
+use crate::harness::{connect4, connect5, Ended, Raw, Role, Target, Version, DEADLINE, V4, V5};
 use crate::rule;
 
 /// MQTT 3.1.1 and 5.0, 3.1.2.10: a Keep Alive of 0 turns the keep alive mechanism off. Several
@@ -120,3 +120,60 @@ async fn connect_property_protocol_errors_are_refused(t: Arc<Target>) -> anyhow:
     Ok(())
 }
 rule!(connect_property_protocol_errors_are_refused);
+
+/// A hand-made MQTT 3.1 CONNECT (protocol name "MQIsdp", level 3), clean session, keep alive
+/// 60 s.
+fn connect31_bytes(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10];
+    push_varint(&mut packet, body.len());
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Connects an MQTT 3.1 client of `role` and checks its CONNACK is 0x00 Connection Accepted.
+async fn connect31(t: &Target, role: Role, client_id: &str) -> anyhow::Result<Raw<V4>> {
+    let mut c = Raw::<V4>::open(t.addr(role, Version::V311)?).await?;
+    c.send_bytes(&connect31_bytes(client_id)).await?;
+    match c.recv().await? {
+        v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::Success => Ok(c),
+        other => bail!("MQTT 3.1 CONNECT of {client_id}: {other:?}"),
+    }
+}
+
+/// MQTT 3.1 (protocol name "MQIsdp", level 3), which MQTT 3.1.1 succeeds and whose packets it
+/// keeps: a server that supports it accepts the CONNECT (3.1.1's MQTT-3.1.2-2 lets a server
+/// answer an unsupported level with 0x01; mosquitto and the LB accept 3.1). rumqttd closed the
+/// connection without a CONNACK. A 3.1 subscriber gets a 3.1 publisher's messages.
+async fn mqtt31_clients_are_accepted(t: Arc<Target>) -> anyhow::Result<()> {
+    let mut sub = connect31(&t, Role::Subscriber, "mqtt31-sub").await?;
+    let mut subscribe = v4::Subscribe::new("mqtt31/t", rumqttc::QoS::AtLeastOnce);
+    subscribe.pkid = 1;
+    sub.send(v4::Packet::Subscribe(subscribe)).await?;
+    match sub.recv().await? {
+        v4::Packet::SubAck(a) => ensure!(
+            a.return_codes == vec![v4::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce)],
+            "SUBACK: {a:?}"
+        ),
+        other => bail!("expected a SUBACK, got {other:?}"),
+    }
+    let mut publisher = connect31(&t, Role::Publisher, "mqtt31-pub").await?;
+    let mut p = v4::Publish::new("mqtt31/t", rumqttc::QoS::AtLeastOnce, "hello");
+    p.pkid = 1;
+    publisher.send(v4::Packet::Publish(p)).await?;
+    match publisher.recv().await? {
+        v4::Packet::PubAck(a) if a.pkid == 1 => {}
+        other => bail!("expected PUBACK 1, got {other:?}"),
+    }
+    match sub.recv().await? {
+        v4::Packet::Publish(p) => ensure!(
+            &p.payload[..] == b"hello" && p.qos == rumqttc::QoS::AtLeastOnce,
+            "{p:?}"
+        ),
+        other => bail!("expected a PUBLISH, got {other:?}"),
+    }
+    Ok(())
+}
+rule!(mqtt31_clients_are_accepted);
