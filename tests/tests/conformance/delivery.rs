@@ -377,3 +377,34 @@ async fn overlapping_subscriptions_are_all_delivered(t: Arc<Target>) -> anyhow::
     Ok(())
 }
 rule!(overlapping_subscriptions_are_all_delivered);
+
+/// MQTT-3.8.3-3: with No Local set, the server does not forward a client's own publications
+/// to that subscription; other subscribers get them, and the client still gets everyone
+/// else's. rumqttd ignored the option.
+async fn no_local_subscriber_does_not_get_its_own_publications(
+    t: Arc<Target>,
+) -> anyhow::Result<()> {
+    let (mut me, _) = t.connect5(Role::Subscriber, connect5("nl-me")).await?;
+    let (mut other, _) = t.connect5(Role::Subscriber, connect5("nl-other")).await?;
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("nl-pub")).await?;
+    let mut f = filter5("nl/t", QoS::AtLeastOnce);
+    f.nolocal = true;
+    me.subscribe(1, vec![f], None).await?;
+    other
+        .subscribe(1, vec![filter5("nl/t", QoS::AtLeastOnce)], None)
+        .await?;
+
+    let mut p = publish5("nl/t", QoS::AtLeastOnce, "mine");
+    p.pkid = 1;
+    me.publish(p).await?;
+    receive5(&mut other, QoS::AtLeastOnce, "mine").await?;
+    me.expect_none().await?;
+
+    let mut p = publish5("nl/t", QoS::AtLeastOnce, "theirs");
+    p.pkid = 1;
+    publisher.publish(p).await?;
+    receive5(&mut me, QoS::AtLeastOnce, "theirs").await?;
+    receive5(&mut other, QoS::AtLeastOnce, "theirs").await?;
+    Ok(())
+}
+rule!(no_local_subscriber_does_not_get_its_own_publications);

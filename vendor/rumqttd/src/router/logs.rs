@@ -13,6 +13,7 @@ use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 type PubWithProp = (Publish, Option<PublishProperties>);
@@ -22,6 +23,9 @@ pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    /// mqlb patch (MQTT-3.8.3-3): the client ID of the connection that published it, for No
+    /// Local subscriptions (`None`: not a client's publication, e.g. a will).
+    pub origin: Option<Arc<str>>,
 }
 
 impl From<PubWithProp> for PublishData {
@@ -30,6 +34,7 @@ impl From<PubWithProp> for PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            origin: None,
         }
     }
 }
@@ -177,6 +182,7 @@ impl DataLog {
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
+        skip_origin: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
@@ -189,6 +195,11 @@ impl DataLog {
         // Encoding this information is important so that calling function
         // has more information on how this method behaves.
         let next = data.log.readv(offset, len, &mut o)?;
+
+        // mqlb patch (MQTT-3.8.3-3): a No Local subscriber's own publications are skipped.
+        if let Some(skip) = skip_origin {
+            o.retain(|(pubdata, _)| pubdata.origin.as_deref() != Some(skip));
+        }
 
         let now = Instant::now();
         o.retain_mut(|(pubdata, _)| {

@@ -198,6 +198,9 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// mqlb patch (MQTT-3.8.3-3): No Local: messages this client published are not forwarded.
+    #[serde(default)]
+    pub(crate) nolocal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ use crate::*;
 use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::str::Utf8Error;
 use std::thread;
 use std::time::SystemTime;
@@ -21,7 +22,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -1074,6 +1075,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal: filter.nolocal,
             };
 
             self.scheduler.track(id, request);
@@ -1084,6 +1086,7 @@ impl Router {
             // replaces that subscription: its data request (the log cursor, so the flow of
             // publications is not interrupted) takes the new QoS. rumqttd kept the old one.
             request.qos = filter.qos as u8;
+            request.nolocal = filter.nolocal;
         }
 
         // TODO: figure out how we can update existing DataRequest
@@ -1379,11 +1382,14 @@ fn append_to_commitlog(
         None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
     };
 
+    // mqlb patch (MQTT-3.8.3-3): the message remembers who published it, for No Local.
+    let origin: Arc<str> = Arc::from(connection.client_id.as_str());
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let mut publish_data: PublishData = (publish.clone(), properties.clone()).into();
+        publish_data.origin = Some(origin.clone());
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1640,7 +1646,12 @@ fn forward_device_data(
     }
 
     let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
+        match datalog.native_readv(
+            request.filter_idx,
+            request.cursor,
+            inflight_slots,
+            request.nolocal.then_some(outgoing.client_id.as_str()),
+        ) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
@@ -1702,7 +1713,13 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // mqlb patch: the read may have skipped messages (expired, or No Local) with more
+        // after them: only a caught-up request waits for new data.
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     // mqlb patch (router/authorize.rs): read access is checked at delivery, message by
