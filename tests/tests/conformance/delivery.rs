@@ -408,3 +408,176 @@ async fn no_local_subscriber_does_not_get_its_own_publications(
     Ok(())
 }
 rule!(no_local_subscriber_does_not_get_its_own_publications);
+
+/// Subscribes and returns every PUBLISH that arrives up to and including the one carrying
+/// `marker` (which the caller publishes after the SUBACK), acknowledging QoS 1 ones. A
+/// message published after the SUBACK comes after the retained messages the SUBSCRIBE sent.
+async fn subscribe_until_marker(
+    sub: &mut Raw<V5>,
+    publisher: &mut Raw<V5>,
+    pkid: u16,
+    filter: v5::Filter,
+    marker_topic: &str,
+    marker: &str,
+) -> anyhow::Result<Vec<v5::Publish>> {
+    let mut got = Vec::new();
+    sub.send(v5::Packet::Subscribe(v5::Subscribe {
+        pkid,
+        filters: vec![filter],
+        properties: None,
+    }))
+    .await?;
+    loop {
+        match sub.recv().await? {
+            v5::Packet::SubAck(a) if a.pkid == pkid => break,
+            v5::Packet::Publish(p) => got.push(p),
+            other => bail!("expected SUBACK {pkid}, got {other:?}"),
+        }
+        ensure!(got.len() < 10, "a flood before the SUBACK: {got:?}");
+    }
+    publisher
+        .publish(publish5(marker_topic, QoS::AtMostOnce, marker))
+        .await?;
+    loop {
+        let p = sub.recv_publish().await?;
+        if p.qos == QoS::AtLeastOnce {
+            let ack = v5::PubAck::new(p.pkid, None);
+            sub.send(v5::Packet::PubAck(ack)).await?;
+        }
+        let done = p.payload[..] == *marker.as_bytes();
+        got.push(p);
+        if done {
+            return Ok(got);
+        }
+        ensure!(got.len() < 10, "no marker in {got:?}");
+    }
+}
+
+/// The payloads and RETAIN flags of `got`.
+fn payloads(got: &[v5::Publish]) -> Vec<(String, bool)> {
+    got.iter()
+        .map(|p| (String::from_utf8_lossy(&p.payload).into_owned(), p.retain))
+        .collect()
+}
+
+/// A retained PUBLISH at QoS 1.
+fn retained5(topic: &str, payload: &str, pkid: u16) -> v5::Publish {
+    let mut p = publish5(topic, QoS::AtLeastOnce, payload);
+    p.pkid = pkid;
+    p.retain = true;
+    p
+}
+
+/// MQTT-3.3.1-9/-10/-11 and MQTT-3.8.4-3: Retain Handling 0 sends the retained messages on
+/// every SUBSCRIBE, also when it replaces a subscription; 1 only when the subscription is
+/// new; 2 never. A retained message sent because of a subscription has RETAIN 1. rumqttd sent
+/// them on a new subscription whatever the option said, and never on a re-subscription.
+async fn retain_handling_decides_when_retained_messages_are_sent(
+    t: Arc<Target>,
+) -> anyhow::Result<()> {
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("rh-pub")).await?;
+    for (pkid, topic) in (1..).zip(["rh/0", "rh/1", "rh/2"]) {
+        publisher.publish(retained5(topic, "kept", pkid)).await?;
+    }
+    let kept = || ("kept".to_string(), true);
+    let marker = || ("marker".to_string(), false);
+    for (handling, rule, topic, first, again) in [
+        (
+            0,
+            v5::RetainForwardRule::OnEverySubscribe,
+            "rh/0",
+            vec![kept(), marker()],
+            vec![kept(), marker()],
+        ),
+        (
+            1,
+            v5::RetainForwardRule::OnNewSubscribe,
+            "rh/1",
+            vec![kept(), marker()],
+            vec![marker()],
+        ),
+        (
+            2,
+            v5::RetainForwardRule::Never,
+            "rh/2",
+            vec![marker()],
+            vec![marker()],
+        ),
+    ] {
+        let id = format!("rh-sub-{handling}");
+        let (mut sub, _) = t.connect5(Role::Subscriber, connect5(&id)).await?;
+        // The retained message may take a moment to reach the other node.
+        let deadline = tokio::time::Instant::now() + crate::harness::DEADLINE;
+        let mut f = filter5(topic, QoS::AtLeastOnce);
+        f.retain_forward_rule = rule;
+        let mut pkid = 1;
+        let got = loop {
+            let got =
+                subscribe_until_marker(&mut sub, &mut publisher, pkid, f.clone(), topic, "marker")
+                    .await?;
+            pkid += 1;
+            if handling == 2 || !got.is_empty() && payloads(&got) != [marker()] {
+                break got;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "retain handling {handling}: the retained message never came: {got:?}"
+            );
+            // Start over with a fresh subscription.
+            let unsub = v5::Unsubscribe {
+                pkid,
+                filters: vec![topic.to_string()],
+                properties: None,
+            };
+            sub.send(v5::Packet::Unsubscribe(unsub)).await?;
+            match sub.recv().await? {
+                v5::Packet::UnsubAck(a) if a.pkid == pkid => pkid += 1,
+                other => bail!("expected UNSUBACK {pkid}, got {other:?}"),
+            }
+        };
+        ensure!(
+            payloads(&got) == first,
+            "retain handling {handling}, new subscription: {got:?}"
+        );
+        let got =
+            subscribe_until_marker(&mut sub, &mut publisher, pkid, f, topic, "marker").await?;
+        ensure!(
+            payloads(&got) == again,
+            "retain handling {handling}, the same subscription again: {got:?}"
+        );
+    }
+    Ok(())
+}
+rule!(retain_handling_decides_when_retained_messages_are_sent);
+
+/// MQTT-3.3.1-12/-13: a message forwarded to an existing subscription has RETAIN 0, unless the
+/// subscription has Retain As Published, then RETAIN as the publisher set it. rumqttd cleared
+/// it for everyone.
+async fn retain_as_published_keeps_the_retain_flag(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut plain, _) = t.connect5(Role::Subscriber, connect5("rap-plain")).await?;
+    let (mut rap, _) = t.connect5(Role::Subscriber, connect5("rap-kept")).await?;
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("rap-pub")).await?;
+    plain
+        .subscribe(1, vec![filter5("rap/t", QoS::AtLeastOnce)], None)
+        .await?;
+    let mut f = filter5("rap/t", QoS::AtLeastOnce);
+    f.preserve_retain = true;
+    rap.subscribe(1, vec![f], None).await?;
+
+    publisher.publish(retained5("rap/t", "retained", 1)).await?;
+    let mut p = publish5("rap/t", QoS::AtLeastOnce, "not retained");
+    p.pkid = 2;
+    publisher.publish(p).await?;
+
+    for (sub, name, flags) in [
+        (&mut plain, "no Retain As Published", [false, false]),
+        (&mut rap, "Retain As Published", [true, false]),
+    ] {
+        let got = receive5(sub, QoS::AtLeastOnce, "retained").await?;
+        ensure!(got.retain == flags[0], "{name}: {got:?}");
+        let got = receive5(sub, QoS::AtLeastOnce, "not retained").await?;
+        ensure!(got.retain == flags[1], "{name}: {got:?}");
+    }
+    Ok(())
+}
+rule!(retain_as_published_keeps_the_retain_flag);

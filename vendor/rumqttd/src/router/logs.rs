@@ -256,21 +256,19 @@ impl DataLog {
         data.waiters.register(id, request);
     }
 
-    /// mqlb patch (MQTT-3.8.4-3): connection `id`'s request for `filter` parked on the log
-    /// `filter_idx`, to update a subscription that is replaced.
-    pub fn waiting_request(
+    /// mqlb patch (MQTT-3.8.4-3): takes connection `id`'s request for `filter` parked on the
+    /// log `filter_idx`, to update a subscription that is replaced.
+    pub fn take_waiting_request(
         &mut self,
         filter_idx: FilterIdx,
         id: ConnectionId,
         filter: &str,
-    ) -> Option<&mut DataRequest> {
-        self.native
-            .get_mut(filter_idx)?
-            .waiters
-            .get_mut()
-            .iter_mut()
-            .find(|(c, r)| *c == id && r.filter == filter)
-            .map(|(_, r)| r)
+    ) -> Option<DataRequest> {
+        let waiters = self.native.get_mut(filter_idx)?.waiters.get_mut();
+        let i = waiters
+            .iter()
+            .position(|(c, r)| *c == id && r.filter == filter)?;
+        waiters.remove(i).map(|(_, r)| r)
     }
 
     /// Cleanup a connection from all the waiters

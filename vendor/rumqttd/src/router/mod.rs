@@ -201,6 +201,10 @@ pub struct DataRequest {
     /// mqlb patch (MQTT-3.8.3-3): No Local: messages this client published are not forwarded.
     #[serde(default)]
     pub(crate) nolocal: bool,
+    /// mqlb patch (MQTT-3.3.1-12/-13): Retain As Published: a forward keeps the publisher's
+    /// RETAIN flag (otherwise it is 0).
+    #[serde(default)]
+    pub(crate) preserve_retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
@@ -1059,8 +1059,10 @@ impl Router {
 
         // check is group is None because retained messages aren't sent
         // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
+        // mqlb patch (MQTT-3.3.1-9/-10/-11): and as Retain Handling says: 0 on every
+        // subscribe, 1 only for a new subscription (below), 2 never.
+        let forward_retained =
+            group.is_none() && filter.retain_forward_rule != RetainForwardRule::Never;
 
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
@@ -1076,17 +1078,30 @@ impl Router {
                 forward_retained,
                 group,
                 nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
-        } else if let Some(request) = self.existing_request(id, filter_idx, filter_path) {
+        } else {
             // mqlb patch (MQTT-3.8.4-3): a SUBSCRIBE with a filter the session already has
             // replaces that subscription: its data request (the log cursor, so the flow of
-            // publications is not interrupted) takes the new QoS. rumqttd kept the old one.
-            request.qos = filter.qos as u8;
-            request.nolocal = filter.nolocal;
+            // publications is not interrupted) takes the new options. rumqttd kept the old
+            // ones. A request parked for new data is tracked again, to send the retained
+            // messages Retain Handling 0 asks for.
+            if let Some(request) = self.datalog.take_waiting_request(filter_idx, id, filter_path) {
+                self.scheduler.track(id, request);
+            }
+            if let Some(request) = self.existing_request(id, filter_path) {
+                request.qos = filter.qos as u8;
+                request.nolocal = filter.nolocal;
+                request.preserve_retain = filter.preserve_retain;
+                if filter.retain_forward_rule == RetainForwardRule::OnEverySubscribe {
+                    request.forward_retained |= forward_retained;
+                }
+            }
+            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
         }
 
         // TODO: figure out how we can update existing DataRequest
@@ -1098,14 +1113,9 @@ impl Router {
     }
 
     /// mqlb patch (MQTT-3.8.4-3): the data request of connection `id`'s subscription to
-    /// `filter`, wherever it is: in the connection's tracker, parked in the filter's waiters, or
-    /// woken and about to be tracked again.
-    fn existing_request(
-        &mut self,
-        id: ConnectionId,
-        filter_idx: FilterIdx,
-        filter: &str,
-    ) -> Option<&mut DataRequest> {
+    /// `filter`, in the connection's tracker or woken and about to be tracked again (not one
+    /// parked in the filter's waiters).
+    fn existing_request(&mut self, id: ConnectionId, filter: &str) -> Option<&mut DataRequest> {
         let ours = |r: &DataRequest| r.filter == filter;
         if let Some(tracker) = self.scheduler.trackers.get(id) {
             if let Some(i) = tracker.data_requests.iter().position(ours) {
@@ -1119,7 +1129,7 @@ impl Router {
         {
             return self.notifications.get_mut(i).map(|(_, r)| r);
         }
-        self.datalog.waiting_request(filter_idx, id, filter)
+        None
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1365,9 +1375,8 @@ fn append_to_commitlog(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // mqlb patch (MQTT-3.3.1-12/-13): the log keeps the RETAIN flag as published;
+    // `forward_device_data` clears it unless the subscription has Retain As Published.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1403,7 +1412,7 @@ fn append_to_commitlog(
 }
 
 fn append_will_message(
-    mut publish: Publish,
+    publish: Publish,
     properties: Option<PublishProperties>,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
@@ -1439,9 +1448,8 @@ fn append_will_message(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // mqlb patch (MQTT-3.3.1-12/-13): the log keeps the RETAIN flag as published;
+    // `forward_device_data` clears it unless the subscription has Retain As Published.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1707,6 +1715,7 @@ fn forward_device_data(
     );
 
     let qos = request.qos;
+    let preserve_retain = request.preserve_retain;
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
@@ -1766,6 +1775,12 @@ fn forward_device_data(
             }
             if publish.qos == QoS::AtMostOnce {
                 publish.pkid = 0;
+            }
+            // mqlb patch (MQTT-3.3.1-12/-13): a live forward (from the log, with a cursor) has
+            // RETAIN 0 unless Retain As Published; a retained message sent because of the
+            // subscription keeps RETAIN 1.
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
             }
 
             // if there is some topic alias to use, set it in publish properties
