@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::ensure;
 use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
 
 use crate::harness::{
     connect4, connect4_session, connect5, connect5_session, filter5, publish4, publish5, QoS, Role,
@@ -240,3 +241,144 @@ async fn offline_messages_are_queued_for_the_session(t: Arc<Target>) -> anyhow::
     Ok(())
 }
 rule!(offline_messages_are_queued_for_the_session);
+
+/// MQTT-4.4.0-1, MQTT-3.3.1-1 (3.1.1: MQTT-4.4.0-1, MQTT-3.3.1-1): a QoS 1 PUBLISH the client
+/// had not acknowledged when its connection dropped is sent again on reconnect to the session,
+/// with DUP 1 and the same packet identifier. 5.0 and 3.1.1.
+async fn unacknowledged_qos1_is_resent_with_dup_and_its_packet_id(
+    t: Arc<Target>,
+) -> anyhow::Result<()> {
+    let (mut c, _) = t
+        .connect5(Role::Subscriber, connect5_session("redo5", true, Some(DAY)))
+        .await?;
+    c.subscribe(1, vec![filter5("redo/v5", QoS::AtLeastOnce)], None)
+        .await?;
+    let (mut p, _) = t.connect5(Role::Publisher, connect5("redo5-pub")).await?;
+    p.publish(publish5("redo/v5", QoS::AtLeastOnce, "again"))
+        .await?;
+    let first = c.recv_publish().await?;
+    ensure!(!first.dup, "5.0 first delivery: {first:?}");
+    c.drop_connection().await?;
+    let (mut c, ack) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("redo5", false, Some(DAY)),
+        )
+        .await?;
+    ensure!(ack.session_present, "5.0 reconnect: {ack:?}");
+    let again = c.recv_publish().await?;
+    ensure!(
+        again.dup && again.pkid == first.pkid && again.payload == first.payload,
+        "5.0: sent {first:?}, resent {again:?}"
+    );
+    c.send(v5::Packet::PubAck(v5::PubAck::new(again.pkid, None)))
+        .await?;
+
+    let (mut c, _) = t
+        .connect4(Role::Subscriber, connect4_session("redo4", false))
+        .await?;
+    c.subscribe(1, "redo/v4", rumqttc::QoS::AtLeastOnce).await?;
+    let (mut p, _) = t.connect4(Role::Publisher, connect4("redo4-pub")).await?;
+    p.publish(publish4("redo/v4", rumqttc::QoS::AtLeastOnce, "again"))
+        .await?;
+    let first = c.recv_publish().await?;
+    ensure!(!first.dup, "3.1.1 first delivery: {first:?}");
+    c.drop_connection().await?;
+    let (mut c, ack) = t
+        .connect4(Role::Subscriber, connect4_session("redo4", false))
+        .await?;
+    ensure!(ack.session_present, "3.1.1 reconnect: {ack:?}");
+    let again = c.recv_publish().await?;
+    ensure!(
+        again.dup && again.pkid == first.pkid && again.payload == first.payload,
+        "3.1.1: sent {first:?}, resent {again:?}"
+    );
+    Ok(())
+}
+rule!(unacknowledged_qos1_is_resent_with_dup_and_its_packet_id);
+
+/// MQTT-4.4.0-1 (5.0 and 3.1.1): on reconnect to the session, a QoS 2 PUBLISH the client had
+/// not answered with PUBREC is sent again (DUP 1, same packet identifier), and a PUBREL it had
+/// not answered with PUBCOMP is sent again (same packet identifier).
+async fn unfinished_qos2_flows_are_resumed(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut c, _) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("qos2s5", true, Some(DAY)),
+        )
+        .await?;
+    c.subscribe(1, vec![filter5("qos2s/v5/#", QoS::ExactlyOnce)], None)
+        .await?;
+    let (mut p, _) = t.connect5(Role::Publisher, connect5("qos2s5-pub")).await?;
+    // PUBLISH not PUBRECed.
+    p.publish(publish5("qos2s/v5/a", QoS::ExactlyOnce, "a"))
+        .await?;
+    let first = c.recv_publish().await?;
+    c.drop_connection().await?;
+    let (mut c, _) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("qos2s5", false, Some(DAY)),
+        )
+        .await?;
+    let again = c.recv_publish().await?;
+    ensure!(
+        again.dup && again.pkid == first.pkid && again.qos == QoS::ExactlyOnce,
+        "5.0: sent {first:?}, resent {again:?}"
+    );
+    // PUBREC sent, PUBREL received, PUBCOMP not sent.
+    c.send(v5::Packet::PubRec(v5::PubRec::new(again.pkid, None)))
+        .await?;
+    match c.recv().await? {
+        v5::Packet::PubRel(r) if r.pkid == again.pkid => {}
+        other => anyhow::bail!("5.0: expected PUBREL {}, got {other:?}", again.pkid),
+    }
+    c.drop_connection().await?;
+    let (mut c, _) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("qos2s5", false, Some(DAY)),
+        )
+        .await?;
+    match c.recv().await? {
+        v5::Packet::PubRel(r) if r.pkid == again.pkid => {}
+        other => anyhow::bail!("5.0: expected PUBREL {} again, got {other:?}", again.pkid),
+    }
+    c.send(v5::Packet::PubComp(v5::PubComp::new(again.pkid, None)))
+        .await?;
+
+    let (mut c, _) = t
+        .connect4(Role::Subscriber, connect4_session("qos2s4", false))
+        .await?;
+    c.subscribe(1, "qos2s/v4/#", rumqttc::QoS::ExactlyOnce)
+        .await?;
+    let (mut p, _) = t.connect4(Role::Publisher, connect4("qos2s4-pub")).await?;
+    p.publish(publish4("qos2s/v4/a", rumqttc::QoS::ExactlyOnce, "a"))
+        .await?;
+    let first = c.recv_publish().await?;
+    c.drop_connection().await?;
+    let (mut c, _) = t
+        .connect4(Role::Subscriber, connect4_session("qos2s4", false))
+        .await?;
+    let again = c.recv_publish().await?;
+    ensure!(
+        again.dup && again.pkid == first.pkid && again.qos == rumqttc::QoS::ExactlyOnce,
+        "3.1.1: sent {first:?}, resent {again:?}"
+    );
+    c.send(v4::Packet::PubRec(v4::PubRec::new(again.pkid)))
+        .await?;
+    match c.recv().await? {
+        v4::Packet::PubRel(r) if r.pkid == again.pkid => {}
+        other => anyhow::bail!("3.1.1: expected PUBREL {}, got {other:?}", again.pkid),
+    }
+    c.drop_connection().await?;
+    let (mut c, _) = t
+        .connect4(Role::Subscriber, connect4_session("qos2s4", false))
+        .await?;
+    match c.recv().await? {
+        v4::Packet::PubRel(r) if r.pkid == again.pkid => {}
+        other => anyhow::bail!("3.1.1: expected PUBREL {} again, got {other:?}", again.pkid),
+    }
+    Ok(())
+}
+rule!(unfinished_qos2_flows_are_resumed);

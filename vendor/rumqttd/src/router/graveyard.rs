@@ -3,8 +3,9 @@ use std::time::{Duration, Instant};
 
 use super::{
     scheduler::{PauseReason, Tracker},
-    ConnectionEvents,
+    ConnectionEvents, FilterIdx,
 };
+use crate::Cursor;
 
 pub struct Graveyard {
     connections: HashMap<String, SavedState>,
@@ -45,6 +46,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        (unacked, last_pkid): (Vec<(u16, FilterIdx, Cursor)>, u16),
         expiry: u32,
     ) {
         tracker.pause(PauseReason::Busy);
@@ -54,6 +56,8 @@ impl Graveyard {
             tracker,
             subscriptions,
             unacked_pubrels,
+            unacked,
+            last_pkid,
         };
 
         let expires_at = match expiry {
@@ -132,4 +136,8 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+    /// mqlb patch (session redelivery): deliveries not acknowledged (packet id, filter, log
+    /// cursor) and the last packet id, resent with DUP 1 and the same id on reconnect.
+    pub unacked: Vec<(u16, FilterIdx, Cursor)>,
+    pub last_pkid: u16,
 }

@@ -64,6 +64,11 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// mqlb patch (session redelivery): deliveries of the session's previous connection that
+    /// were not acknowledged (packet id, filter, log cursor), in the order they were sent.
+    /// When the router reads them again from the log they go out with their packet id and
+    /// DUP 1 (MQTT-4.4.0-1, MQTT-3.3.1-1).
+    replay: VecDeque<(u16, FilterIdx, Cursor)>,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -87,6 +92,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            replay: VecDeque::new(),
             meter: Default::default(),
         };
 
@@ -140,8 +146,31 @@ impl Outgoing {
                 continue;
             }
 
+            // mqlb patch (session redelivery): a delivery the session's last connection did
+            // not get acknowledged goes out again with its packet id and DUP 1.
+            if let Some(pkid) = replayed(&mut self.replay, filter_idx, p.cursor) {
+                p.publish.pkid = pkid;
+                p.publish.dup = true;
+                self.inflight_buffer.push_back((pkid, filter_idx, p.cursor));
+                self.meter.publish_count += 1;
+                self.meter.total_size += p.publish.topic.len() + p.publish.payload.len();
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
+
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
+            // mqlb patch (session redelivery): not a packet id still waiting to be resent.
+            for _ in 0..MAX_PKID {
+                if !self
+                    .replay
+                    .iter()
+                    .any(|(pkid, _, _)| *pkid == self.last_pkid)
+                {
+                    break;
+                }
+                self.last_pkid = self.last_pkid % MAX_PKID + 1;
+            }
             p.publish.pkid = self.last_pkid;
 
             self.inflight_buffer
@@ -168,6 +197,28 @@ impl Outgoing {
         }
 
         (buffer_count, inflight_count)
+    }
+
+    /// mqlb patch (session redelivery): what a saved session keeps of this connection's
+    /// deliveries: the unacknowledged ones read from the log (packet id, filter, cursor), in
+    /// the order they were sent (with those of an earlier connection not sent again yet), and
+    /// the last packet id.
+    pub(crate) fn unacked_deliveries(&self) -> (Vec<(u16, FilterIdx, Cursor)>, u16) {
+        let mut unacked: Vec<_> = self
+            .inflight_buffer
+            .iter()
+            .filter_map(|(pkid, f, c)| c.map(|c| (*pkid, *f, c)))
+            .collect();
+        unacked.extend(self.replay.iter().copied());
+        (unacked, self.last_pkid)
+    }
+
+    /// mqlb patch (session redelivery): a resumed session's connection resends `unacked`
+    /// with their packet ids and DUP 1 as the router reads them again, and numbers new
+    /// deliveries after `last_pkid`.
+    pub(crate) fn resume(&mut self, unacked: Vec<(u16, FilterIdx, Cursor)>, last_pkid: u16) {
+        self.replay = unacked.into();
+        self.last_pkid = last_pkid;
     }
 
     // Returns (unsolicited, outoforder) flags
@@ -219,6 +270,20 @@ impl Outgoing {
 
         o
     }
+}
+
+/// mqlb patch (session redelivery): the packet id of a delivery to resend (see
+/// `Outgoing::replay`), taken out of `replay`.
+fn replayed(
+    replay: &mut VecDeque<(u16, FilterIdx, Cursor)>,
+    filter_idx: FilterIdx,
+    cursor: Option<Cursor>,
+) -> Option<u16> {
+    let cursor = cursor?;
+    let at = replay
+        .iter()
+        .position(|(_, f, c)| *f == filter_idx && *c == cursor)?;
+    replay.remove(at).map(|(pkid, _, _)| pkid)
 }
 
 #[cfg(test)]

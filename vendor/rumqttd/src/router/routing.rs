@@ -341,6 +341,9 @@ impl Router {
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
+                    // mqlb patch (session redelivery): unacknowledged deliveries go out
+                    // again with their packet ids and DUP 1 (MQTT-4.4.0-1, MQTT-3.3.1-1).
+                    outgoing.resume(session_state.unacked, session_state.last_pkid);
                     session_state.tracker
                 },
             )
@@ -400,6 +403,15 @@ impl Router {
 
         let ackslog = self.ackslog.get_mut(connection_id).unwrap();
         ackslog.connack(connection_id, ack, Some(properties));
+        // mqlb patch (session redelivery): the CONNACK goes out alone, with its own wake-up:
+        // the link takes exactly one notification, the CONNACK, for that wake-up, so PUBRELs
+        // queued with it were left in the buffer until something else woke the link
+        // (MQTT-4.4.0-1: they must be resent on reconnect).
+        if !pending_acks.is_empty() {
+            if let Some(outgoing) = self.obufs.get_mut(connection_id) {
+                ack_device_data(ackslog, outgoing);
+            }
+        }
 
         pending_acks.into_iter().for_each(|pkid| {
             // NOTE: will it be better if we store the whole PubRel
@@ -560,7 +572,8 @@ impl Router {
                 tracker,
                 connection.subscriptions,
                 connection.events,
-                outgoing.unacked_pubrels,
+                outgoing.unacked_pubrels.clone(),
+                outgoing.unacked_deliveries(),
                 connection.session_expiry,
             );
         } else {
