@@ -732,7 +732,7 @@ async fn sweep_idle(shared: Arc<Shared>, stop: CancellationToken) {
             .load()
             .rules
             .values()
-            .map(|r| crate::relay::sweep_tick(&r.cfg))
+            .map(|r| crate::conn::sweep_tick(&r.cfg))
             .min()
             .unwrap_or(Duration::from_secs(1));
         tokio::select! {

@@ -2,7 +2,7 @@
 //! client-ID routing on top.
 //!
 //! The picture (DESIGN.md, "lb: the data path"): one accept loop per frontend ([`listener`]),
-//! one task per connection ([`proxy`]), one probe task per backend ([`probe`]), the admin
+//! one task per connection ([`conn`]), one probe task per backend ([`probe`]), the admin
 //! server ([`admin`]) and the reload watcher ([`reload`]). Everything the data path reads is
 //! one immutable [`snapshot::Snapshot`] behind one `ArcSwap`; per-backend live state
 //! ([`state::BackendState`]) is carried across snapshots. Pure logic (CONNECT parsing,
@@ -17,7 +17,7 @@ pub mod snapshot;
 pub mod state;
 
 pub mod admin;
-mod copy;
+mod conn;
 pub mod discovery;
 mod lb;
 pub mod limits;
@@ -25,11 +25,7 @@ pub mod listener;
 pub mod pending;
 pub mod port;
 pub mod probe;
-pub mod proxy;
-mod relay;
 pub mod reload;
-#[cfg(target_os = "linux")]
-mod splice;
 mod workers;
 
 pub use lb::{run, Lb, Listeners, ReloadError, StartError};

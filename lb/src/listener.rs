@@ -11,9 +11,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::conn;
 use crate::lb::Shared;
 use crate::limits::Admitted;
-use crate::proxy;
 use crate::snapshot::RuleRt;
 use crate::state::lock;
 
@@ -66,7 +66,7 @@ fn listening_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Res
     let socket = new_socket(addr, reuse_port)?;
     if ACCEPTED_INHERIT_OPTIONS {
         socket.set_tcp_nodelay(true)?;
-        socket.set_tcp_keepalive(&crate::proxy::keepalive())?;
+        socket.set_tcp_keepalive(&crate::conn::keepalive())?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -212,7 +212,7 @@ pub(crate) async fn accept_loop(
                     continue;
                 };
                 let s = shared.clone();
-                let connection = proxy::handle(s, rule, stream, peer, local, !inherits_options);
+                let connection = conn::handle(s, rule, stream, peer, local, !inherits_options);
                 match admitted {
                     // Holds the connection's place in the counts for its whole life.
                     Some(place) => shared.tracker.spawn(async move {

@@ -155,7 +155,7 @@ impl Metrics {
         for (rule, backend) in &gone.rule_members {
             let (r, b) = (rule.as_str(), backend.as_str());
             self.connections_active.remove_label_values(&[r, b]).ok();
-            for outcome in crate::proxy::Outcome::ALL {
+            for outcome in crate::conn::Outcome::ALL {
                 self.connections_total
                     .remove_label_values(&[r, b, outcome.label()])
                     .ok();

@@ -30,7 +30,7 @@ pub fn mix64(mut x: u64) -> u64 {
 }
 
 /// What a connection is hashed on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Key<'a> {
     ClientId(&'a str),
     FiveTuple { src: SocketAddr, dst: SocketAddr },

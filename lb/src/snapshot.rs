@@ -12,8 +12,8 @@ use prometheus::{IntCounter, IntGauge};
 
 use mqlb_config::{Backend, Config, Distribution, Pool, Rule};
 
+use crate::conn::Outcome;
 use crate::metrics::Metrics;
-use crate::proxy::Outcome;
 use crate::select::{self, Candidate, Key};
 use crate::state::BackendState;
 
@@ -90,7 +90,7 @@ impl MemberMetrics {
         if outcome == Outcome::Closed {
             self.closed.inc();
         } else {
-            crate::proxy::count_end(m, cfg, backend, outcome);
+            crate::conn::count_end(m, cfg, backend, outcome);
         }
     }
 }

@@ -72,7 +72,7 @@ mod pool {
 }
 
 #[cfg(target_os = "linux")]
-use crate::splice::Pipe;
+use super::splice::Pipe;
 
 /// Stand-in where there is no `splice(2)`: a bulk stream keeps using the buffer.
 #[cfg(not(target_os = "linux"))]

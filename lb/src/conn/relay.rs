@@ -17,9 +17,9 @@ use mqlb_config::Rule;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use crate::copy::{Bidi, Dir, Peer};
+use super::copy::{Bidi, Dir, Peer};
+use super::Outcome;
 use crate::lb::Shared;
-use crate::proxy::Outcome;
 use crate::state::ConnInfo;
 
 /// How often the sweeper looks at a rule's connections: a few times per idle timeout.

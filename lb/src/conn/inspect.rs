@@ -1,0 +1,138 @@
+//! The first step of a connection on a client-ID rule: read the client's first bytes until
+//! the CONNECT's client ID is known, they prove not to be MQTT, or a limit (bytes, time) is
+//! hit. I/O only; what to make of it is [`super::route`]'s.
+
+use mqlb_config::{Distribution, Rule};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::mqtt::{self, parse_connect, ConnectError, ProtocolLevel, Refusal};
+
+/// What the first bytes were.
+#[derive(Debug)]
+pub(crate) enum Inspection {
+    /// The rule does not read the CONNECT (a tuple distribution).
+    NotRead,
+    /// A CONNECT; its client ID may be empty.
+    Connect {
+        level: ProtocolLevel,
+        client_id: String,
+    },
+    /// Bytes that are not MQTT.
+    NotMqtt(ConnectError),
+    /// MQTT the LB cannot use: it is refused whatever the rule says.
+    Unusable(InspectFail),
+}
+
+impl Inspection {
+    /// The client's MQTT version, once known.
+    pub(crate) fn level(&self) -> Option<ProtocolLevel> {
+        match self {
+            Inspection::Connect { level, .. } => Some(*level),
+            _ => None,
+        }
+    }
+}
+
+/// Why the inspection gave up; the `reason` label of `mqlb_mqtt_connect_errors_total`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InspectFail {
+    /// A CONNECT the LB must refuse (the level, once it was read).
+    #[error("{0}")]
+    Parse(ConnectError, Option<ProtocolLevel>),
+    /// The client ID had not ended within the limit (the level, once it was read).
+    #[error("no client ID within the inspect byte limit")]
+    Oversized(Option<ProtocolLevel>),
+    #[error("no CONNECT within the inspect timeout")]
+    Timeout,
+    #[error("client closed before its CONNECT was complete")]
+    Eof,
+    #[error("reading the CONNECT: {0}")]
+    Io(std::io::Error),
+}
+
+impl InspectFail {
+    /// What the client is told before the close, if its version has a word for it.
+    pub(crate) fn refusal(&self) -> Option<&'static [u8]> {
+        let (level, why) = match self {
+            InspectFail::Parse(ConnectError::UnsupportedLevel(_), _) => {
+                (ProtocolLevel::V311, Refusal::UnsupportedVersion)
+            }
+            InspectFail::Parse(ConnectError::Malformed(_), level) => {
+                ((*level)?, Refusal::Malformed)
+            }
+            InspectFail::Parse(ConnectError::Protocol(_), level) => {
+                ((*level)?, Refusal::ProtocolError)
+            }
+            InspectFail::Oversized(level) => ((*level)?, Refusal::PacketTooLarge),
+            _ => return None,
+        };
+        mqtt::connack(level, why)
+    }
+
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            InspectFail::Parse(e, _) => e.reason(),
+            InspectFail::Oversized(_) => "oversized",
+            InspectFail::Timeout => "timeout",
+            InspectFail::Eof => "eof",
+            InspectFail::Io(_) => "io_error",
+        }
+    }
+}
+
+/// Reads what `rule` needs to route: nothing for a tuple distribution, the CONNECT (within
+/// `inspect_timeout` and `inspect_max_bytes`) for a client-ID one. Returns the bytes read,
+/// which are replayed to the backend.
+pub(crate) async fn inspect(rule: &Rule, client: &mut TcpStream) -> (Vec<u8>, Inspection) {
+    if rule.distribution != Distribution::MqttClientId {
+        return (Vec::new(), Inspection::NotRead);
+    }
+    let read = tokio::time::timeout(
+        rule.inspect_timeout,
+        read_connect(client, rule.inspect_max_bytes as usize),
+    )
+    .await
+    .unwrap_or(Err(InspectFail::Timeout));
+    match read {
+        Ok((buf, Ok(c))) => (
+            buf,
+            Inspection::Connect {
+                level: c.level,
+                client_id: c.client_id,
+            },
+        ),
+        Ok((buf, Err(e))) => (buf, Inspection::NotMqtt(e)),
+        Err(fail) => (Vec::new(), Inspection::Unusable(fail)),
+    }
+}
+
+/// Reads until the client ID is known, the bytes prove not to be a CONNECT, or a limit is hit.
+async fn read_connect(
+    client: &mut TcpStream,
+    max_bytes: usize,
+) -> Result<(Vec<u8>, Result<mqtt::Connect, ConnectError>), InspectFail> {
+    let mut buf = Vec::with_capacity(256.min(max_bytes));
+    // On the heap, not in the task: the task lives as long as the connection.
+    let mut chunk = vec![0u8; 1024];
+    loop {
+        let room = (max_bytes - buf.len()).min(chunk.len());
+        let n = client
+            .read(&mut chunk[..room])
+            .await
+            .map_err(InspectFail::Io)?;
+        if n == 0 {
+            return Err(InspectFail::Eof);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match parse_connect(&buf) {
+            Ok(Some(c)) => return Ok((buf, Ok(c))),
+            Ok(None) if buf.len() >= max_bytes => {
+                return Err(InspectFail::Oversized(mqtt::level_of(&buf)))
+            }
+            Ok(None) => {}
+            Err(e @ ConnectError::NotMqtt(_)) => return Ok((buf, Err(e))),
+            Err(e) => return Err(InspectFail::Parse(e, mqtt::level_of(&buf))),
+        }
+    }
+}

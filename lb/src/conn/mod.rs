@@ -1,0 +1,318 @@
+//! A client connection's path, one task per connection, in the order it happens:
+//! [`inspect`] reads the first bytes (the CONNECT, on a client-ID rule), [`route`] decides from
+//! them what to do (pure), [`connect`] opens the backend leg and replays what was read
+//! (trying the next choice when one fails before any byte went back), [`relay`] copies both ways
+//! until one side is done, the connection idles out, its backend goes down (if the rule says so)
+//! or shutdown's grace runs out; [`outcome`] names how it ended.
+
+mod connect;
+mod copy;
+mod inspect;
+mod outcome;
+mod relay;
+mod route;
+#[cfg(target_os = "linux")]
+mod splice;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqlb_config::Distribution;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::lb::Shared;
+use crate::mqtt::{self, Refusal};
+use crate::snapshot::{Member, RuleRt};
+use crate::state::{ConnInfo, Source};
+pub(crate) use connect::{keepalive, set_socket_options};
+use inspect::Inspection;
+pub(crate) use outcome::count_end;
+pub use outcome::Outcome;
+pub(crate) use relay::sweep_tick;
+use relay::Relay;
+use route::{Decision, Method};
+
+/// Serves one client connection from accept to close: the future of its task.
+///
+/// The connect phase runs boxed, so its state (inspect buffers, connect attempts and their
+/// timers, the accepted addresses) is freed once the backend answers; the task then holds only
+/// what the copy needs, which is what thousands of idle MQTT sessions cost. (A plain `fn`, so
+/// the arguments live in the box, not also in the task.)
+pub(crate) fn handle(
+    shared: Arc<Shared>,
+    rule: Arc<RuleRt>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    set_options: bool,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    // The LB's own data-path probe: served like a client, counted as nothing.
+    let client_traffic = !shared.own_probes.contains(peer);
+    let rule_is_raw = rule.cfg.distribution != Distribution::MqttClientId;
+    let connect = Box::pin(establish(
+        shared.clone(),
+        rule,
+        client,
+        peer,
+        local,
+        set_options,
+        client_traffic,
+    ));
+    // Its raw-TCP form only checks that the frontend accepts: closed here, no backend bothered.
+    let probe_only = !client_traffic && rule_is_raw;
+    async move {
+        if probe_only {
+            return;
+        }
+        let Some((mut client, mut server, info)) = connect.await else {
+            return;
+        };
+        if !client_traffic {
+            let limit = info.rule.pool.cfg.probe.timeout;
+            // The probe hangs up after its CONNACK; a broken one is cut at its own timeout.
+            if let Ok(Err(e)) = tokio::time::timeout(
+                limit,
+                tokio::io::copy_bidirectional(&mut client, &mut server),
+            )
+            .await
+            {
+                tracing::debug!(error = %e, "data-path probe connection ended with an error");
+            }
+            return;
+        }
+        let cfg = &info.rule.cfg;
+        let member = &info.rule.pool.members[info.member];
+        member.state.conn_opened();
+        shared.conns.insert(info.clone());
+        let mm = info.rule.member_metrics(&shared.metrics, info.member);
+        mm.active.inc();
+        let outcome = Relay::new(&shared, &info, client, server).await;
+        mm.active.dec();
+        shared.conns.remove(info.id);
+        member.state.conn_closed();
+        mm.finish(&shared.metrics, cfg, info.backend(), outcome);
+    }
+}
+
+/// The connect phase: inspect, route, connect. `None` when the connection ended here
+/// (counted already).
+async fn establish(
+    shared: Arc<Shared>,
+    rule: Arc<RuleRt>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    set_options: bool,
+    client_traffic: bool,
+) -> Option<(TcpStream, TcpStream, Arc<ConnInfo>)> {
+    if set_options {
+        set_socket_options(&client);
+    }
+    let (shared, rule) = (&*shared, &rule);
+    let cfg = &rule.cfg;
+    let tally = Tally {
+        shared,
+        rule,
+        client_traffic,
+    };
+
+    let (buffered, inspection) = inspect::inspect(cfg, &mut client).await;
+    match &inspection {
+        Inspection::NotMqtt(e) => {
+            tracing::debug!(rule = cfg.name, %peer, error = %e, "first bytes are not MQTT")
+        }
+        Inspection::Unusable(fail) => {
+            tracing::debug!(rule = cfg.name, %peer, reason = fail.reason(), error = %fail, "refusing: unusable CONNECT")
+        }
+        _ => {}
+    }
+    let verdict = route::decide(cfg, &inspection, peer, local);
+    if let Some(reason) = verdict.connect_error {
+        tally.connect_error(reason);
+    }
+    let (key, method) = match verdict.decision {
+        Decision::Route { key, method } => (key, method),
+        Decision::Refuse { connack, outcome } => {
+            refuse(&mut client, connack).await;
+            tally.end(outcome);
+            return None;
+        }
+    };
+    tally.routed(method);
+    let level = inspection.level();
+    let order = rule.pool.order(cfg.distribution, &key);
+    if order.is_empty() {
+        tracing::debug!(rule = cfg.name, %peer, "no backend up; refusing");
+        let no = level.and_then(|l| mqtt::connack(l, Refusal::ServerUnavailable));
+        refuse(&mut client, no).await;
+        tally.end(Outcome::NoBackend);
+        return None;
+    }
+
+    // Connect and replay what the inspection read, trying the next choice when either fails
+    // (nothing was sent to the client yet). Each connect waits for a slot of its backend's
+    // admission first: a burst queues here instead of flooding the broker.
+    let mut backend = None;
+    let mut outcome = Outcome::ConnectFailed;
+    let admission = &rule.pool.cfg.admission;
+    for &idx in order.iter().take(cfg.max_connect_attempts.get() as usize) {
+        let member = &rule.pool.members[idx];
+        let state = &member.state;
+        let _slot = match state.pending.admit(admission, || state.since_up()).await {
+            Ok(slot) => slot,
+            Err(refused) => {
+                // The backend is busy, not broken: no passive failure, and not the next
+                // backend either (the client belongs on this one); it may retry.
+                tracing::debug!(rule = cfg.name, %peer, backend = member.cfg.id, ?refused, "admission refused");
+                outcome = match refused {
+                    crate::pending::Refused::QueueFull => Outcome::QueueFull,
+                    crate::pending::Refused::QueueTimeout => Outcome::QueueTimeout,
+                };
+                break;
+            }
+        };
+        let addr = member.cfg.addr_for_level(level.map(|l| l as u8));
+        let attempt = connect::connect_and_replay(addr, &buffered);
+        match tokio::time::timeout(cfg.connect_timeout, attempt).await {
+            Ok(Ok(s)) => {
+                backend = Some((idx, addr, s));
+                break;
+            }
+            Ok(Err(e)) => tally.connect_failed(member, addr, &e.to_string()),
+            Err(_) => tally.connect_failed(member, addr, "connect timeout"),
+        }
+    }
+    let Some((idx, backend_addr, server)) = backend else {
+        let no = level.and_then(|l| mqtt::connack(l, Refusal::ServerUnavailable));
+        refuse(&mut client, no).await;
+        tally.end(outcome);
+        return None;
+    };
+    let client_id = match inspection {
+        Inspection::Connect { client_id, .. } if method == Method::Rule => {
+            Some(client_id.into_boxed_str())
+        }
+        _ => None,
+    };
+    let info = Arc::new(ConnInfo::new(
+        shared.conns.next_id(),
+        rule.clone(),
+        idx,
+        peer,
+        level.map(|l| l as u8),
+        client_id,
+        buffered.len() as u64,
+    ));
+    tracing::debug!(rule = cfg.name, %peer, backend = info.backend(), %backend_addr, client_id = ?info.client_id, "proxying");
+    Some((client, server, info))
+}
+
+/// Where the connect phase counts what happens: the metrics and the backends' passive health
+/// for client traffic; nowhere for the LB's own data-path probe, which must neither inflate
+/// the client counts nor count against `down_threshold` beside the real probe.
+#[derive(Clone, Copy)]
+struct Tally<'a> {
+    shared: &'a Shared,
+    rule: &'a RuleRt,
+    client_traffic: bool,
+}
+
+impl Tally<'_> {
+    fn connect_error(&self, reason: &str) {
+        if self.client_traffic {
+            self.shared
+                .metrics
+                .mqtt_connect_errors_total
+                .with_label_values(&[&self.rule.cfg.name, reason])
+                .inc();
+        }
+    }
+
+    /// The routing decision: the rule's distribution, or the fallback method it fell to.
+    fn routed(&self, method: Method) {
+        if !self.client_traffic {
+            return;
+        }
+        let m = &self.shared.metrics;
+        match method.fallback_label() {
+            None => self.rule.routed(m).inc(),
+            Some(method) => m
+                .route_decisions_total
+                .with_label_values(&[&self.rule.cfg.name, method])
+                .inc(),
+        }
+    }
+
+    /// A connection that ended before it reached a backend.
+    fn end(&self, outcome: Outcome) {
+        if self.client_traffic {
+            count_end(&self.shared.metrics, &self.rule.cfg, "", outcome);
+        }
+    }
+
+    /// A connect to a backend failed: counted against it (passive health).
+    fn connect_failed(&self, member: &Member, addr: SocketAddr, why: &str) {
+        let (shared, pool) = (self.shared, &self.rule.pool.cfg);
+        tracing::debug!(pool = pool.name, backend = member.cfg.id, %addr, why, own_probe = !self.client_traffic, "backend connect failed");
+        if !self.client_traffic {
+            return;
+        }
+        shared
+            .metrics
+            .passive_failures_total
+            .with_label_values(&[&pool.name, &member.cfg.id])
+            .inc();
+        if shared
+            .observe_health(&member.state, false, &pool.probe, Source::Passive)
+            .is_some()
+        {
+            tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");
+            shared
+                .metrics
+                .backend_up
+                .with_label_values(&[&pool.name, &member.cfg.id])
+                .set(0);
+        }
+    }
+}
+
+/// Sends the refusing CONNACK, if there is one for the client's version, and closes; the
+/// client may already be gone, which is fine.
+async fn refuse(client: &mut TcpStream, connack: Option<&[u8]>) {
+    let told = match connack {
+        Some(bytes) => match client.write_all(bytes).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not tell the client why it is refused");
+                false
+            }
+        },
+        None => false,
+    };
+    if let Err(e) = client.shutdown().await {
+        tracing::debug!(error = %e, "shutdown after refusal");
+    }
+    if told {
+        // A lingering close: what the client still sends (the rest of an oversized CONNECT) is
+        // read and dropped until it closes, for at most 64 KiB and 1 s. Closing with unread bytes
+        // sends an RST, which can destroy the CONNACK in the client's buffers before it reads it.
+        let mut sink = [0u8; 2048];
+        let drain = async {
+            let mut total = 0;
+            while total < 64 * 1024 {
+                match client.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(1), drain)
+            .await
+            .is_err()
+        {
+            tracing::debug!("refused client kept its connection open; closing");
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! How a connection ended: the `outcome` label of `mqlb_connections_total`.
+
+use mqlb_config::Rule;
+
+use crate::metrics::Metrics;
+
+/// Names say who ended or failed it: the client, the backend, or mqlb itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both sides closed normally.
+    Closed,
+    ClientError,
+    BackendError,
+    IdleTimeout,
+    /// Closed because its backend's probe went down (rule `close_on_backend_down`).
+    BackendDown,
+    /// Cut when shutdown's grace period ran out.
+    Shutdown,
+    /// Every backend tried refused or timed out.
+    ConnectFailed,
+    /// No backend eligible (all down or draining).
+    NoBackend,
+    /// The CONNECT could not be used (malformed, oversized, too slow, fallback = reject).
+    Rejected,
+    /// The backend's admission queue was full (`max_queue`).
+    QueueFull,
+    /// No connect slot of the backend came free within `queue_timeout`.
+    QueueTimeout,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 11] = [
+        Outcome::Closed,
+        Outcome::ClientError,
+        Outcome::BackendError,
+        Outcome::IdleTimeout,
+        Outcome::BackendDown,
+        Outcome::Shutdown,
+        Outcome::ConnectFailed,
+        Outcome::NoBackend,
+        Outcome::Rejected,
+        Outcome::QueueFull,
+        Outcome::QueueTimeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Closed => "closed",
+            Outcome::ClientError => "client_error",
+            Outcome::BackendError => "backend_error",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::BackendDown => "backend_down",
+            Outcome::Shutdown => "shutdown",
+            Outcome::ConnectFailed => "connect_failed",
+            Outcome::NoBackend => "no_backend",
+            Outcome::Rejected => "rejected",
+            Outcome::QueueFull => "queue_full",
+            Outcome::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+/// `mqlb_connections_total` by label lookup: every outcome but the common one, which
+/// [`MemberMetrics::finish`](crate::snapshot::MemberMetrics) counts by a cached handle.
+pub(crate) fn count_end(m: &Metrics, cfg: &Rule, backend: &str, outcome: Outcome) {
+    m.connections_total
+        .with_label_values(&[&cfg.name, backend, outcome.label()])
+        .inc();
+}

@@ -1,0 +1,275 @@
+//! The routing decision, pure: from the rule and what the connection's first bytes were, the
+//! key it is hashed on (and by which method), or its refusal. No I/O, no clock; the connect
+//! phase carries it out.
+
+use std::net::SocketAddr;
+
+use mqlb_config::{Distribution, Fallback, NonMqtt, Rule};
+
+use super::inspect::Inspection;
+use super::Outcome;
+use crate::mqtt::{self, Refusal};
+use crate::select::Key;
+
+/// Which method chose the key: the `method` label of `mqlb_route_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    /// The rule's own distribution.
+    Rule,
+    /// A CONNECT with an empty client ID, on a rule with `fallback = "five-tuple"`.
+    EmptyIdFiveTuple,
+    /// Bytes that are not MQTT, on a rule with `non_mqtt = "forward"`.
+    NonMqttFiveTuple,
+}
+
+impl Method {
+    /// The label of a fallback method (the rule's own is its distribution's name).
+    pub(crate) fn fallback_label(self) -> Option<&'static str> {
+        match self {
+            Method::Rule => None,
+            Method::EmptyIdFiveTuple => Some("fallback-five-tuple"),
+            Method::NonMqttFiveTuple => Some("non-mqtt-five-tuple"),
+        }
+    }
+}
+
+/// What to do with a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decision<'a> {
+    /// Hash `key` over the pool.
+    Route { key: Key<'a>, method: Method },
+    /// Send `connack` (when the client's version has a word for it), close, count `outcome`.
+    Refuse {
+        connack: Option<&'static [u8]>,
+        outcome: Outcome,
+    },
+}
+
+/// The decision, and the `reason` to count in `mqlb_mqtt_connect_errors_total` when the first
+/// bytes were not a usable CONNECT with a client ID.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Verdict<'a> {
+    pub decision: Decision<'a>,
+    pub connect_error: Option<&'static str>,
+}
+
+/// Decides for a connection from `peer` to `local` on `rule`, given its first bytes.
+pub(crate) fn decide<'a>(
+    rule: &Rule,
+    inspection: &'a Inspection,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Verdict<'a> {
+    let tuple = |method| Decision::Route {
+        key: tuple_key(rule.distribution, peer, local),
+        method,
+    };
+    let rejected = |connack| Decision::Refuse {
+        connack,
+        outcome: Outcome::Rejected,
+    };
+    let (decision, connect_error) = match inspection {
+        Inspection::NotRead => (tuple(Method::Rule), None),
+        Inspection::Connect { client_id, .. } if !client_id.is_empty() => (
+            Decision::Route {
+                key: Key::ClientId(client_id),
+                method: Method::Rule,
+            },
+            None,
+        ),
+        Inspection::Connect { level, .. } => (
+            match rule.fallback {
+                Fallback::FiveTuple => tuple(Method::EmptyIdFiveTuple),
+                Fallback::Reject => rejected(mqtt::connack(*level, Refusal::IdentifierRejected)),
+            },
+            Some("empty_client_id"),
+        ),
+        Inspection::NotMqtt(e) => (
+            match rule.non_mqtt {
+                NonMqtt::Forward => tuple(Method::NonMqttFiveTuple),
+                NonMqtt::Refuse => rejected(None),
+            },
+            Some(e.reason()),
+        ),
+        Inspection::Unusable(fail) => (rejected(fail.refusal()), Some(fail.reason())),
+    };
+    Verdict {
+        decision,
+        connect_error,
+    }
+}
+
+/// The tuple key of a distribution; five-tuple for the client-ID one's fallbacks.
+fn tuple_key(d: Distribution, peer: SocketAddr, local: SocketAddr) -> Key<'static> {
+    match d {
+        Distribution::SourceIp => Key::SourceIp {
+            src: peer.ip(),
+            dst: local.ip(),
+        },
+        Distribution::SourceIpProtocol => Key::SourceIpProtocol {
+            src: peer.ip(),
+            dst: local.ip(),
+        },
+        _ => Key::FiveTuple {
+            src: peer,
+            dst: local,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::inspect::InspectFail;
+    use crate::mqtt::{ConnectError, ProtocolLevel};
+
+    fn addrs() -> (SocketAddr, SocketAddr) {
+        (
+            SocketAddr::from(([127, 0, 0, 9], 40000)),
+            SocketAddr::from(([127, 0, 0, 1], 1883)),
+        )
+    }
+
+    fn five_tuple() -> Key<'static> {
+        let (src, dst) = addrs();
+        Key::FiveTuple { src, dst }
+    }
+
+    fn rule(extra: &str) -> Rule {
+        let toml = format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\n[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"p\"\nprobe = \"t\"\n\
+             [[pool.backend]]\nid = \"b1\"\naddr = \"127.0.0.1:1\"\n\
+             [[probe]]\nname = \"t\"\nport = \"traffic\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n{extra}"
+        );
+        match mqlb_config::Config::parse(&toml, "test") {
+            Ok(c) => c.rules[0].clone(),
+            Err(e) => panic!("test config: {e}"),
+        }
+    }
+
+    fn client_id_rule(extra: &str) -> Rule {
+        rule(&format!("distribution = \"mqtt-client-id\"\n{extra}"))
+    }
+
+    fn verdict<'a>(rule: &Rule, inspection: &'a Inspection) -> Verdict<'a> {
+        let (peer, local) = addrs();
+        decide(rule, inspection, peer, local)
+    }
+
+    fn route(key: Key<'_>, method: Method) -> Decision<'_> {
+        Decision::Route { key, method }
+    }
+
+    fn rejected(connack: Option<&'static [u8]>) -> Decision<'static> {
+        Decision::Refuse {
+            connack,
+            outcome: Outcome::Rejected,
+        }
+    }
+
+    fn connect(id: &str) -> Inspection {
+        Inspection::Connect {
+            level: ProtocolLevel::V5,
+            client_id: id.to_string(),
+        }
+    }
+
+    #[test]
+    fn tuple_rules_hash_their_tuple_without_reading() {
+        let (peer, local) = addrs();
+        let (src, dst) = (peer.ip(), local.ip());
+        let cases = [
+            ("", five_tuple()),
+            ("distribution = \"source-ip\"\n", Key::SourceIp { src, dst }),
+            (
+                "distribution = \"source-ip-protocol\"\n",
+                Key::SourceIpProtocol { src, dst },
+            ),
+        ];
+        for (extra, key) in cases {
+            let v = verdict(&rule(extra), &Inspection::NotRead);
+            assert_eq!(v.decision, route(key, Method::Rule), "{extra}");
+            assert_eq!(v.connect_error, None);
+        }
+    }
+
+    #[test]
+    fn a_client_id_is_the_key() {
+        let inspection = connect("sensor-7");
+        let v = verdict(&client_id_rule(""), &inspection);
+        assert_eq!(v.decision, route(Key::ClientId("sensor-7"), Method::Rule));
+        assert_eq!(v.connect_error, None);
+    }
+
+    #[test]
+    fn an_empty_client_id_falls_back_or_is_refused_as_the_rule_says() {
+        let empty = connect("");
+        let v = verdict(&client_id_rule("fallback = \"five-tuple\"\n"), &empty);
+        assert_eq!(v.decision, route(five_tuple(), Method::EmptyIdFiveTuple));
+        assert_eq!(v.connect_error, Some("empty_client_id"));
+
+        let v = verdict(&client_id_rule("fallback = \"reject\"\n"), &empty);
+        let no = mqtt::connack(ProtocolLevel::V5, Refusal::IdentifierRejected);
+        assert!(no.is_some());
+        assert_eq!(v.decision, rejected(no));
+        assert_eq!(v.connect_error, Some("empty_client_id"));
+    }
+
+    #[test]
+    fn bytes_that_are_not_mqtt_are_forwarded_or_refused_as_the_rule_says() {
+        let not_mqtt = Inspection::NotMqtt(ConnectError::NotMqtt("not a CONNECT"));
+        let v = verdict(&client_id_rule("non_mqtt = \"forward\"\n"), &not_mqtt);
+        assert_eq!(v.decision, route(five_tuple(), Method::NonMqttFiveTuple));
+        assert_eq!(v.connect_error, Some("not_mqtt"));
+
+        let v = verdict(&client_id_rule("non_mqtt = \"refuse\"\n"), &not_mqtt);
+        assert_eq!(v.decision, rejected(None));
+        assert_eq!(v.connect_error, Some("not_mqtt"));
+    }
+
+    /// Whatever the rule's fallbacks, an unusable CONNECT is refused.
+    #[test]
+    fn an_unusable_connect_is_refused_with_the_word_its_version_has() {
+        let r = client_id_rule("non_mqtt = \"forward\"\nfallback = \"five-tuple\"\n");
+        let cases = [
+            (InspectFail::Timeout, None, "timeout"),
+            (InspectFail::Eof, None, "eof"),
+            (
+                InspectFail::Oversized(Some(ProtocolLevel::V5)),
+                mqtt::connack(ProtocolLevel::V5, Refusal::PacketTooLarge),
+                "oversized",
+            ),
+            (
+                InspectFail::Parse(ConnectError::UnsupportedLevel(9), None),
+                mqtt::connack(ProtocolLevel::V311, Refusal::UnsupportedVersion),
+                "unsupported_level",
+            ),
+            (
+                InspectFail::Parse(ConnectError::Malformed("bad"), Some(ProtocolLevel::V311)),
+                mqtt::connack(ProtocolLevel::V311, Refusal::Malformed),
+                "malformed",
+            ),
+        ];
+        for (fail, connack, reason) in cases {
+            let inspection = Inspection::Unusable(fail);
+            let v = verdict(&r, &inspection);
+            assert_eq!(v.decision, rejected(connack), "{reason}");
+            assert_eq!(v.connect_error, Some(reason));
+        }
+    }
+
+    #[test]
+    fn fallback_methods_have_their_labels() {
+        assert_eq!(Method::Rule.fallback_label(), None);
+        assert_eq!(
+            Method::EmptyIdFiveTuple.fallback_label(),
+            Some("fallback-five-tuple")
+        );
+        assert_eq!(
+            Method::NonMqttFiveTuple.fallback_label(),
+            Some("non-mqtt-five-tuple")
+        );
+    }
+}
