@@ -382,3 +382,101 @@ async fn unfinished_qos2_flows_are_resumed(t: Arc<Target>) -> anyhow::Result<()>
     Ok(())
 }
 rule!(unfinished_qos2_flows_are_resumed);
+
+/// How long a test waits for a session of [`SHORT`] seconds to expire: the interval itself is
+/// the rule, so this is a plain wait, with a margin.
+const SHORT: u32 = 1;
+const PAST_SHORT: std::time::Duration = std::time::Duration::from_millis(2_200);
+
+/// MQTT-3.1.2-23 and 3.1.2.11.2 (5.0): a session ends when its Session Expiry Interval has
+/// passed after the connection closed: a CONNECT with Clean Start 0 then gets Session Present
+/// 0, and nothing queued for the old session is delivered. rumqttd ignored the interval and
+/// kept sessions for ever.
+async fn a_session_ends_when_its_expiry_interval_passes(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut c, _) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("exp5", true, Some(SHORT)),
+        )
+        .await?;
+    c.subscribe(1, vec![filter5("exp/v5", QoS::AtLeastOnce)], None)
+        .await?;
+    c.disconnect(None).await?;
+    let (mut watch, _) = t.connect5(Role::Subscriber, connect5("exp5-watch")).await?;
+    watch
+        .subscribe(1, vec![filter5("exp/v5", QoS::AtMostOnce)], None)
+        .await?;
+    let (mut p, _) = t.connect5(Role::Publisher, connect5("exp5-pub")).await?;
+    p.publish(publish5("exp/v5", QoS::AtLeastOnce, "stale"))
+        .await?;
+    watch.recv_publish().await?;
+    tokio::time::sleep(PAST_SHORT).await;
+    let (mut c, ack) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("exp5", false, Some(SHORT)),
+        )
+        .await?;
+    ensure!(!ack.session_present, "after the expiry interval: {ack:?}");
+    c.expect_none().await?;
+    Ok(())
+}
+rule!(a_session_ends_when_its_expiry_interval_passes);
+
+/// 3.14.2.2.2 (5.0): the Session Expiry Interval of a DISCONNECT replaces the CONNECT's: a
+/// session of a day set to 1 s on DISCONNECT ends after 1 s, one of 1 s set to a day is kept.
+/// (MQTT-3.14.2-? / 3.14.2.2.2: setting it above 0 when the CONNECT had 0 is a Protocol Error
+/// and keeps no session.)
+async fn disconnect_changes_the_session_expiry_interval(t: Arc<Target>) -> anyhow::Result<()> {
+    let (c, _) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("dexp-a", true, Some(DAY)),
+        )
+        .await?;
+    c.disconnect(Some(SHORT)).await?;
+    let (c, _) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("dexp-b", true, Some(SHORT)),
+        )
+        .await?;
+    c.disconnect(Some(DAY)).await?;
+    let (c, _) = t
+        .connect5(Role::Subscriber, connect5_session("dexp-c", true, None))
+        .await?;
+    c.disconnect(Some(DAY)).await?;
+    tokio::time::sleep(PAST_SHORT).await;
+    let (_a, ack) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("dexp-a", false, Some(DAY)),
+        )
+        .await?;
+    ensure!(
+        !ack.session_present,
+        "a day, then 1 s on DISCONNECT: {ack:?}"
+    );
+    let (_b, ack) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("dexp-b", false, Some(DAY)),
+        )
+        .await?;
+    ensure!(
+        ack.session_present,
+        "1 s, then a day on DISCONNECT: {ack:?}"
+    );
+    let (_c, ack) = t
+        .connect5(
+            Role::Subscriber,
+            connect5_session("dexp-c", false, Some(DAY)),
+        )
+        .await?;
+    ensure!(
+        !ack.session_present,
+        "0, then a day on DISCONNECT (a protocol error): {ack:?}"
+    );
+    Ok(())
+}
+rule!(disconnect_changes_the_session_expiry_interval);

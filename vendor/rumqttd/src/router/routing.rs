@@ -972,10 +972,23 @@ impl Router {
 
                     force_ack = true;
                 }
-                Packet::Disconnect(_, _) => {
+                Packet::Disconnect(_, properties) => {
                     let span = tracing::info_span!("disconnect");
                     let _guard = span.enter();
                     disconnect = true;
+                    // mqlb patch (session expiry): a DISCONNECT's Session Expiry Interval
+                    // replaces the CONNECT's (3.14.2.2.2); setting one above 0 when the CONNECT
+                    // had 0 is a Protocol Error: not a valid DISCONNECT, answered with
+                    // DISCONNECT 0x82, and the session still ends with the connection.
+                    let expiry = properties.and_then(|p| p.session_expiry_interval);
+                    if let (Some(expiry), Some(connection)) = (expiry, self.connections.get_mut(id))
+                    {
+                        if connection.session_expiry == 0 && expiry != 0 {
+                            disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
+                            break;
+                        }
+                        connection.session_expiry = expiry;
+                    }
                     // delete the last will message
                     self.last_wills.remove(&client_id);
                     break;
