@@ -480,3 +480,25 @@ async fn disconnect_changes_the_session_expiry_interval(t: Arc<Target>) -> anyho
     Ok(())
 }
 rule!(disconnect_changes_the_session_expiry_interval);
+
+/// 3.2.2.3.2 (5.0): a server that uses another Session Expiry Interval than the client's
+/// says so in CONNACK; mqlb uses the client's (no cap, 0xFFFFFFFF never expires), so its
+/// CONNACK has none or the same value.
+async fn connack_states_the_session_expiry_it_uses(t: Arc<Target>) -> anyhow::Result<()> {
+    for (i, asked) in [SHORT, DAY, u32::MAX].into_iter().enumerate() {
+        let id = format!("connack-exp{i}");
+        let (_c, ack) = t
+            .connect5(Role::Subscriber, connect5_session(&id, true, Some(asked)))
+            .await?;
+        let used = ack
+            .properties
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval);
+        ensure!(
+            used.is_none_or(|u| u == asked),
+            "asked for {asked}, CONNACK says {used:?} and mqlb does not cap it"
+        );
+    }
+    Ok(())
+}
+rule!(connack_states_the_session_expiry_it_uses);
