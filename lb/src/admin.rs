@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::lb::Shared;
+use crate::shared::Shared;
 
 fn unix(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)

@@ -17,57 +17,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::reload::{self, plan_listeners};
+pub(crate) use crate::shared::Shared;
 use crate::snapshot::{RuleRt, Snapshot};
 use crate::state::{lock, BackendState, ConnRegistry, Listening, OwnProbes};
 use crate::workers::Workers;
 use crate::{admin, listener, probe};
 use mqlb_haserver::model::ClusterView;
 use mqlb_haserver::HaClient;
-
-/// State shared by every task of one LB instance.
-pub(crate) struct Shared {
-    /// Everything the data path reads, swapped whole on reload.
-    pub snapshot: ArcSwap<Snapshot>,
-    pub metrics: Arc<Metrics>,
-    pub conns: ConnRegistry,
-    /// Frontends with a running accept loop (`/healthz`).
-    pub listening: Listening,
-    /// Source addresses of the data-path probe's connections in flight.
-    pub own_probes: OwnProbes,
-    /// Live accepted connections, in all and per frontend, and per client address: the
-    /// connection limits (`lb::limits`).
-    pub live: Arc<std::sync::atomic::AtomicU32>,
-    pub live_by_frontend: std::sync::Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU32>>>,
-    pub sources: Arc<crate::limits::Sources>,
-    /// Connection tasks, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// Fired when shutdown begins: accept loops, probes and watchers stop.
-    pub stopping: CancellationToken,
-    /// Set when shutdown's grace period is over: live connections are cut. A plain flag, not
-    /// a `CancellationToken`: every connection reads it on every wake-up, and a token's
-    /// `is_cancelled` takes a mutex shared by all of them.
-    pub hard_stop: AtomicBool,
-}
-
-impl Shared {
-    /// Feeds one health result (a probe, or a failed connect of client traffic) to a backend
-    /// and, when it takes the backend down, wakes that backend's connections, which end there
-    /// under `close_on_backend_down`.
-    pub(crate) fn observe_health(
-        &self,
-        state: &Arc<BackendState>,
-        ok: bool,
-        probe: &Probe,
-        from: crate::state::Source,
-    ) -> Option<crate::health::Transition> {
-        let (up, down) = (probe.up_threshold.get(), probe.down_threshold.get());
-        let t = state.observe(ok, up, down, from);
-        if t == Some(crate::health::Transition::WentDown) {
-            self.conns.backend_went_down(state);
-        }
-        t
-    }
-}
 
 /// Sockets bound by the caller (tests bind `127.0.0.1:0`; a supervisor may pass its own).
 /// Frontends not given here are bound from the config.

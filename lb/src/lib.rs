@@ -26,6 +26,7 @@ pub mod pending;
 pub mod port;
 pub mod probe;
 pub mod reload;
+mod shared;
 mod workers;
 
 pub use lb::{run, Lb, Listeners, ReloadError, StartError};

@@ -12,8 +12,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn;
-use crate::lb::Shared;
 use crate::limits::Admitted;
+use crate::shared::Shared;
 use crate::snapshot::RuleRt;
 use crate::state::lock;
 

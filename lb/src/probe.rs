@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Transition;
-use crate::lb::Shared;
 use crate::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
+use crate::shared::Shared;
 use crate::state::{BackendState, ProbeRecord, Source};
 
 /// Why a probe failed. The `label` is the `result` of `mqlb_probes_total`.
@@ -159,8 +159,11 @@ pub(crate) async fn run(
 ) {
     let metrics = &shared.metrics;
     let duration = metrics.probe_duration.with_label_values(&[&pool, &backend]);
-    let up_gauge = metrics.backend_up.with_label_values(&[&pool, &backend]);
-    up_gauge.set(i64::from(state.is_up()));
+    // From here on, observe_health sets it on every transition.
+    metrics
+        .backend_up
+        .with_label_values(&[&pool, &backend])
+        .set(i64::from(state.is_up()));
     let mut ticker = tokio::time::interval(probe.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -190,14 +193,14 @@ pub(crate) async fn run(
             at: SystemTime::now(),
             duration: took,
         });
-        match shared.observe_health(&state, result.is_ok(), &probe, Source::Probe) {
+        let names = (pool.as_str(), backend.as_str());
+        match shared.observe_health(names, &state, result.is_ok(), &probe, Source::Probe) {
             Some(Transition::WentDown) => {
                 tracing::warn!(pool, backend, %target, detail, "backend down");
             }
             Some(Transition::WentUp) => tracing::info!(pool, backend, %target, "backend up"),
             None => {}
         }
-        up_gauge.set(i64::from(state.is_up()));
     }
 }
 

@@ -22,8 +22,8 @@ use mqlb_config::Distribution;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::lb::Shared;
 use crate::mqtt::{self, Refusal};
+use crate::shared::Shared;
 use crate::snapshot::{Member, RuleRt};
 use crate::state::{ConnInfo, Source};
 pub(crate) use connect::{keepalive, set_socket_options};
@@ -264,16 +264,12 @@ impl Tally<'_> {
             .passive_failures_total
             .with_label_values(&[&pool.name, &member.cfg.id])
             .inc();
+        let names = (pool.name.as_str(), member.cfg.id.as_str());
         if shared
-            .observe_health(&member.state, false, &pool.probe, Source::Passive)
+            .observe_health(names, &member.state, false, &pool.probe, Source::Passive)
             .is_some()
         {
             tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");
-            shared
-                .metrics
-                .backend_up
-                .with_label_values(&[&pool.name, &member.cfg.id])
-                .set(0);
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use super::copy::{Bidi, Dir, Peer};
 use super::Outcome;
-use crate::lb::Shared;
+use crate::shared::Shared;
 use crate::state::ConnInfo;
 
 /// How often the sweeper looks at a rule's connections: a few times per idle timeout.
