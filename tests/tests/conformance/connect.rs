@@ -1,4 +1,5 @@
-//! CONNECT and CONNACK: who may connect and with what.
+//! CONNECT and CONNACK: who may connect, with what, and the limits they set for the connection
+//! (topic aliases, packet sizes).
 
 use std::sync::Arc;
 
@@ -6,7 +7,10 @@ use anyhow::{bail, ensure, Context};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
-use crate::harness::{connect4, connect5, Ended, Raw, Role, Target, Version, DEADLINE, V4, V5};
+use crate::harness::{
+    connect4, connect5, filter5, publish5, Ended, Kind, QoS, Raw, Role, Target, Version, DEADLINE,
+    V4, V5,
+};
 use crate::rule;
 
 /// MQTT 3.1.1 and 5.0, 3.1.2.10: a Keep Alive of 0 turns the keep alive mechanism off. Several
@@ -177,3 +181,72 @@ async fn mqtt31_clients_are_accepted(t: Arc<Target>) -> anyhow::Result<()> {
     Ok(())
 }
 rule!(mqtt31_clients_are_accepted);
+
+/// MQTT-3.3.2-12: a PUBLISH with a Topic Alias and a topic sets the alias, and one with the
+/// alias and an empty topic is published to the alias's topic, within the connection.
+/// MQTT-3.3.2-9 / 4.13: an alias above the Topic Alias Maximum of the server's CONNACK
+/// (absent: 0, no alias allowed), or alias 0 (MQTT-3.3.2-8), is answered with DISCONNECT 0x94
+/// Topic Alias invalid; an
+/// alias never set, with an empty topic, with DISCONNECT 0x82 Protocol Error (3.3.2.3.4).
+/// Both close the connection; the DISCONNECT before is a SHOULD (4.13.1), which mqlb keeps and
+/// mosquitto does not.
+async fn topic_alias_from_the_client(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut sub, _) = t.connect5(Role::Subscriber, connect5("ta-sub")).await?;
+    sub.subscribe(1, vec![filter5("ta/t", QoS::AtMostOnce)], None)
+        .await?;
+    let (mut publisher, ack) = t.connect5(Role::Publisher, connect5("ta-pub")).await?;
+    let max = ack
+        .properties
+        .as_ref()
+        .and_then(|p| p.topic_alias_max)
+        .unwrap_or(0);
+    ensure!(max >= 1, "the server takes no topic alias: {ack:?}");
+    let aliased = |topic: &str, alias: u16, payload: &str| {
+        let mut p = publish5(topic, QoS::AtMostOnce, payload);
+        p.properties = Some(v5::PublishProperties {
+            topic_alias: Some(alias),
+            ..Default::default()
+        });
+        p
+    };
+    publisher.publish(aliased("ta/t", 1, "set")).await?;
+    publisher.publish(aliased("", 1, "used")).await?;
+    for want in ["set", "used"] {
+        let got = sub.recv_publish().await?;
+        ensure!(
+            got.topic == "ta/t" && got.payload == want.as_bytes(),
+            "expected {want:?} on ta/t, got {got:?}"
+        );
+    }
+
+    let refused = [
+        (
+            "an alias above the maximum",
+            aliased("ta/t", max.saturating_add(1), "x"),
+            0x94,
+        ),
+        ("an alias never set", aliased("", 2, "x"), 0x82),
+        ("alias 0", aliased("ta/t", 0, "x"), 0x94),
+    ];
+    for (i, (what, publish, code)) in refused.into_iter().enumerate() {
+        if what.contains("above") && max == u16::MAX {
+            continue;
+        }
+        let (mut c, _) = t
+            .connect5(Role::Publisher, connect5(&format!("ta-bad-{i}")))
+            .await?;
+        c.send(v5::Packet::Publish(publish)).await?;
+        // The DISCONNECT is a SHOULD (4.13.1): mqlb sends it, mosquitto closes without it.
+        match c.next(DEADLINE).await? {
+            Ok(v5::Packet::Disconnect(d)) if d.reason_code as u8 == code => {
+                c.expect_closed(|_| false)
+                    .await
+                    .with_context(|| format!("{what}: after the DISCONNECT"))?;
+            }
+            Err(Ended::Closed) if t.kind == Kind::Mosquitto => {}
+            other => bail!("{what}: expected DISCONNECT {code:#x}, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+rule!(topic_alias_from_the_client);

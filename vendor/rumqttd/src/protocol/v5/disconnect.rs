@@ -18,7 +18,10 @@ fn len(disconnect: &Disconnect, properties: &Option<DisconnectProperties>) -> us
         let properties_len_len = len_len(properties_len);
         length += properties_len_len + properties_len;
     } else {
-        length += 1;
+        // mqlb patch (DISCONNECT reason code): the reason code and a property length of 0;
+        // `write` always writes the property length, which a remaining length of 1 left out
+        // of the count, so the client read a malformed packet and one stray byte.
+        length += 1 + 1;
     }
 
     length
@@ -69,7 +72,9 @@ pub fn write(
 
     let length = len(disconnect, properties);
 
-    if length == 2 {
+    // mqlb patch (DISCONNECT reason code): the short form is for Normal Disconnection without
+    // properties only (`len` counts 2 for it, and now for a reason code without properties).
+    if disconnect.reason_code == DisconnectReasonCode::NormalDisconnection && properties.is_none() {
         buffer.put_u8(0x00);
         return Ok(length);
     }
