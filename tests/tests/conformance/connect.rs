@@ -250,3 +250,68 @@ async fn topic_alias_from_the_client(t: Arc<Target>) -> anyhow::Result<()> {
     Ok(())
 }
 rule!(topic_alias_from_the_client);
+
+/// MQTT-3.1.2-24: the server never sends a client a packet larger than the Maximum Packet Size
+/// of its CONNECT; MQTT-3.1.2-25: a PUBLISH that would be larger is discarded for that client
+/// (as if it had been sent: its flow does not stall the later ones), and other subscribers get
+/// it. rumqttd sent it regardless.
+async fn maximum_packet_size_from_the_client(t: Arc<Target>) -> anyhow::Result<()> {
+    let mut small = connect5("mps-small");
+    small.properties = Some(v5::ConnectProperties {
+        max_packet_size: Some(128),
+        ..v5::ConnectProperties::new()
+    });
+    let (mut limited, _) = t.connect5(Role::Subscriber, small).await?;
+    limited
+        .subscribe(1, vec![filter5("mps/t", QoS::AtLeastOnce)], None)
+        .await?;
+    let (mut other, _) = t.connect5(Role::Subscriber, connect5("mps-other")).await?;
+    other
+        .subscribe(1, vec![filter5("mps/t", QoS::AtLeastOnce)], None)
+        .await?;
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("mps-pub")).await?;
+    let big = "x".repeat(200);
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce].into_iter().enumerate() {
+        let mut p = publish5("mps/t", qos, &big);
+        p.pkid = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            1 + i as u16
+        };
+        publisher.publish(p).await?;
+    }
+    for i in 0..3u16 {
+        publisher
+            .publish({
+                let mut p = publish5("mps/t", QoS::AtLeastOnce, &format!("small {i}"));
+                p.pkid = 10 + i;
+                p
+            })
+            .await?;
+    }
+    // The other subscriber gets all five; the limited one only the small ones.
+    for want in [big.clone(), big.clone()]
+        .into_iter()
+        .chain((0..3).map(|i| format!("small {i}")))
+    {
+        let got = other.recv_publish().await?;
+        ensure!(got.payload == want.as_bytes(), "other subscriber: {got:?}");
+        if got.qos == QoS::AtLeastOnce {
+            other
+                .send(v5::Packet::PubAck(v5::PubAck::new(got.pkid, None)))
+                .await?;
+        }
+    }
+    for i in 0..3 {
+        let got = limited.recv_publish().await?;
+        ensure!(
+            got.payload == format!("small {i}").as_bytes(),
+            "the client with Maximum Packet Size 128: {got:?}"
+        );
+        limited
+            .send(v5::Packet::PubAck(v5::PubAck::new(got.pkid, None)))
+            .await?;
+    }
+    Ok(())
+}
+rule!(maximum_packet_size_from_the_client);

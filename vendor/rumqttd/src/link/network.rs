@@ -10,7 +10,7 @@ use std::{
 };
 use tokio::time::{error::Elapsed, Duration};
 
-use crate::protocol::{self, Packet, Protocol};
+use crate::protocol::{self, Packet, Protocol, QoS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +40,9 @@ pub struct Network<P> {
     keepalive: Duration,
     /// Protocol
     protocol: P,
+    /// mqlb patch (Maximum Packet Size): the client's Maximum Packet Size from its CONNECT
+    /// (MQTT-3.1.2-24); `None`: no limit beyond the protocol's.
+    max_outgoing_size: Option<usize>,
 }
 
 impl<P: Protocol> Network<P> {
@@ -60,6 +63,7 @@ impl<P: Protocol> Network<P> {
             // when we call read.
             keepalive: Duration::MAX,
             protocol,
+            max_outgoing_size: None,
         }
     }
 
@@ -141,6 +145,47 @@ impl<P: Protocol> Network<P> {
         self.socket.write_all(&self.write).await?;
         self.write.clear();
         Ok(())
+    }
+
+    /// mqlb patch (Maximum Packet Size): the largest packet the client takes (MQTT-3.1.2-24).
+    pub fn set_max_outgoing_size(&mut self, max: Option<u32>) {
+        self.max_outgoing_size = max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+    }
+
+    /// mqlb patch (Maximum Packet Size): writes `packets` but those larger than the client's
+    /// Maximum Packet Size, which are not sent (MQTT-3.1.2-24, -25). Returns the QoS and packet
+    /// id of each PUBLISH left out, whose flow the caller completes as if it had been sent.
+    pub async fn writev_within(
+        &mut self,
+        packets: VecDeque<Packet>,
+    ) -> Result<Vec<(QoS, u16)>, Error> {
+        let Some(max) = self.max_outgoing_size else {
+            self.writev(packets).await?;
+            return Ok(Vec::new());
+        };
+        let mut discarded = Vec::new();
+        for packet in packets {
+            let before = self.write.len();
+            let publish = match &packet {
+                Packet::Publish(p, _) => Some((p.qos, p.pkid)),
+                _ => None,
+            };
+            Protocol::write(&self.protocol, packet, &mut self.write)?;
+            if self.write.len() - before > max {
+                self.write.truncate(before);
+                tracing::debug!(
+                    max,
+                    ?publish,
+                    "packet over the client's Maximum Packet Size not sent"
+                );
+                if let Some(p) = publish {
+                    discarded.push(p);
+                }
+            }
+        }
+        self.socket.write_all(&self.write).await?;
+        self.write.clear();
+        Ok(discarded)
     }
 
     pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<(), Error> {

@@ -2,7 +2,10 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol, PubAck, PubAckReason, PubRec,
+    PubRecReason, QoS,
+};
 use crate::router::{Event, Notification};
 use crate::{Access, ConnectionAcl, ConnectionId, ConnectionSettings};
 
@@ -81,6 +84,9 @@ impl<P: Protocol> RemoteLink<P> {
         let clean_session = connect.clean_session;
 
         let topic_alias_max = props.as_ref().and_then(|p| p.topic_alias_max);
+        // mqlb patch (Maximum Packet Size): nothing larger is sent to the client, not even the
+        // CONNACK (MQTT-3.1.2-24).
+        network.set_max_outgoing_size(props.as_ref().and_then(|p| p.max_packet_size));
         let session_expiry = props
             .as_ref()
             .and_then(|p| p.session_expiry_interval)
@@ -172,7 +178,29 @@ impl<P: Protocol> RemoteLink<P> {
                         }
 
                     }
-                    self.network.writev(packets).await?;
+                    // mqlb patch (Maximum Packet Size): a PUBLISH too large for the client
+                    // is not sent, and its flow completes as if it had been (MQTT-3.1.2-25):
+                    // the router gets the client's ack, so no inflight slot stays taken.
+                    let discarded = self.network.writev_within(packets).await?;
+                    if !discarded.is_empty() {
+                        {
+                            let mut buffer = self.link_tx.buffer();
+                            for (qos, pkid) in discarded {
+                                match qos {
+                                    QoS::AtMostOnce => {}
+                                    QoS::AtLeastOnce => buffer.push_back(Packet::PubAck(
+                                        PubAck { pkid, reason: PubAckReason::Success },
+                                        None,
+                                    )),
+                                    QoS::ExactlyOnce => buffer.push_back(Packet::PubRec(
+                                        PubRec { pkid, reason: PubRecReason::Success },
+                                        None,
+                                    )),
+                                }
+                            }
+                        }
+                        self.link_tx.notify().await?;
+                    }
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }
