@@ -89,20 +89,30 @@ struct ProbeTask {
     stop: CancellationToken,
 }
 
-/// What only reloads and shutdown touch; the data path never takes this lock.
+/// What only reloads, membership updates and shutdown touch; the data path never takes this
+/// lock. A change is applied whole under it, so a file reload and a membership update cannot
+/// interleave (one re-applying the other's stale base).
 struct Control {
     frontends: HashMap<String, OpenFrontend>,
     probes: HashMap<(String, String), ProbeTask>,
     data_path: CancellationToken,
+    /// The configuration as given (before discovered members replace the static backends of
+    /// `discovery` pools), and the last membership the HA server sent.
+    base: Config,
+    membership: Option<ClusterView>,
+}
+
+/// What changes the running configuration.
+enum Change {
+    /// A new configuration (a reload, or `Lb::apply`).
+    Config(Box<Config>),
+    /// A new membership from the HA server, applied over the configuration last given.
+    Membership(ClusterView),
 }
 
 struct Inner {
     shared: Arc<Shared>,
     control: tokio::sync::Mutex<Control>,
-    /// The configuration as given (before discovered members replace the static backends of
-    /// `discovery` pools), and the last membership the HA server sent.
-    base: std::sync::Mutex<Config>,
-    membership: std::sync::Mutex<Option<ClusterView>>,
     admin_addr: SocketAddr,
     /// Bound frontend addresses, readable without waiting for a reload in progress.
     addrs: std::sync::Mutex<HashMap<String, SocketAddr>>,
@@ -177,12 +187,12 @@ impl Lb {
         let lb = Lb {
             inner: Arc::new(Inner {
                 shared: shared.clone(),
-                base: std::sync::Mutex::new(base),
-                membership: std::sync::Mutex::new(None),
                 control: tokio::sync::Mutex::new(Control {
                     frontends: HashMap::new(),
                     probes: HashMap::new(),
                     data_path: CancellationToken::new(),
+                    base,
+                    membership: None,
                 }),
                 admin_addr,
                 addrs: std::sync::Mutex::new(HashMap::new()),
@@ -294,24 +304,34 @@ impl Lb {
     /// listeners and restarts the probes of changed backends. Live connections are not touched,
     /// and a port that stays in the config never stops listening.
     pub async fn apply(&self, config: Config) -> Result<(), ReloadError> {
-        self.apply_inner(config, true).await
+        self.apply_change(Change::Config(Box::new(config))).await
     }
 
     /// A new membership from the HA server: re-applies the configuration with it. Not a
     /// reload (not counted as one); live connections are untouched as always.
     pub(crate) async fn apply_membership(&self, view: ClusterView) -> Result<(), ReloadError> {
-        *lock(&self.inner.membership) = Some(view);
-        let base = lock(&self.inner.base).clone();
-        self.apply_inner(base, false).await
+        self.apply_change(Change::Membership(view)).await
     }
 
-    async fn apply_inner(&self, mut config: Config, count: bool) -> Result<(), ReloadError> {
+    /// The reload executor: every change of the running configuration goes through here, under
+    /// the control lock from reading the base to the last probe restarted.
+    async fn apply_change(&self, change: Change) -> Result<(), ReloadError> {
         let mut control = self.inner.control.lock().await;
-        if config.source.is_none() {
-            config.source = self.inner.source.clone();
-        }
-        *lock(&self.inner.base) = config.clone();
-        if let Some(view) = lock(&self.inner.membership).as_ref() {
+        let (mut config, count) = match change {
+            Change::Config(config) => {
+                let mut config = *config;
+                if config.source.is_none() {
+                    config.source = self.inner.source.clone();
+                }
+                control.base = config.clone();
+                (config, true)
+            }
+            Change::Membership(view) => {
+                control.membership = Some(view);
+                (control.base.clone(), false)
+            }
+        };
+        if let Some(view) = &control.membership {
             config = crate::discovery::with_members(config, view);
         }
         let open_now: Vec<Frontend> = control.frontends.values().map(|f| f.cfg.clone()).collect();
