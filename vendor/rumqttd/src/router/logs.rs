@@ -299,37 +299,36 @@ impl DataLog {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
-        // discard expired retained messages
+        // mqlb patch (MQTT-3.3.2-5/-6): a retained message whose interval has run out is
+        // discarded; the others are sent with the time they waited taken off their interval.
+        // rumqttd took it off the *stored* interval at every read while keeping the arrival
+        // time, so every subscription aged the message by its whole wait again.
+        let waited = |pubdata: &PublishData| (now - pubdata.timestamp).as_secs();
         self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
+            match pubdata
+                .properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval)
+            {
+                Some(interval) => waited(pubdata) < u64::from(interval),
+                None => true,
             }
-
-            is_valid
         });
 
-        // no need to include timestamp when returning
         self.retained_publishes
             .iter()
             .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
+            .map(|(_, p)| {
+                let mut properties = p.properties.clone();
+                if let Some(interval) = properties
+                    .as_mut()
+                    .and_then(|p| p.message_expiry_interval.as_mut())
+                {
+                    let left = u64::from(*interval).saturating_sub(waited(p));
+                    *interval = u32::try_from(left).unwrap_or(*interval);
+                }
+                (p.publish.clone(), properties)
+            })
             .collect()
     }
 }
