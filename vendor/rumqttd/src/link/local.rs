@@ -53,6 +53,8 @@ pub struct LinkBuilder<'a> {
     acl: Option<crate::ConnectionAcl>,
     // mqlb patch (session expiry): `None`: derived from `clean_session` (3.1.1's rule).
     session_expiry: Option<u32>,
+    // mqlb patch (MQTT-3.3.4-9): the client's Receive Maximum; 0: none given.
+    receive_maximum: u16,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -68,7 +70,15 @@ impl<'a> LinkBuilder<'a> {
             topic_alias_max: 0,
             acl: None,
             session_expiry: None,
+            receive_maximum: 0,
         }
+    }
+
+    /// mqlb patch (MQTT-3.3.4-9): the router has at most `max` unacknowledged QoS 1/2
+    /// deliveries out to this link (0: its own limit).
+    pub fn receive_maximum(mut self, max: u16) -> Self {
+        self.receive_maximum = max;
+        self
     }
 
     /// mqlb patch (router/authorize.rs): who this link is, for the router's decisions.
@@ -136,7 +146,8 @@ impl<'a> LinkBuilder<'a> {
             connection.session_expiry = secs;
         }
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.set_receive_maximum(self.receive_maximum);
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 

@@ -112,6 +112,9 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            // mqlb patch (MQTT-3.3.4-9): the client's Receive Maximum bounds what the router
+            // has unacknowledged out to it.
+            .receive_maximum(props.as_ref().and_then(|p| p.receive_maximum).unwrap_or(0))
             // mqlb patch (router/authorize.rs): the router decides this connection's
             // publishes, subscriptions and deliveries with its identity.
             .acl(authorizer.map(|authorizer| ConnectionAcl {

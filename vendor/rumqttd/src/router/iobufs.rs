@@ -71,6 +71,9 @@ pub struct Outgoing {
     replay: VecDeque<(u16, FilterIdx, Cursor)>,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// mqlb patch (MQTT-3.3.4-9): the most unacknowledged QoS 1/2 deliveries the client takes
+    /// (its Receive Maximum, at most MAX_INFLIGHT).
+    receive_maximum: usize,
 }
 
 impl Outgoing {
@@ -94,6 +97,7 @@ impl Outgoing {
             last_pkid: 0,
             replay: VecDeque::new(),
             meter: Default::default(),
+            receive_maximum: MAX_INFLIGHT,
         };
 
         (outgoing, rx)
@@ -104,8 +108,18 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
+    /// mqlb patch (MQTT-3.3.4-9): how many more QoS 1/2 deliveries may go out: a QoS 2
+    /// delivery counts until its PUBCOMP (MQTT 5, 4.9), not only until its PUBREC.
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        self.receive_maximum
+            .saturating_sub(self.inflight_buffer.len() + self.unacked_pubrels.len())
+    }
+
+    /// mqlb patch (MQTT-3.3.4-9): the client's Receive Maximum (0: none given, the default).
+    pub(crate) fn set_receive_maximum(&mut self, max: u16) {
+        if max > 0 {
+            self.receive_maximum = usize::from(max).min(MAX_INFLIGHT);
+        }
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {

@@ -965,6 +965,9 @@ impl Router {
                         disconnect = true;
                         break;
                     }
+                    // mqlb patch (MQTT-3.3.4-9): a PUBCOMP frees an inflight slot: a
+                    // connection paused with a full window goes on.
+                    self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PingReq(_) => {
                     let ackslog = self.ackslog.get_mut(id).unwrap();
