@@ -171,7 +171,15 @@ impl Node {
         let auth = Arc::new(Auth::load(spec.auth.clone(), metrics.clone())?);
         // Only asked when something is checked: an open broker pays nothing.
         let checked = auth.is_active().then(|| auth.clone());
-        let mesh = Arc::new(Mesh::new(n.id.clone(), spec.mesh.clone(), metrics.clone()));
+        // One registry of delayed wills for both listeners and the mesh: a client that
+        // connects again, on either listener or on another node, cancels its pending will.
+        let wills = rumqttd::DelayedWills::default();
+        let mesh = Arc::new(Mesh::new(
+            n.id.clone(),
+            spec.mesh.clone(),
+            metrics.clone(),
+            wills.clone(),
+        ));
         let stop = CancellationToken::new();
 
         // Listeners this crate binds itself are bound here, so an address in use is an error
@@ -219,10 +227,12 @@ impl Node {
         // (A macro, because rumqttd does not export the type of its router channel.)
         macro_rules! factory {
             ($settings:expr, $tap:expr) => {{
-                let (settings, router_tx, tap) = ($settings, router_tx.clone(), $tap);
+                let (settings, router_tx, tap, wills) =
+                    ($settings, router_tx.clone(), $tap, wills.clone());
                 move || {
                     // `Tap::clone` starts a fresh per-connection state.
-                    let mut server = Server::new(settings.clone(), router_tx.clone(), tap.clone());
+                    let mut server = Server::new(settings.clone(), router_tx.clone(), tap.clone())
+                        .delayed_wills(wills.clone());
                     async move { server.start(LinkType::Remote).await }
                 }
             }};

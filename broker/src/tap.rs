@@ -6,7 +6,7 @@
 //! flag is still set here; rumqttd clears it on live forwards.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -63,9 +63,14 @@ pub(crate) struct Tap<P> {
     auth: Option<Arc<Auth>>,
     client_id: String,
     username: Option<String>,
-    /// A successful CONNACK went out: only then is the will armed (a refused login must not
-    /// leave a will behind that reaches every node).
-    accepted: AtomicBool,
+    /// The CONNECT's Clean Start and Session Expiry Interval (3.1.1: 0 with a clean session,
+    /// never without): the will waits for the shorter of its delay and the session.
+    clean_start: bool,
+    session_expiry: u32,
+    /// The mesh's registration of this connection, set when a successful CONNACK went out
+    /// (0: not accepted): only then is the will armed (a refused login must not leave a will
+    /// behind that reaches every node).
+    registration: AtomicU64,
 }
 
 impl<P: Clone> Clone for Tap<P> {
@@ -82,7 +87,9 @@ impl<P: Clone> Clone for Tap<P> {
             auth: self.auth.clone(),
             client_id: String::new(),
             username: None,
-            accepted: AtomicBool::new(false),
+            clean_start: true,
+            session_expiry: 0,
+            registration: AtomicU64::new(0),
         }
     }
 }
@@ -112,21 +119,14 @@ impl<P> Drop for Tap<P> {
         if self.counted {
             self.limit.active.fetch_sub(1, Ordering::AcqRel);
         }
-        // The connection ended without DISCONNECT: its will fires, on every node.
-        let will = self
-            .will
-            .take()
-            .filter(|_| self.accepted.load(Ordering::Acquire));
-        if let Some((will, delay)) = will {
-            let mesh = self.mesh.clone();
-            if delay == 0 {
-                mesh.forward_local(|| will);
-            } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_secs(u64::from(delay))).await;
-                    mesh.forward_local(|| will);
-                });
-            }
+        // The connection ended; without DISCONNECT its will fires on every node, when the
+        // Will Delay Interval or the session ends, whichever first, unless the client
+        // connects again (here or on another node) before (MQTT-3.1.3-9).
+        let registration = self.registration.load(Ordering::Acquire);
+        if registration != 0 {
+            let session = self.session_expiry;
+            let will = self.will.take().map(|(w, delay)| (w, delay.min(session)));
+            self.mesh.client_gone(&self.client_id, registration, will);
         }
     }
 }
@@ -156,7 +156,9 @@ impl<P> Tap<P> {
             auth,
             client_id: String::new(),
             username: None,
-            accepted: AtomicBool::new(false),
+            clean_start: true,
+            session_expiry: 0,
+            registration: AtomicU64::new(0),
         }
     }
 
@@ -229,9 +231,14 @@ impl<P: Protocol> Protocol for Tap<P> {
         let header = stream.first().copied().unwrap_or(0);
         let packet = self.inner.read_mut(stream, max_size)?;
         match &packet {
-            Packet::Connect(connect, _, will, will_props, login) => {
+            Packet::Connect(connect, props, will, will_props, login) => {
                 self.admit(&connect.client_id)?;
                 self.client_id = connect.client_id.clone();
+                self.clean_start = connect.clean_session;
+                self.session_expiry = props
+                    .as_ref()
+                    .and_then(|p| p.session_expiry_interval)
+                    .unwrap_or(0);
                 self.username = login.as_ref().map(|l| l.username.clone());
                 self.will = will.as_ref().map(|w| {
                     let mut m = MeshPublish {
@@ -266,8 +273,13 @@ impl<P: Protocol> Protocol for Tap<P> {
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error> {
         let packet = match packet {
             Packet::ConnAck(mut ack, props) => {
-                if ack.code == ConnectReturnCode::Success {
-                    self.accepted.store(true, Ordering::Release);
+                if ack.code == ConnectReturnCode::Success
+                    && self.registration.load(Ordering::Acquire) == 0
+                {
+                    let r = self
+                        .mesh
+                        .client_connected(&self.client_id, self.clean_start);
+                    self.registration.store(r, Ordering::Release);
                 }
                 // A refused login: 5.0's 0x86 Bad User Name or Password is, in 3.1.1,
                 // 0x05 Not authorized, the code mosquitto sends (3.1.1's 0x04 means the

@@ -7,19 +7,22 @@
 //! AUTH    := mac:[u8; 32]                      HMAC-SHA256, see `auth`
 //! PUBLISH := flags:u8 (bit 0 retain, bits 1-2 QoS) topic_len:u16 topic props_len:u32 props payload
 //! props   := (tag:u8 value)*                   v5 properties worth carrying
+//! CONNECTED := flags:u8 (bit 0 clean start) id_len:u16 client_id
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: &[u8; 4] = b"MQLB";
 /// Bumped when the format changes; a peer with another version is refused at HELLO.
-pub const VERSION: u8 = 1;
+/// 2: the CONNECTED frame (a version 1 node would close the link on it).
+pub const VERSION: u8 = 2;
 pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 
 const KIND_HELLO: u8 = 1;
 const KIND_AUTH: u8 = 2;
 const KIND_PUBLISH: u8 = 3;
+const KIND_CONNECTED: u8 = 4;
 
 const TAG_PAYLOAD_FORMAT: u8 = 1;
 const TAG_EXPIRY: u8 = 2;
@@ -57,6 +60,10 @@ pub enum Frame {
         mac: [u8; MAC_LEN],
     },
     Publish(MeshPublish),
+    /// A client connected to the sending node: a delayed will of an earlier connection with
+    /// this client ID is cancelled (or, with a clean start, which ends the old session,
+    /// published now) on every node (MQTT-3.1.3-9).
+    Connected { client_id: String, clean_start: bool },
 }
 
 /// Why bytes from a peer are refused. The label names the defect in metrics.
@@ -123,6 +130,13 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
             Ok(())
         }),
         Frame::Publish(p) => encode_publish(p),
+        Frame::Connected {
+            client_id,
+            clean_start,
+        } => frame(KIND_CONNECTED, |o| {
+            o.put_u8(u8::from(*clean_start));
+            put_str16(o, client_id.as_bytes())
+        }),
     }
 }
 
@@ -306,6 +320,15 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
             p.payload = b;
             return Ok(Some(Frame::Publish(p)));
         }
+        KIND_CONNECTED => {
+            need(&b, 1, "connected flags")?;
+            let clean_start = b.get_u8() & 1 == 1;
+            let client_id = get_string16(&mut b, "connected client id")?;
+            Frame::Connected {
+                client_id,
+                clean_start,
+            }
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     if b.has_remaining() {
@@ -347,6 +370,14 @@ mod tests {
                 topic: Bytes::from_static(b"t"),
                 ..Default::default()
             }),
+            Frame::Connected {
+                client_id: "device-7".into(),
+                clean_start: true,
+            },
+            Frame::Connected {
+                client_id: String::new(),
+                clean_start: false,
+            },
         ];
         let mut wire = BytesMut::new();
         for f in &frames {
@@ -437,7 +468,7 @@ mod tests {
             decode(&mut BytesMut::from(&big[..4]), 4096),
             Err(FrameError::TooLarge(..))
         ));
-        let cases: [(&[u8], FrameError); 5] = [
+        let cases: [(&[u8], FrameError); 7] = [
             (b"\x00\x00\x00\x00", FrameError::Malformed("empty frame")),
             (b"\x00\x00\x00\x01\x09", FrameError::UnknownKind(9)),
             (
@@ -448,6 +479,14 @@ mod tests {
             (
                 b"\x00\x00\x00\x04\x03\x00\x00\x00",
                 FrameError::Malformed("publish topic"),
+            ),
+            (
+                b"\x00\x00\x00\x01\x04",
+                FrameError::Malformed("connected flags"),
+            ),
+            (
+                b"\x00\x00\x00\x05\x04\x01\x00\x03a",
+                FrameError::Malformed("connected client id"),
             ),
         ];
         for (bytes, want) in cases {
@@ -495,7 +534,7 @@ mod tests {
 
             #[test]
             fn damaged_frames_never_panic(
-                which in 0usize..3,
+                which in 0usize..4,
                 at in any::<prop::sample::Index>(),
                 byte in any::<u8>(),
                 cut in any::<prop::sample::Index>(),
@@ -503,6 +542,7 @@ mod tests {
                 let frame = match which {
                     0 => Frame::Hello { version: VERSION, node_id: "b1".into(), nonce: [7; NONCE_LEN] },
                     1 => Frame::Auth { mac: [9; MAC_LEN] },
+                    2 => Frame::Connected { client_id: "c1".into(), clean_start: true },
                     _ => Frame::Publish(full()),
                 };
                 let mut wire = encode(&frame).expect("encodes").to_vec();

@@ -12,8 +12,9 @@ pub mod auth;
 pub mod frame;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -121,20 +122,198 @@ pub struct MeshSettings {
     pub max_payload: usize,
 }
 
+/// A live client connection of this node, by client ID (see [`Mesh::client_connected`]).
+struct Live {
+    connection: u64,
+    clean_start: bool,
+}
+
+/// A will on its way to the peers after its delay; the sender cancels it (`false`) or sends
+/// it now (`true`).
+struct PendingWill {
+    connection: u64,
+    decide: tokio::sync::oneshot::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Clients {
+    live: HashMap<String, Live>,
+    pending: HashMap<String, PendingWill>,
+}
+
 pub(crate) struct Mesh {
     pub id: String,
     settings: Option<MeshSettings>,
     peers: ArcSwap<Vec<Arc<PeerOut>>>,
     pub metrics: Arc<Metrics>,
+    /// rumqttd's delayed wills of this node's listeners: a client that connects on another
+    /// node cancels (or, with a clean start, fires) the will its connection here left.
+    wills: rumqttd::DelayedWills,
+    /// This node's live client connections and the wills its ended ones left for the peers
+    /// (rumqttd publishes them locally; the peers get them from here).
+    clients: Mutex<Clients>,
+    next_connection: AtomicU64,
 }
 
 impl Mesh {
-    pub(crate) fn new(id: String, settings: Option<MeshSettings>, metrics: Arc<Metrics>) -> Mesh {
+    pub(crate) fn new(
+        id: String,
+        settings: Option<MeshSettings>,
+        metrics: Arc<Metrics>,
+        wills: rumqttd::DelayedWills,
+    ) -> Mesh {
         Mesh {
             id,
             settings,
             peers: ArcSwap::from_pointee(Vec::new()),
             metrics,
+            wills,
+            clients: Mutex::new(Clients::default()),
+            next_connection: AtomicU64::new(1),
+        }
+    }
+
+    fn clients(&self) -> std::sync::MutexGuard<'_, Clients> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A client connected to this node (its CONNACK was a success): the will its previous
+    /// connection left, here or on any node, is cancelled, or with `clean_start` (which ends
+    /// the old session) sent now (MQTT-3.1.3-9). Returns the connection's registration, for
+    /// [`Mesh::client_gone`].
+    pub(crate) fn client_connected(&self, client_id: &str, clean_start: bool) -> u64 {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        if client_id.is_empty() {
+            // rumqttd assigned it an ID of its own: no other connection has it
+            return connection;
+        }
+        let pending = {
+            let mut c = self.clients();
+            c.live.insert(
+                client_id.to_owned(),
+                Live {
+                    connection,
+                    clean_start,
+                },
+            );
+            c.pending.remove(client_id)
+        };
+        if let Some(p) = pending {
+            let _ = p.decide.send(clean_start);
+        }
+        self.broadcast(&Frame::Connected {
+            client_id: client_id.to_owned(),
+            clean_start,
+        });
+        connection
+    }
+
+    /// A peer says a client connected there: the will its connection here left is cancelled
+    /// or sent now, for rumqttd's local publication and for the peers. A connection still
+    /// live here is left alone.
+    pub(crate) fn peer_connected(&self, client_id: &str, clean_start: bool) {
+        let pending = self.clients().pending.remove(client_id);
+        if let Some(p) = pending {
+            let _ = p.decide.send(clean_start);
+        }
+        self.wills.connected_elsewhere(client_id, clean_start);
+    }
+
+    /// The connection `connection` of `client_id` ended. Its will (if it ended without
+    /// DISCONNECT) goes to the peers after `delay` seconds (the Will Delay Interval, or the
+    /// Session Expiry Interval if shorter), unless the client connects again first; at once if
+    /// a newer connection of the client already replaced this one with a clean start, never
+    /// if without.
+    pub(crate) fn client_gone(
+        self: &Arc<Self>,
+        client_id: &str,
+        connection: u64,
+        will: Option<(MeshPublish, u32)>,
+    ) {
+        // The decider of a will nothing can cancel, kept by its timer.
+        let mut keep = None;
+        let (rx, will, delay) = {
+            let mut c = self.clients();
+            let replaced = match c.live.get(client_id) {
+                Some(l) if l.connection == connection => {
+                    c.live.remove(client_id);
+                    None
+                }
+                Some(l) => Some(l.clean_start),
+                None => None,
+            };
+            let Some((will, delay)) = will else { return };
+            match replaced {
+                Some(false) => return,
+                Some(true) => (None, will, 0),
+                None if delay == 0 => (None, will, 0),
+                None => {
+                    let (decide, rx) = tokio::sync::oneshot::channel();
+                    if client_id.is_empty() {
+                        // An assigned client ID, never seen again: nothing can cancel it.
+                        keep = Some(decide);
+                    } else {
+                        // A will still pending from an older connection: this one replaced it.
+                        c.pending.insert(
+                            client_id.to_owned(),
+                            PendingWill { connection, decide },
+                        );
+                    }
+                    (Some(rx), will, delay)
+                }
+            }
+        };
+        let Some(rx) = rx else {
+            self.forward_local(|| will);
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mesh = self.clone();
+        let client_id = client_id.to_owned();
+        rt.spawn(async move {
+            let _keep = keep;
+            let send = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {
+                    let mut c = mesh.clients();
+                    if c.pending.get(&client_id).is_some_and(|p| p.connection == connection) {
+                        c.pending.remove(&client_id);
+                    }
+                    true
+                }
+                decided = rx => decided.unwrap_or(false),
+            };
+            if send {
+                mesh.forward_local(|| will);
+            }
+        });
+    }
+
+    /// Offers a control frame to every peer; a full queue drops it (counted).
+    fn broadcast(&self, f: &Frame) {
+        let peers = self.peers.load();
+        if peers.is_empty() {
+            return;
+        }
+        let frame = match encode(f) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "frame not sent to peers");
+                return;
+            }
+        };
+        let out = Outbound {
+            frame,
+            expiry: None,
+        };
+        for p in peers.iter() {
+            if p.tx.try_send(out.clone()).is_err() {
+                self.metrics
+                    .dropped
+                    .with_label_values(&[&p.id, "queue_full"])
+                    .inc();
+            }
         }
     }
 
@@ -492,6 +671,10 @@ async fn inbound(
                 }
                 received.inc();
             }
+            Ok(Some(Frame::Connected {
+                client_id,
+                clean_start,
+            })) => mesh.peer_connected(&client_id, clean_start),
             Ok(Some(_)) => {
                 mesh.metrics.rejected.with_label_values(&["protocol"]).inc();
                 tracing::warn!(peer, "unexpected frame after the handshake; closing");

@@ -90,7 +90,9 @@ async fn connect_property_protocol_errors_are_refused(t: Arc<Target>) -> anyhow:
         v5::Packet::ConnAck(a) if a.code == v5::ConnectReturnCode::Success => {}
         other => bail!("a valid hand-made CONNECT: {other:?}"),
     }
-    let cases: [(&str, &[u8], Option<&[u8]>); 6] = [
+    // (what is wrong, CONNECT properties, will properties)
+    type Case = (&'static str, &'static [u8], Option<&'static [u8]>);
+    let cases: [Case; 6] = [
         ("Receive Maximum 0", &[0x21, 0, 0], None),
         ("Maximum Packet Size 0", &[0x27, 0, 0, 0, 0], None),
         ("Receive Maximum twice", &[0x21, 0, 10, 0x21, 0, 10], None),
@@ -315,3 +317,97 @@ async fn maximum_packet_size_from_the_client(t: Arc<Target>) -> anyhow::Result<(
     Ok(())
 }
 rule!(maximum_packet_size_from_the_client);
+
+/// Connects an MQTT 5 client of `role` with a Session Expiry Interval of `session` seconds
+/// and, if `will_delay` is given, a will (payload `client_id`) on `wd/<client_id>` with that
+/// Will Delay Interval.
+async fn connect_with_will(
+    t: &Target,
+    role: Role,
+    client_id: &str,
+    session: u32,
+    will_delay: Option<u32>,
+) -> anyhow::Result<Raw<V5>> {
+    let mut c = connect5(client_id);
+    c.clean_start = false;
+    c.properties = Some(v5::ConnectProperties {
+        session_expiry_interval: Some(session),
+        ..v5::ConnectProperties::new()
+    });
+    let will = will_delay.map(|delay| {
+        v5::LastWill::new(
+            format!("wd/{client_id}"),
+            client_id.to_string(),
+            QoS::AtMostOnce,
+            false,
+            Some(v5::LastWillProperties {
+                delay_interval: Some(delay),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            }),
+        )
+    });
+    let mut raw = Raw::<V5>::open(t.addr(role, Version::V5)?).await?;
+    raw.send(v5::Packet::Connect(c, will, None)).await?;
+    match raw.recv().await? {
+        v5::Packet::ConnAck(a) if a.code == v5::ConnectReturnCode::Success => Ok(raw),
+        other => bail!("CONNECT of {client_id}: {other:?}"),
+    }
+}
+
+/// MQTT-3.1.3-9: the will of a connection that ends without DISCONNECT is published when its
+/// Will Delay Interval passes or its session ends, whichever is first (Session Expiry 0: at
+/// once), and not at all if the client connects to the session again before. The reconnection
+/// may land on another node (across nodes: the first connection is on one, the second on the
+/// other): each node published the will after the delay regardless, and told every other node
+/// a live client was gone. (mosquitto is not checked with Session Expiry 0: it waits for the
+/// Will Delay.)
+async fn will_delay_interval(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut watcher, _) = t.connect5(Role::Subscriber, connect5("wd-watch")).await?;
+    watcher
+        .subscribe(1, vec![filter5("wd/#", QoS::AtMostOnce)], None)
+        .await?;
+    // (delay, session, at least, at most) in seconds
+    let cases = [
+        ("wd-delay", 2, 60, 1.5, 8.0),
+        ("wd-session", 30, 1, 0.5, 6.0),
+        ("wd-now", 30, 0, 0.0, 1.5),
+    ];
+    for (id, delay, session, min, max) in cases {
+        // mosquitto (2.0) waits for the Will Delay even when the session ended with the
+        // connection (Session Expiry 0): not the rule, so not checked against it.
+        if session == 0 && t.kind == Kind::Mosquitto {
+            continue;
+        }
+        let c = connect_with_will(&t, Role::Publisher, id, session, Some(delay)).await?;
+        let gone = std::time::Instant::now();
+        drop(c);
+        let got = watcher
+            .recv_publish()
+            .await
+            .with_context(|| format!("the will of {id}"))?;
+        let after = gone.elapsed().as_secs_f64();
+        ensure!(
+            got.payload == id.as_bytes() && after >= min && after <= max,
+            "{id} (Will Delay {delay} s, Session Expiry {session} s): {got:?} after {after:.1} s"
+        );
+    }
+    // Reconnecting (on the other node, across nodes) before the delay passed cancels the
+    // will; a second client's later will proves the first one's time has passed.
+    let back = connect_with_will(&t, Role::Publisher, "wd-back", 60, Some(2)).await?;
+    let marker = connect_with_will(&t, Role::Publisher, "wd-marker", 60, Some(3)).await?;
+    drop(back);
+    let _back = connect_with_will(&t, Role::Subscriber, "wd-back", 60, None).await?;
+    drop(marker);
+    let got = watcher.recv_publish().await?;
+    ensure!(
+        got.payload == b"wd-marker"[..],
+        "the will of a client that came back: {got:?}"
+    );
+    watcher.expect_none().await
+}
+rule!(will_delay_interval);

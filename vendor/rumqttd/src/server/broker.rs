@@ -344,11 +344,105 @@ enum AwaitingWill {
     Fire,
 }
 
+/// A connection's will, registered by client ID from its CONNECT until it is published.
+struct WillWaiter {
+    tx: Sender<AwaitingWill>,
+    /// Which connection registered it.
+    connection: u64,
+    /// The connection has ended: its will waits for the Will Delay Interval.
+    ended: bool,
+}
+
+/// mqlb patch (will delay across listeners and nodes): the wills waiting for their Will Delay
+/// Interval (MQTT-3.1.3-9), by client ID. A new connection to the session before the delay
+/// passed cancels the will; one with Clean Start ends the session, which publishes it at once.
+/// Shared by every listener given the same one ([`Server::delayed_wills`]); an embedder that
+/// learns of a connection elsewhere (another node) tells it with
+/// [`DelayedWills::connected_elsewhere`].
+#[derive(Clone, Default)]
+pub struct DelayedWills {
+    waiting: Arc<Mutex<HashMap<String, WillWaiter>>>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DelayedWills {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, WillWaiter>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A client with this ID connected on this server: the will of its previous connection,
+    /// ended or not, is cancelled (or, with Clean Start, published now). Registers the new
+    /// connection's and returns its receiver and registration.
+    fn connect(&self, client_id: &str, clean_start: bool) -> (flume::Receiver<AwaitingWill>, u64) {
+        let (tx, rx) = flume::bounded::<AwaitingWill>(1);
+        let connection = self
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stale = self.lock().insert(
+            client_id.to_owned(),
+            WillWaiter {
+                tx,
+                connection,
+                ended: false,
+            },
+        );
+        if let Some(w) = stale {
+            let _ = w.tx.try_send(if clean_start {
+                AwaitingWill::Fire
+            } else {
+                AwaitingWill::Cancel
+            });
+        }
+        (rx, connection)
+    }
+
+    /// The connection registered as `connection` ended; its will now waits.
+    fn ended(&self, client_id: &str, connection: u64) {
+        if let Some(w) = self.lock().get_mut(client_id) {
+            if w.connection == connection {
+                w.ended = true;
+            }
+        }
+    }
+
+    /// The will of `connection` was published or cancelled: forget it, unless a newer
+    /// connection has taken its place.
+    fn done(&self, client_id: &str, connection: u64) {
+        let mut map = self.lock();
+        if map
+            .get(client_id)
+            .is_some_and(|w| w.connection == connection)
+        {
+            map.remove(client_id);
+        }
+    }
+
+    /// A client with this ID connected somewhere else (another node of a cluster): the will
+    /// of its ended connection here is cancelled, or with `clean_start` published now. A
+    /// connection still live here is not touched. Returns whether a waiting will was found.
+    pub fn connected_elsewhere(&self, client_id: &str, clean_start: bool) -> bool {
+        let mut map = self.lock();
+        if !map.get(client_id).is_some_and(|w| w.ended) {
+            return false;
+        }
+        if let Some(w) = map.remove(client_id) {
+            let _ = w.tx.try_send(if clean_start {
+                AwaitingWill::Fire
+            } else {
+                AwaitingWill::Cancel
+            });
+        }
+        true
+    }
+}
+
 pub struct Server<P> {
     config: ServerSettings,
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
-    awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    awaiting_will_handler: DelayedWills,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -361,8 +455,15 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             config,
             router_tx,
             protocol,
-            awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            awaiting_will_handler: DelayedWills::default(),
         }
+    }
+
+    /// mqlb patch (will delay across listeners and nodes): this server's connections register
+    /// their wills in `wills`, which other servers and the embedder may share.
+    pub fn delayed_wills(mut self, wills: DelayedWills) -> Server<P> {
+        self.awaiting_will_handler = wills;
+        self
     }
 
     // Depending on TLS or not create a new Network
@@ -507,7 +608,7 @@ async fn remote<P: Protocol>(
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
-    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    will_handlers: DelayedWills,
 ) {
     let mut network = Network::new(
         stream,
@@ -568,21 +669,8 @@ async fn remote<P: Protocol>(
     // before the CONNACK and never cleaned up) panicked with the lock held and poisoned the
     // listener for every later client. Take the sender out first; a gone receiver means there
     // is nothing left to notify.
-    let stale = will_handlers.lock().unwrap().remove(&client_id);
-    if let Some(sender) = stale {
-        let awaiting_will = if clean_session {
-            AwaitingWill::Fire
-        } else {
-            AwaitingWill::Cancel
-        };
-        let _ = sender.try_send(awaiting_will);
-    }
-
-    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
+    // mqlb patch (will delay across listeners and nodes): the same, in `DelayedWills`.
+    let (will_rx, registration) = will_handlers.connect(&client_id, clean_session);
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -599,6 +687,8 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            // mqlb patch (will delay across listeners and nodes): no CONNACK, no will.
+            will_handlers.done(&client_id, registration);
             return;
         }
     };
@@ -644,6 +734,7 @@ async fn remote<P: Protocol>(
 
     // this is important to stop the connection
     drop(link);
+    will_handlers.ended(&client_id, registration);
 
     let publish_will = match tokio::time::timeout(
         Duration::from_secs(will_delay_interval as u64),
@@ -653,12 +744,12 @@ async fn remote<P: Protocol>(
     {
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
-            // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
             // as will delay interval has passed, publish the will message
             true
         }
     };
+    // no need to keep the sender once decided
+    will_handlers.done(&client_id, registration);
 
     if publish_will {
         let message = Event::PublishWill((client_id, tenant_id));
