@@ -27,6 +27,7 @@ impl HealthMachine {
         }
     }
 
+    #[cfg(test)]
     pub fn is_up(&self) -> bool {
         self.up
     }

@@ -9,16 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use mqlb_config::{Config, ConfigError, Distribution, Frontend, Probe};
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use mqlb_config::{Config, ConfigError, Frontend, Probe};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
 use crate::reload::{self, plan_listeners};
 pub(crate) use crate::shared::Shared;
-use crate::snapshot::{RuleRt, Snapshot};
+use crate::snapshot::Snapshot;
 use crate::state::{lock, BackendState, ConnRegistry, Listening, OwnProbes};
 use crate::workers::Workers;
 use crate::{admin, listener, probe};
@@ -210,7 +209,10 @@ impl Lb {
             lb.reconcile_probes(&mut control);
             lb.restart_data_path_probes(&mut control);
         }
-        tokio::spawn(sweep_idle(shared.clone(), lb.inner.admin_stop.clone()));
+        tokio::spawn(crate::conn::sweep_idle(
+            shared.clone(),
+            lb.inner.admin_stop.clone(),
+        ));
         tokio::spawn(admin::serve(
             shared.clone(),
             admin_listener,
@@ -553,7 +555,7 @@ impl Lb {
             let Some(addr) = control.frontends.get(frontend).map(|f| f.addr) else {
                 continue;
             };
-            tokio::spawn(data_path_probe(
+            tokio::spawn(crate::data_path::run(
                 self.inner.shared.clone(),
                 rule.clone(),
                 addr,
@@ -600,77 +602,6 @@ impl Lb {
     }
 }
 
-/// Connects to a frontend from a source address registered in `own_probes` before the
-/// connection exists, so the proxy knows it for the LB's own whenever it accepts it. The
-/// address stays registered while the guard lives: keep it until the proxy has answered.
-async fn own_connect(
-    shared: &Shared,
-    frontend: SocketAddr,
-) -> std::io::Result<(crate::state::OwnProbeGuard, TcpStream)> {
-    // A wildcard frontend is reached on loopback; the source is then the same loopback address
-    // (the peer address the accept loop sees is exactly the one registered).
-    let ip = match frontend.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
-        ip => ip,
-    };
-    let socket = match ip {
-        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.bind(SocketAddr::new(ip, 0))?;
-    let own = shared.own_probes.add(socket.local_addr()?);
-    let s = socket.connect(SocketAddr::new(ip, frontend.port())).await?;
-    Ok((own, s))
-}
-
-async fn data_path_probe(
-    shared: Arc<Shared>,
-    rule: Arc<RuleRt>,
-    frontend: SocketAddr,
-    stop: CancellationToken,
-) {
-    let metrics = &shared.metrics;
-    let gauge = metrics.data_path_up.with_label_values(&[&rule.cfg.name]);
-    let probe = &rule.pool.cfg.probe;
-    let client_prefix = format!("mqlb-datapath-{}", rule.cfg.name);
-    let mut ticker = tokio::time::interval(probe.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let attempt = async {
-            let (_own, mut s) = own_connect(&shared, frontend).await.ok()?;
-            if rule.cfg.distribution == Distribution::MqttClientId {
-                // The same CONNECT → CONNACK as the mqtt probe, through the LB to a broker.
-                Some(probe::mqtt_handshake(s, &client_prefix).await.is_ok())
-            } else {
-                // Raw TCP: the connection is accepted and closed by the proxy, which knows it
-                // for the probe's (a backend gets no empty connection every interval), and the
-                // rule has a backend to send to. (This task is restarted with every snapshot,
-                // so `rule` is the current one.)
-                let mut byte = [0u8; 1];
-                let closed = matches!(s.read(&mut byte).await, Ok(0));
-                Some(
-                    closed
-                        && rule
-                            .pool
-                            .members
-                            .iter()
-                            .any(|m| m.state.is_up() && !m.state.is_draining()),
-                )
-            }
-        };
-        let ok = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio::time::timeout(probe.timeout, attempt) => matches!(r, Ok(Some(true))),
-        };
-        gauge.set(i64::from(ok));
-    }
-}
-
 /// Polls the config file and reloads when its content changes (`watch_config`).
 async fn watch_file(lb: Lb, path: PathBuf) {
     let stop = lb.inner.shared.stopping.clone();
@@ -695,45 +626,4 @@ async fn watch_file(lb: Lb, path: PathBuf) {
             }
         }
     }
-}
-
-/// Sweeps the connection registry a few times per idle timeout (the shortest of the current
-/// rules): folds byte counts into the metrics and ends idle connections. Runs until the LB has
-/// fully stopped, so idle connections still time out during shutdown's grace period.
-async fn sweep_idle(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut last_prune = std::time::Instant::now();
-    loop {
-        let tick = shared
-            .snapshot
-            .load()
-            .rules
-            .values()
-            .map(|r| crate::conn::sweep_tick(&r.cfg))
-            .min()
-            .unwrap_or(Duration::from_secs(1));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(tick) => shared.conns.sweep(&shared.metrics),
-        }
-        if last_prune.elapsed() >= crate::limits::PRUNE_EVERY {
-            last_prune = std::time::Instant::now();
-            let snap = shared.snapshot.load();
-            shared
-                .sources
-                .prune(|f| snap.rules.get(f).map(|r| r.limits), last_prune);
-        }
-    }
-}
-
-/// Runs a load balancer until `shutdown` fires, then stops it gracefully (the library entry
-/// point of DESIGN.md; `mqlb up` and embedding programs use it, reloads go through [`Lb`]).
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) -> Result<(), StartError> {
-    let lb = Lb::start(config, listeners).await?;
-    shutdown.cancelled().await;
-    lb.shutdown().await;
-    Ok(())
 }

@@ -1,33 +1,39 @@
 //! mqlb's L4 load balancer: Azure LB's model (frontends, pools, probes, rules) with MQTT
 //! client-ID routing on top.
 //!
-//! The picture (DESIGN.md, "lb: the data path"): one accept loop per frontend ([`listener`]),
-//! one task per connection ([`conn`]), one probe task per backend ([`probe`]), the admin
-//! server ([`admin`]) and the reload watcher ([`reload`]). Everything the data path reads is
-//! one immutable [`snapshot::Snapshot`] behind one `ArcSwap`; per-backend live state
-//! ([`state::BackendState`]) is carried across snapshots. Pure logic (CONNECT parsing,
-//! selection, the health state machine, the reload plan) has no sockets and is tested beside
-//! the code.
+//! The picture: [`Lb`] (`lb.rs`) starts, reloads and stops it; every change of configuration
+//! or membership goes through its one reload executor, planned by [`reload`]. On each data-path
+//! thread (`workers`) every frontend has an accept loop ([`listener`], with `limits` at
+//! accept); each connection is one task whose path is `conn`: inspect the first bytes, route
+//! (a pure decision), connect (with `pending` admission), relay. Backend health comes from one
+//! probe task per backend (`probe`, the pure state machine in `health`), passive failures of
+//! client connects, and the LB's own data-path probe (`data_path`). Everything the data path
+//! reads is one immutable `snapshot::Snapshot` behind one `ArcSwap` in `shared`; per-backend
+//! live state (`state::BackendState`) is carried across snapshots. `admin` serves the API
+//! and `/metrics` (`metrics`); `discovery` follows the HA server's membership. Pure logic
+//! (CONNECT parsing in [`mqtt`], selection in [`select`], health, the reload plan, the routing
+//! decision) has no sockets and is tested beside the code.
 
-pub mod health;
-pub mod metrics;
+mod health;
+mod metrics;
 pub mod mqtt;
 pub mod select;
-pub mod snapshot;
-pub mod state;
+mod snapshot;
+mod state;
 
-pub mod admin;
+mod admin;
 mod conn;
-pub mod discovery;
+mod data_path;
+mod discovery;
 mod lb;
-pub mod limits;
+mod limits;
 pub mod listener;
-pub mod pending;
+mod pending;
 pub mod port;
-pub mod probe;
+mod probe;
 pub mod reload;
 mod shared;
 mod workers;
 
-pub use lb::{run, Lb, Listeners, ReloadError, StartError};
+pub use lb::{Lb, Listeners, ReloadError, StartError};
 pub use probe::{probe_once, ProbeError};

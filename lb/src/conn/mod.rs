@@ -13,6 +13,7 @@ mod relay;
 mod route;
 #[cfg(target_os = "linux")]
 mod splice;
+mod sweep;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub use outcome::Outcome;
 pub(crate) use relay::sweep_tick;
 use relay::Relay;
 use route::{Decision, Method};
+pub(crate) use sweep::sweep_idle;
 
 /// Serves one client connection from accept to close: the future of its task.
 ///
