@@ -1776,19 +1776,10 @@ fn forward_device_data(
         }
     }
 
+    // mqlb patch (MQTT-3.3.2-11): topic aliases are per *topic*: rumqttd kept one per
+    // subscription filter, so a wildcard subscription sent a second topic under the alias
+    // of the first (with an empty topic name: the client read it as the first topic).
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
-    let mut topic_alias = broker_topic_aliases
-        .as_ref()
-        .and_then(|aliases| aliases.get_alias(&request.filter));
-
-    let topic_alias_already_exists = topic_alias.is_some();
-
-    // if topic alias doesn't exists, try creating new one!
-    if !topic_alias_already_exists {
-        topic_alias = broker_topic_aliases
-            .as_mut()
-            .and_then(|broker_aliases| broker_aliases.set_new_alias(&request.filter))
-    }
 
     let subscription_id = connection.subscription_ids.get(&request.filter);
 
@@ -1812,16 +1803,25 @@ fn forward_device_data(
                 publish.retain = false;
             }
 
-            // if there is some topic alias to use, set it in publish properties
-            if topic_alias.is_some() {
-                let mut props = properties.unwrap_or_default();
-                props.topic_alias = topic_alias;
-                properties = Some(props);
-            }
-
-            // We want to clear topic if we are using an existing alias
-            if topic_alias_already_exists {
-                publish.topic.clear()
+            // mqlb patch (MQTT-3.3.2-11): the topic's alias, if the client takes aliases
+            // (never above its Topic Alias Maximum): an existing one replaces the topic name;
+            // a new one is sent with it, which sets it on the client.
+            if let Some(aliases) = broker_topic_aliases.as_mut() {
+                let (alias, known) = match std::str::from_utf8(&publish.topic) {
+                    Ok(topic) => match aliases.get_alias(topic) {
+                        Some(alias) => (Some(alias), true),
+                        None => (aliases.set_new_alias(topic), false),
+                    },
+                    Err(_) => (None, false),
+                };
+                if alias.is_some() {
+                    let mut props = properties.unwrap_or_default();
+                    props.topic_alias = alias;
+                    properties = Some(props);
+                }
+                if known {
+                    publish.topic.clear()
+                }
             }
 
             if let Some(&subscription_id) = subscription_id {
