@@ -1010,3 +1010,37 @@ async fn topic_aliases_respect_the_client_maximum(t: Arc<Target>) -> anyhow::Res
     Ok(())
 }
 rule!(topic_aliases_respect_the_client_maximum);
+
+/// MQTT-3.3.1-8 (3.1.1: MQTT-3.3.1-12): a PUBLISH with RETAIN 0 neither stores nor removes a
+/// retained message, not even with an empty payload (only RETAIN 1 with an empty payload
+/// clears it, MQTT-3.3.1-6/-7). rumqttd removed the retained message on any empty payload.
+async fn non_retained_empty_message_keeps_the_retained_one(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("rt-pub")).await?;
+    let (mut sub, _) = t.connect5(Role::Subscriber, connect5("rt-sub")).await?;
+    publisher.publish(retained5("rt/t", "kept", 1)).await?;
+    // Wait until the retained message is there (across nodes it takes the mesh).
+    let deadline = tokio::time::Instant::now() + crate::harness::DEADLINE;
+    let mut pkid = 1;
+    loop {
+        pkid += 1;
+        if retained_copy(&mut sub, &mut publisher, pkid, "rt/t", "kept")
+            .await?
+            .is_some()
+        {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "never retained");
+    }
+    let mut empty = publish5("rt/t", QoS::AtLeastOnce, "");
+    empty.pkid = 2;
+    publisher.publish(empty).await?;
+    // The empty message is delivered like any other (the subscription is still there) ...
+    let got = receive5(&mut sub, QoS::AtLeastOnce, "").await?;
+    ensure!(!got.retain, "{got:?}");
+    // ... and the retained message stays.
+    pkid += 1;
+    let kept = retained_copy(&mut sub, &mut publisher, pkid, "rt/t", "kept").await?;
+    ensure!(kept.is_some(), "the retained message is gone");
+    Ok(())
+}
+rule!(non_retained_empty_message_keeps_the_retained_one);

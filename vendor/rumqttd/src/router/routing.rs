@@ -1398,7 +1398,10 @@ fn append_to_commitlog(
         }
     }
 
-    if publish.payload.is_empty() {
+    // mqlb patch (MQTT-3.3.1-8, 3.1.1 MQTT-3.3.1-12): only a RETAIN 1 publish replaces or
+    // (with an empty payload) removes the retained message; rumqttd removed it on any empty
+    // payload.
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
@@ -1471,7 +1474,10 @@ fn append_will_message(
         }
     }
 
-    if publish.payload.is_empty() {
+    // mqlb patch (MQTT-3.3.1-8, 3.1.1 MQTT-3.3.1-12): only a RETAIN 1 publish replaces or
+    // (with an empty payload) removes the retained message; rumqttd removed it on any empty
+    // payload.
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
