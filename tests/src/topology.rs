@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::{free_port, mqlb_bin, wait_until, TempDir, TEST_SECRET};
+use crate::process::kill_and_reap;
+use crate::{
+    backend_states, free_port, loopback, mqlb_bin, wait_listening, wait_until, TempDir, TEST_SECRET,
+};
 
 /// One broker's addresses.
 #[derive(Debug, Clone)]
@@ -107,10 +110,6 @@ pub struct Topology {
     procs: HashMap<String, Child>,
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 impl Topology {
     /// Starts an HA server, `n` brokers (b1..bn) and the LB, and waits until the LB sees every
     /// broker up.
@@ -150,17 +149,11 @@ impl Topology {
             || {
                 let want = want.clone();
                 async move {
-                    let Ok(v) = crate::get_json(admin, "/api/backends").await else {
+                    let Ok(states) = backend_states(admin).await else {
                         return false;
                     };
-                    let up: Vec<String> = v
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|b| b["state"] == "up")
-                        .filter_map(|b| b["id"].as_str().map(str::to_string))
-                        .collect();
-                    want.iter().all(|w| up.contains(w))
+                    want.iter()
+                        .all(|w| states.iter().any(|(id, state)| id == w && state == "up"))
                 }
             },
         )
@@ -202,10 +195,8 @@ impl Topology {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        if let Err(e) = crate::wait_listening(addr, &mut child, Duration::from_secs(20)).await {
-            if let Err(k) = child.kill() {
-                eprintln!("killing {name}: {k}");
-            }
+        if let Err(e) = wait_listening(addr, &mut child, Duration::from_secs(20)).await {
+            kill_and_reap(&mut child, name);
             bail!("{name}: {e}");
         }
         self.procs.insert(name.to_string(), child);
@@ -277,12 +268,7 @@ impl Drop for Topology {
             {
                 eprintln!("resuming {name}: {e}");
             }
-            if let Err(e) = child.kill() {
-                eprintln!("killing {name}: {e}");
-            }
-            if let Err(e) = child.wait() {
-                eprintln!("reaping {name}: {e}");
-            }
+            kill_and_reap(child, name);
         }
     }
 }

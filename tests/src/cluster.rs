@@ -1,0 +1,182 @@
+//! A cluster of in-process broker nodes on loopback ports, meshed with each other; a node can
+//! be stopped, dropped like a machine losing power, and restarted on the same addresses.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::{free_port, loopback, wait_until};
+
+/// The secret every test topology shares: the cluster's mesh, and the HA server's request
+/// signatures.
+pub const TEST_SECRET: &str = "mqlb-test-secret-0123456789";
+
+/// A cluster of in-process broker nodes on ephemeral loopback ports, meshed with each other.
+pub struct Cluster {
+    nodes: Vec<Option<mqlb_broker::Node>>,
+    pub specs: Vec<mqlb_broker::NodeSpec>,
+}
+
+fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(mqlb_config::BrokerNode {
+            id: format!("n{}", i + 1),
+            mqtt: loopback(free_port()?),
+            mqtt_v5: Some(loopback(free_port()?)),
+            mesh: Some(loopback(free_port()?)),
+            http: Some(loopback(free_port()?)),
+            http_token: None,
+            max_connections: std::num::NonZeroU32::new(1000).context("non-zero")?,
+            max_payload_size: std::num::NonZeroU32::new(1 << 20).context("non-zero")?,
+            max_inflight: std::num::NonZeroU32::new(100).context("non-zero")?,
+            backlog: std::num::NonZeroU32::new(1024).context("non-zero")?,
+        });
+    }
+    Ok(nodes
+        .iter()
+        .map(|node| mqlb_broker::NodeSpec {
+            node: node.clone(),
+            peers: nodes
+                .iter()
+                .filter(|o| o.id != node.id)
+                .filter_map(|o| Some((o.id.clone(), o.mesh?)))
+                .collect(),
+            mesh: Some(mqlb_broker::MeshSettings {
+                secret: mqlb_config::Secret::new(TEST_SECRET),
+                peer_queue: 10_000,
+                reconnect_min: Duration::from_millis(50),
+                reconnect_max: Duration::from_millis(500),
+                max_payload: 1 << 20,
+            }),
+            ha: Vec::new(),
+            heartbeat_interval: Duration::from_millis(200),
+            auth: mqlb_config::AuthSettings::default(),
+        })
+        .collect())
+}
+
+impl Cluster {
+    /// Starts `n` nodes and waits until every mesh link is up.
+    pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with_ha(n, &[]).await
+    }
+
+    /// Starts `n` nodes that register with the HA servers at `ha`.
+    pub async fn start_with_ha(n: usize, ha: &[SocketAddr]) -> anyhow::Result<Cluster> {
+        Self::start_with(n, ha, &mqlb_config::AuthSettings::default()).await
+    }
+
+    /// Starts `n` nodes with the same `[auth]` settings (password and ACL files).
+    pub async fn start_with_auth(
+        n: usize,
+        auth: &mqlb_config::AuthSettings,
+    ) -> anyhow::Result<Cluster> {
+        Self::start_with(n, &[], auth).await
+    }
+
+    async fn start_with(
+        n: usize,
+        ha: &[SocketAddr],
+        auth: &mqlb_config::AuthSettings,
+    ) -> anyhow::Result<Cluster> {
+        let mut last = None;
+        // A port picked free may be taken before a node binds it: try again with new ports.
+        for _ in 0..3 {
+            let mut specs = cluster_specs(n)?;
+            for s in &mut specs {
+                s.ha = ha.to_vec();
+                s.auth = auth.clone();
+            }
+            let mut nodes = Vec::new();
+            for s in &specs {
+                match mqlb_broker::Node::start(s.clone()).await {
+                    Ok(node) => nodes.push(Some(node)),
+                    Err(e) => {
+                        last = Some(e);
+                        break;
+                    }
+                }
+            }
+            if nodes.len() == n {
+                let c = Cluster { nodes, specs };
+                c.wait_meshed().await?;
+                return Ok(c);
+            }
+        }
+        Err(anyhow::anyhow!("cluster did not start: {last:?}"))
+    }
+
+    pub fn len(&self) -> usize {
+        self.specs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    /// The MQTT 3.1.1 address of node `i`.
+    pub fn mqtt(&self, i: usize) -> SocketAddr {
+        self.specs[i].node.mqtt
+    }
+
+    /// The MQTT 5 address of node `i`.
+    pub fn mqtt_v5(&self, i: usize) -> Option<SocketAddr> {
+        self.specs[i].node.mqtt_v5
+    }
+
+    pub fn node(&self, i: usize) -> Option<&mqlb_broker::Node> {
+        self.nodes[i].as_ref()
+    }
+
+    /// Waits until every running node's links to every other running node are up.
+    pub async fn wait_meshed(&self) -> anyhow::Result<()> {
+        let running: Vec<String> = self
+            .nodes
+            .iter()
+            .flatten()
+            .map(|n| n.id().to_string())
+            .collect();
+        wait_until("mesh links up", Duration::from_secs(10), || async {
+            self.nodes.iter().flatten().all(|n| {
+                n.links()
+                    .iter()
+                    .all(|(peer, up)| *up || !running.contains(peer))
+            })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Stops node `i` like a crashed machine: every connection to it closes.
+    pub async fn kill(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.stop().await;
+        }
+    }
+
+    /// Drops node `i` without leaving the HA membership, like a machine that lost power.
+    pub fn crash(&mut self, i: usize) {
+        drop(self.nodes[i].take());
+    }
+
+    /// Starts node `i` again with the same addresses.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i).await;
+        let spec = self.specs[i].clone();
+        let mut last = None;
+        for _ in 0..50 {
+            match mqlb_broker::Node::start(spec.clone()).await {
+                Ok(n) => {
+                    self.nodes[i] = Some(n);
+                    return Ok(());
+                }
+                // The old listener may linger for a moment after the stop.
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(anyhow::anyhow!("node {i} did not restart: {last:?}"))
+    }
+}
