@@ -1,4 +1,5 @@
-//! A three-broker topology behind one LB, shared by the LB tests.
+//! What the LB tests share: an LB in front of mosquitto brokers (`topo`), and an LB in front of
+//! one plain TCP backend (`tcp_lb_toml`, `count_then_reply_server`).
 
 #![allow(dead_code)]
 
@@ -8,6 +9,8 @@ use std::time::Duration;
 use mqlb_config::Config;
 use mqlb_lb::{Lb, Listeners};
 use mqlb_tests::{Mosquitto, TempDir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 pub struct Topo {
     pub brokers: Vec<Mosquitto>,
@@ -72,3 +75,40 @@ pub async fn topo_with(n: usize, rule_extra: &str, v5_on_alt: bool) -> anyhow::R
 }
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A backend that reads until EOF, then answers with the byte count and closes: it only
+/// answers if the client's FIN got through while the other direction stayed open.
+pub async fn count_then_reply_server() -> anyhow::Result<std::net::SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                let mut buf = [0u8; 8192];
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k;
+                }
+                if let Err(e) = s.write_all(format!("got {n}").as_bytes()).await {
+                    eprintln!("count server: {e}");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// The TOML of an LB with one frontend `f` in front of one TCP backend `only`, extra keys for
+/// its rule `r`.
+pub fn tcp_lb_toml(backend: std::net::SocketAddr, extra_rule: &str) -> String {
+    format!(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+         [[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+         [[pool]]\nname = \"p\"\nprobe = \"t\"\n[[pool.backend]]\nid = \"only\"\naddr = \"{backend}\"\n\
+         [[probe]]\nname = \"t\"\nport = \"traffic\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n{extra_rule}"
+    )
+}

@@ -1,0 +1,197 @@
+//! How the LB spreads clients over backends and judges them: the round-robin,
+//! least-connections and source-IP distributions; HTTP, MQTT and TCP probes against real
+//! servers; live connections cut when their backend goes down, only when so configured.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{count_then_reply_server, lb_toml, tcp_lb_toml, topo, DEADLINE};
+use mqlb_config::{Config, ProbeProtocol};
+use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use mqlb_lb::{probe_once, Lb, Listeners, ProbeError};
+use mqlb_tests::{backend_state, get_json, metric, wait_until, Mosquitto};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Opens an MQTT session through `front` (raw CONNECT → CONNACK) and keeps the socket.
+async fn mqtt_session(front: std::net::SocketAddr, id: &str) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(front).await?;
+    s.write_all(&encode_connect(&ConnectOptions {
+        client_id: id.into(),
+        ..Default::default()
+    }))
+    .await?;
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut ack)).await??;
+    anyhow::ensure!(ack == [0x20, 2, 0, 0], "{id}: CONNACK {ack:02x?}");
+    Ok(s)
+}
+
+async fn per_backend(
+    admin: std::net::SocketAddr,
+    want_total: usize,
+) -> anyhow::Result<HashMap<String, usize>> {
+    wait_until("connections listed", DEADLINE, || async {
+        get_json(admin, "/api/connections")
+            .await
+            .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == want_total))
+    })
+    .await?;
+    let mut count = HashMap::new();
+    for c in get_json(admin, "/api/connections")
+        .await?
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        *count
+            .entry(c["backend"].as_str().unwrap_or("?").to_string())
+            .or_insert(0) += 1;
+    }
+    Ok(count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_least_connections_and_source_ip_distribute_as_named() -> anyhow::Result<()> {
+    // Round robin: 30 connections, 10 per backend. The data-path probe's own connection
+    // (one a second, through the same frontend) takes a turn too, so allow one off.
+    let t = topo(3, "distribution = \"round-robin\"\n").await?;
+    let mut held = Vec::new();
+    for i in 0..30 {
+        held.push(mqtt_session(t.front, &format!("rr-{i}")).await?);
+    }
+    let counts = per_backend(t.admin, 30).await?;
+    assert!(
+        counts.len() == 3 && counts.values().all(|n| (9..=11).contains(n)),
+        "round-robin: {counts:?}"
+    );
+    drop(held);
+    t.lb.shutdown().await;
+
+    // Least connections: held connections fill the backends evenly.
+    let t = topo(3, "distribution = \"least-connections\"\n").await?;
+    let mut held = Vec::new();
+    for i in 0..12 {
+        held.push(mqtt_session(t.front, &format!("lc-{i}")).await?);
+        // Each new connection must see the previous one counted.
+        let want = i + 1;
+        wait_until("counted", DEADLINE, || async {
+            get_json(t.admin, "/api/connections")
+                .await
+                .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == want))
+        })
+        .await?;
+    }
+    let counts = per_backend(t.admin, 12).await?;
+    assert!(
+        counts.len() == 3 && counts.values().all(|n| *n == 4),
+        "least-connections: {counts:?}"
+    );
+    drop(held);
+    t.lb.shutdown().await;
+
+    // Source IP: every connection from 127.0.0.1 lands on one backend, whatever the port.
+    let t = topo(3, "distribution = \"source-ip\"\n").await?;
+    let mut held = Vec::new();
+    for i in 0..10 {
+        held.push(mqtt_session(t.front, &format!("sip-{i}")).await?);
+    }
+    let counts = per_backend(t.admin, 10).await?;
+    assert_eq!(counts.len(), 1, "source-ip: {counts:?}");
+    let m = t.lb.metrics_text();
+    assert!(metric(&m, "mqlb_route_decisions_total", &[("method", "source-ip")]) >= 10.0);
+    drop(held);
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_mqtt_probes_judge_real_servers() -> anyhow::Result<()> {
+    let backend = count_then_reply_server().await?;
+    let lb = Lb::start(
+        Config::parse(&tcp_lb_toml(backend, ""), "test")?,
+        Listeners::default(),
+    )
+    .await?;
+    let admin = lb.admin_addr();
+    let t = Duration::from_secs(2);
+    let http = |p: &str| ProbeProtocol::Http { path: p.into() };
+    probe_once(&http("/healthz"), admin, t).await?;
+    match probe_once(&http("/no/such/page"), admin, t).await {
+        Err(ProbeError::HttpStatus(404)) => {}
+        other => anyhow::bail!("want 404, got {other:?}"),
+    }
+    let broker = Mosquitto::start().await?;
+    probe_once(&ProbeProtocol::Mqtt, broker.addr(), t).await?;
+    // A TCP server that never answers CONNECT: the MQTT probe times out, the TCP one passes.
+    let silent = TcpListener::bind("127.0.0.1:0").await?;
+    probe_once(&ProbeProtocol::Tcp, silent.local_addr()?, t).await?;
+    match probe_once(
+        &ProbeProtocol::Mqtt,
+        silent.local_addr()?,
+        Duration::from_millis(300),
+    )
+    .await
+    {
+        Err(ProbeError::Timeout(_)) => {}
+        other => anyhow::bail!("want timeout, got {other:?}"),
+    }
+    lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_on_backend_down_cuts_live_connections_only_when_configured() -> anyhow::Result<()> {
+    for close in [false, true] {
+        let broker = Mosquitto::start().await?;
+        // The probe watches a port the test controls, so the backend can "fail" its probe
+        // while the broker itself (and the live connection) is still fine.
+        let health = TcpListener::bind("127.0.0.1:0").await?;
+        let health_port = health.local_addr()?.port();
+        let toml = lb_toml(
+            &[&broker],
+            &format!("distribution = \"mqtt-client-id\"\nclose_on_backend_down = {close}\n"),
+            false,
+        )
+        .replace("port = \"traffic\"", &format!("port = {health_port}"));
+        let lb = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+        let front = lb
+            .frontend_addr("mqtt")
+            .ok_or_else(|| anyhow::anyhow!("no frontend"))?;
+        let mut s = mqtt_session(front, "watched").await?;
+        drop(health);
+        wait_until("probe marks b1 down", DEADLINE, || async {
+            backend_state(lb.admin_addr(), "b1")
+                .await
+                .is_ok_and(|st| st == "down")
+        })
+        .await?;
+        // PINGREQ: answered if the connection lives, EOF if it was closed.
+        let alive = async {
+            s.write_all(&[0xc0, 0x00]).await?;
+            let mut resp = [0u8; 2];
+            s.read_exact(&mut resp).await?;
+            anyhow::Ok(resp == [0xd0, 0x00])
+        };
+        let alive = tokio::time::timeout(DEADLINE, alive)
+            .await?
+            .unwrap_or(false);
+        assert_eq!(alive, !close, "close_on_backend_down = {close}");
+        if close {
+            // Counted just after the sockets close (the data-path probe's own connection may
+            // be cut too, hence at least one).
+            wait_until("backend_down counted", DEADLINE, || async {
+                metric(
+                    &lb.metrics_text(),
+                    "mqlb_connections_total",
+                    &[("outcome", "backend_down")],
+                ) >= 1.0
+            })
+            .await?;
+        }
+        lb.shutdown().await;
+    }
+    Ok(())
+}
