@@ -1044,3 +1044,49 @@ async fn non_retained_empty_message_keeps_the_retained_one(t: Arc<Target>) -> an
     Ok(())
 }
 rule!(non_retained_empty_message_keeps_the_retained_one);
+
+/// MQTT-3.9.3-1 and MQTT-3.8.4-1 (and 3.2.2 of each): a SUBSCRIBE is answered with a SUBACK
+/// with one reason code per filter; a filter the server does not take (here `$mqlb-none/#`:
+/// mqlb has no `$` topics) gets a failure code, and the packet's other filters work.
+/// rumqttd closed the connection without a SUBACK.
+async fn a_refused_dollar_filter_fails_alone(t: Arc<Target>) -> anyhow::Result<()> {
+    let (mut sub, _) = t.connect5(Role::Subscriber, connect5("dollar-sub")).await?;
+    let codes = sub
+        .subscribe(
+            1,
+            vec![
+                filter5("$mqlb-none/#", QoS::AtLeastOnce),
+                filter5("dollar/t", QoS::AtLeastOnce),
+            ],
+            None,
+        )
+        .await?;
+    ensure!(
+        codes.len() == 2 && codes[1] == v5::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+        "{codes:?}"
+    );
+    let (mut publisher, _) = t.connect5(Role::Publisher, connect5("dollar-pub")).await?;
+    let mut p = publish5("dollar/t", QoS::AtLeastOnce, "still here");
+    p.pkid = 1;
+    publisher.publish(p).await?;
+    receive5(&mut sub, QoS::AtLeastOnce, "still here").await?;
+
+    let (mut sub4, _) = t
+        .connect4(Role::Subscriber, connect4("dollar-sub4"))
+        .await?;
+    let mut s = v4::Subscribe::new_many([
+        v4::SubscribeFilter::new("$mqlb-none/#".into(), rumqttc::QoS::AtLeastOnce),
+        v4::SubscribeFilter::new("dollar/t".into(), rumqttc::QoS::AtLeastOnce),
+    ]);
+    s.pkid = 1;
+    sub4.send(v4::Packet::Subscribe(s)).await?;
+    match sub4.recv().await? {
+        v4::Packet::SubAck(a)
+            if a.return_codes.len() == 2
+                && a.return_codes[1]
+                    == v4::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce) => {}
+        other => bail!("3.1.1: {other:?}"),
+    }
+    Ok(())
+}
+rule!(a_refused_dollar_filter_fails_alone);

@@ -742,11 +742,13 @@ impl Router {
                         info!("Adding subscription on topic {}", f.path);
                         let connection = self.connections.get_mut(id).unwrap();
 
+                        // mqlb patch (MQTT-3.9.3-1, MQTT-3.8.4-1): a filter the router does
+                        // not take fails alone with a reason code (5.0: 0x87; 3.1.1's codec
+                        // sends 0x80); rumqttd closed the connection without a SUBACK.
                         if let Err(e) = validate_subscription(connection, f) {
-                            warn!(reason = ?e,"Subscription cannot be validated: {}", e);
-
-                            disconnect = true;
-                            break;
+                            debug!(reason = ?e, "Subscription refused: {}", e);
+                            return_codes.push(SubscribeReasonCode::NotAuthorized);
+                            continue;
                         }
 
                         let mut filter = f.path.clone();
