@@ -63,7 +63,10 @@ pub enum Frame {
     /// A client connected to the sending node: a delayed will of an earlier connection with
     /// this client ID is cancelled (or, with a clean start, which ends the old session,
     /// published now) on every node (MQTT-3.1.3-9).
-    Connected { client_id: String, clean_start: bool },
+    Connected {
+        client_id: String,
+        clean_start: bool,
+    },
 }
 
 /// Why bytes from a peer are refused. The label names the defect in metrics.
