@@ -11,8 +11,8 @@
 pub mod auth;
 pub mod frame;
 
-use std::net::SocketAddr;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -254,10 +254,8 @@ impl Mesh {
                         keep = Some(decide);
                     } else {
                         // A will still pending from an older connection: this one replaced it.
-                        c.pending.insert(
-                            client_id.to_owned(),
-                            PendingWill { connection, decide },
-                        );
+                        c.pending
+                            .insert(client_id.to_owned(), PendingWill { connection, decide });
                     }
                     (Some(rx), will, delay)
                 }
