@@ -12,8 +12,8 @@ use crate::*;
 use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::str::Utf8Error;
+use std::sync::Arc;
 use std::thread;
 use std::time::SystemTime;
 use thiserror::Error;
@@ -1121,7 +1121,10 @@ impl Router {
             // publications is not interrupted) takes the new options. rumqttd kept the old
             // ones. A request parked for new data is tracked again, to send the retained
             // messages Retain Handling 0 asks for.
-            if let Some(request) = self.datalog.take_waiting_request(filter_idx, id, filter_path) {
+            if let Some(request) = self
+                .datalog
+                .take_waiting_request(filter_idx, id, filter_path)
+            {
                 self.scheduler.track(id, request);
             }
             if let Some(request) = self.existing_request(id, filter_path) {
@@ -1150,7 +1153,12 @@ impl Router {
         let ours = |r: &DataRequest| r.filter == filter;
         if let Some(tracker) = self.scheduler.trackers.get(id) {
             if let Some(i) = tracker.data_requests.iter().position(ours) {
-                return self.scheduler.trackers.get_mut(id)?.data_requests.get_mut(i);
+                return self
+                    .scheduler
+                    .trackers
+                    .get_mut(id)?
+                    .data_requests
+                    .get_mut(i);
             }
         }
         if let Some(i) = self
@@ -1690,19 +1698,18 @@ fn forward_device_data(
         request.forward_retained = false;
     }
 
-    let (next, publishes_from_datalog) =
-        match datalog.native_readv(
-            request.filter_idx,
-            request.cursor,
-            inflight_slots,
-            request.nolocal.then_some(outgoing.client_id.as_str()),
-        ) {
-            Ok(v) => v,
-            Err(e) => {
-                error!(error = ?e, "Failed to read from commitlog {}", e);
-                return ConsumeStatus::FilterCaughtup;
-            }
-        };
+    let (next, publishes_from_datalog) = match datalog.native_readv(
+        request.filter_idx,
+        request.cursor,
+        inflight_slots,
+        request.nolocal.then_some(outgoing.client_id.as_str()),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            error!(error = ?e, "Failed to read from commitlog {}", e);
+            return ConsumeStatus::FilterCaughtup;
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog

@@ -377,9 +377,7 @@ impl DelayedWills {
     /// connection's and returns its receiver and registration.
     fn connect(&self, client_id: &str, clean_start: bool) -> (flume::Receiver<AwaitingWill>, u64) {
         let (tx, rx) = flume::bounded::<AwaitingWill>(1);
-        let connection = self
-            .next
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let connection = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stale = self.lock().insert(
             client_id.to_owned(),
             WillWaiter {
