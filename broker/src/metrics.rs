@@ -11,6 +11,13 @@ pub struct Metrics {
     pub dropped: IntCounterVec,
     pub link_up: IntGaugeVec,
     pub rejected: IntCounterVec,
+    /// Acknowledged delivery (issue 12): numbered frames sent again after a reconnect,
+    /// re-sends dropped as already delivered, numbers a peer never sent, and the frames kept
+    /// per peer until it acknowledges them.
+    pub resent: IntCounterVec,
+    pub duplicates: IntCounterVec,
+    pub skipped: IntCounterVec,
+    pub unacked: IntGaugeVec,
     pub listener_restarts: IntCounter,
     /// MQTT requests the password file or the ACL refused, by what was refused.
     pub auth_refused: IntCounterVec,
@@ -43,7 +50,7 @@ impl Metrics {
             dropped: IntCounterVec::new(
                 Opts::new(
                     "mqlb_mesh_dropped_total",
-                    "Publishes not sent to a peer: queue_full (peer slow or down), link_error, expired (its message expiry interval passed while it was queued).",
+                    "Publishes not sent to a peer: queue_full (peer slow or down), link_error (QoS 0 in flight on a broken link), expired (its message expiry interval passed while it was queued), unacked_full (a QoS 1/2 one the peer had not acknowledged, the oldest, dropped to keep the bound).",
                 ),
                 &["peer", "reason"],
             )?,
@@ -60,6 +67,34 @@ impl Metrics {
                     "Inbound mesh connections refused, by reason (auth, version, garbage, ...).",
                 ),
                 &["reason"],
+            )?,
+            resent: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_mesh_resent_total",
+                    "QoS 1/2 publishes sent to a peer again on a new link, as it had not acknowledged them.",
+                ),
+                &["peer"],
+            )?,
+            duplicates: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_mesh_duplicates_total",
+                    "QoS 1/2 publishes a peer sent again that this node had already delivered (dropped).",
+                ),
+                &["peer"],
+            )?,
+            skipped: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_mesh_sequence_gaps_total",
+                    "Numbered publishes a peer never sent to this node (dropped there, see its mqlb_mesh_dropped_total).",
+                ),
+                &["peer"],
+            )?,
+            unacked: IntGaugeVec::new(
+                Opts::new(
+                    "mqlb_mesh_unacked",
+                    "QoS 1/2 publishes sent to a peer and kept until it acknowledges them.",
+                ),
+                &["peer"],
             )?,
             listener_restarts: IntCounter::new(
                 "mqlb_broker_listener_restarts_total",
@@ -90,6 +125,10 @@ impl Metrics {
         m.registry.register(Box::new(m.dropped.clone()))?;
         m.registry.register(Box::new(m.link_up.clone()))?;
         m.registry.register(Box::new(m.rejected.clone()))?;
+        m.registry.register(Box::new(m.resent.clone()))?;
+        m.registry.register(Box::new(m.duplicates.clone()))?;
+        m.registry.register(Box::new(m.skipped.clone()))?;
+        m.registry.register(Box::new(m.unacked.clone()))?;
         Ok(m)
     }
 

@@ -1,6 +1,7 @@
 //! One broker node: rumqttd's router and MQTT servers composed on a runtime the node owns, so
 //! it can be stopped (rumqttd's `Broker::start` blocks forever), plus the mesh links.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,8 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Auth, AuthError};
 use crate::http;
 use crate::membership;
-use crate::mesh::frame::MeshPublish;
-use crate::mesh::{serve_inbound, Mesh, MeshSettings};
+use crate::mesh::{serve_inbound, Injected, Mesh, MeshSettings};
 use crate::metrics::Metrics;
 use crate::tap::{ConnLimit, Tap};
 use crate::watchdog;
@@ -211,8 +211,14 @@ impl Node {
             .map(|r| r.handle().clone())
             .ok_or_else(|| NodeError::Rumqttd("runtime missing".into()))?;
         let _guard = handle.enter();
-        let (inject_tx, inject_rx) = mpsc::channel::<(String, MeshPublish, Instant)>(1024);
-        handle.spawn(injector(inject_rx, link_tx, link_rx, stop.clone()));
+        let (inject_tx, inject_rx) = mpsc::channel::<Injected>(1024);
+        handle.spawn(injector(
+            inject_rx,
+            link_tx,
+            link_rx,
+            mesh.clone(),
+            stop.clone(),
+        ));
         let mut servers = Vec::new();
         let settings = |name: &str, listen| ServerSettings {
             name: name.to_string(),
@@ -452,6 +458,10 @@ impl Drop for Node {
     }
 }
 
+/// Publishes from peers given to the router whose acknowledgement has not come yet; beyond it
+/// the injector waits (and the links from the peers slow down).
+const MAX_IN_FLIGHT: usize = 4096;
+
 /// Delivers publishes from peers into the local router. They enter through a local link, not
 /// a codec, so the tap never sees them and they are never forwarded again.
 ///
@@ -461,33 +471,49 @@ impl Drop for Node {
 /// bound), and a PUBREC is answered with the PUBREL that releases the message to subscribers.
 /// The time a message waited since it arrived from the peer is taken off its message expiry
 /// interval, and one that expired meanwhile is not delivered (MQTT-3.3.2-5, -6).
+///
+/// A numbered publish (issue 12) is reported to the mesh as accepted when the router's PUBACK
+/// (QoS 1) or PUBCOMP (QoS 2) for it comes, or at once if it expired: only then does the
+/// origin node get its acknowledgement and forget it.
 async fn injector(
-    mut rx: mpsc::Receiver<(String, MeshPublish, Instant)>,
+    mut rx: mpsc::Receiver<Injected>,
     mut link_tx: rumqttd::local::LinkTx,
     mut link_rx: rumqttd::local::LinkRx,
+    mesh: Arc<Mesh>,
     stop: CancellationToken,
 ) {
     let mut pkid: u16 = 0;
+    // Packet ids of QoS 1/2 publishes given to the router, and their `(peer, epoch, seq)`.
+    let mut in_flight: HashMap<u16, Option<(String, u64, u64)>> = HashMap::new();
     loop {
-        let (peer, mut m, received) = tokio::select! {
+        let Injected {
+            peer,
+            publish: mut m,
+            received,
+            seq,
+        } = tokio::select! {
             _ = stop.cancelled() => return,
-            r = rx.recv() => match r { Some(x) => x, None => return },
+            r = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => match r { Some(x) => x, None => return },
             n = link_rx.next() => {
-                match n {
-                    Ok(Some(n)) => {
-                        if let Some(Packet::PubRec(rec, _)) = Option::<Packet>::from(n) {
-                            let rel = PubRel { pkid: rec.pkid, reason: PubRelReason::Success };
-                            if let Err(e) = link_tx.send(Packet::PubRel(rel, None)).await {
-                                tracing::error!(error = %e, "router refused a PUBREL; mesh input stops");
-                                return;
-                            }
+                let done = match n.map(|n| n.and_then(Option::<Packet>::from)) {
+                    Ok(Some(Packet::PubRec(rec, _))) => {
+                        let rel = PubRel { pkid: rec.pkid, reason: PubRelReason::Success };
+                        if let Err(e) = link_tx.send(Packet::PubRel(rel, None)).await {
+                            tracing::error!(error = %e, "router refused a PUBREL; mesh input stops");
+                            return;
                         }
+                        None
                     }
-                    Ok(None) => {}
+                    Ok(Some(Packet::PubAck(ack, _))) => Some(ack.pkid),
+                    Ok(Some(Packet::PubComp(comp, _))) => Some(comp.pkid),
+                    Ok(_) => None,
                     Err(e) => {
                         tracing::error!(error = %e, "the router closed the mesh link; mesh input stops");
                         return;
                     }
+                };
+                if let Some(Some((peer, epoch, seq))) = done.and_then(|p| in_flight.remove(&p)) {
+                    mesh.delivery_accepted(&peer, epoch, seq);
                 }
                 continue;
             }
@@ -496,7 +522,13 @@ async fn injector(
             let waited = u32::try_from(received.elapsed().as_secs()).unwrap_or(u32::MAX);
             match interval.checked_sub(waited).filter(|r| *r > 0) {
                 Some(remaining) => m.message_expiry_interval = Some(remaining),
-                None => continue,
+                None => {
+                    // nothing to deliver: done
+                    if let Some((epoch, seq)) = seq {
+                        mesh.delivery_accepted(&peer, epoch, seq);
+                    }
+                    continue;
+                }
             }
         }
         let has_props = m.payload_format_indicator.is_some()
@@ -520,12 +552,24 @@ async fn injector(
             _ => QoS::ExactlyOnce,
         };
         if qos != QoS::AtMostOnce {
-            pkid = pkid.checked_add(1).unwrap_or(1);
+            // the next packet id not in flight (at most MAX_IN_FLIGHT of 65535 are)
+            for _ in 0..=MAX_IN_FLIGHT {
+                pkid = pkid.checked_add(1).unwrap_or(1);
+                if !in_flight.contains_key(&pkid) {
+                    break;
+                }
+            }
+            in_flight.insert(pkid, seq.map(|(epoch, seq)| (peer.clone(), epoch, seq)));
         }
         let publish = Publish::new(m.topic, m.payload, m.retain).with_qos(qos, pkid);
         if let Err(e) = link_tx.send(Packet::Publish(publish, props)).await {
             tracing::error!(peer, error = %e, "router refused a publish from a peer; mesh input stops");
             return;
+        }
+        if qos == QoS::AtMostOnce {
+            if let Some((epoch, seq)) = seq {
+                mesh.delivery_accepted(&peer, epoch, seq);
+            }
         }
     }
 }

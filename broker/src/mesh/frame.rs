@@ -8,6 +8,8 @@
 //! PUBLISH := flags:u8 (bit 0 retain, bits 1-2 QoS) topic_len:u16 topic props_len:u32 props payload
 //! props   := (tag:u8 value)*                   v5 properties worth carrying
 //! CONNECTED := flags:u8 (bit 0 clean start) id_len:u16 client_id
+//! SEQUENCED := epoch:u64 seq:u64 frame        a numbered frame (a whole PUBLISH frame inside)
+//! ACK     := epoch:u64 seq:u64                 receiver to sender: all up to seq accepted
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -15,7 +17,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const MAGIC: &[u8; 4] = b"MQLB";
 /// Bumped when the format changes; a peer with another version is refused at HELLO.
 /// 2: the CONNECTED frame (a version 1 node would close the link on it).
-pub const VERSION: u8 = 2;
+/// 3: SEQUENCED and ACK (issue 12): the receiver writes ACKs back on the link, which a
+/// version 2 sender takes for a broken link.
+pub const VERSION: u8 = 3;
 pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 
@@ -23,6 +27,11 @@ const KIND_HELLO: u8 = 1;
 const KIND_AUTH: u8 = 2;
 const KIND_PUBLISH: u8 = 3;
 const KIND_CONNECTED: u8 = 4;
+// Acknowledged delivery (issue 12): kinds 16 and up.
+const KIND_SEQUENCED: u8 = 16;
+const KIND_ACK: u8 = 17;
+/// The bytes of a SEQUENCED frame before the frame it numbers.
+pub const SEQUENCED_HEADER: usize = 4 + 1 + 8 + 8;
 
 const TAG_PAYLOAD_FORMAT: u8 = 1;
 const TAG_EXPIRY: u8 = 2;
@@ -66,6 +75,18 @@ pub enum Frame {
     Connected {
         client_id: String,
         clean_start: bool,
+    },
+    // Acknowledged delivery (issue 12; see `mesh::reliable`).
+    /// Frame `seq` of the sender's stream `epoch` to this peer (only a PUBLISH is numbered).
+    Sequenced {
+        epoch: u64,
+        seq: u64,
+        inner: Box<Frame>,
+    },
+    /// Receiver to sender: every numbered frame of `epoch` up to `seq` was accepted.
+    Ack {
+        epoch: u64,
+        seq: u64,
     },
 }
 
@@ -140,7 +161,37 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
             o.put_u8(u8::from(*clean_start));
             put_str16(o, client_id.as_bytes())
         }),
+        Frame::Sequenced { epoch, seq, inner } => {
+            let inner = encode(inner)?;
+            let mut out = BytesMut::with_capacity(SEQUENCED_HEADER + inner.len());
+            out.put_slice(&sequenced_header(*epoch, *seq, inner.len())?);
+            out.put_slice(&inner);
+            Ok(out.freeze())
+        }
+        Frame::Ack { epoch, seq } => frame(KIND_ACK, |o| {
+            o.put_u64(*epoch);
+            o.put_u64(*seq);
+            Ok(())
+        }),
     }
+}
+
+/// The header that makes the already encoded frame of `inner_len` bytes that follows it frame
+/// `seq` of stream `epoch` (the hot path: the frame's bytes are shared by all peers, the
+/// number is each peer's own).
+pub fn sequenced_header(
+    epoch: u64,
+    seq: u64,
+    inner_len: usize,
+) -> Result<[u8; SEQUENCED_HEADER], FrameError> {
+    let len = u32::try_from(inner_len + SEQUENCED_HEADER - 4)
+        .map_err(|_| FrameError::Malformed("frame over 4 GiB"))?;
+    let mut h = [0u8; SEQUENCED_HEADER];
+    h[..4].copy_from_slice(&len.to_be_bytes());
+    h[4] = KIND_SEQUENCED;
+    h[5..13].copy_from_slice(&epoch.to_be_bytes());
+    h[13..].copy_from_slice(&seq.to_be_bytes());
+    Ok(h)
 }
 
 /// Encodes a PUBLISH frame (the hot path: once per local publish, shared by all peers).
@@ -227,6 +278,58 @@ fn get_string16(b: &mut Bytes, what: &'static str) -> Result<String, FrameError>
     String::from_utf8(get_bytes16(b, what)?.to_vec()).map_err(|_| FrameError::Malformed(what))
 }
 
+/// The body of a PUBLISH frame (after its kind).
+fn decode_publish(mut b: Bytes) -> Result<MeshPublish, FrameError> {
+    need(&b, 1, "publish flags")?;
+    let flags = b.get_u8();
+    let retain = flags & 1 == 1;
+    let qos = (flags >> 1) & 0b11;
+    if qos > 2 {
+        return Err(FrameError::Malformed("publish qos"));
+    }
+    let topic = get_bytes16(&mut b, "publish topic")?;
+    if topic.is_empty() || std::str::from_utf8(&topic).is_err() {
+        return Err(FrameError::Malformed("publish topic"));
+    }
+    need(&b, 4, "publish properties length")?;
+    let props_len = b.get_u32() as usize;
+    need(&b, props_len, "publish properties")?;
+    let mut props = b.split_to(props_len);
+    let mut p = MeshPublish {
+        topic,
+        retain,
+        qos,
+        ..MeshPublish::default()
+    };
+    while props.has_remaining() {
+        match props.get_u8() {
+            TAG_PAYLOAD_FORMAT => {
+                need(&props, 1, "payload format")?;
+                p.payload_format_indicator = Some(props.get_u8());
+            }
+            TAG_EXPIRY => {
+                need(&props, 4, "message expiry")?;
+                p.message_expiry_interval = Some(props.get_u32());
+            }
+            TAG_RESPONSE_TOPIC => {
+                p.response_topic = Some(get_string16(&mut props, "response topic")?)
+            }
+            TAG_CORRELATION => {
+                p.correlation_data = Some(get_bytes16(&mut props, "correlation data")?)
+            }
+            TAG_USER_PROPERTY => {
+                let k = get_string16(&mut props, "user property")?;
+                let v = get_string16(&mut props, "user property")?;
+                p.user_properties.push((k, v));
+            }
+            TAG_CONTENT_TYPE => p.content_type = Some(get_string16(&mut props, "content type")?),
+            _ => return Err(FrameError::Malformed("unknown property tag")),
+        }
+    }
+    p.payload = b;
+    Ok(p)
+}
+
 /// Takes one whole frame off the front of `buf`. `Ok(None)`: more bytes needed. The length is
 /// checked against `max` before anything is buffered beyond the header.
 pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
@@ -271,58 +374,7 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
             b.copy_to_slice(&mut mac);
             Frame::Auth { mac }
         }
-        KIND_PUBLISH => {
-            need(&b, 1, "publish flags")?;
-            let flags = b.get_u8();
-            let retain = flags & 1 == 1;
-            let qos = (flags >> 1) & 0b11;
-            if qos > 2 {
-                return Err(FrameError::Malformed("publish qos"));
-            }
-            let topic = get_bytes16(&mut b, "publish topic")?;
-            if topic.is_empty() || std::str::from_utf8(&topic).is_err() {
-                return Err(FrameError::Malformed("publish topic"));
-            }
-            need(&b, 4, "publish properties length")?;
-            let props_len = b.get_u32() as usize;
-            need(&b, props_len, "publish properties")?;
-            let mut props = b.split_to(props_len);
-            let mut p = MeshPublish {
-                topic,
-                retain,
-                qos,
-                ..MeshPublish::default()
-            };
-            while props.has_remaining() {
-                match props.get_u8() {
-                    TAG_PAYLOAD_FORMAT => {
-                        need(&props, 1, "payload format")?;
-                        p.payload_format_indicator = Some(props.get_u8());
-                    }
-                    TAG_EXPIRY => {
-                        need(&props, 4, "message expiry")?;
-                        p.message_expiry_interval = Some(props.get_u32());
-                    }
-                    TAG_RESPONSE_TOPIC => {
-                        p.response_topic = Some(get_string16(&mut props, "response topic")?)
-                    }
-                    TAG_CORRELATION => {
-                        p.correlation_data = Some(get_bytes16(&mut props, "correlation data")?)
-                    }
-                    TAG_USER_PROPERTY => {
-                        let k = get_string16(&mut props, "user property")?;
-                        let v = get_string16(&mut props, "user property")?;
-                        p.user_properties.push((k, v));
-                    }
-                    TAG_CONTENT_TYPE => {
-                        p.content_type = Some(get_string16(&mut props, "content type")?)
-                    }
-                    _ => return Err(FrameError::Malformed("unknown property tag")),
-                }
-            }
-            p.payload = b;
-            return Ok(Some(Frame::Publish(p)));
-        }
+        KIND_PUBLISH => return decode_publish(b).map(|p| Some(Frame::Publish(p))),
         KIND_CONNECTED => {
             need(&b, 1, "connected flags")?;
             let clean_start = b.get_u8() & 1 == 1;
@@ -330,6 +382,33 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
             Frame::Connected {
                 client_id,
                 clean_start,
+            }
+        }
+        KIND_SEQUENCED => {
+            need(&b, 16, "sequenced header")?;
+            let epoch = b.get_u64();
+            let seq = b.get_u64();
+            // the numbered frame, whole, and nothing after it: a PUBLISH (never nested)
+            need(&b, 5, "sequenced frame truncated")?;
+            let len = b.get_u32() as usize;
+            if len != b.remaining() {
+                return Err(FrameError::Malformed("sequenced frame length"));
+            }
+            if b.get_u8() != KIND_PUBLISH {
+                return Err(FrameError::Malformed("sequenced frame not a publish"));
+            }
+            let inner = Frame::Publish(decode_publish(b)?);
+            return Ok(Some(Frame::Sequenced {
+                epoch,
+                seq,
+                inner: Box::new(inner),
+            }));
+        }
+        KIND_ACK => {
+            need(&b, 16, "ack")?;
+            Frame::Ack {
+                epoch: b.get_u64(),
+                seq: b.get_u64(),
             }
         }
         other => return Err(FrameError::UnknownKind(other)),
@@ -380,6 +459,15 @@ mod tests {
             Frame::Connected {
                 client_id: String::new(),
                 clean_start: false,
+            },
+            Frame::Sequenced {
+                epoch: u64::MAX,
+                seq: 1,
+                inner: Box::new(Frame::Publish(full())),
+            },
+            Frame::Ack {
+                epoch: 3,
+                seq: u64::MAX,
             },
         ];
         let mut wire = BytesMut::new();
@@ -452,6 +540,65 @@ mod tests {
         assert_eq!(encode_publish_expiry_at(&none).expect("encodes").1, None);
         assert_eq!(with_expiry(&wire, wire.len() - 3, 1), None);
         assert_eq!(with_expiry(&wire, usize::MAX, 1), None);
+    }
+
+    /// The hot path writes the header, then the PUBLISH frame's shared bytes: the same as
+    /// encoding the whole frame. Only a PUBLISH is numbered, never nested, exactly framed.
+    #[test]
+    fn a_sequenced_frame_is_a_header_before_a_publish() {
+        let publish = encode_publish(&full()).expect("encodes");
+        let mut wire = sequenced_header(9, 42, publish.len())
+            .expect("fits")
+            .to_vec();
+        wire.extend_from_slice(&publish);
+        let whole = encode(&Frame::Sequenced {
+            epoch: 9,
+            seq: 42,
+            inner: Box::new(Frame::Publish(full())),
+        })
+        .expect("encodes");
+        assert_eq!(wire, whole.to_vec());
+        let wrap = |inner: &[u8]| {
+            let mut w = sequenced_header(1, 1, inner.len()).expect("fits").to_vec();
+            w.extend_from_slice(inner);
+            BytesMut::from(&w[..])
+        };
+        let ack = encode(&Frame::Ack { epoch: 1, seq: 1 }).expect("encodes");
+        assert_eq!(
+            decode(&mut wrap(&ack), 1 << 20),
+            Err(FrameError::Malformed("sequenced frame not a publish"))
+        );
+        // nested: refused at once, no recursion however deep
+        let mut nested = publish.to_vec();
+        for _ in 0..10_000 {
+            nested = wrap(&nested).to_vec();
+        }
+        assert_eq!(
+            decode(&mut BytesMut::from(&nested[..]), usize::MAX),
+            Err(FrameError::Malformed("sequenced frame not a publish"))
+        );
+        // the inner frame claims more (or less) than there is
+        let mut long = wrap(&publish);
+        long[SEQUENCED_HEADER + 3] += 1;
+        assert_eq!(
+            decode(&mut long, 1 << 20),
+            Err(FrameError::Malformed("sequenced frame length"))
+        );
+        assert_eq!(
+            decode(&mut wrap(&publish[..3]), 1 << 20),
+            Err(FrameError::Malformed("sequenced frame truncated"))
+        );
+        assert_eq!(
+            decode(&mut wrap(&[]), 1 << 20),
+            Err(FrameError::Malformed("sequenced frame truncated"))
+        );
+        let mut short_ack = BytesMut::from(&ack[..]);
+        short_ack[3] -= 1;
+        short_ack.truncate(ack.len() - 1);
+        assert_eq!(
+            decode(&mut short_ack, 1 << 20),
+            Err(FrameError::Malformed("ack"))
+        );
     }
 
     #[test]
@@ -537,7 +684,7 @@ mod tests {
 
             #[test]
             fn damaged_frames_never_panic(
-                which in 0usize..4,
+                which in 0usize..6,
                 at in any::<prop::sample::Index>(),
                 byte in any::<u8>(),
                 cut in any::<prop::sample::Index>(),
@@ -546,6 +693,8 @@ mod tests {
                     0 => Frame::Hello { version: VERSION, node_id: "b1".into(), nonce: [7; NONCE_LEN] },
                     1 => Frame::Auth { mac: [9; MAC_LEN] },
                     2 => Frame::Connected { client_id: "c1".into(), clean_start: true },
+                    3 => Frame::Ack { epoch: 1, seq: 2 },
+                    4 => Frame::Sequenced { epoch: 1, seq: 2, inner: Box::new(Frame::Publish(full())) },
                     _ => Frame::Publish(full()),
                 };
                 let mut wire = encode(&frame).expect("encodes").to_vec();

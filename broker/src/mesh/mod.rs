@@ -7,9 +7,15 @@
 //! Links are authenticated ([`auth`]), framed with a version and a length limit ([`frame`]),
 //! reconnected with exponential back-off, and fed from a bounded queue per peer: a slow or
 //! dead peer costs dropped (and counted) messages, never a stalled node.
+//!
+//! QoS 1/2 publishes are acknowledged hop by hop ([`reliable`]): the sender numbers each and
+//! keeps it (bounded) until the peer says its router accepted it, and sends again after a
+//! reconnect what was not acknowledged; the receiver drops what it already delivered. QoS 0
+//! stays fire-and-forget.
 
 pub mod auth;
 pub mod frame;
+pub mod reliable;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,19 +26,46 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use mqlb_config::Secret;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use frame::{decode, encode, Frame, FrameError, MeshPublish, VERSION};
+use reliable::Unacked;
 
 /// Time allowed for a link's handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Frame bytes beyond the payload: topic, properties, header.
 const FRAME_OVERHEAD: usize = 128 * 1024;
+/// Acknowledged delivery (issue 12). The bytes of unacknowledged QoS 1/2 frames kept per peer
+/// (their count is bounded by `peer_queue`); beyond either bound the oldest is dropped.
+const UNACKED_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// A receiver acknowledges at most this long after the router accepted a frame ...
+const ACK_DELAY: Duration = Duration::from_millis(10);
+/// ... or at once when this many more were accepted.
+const ACK_EVERY: u64 = 256;
+/// Origin nodes a receiver keeps delivery state for (one per peer; beyond it one is
+/// forgotten, which can only cause duplicates).
+const MAX_ORIGINS: usize = 1024;
+
+/// A publish from a peer on its way to the local router; `seq`: its `(epoch, seq)` if it is
+/// numbered, reported with [`Mesh::delivery_accepted`] once the router accepted it.
+pub(crate) struct Injected {
+    pub peer: String,
+    pub publish: MeshPublish,
+    pub received: Instant,
+    pub seq: Option<(u64, u64)>,
+}
+
+/// What a receiver knows of one origin's numbered stream, and its acknowledgement for the
+/// link that carries it.
+struct Origin {
+    state: reliable::Inbound,
+    ack: watch::Sender<Option<(u64, u64)>>,
+}
 
 /// A frame waiting in a peer's queue.
 #[derive(Clone)]
@@ -42,6 +75,8 @@ struct Outbound {
     /// received: the interval sent is what is left of it when the frame is written
     /// (MQTT-3.3.2-6), and a message that expired while queued is not sent (MQTT-3.3.2-5).
     expiry: Option<(usize, u32, Instant)>,
+    /// A QoS 1/2 publish: numbered, kept until the peer acknowledges it (issue 12).
+    reliable: bool,
 }
 
 impl Outbound {
@@ -153,6 +188,8 @@ pub(crate) struct Mesh {
     /// (rumqttd publishes them locally; the peers get them from here).
     clients: Mutex<Clients>,
     next_connection: AtomicU64,
+    /// Acknowledged delivery: per origin node, its numbered stream to this node.
+    origins: Mutex<HashMap<String, Origin>>,
 }
 
 impl Mesh {
@@ -170,6 +207,61 @@ impl Mesh {
             wills,
             clients: Mutex::new(Clients::default()),
             next_connection: AtomicU64::new(1),
+            origins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn origins(&self) -> std::sync::MutexGuard<'_, HashMap<String, Origin>> {
+        self.origins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The acknowledgements for `peer`'s stream, for a new link from it.
+    fn origin_acks(&self, peer: &str) -> watch::Receiver<Option<(u64, u64)>> {
+        let mut o = self.origins();
+        if let Some(origin) = o.get(peer) {
+            return origin.ack.subscribe();
+        }
+        if o.len() >= MAX_ORIGINS {
+            if let Some(k) = o.keys().next().cloned() {
+                o.remove(&k);
+            }
+        }
+        let (ack, rx) = watch::channel(None);
+        o.insert(
+            peer.to_owned(),
+            Origin {
+                state: reliable::Inbound::default(),
+                ack,
+            },
+        );
+        rx
+    }
+
+    /// Frame `seq` of `peer`'s stream `epoch` arrived: deliver it or drop it as a duplicate.
+    fn offer(&self, peer: &str, epoch: u64, seq: u64) -> reliable::Verdict {
+        let mut o = self.origins();
+        match o.get_mut(peer) {
+            Some(origin) => {
+                let v = origin.state.offer(epoch, seq);
+                // a new stream (or a gap with nothing in flight) may move the ack at once
+                let ack = origin.state.ack();
+                if ack.is_some() && *origin.ack.borrow() != ack {
+                    origin.ack.send_replace(ack);
+                }
+                v
+            }
+            // forgotten (more origins than MAX_ORIGINS): deliver, at worst twice
+            None => reliable::Verdict::Deliver { skipped: 0 },
+        }
+    }
+
+    /// The router accepted frame `seq` of `peer`'s stream `epoch` (see [`Injected`]).
+    pub(crate) fn delivery_accepted(&self, peer: &str, epoch: u64, seq: u64) {
+        let mut o = self.origins();
+        if let Some(origin) = o.get_mut(peer) {
+            if let Some(ack) = origin.state.accepted(epoch, seq) {
+                origin.ack.send_replace(Some(ack));
+            }
         }
     }
 
@@ -304,6 +396,7 @@ impl Mesh {
         let out = Outbound {
             frame,
             expiry: None,
+            reliable: false,
         };
         for p in peers.iter() {
             if p.tx.try_send(out.clone()).is_err() {
@@ -340,6 +433,7 @@ impl Mesh {
                 expiry: at
                     .zip(publish.message_expiry_interval)
                     .map(|(a, i)| (a, i, received)),
+                reliable: publish.qos > 0,
             },
             Err(e) => {
                 tracing::warn!(error = %e, "publish not forwarded to peers");
@@ -423,7 +517,7 @@ impl Mesh {
 }
 
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<Option<Frame>, HandshakeError> {
@@ -483,6 +577,133 @@ async fn handshake(
     }
 }
 
+/// The metrics of one peer's outbound link.
+struct LinkCounters {
+    forwarded: prometheus::IntCounter,
+    lost: prometheus::IntCounter,
+    expired: prometheus::IntCounter,
+    unacked_full: prometheus::IntCounter,
+    resent: prometheus::IntCounter,
+    unacked: prometheus::IntGauge,
+}
+
+/// Writes a numbered frame: its header, then the frame's (shared) bytes.
+async fn write_numbered(
+    w: &mut (impl AsyncWrite + Unpin),
+    epoch: u64,
+    seq: u64,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let header = frame::sequenced_header(epoch, seq, bytes.len())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    w.write_all(&header).await?;
+    w.write_all(bytes).await
+}
+
+/// Sends again, in order, every frame the peer has not acknowledged (those that expired
+/// meanwhile are dropped and counted).
+async fn resend(
+    w: &mut (impl AsyncWrite + Unpin),
+    unacked: &mut Unacked<Outbound>,
+    c: &LinkCounters,
+) -> std::io::Result<()> {
+    if unacked.is_empty() {
+        return Ok(());
+    }
+    let mut gone = Vec::new();
+    let mut sent = 0;
+    for (seq, m) in unacked.pending() {
+        match m.now() {
+            Some(bytes) => {
+                write_numbered(w, unacked.epoch(), seq, &bytes).await?;
+                sent += 1;
+            }
+            None => gone.push(seq),
+        }
+    }
+    w.flush().await?;
+    c.resent.inc_by(sent);
+    c.expired.inc_by(gone.len() as u64);
+    for seq in gone {
+        unacked.forget(seq);
+    }
+    Ok(())
+}
+
+/// Writes a batch from the queue. A QoS 1/2 frame is numbered and kept (also when the write
+/// fails: a new link sends it again); a QoS 0 frame in flight on a broken link is lost.
+async fn send_batch(
+    w: &mut (impl AsyncWrite + Unpin),
+    batch: Vec<Outbound>,
+    unacked: &mut Unacked<Outbound>,
+    c: &LinkCounters,
+) -> std::io::Result<()> {
+    let mut sent = 0;
+    // QoS 0 frames written (perhaps only into the buffer) or failing: lost if the link fails
+    let mut plain = 0;
+    let mut batch = batch.into_iter();
+    let mut result = Ok(());
+    for m in batch.by_ref() {
+        let Some(bytes) = m.now() else {
+            c.expired.inc();
+            continue;
+        };
+        result = if m.reliable {
+            let (seq, dropped) = unacked.push(m, bytes.len());
+            c.unacked_full.inc_by(dropped as u64);
+            write_numbered(w, unacked.epoch(), seq, &bytes).await
+        } else {
+            plain += 1;
+            w.write_all(&bytes).await
+        };
+        if result.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    if result.is_ok() {
+        result = w.flush().await;
+    }
+    match result {
+        Ok(()) => c.forwarded.inc_by(sent),
+        Err(_) => {
+            // written into a broken link: QoS 0 lost, the rest kept for the next link
+            c.lost.inc_by(plain);
+            for m in batch {
+                if m.reliable && m.now().is_some() {
+                    let size = m.frame.len();
+                    c.unacked_full.inc_by(unacked.push(m, size).1 as u64);
+                } else {
+                    c.lost.inc();
+                }
+            }
+        }
+    }
+    result
+}
+
+/// Applies the ACKs in `buf`; anything else from the peer is an error (its metric label and
+/// why), which closes the link.
+fn take_acks(
+    buf: &mut BytesMut,
+    unacked: &mut Unacked<Outbound>,
+) -> Result<(), (&'static str, String)> {
+    loop {
+        match decode(buf, 1024) {
+            Ok(Some(Frame::Ack { epoch, seq })) => {
+                if let Err(e) = unacked.ack(epoch, seq) {
+                    return Err(("protocol", e.to_string()));
+                }
+            }
+            Ok(Some(_)) => {
+                return Err(("protocol", "peer sent a frame other than ACK".to_string()));
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => return Err((e.label(), format!("bad frame from the peer: {e}"))),
+        }
+    }
+}
+
 /// Keeps the link to one peer up and drains its queue into it.
 async fn outbound(
     mesh: Arc<Mesh>,
@@ -501,6 +722,23 @@ async fn outbound(
         .metrics
         .dropped
         .with_label_values(&[&peer.id, "expired"]);
+    let counters = LinkCounters {
+        forwarded,
+        lost,
+        expired,
+        unacked_full: mesh
+            .metrics
+            .dropped
+            .with_label_values(&[&peer.id, "unacked_full"]),
+        resent: mesh.metrics.resent.with_label_values(&[&peer.id]),
+        unacked: mesh.metrics.unacked.with_label_values(&[&peer.id]),
+    };
+    // This link's numbered stream: a new epoch whenever the link to this peer is created.
+    let mut unacked: Unacked<Outbound> = Unacked::new(
+        rand::random(),
+        settings.peer_queue.max(1),
+        UNACKED_MAX_BYTES,
+    );
     let mut backoff = settings.reconnect_min;
     loop {
         let attempt = async {
@@ -532,50 +770,46 @@ async fn outbound(
                 backoff = settings.reconnect_min;
                 let (mut r, w) = stream.into_split();
                 let mut w = BufWriter::with_capacity(64 * 1024, w);
-                let mut probe = [0u8; 64];
-                let why = loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        msg = rx.recv() => {
-                            let Some(first) = msg else { return };
-                            let mut batch = vec![first];
-                            while batch.len() < 256 {
-                                match rx.try_recv() {
-                                    Ok(m) => batch.push(m),
-                                    Err(_) => break,
+                let mut acks = BytesMut::new();
+                let why = 'link: {
+                    // First what the peer has not acknowledged, in order.
+                    if let Err(e) = resend(&mut w, &mut unacked, &counters).await {
+                        break 'link e.to_string();
+                    }
+                    counters.unacked.set(unacked.len() as i64);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            msg = rx.recv() => {
+                                let Some(first) = msg else { return };
+                                let mut batch = vec![first];
+                                while batch.len() < 256 {
+                                    match rx.try_recv() {
+                                        Ok(m) => batch.push(m),
+                                        Err(_) => break,
+                                    }
+                                }
+                                let r = send_batch(&mut w, batch, &mut unacked, &counters).await;
+                                counters.unacked.set(unacked.len() as i64);
+                                if let Err(e) = r {
+                                    break 'link e.to_string();
                                 }
                             }
-                            let mut sent = 0;
-                            let mut result = Ok(());
-                            for m in &batch {
-                                let Some(m) = m.now() else {
-                                    expired.inc();
-                                    continue;
-                                };
-                                if let Err(e) = w.write_all(&m).await {
-                                    result = Err(e);
-                                    break;
+                            // The peer sends only ACKs: EOF or an error means the link is
+                            // gone, noticed before the next publish is written into it.
+                            r = r.read_buf(&mut acks) => match r {
+                                Ok(0) => break 'link "peer closed the link".to_string(),
+                                Ok(_) => {
+                                    let taken = take_acks(&mut acks, &mut unacked);
+                                    counters.unacked.set(unacked.len() as i64);
+                                    if let Err((label, why)) = taken {
+                                        mesh.metrics.rejected.with_label_values(&[label]).inc();
+                                        break 'link why;
+                                    }
                                 }
-                                sent += 1;
-                            }
-                            if result.is_ok() {
-                                result = w.flush().await;
-                            }
-                            match result {
-                                Ok(()) => forwarded.inc_by(sent),
-                                Err(e) => {
-                                    lost.inc_by(batch.len() as u64);
-                                    break e.to_string();
-                                }
-                            }
+                                Err(e) => break 'link e.to_string(),
+                            },
                         }
-                        // The peer never sends after the handshake: EOF or an error means the
-                        // link is gone, noticed before the next publish is written into it.
-                        r = r.read(&mut probe) => match r {
-                            Ok(0) => break "peer closed the link".to_string(),
-                            Ok(_) => break "peer sent data after the handshake".to_string(),
-                            Err(e) => break e.to_string(),
-                        },
                     }
                 };
                 peer.up.store(false, Ordering::Release);
@@ -598,7 +832,7 @@ async fn outbound(
 pub(crate) async fn serve_inbound(
     mesh: Arc<Mesh>,
     listener: TcpListener,
-    inject: mpsc::Sender<(String, MeshPublish, Instant)>,
+    inject: mpsc::Sender<Injected>,
     stop: CancellationToken,
 ) {
     let Some(settings) = mesh.settings.clone() else {
@@ -636,7 +870,7 @@ async fn inbound(
     mut stream: TcpStream,
     addr: SocketAddr,
     secret: Secret,
-    inject: mpsc::Sender<(String, MeshPublish, Instant)>,
+    inject: mpsc::Sender<Injected>,
 ) {
     let mut buf = BytesMut::new();
     let hs = tokio::time::timeout(
@@ -655,24 +889,38 @@ async fn inbound(
     };
     tracing::info!(peer, %addr, "inbound mesh link up");
     let received = mesh.metrics.received.with_label_values(&[&peer]);
-    let max = mesh.max_frame();
+    let duplicates = mesh.metrics.duplicates.with_label_values(&[&peer]);
+    let skipped = mesh.metrics.skipped.with_label_values(&[&peer]);
+    let max = mesh.max_frame().saturating_add(frame::SEQUENCED_HEADER);
+    let (mut stream, w) = stream.into_split();
+    // The peer's acknowledgements go back on this link, written by their own task, which
+    // ends with the link.
+    let _acks = AbortOnDrop(tokio::spawn(write_acks(w, mesh.origin_acks(&peer))));
     loop {
-        match read_frame(&mut stream, &mut buf, max).await {
-            Ok(Some(Frame::Publish(p))) => {
-                // Back-pressure: a full router queue slows this link, not the node.
-                if inject
-                    .send((peer.clone(), p, Instant::now()))
-                    .await
-                    .is_err()
-                {
+        let (p, seq) = match read_frame(&mut stream, &mut buf, max).await {
+            Ok(Some(Frame::Publish(p))) => (p, None),
+            Ok(Some(Frame::Sequenced { epoch, seq, inner })) => {
+                let Frame::Publish(p) = *inner else {
+                    mesh.metrics.rejected.with_label_values(&["protocol"]).inc();
+                    tracing::warn!(peer, "a numbered frame that is not a publish; closing");
                     return;
+                };
+                match mesh.offer(&peer, epoch, seq) {
+                    reliable::Verdict::Duplicate => {
+                        duplicates.inc();
+                        continue;
+                    }
+                    reliable::Verdict::Deliver { skipped: n } => skipped.inc_by(n),
                 }
-                received.inc();
+                (p, Some((epoch, seq)))
             }
             Ok(Some(Frame::Connected {
                 client_id,
                 clean_start,
-            })) => mesh.peer_connected(&client_id, clean_start),
+            })) => {
+                mesh.peer_connected(&client_id, clean_start);
+                continue;
+            }
             Ok(Some(_)) => {
                 mesh.metrics.rejected.with_label_values(&["protocol"]).inc();
                 tracing::warn!(peer, "unexpected frame after the handshake; closing");
@@ -687,7 +935,69 @@ async fn inbound(
                 tracing::warn!(peer, error = %e, "inbound mesh link failed");
                 return;
             }
+        };
+        // Back-pressure: a full router queue slows this link, not the node.
+        let injected = Injected {
+            peer: peer.clone(),
+            publish: p,
+            received: Instant::now(),
+            seq,
+        };
+        if inject.send(injected).await.is_err() {
+            return;
         }
+        received.inc();
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends the origin's acknowledgement on its link: the current one at once, then each new
+/// one at most [`ACK_DELAY`] after it moved, sooner when [`ACK_EVERY`] more frames wait.
+async fn write_acks(mut w: impl AsyncWrite + Unpin, mut acks: watch::Receiver<Option<(u64, u64)>>) {
+    let due = |cur: Option<(u64, u64)>, sent: Option<(u64, u64)>| match (cur, sent) {
+        (Some((e, s)), Some((se, ss))) => e != se || s.saturating_sub(ss) >= ACK_EVERY,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    acks.mark_changed();
+    let mut sent = None;
+    loop {
+        if acks.changed().await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + ACK_DELAY;
+        loop {
+            let cur = *acks.borrow_and_update();
+            if due(cur, sent) {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, acks.changed()).await {
+                Err(_) => break,
+                Ok(Err(_)) => return,
+                Ok(Ok(())) => {}
+            }
+        }
+        let cur = *acks.borrow_and_update();
+        let Some((epoch, seq)) = cur else { continue };
+        if cur == sent {
+            continue;
+        }
+        let Ok(bytes) = encode(&Frame::Ack { epoch, seq }) else {
+            return;
+        };
+        if w.write_all(&bytes).await.is_err() || w.flush().await.is_err() {
+            // the link is gone: its reader notices and ends
+            return;
+        }
+        sent = cur;
     }
 }
 
@@ -710,6 +1020,7 @@ mod tests {
             Outbound {
                 frame,
                 expiry: Some((at, interval, received)),
+                reliable: false,
             },
             p,
         )
@@ -721,6 +1032,63 @@ mod tests {
             Ok(Some(Frame::Publish(p))) => Some(p),
             other => panic!("not a publish: {other:?}"),
         }
+    }
+
+    /// The sender takes only ACKs from its peer, and only for what it sent: anything else is
+    /// an error that names its metric label, and closes the link.
+    #[test]
+    fn a_sender_takes_only_acks_for_what_it_sent() {
+        let out = |n: u8| Outbound {
+            frame: Bytes::from(vec![n]),
+            expiry: None,
+            reliable: true,
+        };
+        let mut unacked = Unacked::new(5, 10, 1 << 20);
+        for n in 0..3 {
+            unacked.push(out(n), 1);
+        }
+        let mut buf = BytesMut::new();
+        for f in [
+            Frame::Ack { epoch: 5, seq: 1 },
+            Frame::Ack { epoch: 4, seq: 3 },
+            Frame::Ack { epoch: 5, seq: 2 },
+        ] {
+            buf.extend_from_slice(&encode(&f).expect("encodes"));
+        }
+        // and half of the next one
+        let next = encode(&Frame::Ack { epoch: 5, seq: 3 }).expect("encodes");
+        buf.extend_from_slice(&next[..5]);
+        assert_eq!(take_acks(&mut buf, &mut unacked), Ok(()));
+        assert_eq!(unacked.len(), 1, "another epoch's ack changed nothing");
+        buf.extend_from_slice(&next[5..]);
+        assert_eq!(take_acks(&mut buf, &mut unacked), Ok(()));
+        assert!(unacked.is_empty());
+
+        let refused = |bytes: Bytes| {
+            let mut unacked: Unacked<Outbound> = Unacked::new(5, 10, 1 << 20);
+            unacked.push(out(0), 1);
+            take_acks(&mut BytesMut::from(&bytes[..]), &mut unacked).map_err(|(label, _)| label)
+        };
+        let ahead = encode(&Frame::Ack { epoch: 5, seq: 2 }).expect("encodes");
+        assert_eq!(refused(ahead), Err("protocol"));
+        let connected = encode(&Frame::Connected {
+            client_id: "c".into(),
+            clean_start: true,
+        })
+        .expect("encodes");
+        assert_eq!(refused(connected), Err("protocol"));
+        assert_eq!(
+            refused(Bytes::from_static(b"\x00\x00\x00\x01\x63")),
+            Err("unknown_kind")
+        );
+        assert_eq!(
+            refused(Bytes::from_static(b"\x00\x00\x10\x00\x11")),
+            Err("too_large")
+        );
+        assert_eq!(
+            refused(Bytes::from_static(b"\x00\x00\x00\x02\x11\x00")),
+            Err("malformed")
+        );
     }
 
     /// MQTT-3.3.2-6: the interval a peer receives is what is left of it after the wait in the
@@ -742,6 +1110,7 @@ mod tests {
         let plain = Outbound {
             frame: Bytes::from_static(b"x"),
             expiry: None,
+            reliable: false,
         };
         assert_eq!(plain.now(), Some(Bytes::from_static(b"x")));
     }
