@@ -150,6 +150,7 @@ impl<'a> LinkBuilder<'a> {
         outgoing.set_receive_maximum(self.receive_maximum);
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
+        let link = outgoing.link;
 
         let event = Event::Connect {
             connection,
@@ -170,7 +171,8 @@ impl<'a> LinkBuilder<'a> {
         };
 
         let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let mut rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        rx.link = link;
         Ok((tx, rx, notification))
     }
 }
@@ -357,6 +359,8 @@ pub struct LinkRx {
     router_rx: Receiver<()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
     cache: VecDeque<Notification>,
+    /// mqlb patch (a link's end closes only that link): the router's number for this link.
+    link: u64,
 }
 
 impl LinkRx {
@@ -372,11 +376,17 @@ impl LinkRx {
             router_rx,
             send_buffer: outgoing_data_buffer,
             cache: VecDeque::with_capacity(100),
+            link: 0,
         }
     }
 
     pub fn id(&self) -> ConnectionId {
         self.connection_id
+    }
+
+    /// mqlb patch (a link's end closes only that link): what `Event::Disconnect` carries.
+    pub fn link(&self) -> u64 {
+        self.link
     }
 
     pub fn recv(&mut self) -> Result<Option<Notification>, LinkError> {

@@ -63,6 +63,13 @@ pub struct RemoteLink<P> {
     pub(crate) will_delay_interval: u32,
 }
 
+impl<P> RemoteLink<P> {
+    /// mqlb patch (a link's end closes only that link): see `Event::Disconnect`.
+    pub(crate) fn link(&self) -> u64 {
+        self.link_rx.link()
+    }
+}
+
 impl<P: Protocol> RemoteLink<P> {
     pub async fn new(
         router_tx: Sender<(ConnectionId, Event)>,

@@ -16,6 +16,10 @@ use crate::{
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
 const MAX_INFLIGHT: usize = 100;
+
+/// mqlb patch (a link's end closes only that link): numbers every link ever made, so an event
+/// from a link that has ended can be told from one of the link now in its connection slot.
+static NEXT_LINK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
 #[derive(Debug)]
@@ -71,6 +75,8 @@ pub struct Outgoing {
     replay: VecDeque<(u16, FilterIdx, Cursor)>,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// mqlb patch (a link's end closes only that link): this link's number (`NEXT_LINK`).
+    pub(crate) link: u64,
     /// mqlb patch (MQTT-3.3.4-9): the most unacknowledged QoS 1/2 deliveries the client takes
     /// (its Receive Maximum, at most MAX_INFLIGHT).
     receive_maximum: usize,
@@ -98,6 +104,7 @@ impl Outgoing {
             replay: VecDeque::new(),
             meter: Default::default(),
             receive_maximum: MAX_INFLIGHT,
+            link: NEXT_LINK.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
 
         (outgoing, rx)

@@ -55,8 +55,9 @@ pub enum Event {
     Ready,
     /// Data for native commitlog
     DeviceData,
-    /// Disconnection request
-    Disconnect,
+    /// Disconnection request. mqlb patch (a link's end closes only that link): `link` is the
+    /// ending link's number; the router ignores it if another link holds the slot by now.
+    Disconnect { link: u64 },
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

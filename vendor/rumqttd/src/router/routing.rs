@@ -258,7 +258,16 @@ impl Router {
             Event::NewMeter(tx) => self.handle_new_meter(tx),
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
-            Event::Disconnect => self.handle_disconnection(id, None),
+            // mqlb patch (a link's end closes only that link): a link's end is reported twice
+            // when the client sent DISCONNECT (the packet, then the closed socket); by the
+            // second report the slot may hold the next client's connection.
+            Event::Disconnect { link } => {
+                if self.obufs.get(id).is_some_and(|o| o.link == link) {
+                    self.handle_disconnection(id, None)
+                } else {
+                    debug!(id, link, "end of a link that is gone already");
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
