@@ -28,6 +28,10 @@ pub use server::{Broker, DelayedWills, LinkType, Server};
 pub use self::router::shared_subs::Strategy;
 // mqlb patch: authentication and authorisation hooks (PATCHED.md).
 pub use router::authorize::{Access, Authorizer, ConnectionAcl};
+// mqlb patch (across the cluster, issue 12): sessions move between routers (PATCHED.md).
+pub use router::transfer::{
+    ExportedMessage, ExportedSubscription, SessionControl, SessionExport, SessionHook,
+};
 
 mod link;
 pub mod protocol;

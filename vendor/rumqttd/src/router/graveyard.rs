@@ -98,6 +98,27 @@ impl Graveyard {
         }
     }
 
+    /// mqlb patch (across the cluster, issue 12): takes the saved session of `id` out (it
+    /// moves to another router) with when it would have expired (`None`: never); `None` if
+    /// there is none, or it has expired.
+    pub fn take(&mut self, id: &str) -> Option<(SessionState, Option<Instant>)> {
+        let saved = self.connections.remove(id)?;
+        if let Some(at) = saved.expires_at {
+            self.expiries.remove(&(at, id.to_owned()));
+            if at <= Instant::now() {
+                return None;
+            }
+        }
+        Some((saved.session_state?, saved.expires_at))
+    }
+
+    /// mqlb patch (across the cluster, issue 12): forgets the saved session of `id` (a Clean
+    /// Start on another router ended it, MQTT-3.1.2-4).
+    pub fn discard(&mut self, id: &str) {
+        let old = self.connections.remove(id);
+        self.forget_expiry(id, old);
+    }
+
     /// mqlb patch (session expiry): when the next saved session expires.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.expiries.first().map(|(at, _)| *at)

@@ -25,6 +25,8 @@ mod logs;
 mod routing;
 mod scheduler;
 pub(crate) mod shared_subs;
+// mqlb patch (across the cluster, issue 12): sessions move between routers (PATCHED.md).
+pub mod transfer;
 mod waiters;
 
 pub use alertlog::Alert;
@@ -68,6 +70,14 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// mqlb patch (across the cluster, issue 12): see `transfer::SessionControl`.
+    TakeOver { client_id: String, discard: bool },
+    ExportSession {
+        client_id: String,
+        budget: usize,
+        reply: flume::Sender<Option<transfer::SessionExport>>,
+    },
+    ImportSession(Box<transfer::SessionExport>),
 }
 
 /// Notification from router to connection

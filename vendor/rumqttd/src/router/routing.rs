@@ -25,6 +25,8 @@ use super::iobufs::{Incoming, Outgoing};
 use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
+// mqlb patch (across the cluster, issue 12).
+use super::transfer;
 use super::{
     packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, Print, RouterMeter,
     ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
@@ -284,6 +286,16 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+            // mqlb patch (across the cluster, issue 12): see `transfer`.
+            Event::TakeOver { client_id, discard } => self.take_over(&client_id, discard),
+            Event::ExportSession {
+                client_id,
+                budget,
+                reply,
+            } => {
+                let _ = reply.try_send(self.export_session(&client_id, budget));
+            }
+            Event::ImportSession(session) => self.import_session(*session),
         }
     }
 
@@ -2028,6 +2040,201 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
         s.split_once('/')
             .map(|(group, path)| (group.to_string(), path.to_string()))
     })
+}
+
+/// mqlb patch (across the cluster, issue 12): sessions leave and arrive (see `transfer`).
+impl Router {
+    /// The client connected on another router: its connection here ends with DISCONNECT 0x8E
+    /// Session taken over (MQTT-3.1.4-3), as for a second connection here; `discard`: its
+    /// session too (the other connection had Clean Start 1, MQTT-3.1.2-4).
+    fn take_over(&mut self, client_id: &str, discard: bool) {
+        if let Some(&id) = self.connection_map.get(client_id) {
+            debug!(client_id, "session taken over on another node");
+            self.handle_disconnection(id, Some(DisconnectReasonCode::SessionTakenOver));
+        }
+        if discard {
+            self.graveyard.discard(client_id);
+        }
+    }
+
+    /// Takes `client_id`'s session out of this router (its live connection closed first with
+    /// 0x8E): subscriptions, the QoS 1/2 messages it has not acknowledged (sent ones with their
+    /// packet ids; at most `budget` bytes of them, the rest counted in `dropped`), pending
+    /// PUBRELs, the time left of its expiry interval. The session is gone from here after.
+    fn export_session(
+        &mut self,
+        client_id: &str,
+        budget: usize,
+    ) -> Option<transfer::SessionExport> {
+        if let Some(&id) = self.connection_map.get(client_id) {
+            self.handle_disconnection(id, Some(DisconnectReasonCode::SessionTakenOver));
+        }
+        let (state, expires_at) = self.graveyard.take(client_id)?;
+        let expiry = match expires_at {
+            None => u32::MAX,
+            Some(at) => {
+                let left = at.saturating_duration_since(std::time::Instant::now());
+                u32::try_from(left.as_secs() + 1).unwrap_or(u32::MAX - 1)
+            }
+        };
+        let mut export = transfer::SessionExport {
+            client_id: client_id.to_owned(),
+            expiry,
+            pubrels: state.unacked_pubrels.iter().copied().collect(),
+            last_pkid: state.last_pkid,
+            ..Default::default()
+        };
+        let mut left = budget;
+        for r in &state.tracker.data_requests {
+            if !r.filter.starts_with(transfer::SESSION_QUEUE_PREFIX) {
+                export.subscriptions.push(transfer::ExportedSubscription {
+                    filter: r.filter.clone(),
+                    qos: r.qos,
+                    nolocal: r.nolocal,
+                    preserve_retain: r.preserve_retain,
+                });
+            }
+            // A shared subscription's messages are the group's, taken by its other members.
+            if r.group.is_some() || self.datalog.native.get(r.filter_idx).is_none() {
+                continue;
+            }
+            let mut cursor = r.cursor;
+            // Bounded: each read takes at least one message or ends.
+            for _ in 0..1_000_000 {
+                let skip = r.nolocal.then_some(client_id);
+                let Ok((next, read)) = self.datalog.native_readv(r.filter_idx, cursor, 100, skip)
+                else {
+                    break;
+                };
+                for ((publish, mut properties), offset) in read {
+                    let qos = (publish.qos as u8).min(r.qos);
+                    if qos == 0 {
+                        continue;
+                    }
+                    let size = publish.topic.len() + publish.payload.len() + 64;
+                    if size > left {
+                        export.dropped += 1;
+                        continue;
+                    }
+                    left -= size;
+                    if let Some(p) = properties.as_mut() {
+                        p.topic_alias = None;
+                        p.subscription_identifiers.clear();
+                    }
+                    let pkid = state
+                        .unacked
+                        .iter()
+                        .find(|(_, f, c)| *f == r.filter_idx && *c == offset)
+                        .map_or(0, |(pkid, _, _)| *pkid);
+                    export.pending.push(transfer::ExportedMessage {
+                        topic: publish.topic,
+                        payload: publish.payload,
+                        qos,
+                        retain: publish.retain && r.preserve_retain,
+                        properties,
+                        pkid,
+                    });
+                }
+                match next {
+                    Position::Next { end, .. } if end != cursor => cursor = end,
+                    _ => break,
+                }
+            }
+        }
+        debug!(
+            client_id,
+            subscriptions = export.subscriptions.len(),
+            pending = export.pending.len(),
+            dropped = export.dropped,
+            "session exported"
+        );
+        Some(export)
+    }
+
+    /// Installs an exported session as this router's saved session of its client (replacing
+    /// one it had): its subscriptions read their logs from now on, its pending messages are
+    /// queued in a log of its own (`transfer::SESSION_QUEUE_PREFIX`) that only it reads, the
+    /// unacknowledged ones to go out again with their packet ids and DUP 1 (MQTT-4.4.0-1).
+    fn import_session(&mut self, s: transfer::SessionExport) {
+        let client_id = s.client_id;
+        if validate_clientid(&client_id).is_err() || client_id.is_empty() {
+            return;
+        }
+        // An older connection of the client here would read the queue: it is replaced anyway.
+        if let Some(&id) = self.connection_map.get(&client_id) {
+            self.handle_disconnection(id, Some(DisconnectReasonCode::SessionTakenOver));
+        }
+        let queue = format!("{}{client_id}", transfer::SESSION_QUEUE_PREFIX);
+        let (queue_idx, start) = self.datalog.next_native_offset(&queue);
+        let mut unacked = Vec::new();
+        for m in s.pending {
+            let Some(log) = self.datalog.native.get_mut(queue_idx) else {
+                break;
+            };
+            let qos = protocol::qos(m.qos.clamp(1, 2)).unwrap_or(QoS::AtLeastOnce);
+            let data = PublishData {
+                publish: Publish::new(m.topic, m.payload, m.retain).with_qos(qos, 0),
+                properties: m.properties,
+                timestamp: std::time::Instant::now(),
+                origin: None,
+            };
+            // `append` returns the offset after the message.
+            let ((segment, next), _) = log.append(data, &mut self.notifications);
+            if m.pkid != 0 {
+                unacked.push((m.pkid, queue_idx, (segment, next.saturating_sub(1))));
+            }
+        }
+        let mut tracker = Tracker::new(client_id.clone());
+        let mut subscriptions = HashSet::new();
+        for sub in s.subscriptions {
+            if sub.filter.starts_with(transfer::SESSION_QUEUE_PREFIX) {
+                continue;
+            }
+            let (group, path) = match extract_group(&sub.filter) {
+                Some((g, p)) => (Some(g), p),
+                None => (None, sub.filter.clone()),
+            };
+            let (filter_idx, cursor) = self.datalog.next_native_offset(&path);
+            if !subscriptions.insert(sub.filter.clone()) {
+                continue;
+            }
+            tracker.register_data_request(DataRequest {
+                filter: sub.filter,
+                filter_idx,
+                qos: sub.qos.min(2),
+                cursor,
+                read_count: 0,
+                max_count: 100,
+                forward_retained: false,
+                group,
+                nolocal: sub.nolocal,
+                preserve_retain: sub.preserve_retain,
+            });
+        }
+        subscriptions.insert(queue.clone());
+        tracker.register_data_request(DataRequest {
+            filter: queue,
+            filter_idx: queue_idx,
+            qos: 2,
+            cursor: start,
+            read_count: 0,
+            max_count: 100,
+            forward_retained: false,
+            group: None,
+            nolocal: false,
+            // RETAIN was set as the subscription delivers it.
+            preserve_retain: true,
+        });
+        debug!(client_id, "session imported");
+        self.graveyard.save_state(
+            tracker,
+            subscriptions,
+            ConnectionEvents::default(),
+            s.pubrels.into_iter().collect(),
+            (unacked, s.last_pkid),
+            s.expiry,
+        );
+    }
 }
 // #[cfg(test)]
 // #[allow(non_snake_case)]

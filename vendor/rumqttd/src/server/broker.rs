@@ -441,6 +441,8 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: DelayedWills,
+    /// mqlb patch (across the cluster, issue 12): asked before each CONNECT reaches the router.
+    session_hook: Option<Arc<dyn crate::SessionHook>>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -454,7 +456,15 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: DelayedWills::default(),
+            session_hook: None,
         }
+    }
+
+    /// mqlb patch (across the cluster, issue 12): `hook` is asked before each accepted CONNECT
+    /// goes to the router, so before its CONNACK (see `router::transfer`).
+    pub fn session_hook(mut self, hook: Arc<dyn crate::SessionHook>) -> Server<P> {
+        self.session_hook = Some(hook);
+        self
     }
 
     /// mqlb patch (will delay across listeners and nodes): this server's connections register
@@ -546,6 +556,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                             stream,
                             protocol,
                             self.awaiting_will_handler.clone(),
+                            self.session_hook.clone(),
                         )
                         .instrument(tracing::info_span!(
                             "websocket_link",
@@ -562,6 +573,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         network,
                         protocol,
                         self.awaiting_will_handler.clone(),
+                        self.session_hook.clone(),
                     )
                     .instrument(tracing::error_span!(
                         "remote_link",
@@ -607,6 +619,7 @@ async fn remote<P: Protocol>(
     stream: Box<dyn N>,
     protocol: P,
     will_handlers: DelayedWills,
+    session_hook: Option<Arc<dyn crate::SessionHook>>,
 ) {
     let mut network = Network::new(
         stream,
@@ -669,6 +682,12 @@ async fn remote<P: Protocol>(
     // is nothing left to notify.
     // mqlb patch (will delay across listeners and nodes): the same, in `DelayedWills`.
     let (will_rx, registration) = will_handlers.connect(&client_id, clean_session);
+
+    // mqlb patch (across the cluster, issue 12): the embedder may bring the client's session
+    // from another node before the router answers this CONNECT.
+    if let Some(hook) = &session_hook {
+        hook.before_connect(&client_id, clean_session).await;
+    }
 
     // Start the link
     let mut link = match RemoteLink::new(
