@@ -1,18 +1,21 @@
 //! Zero-copy relay for bulk streams on Linux: `splice(2)` moves a socket's received pages into
 //! a pipe and from the pipe into the other socket, so the payload never crosses into user
 //! space. Pipes are pooled per thread and taken only while a bulk stream has bytes in flight,
-//! so idle connections hold no descriptors beyond their two sockets.
+//! so idle connections hold no descriptors beyond their two sockets. The system calls go
+//! through `rustix`, which gives them safe, typed signatures (no `unsafe` here).
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::pipe::{fcntl_setpipe_size, pipe_with, PipeFlags, SpliceFlags};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Pipe capacity asked for: room for a burst of socket pages per splice. The kernel may give
 /// less (`/proc/sys/fs/pipe-max-size`); the default 64 KiB works too, only with more calls.
-const PIPE_SIZE: libc::c_int = 1 << 20;
+const PIPE_SIZE: usize = 1 << 20;
 /// Empty pipes kept per thread; beyond this they are closed.
 const KEEP: usize = 16;
 
@@ -30,16 +33,11 @@ pub(crate) struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
         // A larger pipe is an optimisation only; its failure (a lowered limit) is not an error.
-        // SAFETY: F_SETPIPE_SZ on a pipe descriptor we own.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        if let Err(e) = fcntl_setpipe_size(&write, PIPE_SIZE) {
+            tracing::debug!(error = %e, "pipe size not raised");
+        }
         Ok(Pipe {
             read,
             write,
@@ -81,9 +79,7 @@ impl Pipe {
     /// clears the socket's readiness, like a read would.
     pub(crate) fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
         debug_assert_eq!(self.pending, 0);
-        let n = from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), self.write.as_raw_fd(), PIPE_SIZE as usize)
-        })?;
+        let n = from.try_io(Interest::READABLE, || splice(from, &self.write, PIPE_SIZE))?;
         // splice moves at most the `len` asked for, PIPE_SIZE
         self.pending = n as u32;
         Ok(n)
@@ -92,27 +88,17 @@ impl Pipe {
     /// Moves bytes from the pipe into `to`; returns how many.
     pub(crate) fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
         let n = to.try_io(Interest::WRITABLE, || {
-            splice(self.read.as_raw_fd(), to.as_raw_fd(), self.pending as usize)
+            splice(&self.read, to, self.pending as usize)
         })?;
         self.pending -= n as u32;
         Ok(n)
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both descriptors are open for the duration of the call (borrowed from live
-    // owners); null offsets are required for sockets and pipes.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+/// No offsets: they must be `None` for sockets and pipes.
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    Ok(rustix::pipe::splice(from, None, to, None, len, flags)?)
 }
 
 #[cfg(test)]
