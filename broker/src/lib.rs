@@ -11,6 +11,7 @@ mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+mod session;
 mod tap;
 mod watchdog;
 

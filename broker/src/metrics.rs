@@ -132,6 +132,14 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Adds metrics kept elsewhere (sessions across the cluster, issue 12).
+    pub(crate) fn register(
+        &self,
+        c: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(c)
+    }
+
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;

@@ -200,6 +200,15 @@ impl Node {
             },
         );
         let router_tx = router.spawn();
+        // One live session per client ID across the cluster, sessions moving with their
+        // clients (issue 12): a moved session's pending messages fit in one mesh frame.
+        let sessions = crate::session::Sessions::new(
+            rumqttd::SessionControl::new(router_tx.clone()),
+            &mesh,
+            spec.mesh.as_ref().map_or(0, |m| m.max_payload),
+        )?;
+        let _ = mesh.sessions.set(sessions.clone());
+        let hook: Arc<dyn rumqttd::SessionHook> = Arc::new(crate::session::Hook(sessions));
         let (link_tx, link_rx, _ack) =
             LinkBuilder::new(&format!("mqlb-mesh-{}", n.id), router_tx.clone())
                 .build()
@@ -233,12 +242,18 @@ impl Node {
         // (A macro, because rumqttd does not export the type of its router channel.)
         macro_rules! factory {
             ($settings:expr, $tap:expr) => {{
-                let (settings, router_tx, tap, wills) =
-                    ($settings, router_tx.clone(), $tap, wills.clone());
+                let (settings, router_tx, tap, wills, hook) = (
+                    $settings,
+                    router_tx.clone(),
+                    $tap,
+                    wills.clone(),
+                    hook.clone(),
+                );
                 move || {
                     // `Tap::clone` starts a fresh per-connection state.
                     let mut server = Server::new(settings.clone(), router_tx.clone(), tap.clone())
-                        .delayed_wills(wills.clone());
+                        .delayed_wills(wills.clone())
+                        .session_hook(hook.clone());
                     async move { server.start(LinkType::Remote).await }
                 }
             }};

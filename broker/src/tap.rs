@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use rumqttd::protocol::{ConnectReturnCode, Error, Packet, Protocol, Publish, PublishProperties};
+use rumqttd::protocol::{
+    ConnectReturnCode, DisconnectReasonCode, Error, Packet, Protocol, Publish, PublishProperties,
+};
 
 use crate::auth::Auth;
 use crate::mesh::frame::MeshPublish;
@@ -292,6 +294,13 @@ impl<P: Protocol> Protocol for Tap<P> {
             other => other,
         };
         if self.strip_properties {
+            // A connection taken over by another (issue 12): MQTT 3.1.1 has no DISCONNECT
+            // from the server; the connection is just closed (MQTT-3.1.4-2).
+            if let Packet::Disconnect(d, _) = &packet {
+                if d.reason_code == DisconnectReasonCode::SessionTakenOver {
+                    return Ok(0);
+                }
+            }
             return self.inner.write(v4_safe(packet), write);
         }
         self.inner.write(packet, write)

@@ -60,6 +60,19 @@ pub struct MeshPublish {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    // Sessions across the cluster (issue 12; see `crate::session` and the layouts below).
+    /// "Send me the session of `client_id`, if you have it": a client connected with Clean
+    /// Start 0 to the sending node, which waits for the answers before its CONNACK.
+    SessionRequest {
+        request: u64,
+        client_id: String,
+    },
+    /// The answer to `request`: the session, taken out of the answering node (its live
+    /// connection closed), or `None`.
+    Session {
+        request: u64,
+        session: Option<Box<MeshSession>>,
+    },
     Hello {
         version: u8,
         node_id: String,
@@ -138,6 +151,23 @@ fn frame(
 
 pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
     match f {
+        Frame::SessionRequest { request, client_id } => frame(KIND_SESSION_REQUEST, |o| {
+            o.put_u64(*request);
+            put_str16(o, client_id.as_bytes())
+        }),
+        Frame::Session { request, session } => frame(KIND_SESSION, |o| {
+            o.put_u64(*request);
+            match session {
+                None => {
+                    o.put_u8(0);
+                    Ok(())
+                }
+                Some(s) => {
+                    o.put_u8(1);
+                    put_session(o, s)
+                }
+            }
+        }),
         Frame::Hello {
             version,
             node_id,
@@ -351,6 +381,25 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
     let mut b = buf.split_to(len).freeze();
     let kind = b.get_u8();
     let f = match kind {
+        KIND_SESSION_REQUEST => {
+            need(&b, 8, "session request")?;
+            let request = b.get_u64();
+            let client_id = get_string16(&mut b, "session request client id")?;
+            if client_id.is_empty() {
+                return Err(FrameError::Malformed("session request client id"));
+            }
+            Frame::SessionRequest { request, client_id }
+        }
+        KIND_SESSION => {
+            need(&b, 9, "session header")?;
+            let request = b.get_u64();
+            let session = match b.get_u8() {
+                0 => None,
+                1 => Some(Box::new(get_session(&mut b)?)),
+                _ => return Err(FrameError::Malformed("session flag")),
+            };
+            Frame::Session { request, session }
+        }
         KIND_HELLO => {
             need(&b, 5, "hello header")?;
             if &b[..4] != MAGIC {
@@ -417,6 +466,143 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
         return Err(FrameError::Malformed("trailing bytes"));
     }
     Ok(Some(f))
+}
+
+// Sessions across the cluster (issue 12).
+//
+// SESSION_REQUEST := request:u64 id_len:u16 client_id
+// SESSION := request:u64 found:u8 (0: no session; 1: then)
+//            id_len:u16 client_id expiry:u32 last_pkid:u16 dropped:u32
+//            n:u32 (filter_len:u16 filter qos:u8 options:u8 (bit 0 no local, bit 1 retain as
+//                   published))*
+//            n:u32 (pkid:u16)*                    PUBRELs to send again
+//            n:u32 (pkid:u16 len:u32 PUBLISH frame)*   pending messages, oldest first
+//
+// The session is plain data (no node's log positions), so a replica can keep one as it is.
+const KIND_SESSION_REQUEST: u8 = 32;
+const KIND_SESSION: u8 = 33;
+
+/// A session on its way from one node to another (rumqttd's `SessionExport`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeshSession {
+    pub client_id: String,
+    /// Seconds left of its Session Expiry Interval (`u32::MAX`: never ends).
+    pub expiry: u32,
+    pub last_pkid: u16,
+    /// Pending messages the sender left out (size bound).
+    pub dropped: u32,
+    pub subscriptions: Vec<MeshSubscription>,
+    pub pubrels: Vec<u16>,
+    /// `(packet id, message)`: the packet id it was sent with and not acknowledged, 0 if not
+    /// sent yet; the message's QoS (1 or 2) and RETAIN as it is to be delivered.
+    pub pending: Vec<(u16, MeshPublish)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeshSubscription {
+    pub filter: String,
+    pub qos: u8,
+    pub nolocal: bool,
+    pub preserve_retain: bool,
+}
+
+fn put_count(o: &mut BytesMut, n: usize) -> Result<(), FrameError> {
+    o.put_u32(u32::try_from(n).map_err(|_| FrameError::Malformed("count over 4 G"))?);
+    Ok(())
+}
+
+fn put_session(o: &mut BytesMut, s: &MeshSession) -> Result<(), FrameError> {
+    put_str16(o, s.client_id.as_bytes())?;
+    o.put_u32(s.expiry);
+    o.put_u16(s.last_pkid);
+    o.put_u32(s.dropped);
+    put_count(o, s.subscriptions.len())?;
+    for sub in &s.subscriptions {
+        if sub.qos > 2 {
+            return Err(FrameError::Malformed("subscription qos"));
+        }
+        put_str16(o, sub.filter.as_bytes())?;
+        o.put_u8(sub.qos);
+        o.put_u8(u8::from(sub.nolocal) | u8::from(sub.preserve_retain) << 1);
+    }
+    put_count(o, s.pubrels.len())?;
+    for pkid in &s.pubrels {
+        o.put_u16(*pkid);
+    }
+    put_count(o, s.pending.len())?;
+    for (pkid, m) in &s.pending {
+        if m.qos == 0 {
+            return Err(FrameError::Malformed("pending qos"));
+        }
+        let inner = encode_publish(m)?;
+        o.put_u16(*pkid);
+        put_count(o, inner.len())?;
+        o.put_slice(&inner);
+    }
+    Ok(())
+}
+
+/// A count of elements of at least `each` bytes, checked against what is left (so a count
+/// cannot make the decoder allocate more than the frame holds).
+fn get_count(b: &mut Bytes, each: usize, what: &'static str) -> Result<usize, FrameError> {
+    need(b, 4, what)?;
+    let n = b.get_u32() as usize;
+    if n.saturating_mul(each) > b.remaining() {
+        return Err(FrameError::Malformed(what));
+    }
+    Ok(n)
+}
+
+fn get_session(b: &mut Bytes) -> Result<MeshSession, FrameError> {
+    let client_id = get_string16(b, "session client id")?;
+    if client_id.is_empty() {
+        return Err(FrameError::Malformed("session client id"));
+    }
+    need(b, 10, "session header")?;
+    let mut s = MeshSession {
+        client_id,
+        expiry: b.get_u32(),
+        last_pkid: b.get_u16(),
+        dropped: b.get_u32(),
+        ..MeshSession::default()
+    };
+    let n = get_count(b, 4, "session subscriptions")?;
+    s.subscriptions.reserve(n);
+    for _ in 0..n {
+        let filter = get_string16(b, "session subscription filter")?;
+        need(b, 2, "session subscription options")?;
+        let qos = b.get_u8();
+        let options = b.get_u8();
+        if filter.is_empty() || qos > 2 || options > 0b11 {
+            return Err(FrameError::Malformed("session subscription"));
+        }
+        s.subscriptions.push(MeshSubscription {
+            filter,
+            qos,
+            nolocal: options & 1 == 1,
+            preserve_retain: options & 2 == 2,
+        });
+    }
+    let n = get_count(b, 2, "session pubrels")?;
+    s.pubrels.reserve(n);
+    for _ in 0..n {
+        s.pubrels.push(b.get_u16());
+    }
+    let n = get_count(b, 6, "session pending")?;
+    s.pending.reserve(n);
+    for _ in 0..n {
+        need(b, 6, "session pending message")?;
+        let pkid = b.get_u16();
+        let len = b.get_u32() as usize;
+        need(b, len, "session pending message")?;
+        let mut inner = BytesMut::from(&b.split_to(len)[..]);
+        let m = match decode(&mut inner, len) {
+            Ok(Some(Frame::Publish(m))) if inner.is_empty() && m.qos > 0 => m,
+            _ => return Err(FrameError::Malformed("session pending message")),
+        };
+        s.pending.push((pkid, m));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -702,6 +888,200 @@ mod tests {
                 wire[i] = byte;
                 let keep = cut.index(wire.len() + 1);
                 decode_all(BytesMut::from(&wire[..keep]), 1 << 20);
+            }
+        }
+    }
+}
+
+/// Sessions across the cluster (issue 12): the SESSION_REQUEST and SESSION frames.
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    fn session() -> MeshSession {
+        MeshSession {
+            client_id: "dev-1".into(),
+            expiry: 300,
+            last_pkid: 7,
+            dropped: 2,
+            subscriptions: vec![
+                MeshSubscription {
+                    filter: "a/+/c".into(),
+                    qos: 1,
+                    nolocal: true,
+                    preserve_retain: false,
+                },
+                MeshSubscription {
+                    filter: "$share/g/x/#".into(),
+                    qos: 2,
+                    nolocal: false,
+                    preserve_retain: true,
+                },
+            ],
+            pubrels: vec![3, 4],
+            pending: vec![
+                (
+                    6,
+                    MeshPublish {
+                        topic: Bytes::from_static(b"a/b/c"),
+                        payload: Bytes::from_static(b"one"),
+                        qos: 1,
+                        message_expiry_interval: Some(60),
+                        user_properties: vec![("k".into(), "v".into())],
+                        ..MeshPublish::default()
+                    },
+                ),
+                (
+                    0,
+                    MeshPublish {
+                        topic: Bytes::from_static(b"x/y"),
+                        payload: Bytes::new(),
+                        qos: 2,
+                        retain: true,
+                        ..MeshPublish::default()
+                    },
+                ),
+            ],
+        }
+    }
+
+    fn frames() -> Vec<Frame> {
+        vec![
+            Frame::SessionRequest {
+                request: 42,
+                client_id: "dev-1".into(),
+            },
+            Frame::Session {
+                request: 42,
+                session: None,
+            },
+            Frame::Session {
+                request: u64::MAX,
+                session: Some(Box::new(session())),
+            },
+            Frame::Session {
+                request: 1,
+                session: Some(Box::new(MeshSession {
+                    client_id: "c".into(),
+                    ..MeshSession::default()
+                })),
+            },
+        ]
+    }
+
+    #[test]
+    fn session_frames_round_trip_even_byte_by_byte() {
+        let frames = frames();
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            wire.extend_from_slice(&encode(f).expect("encodes"));
+        }
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for byte in wire {
+            buf.put_u8(byte);
+            while let Some(f) = decode(&mut buf, 1 << 20).expect("valid") {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn bad_session_frames_are_refused() {
+        let qos0 = MeshSession {
+            client_id: "c".into(),
+            pending: vec![(0, MeshPublish::default())],
+            ..MeshSession::default()
+        };
+        let f = Frame::Session {
+            request: 1,
+            session: Some(Box::new(qos0)),
+        };
+        assert_eq!(encode(&f), Err(FrameError::Malformed("pending qos")));
+        let cases: [(&[u8], FrameError); 5] = [
+            // a request for the empty client ID
+            (
+                b"\x00\x00\x00\x0b\x20\0\0\0\0\0\0\0\x01\x00\x00",
+                FrameError::Malformed("session request client id"),
+            ),
+            // found flag 2
+            (
+                b"\x00\x00\x00\x0a\x21\0\0\0\0\0\0\0\x01\x02",
+                FrameError::Malformed("session flag"),
+            ),
+            // a session that ends after its client ID
+            (
+                b"\x00\x00\x00\x0d\x21\0\0\0\0\0\0\0\x01\x01\x00\x01c",
+                FrameError::Malformed("session header"),
+            ),
+            // claims 2^32-1 subscriptions
+            (
+                b"\x00\x00\x00\x1b\x21\0\0\0\0\0\0\0\x01\x01\x00\x01c\0\0\0\0\0\0\0\0\0\0\xff\xff\xff\xff",
+                FrameError::Malformed("session subscriptions"),
+            ),
+            // nothing after the header
+            (
+                b"\x00\x00\x00\x05\x21\0\0\0\0",
+                FrameError::Malformed("session header"),
+            ),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                decode(&mut BytesMut::from(bytes), 1 << 20),
+                Err(want),
+                "{bytes:?}"
+            );
+        }
+        // A pending message that is not a QoS 1/2 PUBLISH frame.
+        let mut s = session();
+        s.pending.truncate(1);
+        let wire = encode(&Frame::Session {
+            request: 1,
+            session: Some(Box::new(s)),
+        })
+        .expect("encodes");
+        let inner = encode_publish(&session().pending[0].1).expect("encodes");
+        let start = wire
+            .windows(inner.len())
+            .position(|w| w == &inner[..])
+            .expect("the publish is inside");
+        let mut bad = BytesMut::from(&wire[..]);
+        assert_eq!(bad[start + 5], 0b010, "the inner publish flags");
+        bad[start + 5] = 0; // QoS 0
+        assert_eq!(
+            decode(&mut bad, 1 << 20),
+            Err(FrameError::Malformed("session pending message"))
+        );
+    }
+
+    mod arbitrary_input {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// A damaged session frame is refused or decoded, never a panic, never more
+            /// memory than the frame's bytes.
+            #[test]
+            fn damaged_session_frames_never_panic(
+                which in 0usize..4,
+                at in any::<prop::sample::Index>(),
+                byte in any::<u8>(),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let mut wire = encode(&frames()[which]).expect("encodes").to_vec();
+                let i = at.index(wire.len());
+                wire[i] = byte;
+                let keep = cut.index(wire.len() + 1);
+                let mut buf = BytesMut::from(&wire[..keep]);
+                for _ in 0..4 {
+                    match decode(&mut buf, 1 << 20) {
+                        Ok(Some(_)) => continue,
+                        _ => break,
+                    }
+                }
             }
         }
     }

@@ -181,6 +181,8 @@ pub(crate) struct Mesh {
     settings: Option<MeshSettings>,
     peers: ArcSwap<Vec<Arc<PeerOut>>>,
     pub metrics: Arc<Metrics>,
+    /// Sessions across the cluster (issue 12): set once the router runs.
+    pub(crate) sessions: std::sync::OnceLock<Arc<crate::session::Sessions>>,
     /// rumqttd's delayed wills of this node's listeners: a client that connects on another
     /// node cancels (or, with a clean start, fires) the will its connection here left.
     wills: rumqttd::DelayedWills,
@@ -204,6 +206,7 @@ impl Mesh {
             settings,
             peers: ArcSwap::from_pointee(Vec::new()),
             metrics,
+            sessions: std::sync::OnceLock::new(),
             wills,
             clients: Mutex::new(Clients::default()),
             next_connection: AtomicU64::new(1),
@@ -309,6 +312,15 @@ impl Mesh {
             let _ = p.decide.send(clean_start);
         }
         self.wills.connected_elsewhere(client_id, clean_start);
+        // One live session per client ID (issue 12): a connection here is taken over.
+        if let Some(s) = self.sessions.get() {
+            s.peer_connected(self, client_id, clean_start);
+        }
+    }
+
+    /// Whether `client_id` has a live connection on this node (issue 12).
+    pub(crate) fn has_live(&self, client_id: &str) -> bool {
+        self.clients().live.contains_key(client_id)
     }
 
     /// The connection `connection` of `client_id` ended. Its will (if it ended without
@@ -406,6 +418,23 @@ impl Mesh {
                     .inc();
             }
         }
+    }
+
+    /// Offers a frame to the peer `peer` alone (sessions across the cluster, issue 12); `Err`
+    /// says why it was not queued.
+    pub(crate) fn send_to(&self, peer: &str, f: &Frame) -> Result<(), &'static str> {
+        let peers = self.peers.load();
+        let p = peers.iter().find(|p| p.id == peer).ok_or("no such peer")?;
+        let frame = encode(f).map_err(|_| "not encodable")?;
+        if frame.len() > self.max_frame() {
+            return Err("larger than a mesh frame");
+        }
+        let out = Outbound {
+            frame,
+            expiry: None,
+            reliable: false,
+        };
+        p.tx.try_send(out).map_err(|_| "peer queue full")
     }
 
     fn max_frame(&self) -> usize {
@@ -919,6 +948,24 @@ async fn inbound(
                 clean_start,
             })) => {
                 mesh.peer_connected(&client_id, clean_start);
+                continue;
+            }
+            // Sessions across the cluster (issue 12; `crate::session`).
+            Ok(Some(Frame::SessionRequest { request, client_id })) => {
+                if let Some(s) = mesh.sessions.get() {
+                    s.on_request(&peer, request, client_id);
+                }
+                continue;
+            }
+            Ok(Some(Frame::Session { request, session })) => {
+                let Some(s) = mesh.sessions.get() else {
+                    continue;
+                };
+                if let Err(e) = s.on_session(&peer, request, session).await {
+                    mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+                    tracing::warn!(peer, error = %e, "bad session frame from a peer; closing");
+                    return;
+                }
                 continue;
             }
             Ok(Some(_)) => {
