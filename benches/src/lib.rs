@@ -7,6 +7,8 @@ pub mod sockmap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -113,6 +115,16 @@ pub async fn start_mqlb(
     backends: &[SocketAddr],
     distribution: &str,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
+    start_mqlb_bin(&mqlb_release_bin()?, dir, backends, distribution).await
+}
+
+/// [`start_mqlb`] with another `mqlb` binary (a baseline build to compare against).
+pub async fn start_mqlb_bin(
+    bin: &Path,
+    dir: &Path,
+    backends: &[SocketAddr],
+    distribution: &str,
+) -> anyhow::Result<(Proc, SocketAddr)> {
     let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
     let admin = mqlb_tests::free_port()?;
     let mut t = format!(
@@ -126,9 +138,9 @@ pub async fn start_mqlb(
         "[[probe]]\nname = \"t\"\nport = \"traffic\"\n\
          [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\ndistribution = \"{distribution}\"\n"
     );
-    let file = dir.join(format!("mqlb-{distribution}.toml"));
+    let file = dir.join(format!("mqlb-{distribution}-{}.toml", front.port()));
     std::fs::write(&file, t)?;
-    let child = Command::new(mqlb_release_bin()?)
+    let child = Command::new(bin)
         .args(["lb", "-c"])
         .arg(&file)
         .env("RUST_LOG", "warn")
@@ -137,6 +149,34 @@ pub async fn start_mqlb(
     let mut p = Proc(child);
     wait_listening(front, &mut p).await?;
     Ok((p, front))
+}
+
+/// Runs one `mqlb broker` node (no peers) as its own process; returns it with its MQTT 3.1.1
+/// and MQTT 5 addresses.
+pub async fn start_mqlb_broker(dir: &Path) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+    let (v4, v5) = (
+        addr(mqlb_tests::free_port()?),
+        addr(mqlb_tests::free_port()?),
+    );
+    let file = dir.join("broker.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[cluster]\nsecret = \"mqlb-bench-secret-0123456789\"\n\
+             [[broker]]\nid = \"b1\"\nmqtt = \"{v4}\"\nmqtt_v5 = \"{v5}\"\n"
+        ),
+    )?;
+    let child = Command::new(mqlb_release_bin()?)
+        .args(["broker", "--id", "b1", "-c"])
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .context("starting mqlb broker")?;
+    let mut p = Proc(child);
+    wait_listening(v4, &mut p).await?;
+    wait_listening(v5, &mut p).await?;
+    Ok((p, v4, v5))
 }
 
 /// Runs HAProxy in TCP mode in front of `backends` (round robin), if it is installed.
@@ -269,4 +309,88 @@ pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// 10 publishers → 2 subscribers, 64-byte payloads: messages delivered per second.
+pub async fn publish_rate(
+    addr: SocketAddr,
+    qos: QoS,
+    per_pub: usize,
+    tag: &str,
+) -> anyhow::Result<f64> {
+    let topic = format!("perf/{tag}");
+    let got = Arc::new(AtomicUsize::new(0));
+    let want = 2 * 10 * per_pub;
+    let mut subs = Vec::new();
+    for s in 0..2 {
+        let (c, mut el) = AsyncClient::new(opts(format!("{tag}-sub{s}"), addr), 1000);
+        c.subscribe(&topic, qos).await?;
+        // Wait for the SUBACK before anyone publishes.
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) =
+                tokio::time::timeout(Duration::from_secs(10), el.poll()).await??
+            {
+                break;
+            }
+        }
+        let got = got.clone();
+        subs.push((
+            c,
+            tokio::spawn(async move {
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::Publish(_))) => {
+                            got.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            }),
+        ));
+    }
+    let start = Instant::now();
+    let mut pubs = Vec::new();
+    for p in 0..10 {
+        let (c, mut el) = AsyncClient::new(opts(format!("{tag}-pub{p}"), addr), 1000);
+        let driver = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+        let topic = topic.clone();
+        pubs.push(tokio::spawn(async move {
+            let payload = vec![7u8; 64];
+            for _ in 0..per_pub {
+                c.publish(&topic, qos, false, payload.clone()).await?;
+            }
+            anyhow::Ok((c, driver))
+        }));
+    }
+    let mut held = Vec::new();
+    for p in pubs {
+        held.push(p.await??);
+    }
+    // QoS 0 may lose messages under overload: stop when delivery stalls for a second.
+    let mut last = (0, Instant::now());
+    let done_at = loop {
+        let n = got.load(Ordering::Relaxed);
+        if n >= want {
+            break Instant::now();
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(1) {
+            break last.1;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let elapsed = done_at.duration_since(start).max(Duration::from_millis(1));
+    let delivered = got.load(Ordering::Relaxed);
+    if delivered < want {
+        eprintln!("{tag}: {delivered} of {want} delivered (QoS 0 drops under overload)");
+    }
+    for (_, d) in held {
+        d.abort();
+    }
+    for (_, t) in subs {
+        t.abort();
+    }
+    Ok(delivered as f64 / elapsed.as_secs_f64())
 }

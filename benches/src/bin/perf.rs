@@ -1,101 +1,17 @@
 //! The performance table of issue 6: each workload directly, through `mqlb lb` and through
 //! HAProxy (when installed), interleaved, repeated, medians and ratios from the same run.
 //!
-//! `cargo run --release -p mqlb-benches --bin perf [-- [--quick] [--reps N]]`
+//! `cargo run --release -p mqlb-benches --bin perf [-- [--quick] [--reps N] [--baseline BIN]]`
+//!
+//! `--baseline BIN`: another `mqlb` binary (e.g. a build of an earlier commit) run beside this
+//! one in the same repetitions, for a before/after in one run.
 //! (memory per idle connection: `--bin idle-mem`).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use mqlb_benches::*;
 use mqlb_tests::{Mosquitto, TempDir};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
-
-/// 10 publishers → 2 subscribers, 64-byte payloads: messages delivered per second.
-async fn publish_rate(
-    addr: SocketAddr,
-    qos: QoS,
-    per_pub: usize,
-    tag: &str,
-) -> anyhow::Result<f64> {
-    let topic = format!("perf/{tag}");
-    let got = Arc::new(AtomicUsize::new(0));
-    let want = 2 * 10 * per_pub;
-    let mut subs = Vec::new();
-    for s in 0..2 {
-        let (c, mut el) = AsyncClient::new(opts(format!("{tag}-sub{s}"), addr), 1000);
-        c.subscribe(&topic, qos).await?;
-        // Wait for the SUBACK before anyone publishes.
-        loop {
-            if let Event::Incoming(Packet::SubAck(_)) =
-                tokio::time::timeout(Duration::from_secs(10), el.poll()).await??
-            {
-                break;
-            }
-        }
-        let got = got.clone();
-        subs.push((
-            c,
-            tokio::spawn(async move {
-                loop {
-                    match el.poll().await {
-                        Ok(Event::Incoming(Packet::Publish(_))) => {
-                            got.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            }),
-        ));
-    }
-    let start = Instant::now();
-    let mut pubs = Vec::new();
-    for p in 0..10 {
-        let (c, mut el) = AsyncClient::new(opts(format!("{tag}-pub{p}"), addr), 1000);
-        let driver = tokio::spawn(async move { while el.poll().await.is_ok() {} });
-        let topic = topic.clone();
-        pubs.push(tokio::spawn(async move {
-            let payload = vec![7u8; 64];
-            for _ in 0..per_pub {
-                c.publish(&topic, qos, false, payload.clone()).await?;
-            }
-            anyhow::Ok((c, driver))
-        }));
-    }
-    let mut held = Vec::new();
-    for p in pubs {
-        held.push(p.await??);
-    }
-    // QoS 0 may lose messages under overload: stop when delivery stalls for a second.
-    let mut last = (0, Instant::now());
-    let done_at = loop {
-        let n = got.load(Ordering::Relaxed);
-        if n >= want {
-            break Instant::now();
-        }
-        if n != last.0 {
-            last = (n, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(1) {
-            break last.1;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let elapsed = done_at.duration_since(start).max(Duration::from_millis(1));
-    let delivered = got.load(Ordering::Relaxed);
-    if delivered < want {
-        eprintln!("{tag}: {delivered} of {want} delivered (QoS 0 drops under overload)");
-    }
-    for (_, d) in held {
-        d.abort();
-    }
-    for (_, t) in subs {
-        t.abort();
-    }
-    Ok(delivered as f64 / elapsed.as_secs_f64())
-}
+use rumqttc::QoS;
 
 struct Row {
     name: &'static str,
@@ -103,6 +19,7 @@ struct Row {
     direct: Vec<f64>,
     mqlb: Vec<f64>,
     haproxy: Vec<f64>,
+    baseline: Vec<f64>,
 }
 
 #[tokio::main]
@@ -122,6 +39,16 @@ async fn main() -> anyhow::Result<()> {
     let hp_tcp = start_haproxy(dir.path(), &[sink]).await?;
     // HAProxy's MQTT rules (read CONNECT, hash the client ID): the same work as mqlb's rule.
     let hp_mqtt = start_haproxy_with(dir.path(), &[broker.addr()], true).await?;
+    let baseline = arg("--baseline", String::new());
+    let base = if baseline.is_empty() {
+        None
+    } else {
+        let bin = std::path::Path::new(&baseline);
+        let (p1, tcp) = start_mqlb_bin(bin, dir.path(), &[sink], "five-tuple").await?;
+        let (p2, mqtt) =
+            start_mqlb_bin(bin, dir.path(), &[broker.addr()], "mqtt-client-id").await?;
+        Some((p1, p2, tcp, mqtt))
+    };
     let mut rows = vec![
         Row {
             name: "bulk TCP, 1 stream",
@@ -129,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
             direct: vec![],
             mqlb: vec![],
             haproxy: vec![],
+            baseline: vec![],
         },
         Row {
             name: "MQTT connects (mqtt-client-id)",
@@ -136,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
             direct: vec![],
             mqlb: vec![],
             haproxy: vec![],
+            baseline: vec![],
         },
         Row {
             name: "publish QoS0 10->2, 64 B",
@@ -143,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
             direct: vec![],
             mqlb: vec![],
             haproxy: vec![],
+            baseline: vec![],
         },
         Row {
             name: "publish QoS1 10->2, 64 B",
@@ -150,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
             direct: vec![],
             mqlb: vec![],
             haproxy: vec![],
+            baseline: vec![],
         },
         Row {
             name: "QoS1 paced latency p50",
@@ -157,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             direct: vec![],
             mqlb: vec![],
             haproxy: vec![],
+            baseline: vec![],
         },
     ];
     for rep in 0..reps {
@@ -164,6 +96,9 @@ async fn main() -> anyhow::Result<()> {
             let mut t = vec![(0, sink, broker.addr()), (1, mqlb_tcp, mqlb_mqtt)];
             if let (Some((_, a)), Some((_, b))) = (&hp_tcp, &hp_mqtt) {
                 t.push((2, *a, *b));
+            }
+            if let Some((_, _, tcp, mqtt)) = &base {
+                t.push((3, *tcp, *mqtt));
             }
             t
         };
@@ -180,7 +115,8 @@ async fn main() -> anyhow::Result<()> {
                 match who {
                     0 => row.direct.push(v),
                     1 => row.mqlb.push(v),
-                    _ => row.haproxy.push(v),
+                    2 => row.haproxy.push(v),
+                    _ => row.baseline.push(v),
                 }
             }
         }
@@ -208,6 +144,23 @@ async fn main() -> anyhow::Result<()> {
             h.map_or("-".into(), |h| format!("{:.2}", m / h)),
             r.unit
         );
+    }
+    if base.is_some() {
+        // Before/after: this build against the baseline binary, same repetitions.
+        println!("this build against --baseline {baseline} (medians; per-repetition min..max):");
+        for r in &rows {
+            let (m, b) = (median(r.mqlb.clone()), median(r.baseline.clone()));
+            let ratios: Vec<f64> = r.mqlb.iter().zip(&r.baseline).map(|(m, b)| m / b).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+            println!(
+                "  {:<32} {m:>10.0} {b:>10.0}  this/base {:.2} ({lo:.2}..{hi:.2})   {}",
+                r.name,
+                m / b,
+                r.unit
+            );
+        }
     }
     if reps > 1 && hp_mqtt.is_some() {
         // The spread behind the medians: one mqlb/haproxy ratio per repetition.
