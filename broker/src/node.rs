@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use mqlb_config::{AuthSettings, BrokerNode, Config};
 use rumqttd::local::LinkBuilder;
-use rumqttd::protocol::{
-    v4::V4, v5::V5, Packet, PubRel, PubRelReason, Publish, PublishProperties, QoS,
-};
+use rumqttd::protocol::{v4::V4, v5::V5, Packet, PubRel, PubRelReason, Publish, QoS};
 use rumqttd::{
     Authorizer, ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings,
 };
@@ -546,21 +544,7 @@ async fn injector(
                 }
             }
         }
-        let has_props = m.payload_format_indicator.is_some()
-            || m.message_expiry_interval.is_some()
-            || m.response_topic.is_some()
-            || m.correlation_data.is_some()
-            || !m.user_properties.is_empty()
-            || m.content_type.is_some();
-        let props = has_props.then(|| PublishProperties {
-            payload_format_indicator: m.payload_format_indicator,
-            message_expiry_interval: m.message_expiry_interval,
-            response_topic: m.response_topic,
-            correlation_data: m.correlation_data,
-            user_properties: m.user_properties,
-            content_type: m.content_type,
-            ..PublishProperties::default()
-        });
+        let props = crate::tap::take_properties(&mut m);
         let qos = match m.qos {
             0 => QoS::AtMostOnce,
             1 => QoS::AtLeastOnce,

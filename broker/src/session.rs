@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, Opts};
-use rumqttd::protocol::{valid_filter, valid_topic, PublishProperties};
+use rumqttd::protocol::{valid_filter, valid_topic};
 use rumqttd::{ExportedMessage, ExportedSubscription, SessionControl, SessionExport, SessionHook};
 use tokio::sync::oneshot;
 
@@ -436,27 +436,13 @@ fn from_mesh(s: MeshSession) -> Result<SessionExport, SessionFrameError> {
         });
     }
     let mut pending = Vec::with_capacity(s.pending.len());
-    for (pkid, m) in s.pending {
+    for (pkid, mut m) in s.pending {
         let topic =
             std::str::from_utf8(&m.topic).map_err(|_| SessionFrameError::Invalid("topic"))?;
         if !valid_topic(topic) || !(1..=2).contains(&m.qos) {
             return Err(SessionFrameError::Invalid("pending message"));
         }
-        let has_props = m.payload_format_indicator.is_some()
-            || m.message_expiry_interval.is_some()
-            || m.response_topic.is_some()
-            || m.correlation_data.is_some()
-            || !m.user_properties.is_empty()
-            || m.content_type.is_some();
-        let properties = has_props.then(|| PublishProperties {
-            payload_format_indicator: m.payload_format_indicator,
-            message_expiry_interval: m.message_expiry_interval,
-            response_topic: m.response_topic,
-            correlation_data: m.correlation_data,
-            user_properties: m.user_properties,
-            content_type: m.content_type,
-            ..PublishProperties::default()
-        });
+        let properties = crate::tap::take_properties(&mut m);
         pending.push(ExportedMessage {
             topic: m.topic,
             payload: m.payload,

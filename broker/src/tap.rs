@@ -31,6 +31,26 @@ macro_rules! copy_props {
     }};
 }
 
+/// The other way: takes a mesh frame's MQTT 5 properties out as rumqttd's (`None` when it has
+/// none), for a message that enters the router from a peer.
+pub(crate) fn take_properties(m: &mut MeshPublish) -> Option<PublishProperties> {
+    let any = m.payload_format_indicator.is_some()
+        || m.message_expiry_interval.is_some()
+        || m.response_topic.is_some()
+        || m.correlation_data.is_some()
+        || !m.user_properties.is_empty()
+        || m.content_type.is_some();
+    any.then(|| PublishProperties {
+        payload_format_indicator: m.payload_format_indicator,
+        message_expiry_interval: m.message_expiry_interval,
+        response_topic: m.response_topic.take(),
+        correlation_data: m.correlation_data.take(),
+        user_properties: std::mem::take(&mut m.user_properties),
+        content_type: m.content_type.take(),
+        ..PublishProperties::default()
+    })
+}
+
 /// Client connections of one node, counted here so rumqttd's router never has to refuse one:
 /// a refusal inside rumqttd 0.20 leaves a stale will handler behind, and the next CONNECT with
 /// that client ID panics and poisons the listener for everyone (rumqtt issue #1062).
