@@ -26,6 +26,8 @@ use segments::Storage;
 pub use server::{Broker, DelayedWills, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
+// mqlb patch (across the cluster, issue 12): shared subscriptions across routers (PATCHED.md).
+pub use self::router::shared_subs::{SharedGroupPolicy, SharedPolicy};
 // mqlb patch: authentication and authorisation hooks (PATCHED.md).
 pub use router::authorize::{Access, Authorizer, ConnectionAcl};
 // mqlb patch (across the cluster, issue 12): sessions move between routers (PATCHED.md).
@@ -222,6 +224,10 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// mqlb patch (across the cluster, issue 12): which messages of a shared subscription this
+    /// router delivers (see `SharedGroupPolicy`); all of them without one.
+    #[serde(skip)]
+    pub shared_group_policy: Option<SharedPolicy>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -111,15 +111,26 @@ impl DataLog {
         id: ConnectionId,
         filter: &Filter,
     ) -> Option<DataRequest> {
+        // mqlb patch (MQTT-3.10.4-1, issue 12): a shared subscription's request waits on the
+        // log of its filter (`$share/g/a/b` on `a/b`; rumqttd looked for a log named
+        // `$share/g/a/b`, found none and left it waiting, so it was delivered to again), and
+        // only this subscription's request of the connection goes (not its `a/b` one).
+        let path = match filter
+            .strip_prefix("$share/")
+            .and_then(|s| s.split_once('/'))
+        {
+            Some((_, path)) => path,
+            None => filter.as_str(),
+        };
         let data = self
             .native
-            .get_mut(*self.filter_indexes.get(filter)?)
+            .get_mut(*self.filter_indexes.get(path)?)
             .unwrap();
         let waiters = data.waiters.get_mut();
 
         waiters
             .iter()
-            .position(|&(conn_id, _)| conn_id == id)
+            .position(|(conn_id, request)| *conn_id == id && request.filter == *filter)
             .and_then(|index| {
                 waiters
                     .swap_remove_back(index)

@@ -851,13 +851,17 @@ impl Router {
                                 continue;
                             }
 
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
-                                group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
+                            // mqlb patch (MQTT-3.10.4-1): the client leaves the group of
+                            // this filter only (rumqttd took it out of all its groups);
+                            // an empty group is discarded.
+                            if let Some((name, _)) = extract_group(filter) {
+                                if let Some(group) = self.shared_subscriptions.get_mut(&name) {
+                                    group.remove_client(&client_id);
+                                    if group.is_empty() {
+                                        self.shared_subscriptions.remove(&name);
+                                    }
+                                }
+                            }
 
                             if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
                                 broker_aliases.remove_alias(filter);
@@ -1085,13 +1089,18 @@ impl Router {
         if let Some(group_name) = &group {
             let client_id = connection.client_id.clone();
 
+            // mqlb patch (issue 12): the embedder's policy learns of a new group (created
+            // only when missing: `or_insert` built and dropped one each time).
+            let (strategy, policy) = (
+                &self.config.shared_subscriptions_strategy,
+                self.config.shared_group_policy.as_ref(),
+            );
             let shared_group = self
                 .shared_subscriptions
                 .entry(group_name.to_string())
-                .or_insert(SharedGroup::new(
-                    cursor,
-                    self.config.shared_subscriptions_strategy.clone(),
-                ));
+                .or_insert_with(|| {
+                    SharedGroup::new(cursor, strategy.clone()).with_policy(group_name, policy)
+                });
 
             shared_group.add_client(client_id);
         };
@@ -1247,10 +1256,29 @@ impl Router {
                 }
             };
 
-            let shared_group = request
-                .group
-                .as_ref()
-                .and_then(|name| self.shared_subscriptions.get_mut(name));
+            // mqlb patch (issue 12): a member whose session came back (saved, or moved from
+            // another node) is in its group again: rumqttd restored the subscription without
+            // the membership, so the member was skipped forever, or, alone, read the filter as
+            // a plain subscription.
+            let shared_group = match &request.group {
+                Some(name) => {
+                    if !self.shared_subscriptions.contains_key(name) {
+                        let group = SharedGroup::new(
+                            request.cursor,
+                            self.config.shared_subscriptions_strategy.clone(),
+                        )
+                        .with_policy(name, self.config.shared_group_policy.as_ref());
+                        self.shared_subscriptions.insert(name.clone(), group);
+                    }
+                    self.shared_subscriptions.get_mut(name).map(|g| {
+                        if !g.contains(&connection.client_id) {
+                            g.add_client(connection.client_id.clone());
+                        }
+                        g
+                    })
+                }
+                None => None,
+            };
 
             match forward_device_data(
                 &mut request,
@@ -1779,6 +1807,12 @@ fn forward_device_data(
         publishes.len()
     );
 
+    // mqlb patch (across the cluster, issue 12): a shared group's messages this router does
+    // not serve (another node's members take them, MQTT-4.8.2) are skipped: read, not sent.
+    if let Some(share) = &shared_group {
+        publishes.retain(|((publish, _), _)| share.serves(publish));
+    }
+
     let qos = request.qos;
     let preserve_retain = request.preserve_retain;
     let filter_idx = request.filter_idx;
@@ -1787,6 +1821,11 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
+        // mqlb patch (issue 12): the group's cursor moves on with the read too (else its
+        // members read the same skipped messages again, forever).
+        if let Some(share) = shared_group {
+            share.cursor = next;
+        }
         // mqlb patch: the read may have skipped messages (expired, or No Local) with more
         // after them: only a caught-up request waits for new data.
         return if caughtup {
@@ -2035,10 +2074,13 @@ fn validate_clientid(client_id: &str) -> Result<(), RouterError> {
     Ok(())
 }
 
+/// mqlb patch (MQTT-4.8.2): a shared subscription is its ShareName and its filter together:
+/// `$share/g/a` and `$share/g/b` are two groups (rumqttd keyed them by the ShareName alone, one
+/// cursor over two logs). The group's key is `{ShareName}/{filter}`.
 fn extract_group(filter: &str) -> Option<(String, String)> {
     filter.strip_prefix("$share/").and_then(|s| {
         s.split_once('/')
-            .map(|(group, path)| (group.to_string(), path.to_string()))
+            .map(|(group, path)| (format!("{group}/{path}"), path.to_string()))
     })
 }
 

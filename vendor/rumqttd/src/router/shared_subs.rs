@@ -1,5 +1,55 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::protocol::Publish;
+
+/// mqlb patch (across the cluster, issue 12): the embedder's say in a shared subscription
+/// (MQTT-4.8.2: each message to one session of the group). A cluster whose every node gets
+/// every publish has each node deliver a message to its members of a group only when the node
+/// serves it; the router asks [`serves`](Self::serves) for each message it reads for the group
+/// and skips the others (the group's cursor moves on, nothing is sent, no inflight slot is
+/// taken). `group` is `{ShareName}/{filter}`.
+pub trait SharedGroupPolicy: Send + Sync {
+    /// The group got its first member on this router (`true`) or lost its last (`false`).
+    fn group_changed(&self, group: &str, has_members: bool);
+    /// Whether this router delivers `publish` to its members of `group`.
+    fn serves(&self, group: &str, publish: &Publish) -> bool;
+}
+
+/// mqlb patch (issue 12): a [`SharedGroupPolicy`] in the router's config.
+#[derive(Clone)]
+pub struct SharedPolicy(pub Arc<dyn SharedGroupPolicy>);
+
+impl fmt::Debug for SharedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SharedPolicy")
+    }
+}
+
+/// mqlb patch (issue 12): tells the policy that a group has members while it lives, and that
+/// it has none once the router drops it (wherever that happens: UNSUBSCRIBE, disconnection).
+pub struct GroupHook {
+    name: String,
+    policy: Arc<dyn SharedGroupPolicy>,
+}
+
+impl GroupHook {
+    pub fn new(name: &str, policy: &SharedPolicy) -> GroupHook {
+        policy.0.group_changed(name, true);
+        GroupHook {
+            name: name.to_string(),
+            policy: policy.0.clone(),
+        }
+    }
+}
+
+impl Drop for GroupHook {
+    fn drop(&mut self) {
+        self.policy.group_changed(&self.name, false);
+    }
+}
 
 pub struct SharedGroup {
     // using Vec over HashSet for maintaining order of iter
@@ -8,6 +58,8 @@ pub struct SharedGroup {
     current_client_index: usize,
     pub cursor: (u64, u64),
     pub strategy: Strategy,
+    /// mqlb patch (issue 12): the embedder's policy, if it set one.
+    pub hook: Option<GroupHook>,
 }
 
 impl SharedGroup {
@@ -17,7 +69,25 @@ impl SharedGroup {
             current_client_index: 0,
             cursor,
             strategy,
+            hook: None,
         }
+    }
+
+    /// mqlb patch (issue 12): the group `name` under `policy` (told now that it has members).
+    pub fn with_policy(mut self, name: &str, policy: Option<&SharedPolicy>) -> Self {
+        self.hook = policy.map(|p| GroupHook::new(name, p));
+        self
+    }
+
+    /// mqlb patch (issue 12): whether this router delivers `publish` to the group's members.
+    pub fn serves(&self, publish: &Publish) -> bool {
+        self.hook
+            .as_ref()
+            .map_or(true, |h| h.policy.serves(&h.name, publish))
+    }
+
+    pub fn contains(&self, client: &str) -> bool {
+        self.clients.iter().any(|c| c == client)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -29,7 +99,11 @@ impl SharedGroup {
     }
 
     pub fn add_client(&mut self, client: String) {
-        self.clients.push(client)
+        // mqlb patch (MQTT-3.8.4-3): subscribing again replaces the subscription; the client
+        // is in the group once, not once per SUBSCRIBE.
+        if !self.contains(&client) {
+            self.clients.push(client)
+        }
     }
 
     pub fn remove_client(&mut self, client: &String) {
@@ -78,6 +152,7 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            hook: None,
         };
         group.update_next_client();
         assert_eq!(group.current_client_index, 1);
@@ -99,6 +174,7 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            hook: None,
         };
         group.remove_client(&"A".into());
         assert_eq!(group.current_client_index, 0);
@@ -118,6 +194,7 @@ mod tests {
             current_client_index: 0,
             cursor: (0, 0),
             strategy: Strategy::RoundRobin,
+            hook: None,
         };
         group.update_next_client();
         assert_eq!(group.current_client_index, 1);
