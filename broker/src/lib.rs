@@ -12,6 +12,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 mod session;
+mod share;
 mod tap;
 mod watchdog;
 

@@ -178,6 +178,10 @@ impl Node {
             metrics.clone(),
             wills.clone(),
         ));
+        // Shared subscriptions across the cluster (issue 12): the router asks it which
+        // messages of a group it delivers; the mesh tells it what the peers have.
+        let share = Arc::new(crate::share::Share::new(&n.id, &metrics)?);
+        let _ = mesh.share.set(share.clone());
         let stop = CancellationToken::new();
 
         // Listeners this crate binds itself are bound here, so an address in use is an error
@@ -194,6 +198,7 @@ impl Node {
                 max_outgoing_packet_count: 200,
                 max_segment_size: 100 * 1024 * 1024,
                 max_segment_count: 10,
+                shared_group_policy: Some(rumqttd::SharedPolicy(share)),
                 ..RouterConfig::default()
             },
         );

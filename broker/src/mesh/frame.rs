@@ -19,7 +19,9 @@ pub const MAGIC: &[u8; 4] = b"MQLB";
 /// 2: the CONNECTED frame (a version 1 node would close the link on it).
 /// 3: SEQUENCED and ACK (issue 12): the receiver writes ACKs back on the link, which a
 /// version 2 sender takes for a broken link.
-pub const VERSION: u8 = 3;
+/// 4: SHARE_GROUPS (issue 12), sent on every link as it comes up: a version 3 node would
+/// close the link on it.
+pub const VERSION: u8 = 4;
 pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 
@@ -100,6 +102,12 @@ pub enum Frame {
     Ack {
         epoch: u64,
         seq: u64,
+    },
+    /// Shared subscriptions across the cluster (issue 12; `crate::share`): every shared group
+    /// (`{ShareName}/{filter}`) the sending node has members of, the whole list, sent when a
+    /// link comes up and whenever it changes.
+    ShareGroups {
+        groups: Vec<String>,
     },
 }
 
@@ -203,6 +211,7 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
             o.put_u64(*seq);
             Ok(())
         }),
+        Frame::ShareGroups { groups } => frame(KIND_SHARE_GROUPS, |o| put_share_groups(o, groups)),
     }
 }
 
@@ -460,6 +469,9 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
                 seq: b.get_u64(),
             }
         }
+        KIND_SHARE_GROUPS => Frame::ShareGroups {
+            groups: get_share_groups(&mut b)?,
+        },
         other => return Err(FrameError::UnknownKind(other)),
     };
     if b.has_remaining() {
@@ -1084,5 +1096,125 @@ mod session_tests {
                 }
             }
         }
+    }
+}
+
+// Shared subscriptions across the cluster (issue 12): kinds 48 and up.
+//
+// SHARE_GROUPS := n:u32 (len:u16 group)*      group: "{ShareName}/{filter}", n <= MAX_SHARE_GROUPS
+const KIND_SHARE_GROUPS: u8 = 48;
+/// The most shared groups one node advertises (more are refused from a peer, and not sent).
+pub const MAX_SHARE_GROUPS: usize = 4096;
+/// The longest group name advertised (a ShareName, `/` and a filter).
+pub const MAX_SHARE_GROUP_LEN: usize = 1024;
+/// The most bytes of group names one frame carries (so it fits any mesh frame limit).
+pub const MAX_SHARE_GROUPS_BYTES: usize = 64 * 1024;
+
+/// Whether `g` can be advertised: `{ShareName}/{filter}`, both parts non-empty, bounded.
+pub fn valid_share_group(g: &str) -> bool {
+    g.len() <= MAX_SHARE_GROUP_LEN
+        && g.split_once('/')
+            .is_some_and(|(name, filter)| !name.is_empty() && !filter.is_empty())
+}
+
+fn put_share_groups(o: &mut BytesMut, groups: &[String]) -> Result<(), FrameError> {
+    let bytes: usize = groups.iter().map(String::len).sum();
+    if groups.len() > MAX_SHARE_GROUPS || bytes > MAX_SHARE_GROUPS_BYTES {
+        return Err(FrameError::Malformed("too many share groups"));
+    }
+    o.put_u32(groups.len() as u32);
+    for g in groups {
+        if !valid_share_group(g) {
+            return Err(FrameError::Malformed("share group"));
+        }
+        put_str16(o, g.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn get_share_groups(b: &mut Bytes) -> Result<Vec<String>, FrameError> {
+    need(b, 4, "share groups count")?;
+    let n = b.get_u32() as usize;
+    if n > MAX_SHARE_GROUPS {
+        return Err(FrameError::Malformed("too many share groups"));
+    }
+    // Each takes at least 2 bytes: a count the frame cannot hold is refused before allocating.
+    need(b, n.saturating_mul(2), "share groups")?;
+    let mut groups = Vec::with_capacity(n);
+    let mut bytes = 0;
+    for _ in 0..n {
+        let g = get_string16(b, "share group")?;
+        if !valid_share_group(&g) {
+            return Err(FrameError::Malformed("share group"));
+        }
+        bytes += g.len();
+        if bytes > MAX_SHARE_GROUPS_BYTES {
+            return Err(FrameError::Malformed("too many share groups"));
+        }
+        groups.push(g);
+    }
+    Ok(groups)
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    fn decoded(bytes: &[u8]) -> Result<Option<Frame>, FrameError> {
+        decode(&mut BytesMut::from(bytes), 1 << 20)
+    }
+
+    #[test]
+    fn share_groups_round_trip() {
+        let f = Frame::ShareGroups {
+            groups: vec!["g/share/t".into(), "other/a/+/#".into()],
+        };
+        let bytes = encode(&f).expect("encodes");
+        assert_eq!(decoded(&bytes), Ok(Some(f)));
+        let empty = Frame::ShareGroups { groups: vec![] };
+        let bytes = encode(&empty).expect("encodes");
+        assert_eq!(decoded(&bytes), Ok(Some(empty)));
+    }
+
+    #[test]
+    fn bad_share_groups_are_refused() {
+        let body = |b: &[u8]| {
+            let mut f = BytesMut::new();
+            f.put_u32(1 + b.len() as u32);
+            f.put_u8(KIND_SHARE_GROUPS);
+            f.put_slice(b);
+            f
+        };
+        // A count over the bound.
+        let mut over = BytesMut::new();
+        over.put_u32(MAX_SHARE_GROUPS as u32 + 1);
+        assert_eq!(
+            decoded(&body(&over)),
+            Err(FrameError::Malformed("too many share groups"))
+        );
+        // A count the frame cannot hold.
+        let mut short = BytesMut::new();
+        short.put_u32(3);
+        short.put_u16(1);
+        short.put_slice(b"g");
+        assert!(decoded(&body(&short)).is_err());
+        // Not `{ShareName}/{filter}`, not UTF-8, too long.
+        for g in [&b"nofilter"[..], b"/t", b"g/", b"\xff/t", &[b'a'; 1100][..]] {
+            let mut one = BytesMut::new();
+            one.put_u32(1);
+            one.put_u16(g.len() as u16);
+            one.put_slice(g);
+            assert!(decoded(&body(&one)).is_err(), "{g:?}");
+        }
+        // Missing the count, trailing bytes.
+        assert!(decoded(&body(&[0, 0])).is_err());
+        assert!(decoded(&body(&[0, 0, 0, 0, 7])).is_err());
+        // Too many or bad groups are not sent either.
+        let many = vec!["g/t".to_string(); MAX_SHARE_GROUPS + 1];
+        assert!(encode(&Frame::ShareGroups { groups: many }).is_err());
+        let long = vec!["g/".to_string() + &"t".repeat(1000); 70];
+        assert!(encode(&Frame::ShareGroups { groups: long }).is_err());
+        let bad = vec!["g".to_string()];
+        assert!(encode(&Frame::ShareGroups { groups: bad }).is_err());
     }
 }

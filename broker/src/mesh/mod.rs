@@ -183,6 +183,8 @@ pub(crate) struct Mesh {
     pub metrics: Arc<Metrics>,
     /// Sessions across the cluster (issue 12): set once the router runs.
     pub(crate) sessions: std::sync::OnceLock<Arc<crate::session::Sessions>>,
+    /// Shared subscriptions across the cluster (issue 12): set once the node starts.
+    pub(crate) share: std::sync::OnceLock<Arc<crate::share::Share>>,
     /// rumqttd's delayed wills of this node's listeners: a client that connects on another
     /// node cancels (or, with a clean start, fires) the will its connection here left.
     wills: rumqttd::DelayedWills,
@@ -207,6 +209,7 @@ impl Mesh {
             peers: ArcSwap::from_pointee(Vec::new()),
             metrics,
             sessions: std::sync::OnceLock::new(),
+            share: std::sync::OnceLock::new(),
             wills,
             clients: Mutex::new(Clients::default()),
             next_connection: AtomicU64::new(1),
@@ -769,6 +772,8 @@ async fn outbound(
         UNACKED_MAX_BYTES,
     );
     let mut backoff = settings.reconnect_min;
+    // This node's shared groups (issue 12): sent as each link comes up and on every change.
+    let mut groups = mesh.share.get().map(|s| s.advertised());
     loop {
         let attempt = async {
             let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr))
@@ -801,6 +806,9 @@ async fn outbound(
                 let mut w = BufWriter::with_capacity(64 * 1024, w);
                 let mut acks = BytesMut::new();
                 let why = 'link: {
+                    if let Err(e) = send_share_groups(&mut w, groups.as_mut()).await {
+                        break 'link e.to_string();
+                    }
                     // First what the peer has not acknowledged, in order.
                     if let Err(e) = resend(&mut w, &mut unacked, &counters).await {
                         break 'link e.to_string();
@@ -821,6 +829,11 @@ async fn outbound(
                                 let r = send_batch(&mut w, batch, &mut unacked, &counters).await;
                                 counters.unacked.set(unacked.len() as i64);
                                 if let Err(e) = r {
+                                    break 'link e.to_string();
+                                }
+                            }
+                            Some(Ok(())) = changed(groups.as_mut()) => {
+                                if let Err(e) = send_share_groups(&mut w, groups.as_mut()).await {
                                     break 'link e.to_string();
                                 }
                             }
@@ -917,6 +930,8 @@ async fn inbound(
         }
     };
     tracing::info!(peer, %addr, "inbound mesh link up");
+    // What this link says of the peer's shared groups is forgotten when it ends (issue 12).
+    let share = mesh.share.get().map(|s| ShareLink::new(s.clone(), &peer));
     let received = mesh.metrics.received.with_label_values(&[&peer]);
     let duplicates = mesh.metrics.duplicates.with_label_values(&[&peer]);
     let skipped = mesh.metrics.skipped.with_label_values(&[&peer]);
@@ -948,6 +963,12 @@ async fn inbound(
                 clean_start,
             })) => {
                 mesh.peer_connected(&client_id, clean_start);
+                continue;
+            }
+            Ok(Some(Frame::ShareGroups { groups })) => {
+                if let Some(s) = &share {
+                    s.share.on_peer(&peer, s.link, groups);
+                }
                 continue;
             }
             // Sessions across the cluster (issue 12; `crate::session`).
@@ -994,6 +1015,55 @@ async fn inbound(
             return;
         }
         received.inc();
+    }
+}
+
+/// Shared subscriptions (issue 12): this node's groups to the peer, now (the latest list).
+async fn send_share_groups(
+    w: &mut (impl AsyncWrite + Unpin),
+    groups: Option<&mut watch::Receiver<Arc<Vec<String>>>>,
+) -> std::io::Result<()> {
+    let Some(groups) = groups else {
+        return Ok(());
+    };
+    let list = groups.borrow_and_update().clone();
+    let bytes = encode(&Frame::ShareGroups {
+        groups: list.to_vec(),
+    })
+    .map_err(std::io::Error::other)?;
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+/// Resolves when this node's shared groups change (never without a list to follow).
+async fn changed(groups: Option<&mut watch::Receiver<Arc<Vec<String>>>>) -> Option<Result<(), ()>> {
+    match groups {
+        Some(g) => Some(g.changed().await.map_err(|_| ())),
+        None => std::future::pending().await,
+    }
+}
+
+/// An inbound link's part in [`crate::share::Share`]: what it carried is dropped with it.
+struct ShareLink {
+    share: Arc<crate::share::Share>,
+    peer: String,
+    link: u64,
+}
+
+impl ShareLink {
+    fn new(share: Arc<crate::share::Share>, peer: &str) -> ShareLink {
+        let link = share.link();
+        ShareLink {
+            share,
+            peer: peer.to_string(),
+            link,
+        }
+    }
+}
+
+impl Drop for ShareLink {
+    fn drop(&mut self) {
+        self.share.link_closed(&self.peer, self.link);
     }
 }
 
