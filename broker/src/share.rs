@@ -16,7 +16,11 @@
 //! when the link that carried them closes):
 //! - a node gets its first member of a group: until its peers have its SHARE_GROUPS (one mesh
 //!   hop), it takes its share and so do they: those messages are delivered twice (QoS 1 is at
-//!   least once; QoS 2 too, across nodes).
+//!   least once; QoS 2 too, across nodes). A peer counts it only for messages that reached the
+//!   peer after it learned of the members (`decide`): a message it reads late (a slow
+//!   member's backlog) is not left to a node that never had it in its group. (A message that
+//!   reaches a peer after the SHARE_GROUPS but reached the new node before its SUBSCRIBE, a
+//!   path slower than two hops, is still lost.)
 //! - a node loses its last member (UNSUBSCRIBE, disconnect): until its peers have the new
 //!   list, they skip its share, which it no longer has anyone for: lost, for one mesh hop.
 //! - a node dies or its link breaks: its share of what was published until its peers notice
@@ -27,9 +31,10 @@
 //!   serves the peer's share too: duplicates, not losses, until the link is back.
 //! - identical messages (same topic and payload) hash alike: they go to the same node.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use tokio::sync::watch;
@@ -37,12 +42,15 @@ use tokio::sync::watch;
 use crate::mesh::frame::{valid_share_group, MAX_SHARE_GROUPS, MAX_SHARE_GROUPS_BYTES};
 use crate::metrics::Metrics;
 
+/// Groups, each with the moment this node learned that it has members there.
+type Groups = BTreeMap<String, Instant>;
+
 #[derive(Default)]
 struct State {
     /// Groups this node's router has members of.
-    local: BTreeSet<String>,
+    local: Groups,
     /// Per peer: the link that carried its list, and its groups.
-    peers: HashMap<String, (u64, BTreeSet<String>)>,
+    peers: HashMap<String, (u64, Groups)>,
 }
 
 pub(crate) struct Share {
@@ -114,11 +122,21 @@ impl Share {
 
     /// `peer`'s whole list, received on inbound link `link` (the frame checked the bounds).
     pub(crate) fn on_peer(&self, peer: &str, link: u64, groups: Vec<String>) {
-        let groups: BTreeSet<String> = groups.into_iter().collect();
+        let now = Instant::now();
+        let mut s = self.write();
+        let known = s.peers.get(peer).map(|(_, g)| g);
+        // A group still listed keeps the moment it was first learned.
+        let groups: Groups = groups
+            .into_iter()
+            .map(|g| {
+                let since = known.and_then(|k| k.get(&g)).copied().unwrap_or(now);
+                (g, since)
+            })
+            .collect();
         self.groups
             .with_label_values(&[peer])
             .set(groups.len() as i64);
-        self.write().peers.insert(peer.to_string(), (link, groups));
+        s.peers.insert(peer.to_string(), (link, groups));
     }
 
     /// Inbound link `link` from `peer` closed: what it said is no longer known (unless a newer
@@ -131,22 +149,42 @@ impl Share {
         }
     }
 
-    /// Whether this node delivers the message `(topic, payload)` of `group`.
-    fn decide(&self, group: &str, topic: &[u8], payload: &[u8]) -> bool {
+    /// Whether this node delivers the message `(topic, payload)` of `group`, which reached it
+    /// at `arrived`.
+    ///
+    /// The candidates are the nodes known to have members when the message arrived: a node
+    /// whose members came later did not take the message into its group (its cursor starts
+    /// at the SUBSCRIBE), so a message read late here (a slow member's backlog) is not left to
+    /// it. If no node was known by then (this node's member came back with an older cursor),
+    /// all those with members now are.
+    fn decide(&self, group: &str, topic: &[u8], payload: &[u8], arrived: Instant) -> bool {
         let s = self.read();
-        // The router asks only for groups it has members of; were the view late, delivering
-        // is the safe side.
         let key = message_hash(group, topic, payload);
-        let mut best = (score(key, self.id_hash), self.id.as_str());
-        for (peer, (_, groups)) in &s.peers {
-            if groups.contains(group) {
-                let c = (score(key, node_hash(peer)), peer.as_str());
-                if c > best {
-                    best = c;
-                }
+        let own = s.local.get(group).copied();
+        let peers = s
+            .peers
+            .iter()
+            .filter_map(|(peer, (_, groups))| Some((peer.as_str(), *groups.get(group)?)));
+        // The router asks only for groups it has members of; were the view late, delivering
+        // is the safe side (`own` missing counts as "since ever").
+        let all = std::iter::once((self.id.as_str(), own.unwrap_or(arrived))).chain(peers);
+        let mut best: Option<(u64, &str)> = None;
+        let mut best_now: Option<(u64, &str)> = None;
+        for (node, since) in all {
+            let h = if node == self.id {
+                self.id_hash
+            } else {
+                node_hash(node)
+            };
+            let c = Some((score(key, h), node));
+            if since <= arrived && c > best {
+                best = c;
+            }
+            if c > best_now {
+                best_now = c;
             }
         }
-        best.1 == self.id
+        best.or(best_now).is_some_and(|(_, n)| n == self.id)
     }
 }
 
@@ -155,7 +193,7 @@ impl rumqttd::SharedGroupPolicy for Share {
         let list = {
             let mut s = self.write();
             if has_members {
-                s.local.insert(group.to_string());
+                s.local.insert(group.to_string(), Instant::now());
             } else {
                 s.local.remove(group);
             }
@@ -165,7 +203,7 @@ impl rumqttd::SharedGroupPolicy for Share {
             let mut bytes = 0;
             let list: Vec<String> = s
                 .local
-                .iter()
+                .keys()
                 .filter(|g| valid_share_group(g))
                 .take_while(|g| {
                     bytes += g.len();
@@ -187,8 +225,8 @@ impl rumqttd::SharedGroupPolicy for Share {
         self.advertised.send_replace(Arc::new(list));
     }
 
-    fn serves(&self, group: &str, publish: &rumqttd::protocol::Publish) -> bool {
-        let served = self.decide(group, &publish.topic, &publish.payload);
+    fn serves(&self, group: &str, publish: &rumqttd::protocol::Publish, arrived: Instant) -> bool {
+        let served = self.decide(group, &publish.topic, &publish.payload, arrived);
         let decision = if served { "served" } else { "skipped" };
         self.decisions.with_label_values(&[decision]).inc();
         served
@@ -242,7 +280,7 @@ mod tests {
     fn servers(nodes: &[&Share], group: &str, payload: &[u8]) -> Vec<String> {
         nodes
             .iter()
-            .filter(|n| n.decide(group, b"t", payload))
+            .filter(|n| n.decide(group, b"t", payload, Instant::now()))
             .map(|n| n.id.clone())
             .collect()
     }
@@ -299,7 +337,8 @@ mod tests {
         a.link_closed("n2", 2);
         assert!(a.read().peers.is_empty());
         // Alone, n1 serves everything.
-        assert!((0..100).all(|i| a.decide("g/t", b"t", format!("{i}").as_bytes())));
+        let now = Instant::now();
+        assert!((0..100).all(|i| a.decide("g/t", b"t", format!("{i}").as_bytes(), now)));
     }
 
     #[test]
@@ -313,6 +352,33 @@ mod tests {
         assert_eq!(**rx.borrow(), vec!["h/x/#".to_string()]);
         // Other groups than the message's do not count.
         a.on_peer("n2", 1, vec!["other/t".into()]);
-        assert!((0..100).all(|i| a.decide("h/x/#", b"x/1", format!("{i}").as_bytes())));
+        let now = Instant::now();
+        assert!((0..100).all(|i| a.decide("h/x/#", b"x/1", format!("{i}").as_bytes(), now)));
+    }
+
+    /// A message that arrived before a peer's members were known is not left to that peer
+    /// (it never had it in its group); one that arrived after is shared with it.
+    #[test]
+    fn a_peer_takes_only_messages_that_arrived_after_its_members() {
+        let a = share("n1");
+        a.group_changed("g/t", true);
+        let before = Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        a.on_peer("n2", 1, vec!["g/t".into()]);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let after = Instant::now();
+        let old = (0..200).filter(|i| a.decide("g/t", b"t", format!("{i}").as_bytes(), before));
+        assert_eq!(
+            old.count(),
+            200,
+            "n1 serves all that came before n2's members"
+        );
+        let new = (0..200).filter(|i| a.decide("g/t", b"t", format!("{i}").as_bytes(), after));
+        let n = new.count();
+        assert!((50..150).contains(&n), "n1 serves {n} of 200 later ones");
+        // Listed again, n2 keeps the moment it was first learned.
+        a.on_peer("n2", 1, vec!["g/t".into()]);
+        let again = (0..200).filter(|i| a.decide("g/t", b"t", format!("{i}").as_bytes(), after));
+        assert_eq!(again.count(), n);
     }
 }

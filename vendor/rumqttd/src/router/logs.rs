@@ -195,6 +195,22 @@ impl DataLog {
         len: u64,
         skip_origin: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
+        let (next, o) = self.native_readv_timed(filter_idx, offset, len, skip_origin)?;
+        Ok((
+            next,
+            o.into_iter().map(|(p, offset, _)| (p, offset)).collect(),
+        ))
+    }
+
+    /// mqlb patch (issue 12): [`Self::native_readv`] with the time each message reached this
+    /// router (a shared group's policy counts only the nodes that had members by then).
+    pub fn native_readv_timed(
+        &self,
+        filter_idx: FilterIdx,
+        offset: Offset,
+        len: u64,
+        skip_origin: Option<&str>,
+    ) -> io::Result<(Position, Vec<(PubWithProp, Offset, Instant)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
         // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
@@ -238,10 +254,12 @@ impl DataLog {
             is_valid
         });
 
-        // no need to include timestamp when returning
         let o = o
             .into_iter()
-            .map(|(pubdata, offset)| ((pubdata.publish, pubdata.properties), offset))
+            .map(|(pubdata, offset)| {
+                let at = pubdata.timestamp;
+                ((pubdata.publish, pubdata.properties), offset, at)
+            })
             .collect();
 
         Ok((next, o))

@@ -1747,7 +1747,7 @@ fn forward_device_data(
         request.forward_retained = false;
     }
 
-    let (next, publishes_from_datalog) = match datalog.native_readv(
+    let (next, publishes_from_datalog) = match datalog.native_readv_timed(
         request.filter_idx,
         request.cursor,
         inflight_slots,
@@ -1760,11 +1760,12 @@ fn forward_device_data(
         }
     };
 
-    publishes.extend(
-        publishes_from_datalog
-            .into_iter()
-            .map(|(p, offset)| (p, Some(offset))),
-    );
+    // mqlb patch (issue 12): when each message reached this router, for the group's policy.
+    let mut arrived = Vec::with_capacity(publishes_from_datalog.len());
+    publishes.extend(publishes_from_datalog.into_iter().map(|(p, offset, at)| {
+        arrived.push(at);
+        (p, Some(offset))
+    }));
 
     let (start, next, caughtup) = match next {
         Position::Next { start, end } => (start, end, false),
@@ -1810,7 +1811,13 @@ fn forward_device_data(
     // mqlb patch (across the cluster, issue 12): a shared group's messages this router does
     // not serve (another node's members take them, MQTT-4.8.2) are skipped: read, not sent.
     if let Some(share) = &shared_group {
-        publishes.retain(|((publish, _), _)| share.serves(publish));
+        // Retained messages (a group has none) come first, without an arrival time.
+        let (unread, mut i) = (publishes.len() - arrived.len(), 0usize);
+        publishes.retain(|((publish, _), _)| {
+            let at = i.checked_sub(unread).and_then(|j| arrived.get(j)).copied();
+            i += 1;
+            share.serves(publish, at.unwrap_or_else(std::time::Instant::now))
+        });
     }
 
     let qos = request.qos;

@@ -2,6 +2,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::protocol::Publish;
 
@@ -14,8 +15,9 @@ use crate::protocol::Publish;
 pub trait SharedGroupPolicy: Send + Sync {
     /// The group got its first member on this router (`true`) or lost its last (`false`).
     fn group_changed(&self, group: &str, has_members: bool);
-    /// Whether this router delivers `publish` to its members of `group`.
-    fn serves(&self, group: &str, publish: &Publish) -> bool;
+    /// Whether this router delivers `publish`, which reached it at `arrived`, to its members
+    /// of `group`.
+    fn serves(&self, group: &str, publish: &Publish, arrived: Instant) -> bool;
 }
 
 /// mqlb patch (issue 12): a [`SharedGroupPolicy`] in the router's config.
@@ -79,11 +81,12 @@ impl SharedGroup {
         self
     }
 
-    /// mqlb patch (issue 12): whether this router delivers `publish` to the group's members.
-    pub fn serves(&self, publish: &Publish) -> bool {
+    /// mqlb patch (issue 12): whether this router delivers `publish` (which reached it at
+    /// `arrived`) to the group's members.
+    pub fn serves(&self, publish: &Publish, arrived: Instant) -> bool {
         self.hook
             .as_ref()
-            .map_or(true, |h| h.policy.serves(&h.name, publish))
+            .map_or(true, |h| h.policy.serves(&h.name, publish, arrived))
     }
 
     pub fn contains(&self, client: &str) -> bool {
