@@ -579,12 +579,14 @@ impl Router {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
                     // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                    // mqlb patch (a group's last member leaving): the group was dropped
+                    // above when this was its last member; there is no cursor left to reset.
+                    if let Some(group) = request
+                        .group
+                        .as_ref()
+                        .and_then(|g| self.shared_subscriptions.get_mut(g))
+                    {
+                        group.cursor = *cursor;
                     }
                 }
             }
