@@ -1,6 +1,6 @@
 //! The node's small HTTP endpoint: `/metrics` (Prometheus) and `/healthz` (200 while serving,
 //! with each mesh link's state). Requests pass the Host/Origin/token checks of
-//! [`mqlb_haserver::http_access`] first (DESIGN.md, "Security"): the peer list and the metrics
+//! [`mqlb_haserver::http_access`] first (docs/design.md, "Security"): the peer list and the metrics
 //! are a map of the cluster, and the endpoint will take writes one day.
 
 use std::sync::Arc;

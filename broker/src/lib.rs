@@ -1,5 +1,5 @@
 //! mqlb's broker node: a rumqttd broker that can be stopped, and a full-mesh cluster link so a
-//! publish on any node reaches subscribers on every node (DESIGN.md, "broker: a node").
+//! publish on any node reaches subscribers on every node (docs/design.md, "broker: a node").
 //!
 //! [`tap`] sees local clients' publishes inside rumqttd's codec; [`mesh`] carries them to each
 //! peer once and injects what peers send into the local router; [`node`] composes it all on a

@@ -1,4 +1,4 @@
-//! Authentication of HA server requests with the cluster secret (DESIGN.md, "Security"). The
+//! Authentication of HA server requests with the cluster secret (docs/design.md, "Security"). The
 //! membership decides where the LB sends clients' CONNECTs (passwords included), so nobody
 //! without the secret may change it, or read it (it is a map of the cluster).
 //!

@@ -1,4 +1,4 @@
-//! When the primary may judge a member silent (DESIGN.md, "haserver": members that miss
+//! When the primary may judge a member silent (docs/design.md, "haserver": members that miss
 //! heartbeats expire). A member's silence only counts while this server could have heard it:
 //! from the moment it became primary, and only while its own rounds kept going. A server that
 //! restarts, takes over from a dead primary, or resumes after a stall gives every member one

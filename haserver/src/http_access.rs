@@ -1,5 +1,5 @@
-//! Who may use the LB's admin API and a broker's http endpoint (DESIGN.md, "Security"; issue 13,
-//! where one cross-site-style POST drained every backend).
+//! Who may use the LB's admin API and a broker's http endpoint (docs/design.md, "Security";
+//! issue 13, where one cross-site-style POST drained every backend).
 //!
 //! Both serve plain HTTP, on loopback by default, so besides someone on the network the threat
 //! is a web page the operator has open: it can make the browser POST to `127.0.0.1:9883`

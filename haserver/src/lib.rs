@@ -1,4 +1,4 @@
-//! mqlb's HA server (DESIGN.md, "haserver"): broker membership with heartbeats, a version that
+//! mqlb's HA server (docs/design.md, "haserver"): broker membership with heartbeats, a version that
 //! clients watch with long-polls, an event log, and a primary lease, all in SQLite.
 
 pub mod auth;

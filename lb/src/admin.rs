@@ -1,7 +1,7 @@
 //! The admin server (hyper, loopback by default): Prometheus metrics, liveness, the backend
 //! and connection views, and drain/enable. Its paths and JSON fields are a public contract
-//! (DESIGN.md, "lb: observability and control"). Every request passes the Host/Origin/token
-//! checks of [`mqlb_haserver::http_access`] first (DESIGN.md, "Security"), with the token of the
+//! (docs/design.md, "lb"). Every request passes the Host/Origin/token checks of
+//! [`mqlb_haserver::http_access`] first (docs/design.md, "Security"), with the token of the
 //! config in force, so a reload that changes `admin_token_file` applies to the next request.
 
 use std::net::SocketAddr;

@@ -1,4 +1,4 @@
-//! Prometheus metrics of one LB instance. The names are a public contract (DESIGN.md); each
+//! Prometheus metrics of one LB instance. The names are a public contract (docs/design.md); each
 //! instance has its own registry so several LBs can live in one process (tests, embedding).
 
 use prometheus::{

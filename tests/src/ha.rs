@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::http::{http_with_headers, json_reply};
 use crate::TEST_SECRET;
 
-/// The headers that authenticate a request to the HA server (DESIGN.md, "Security"), computed
+/// The headers that authenticate a request to the HA server (docs/design.md, "Security"), computed
 /// here independently of mqlb's own client: `X-Mqlb-Time` (Unix ms), `X-Mqlb-Nonce` (unique per
 /// call) and `X-Mqlb-Signature`, the hex HMAC-SHA256 with `secret` of
 /// `mqlb-ha-v1\n{METHOD}\n{path?query}\n{time}\n{nonce}\n{body}`.

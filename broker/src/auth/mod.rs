@@ -1,5 +1,5 @@
 //! MQTT authentication and authorisation of a node's clients, from mosquitto's files
-//! (DESIGN.md, "Security"): [`passwd`] checks logins, [`acl`] decides topics; both are pure.
+//! (docs/design.md, "Security"): [`passwd`] checks logins, [`acl`] decides topics; both are pure.
 //! [`Auth`] holds the current pair behind one `ArcSwap` and is the `rumqttd::Authorizer` of
 //! every listener, so rumqttd asks it at CONNECT, PUBLISH, SUBSCRIBE and each delivery
 //! (vendor/rumqttd/PATCHED.md). [`crate::tap`] asks it too before a publish goes to the mesh:
