@@ -16,7 +16,15 @@ use tokio_util::sync::CancellationToken;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 
+/// The Prometheus text format's type: Prometheus 3 refuses a scrape without one by default.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Response<Full<Bytes>> {
+    let content_type = if path == "/metrics" {
+        METRICS_TYPE
+    } else {
+        "text/plain; charset=utf-8"
+    };
     let (status, body) = match path {
         "/metrics" => match metrics.render().and_then(|t| Ok(t + &guard.render()?)) {
             Ok(t) => (StatusCode::OK, t),
@@ -33,6 +41,10 @@ fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Respons
     };
     let mut res = Response::new(Full::new(Bytes::from(body)));
     *res.status_mut() = status;
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     res
 }
 

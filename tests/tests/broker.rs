@@ -680,3 +680,31 @@ fn an_idle_node_logs_next_to_nothing_at_info() -> anyhow::Result<()> {
     child.wait()?;
     result
 }
+
+/// Prometheus 3 refuses by default a scrape whose answer has no Content-Type; the node's
+/// `/metrics` sent none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_with_the_prometheus_text_content_type() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(1).await?;
+    let http = cluster.specs[0]
+        .node
+        .http
+        .ok_or_else(|| anyhow::anyhow!("no http endpoint"))?;
+    let mut s = tokio::net::TcpStream::connect(http).await?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+    anyhow::ensure!(head.starts_with("http/1.1 200"), "{head}");
+    anyhow::ensure!(
+        head.lines()
+            .any(|l| l.starts_with("content-type: text/plain; version=0.0.4")),
+        "no Prometheus text Content-Type: {head}"
+    );
+    Ok(())
+}
