@@ -52,8 +52,9 @@ pub(crate) fn take_properties(m: &mut MeshPublish) -> Option<PublishProperties> 
 }
 
 /// Client connections of one node, counted here so rumqttd's router never has to refuse one:
-/// a refusal inside rumqttd 0.20 leaves a stale will handler behind, and the next CONNECT with
-/// that client ID panics and poisons the listener for everyone (rumqtt issue #1062).
+/// its refusal ("no space for new connection") sends no CONNACK and leaves the client waiting
+/// for one. (It also left a stale will handler that made the next CONNECT with that client ID
+/// panic, rumqtt issue #1062; that part is fixed in the vendored rumqttd.)
 pub(crate) struct ConnLimit {
     active: AtomicUsize,
     max: usize,

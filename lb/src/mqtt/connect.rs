@@ -608,10 +608,17 @@ mod tests {
         }
 
         /// Arbitrary bytes never panic, and a complete answer never claims more than was read
-        /// of the client ID.
+        /// of the client ID: the ID it returns is in the bytes.
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = parse_connect(&bytes);
+            if let Ok(Some(c)) = parse_connect(&bytes) {
+                let id = c.client_id.as_bytes();
+                prop_assert!(
+                    id.is_empty() || bytes.windows(id.len()).any(|w| w == id),
+                    "client ID {:?} is not in the input",
+                    c.client_id
+                );
+            }
         }
 
         /// Arbitrary bytes after a plausible CONNECT prefix exercise the deeper branches.
