@@ -94,6 +94,9 @@ pub(crate) struct Tap<P> {
     /// (0: not accepted): only then is the will armed (a refused login must not leave a will
     /// behind that reaches every node).
     registration: AtomicU64,
+    /// When the mesh registered this connection's CONNECT (0: none yet); see
+    /// `Mesh::client_connecting`.
+    connect_at: u64,
 }
 
 impl<P: Clone> Clone for Tap<P> {
@@ -113,6 +116,7 @@ impl<P: Clone> Clone for Tap<P> {
             clean_start: true,
             session_expiry: 0,
             registration: AtomicU64::new(0),
+            connect_at: 0,
         }
     }
 }
@@ -146,6 +150,10 @@ impl<P> Drop for Tap<P> {
         // Will Delay Interval or the session ends, whichever first, unless the client
         // connects again (here or on another node) before (MQTT-3.1.3-9).
         let registration = self.registration.load(Ordering::Acquire);
+        if registration == 0 && self.connect_at != 0 {
+            self.mesh
+                .client_not_connected(&self.client_id, self.connect_at);
+        }
         if registration != 0 {
             let session = self.session_expiry;
             let will = self.will.take().map(|(w, delay)| (w, delay.min(session)));
@@ -182,6 +190,7 @@ impl<P> Tap<P> {
             clean_start: true,
             session_expiry: 0,
             registration: AtomicU64::new(0),
+            connect_at: 0,
         }
     }
 
@@ -256,7 +265,13 @@ impl<P: Protocol> Protocol for Tap<P> {
         match &packet {
             Packet::Connect(connect, props, will, will_props, login) => {
                 self.admit(&connect.client_id)?;
+                if self.connect_at != 0 {
+                    // a second CONNECT is a protocol error rumqttd refuses; forget the first
+                    self.mesh
+                        .client_not_connected(&self.client_id, self.connect_at);
+                }
                 self.client_id = connect.client_id.clone();
+                self.connect_at = self.mesh.client_connecting(&self.client_id);
                 self.clean_start = connect.clean_session;
                 self.session_expiry = props
                     .as_ref()
@@ -299,9 +314,11 @@ impl<P: Protocol> Protocol for Tap<P> {
                 if ack.code == ConnectReturnCode::Success
                     && self.registration.load(Ordering::Acquire) == 0
                 {
-                    let r = self
-                        .mesh
-                        .client_connected(&self.client_id, self.clean_start);
+                    let r = self.mesh.client_connected(
+                        &self.client_id,
+                        self.clean_start,
+                        self.connect_at,
+                    );
                     self.registration.store(r, Ordering::Release);
                 }
                 // A refused login: 5.0's 0x86 Bad User Name or Password is, in 3.1.1,

@@ -258,3 +258,60 @@ async fn a_live_session_is_taken_over_with_its_state() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// Whether `c` is still open: its PINGREQ answered, or nothing yet within `within` (anything
+/// else sent first, such as a DISCONNECT 0x8E, is read past); `false` once it is closed.
+async fn still_open(c: &mut Raw<V5>, within: Duration) -> anyhow::Result<bool> {
+    if c.send(v5::Packet::PingReq(v5::PingReq)).await.is_err() {
+        return Ok(false);
+    }
+    for _ in 0..10 {
+        match c.next(within).await? {
+            Ok(v5::Packet::PingResp(_)) | Err(Ended::Silent) => return Ok(true),
+            Ok(_) => {}
+            Err(Ended::Closed) => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+/// Two connections with one client ID racing on two nodes: each node hears of the other's
+/// CONNACK, and both closed their own, leaving the client with no session at all. The newer
+/// connection wins (its CONNACK time, then the node ID): exactly one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_connections_on_two_nodes_leave_exactly_one() -> anyhow::Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let mut both_closed = 0;
+    for i in 0..20 {
+        let id = format!("racer-{i}");
+        let (a, b) = tokio::join!(
+            connect5_at(&cluster, 0, connect5_session(&id, true, None)),
+            connect5_at(&cluster, 1, connect5_session(&id, true, None)),
+        );
+        // A connection may be taken over before its CONNACK is read: it is closed then.
+        let (mut a, mut b) = (a.ok().map(|(c, _)| c), b.ok().map(|(c, _)| c));
+        // Until the takeover has settled both may still be open; then one is closed, or both.
+        let step = Duration::from_millis(100);
+        let mut open = (a.is_some(), b.is_some());
+        for _ in 0..100 {
+            if let Some(c) = &mut a {
+                open.0 = still_open(c, step).await?;
+            }
+            if let Some(c) = &mut b {
+                open.1 = still_open(c, step).await?;
+            }
+            if open != (true, true) {
+                break;
+            }
+        }
+        ensure!(open != (true, true), "{id}: both connections still live");
+        if open == (false, false) {
+            both_closed += 1;
+        }
+    }
+    ensure!(
+        both_closed == 0,
+        "{both_closed} of 20 races left no connection at all"
+    );
+    Ok(())
+}

@@ -21,7 +21,7 @@ pub const MAGIC: &[u8; 4] = b"MQLB";
 /// version 2 sender takes for a broken link.
 /// 4: SHARE_GROUPS (issue 12), sent on every link as it comes up: a version 3 node would
 /// close the link on it.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 
@@ -86,10 +86,13 @@ pub enum Frame {
     Publish(MeshPublish),
     /// A client connected to the sending node: a delayed will of an earlier connection with
     /// this client ID is cancelled (or, with a clean start, which ends the old session,
-    /// published now) on every node (MQTT-3.1.3-9).
+    /// published now) on every node (MQTT-3.1.3-9), and a live connection with this client ID
+    /// is taken over, unless it is the newer one: `at` (the CONNACK's time, microseconds since
+    /// the Unix epoch, on the sender's clock) settles a race of two nodes (issue 12).
     Connected {
         client_id: String,
         clean_start: bool,
+        at: u64,
     },
     // Acknowledged delivery (issue 12; see `mesh::reliable`).
     /// Frame `seq` of the sender's stream `epoch` to this peer (only a PUBLISH is numbered).
@@ -195,9 +198,12 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
         Frame::Connected {
             client_id,
             clean_start,
+            at,
         } => frame(KIND_CONNECTED, |o| {
             o.put_u8(u8::from(*clean_start));
-            put_str16(o, client_id.as_bytes())
+            put_str16(o, client_id.as_bytes())?;
+            o.put_u64(*at);
+            Ok(())
         }),
         Frame::Sequenced { epoch, seq, inner } => {
             let inner = encode(inner)?;
@@ -437,9 +443,12 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
             need(&b, 1, "connected flags")?;
             let clean_start = b.get_u8() & 1 == 1;
             let client_id = get_string16(&mut b, "connected client id")?;
+            need(&b, 8, "connected time")?;
+            let at = b.get_u64();
             Frame::Connected {
                 client_id,
                 clean_start,
+                at,
             }
         }
         KIND_SEQUENCED => {
@@ -653,10 +662,12 @@ mod tests {
             Frame::Connected {
                 client_id: "device-7".into(),
                 clean_start: true,
+                at: 1_764_633_600_000_000,
             },
             Frame::Connected {
                 client_id: String::new(),
                 clean_start: false,
+                at: 0,
             },
             Frame::Sequenced {
                 epoch: u64::MAX,
@@ -890,7 +901,7 @@ mod tests {
                 let frame = match which {
                     0 => Frame::Hello { version: VERSION, node_id: "b1".into(), nonce: [7; NONCE_LEN] },
                     1 => Frame::Auth { mac: [9; MAC_LEN] },
-                    2 => Frame::Connected { client_id: "c1".into(), clean_start: true },
+                    2 => Frame::Connected { client_id: "c1".into(), clean_start: true, at: 7 },
                     3 => Frame::Ack { epoch: 1, seq: 2 },
                     4 => Frame::Sequenced { epoch: 1, seq: 2, inner: Box::new(Frame::Publish(full())) },
                     _ => Frame::Publish(full()),

@@ -112,6 +112,13 @@ impl PeerOut {
     }
 }
 
+/// Microseconds since the Unix epoch (0 if the clock is before it).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// Why a link handshake failed; `label` is the `reason` of `mqlb_mesh_rejected_total`.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -161,6 +168,8 @@ pub struct MeshSettings {
 struct Live {
     connection: u64,
     clean_start: bool,
+    /// When its CONNACK went out (`Frame::Connected::at`).
+    at: u64,
 }
 
 /// A will on its way to the peers after its delay; the sender cancels it (`false`) or sends
@@ -174,6 +183,10 @@ struct PendingWill {
 struct Clients {
     live: HashMap<String, Live>,
     pending: HashMap<String, PendingWill>,
+    /// CONNECTs read and not yet answered, with when they were read: a peer's `Connected`
+    /// that is older loses to them too (a connection here may be taken over in the router
+    /// before its CONNACK). One entry per connection in that state at most.
+    connecting: HashMap<String, u64>,
 }
 
 pub(crate) struct Mesh {
@@ -279,7 +292,7 @@ impl Mesh {
     /// connection left, here or on any node, is cancelled, or with `clean_start` (which ends
     /// the old session) sent now (MQTT-3.1.3-9). Returns the connection's registration, for
     /// [`Mesh::client_gone`].
-    pub(crate) fn client_connected(&self, client_id: &str, clean_start: bool) -> u64 {
+    pub(crate) fn client_connected(&self, client_id: &str, clean_start: bool, at: u64) -> u64 {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         if client_id.is_empty() {
             // rumqttd assigned it an ID of its own: no other connection has it
@@ -287,11 +300,15 @@ impl Mesh {
         }
         let pending = {
             let mut c = self.clients();
+            if c.connecting.get(client_id) == Some(&at) {
+                c.connecting.remove(client_id);
+            }
             c.live.insert(
                 client_id.to_owned(),
                 Live {
                     connection,
                     clean_start,
+                    at,
                 },
             );
             c.pending.remove(client_id)
@@ -302,14 +319,30 @@ impl Mesh {
         self.broadcast(&Frame::Connected {
             client_id: client_id.to_owned(),
             clean_start,
+            at,
         });
         connection
     }
 
     /// A peer says a client connected there: the will its connection here left is cancelled
     /// or sent now, for rumqttd's local publication and for the peers. A connection still
-    /// live here is left alone.
-    pub(crate) fn peer_connected(&self, client_id: &str, clean_start: bool) {
+    /// live here is taken over, unless it is the newer of the two (`at`, then the node IDs):
+    /// when two nodes race, both hear of the other and exactly one connection stays.
+    pub(crate) fn peer_connected(&self, peer: &str, client_id: &str, clean_start: bool, at: u64) {
+        let ours_is_newer = {
+            let c = self.clients();
+            let ours = c.live.get(client_id).map(|l| l.at);
+            ours.or_else(|| c.connecting.get(client_id).copied())
+                .is_some_and(|ours| (ours, self.id.as_str()) > (at, peer))
+        };
+        if ours_is_newer {
+            tracing::debug!(
+                client_id,
+                peer,
+                "a peer's older connection loses to the one here"
+            );
+            return;
+        }
         let pending = self.clients().pending.remove(client_id);
         if let Some(p) = pending {
             let _ = p.decide.send(clean_start);
@@ -318,6 +351,24 @@ impl Mesh {
         // One live session per client ID (issue 12): a connection here is taken over.
         if let Some(s) = self.sessions.get() {
             s.peer_connected(self, client_id, clean_start);
+        }
+    }
+
+    /// A CONNECT of `client_id` was read here; returns its time, the `at` its `Connected`
+    /// will carry (see [`Mesh::peer_connected`]).
+    pub(crate) fn client_connecting(&self, client_id: &str) -> u64 {
+        let at = unix_micros();
+        if !client_id.is_empty() {
+            self.clients().connecting.insert(client_id.to_owned(), at);
+        }
+        at
+    }
+
+    /// A CONNECT read at `at` got no successful CONNACK (refused, or the client left first).
+    pub(crate) fn client_not_connected(&self, client_id: &str, at: u64) {
+        let mut c = self.clients();
+        if c.connecting.get(client_id) == Some(&at) {
+            c.connecting.remove(client_id);
         }
     }
 
@@ -961,8 +1012,9 @@ async fn inbound(
             Ok(Some(Frame::Connected {
                 client_id,
                 clean_start,
+                at,
             })) => {
-                mesh.peer_connected(&client_id, clean_start);
+                mesh.peer_connected(&peer, &client_id, clean_start, at);
                 continue;
             }
             Ok(Some(Frame::ShareGroups { groups })) => {
@@ -1191,6 +1243,7 @@ mod tests {
         let connected = encode(&Frame::Connected {
             client_id: "c".into(),
             clean_start: true,
+            at: 1,
         })
         .expect("encodes");
         assert_eq!(refused(connected), Err("protocol"));
