@@ -464,14 +464,7 @@ impl Mesh {
             expiry: None,
             reliable: false,
         };
-        for p in peers.iter() {
-            if p.tx.try_send(out.clone()).is_err() {
-                self.metrics
-                    .dropped
-                    .with_label_values(&[&p.id, "queue_full"])
-                    .inc();
-            }
-        }
+        self.queue_for(&peers, out);
     }
 
     /// Offers a frame to the peer `peer` alone (sessions across the cluster, issue 12); `Err`
@@ -489,6 +482,18 @@ impl Mesh {
             reliable: false,
         };
         p.tx.try_send(out).map_err(|_| "peer queue full")
+    }
+
+    /// Queues `out` for every peer in `peers`; a full queue drops it for that peer (counted).
+    fn queue_for(&self, peers: &[Arc<PeerOut>], out: Outbound) {
+        for p in peers {
+            if p.tx.try_send(out.clone()).is_err() {
+                self.metrics
+                    .dropped
+                    .with_label_values(&[&p.id, "queue_full"])
+                    .inc();
+            }
+        }
     }
 
     fn max_frame(&self) -> usize {
@@ -523,14 +528,7 @@ impl Mesh {
                 return;
             }
         };
-        for p in peers.iter() {
-            if p.tx.try_send(out.clone()).is_err() {
-                self.metrics
-                    .dropped
-                    .with_label_values(&[&p.id, "queue_full"])
-                    .inc();
-            }
-        }
+        self.queue_for(&peers, out);
     }
 
     /// Adds a peer and starts its outbound link on the current runtime.
