@@ -123,13 +123,7 @@ impl Client {
         let before = self.subacks.load(Ordering::SeqCst);
         lock(&self.subscriptions).push((filter.to_string(), qos));
         self.client.subscribe(filter, qos).await?;
-        wait_count(
-            &format!("SUBACK for {filter}"),
-            &self.subacks,
-            before + 1,
-            ACK_DEADLINE,
-        )
-        .await
+        suback(&self.subacks, before, filter).await
     }
 
     /// Messages received so far, in arrival order.
@@ -300,13 +294,7 @@ impl Client5 {
         self.client
             .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
             .await?;
-        wait_count(
-            &format!("SUBACK for {filter}"),
-            &self.subacks,
-            before + 1,
-            ACK_DEADLINE,
-        )
-        .await
+        suback(&self.subacks, before, filter).await
     }
 
     /// Publishes at QoS 1 with user properties.
@@ -344,4 +332,15 @@ impl Drop for Client5 {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Waits for the SUBACK of `filter`: the count of SUBACKs past `before`.
+async fn suback(subacks: &AtomicUsize, before: usize, filter: &str) -> anyhow::Result<()> {
+    wait_count(
+        &format!("SUBACK for {filter}"),
+        subacks,
+        before + 1,
+        ACK_DEADLINE,
+    )
+    .await
 }
