@@ -13,6 +13,9 @@ use super::ConnectionEvents;
 #[derive(Debug)]
 pub struct Connection {
     pub client_id: String,
+    /// mqlb patch (MQTT-3.8.3-3): the client ID as every message it publishes carries it, for
+    /// No Local; made once per connection, shared by its messages.
+    pub(crate) origin: std::sync::Arc<str>,
     /// Id of client's organisation/tenant and the prefix associated with tenant's MQTT topic
     pub tenant_prefix: Option<String>,
     /// Dynamically create subscription filters incase they didn't exist during a publish
@@ -65,6 +68,7 @@ impl Connection {
         };
 
         Connection {
+            origin: std::sync::Arc::from(client_id.as_str()),
             client_id,
             tenant_prefix,
             dynamic_filters,

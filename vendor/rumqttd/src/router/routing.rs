@@ -13,7 +13,6 @@ use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
-use std::sync::Arc;
 use std::thread;
 use std::time::SystemTime;
 use thiserror::Error;
@@ -1485,7 +1484,7 @@ fn append_to_commitlog(
     };
 
     // mqlb patch (MQTT-3.8.3-3): the message remembers who published it, for No Local.
-    let origin: Arc<str> = Arc::from(connection.client_id.as_str());
+    let origin = connection.origin.clone();
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
