@@ -83,6 +83,10 @@ pub struct Pool {
     /// `backends` are used until the HA server first answers.
     pub discovery: bool,
     pub backends: Vec<Backend>,
+    /// How long a member that left the membership (down or gone at the HA server) stays
+    /// listed as `down`, taking no traffic, before it is removed for good: alerts on
+    /// `mqlb_backend_up == 0` see a dead broker instead of its series vanishing.
+    pub remove_after: Duration,
     /// How fast each member takes new connections (HAProxy's server `maxconn`, `maxqueue`,
     /// `timeout queue`, `slowstart`).
     pub admission: Admission,

@@ -101,6 +101,7 @@ pub struct RawPool {
     pub name: String,
     pub probe: Option<String>,
     pub discovery: Option<String>,
+    pub remove_after: Option<String>,
     pub max_pending: Option<u32>,
     pub max_queue: Option<u32>,
     pub queue_timeout: Option<String>,

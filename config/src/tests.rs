@@ -333,3 +333,38 @@ fn data_threads_default_to_one_per_core_and_must_be_sane() {
         );
     }
 }
+
+#[test]
+fn remove_after_is_a_discovery_pools_key_with_a_default() {
+    let pool = |extra: &str| {
+        format!(
+            "[cluster]\nsecret = \"0123456789abcdef\"\n[[haserver]]\nid = \"ha1\"\n\
+             listen = \"127.0.0.1:8082\"\n[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:1883\"\n\
+             [[pool]]\nname = \"p\"\n{extra}\n[[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n"
+        )
+    };
+    let c = Config::parse(&pool("discovery = \"haserver\""), "t").expect("valid");
+    assert_eq!(c.pools[0].remove_after, Duration::from_secs(600));
+    let c = Config::parse(
+        &pool("discovery = \"haserver\"\nremove_after = \"30s\""),
+        "t",
+    )
+    .expect("valid");
+    assert_eq!(c.pools[0].remove_after, Duration::from_secs(30));
+    for bad in ["0s", "soon", "9000h"] {
+        let p = problems(&pool(&format!(
+            "discovery = \"haserver\"\nremove_after = \"{bad}\""
+        )));
+        assert_eq!(
+            p.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(),
+            ["pool[0].remove_after"],
+            "{bad}"
+        );
+    }
+    let p = problems(&pool(
+        "remove_after = \"1m\"\n[[pool.backend]]\nid = \"b\"\naddr = \"127.0.0.1:1\"",
+    ));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].key, "pool[0].remove_after");
+    assert!(p[0].message.contains("discovery"), "{}", p[0].message);
+}

@@ -27,6 +27,9 @@ pub const DEFAULT_MAX_QUEUE: u32 = 10_000;
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// A member that left a discovery pool stays listed (down) this long: long enough for an
+/// alert's `for:` and a person to look, short enough that autoscaled pools do not pile up.
+pub const DEFAULT_REMOVE_AFTER: Duration = Duration::from_secs(600);
 /// More data threads than this is a typo, not a machine.
 pub const MAX_DATA_THREADS: u32 = 1024;
 
@@ -278,11 +281,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 .map(|s| c.duration(&format!("{k}.slow_start"), Some(s), Duration::ZERO))
                 .filter(|d| !d.is_zero()),
         };
+        let remove_after = pool_remove_after(&mut c, &k, p);
         pools.push(Pool {
             name: p.name.clone(),
             probe,
             discovery: p.discovery.as_deref() == Some("haserver"),
             backends,
+            remove_after,
             admission,
         });
     }
@@ -512,6 +517,19 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
     } else {
         Err((c.problems, c.warnings))
     }
+}
+
+/// `pool.remove_after`: only a discovery pool has members that leave on their own (a static
+/// backend leaves with a reload, which says so).
+fn pool_remove_after(c: &mut Checker, k: &str, p: &RawPool) -> Duration {
+    let key = format!("{k}.remove_after");
+    if p.remove_after.is_some() && p.discovery.is_none() {
+        c.error(
+            &key,
+            "applies only to a pool with discovery = \"haserver\" (a static backend leaves with a reload)",
+        );
+    }
+    c.duration(&key, p.remove_after.as_deref(), DEFAULT_REMOVE_AFTER)
 }
 
 fn default_probe() -> Probe {
