@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod import_azure;
 mod up;
 
 use anyhow::{bail, Context};
@@ -78,6 +79,19 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
         timeout: Duration,
     },
+    /// Convert another load balancer's configuration into an mqlb config (TOML on stdout,
+    /// a warning on stderr for each setting that cannot be carried).
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportFrom {
+    /// An Azure Load Balancer: `az network lb show` output, or an ARM template with a
+    /// `Microsoft.Network/loadBalancers` resource.
+    Azure { file: PathBuf },
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -104,6 +118,9 @@ fn main() -> ExitCode {
             http,
             timeout,
         } => runtime().and_then(|rt| rt.block_on(probe(&target, mqtt, http, timeout))),
+        Command::Import {
+            from: ImportFrom::Azure { file },
+        } => import_azure(&file),
         Command::Lb { config } => runtime().and_then(|rt| rt.block_on(run_lb(config))),
         Command::Up { config, no_restart } => {
             runtime().and_then(|rt| rt.block_on(up::run(config, !no_restart)))
@@ -176,6 +193,23 @@ fn check_config(file: &PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
         _ => code,
+    }
+}
+
+/// `mqlb import azure FILE`: the config on stdout, what was not carried on stderr.
+fn import_azure(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let out = import_azure::convert_text(&text, &file.display().to_string())?;
+    for w in &out.warnings {
+        eprintln!("mqlb import azure: warning: {w}");
+    }
+    match std::io::Write::write_all(&mut std::io::stdout(), out.toml.as_bytes()) {
+        // `mqlb import azure f | head`: a reader that left is not an error of the import.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing the configuration to stdout")
+        }
+        _ => Ok(ExitCode::SUCCESS),
     }
 }
 
