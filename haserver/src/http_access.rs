@@ -6,12 +6,14 @@
 //! (CSRF), or resolve a name of its own to `127.0.0.1` and read the answers (DNS rebinding).
 //! Browsers give both away: a cross-site request carries `Origin`, a rebound one carries the
 //! page's name in `Host`. So, before anything else:
-//! - a request with an `Origin` header is refused (403): no page of ours calls these APIs;
+//! - a request with an `Origin` header is refused (403): our status page (`/`) reads the APIs
+//!   with same-origin GETs, which carry none, and no other page may call them;
 //! - a request whose `Host` is not the bind address (`localhost:PORT` too on a loopback bind,
 //!   any IP literal with the right port on an unspecified one) is refused (403);
 //! - every write (any method but GET and HEAD) needs `Authorization: Bearer <token>` when a
 //!   token is configured, and off loopback so does every read but `/healthz` (the LB's HTTP
-//!   probe and orchestrators ask it without one); without a token, writes are taken only on a
+//!   probe and orchestrators ask it without one) and `/`, the status page, a static shell with
+//!   no data that asks for the token itself ([`crate::status_page`]); without a token, writes are taken only on a
 //!   loopback bind (the quick start). The config refuses a non-loopback bind without a token.
 //!
 //! The decision ([`authorize`]) is a pure function of the request's head and the [`Policy`];
@@ -38,6 +40,8 @@ use crate::log_limit::LogLimiter;
 
 /// The path every caller may read without a token (liveness).
 pub const OPEN_PATH: &str = "/healthz";
+/// The status page: no data in it, so open like [`OPEN_PATH`] (see [`crate::status_page`]).
+pub const PAGE_PATH: &str = "/";
 
 /// What a server accepts: its bound address (the real one, not `:0`) and its token.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +106,8 @@ pub fn authorize<B>(req: &Request<B>, policy: &Policy<'_>) -> Result<(), Refusal
     }
     let write = !matches!(*req.method(), Method::GET | Method::HEAD);
     let loopback = policy.bind.ip().is_loopback();
-    let needs_token = write || (!loopback && req.uri().path() != OPEN_PATH);
+    let open = matches!(req.uri().path(), OPEN_PATH | PAGE_PATH);
+    let needs_token = write || (!loopback && !open);
     if !needs_token {
         return Ok(());
     }
@@ -425,6 +430,13 @@ mod tests {
         assert_eq!(get("/api/connections", &[host, BEARER]), Ok(()));
         assert_eq!(get("/healthz", &[host]), Ok(()));
         assert_eq!(get("/healthz/", &[host]), Err(Refusal::MissingToken));
+        // The status page's shell is open; what it reads is not.
+        assert_eq!(get("/", &[host]), Ok(()));
+        assert_eq!(get("/api/backends", &[host]), Err(Refusal::MissingToken));
+        assert_eq!(
+            check("10.0.0.1:9883", Some(TOKEN), "POST", "/", &[host]),
+            Err(Refusal::MissingToken)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod http_server;
 pub mod log_limit;
 pub mod model;
 pub mod server;
+pub mod status_page;
 pub mod store;
 
 pub use server::{HaError, HaServer, Options, Timing};
