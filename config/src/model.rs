@@ -45,6 +45,10 @@ pub struct LbSettings {
     pub admin_token: Option<Secret>,
     /// Live connections of all frontends together; beyond, new ones are reset at accept.
     pub max_connections: Option<NonZeroU32>,
+    /// Where the admin API's drain/enable/evacuate decisions are kept across restarts
+    /// (`state_file`); `None`: beside the config file (`FILE.state.json`), or nowhere for a
+    /// config without a file.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Per-frontend connection limits, checked at accept (a refused connection is reset before

@@ -81,6 +81,7 @@ pub struct RawLb {
     pub data_threads: Option<u32>,
     pub admin_token_file: Option<String>,
     pub max_connections: Option<u32>,
+    pub state_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -187,6 +187,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             .lb
             .max_connections
             .map(|n| c.non_zero("lb.max_connections", Some(n), 1)),
+        state_file: raw.lb.state_file.as_deref().and_then(|p| {
+            if p.trim().is_empty() {
+                c.error("lb.state_file", "must not be empty (leave it out for the default)");
+                None
+            } else {
+                Some(std::path::PathBuf::from(p))
+            }
+        }),
     };
     if let Some(n) = lb.data_threads.filter(|n| n.get() > MAX_DATA_THREADS) {
         c.error(

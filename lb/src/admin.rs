@@ -111,7 +111,23 @@ fn set_drain(shared: &Shared, id: &str, on: bool) -> Response<Full<Bytes>> {
         draining = on,
         "backend drain state changed by the admin API"
     );
+    remember(shared, id, on, None);
     json_reply(StatusCode::OK, &Value::Array(changed))
+}
+
+/// Keeps an admin decision for the next start. It is in force either way; a state file that
+/// cannot be written only means a restart would forget it, which the log says.
+fn remember(shared: &Shared, id: &str, drain: bool, evacuate_rate: Option<u32>) {
+    let d = crate::admin_state::Decision {
+        drain,
+        evacuate_rate,
+    };
+    if let Err(e) = shared.admin_state.record(id, d) {
+        tracing::error!(
+            backend = id,
+            "admin decision not saved; a restart will forget it: {e}"
+        );
+    }
 }
 
 /// Why the LB is not serving, if it is not: shutting down, or a frontend of a rule without a

@@ -170,10 +170,19 @@ impl Lb {
         }
         let source = config.source.clone();
         let base = config.clone();
+        // The operator's decisions of before a restart override the config's `drain`.
+        let (admin_state, state_err) =
+            crate::admin_state::AdminState::load(crate::admin_state::state_path(&config));
+        if let Some(e) = state_err {
+            tracing::error!("admin state not loaded; starting without it: {e}");
+        }
+        let first = Snapshot::build(config, None);
+        admin_state.apply(&first);
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+            snapshot: ArcSwap::from_pointee(first),
             metrics,
             conns: ConnRegistry::default(),
+            admin_state,
             listening: Listening::default(),
             own_probes: OwnProbes::default(),
             live: Arc::default(),
@@ -383,6 +392,7 @@ impl Lb {
         }
         let shared = &self.inner.shared;
         let next = Snapshot::build(config, Some(&shared.snapshot.load()));
+        shared.admin_state.apply(&next);
         let (gone, left) = {
             let now = shared.snapshot.load();
             (now.departed(&next), now.left_behind(&next))

@@ -22,6 +22,7 @@ mod snapshot;
 mod state;
 
 mod admin;
+pub mod admin_state;
 mod conn;
 mod data_path;
 mod discovery;

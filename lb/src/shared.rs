@@ -22,6 +22,8 @@ pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub conns: ConnRegistry,
+    /// The admin API's drain/enable/evacuate decisions, kept across restarts.
+    pub admin_state: crate::admin_state::AdminState,
     /// Frontends with a running accept loop (`/healthz`).
     pub listening: Listening,
     /// Source addresses of the data-path probe's connections in flight.
