@@ -11,6 +11,8 @@ mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
+mod replica;
+mod replication;
 mod session;
 mod share;
 mod tap;

@@ -205,10 +205,19 @@ impl Node {
         let router_tx = router.spawn();
         // One live session per client ID across the cluster, sessions moving with their
         // clients (issue 12): a moved session's pending messages fit in one mesh frame.
+        let budget = spec.mesh.as_ref().map_or(0, |m| m.max_payload);
+        // Persistent sessions held by the peers too, so a node's death loses none (issue 12).
+        let replication = crate::replication::Replication::new(
+            rumqttd::SessionControl::new(router_tx.clone()),
+            &mesh,
+            budget,
+        )?;
+        let _ = mesh.replication.set(replication.clone());
         let sessions = crate::session::Sessions::new(
             rumqttd::SessionControl::new(router_tx.clone()),
             &mesh,
-            spec.mesh.as_ref().map_or(0, |m| m.max_payload),
+            replication.clone(),
+            budget,
         )?;
         let _ = mesh.sessions.set(sessions.clone());
         let hook: Arc<dyn rumqttd::SessionHook> = Arc::new(crate::session::Hook(sessions));
@@ -223,6 +232,7 @@ impl Node {
             .map(|r| r.handle().clone())
             .ok_or_else(|| NodeError::Rumqttd("runtime missing".into()))?;
         let _guard = handle.enter();
+        handle.spawn(crate::replication::run(replication, stop.clone()));
         let (inject_tx, inject_rx) = mpsc::channel::<Injected>(1024);
         handle.spawn(injector(
             inject_rx,
@@ -548,6 +558,10 @@ async fn injector(
                     continue;
                 }
             }
+        }
+        // Before the router has it: see `Replication::restore`.
+        if let Some(r) = mesh.replication.get() {
+            r.record_injected(&m);
         }
         let props = crate::tap::take_properties(&mut m);
         let qos = match m.qos {

@@ -15,8 +15,12 @@
 //!   which resumes it for the CONNECT: Session Present 1, the subscriptions live without a
 //!   SUBSCRIBE, the messages delivered (again with DUP 1 where they were sent before).
 //!
-//! The session travels as plain data (no node's log positions): a replica could keep the same
-//! [`MeshSession`] and install it when its node takes over a dead node's clients.
+//! - **Restore.** When no peer has the session (its node died, or does not answer in time),
+//!   the copies of it are installed instead: this node's replica and the ones the peers sent
+//!   with their answers ([`Frame::SessionReplica`]; see [`crate::replication`]).
+//!
+//! The session travels as plain data (no node's log positions), so a replica keeps the same
+//! [`MeshSession`].
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -33,6 +37,7 @@ use tokio::sync::oneshot;
 use crate::mesh::frame::{Frame, MeshPublish, MeshSession, MeshSubscription};
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
+use crate::replication::Replication;
 
 /// How long a CONNECT with Clean Start 0 waits for the peers' answers before it goes on with
 /// the session this node has (or a new one).
@@ -92,12 +97,17 @@ struct Asking {
     /// Peers asked that have not answered.
     peers: HashSet<String>,
     done: Option<oneshot::Sender<()>>,
+    /// A peer sent the session itself (installed then).
+    found: bool,
+    /// Copies of it the peers hold as replicas, restored if none has the session.
+    replicas: Vec<MeshSession>,
 }
 
 /// This node's side of sessions across the cluster (see the module).
 pub(crate) struct Sessions {
     control: SessionControl,
     mesh: Weak<Mesh>,
+    replication: Arc<Replication>,
     metrics: SessionMetrics,
     asking: Mutex<HashMap<u64, Asking>>,
     next_request: AtomicU64,
@@ -131,11 +141,13 @@ impl Sessions {
     pub(crate) fn new(
         control: SessionControl,
         mesh: &Arc<Mesh>,
+        replication: Arc<Replication>,
         budget: usize,
     ) -> Result<Arc<Sessions>, prometheus::Error> {
         Ok(Arc::new(Sessions {
             control,
             mesh: Arc::downgrade(mesh),
+            replication,
             metrics: SessionMetrics::new(&mesh.metrics)?,
             asking: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
@@ -159,6 +171,20 @@ impl Sessions {
                 "router queue full: a connection taken over on another node stays open"
             );
         }
+        if clean_start {
+            // the session ended (MQTT-3.1.2-4): its copies and its replicas go
+            self.replication.ended(client_id);
+        }
+    }
+
+    /// Installs the copies of `client_id`'s session (this node's replica, `copies` from the
+    /// peers), if there are any, before its CONNACK.
+    async fn restore(&self, client_id: String, copies: Vec<MeshSession>) {
+        if copies.is_empty() && !self.replication.holds(&client_id) {
+            return;
+        }
+        let r = self.replication.clone();
+        let _ = tokio::task::spawn_blocking(move || r.restore(&client_id, copies)).await;
     }
 
     /// Before the CONNACK of a CONNECT with Clean Start 0: asks the peers for the session and
@@ -177,7 +203,8 @@ impl Sessions {
             .map(|p| p.id.clone())
             .collect();
         if peers.is_empty() {
-            return;
+            drop(mesh);
+            return self.restore(client_id, Vec::new()).await;
         }
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (done, rx) = oneshot::channel();
@@ -194,6 +221,8 @@ impl Sessions {
                     client_id: client_id.clone(),
                     peers: peers.clone(),
                     done: Some(done),
+                    found: false,
+                    replicas: Vec::new(),
                 },
             );
         }
@@ -215,7 +244,10 @@ impl Sessions {
                 "not every peer said within {ASK_TIMEOUT:?} whether it has the session"
             );
         }
-        self.asking().remove(&request);
+        let asked = self.asking().remove(&request);
+        if let Some(a) = asked.filter(|a| !a.found) {
+            self.restore(client_id, a.replicas).await;
+        }
     }
 
     /// `peer` answered `request` (or could not be asked): the CONNECT goes on when every peer
@@ -253,9 +285,16 @@ impl Sessions {
                 sessions.metrics.takeovers.inc();
             }
             let Some(export) = export else {
-                let none = Frame::Session {
-                    request,
-                    session: None,
+                // No session here: the replica, if this node holds one, or "none".
+                let none = match sessions.replication.copy(&client_id) {
+                    Some(copy) => Frame::SessionReplica {
+                        request,
+                        session: Box::new(copy),
+                    },
+                    None => Frame::Session {
+                        request,
+                        session: None,
+                    },
                 };
                 if let Err(why) = mesh.send_to(&peer, &none) {
                     tracing::debug!(client_id, peer, why, "session answer not sent");
@@ -270,6 +309,7 @@ impl Sessions {
             };
             match mesh.send_to(&peer, &frame) {
                 Ok(()) => {
+                    sessions.replication.left(&client_id);
                     sessions.metrics.moved.with_label_values(&["out"]).inc();
                     sessions
                         .metrics
@@ -343,16 +383,50 @@ impl Sessions {
         if session.client_id != pending {
             return Err(SessionFrameError::WrongClient);
         }
+        let (expiry, subs) = (session.expiry, session.subscriptions.clone());
         let export = from_mesh(*session)?;
+        self.replication.installed(&pending, expiry, &subs);
         // In the router's queue before the CONNECT: the link sends that after `fetch` returns.
         if self.control.import(export).await {
             self.metrics.moved.with_label_values(&["in"]).inc();
         }
         let mut asking = self.asking();
-        if let Some(done) = asking.get_mut(&request).and_then(|a| a.done.take()) {
-            self.metrics.requests.with_label_values(&["found"]).inc();
-            let _ = done.send(());
+        if let Some(a) = asking.get_mut(&request) {
+            a.found = true;
+            if let Some(done) = a.done.take() {
+                self.metrics.requests.with_label_values(&["found"]).inc();
+                let _ = done.send(());
+            }
         }
+        Ok(())
+    }
+
+    /// `peer` answered `request` with its replica of the session: kept (checked) for the
+    /// restore, should no peer have the session itself.
+    pub(crate) fn on_replica(
+        &self,
+        peer: &str,
+        request: u64,
+        session: MeshSession,
+    ) -> Result<(), SessionFrameError> {
+        if request == 0 || request >= self.next_request.load(Ordering::Relaxed) {
+            return Err(SessionFrameError::Unexpected);
+        }
+        {
+            let mut asking = self.asking();
+            let Some(a) = asking.get_mut(&request) else {
+                return Ok(()); // the CONNECT stopped waiting
+            };
+            if !a.peers.contains(peer) {
+                return Err(SessionFrameError::Unexpected);
+            }
+            if session.client_id != a.client_id {
+                return Err(SessionFrameError::WrongClient);
+            }
+            from_mesh(session.clone())?;
+            a.replicas.push(session);
+        }
+        self.answered(request, peer);
         Ok(())
     }
 }
@@ -414,7 +488,7 @@ fn to_mesh(e: SessionExport) -> MeshSession {
 
 /// A peer's session as this node's router takes it, checked: no filter a client could not
 /// subscribe to (nor one of the router's own `$` logs), no topic a client could not publish.
-fn from_mesh(s: MeshSession) -> Result<SessionExport, SessionFrameError> {
+pub(crate) fn from_mesh(s: MeshSession) -> Result<SessionExport, SessionFrameError> {
     if s.client_id.is_empty() || s.client_id.contains(['+', '$', '#', '/']) {
         return Err(SessionFrameError::Invalid("client id"));
     }

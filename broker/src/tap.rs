@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
@@ -15,8 +15,9 @@ use rumqttd::protocol::{
 };
 
 use crate::auth::Auth;
-use crate::mesh::frame::MeshPublish;
+use crate::mesh::frame::{MeshPublish, MeshSubscription, MsgId};
 use crate::mesh::Mesh;
+use crate::replica::Tag;
 
 /// Copies the MQTT 5 properties a publish and a last will share into a mesh frame: rumqttd
 /// has one property type for each, with the same fields.
@@ -97,6 +98,20 @@ pub(crate) struct Tap<P> {
     /// When the mesh registered this connection's CONNECT (0: none yet); see
     /// `Mesh::client_connecting`.
     connect_at: u64,
+    /// Session replicas (issue 12): the session's expiry as replicated (0: the session ends
+    /// with the connection, nothing is replicated; 3.1.1 Clean Session 0: never), a new one
+    /// its DISCONNECT set, and what the codec must remember between packets.
+    persist: u32,
+    disconnect_expiry: Option<u32>,
+    replicated: Mutex<Replicated>,
+}
+
+/// What a connection's codec remembers for the replicas: the tag of each QoS 1/2 message
+/// delivered and not yet acknowledged, by packet id, and each SUBSCRIBE until its SUBACK.
+#[derive(Default)]
+struct Replicated {
+    delivered: HashMap<u16, MsgId>,
+    subscribing: HashMap<u16, Vec<MeshSubscription>>,
 }
 
 impl<P: Clone> Clone for Tap<P> {
@@ -117,6 +132,9 @@ impl<P: Clone> Clone for Tap<P> {
             session_expiry: 0,
             registration: AtomicU64::new(0),
             connect_at: 0,
+            persist: 0,
+            disconnect_expiry: None,
+            replicated: Mutex::new(Replicated::default()),
         }
     }
 }
@@ -154,10 +172,51 @@ impl<P> Drop for Tap<P> {
             self.mesh
                 .client_not_connected(&self.client_id, self.connect_at);
         }
+        if registration != 0 && self.persist != 0 {
+            if let Some(r) = self.mesh.replication.get() {
+                r.disconnected(&self.client_id, registration, self.disconnect_expiry);
+            }
+        }
         if registration != 0 {
             let session = self.session_expiry;
             let will = self.will.take().map(|(w, delay)| (w, delay.min(session)));
             self.mesh.client_gone(&self.client_id, registration, will);
+        }
+    }
+}
+
+impl<P> Tap<P> {
+    /// The client acknowledged (PUBACK, PUBREC) the delivery with packet id `pkid`.
+    fn client_has(&self, pkid: u16) {
+        let Some(id) = self.replicated().delivered.remove(&pkid) else {
+            return;
+        };
+        if let Some(r) = self.mesh.replication.get() {
+            r.acked(&self.client_id, id);
+        }
+    }
+
+    /// A SUBACK goes out: the filters it granted are the persistent session's now.
+    fn subscribed(&self, ack: &rumqttd::protocol::SubAck) {
+        use rumqttd::protocol::{QoS, SubscribeReasonCode as C};
+        let Some(mut subs) = self.replicated().subscribing.remove(&ack.pkid) else {
+            return;
+        };
+        let granted: Vec<MeshSubscription> = subs
+            .drain(..)
+            .zip(&ack.return_codes)
+            .filter_map(|(mut s, code)| {
+                s.qos = match code {
+                    C::QoS0 | C::Success(QoS::AtMostOnce) => 0,
+                    C::QoS1 | C::Success(QoS::AtLeastOnce) => 1,
+                    C::QoS2 | C::Success(QoS::ExactlyOnce) => 2,
+                    _ => return None,
+                };
+                Some(s)
+            })
+            .collect();
+        if let (false, Some(r)) = (granted.is_empty(), self.mesh.replication.get()) {
+            r.subscribed(&self.client_id, granted);
         }
     }
 }
@@ -191,7 +250,14 @@ impl<P> Tap<P> {
             session_expiry: 0,
             registration: AtomicU64::new(0),
             connect_at: 0,
+            persist: 0,
+            disconnect_expiry: None,
+            replicated: Mutex::new(Replicated::default()),
         }
+    }
+
+    fn replicated(&self) -> std::sync::MutexGuard<'_, Replicated> {
+        self.replicated.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Admits a CONNECT, or refuses it before rumqttd's router could.
@@ -216,8 +282,15 @@ impl<P> Tap<P> {
         Ok(())
     }
 
-    /// `qos`: the publication's, from the fixed header.
-    fn forward(&mut self, publish: &Publish, qos: u8, props: Option<&PublishProperties>) {
+    /// `qos`: the publication's, from the fixed header; `tag`: its cluster-wide id (issue 12),
+    /// already among its properties.
+    fn forward(
+        &mut self,
+        publish: &Publish,
+        qos: u8,
+        props: Option<&PublishProperties>,
+        tag: Option<Tag>,
+    ) {
         let mut topic = publish.topic.clone();
         if let Some(alias) = props.and_then(|p| p.topic_alias) {
             if topic.is_empty() {
@@ -239,8 +312,7 @@ impl<P> Tap<P> {
                 return;
             }
         }
-        // Built only if some peer is there to take it.
-        self.mesh.forward_local(|| {
+        let build = || {
             let mut m = MeshPublish {
                 topic,
                 payload: publish.payload.clone(),
@@ -252,7 +324,16 @@ impl<P> Tap<P> {
                 copy_props!(m, p);
             }
             m
-        });
+        };
+        // A tagged message (there are peers) is offered to the replicas held here too.
+        if let (Some(tag), Some(r)) = (tag, self.mesh.replication.get()) {
+            let m = build();
+            r.record(tag, &m);
+            self.mesh.forward_local(|| m);
+            return;
+        }
+        // Built only if some peer is there to take it.
+        self.mesh.forward_local(build);
     }
 }
 
@@ -261,7 +342,7 @@ impl<P: Protocol> Protocol for Tap<P> {
         // The fixed header of the packet about to be read: QoS and DUP are not public on
         // rumqttd's `Publish`.
         let header = stream.first().copied().unwrap_or(0);
-        let packet = self.inner.read_mut(stream, max_size)?;
+        let mut packet = self.inner.read_mut(stream, max_size)?;
         match &packet {
             Packet::Connect(connect, props, will, will_props, login) => {
                 self.admit(&connect.client_id)?;
@@ -278,6 +359,12 @@ impl<P: Protocol> Protocol for Tap<P> {
                     .and_then(|p| p.session_expiry_interval)
                     .unwrap_or(0);
                 self.username = login.as_ref().map(|l| l.username.clone());
+                // 3.1.1: Clean Session 0 keeps the session until the client ends it.
+                self.persist = match (self.strip_properties, self.clean_start) {
+                    (true, true) => 0,
+                    (true, false) => u32::MAX,
+                    (false, _) => self.session_expiry,
+                };
                 self.will = will.as_ref().map(|w| {
                     let mut m = MeshPublish {
                         topic: w.topic.clone(),
@@ -294,15 +381,43 @@ impl<P: Protocol> Protocol for Tap<P> {
                     (m, delay)
                 });
             }
-            Packet::Disconnect(..) => self.will = None,
+            Packet::Disconnect(_, props) => {
+                self.will = None;
+                self.disconnect_expiry = props.as_ref().and_then(|p| p.session_expiry_interval);
+            }
+            // Session replicas (issue 12): what the client has and what it subscribes to.
+            Packet::PubAck(ack, _) => self.client_has(ack.pkid),
+            Packet::PubRec(rec, _) => self.client_has(rec.pkid),
+            Packet::Subscribe(sub, _) if self.persist != 0 => {
+                let subs = sub
+                    .filters
+                    .iter()
+                    .map(|f| MeshSubscription {
+                        filter: f.path.clone(),
+                        qos: f.qos as u8,
+                        nolocal: f.nolocal,
+                        preserve_retain: f.preserve_retain,
+                    })
+                    .collect();
+                self.replicated().subscribing.insert(sub.pkid, subs);
+            }
+            Packet::Unsubscribe(unsub, _) if self.persist != 0 => {
+                if let Some(r) = self.mesh.replication.get() {
+                    r.unsubscribed(&self.client_id, &unsub.filters);
+                }
+            }
             _ => {}
         }
-        if let Packet::Publish(publish, props) = &packet {
+        if let Packet::Publish(publish, props) = &mut packet {
             let qos = (header >> 1) & 0b11;
             let dup = header & 0b1000 != 0;
             // A QoS 2 retransmission is delivered once by rumqttd; forward it once too.
             if !(qos == 2 && dup) {
-                self.forward(publish, qos, props.as_ref());
+                let tag = match (qos, self.mesh.replication.get()) {
+                    (1 | 2, Some(r)) => r.tag_local(&self.client_id, props),
+                    _ => None,
+                };
+                self.forward(publish, qos, props.as_ref(), tag);
             }
         }
         Ok(packet)
@@ -320,6 +435,9 @@ impl<P: Protocol> Protocol for Tap<P> {
                         self.connect_at,
                     );
                     self.registration.store(r, Ordering::Release);
+                    if let Some(repl) = self.mesh.replication.get() {
+                        repl.connected(&self.client_id, self.clean_start, self.persist, r);
+                    }
                 }
                 // A refused login: 5.0's 0x86 Bad User Name or Password is, in 3.1.1,
                 // 0x05 Not authorized, the code mosquitto sends (3.1.1's 0x04 means the
@@ -328,6 +446,29 @@ impl<P: Protocol> Protocol for Tap<P> {
                     ack.code = ConnectReturnCode::NotAuthorized;
                 }
                 Packet::ConnAck(ack, props)
+            }
+            Packet::Publish(p, mut props) => {
+                // The cluster-wide tag never reaches a client; the replicas learn it was
+                // delivered with this packet id (issue 12).
+                if let Some(tag) = props
+                    .as_mut()
+                    .and_then(|x| Tag::take(&mut x.user_properties))
+                {
+                    if p.pkid() != 0 {
+                        self.replicated().delivered.insert(p.pkid(), tag.id);
+                    }
+                    if props
+                        .as_ref()
+                        .is_some_and(|x| *x == PublishProperties::default())
+                    {
+                        props = None;
+                    }
+                }
+                Packet::Publish(p, props)
+            }
+            Packet::SubAck(ack, props) => {
+                self.subscribed(&ack);
+                Packet::SubAck(ack, props)
             }
             other => other,
         };

@@ -21,7 +21,8 @@ pub const MAGIC: &[u8; 4] = b"MQLB";
 /// version 2 sender takes for a broken link.
 /// 4: SHARE_GROUPS (issue 12), sent on every link as it comes up: a version 3 node would
 /// close the link on it.
-pub const VERSION: u8 = 5;
+/// 6: session replicas (issue 12): REPLICA_META, REPLICA_ACKS, REPLICA_CLOSE, SESSION_REPLICA.
+pub const VERSION: u8 = 6;
 pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 
@@ -111,6 +112,23 @@ pub enum Frame {
     /// link comes up and whenever it changes.
     ShareGroups {
         groups: Vec<String>,
+    },
+    // Session replicas (issue 12; `crate::replica`, layouts at the end of this file).
+    /// The sender owns this persistent session: a replica is made or updated.
+    ReplicaMeta(Box<ReplicaMeta>),
+    /// The sender's clients acknowledged these messages: their replicas forget them.
+    ReplicaAcks {
+        acks: Vec<(String, Vec<MsgId>)>,
+    },
+    /// The sender's session ended or left it: its replica goes.
+    ReplicaClose {
+        client_id: String,
+    },
+    /// An answer to `request` with the sender's replica of the session (not the session
+    /// itself: the asking node merges it with the other copies).
+    SessionReplica {
+        request: u64,
+        session: Box<MeshSession>,
     },
 }
 
@@ -218,6 +236,15 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
             Ok(())
         }),
         Frame::ShareGroups { groups } => frame(KIND_SHARE_GROUPS, |o| put_share_groups(o, groups)),
+        Frame::ReplicaMeta(m) => frame(KIND_REPLICA_META, |o| put_replica_meta(o, m)),
+        Frame::ReplicaAcks { acks } => frame(KIND_REPLICA_ACKS, |o| put_replica_acks(o, acks)),
+        Frame::ReplicaClose { client_id } => {
+            frame(KIND_REPLICA_CLOSE, |o| put_str16(o, client_id.as_bytes()))
+        }
+        Frame::SessionReplica { request, session } => frame(KIND_SESSION_REPLICA, |o| {
+            o.put_u64(*request);
+            put_session(o, session)
+        }),
     }
 }
 
@@ -481,6 +508,21 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
         KIND_SHARE_GROUPS => Frame::ShareGroups {
             groups: get_share_groups(&mut b)?,
         },
+        KIND_REPLICA_META => Frame::ReplicaMeta(Box::new(get_replica_meta(&mut b)?)),
+        KIND_REPLICA_ACKS => Frame::ReplicaAcks {
+            acks: get_replica_acks(&mut b)?,
+        },
+        KIND_REPLICA_CLOSE => Frame::ReplicaClose {
+            client_id: get_client_id(&mut b, "replica close client id")?,
+        },
+        KIND_SESSION_REPLICA => {
+            need(&b, 8, "session replica header")?;
+            let request = b.get_u64();
+            Frame::SessionReplica {
+                request,
+                session: Box::new(get_session(&mut b)?),
+            }
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     if b.has_remaining() {
@@ -537,15 +579,7 @@ fn put_session(o: &mut BytesMut, s: &MeshSession) -> Result<(), FrameError> {
     o.put_u32(s.expiry);
     o.put_u16(s.last_pkid);
     o.put_u32(s.dropped);
-    put_count(o, s.subscriptions.len())?;
-    for sub in &s.subscriptions {
-        if sub.qos > 2 {
-            return Err(FrameError::Malformed("subscription qos"));
-        }
-        put_str16(o, sub.filter.as_bytes())?;
-        o.put_u8(sub.qos);
-        o.put_u8(u8::from(sub.nolocal) | u8::from(sub.preserve_retain) << 1);
-    }
+    put_subscriptions(o, &s.subscriptions)?;
     put_count(o, s.pubrels.len())?;
     for pkid in &s.pubrels {
         o.put_u16(*pkid);
@@ -574,21 +608,22 @@ fn get_count(b: &mut Bytes, each: usize, what: &'static str) -> Result<usize, Fr
     Ok(n)
 }
 
-fn get_session(b: &mut Bytes) -> Result<MeshSession, FrameError> {
-    let client_id = get_string16(b, "session client id")?;
-    if client_id.is_empty() {
-        return Err(FrameError::Malformed("session client id"));
+fn put_subscriptions(o: &mut BytesMut, subs: &[MeshSubscription]) -> Result<(), FrameError> {
+    put_count(o, subs.len())?;
+    for sub in subs {
+        if sub.qos > 2 {
+            return Err(FrameError::Malformed("subscription qos"));
+        }
+        put_str16(o, sub.filter.as_bytes())?;
+        o.put_u8(sub.qos);
+        o.put_u8(u8::from(sub.nolocal) | u8::from(sub.preserve_retain) << 1);
     }
-    need(b, 10, "session header")?;
-    let mut s = MeshSession {
-        client_id,
-        expiry: b.get_u32(),
-        last_pkid: b.get_u16(),
-        dropped: b.get_u32(),
-        ..MeshSession::default()
-    };
+    Ok(())
+}
+
+fn get_subscriptions(b: &mut Bytes) -> Result<Vec<MeshSubscription>, FrameError> {
     let n = get_count(b, 4, "session subscriptions")?;
-    s.subscriptions.reserve(n);
+    let mut subs = Vec::with_capacity(n);
     for _ in 0..n {
         let filter = get_string16(b, "session subscription filter")?;
         need(b, 2, "session subscription options")?;
@@ -597,13 +632,36 @@ fn get_session(b: &mut Bytes) -> Result<MeshSession, FrameError> {
         if filter.is_empty() || qos > 2 || options > 0b11 {
             return Err(FrameError::Malformed("session subscription"));
         }
-        s.subscriptions.push(MeshSubscription {
+        subs.push(MeshSubscription {
             filter,
             qos,
             nolocal: options & 1 == 1,
             preserve_retain: options & 2 == 2,
         });
     }
+    Ok(subs)
+}
+
+/// A client ID that is not empty.
+fn get_client_id(b: &mut Bytes, what: &'static str) -> Result<String, FrameError> {
+    let id = get_string16(b, what)?;
+    if id.is_empty() {
+        return Err(FrameError::Malformed(what));
+    }
+    Ok(id)
+}
+
+fn get_session(b: &mut Bytes) -> Result<MeshSession, FrameError> {
+    let client_id = get_client_id(b, "session client id")?;
+    need(b, 10, "session header")?;
+    let mut s = MeshSession {
+        client_id,
+        expiry: b.get_u32(),
+        last_pkid: b.get_u16(),
+        dropped: b.get_u32(),
+        ..MeshSession::default()
+    };
+    s.subscriptions = get_subscriptions(b)?;
     let n = get_count(b, 2, "session pubrels")?;
     s.pubrels.reserve(n);
     for _ in 0..n {
@@ -1227,5 +1285,178 @@ mod share_tests {
         assert!(encode(&Frame::ShareGroups { groups: long }).is_err());
         let bad = vec!["g".to_string()];
         assert!(encode(&Frame::ShareGroups { groups: bad }).is_err());
+    }
+}
+
+// Session replicas (issue 12; `crate::replica`).
+//
+// REPLICA_META    := id_len:u16 client_id expiry:u32 flags:u8 (bit 0 online, bit 1 fresh)
+//                    n:u32 (filter_len:u16 filter qos:u8 options:u8)*
+// REPLICA_ACKS    := n:u32 (id_len:u16 client_id m:u32 (origin:u64 seq:u64)*)*
+// REPLICA_CLOSE   := id_len:u16 client_id
+// SESSION_REPLICA := request:u64 (a SESSION's body after its found flag)
+const KIND_REPLICA_META: u8 = 64;
+const KIND_REPLICA_ACKS: u8 = 65;
+const KIND_REPLICA_CLOSE: u8 = 66;
+const KIND_SESSION_REPLICA: u8 = 67;
+
+/// A QoS 1/2 message's cluster-wide id (see `crate::replica`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MsgId {
+    pub origin: u64,
+    pub seq: u64,
+}
+
+/// What the owner of a persistent session tells the nodes that replicate it, whole, on every
+/// change.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaMeta {
+    pub client_id: String,
+    /// The Session Expiry Interval, seconds (`u32::MAX`: never).
+    pub expiry: u32,
+    /// A client is connected to it now (the expiry counts only while it is not).
+    pub online: bool,
+    /// A new session (Clean Start 1): what a replica queued for the old one is dropped.
+    pub fresh: bool,
+    pub subscriptions: Vec<MeshSubscription>,
+}
+
+fn put_replica_meta(o: &mut BytesMut, m: &ReplicaMeta) -> Result<(), FrameError> {
+    put_str16(o, m.client_id.as_bytes())?;
+    o.put_u32(m.expiry);
+    o.put_u8(u8::from(m.online) | u8::from(m.fresh) << 1);
+    put_subscriptions(o, &m.subscriptions)
+}
+
+fn get_replica_meta(b: &mut Bytes) -> Result<ReplicaMeta, FrameError> {
+    let client_id = get_client_id(b, "replica client id")?;
+    need(b, 5, "replica header")?;
+    let expiry = b.get_u32();
+    let flags = b.get_u8();
+    if flags > 0b11 {
+        return Err(FrameError::Malformed("replica flags"));
+    }
+    Ok(ReplicaMeta {
+        client_id,
+        expiry,
+        online: flags & 1 == 1,
+        fresh: flags & 2 == 2,
+        subscriptions: get_subscriptions(b)?,
+    })
+}
+
+fn put_replica_acks(o: &mut BytesMut, acks: &[(String, Vec<MsgId>)]) -> Result<(), FrameError> {
+    put_count(o, acks.len())?;
+    for (client, ids) in acks {
+        put_str16(o, client.as_bytes())?;
+        put_count(o, ids.len())?;
+        for id in ids {
+            o.put_u64(id.origin);
+            o.put_u64(id.seq);
+        }
+    }
+    Ok(())
+}
+
+fn get_replica_acks(b: &mut Bytes) -> Result<Vec<(String, Vec<MsgId>)>, FrameError> {
+    let n = get_count(b, 7, "replica acks")?;
+    let mut acks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = get_client_id(b, "replica acks client id")?;
+        let m = get_count(b, 16, "replica acks ids")?;
+        let ids = (0..m)
+            .map(|_| MsgId {
+                origin: b.get_u64(),
+                seq: b.get_u64(),
+            })
+            .collect();
+        acks.push((client, ids));
+    }
+    Ok(acks)
+}
+
+#[cfg(test)]
+mod replica_tests {
+    use super::*;
+
+    fn round_trip(f: Frame) {
+        let bytes = encode(&f).expect("encodes");
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(decode(&mut buf, 1 << 20), Ok(Some(f)));
+        assert!(buf.is_empty());
+        // every truncation is an error, never a panic
+        for cut in 5..bytes.len() {
+            let mut short = BytesMut::from(&bytes[..cut]);
+            short[..4].copy_from_slice(&u32::try_from(cut - 4).unwrap_or(0).to_be_bytes());
+            assert!(decode(&mut short, 1 << 20).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn replica_frames_round_trip_and_truncations_are_refused() {
+        round_trip(Frame::ReplicaMeta(Box::new(ReplicaMeta {
+            client_id: "c1".into(),
+            expiry: u32::MAX,
+            online: true,
+            fresh: true,
+            subscriptions: vec![MeshSubscription {
+                filter: "a/+".into(),
+                qos: 1,
+                nolocal: true,
+                preserve_retain: false,
+            }],
+        })));
+        round_trip(Frame::ReplicaAcks {
+            acks: vec![
+                (
+                    "c1".into(),
+                    vec![MsgId { origin: 1, seq: 2 }, MsgId { origin: 3, seq: 4 }],
+                ),
+                ("c2".into(), vec![MsgId { origin: 5, seq: 6 }]),
+            ],
+        });
+        round_trip(Frame::ReplicaClose {
+            client_id: "c1".into(),
+        });
+        round_trip(Frame::SessionReplica {
+            request: 9,
+            session: Box::new(MeshSession {
+                client_id: "c1".into(),
+                expiry: 60,
+                pending: vec![(
+                    0,
+                    MeshPublish {
+                        topic: Bytes::from_static(b"t"),
+                        payload: Bytes::from_static(b"p"),
+                        qos: 1,
+                        ..MeshPublish::default()
+                    },
+                )],
+                ..MeshSession::default()
+            }),
+        });
+    }
+
+    #[test]
+    fn a_replica_frame_that_lies_is_refused() {
+        // a count of acks larger than the frame could hold
+        let mut b = BytesMut::new();
+        b.put_u32(1 + 4);
+        b.put_u8(KIND_REPLICA_ACKS);
+        b.put_u32(u32::MAX);
+        assert!(decode(&mut b, 1 << 20).is_err());
+        // unknown flags, an empty client id
+        for (flags, id) in [(4u8, "c"), (0, "")] {
+            let mut body = BytesMut::new();
+            put_str16(&mut body, id.as_bytes()).expect("fits");
+            body.put_u32(1);
+            body.put_u8(flags);
+            body.put_u32(0);
+            let mut b = BytesMut::new();
+            b.put_u32(u32::try_from(body.len() + 1).expect("small"));
+            b.put_u8(KIND_REPLICA_META);
+            b.put_slice(&body);
+            assert!(decode(&mut b, 1 << 20).is_err());
+        }
     }
 }

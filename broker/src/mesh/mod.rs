@@ -198,6 +198,8 @@ pub(crate) struct Mesh {
     pub(crate) sessions: std::sync::OnceLock<Arc<crate::session::Sessions>>,
     /// Shared subscriptions across the cluster (issue 12): set once the node starts.
     pub(crate) share: std::sync::OnceLock<Arc<crate::share::Share>>,
+    /// Session replicas (issue 12): set once the router runs.
+    pub(crate) replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
     /// rumqttd's delayed wills of this node's listeners: a client that connects on another
     /// node cancels (or, with a clean start, fires) the will its connection here left.
     wills: rumqttd::DelayedWills,
@@ -223,6 +225,7 @@ impl Mesh {
             metrics,
             sessions: std::sync::OnceLock::new(),
             share: std::sync::OnceLock::new(),
+            replication: std::sync::OnceLock::new(),
             wills,
             clients: Mutex::new(Clients::default()),
             next_connection: AtomicU64::new(1),
@@ -858,6 +861,10 @@ async fn outbound(
                     if let Err(e) = send_share_groups(&mut w, groups.as_mut()).await {
                         break 'link e.to_string();
                     }
+                    // The persistent sessions of this node, for the peer's replicas (issue 12).
+                    if let Err(e) = send_replicas(&mesh, &mut w).await {
+                        break 'link e.to_string();
+                    }
                     // First what the peer has not acknowledged, in order.
                     if let Err(e) = resend(&mut w, &mut unacked, &counters).await {
                         break 'link e.to_string();
@@ -1039,6 +1046,44 @@ async fn inbound(
                 }
                 continue;
             }
+            Ok(Some(Frame::SessionReplica { request, session })) => {
+                let Some(s) = mesh.sessions.get() else {
+                    continue;
+                };
+                if let Err(e) = s.on_replica(&peer, request, *session) {
+                    mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+                    tracing::warn!(peer, error = %e, "bad session replica from a peer; closing");
+                    return;
+                }
+                continue;
+            }
+            // Session replicas (issue 12; `crate::replication`).
+            Ok(Some(Frame::ReplicaMeta(m))) => {
+                if let Some(r) = mesh.replication.get() {
+                    if let Err(why) = crate::replication::check_meta(&m) {
+                        mesh.metrics
+                            .rejected
+                            .with_label_values(&["malformed"])
+                            .inc();
+                        tracing::warn!(peer, why, "bad replica frame from a peer; closing");
+                        return;
+                    }
+                    r.on_meta(&peer, *m);
+                }
+                continue;
+            }
+            Ok(Some(Frame::ReplicaAcks { acks })) => {
+                if let Some(r) = mesh.replication.get() {
+                    r.on_acks(&peer, acks);
+                }
+                continue;
+            }
+            Ok(Some(Frame::ReplicaClose { client_id })) => {
+                if let Some(r) = mesh.replication.get() {
+                    r.on_close(&peer, &client_id);
+                }
+                continue;
+            }
             Ok(Some(_)) => {
                 mesh.metrics.rejected.with_label_values(&["protocol"]).inc();
                 tracing::warn!(peer, "unexpected frame after the handshake; closing");
@@ -1066,6 +1111,21 @@ async fn inbound(
         }
         received.inc();
     }
+}
+
+/// Session replicas (issue 12): every persistent session of this node, to a peer whose link
+/// just came up.
+async fn send_replicas(mesh: &Mesh, mut w: impl AsyncWrite + Unpin) -> std::io::Result<()> {
+    let Some(r) = mesh.replication.get() else {
+        return Ok(());
+    };
+    for f in r.link_up_frames() {
+        match encode(&f) {
+            Ok(bytes) => w.write_all(&bytes).await?,
+            Err(e) => tracing::warn!(error = %e, "replica frame not sent"),
+        }
+    }
+    w.flush().await
 }
 
 /// Shared subscriptions (issue 12): this node's groups to the peer, now (the latest list).

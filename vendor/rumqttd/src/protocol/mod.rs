@@ -206,6 +206,12 @@ impl Publish {
         self.qos
     }
 
+    /// mqlb patch (session replicas, issue 12): the packet id this publish goes out with, so
+    /// the codec can tell which message a PUBACK acknowledges.
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }

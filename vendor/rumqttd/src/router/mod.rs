@@ -59,9 +59,7 @@ pub enum Event {
     DeviceData,
     /// Disconnection request. mqlb patch (a link's end closes only that link): `link` is the
     /// ending link's number; the router ignores it if another link holds the slot by now.
-    Disconnect {
-        link: u64,
-    },
+    Disconnect { link: u64 },
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links
@@ -73,16 +71,14 @@ pub enum Event {
     /// Publish Will message
     PublishWill((String, Option<String>)),
     /// mqlb patch (across the cluster, issue 12): see `transfer::SessionControl`.
-    TakeOver {
-        client_id: String,
-        discard: bool,
-    },
+    TakeOver { client_id: String, discard: bool },
     ExportSession {
         client_id: String,
         budget: usize,
         reply: flume::Sender<Option<transfer::SessionExport>>,
     },
-    ImportSession(Box<transfer::SessionExport>),
+    /// With a reply once it is installed (`SessionControl::import_blocking`).
+    ImportSession(Box<transfer::SessionExport>, Option<flume::Sender<()>>),
 }
 
 /// Notification from router to connection

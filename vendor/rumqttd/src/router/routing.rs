@@ -294,7 +294,12 @@ impl Router {
             } => {
                 let _ = reply.try_send(self.export_session(&client_id, budget));
             }
-            Event::ImportSession(session) => self.import_session(*session),
+            Event::ImportSession(session, reply) => {
+                self.import_session(*session);
+                if let Some(reply) = reply {
+                    let _ = reply.try_send(());
+                }
+            }
         }
     }
 

@@ -119,9 +119,18 @@ impl SessionControl {
     /// client ID. `false`: the router is gone.
     pub async fn import(&self, session: SessionExport) -> bool {
         self.router_tx
-            .send_async((0, Event::ImportSession(Box::new(session))))
+            .send_async((0, Event::ImportSession(Box::new(session), None)))
             .await
             .is_ok()
+    }
+
+    /// Installs `session` like [`SessionControl::import`] and waits (blocking the thread, at
+    /// most `timeout`) until the router has it: what reaches the router after this returns
+    /// finds the session's subscriptions in place. `false`: the router is gone or too slow.
+    pub fn import_blocking(&self, session: SessionExport, timeout: std::time::Duration) -> bool {
+        let (reply, rx) = flume::bounded(1);
+        let event = Event::ImportSession(Box::new(session), Some(reply));
+        self.router_tx.send_timeout((0, event), timeout).is_ok() && rx.recv_timeout(timeout).is_ok()
     }
 }
 

@@ -1,0 +1,878 @@
+//! Session replicas (issue 12), as pure state: no sockets, no clock of its own (times are
+//! milliseconds passed in), so every case is a unit test. The I/O is [`crate::replication`].
+//!
+//! Every node sees every publish (the mesh), so a node can keep a copy of a peer's persistent
+//! session by itself once it knows the session's subscriptions: it queues each QoS 1/2 message
+//! that matches them, and forgets each one the client acknowledged on its own node. What it
+//! needs from the owner is small and rare — the subscriptions and expiry ([`ReplicaMeta`], on
+//! every change) — or small and frequent: the ids of the messages the client acknowledged.
+//!
+//! For that, a QoS 1/2 publish gets a cluster-wide id where it enters the cluster (the node its
+//! publisher is connected to): `(origin, seq)`, carried as a user property with a key no client
+//! can send ([`TAG_KEY`]: MQTT forbids U+0000 in strings, MQTT-1.5.4-2), kept in every router's
+//! log and on the mesh, and removed before a packet reaches a client. The owner's codec sees the
+//! packet id it delivered a message with and the PUBACK / PUBREC for it, so it knows which ids
+//! the client has.
+//!
+//! When the owner dies the client reconnects through the LB to another node, which takes the
+//! replica (its own, and those its peers hold, merged by id) and installs it in its router as
+//! a saved session: Session Present 1, the subscriptions live, every message the client had not
+//! acknowledged queued. A message may come twice (it was in flight when the owner died); none
+//! is lost that any replica holds.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use rumqttd::protocol::matches;
+
+use crate::mesh::frame::{MeshPublish, MeshSession, MeshSubscription, MsgId, ReplicaMeta};
+
+/// The user property key of a message's cluster-wide id. U+0000 is not allowed in an MQTT
+/// string (MQTT-1.5.4-2): a client cannot send it, and it is removed from what a client gets.
+pub const TAG_KEY: &str = "\u{0}mqlb";
+
+/// A message's tag: its id and the publisher's client ID hash (for No Local, MQTT-3.8.3-3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    pub id: MsgId,
+    pub publisher: u64,
+}
+
+impl Tag {
+    pub fn value(&self) -> String {
+        format!(
+            "{:x}.{:x}.{:x}",
+            self.id.origin, self.id.seq, self.publisher
+        )
+    }
+
+    pub fn parse(v: &str) -> Option<Tag> {
+        let mut it = v.split('.').map(|p| u64::from_str_radix(p, 16));
+        let (Some(Ok(origin)), Some(Ok(seq)), Some(Ok(publisher)), None) =
+            (it.next(), it.next(), it.next(), it.next())
+        else {
+            return None;
+        };
+        Some(Tag {
+            id: MsgId { origin, seq },
+            publisher,
+        })
+    }
+
+    /// The tag among `props` (the last one if, against the rules, there are several).
+    pub fn find(props: &[(String, String)]) -> Option<Tag> {
+        props
+            .iter()
+            .rev()
+            .find(|(k, _)| k == TAG_KEY)
+            .and_then(|(_, v)| Tag::parse(v))
+    }
+
+    /// Removes every tag from `props`, returning the last valid one.
+    pub fn take(props: &mut Vec<(String, String)>) -> Option<Tag> {
+        if !props.iter().any(|(k, _)| k == TAG_KEY) {
+            return None;
+        }
+        let tag = Tag::find(props);
+        props.retain(|(k, _)| k != TAG_KEY);
+        tag
+    }
+}
+
+/// A stable hash of a client ID, the same on every node (FNV-1a: no per-process seed).
+pub fn client_hash(client_id: &str) -> u64 {
+    client_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A message a replica keeps: as the subscription delivers it (QoS, RETAIN), with when it came.
+#[derive(Debug, Clone)]
+struct Held {
+    id: MsgId,
+    publish: MeshPublish,
+    at_ms: u64,
+}
+
+#[derive(Debug)]
+struct Replica {
+    owner: String,
+    meta: ReplicaMeta,
+    offline_since_ms: Option<u64>,
+    queue: VecDeque<Held>,
+    ids: HashSet<MsgId>,
+    /// Ids acknowledged before their message arrived here (it took a slower path): it is not
+    /// queued when it does. Bounded by [`EARLY_ACKS`].
+    early: VecDeque<MsgId>,
+    early_set: HashSet<MsgId>,
+}
+
+const EARLY_ACKS: usize = 4096;
+
+impl Replica {
+    fn forget(&mut self, id: MsgId) -> bool {
+        if !self.ids.remove(&id) {
+            return false;
+        }
+        if let Some(i) = self.queue.iter().position(|h| h.id == id) {
+            self.queue.remove(i);
+        }
+        true
+    }
+
+    fn expired(&self, now_ms: u64) -> bool {
+        self.offline_since_ms.is_some_and(|since| {
+            self.meta.expiry != u32::MAX
+                && now_ms.saturating_sub(since) >= u64::from(self.meta.expiry) * 1000
+        })
+    }
+}
+
+/// What a change to the replicas dropped, for the metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Messages beyond a replica's bound (the oldest go).
+    pub messages: u64,
+    /// Replicas refused because the node holds its maximum.
+    pub replicas: u64,
+}
+
+/// The peers' persistent sessions this node holds copies of, by client ID.
+#[derive(Debug)]
+pub struct Replicas {
+    by_client: HashMap<String, Replica>,
+    /// Each (non-shared) filter and the replicas subscribed with it, so a message is matched
+    /// once per distinct filter, not once per replica.
+    by_filter: HashMap<String, HashSet<String>>,
+    max_messages: usize,
+    max_replicas: usize,
+    pub dropped: Dropped,
+}
+
+impl Replicas {
+    pub fn new(max_messages: usize, max_replicas: usize) -> Replicas {
+        Replicas {
+            by_client: HashMap::new(),
+            by_filter: HashMap::new(),
+            max_messages: max_messages.max(1),
+            max_replicas,
+            dropped: Dropped::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_client.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_client.is_empty()
+    }
+
+    /// Messages held, over all replicas.
+    pub fn messages(&self) -> usize {
+        self.by_client.values().map(|r| r.queue.len()).sum()
+    }
+
+    pub fn holds(&self, client_id: &str) -> bool {
+        self.by_client.contains_key(client_id)
+    }
+
+    fn unindex(&mut self, client_id: &str, subs: &[MeshSubscription]) {
+        for s in subs {
+            if let Some(set) = self.by_filter.get_mut(&s.filter) {
+                set.remove(client_id);
+                if set.is_empty() {
+                    self.by_filter.remove(&s.filter);
+                }
+            }
+        }
+    }
+
+    /// `owner` says how its session `meta.client_id` is now: the replica is made or updated.
+    /// A replica that another node owned is taken over by `owner` with what it queued (the
+    /// session moved with its client; the new owner delivers those messages too).
+    pub fn meta(&mut self, owner: &str, meta: ReplicaMeta, now_ms: u64) {
+        let client = meta.client_id.clone();
+        if !self.by_client.contains_key(&client) && self.by_client.len() >= self.max_replicas {
+            self.dropped.replicas += 1;
+            return;
+        }
+        let old_subs = self
+            .by_client
+            .get(&client)
+            .map(|r| r.meta.subscriptions.clone())
+            .unwrap_or_default();
+        self.unindex(&client, &old_subs);
+        for s in &meta.subscriptions {
+            if !s.filter.starts_with("$share/") {
+                self.by_filter
+                    .entry(s.filter.clone())
+                    .or_default()
+                    .insert(client.clone());
+            }
+        }
+        let r = self.by_client.entry(client).or_insert_with(|| Replica {
+            owner: owner.to_owned(),
+            meta: ReplicaMeta::default(),
+            offline_since_ms: None,
+            queue: VecDeque::new(),
+            ids: HashSet::new(),
+            early: VecDeque::new(),
+            early_set: HashSet::new(),
+        });
+        if meta.fresh {
+            r.queue.clear();
+            r.ids.clear();
+        }
+        r.owner = owner.to_owned();
+        r.offline_since_ms = match (meta.online, r.offline_since_ms) {
+            (true, _) => None,
+            (false, Some(since)) => Some(since),
+            (false, None) => Some(now_ms),
+        };
+        r.meta = meta;
+    }
+
+    /// `owner` says the session ended (or left it for another node): its replica goes. A
+    /// replica of another owner (the session moved on) stays.
+    pub fn close(&mut self, owner: &str, client_id: &str) -> bool {
+        if self
+            .by_client
+            .get(client_id)
+            .is_some_and(|r| r.owner == owner)
+        {
+            self.remove(client_id);
+            return true;
+        }
+        false
+    }
+
+    /// The session ended whoever owned it (a Clean Start elsewhere, MQTT-3.1.2-4, or this node
+    /// took it over).
+    pub fn remove(&mut self, client_id: &str) -> bool {
+        let Some(r) = self.by_client.remove(client_id) else {
+            return false;
+        };
+        self.unindex(client_id, &r.meta.subscriptions);
+        true
+    }
+
+    /// A QoS 1/2 message `tag` (`publish` as published) entered this node: every replica with a
+    /// matching subscription of QoS 1 or 2 queues it once, as that subscription delivers it.
+    pub fn record(&mut self, tag: Tag, publish: &MeshPublish, now_ms: u64) {
+        if publish.qos == 0 || self.by_filter.is_empty() {
+            return;
+        }
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return;
+        };
+        // MQTT-4.7.2-1: a wildcard at the start of a filter does not match a `$` topic.
+        if topic.starts_with('$') {
+            return;
+        }
+        let mut hit: Vec<&str> = Vec::new();
+        for (filter, clients) in &self.by_filter {
+            if matches(topic, filter) {
+                hit.extend(clients.iter().map(String::as_str));
+            }
+        }
+        hit.sort_unstable();
+        hit.dedup();
+        let hit: Vec<String> = hit.into_iter().map(str::to_owned).collect();
+        for client in hit {
+            let Some(r) = self.by_client.get_mut(&client) else {
+                continue;
+            };
+            if r.ids.contains(&tag.id) || r.early_set.remove(&tag.id) {
+                continue;
+            }
+            // The highest QoS of the matching subscriptions (one copy per replica: on
+            // failover each is delivered once, not once per overlapping filter).
+            let mut best: Option<&MeshSubscription> = None;
+            for s in &r.meta.subscriptions {
+                if s.filter.starts_with("$share/") || !matches(topic, &s.filter) {
+                    continue;
+                }
+                if s.nolocal && tag.publisher == client_hash(&r.meta.client_id) {
+                    continue;
+                }
+                if best.is_none_or(|b| s.qos > b.qos) {
+                    best = Some(s);
+                }
+            }
+            let Some(sub) = best else { continue };
+            let qos = publish.qos.min(sub.qos);
+            if qos == 0 {
+                continue;
+            }
+            let mut held = publish.clone();
+            held.qos = qos;
+            held.retain = publish.retain && sub.preserve_retain;
+            if r.queue.len() >= self.max_messages {
+                if let Some(old) = r.queue.pop_front() {
+                    r.ids.remove(&old.id);
+                    self.dropped.messages += 1;
+                }
+            }
+            r.ids.insert(tag.id);
+            r.queue.push_back(Held {
+                id: tag.id,
+                publish: held,
+                at_ms: now_ms,
+            });
+        }
+    }
+
+    /// `owner`'s client `client_id` acknowledged `ids`: its replica forgets them.
+    pub fn acked(&mut self, owner: &str, client_id: &str, ids: &[MsgId]) {
+        let Some(r) = self.by_client.get_mut(client_id) else {
+            return;
+        };
+        if r.owner != owner {
+            return;
+        }
+        for id in ids {
+            if !r.forget(*id) && r.early_set.insert(*id) {
+                r.early.push_back(*id);
+                if r.early.len() > EARLY_ACKS {
+                    if let Some(old) = r.early.pop_front() {
+                        r.early_set.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the replicas whose session expired while offline; returns how many.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let gone: Vec<String> = self
+            .by_client
+            .iter()
+            .filter(|(_, r)| r.expired(now_ms))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in &gone {
+            self.remove(c);
+        }
+        gone.len()
+    }
+
+    /// The replica of `client_id` as a session to install, keeping it here (for a peer that
+    /// asks). Messages whose expiry interval passed are left out, the others carry what is
+    /// left of it (MQTT-3.3.2-5, -6); at most `budget` bytes of messages (the oldest first).
+    pub fn session(&self, client_id: &str, now_ms: u64, budget: usize) -> Option<MeshSession> {
+        let r = self.by_client.get(client_id)?;
+        let mut left = budget;
+        let mut pending = Vec::new();
+        let mut dropped = 0u32;
+        for h in &r.queue {
+            let mut p = h.publish.clone();
+            if let Some(interval) = p.message_expiry_interval {
+                let waited =
+                    u32::try_from(now_ms.saturating_sub(h.at_ms) / 1000).unwrap_or(u32::MAX);
+                match interval.checked_sub(waited).filter(|r| *r > 0) {
+                    Some(remaining) => p.message_expiry_interval = Some(remaining),
+                    None => continue,
+                }
+            }
+            let size = p.topic.len() + p.payload.len() + 64;
+            if size > left {
+                dropped = dropped.saturating_add(1);
+                continue;
+            }
+            left -= size;
+            pending.push((0, p));
+        }
+        let expiry = match (r.meta.expiry, r.offline_since_ms) {
+            (u32::MAX, _) | (_, None) => r.meta.expiry,
+            (e, Some(since)) => {
+                let gone = u32::try_from(now_ms.saturating_sub(since) / 1000).unwrap_or(u32::MAX);
+                e.saturating_sub(gone).max(1)
+            }
+        };
+        Some(MeshSession {
+            client_id: client_id.to_owned(),
+            expiry,
+            last_pkid: 0,
+            dropped,
+            subscriptions: r.meta.subscriptions.clone(),
+            pubrels: Vec::new(),
+            pending,
+        })
+    }
+
+    /// The owner of the replica of `client_id`.
+    #[cfg(test)]
+    pub fn owner(&self, client_id: &str) -> Option<&str> {
+        self.by_client.get(client_id).map(|r| r.owner.as_str())
+    }
+}
+
+/// Several copies of one session (this node's replica and its peers') as one: every message
+/// any of them holds, once (by id), each origin's in its order; the subscriptions of the copy
+/// with the most, the longest expiry.
+pub fn merge(copies: Vec<MeshSession>) -> Option<MeshSession> {
+    let mut it = copies.into_iter();
+    let mut base = it.next()?;
+    let mut others: Vec<MeshSession> = it.collect();
+    if others.is_empty() {
+        return Some(base);
+    }
+    let mut all: BTreeMap<(MsgId, usize), MeshPublish> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    let mut untagged = Vec::new();
+    let mut push = |p: MeshPublish, n: usize| match Tag::find(&p.user_properties) {
+        Some(t) => {
+            if seen.insert(t.id) {
+                all.insert((t.id, n), p);
+            }
+        }
+        None => untagged.push(p),
+    };
+    for (_, p) in std::mem::take(&mut base.pending) {
+        push(p, 0);
+    }
+    for (n, o) in others.iter_mut().enumerate() {
+        for (_, p) in std::mem::take(&mut o.pending) {
+            push(p, n + 1);
+        }
+        if o.subscriptions.len() > base.subscriptions.len() {
+            base.subscriptions = std::mem::take(&mut o.subscriptions);
+        }
+        base.expiry = base.expiry.max(o.expiry);
+        base.dropped = base.dropped.saturating_add(o.dropped);
+    }
+    base.pending = all.into_values().chain(untagged).map(|p| (0, p)).collect();
+    Some(base)
+}
+
+/// An owner's persistent session, as far as its replicas need to know it.
+#[derive(Debug, Clone)]
+struct Owned {
+    /// The connection it is live on (the mesh's registration; 0: none yet): the end of an
+    /// older connection of the client, taken over by this one, changes nothing.
+    connection: u64,
+    expiry: u32,
+    online: bool,
+    offline_since_ms: Option<u64>,
+    subscriptions: BTreeMap<String, MeshSubscription>,
+}
+
+/// What the owner sends its replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announce {
+    Meta(ReplicaMeta),
+    Close(String),
+}
+
+/// The persistent sessions this node owns (its clients'), kept from what its codec sees:
+/// CONNECT / CONNACK, SUBSCRIBE / SUBACK, UNSUBSCRIBE, DISCONNECT, the end of a connection, and
+/// sessions that arrive from or leave for a peer.
+#[derive(Debug, Default)]
+pub struct Book {
+    sessions: HashMap<String, Owned>,
+}
+
+impl Book {
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    fn announce(&self, client_id: &str, fresh: bool) -> Option<Announce> {
+        let o = self.sessions.get(client_id)?;
+        Some(Announce::Meta(ReplicaMeta {
+            client_id: client_id.to_owned(),
+            expiry: o.expiry,
+            online: o.online,
+            fresh,
+            subscriptions: o.subscriptions.values().cloned().collect(),
+        }))
+    }
+
+    /// A CONNACK 0 went out. `expiry`: the session's interval (0: it ends with the
+    /// connection, so it is not replicated).
+    pub fn connected(
+        &mut self,
+        client_id: &str,
+        clean_start: bool,
+        expiry: u32,
+        connection: u64,
+    ) -> Option<Announce> {
+        if client_id.is_empty() {
+            return None;
+        }
+        if expiry == 0 {
+            return self
+                .sessions
+                .remove(client_id)
+                .map(|_| Announce::Close(client_id.to_owned()));
+        }
+        let o = self.sessions.entry(client_id.to_owned()).or_insert(Owned {
+            connection,
+            expiry,
+            online: true,
+            offline_since_ms: None,
+            subscriptions: BTreeMap::new(),
+        });
+        if clean_start {
+            o.subscriptions.clear();
+        }
+        o.connection = connection;
+        o.expiry = expiry;
+        o.online = true;
+        o.offline_since_ms = None;
+        self.announce(client_id, clean_start)
+    }
+
+    pub fn subscribed(&mut self, client_id: &str, subs: Vec<MeshSubscription>) -> Option<Announce> {
+        let o = self.sessions.get_mut(client_id)?;
+        for s in subs {
+            o.subscriptions.insert(s.filter.clone(), s);
+        }
+        self.announce(client_id, false)
+    }
+
+    pub fn unsubscribed(&mut self, client_id: &str, filters: &[String]) -> Option<Announce> {
+        let o = self.sessions.get_mut(client_id)?;
+        let before = o.subscriptions.len();
+        for f in filters {
+            o.subscriptions.remove(f);
+        }
+        if o.subscriptions.len() == before {
+            return None;
+        }
+        self.announce(client_id, false)
+    }
+
+    /// The connection ended; `expiry`: a new interval its DISCONNECT set (MQTT-3.14.2.2.2).
+    pub fn disconnected(
+        &mut self,
+        client_id: &str,
+        connection: u64,
+        expiry: Option<u32>,
+        now_ms: u64,
+    ) -> Option<Announce> {
+        let o = self.sessions.get_mut(client_id)?;
+        if o.connection != connection {
+            return None;
+        }
+        if let Some(e) = expiry {
+            o.expiry = e;
+        }
+        if o.expiry == 0 {
+            self.sessions.remove(client_id);
+            return Some(Announce::Close(client_id.to_owned()));
+        }
+        o.online = false;
+        o.offline_since_ms = Some(now_ms);
+        self.announce(client_id, false)
+    }
+
+    /// A session was installed here (it moved from a peer, or a replica was restored); its
+    /// client is about to connect.
+    pub fn installed(
+        &mut self,
+        client_id: &str,
+        expiry: u32,
+        subs: &[MeshSubscription],
+        now_ms: u64,
+    ) -> Option<Announce> {
+        self.sessions.insert(
+            client_id.to_owned(),
+            Owned {
+                connection: 0,
+                expiry,
+                online: false,
+                offline_since_ms: Some(now_ms),
+                subscriptions: subs.iter().map(|x| (x.filter.clone(), x.clone())).collect(),
+            },
+        );
+        self.announce(client_id, false)
+    }
+
+    /// The session left this node (moved to a peer) or ended (a Clean Start elsewhere).
+    pub fn left(&mut self, client_id: &str) -> Option<Announce> {
+        self.sessions
+            .remove(client_id)
+            .map(|_| Announce::Close(client_id.to_owned()))
+    }
+
+    /// Sessions that expired offline; each announced closed.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Announce> {
+        let gone: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, o)| {
+                o.offline_since_ms.is_some_and(|since| {
+                    o.expiry != u32::MAX
+                        && now_ms.saturating_sub(since) >= u64::from(o.expiry) * 1000
+                })
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        gone.into_iter().filter_map(|c| self.left(&c)).collect()
+    }
+
+    /// Every session, for a peer whose link just came up.
+    pub fn all(&self) -> Vec<Announce> {
+        self.sessions
+            .keys()
+            .filter_map(|c| self.announce(c, false))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn sub(filter: &str, qos: u8) -> MeshSubscription {
+        MeshSubscription {
+            filter: filter.into(),
+            qos,
+            nolocal: false,
+            preserve_retain: false,
+        }
+    }
+
+    fn meta(client: &str, subs: Vec<MeshSubscription>, online: bool) -> ReplicaMeta {
+        ReplicaMeta {
+            client_id: client.into(),
+            expiry: 60,
+            online,
+            fresh: false,
+            subscriptions: subs,
+        }
+    }
+
+    fn tag(seq: u64) -> Tag {
+        Tag {
+            id: MsgId { origin: 9, seq },
+            publisher: client_hash("pub"),
+        }
+    }
+
+    fn msg(topic: &'static str, qos: u8, t: Tag) -> MeshPublish {
+        MeshPublish {
+            topic: Bytes::from_static(topic.as_bytes()),
+            payload: Bytes::from(format!("m{}", t.id.seq)),
+            qos,
+            user_properties: vec![(TAG_KEY.into(), t.value())],
+            ..MeshPublish::default()
+        }
+    }
+
+    fn payloads(s: &MeshSession) -> Vec<String> {
+        s.pending
+            .iter()
+            .map(|(_, p)| String::from_utf8_lossy(&p.payload).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_tag_round_trips_and_no_client_can_forge_one() {
+        let t = Tag {
+            id: MsgId {
+                origin: u64::MAX,
+                seq: 42,
+            },
+            publisher: 7,
+        };
+        assert_eq!(Tag::parse(&t.value()), Some(t));
+        assert_eq!(Tag::parse("1.2"), None);
+        assert_eq!(Tag::parse("1.2.3.4"), None);
+        assert_eq!(Tag::parse("x.2.3"), None);
+        let mut props = vec![
+            ("a".to_string(), "b".to_string()),
+            (TAG_KEY.to_string(), t.value()),
+        ];
+        assert_eq!(Tag::take(&mut props), Some(t));
+        assert_eq!(props, [("a".to_string(), "b".to_string())]);
+        assert_eq!(Tag::take(&mut props), None);
+        assert_eq!(client_hash("c"), client_hash("c"));
+        assert_ne!(client_hash("c"), client_hash("d"));
+    }
+
+    #[test]
+    fn a_replica_queues_what_matches_and_forgets_what_the_client_acknowledged() {
+        let mut r = Replicas::new(100, 100);
+        r.meta("b1", meta("c", vec![sub("a/+", 1), sub("z", 0)], true), 0);
+        for seq in 1..=4 {
+            r.record(tag(seq), &msg("a/x", 2, tag(seq)), 0);
+        }
+        r.record(tag(5), &msg("b/x", 1, tag(5)), 0); // no match
+        r.record(tag(6), &msg("z", 1, tag(6)), 0); // QoS 0 subscription
+        r.record(tag(7), &msg("a/x", 0, tag(7)), 0); // QoS 0 publish
+        r.record(tag(2), &msg("a/x", 2, tag(2)), 0); // again: once
+        r.acked(
+            "b1",
+            "c",
+            &[MsgId { origin: 9, seq: 1 }, MsgId { origin: 9, seq: 3 }],
+        );
+        // another node's acks for it are not the owner's
+        r.acked("b3", "c", &[MsgId { origin: 9, seq: 2 }]);
+        let s = r.session("c", 0, usize::MAX).expect("held");
+        assert_eq!(payloads(&s), ["m2", "m4"]);
+        assert!(s.pending.iter().all(|(pkid, p)| *pkid == 0 && p.qos == 1));
+        assert_eq!(r.messages(), 2);
+    }
+
+    #[test]
+    fn an_ack_that_comes_before_its_message_keeps_it_out() {
+        let mut r = Replicas::new(100, 100);
+        r.meta("b1", meta("c", vec![sub("#", 1)], true), 0);
+        r.acked("b1", "c", &[MsgId { origin: 9, seq: 1 }]);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0);
+        r.record(tag(2), &msg("t", 1, tag(2)), 0);
+        assert_eq!(
+            payloads(&r.session("c", 0, usize::MAX).expect("held")),
+            ["m2"]
+        );
+    }
+
+    #[test]
+    fn no_local_and_shared_subscriptions_are_not_queued() {
+        let mut r = Replicas::new(100, 100);
+        let mut own = sub("t", 1);
+        own.nolocal = true;
+        r.meta("b1", meta("pub", vec![own, sub("$share/g/t", 1)], true), 0);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0);
+        let s = r.session("pub", 0, usize::MAX).expect("held");
+        assert!(s.pending.is_empty());
+        assert_eq!(
+            s.subscriptions.len(),
+            2,
+            "the subscriptions are kept all the same"
+        );
+        r.record(tag(2), &msg("$SYS/t", 1, tag(2)), 0);
+    }
+
+    #[test]
+    fn the_bound_drops_the_oldest_and_counts() {
+        let mut r = Replicas::new(2, 1);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 0);
+        for seq in 1..=3 {
+            r.record(tag(seq), &msg("t", 1, tag(seq)), 0);
+        }
+        assert_eq!(
+            payloads(&r.session("c", 0, usize::MAX).expect("held")),
+            ["m2", "m3"]
+        );
+        assert_eq!(r.dropped.messages, 1);
+        r.meta("b1", meta("d", vec![sub("t", 1)], false), 0);
+        assert_eq!(r.dropped.replicas, 1);
+        assert!(!r.holds("d"));
+    }
+
+    #[test]
+    fn a_replica_expires_offline_and_counts_its_expiry_down() {
+        let mut r = Replicas::new(10, 10);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 1_000);
+        assert_eq!(r.session("c", 21_000, 0).expect("held").expiry, 40);
+        assert_eq!(r.expire(60_999), 0);
+        // online again: the clock stops
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 61_000);
+        assert_eq!(r.expire(500_000), 0);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 500_000);
+        assert_eq!(r.expire(560_000), 1);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_message_that_expired_in_the_replica_is_not_restored() {
+        let mut r = Replicas::new(10, 10);
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0);
+        let mut m = msg("t", 1, tag(1));
+        m.message_expiry_interval = Some(10);
+        r.record(tag(1), &m, 0);
+        let mut m = msg("t", 1, tag(2));
+        m.message_expiry_interval = Some(100);
+        r.record(tag(2), &m, 0);
+        let s = r.session("c", 30_000, usize::MAX).expect("held");
+        assert_eq!(payloads(&s), ["m2"]);
+        assert_eq!(s.pending[0].1.message_expiry_interval, Some(70));
+    }
+
+    #[test]
+    fn a_session_that_moves_keeps_its_replica_and_a_clean_start_empties_it() {
+        let mut r = Replicas::new(10, 10);
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0);
+        // the client moved to b2, which now owns it
+        r.meta("b2", meta("c", vec![sub("t", 1)], true), 0);
+        assert!(!r.close("b1", "c"), "the old owner's close is stale");
+        assert_eq!(r.owner("c"), Some("b2"));
+        assert_eq!(r.messages(), 1);
+        let mut fresh = meta("c", vec![sub("u", 1)], true);
+        fresh.fresh = true;
+        r.meta("b2", fresh, 0);
+        assert_eq!(r.messages(), 0);
+        r.record(tag(2), &msg("t", 1, tag(2)), 0);
+        assert_eq!(r.messages(), 0, "the old filter is no longer indexed");
+        assert!(r.close("b2", "c"));
+        assert!(r.by_filter.is_empty());
+    }
+
+    #[test]
+    fn copies_merge_by_id_in_each_origins_order() {
+        let mk = |seqs: &[u64]| MeshSession {
+            client_id: "c".into(),
+            subscriptions: vec![sub("t", 1)],
+            pending: seqs.iter().map(|s| (0, msg("t", 1, tag(*s)))).collect(),
+            ..MeshSession::default()
+        };
+        let merged = merge(vec![mk(&[1, 3]), mk(&[1, 2, 3, 4]), mk(&[])]).expect("some");
+        assert_eq!(payloads(&merged), ["m1", "m2", "m3", "m4"]);
+        assert!(merge(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn the_book_announces_every_change_of_a_persistent_session() {
+        let mut b = Book::default();
+        assert_eq!(b.connected("c", false, 0, 1), None, "not persistent");
+        let Some(Announce::Meta(m)) = b.connected("c", true, u32::MAX, 1) else {
+            panic!("announced")
+        };
+        assert!(m.fresh && m.online && m.subscriptions.is_empty());
+        let Some(Announce::Meta(m)) = b.subscribed("c", vec![sub("a", 1), sub("b", 2)]) else {
+            panic!("announced")
+        };
+        assert_eq!(m.subscriptions.len(), 2);
+        assert_eq!(b.unsubscribed("c", &["x".into()]), None);
+        let Some(Announce::Meta(m)) = b.unsubscribed("c", &["a".into()]) else {
+            panic!("announced")
+        };
+        assert_eq!(m.subscriptions, [sub("b", 2)]);
+        let Some(Announce::Meta(m)) = b.disconnected("c", 1, None, 5) else {
+            panic!("announced")
+        };
+        assert!(!m.online);
+        // resumed: the subscriptions are still there
+        let Some(Announce::Meta(m)) = b.connected("c", false, 30, 2) else {
+            panic!("announced")
+        };
+        assert_eq!((m.subscriptions.len(), m.expiry, m.fresh), (1, 30, false));
+        // a third connection takes the second over: the second's end changes nothing
+        assert!(b.connected("c", false, 30, 3).is_some());
+        assert_eq!(b.disconnected("c", 2, None, 6), None);
+        assert_eq!(
+            b.disconnected("c", 3, Some(0), 9),
+            Some(Announce::Close("c".into()))
+        );
+        assert!(b.is_empty());
+        b.connected("d", false, 10, 4);
+        b.disconnected("d", 4, None, 1_000);
+        assert!(b.expire(10_999).is_empty());
+        assert_eq!(b.expire(11_000), [Announce::Close("d".into())]);
+        assert_eq!(
+            b.subscribed("d", vec![sub("a", 1)]),
+            None,
+            "not a session of this node"
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! Session replicas across the cluster (issue 12): the I/O around [`crate::replica`].
+//!
+//! - **Owner side.** The codec ([`crate::tap`]) reports what a persistent session of this node
+//!   becomes (CONNACK, SUBACK, UNSUBSCRIBE, the end of the connection) to the [`Book`]; every
+//!   change goes to every peer as a REPLICA_META, and a new link gets them all. It also gives
+//!   each QoS 1/2 publish of a local client its cluster-wide tag, and reports the tags its
+//!   clients acknowledge (PUBACK, PUBREC): batched into REPLICA_ACKS every [`ACK_FLUSH`].
+//! - **Replica side.** Every QoS 1/2 message that enters this node, from a peer (the injector)
+//!   or from a local client (the codec), is offered to the [`Replicas`].
+//! - **Restore.** A client that connects here with Clean Start 0 and whose session no node has
+//!   (its owner died, or does not answer) gets the merged copies: this node's replica and
+//!   those the peers sent with their answers ([`Replication::restore`]).
+//!
+//! Every peer holds a replica of every persistent session (the replication factor is the
+//! cluster's size): the LB's successor for a client is one of them, and the others' copies
+//! are merged in, so a node that came back empty still restores what its peers hold.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use rumqttd::protocol::PublishProperties;
+use rumqttd::SessionControl;
+use tokio_util::sync::CancellationToken;
+
+use crate::mesh::frame::{Frame, MeshPublish, MeshSession, MeshSubscription, MsgId, ReplicaMeta};
+use crate::mesh::Mesh;
+use crate::metrics::Metrics;
+use crate::replica::{self, client_hash, Announce, Book, Replicas, Tag, TAG_KEY};
+
+/// Acknowledgements are sent to the peers at most this long after the client's PUBACK.
+const ACK_FLUSH: Duration = Duration::from_millis(20);
+/// Messages one replica holds; beyond it the oldest are dropped (counted).
+const MAX_MESSAGES: usize = 100_000;
+/// Replicas one node holds; beyond it new ones are refused (counted).
+const MAX_REPLICAS: usize = 1_000_000;
+/// Acknowledged tags waiting to be sent; beyond it they are dropped (a replica then keeps a
+/// message the client has: a duplicate after a failover, never a loss).
+const MAX_ACKS_WAITING: usize = 1_000_000;
+
+struct ReplicationMetrics {
+    held: IntGauge,
+    messages: IntGauge,
+    owned: IntGauge,
+    acks: IntCounter,
+    restored: IntCounterVec,
+    dropped: IntCounterVec,
+}
+
+impl ReplicationMetrics {
+    fn new(metrics: &Metrics) -> Result<ReplicationMetrics, prometheus::Error> {
+        let m = ReplicationMetrics {
+            held: IntGauge::new(
+                "mqlb_session_replicas",
+                "Replicas this node holds of its peers' persistent sessions.",
+            )?,
+            messages: IntGauge::new(
+                "mqlb_session_replica_messages",
+                "QoS 1/2 messages the replicas hold (not yet acknowledged by their clients).",
+            )?,
+            owned: IntGauge::new(
+                "mqlb_sessions_persistent",
+                "Persistent sessions this node owns (replicated to its peers).",
+            )?,
+            acks: IntCounter::new(
+                "mqlb_session_replica_acks_total",
+                "Acknowledgements of their clients the owners of replicated sessions sent here.",
+            )?,
+            restored: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_sessions_restored_total",
+                    "Sessions installed from replicas for a client whose session no node had (its node died or did not answer), by source: local (this node's replica only), merged (with copies from peers).",
+                ),
+                &["source"],
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_session_replica_dropped_total",
+                    "What the replicas could not keep: message (beyond a replica's bound), replica (beyond the node's bound), ack (acknowledgements beyond the send queue), frame (a replica frame a peer queue refused).",
+                ),
+                &["what"],
+            )?,
+        };
+        metrics.register(Box::new(m.held.clone()))?;
+        metrics.register(Box::new(m.messages.clone()))?;
+        metrics.register(Box::new(m.owned.clone()))?;
+        metrics.register(Box::new(m.acks.clone()))?;
+        metrics.register(Box::new(m.restored.clone()))?;
+        metrics.register(Box::new(m.dropped.clone()))?;
+        Ok(m)
+    }
+}
+
+pub(crate) struct Replication {
+    /// This incarnation's origin number: the first half of every tag given here.
+    origin: u64,
+    next_seq: AtomicU64,
+    held: Mutex<Replicas>,
+    book: Mutex<Book>,
+    acks: Mutex<Vec<(String, MsgId)>>,
+    mesh: Weak<Mesh>,
+    control: SessionControl,
+    started: Instant,
+    metrics: ReplicationMetrics,
+    /// Bytes of messages a restored copy may carry from a peer (what fits in a mesh frame).
+    budget: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replication {
+    pub(crate) fn new(
+        control: SessionControl,
+        mesh: &Arc<Mesh>,
+        budget: usize,
+    ) -> Result<Arc<Replication>, prometheus::Error> {
+        Ok(Arc::new(Replication {
+            origin: rand::random(),
+            next_seq: AtomicU64::new(1),
+            held: Mutex::new(Replicas::new(MAX_MESSAGES, MAX_REPLICAS)),
+            book: Mutex::new(Book::default()),
+            acks: Mutex::new(Vec::new()),
+            mesh: Arc::downgrade(mesh),
+            control,
+            started: Instant::now(),
+            metrics: ReplicationMetrics::new(&mesh.metrics)?,
+            budget,
+        }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Sends `frame` to every peer (a full queue drops it for that peer, counted).
+    fn broadcast(&self, frame: &Frame) {
+        let Some(mesh) = self.mesh.upgrade() else {
+            return;
+        };
+        for p in mesh.peers().iter() {
+            if mesh.send_to(&p.id, frame).is_err() {
+                self.metrics.dropped.with_label_values(&["frame"]).inc();
+            }
+        }
+    }
+
+    fn announce(&self, a: Option<Announce>) {
+        let Some(a) = a else { return };
+        self.metrics.owned.set(lock(&self.book).len() as i64);
+        let frame = match a {
+            Announce::Meta(m) => Frame::ReplicaMeta(Box::new(m)),
+            Announce::Close(client_id) => Frame::ReplicaClose { client_id },
+        };
+        self.broadcast(&frame);
+    }
+
+    // --- Owner side (called by the codec and the session hooks) ---
+
+    /// A local client's QoS 1/2 publish enters the cluster here: any tag it carries (no client
+    /// can send one; dropped all the same) is replaced by a new one, and the replicas held
+    /// here get it. `None` when there is no cluster (no peers): nothing is tagged.
+    pub(crate) fn tag_local(
+        &self,
+        publisher: &str,
+        props: &mut Option<PublishProperties>,
+    ) -> Option<Tag> {
+        if let Some(p) = props.as_mut() {
+            Tag::take(&mut p.user_properties);
+        }
+        let mesh = self.mesh.upgrade()?;
+        if mesh.peers().is_empty() {
+            return None;
+        }
+        let tag = Tag {
+            id: MsgId {
+                origin: self.origin,
+                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            },
+            publisher: client_hash(publisher),
+        };
+        props
+            .get_or_insert_with(PublishProperties::default)
+            .user_properties
+            .push((TAG_KEY.to_owned(), tag.value()));
+        Some(tag)
+    }
+
+    /// A tagged QoS 1/2 message entered this node (a local client's, or a peer's).
+    pub(crate) fn record(&self, tag: Tag, publish: &MeshPublish) {
+        let now = self.now_ms();
+        let mut held = lock(&self.held);
+        if held.is_empty() {
+            return;
+        }
+        held.record(tag, publish, now);
+    }
+
+    /// A message from a peer: recorded if it carries a tag.
+    pub(crate) fn record_injected(&self, publish: &MeshPublish) {
+        if publish.qos == 0 {
+            return;
+        }
+        if let Some(tag) = Tag::find(&publish.user_properties) {
+            self.record(tag, publish);
+        }
+    }
+
+    /// A CONNACK 0 went out for `client_id` (`connection`: the mesh's registration of it).
+    /// `expiry`: its session's (0: it ends with the connection). This node owns the session
+    /// now: a replica of it here is dropped.
+    pub(crate) fn connected(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        expiry: u32,
+        connection: u64,
+    ) {
+        lock(&self.held).remove(client_id);
+        let a = lock(&self.book).connected(client_id, clean_start, expiry, connection);
+        self.announce(a);
+    }
+
+    pub(crate) fn subscribed(&self, client_id: &str, subs: Vec<MeshSubscription>) {
+        let a = lock(&self.book).subscribed(client_id, subs);
+        self.announce(a);
+    }
+
+    pub(crate) fn unsubscribed(&self, client_id: &str, filters: &[String]) {
+        let a = lock(&self.book).unsubscribed(client_id, filters);
+        self.announce(a);
+    }
+
+    /// Connection `connection` of `client_id` ended; `expiry`: what its DISCONNECT set.
+    pub(crate) fn disconnected(&self, client_id: &str, connection: u64, expiry: Option<u32>) {
+        let now = self.now_ms();
+        let a = lock(&self.book).disconnected(client_id, connection, expiry, now);
+        self.announce(a);
+    }
+
+    /// A session moved here from a peer and is installed in the router.
+    pub(crate) fn installed(&self, client_id: &str, expiry: u32, subs: &[MeshSubscription]) {
+        lock(&self.held).remove(client_id);
+        let now = self.now_ms();
+        let a = lock(&self.book).installed(client_id, expiry, subs, now);
+        self.announce(a);
+    }
+
+    /// This node holds a replica of `client_id`'s session.
+    pub(crate) fn holds(&self, client_id: &str) -> bool {
+        lock(&self.held).holds(client_id)
+    }
+
+    /// The session left this node for a peer, or ended (a Clean Start elsewhere).
+    pub(crate) fn left(&self, client_id: &str) {
+        let a = lock(&self.book).left(client_id);
+        self.announce(a);
+    }
+
+    /// The client acknowledged (PUBACK, PUBREC) the message tagged `id`.
+    pub(crate) fn acked(&self, client_id: &str, id: MsgId) {
+        let mut acks = lock(&self.acks);
+        if acks.len() >= MAX_ACKS_WAITING {
+            self.metrics.dropped.with_label_values(&["ack"]).inc();
+            return;
+        }
+        acks.push((client_id.to_owned(), id));
+    }
+
+    /// What a peer whose link just came up is sent first: every persistent session here.
+    pub(crate) fn link_up_frames(&self) -> Vec<Frame> {
+        lock(&self.book)
+            .all()
+            .into_iter()
+            .filter_map(|a| match a {
+                Announce::Meta(m) => Some(Frame::ReplicaMeta(Box::new(m))),
+                Announce::Close(_) => None,
+            })
+            .collect()
+    }
+
+    // --- Replica side (frames from the peers) ---
+
+    pub(crate) fn on_meta(&self, peer: &str, meta: ReplicaMeta) {
+        let now = self.now_ms();
+        lock(&self.held).meta(peer, meta, now);
+    }
+
+    pub(crate) fn on_acks(&self, peer: &str, acks: Vec<(String, Vec<MsgId>)>) {
+        let mut held = lock(&self.held);
+        for (client, ids) in acks {
+            self.metrics.acks.inc_by(ids.len() as u64);
+            held.acked(peer, &client, &ids);
+        }
+    }
+
+    pub(crate) fn on_close(&self, peer: &str, client_id: &str) {
+        lock(&self.held).close(peer, client_id);
+    }
+
+    /// The session of `client_id` ended wherever it was (a Clean Start on a peer).
+    pub(crate) fn ended(&self, client_id: &str) {
+        lock(&self.held).remove(client_id);
+        self.left(client_id);
+    }
+
+    /// This node's replica of `client_id`, for a peer that asks (kept here).
+    pub(crate) fn copy(&self, client_id: &str) -> Option<MeshSession> {
+        let now = self.now_ms();
+        lock(&self.held).session(client_id, now, self.budget)
+    }
+
+    /// Installs the session of `client_id` from its copies (this node's replica and `copies`
+    /// from the peers) before its CONNACK. The replicas stay locked until the router has the
+    /// session: a message recorded before is in the copy, one recorded after reaches the
+    /// router after the session and is delivered by it (a duplicate at worst, never a gap).
+    /// Blocking (the router's answer): run it off the async workers.
+    pub(crate) fn restore(&self, client_id: &str, copies: Vec<MeshSession>) -> bool {
+        let now = self.now_ms();
+        let mut held = lock(&self.held);
+        let own = held.session(client_id, now, usize::MAX);
+        let source = if copies.is_empty() { "local" } else { "merged" };
+        let Some(merged) = replica::merge(own.into_iter().chain(copies).collect()) else {
+            return false;
+        };
+        let export = match crate::session::from_mesh(merged.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "a replica could not be restored");
+                return false;
+            }
+        };
+        if !self.control.import_blocking(export, Duration::from_secs(2)) {
+            tracing::warn!(client_id, "the router did not take a restored session");
+            return false;
+        }
+        held.remove(client_id);
+        drop(held);
+        self.metrics.restored.with_label_values(&[source]).inc();
+        tracing::info!(
+            client_id,
+            messages = merged.pending.len(),
+            source,
+            "session restored from replicas"
+        );
+        let a = lock(&self.book).installed(client_id, merged.expiry, &merged.subscriptions, now);
+        self.announce(a);
+        true
+    }
+
+    /// Sends the acknowledgements gathered since the last round; expires offline sessions
+    /// and replicas; updates the gauges.
+    fn tick(&self, expire: bool) {
+        let acks = std::mem::take(&mut *lock(&self.acks));
+        if !acks.is_empty() {
+            let mut grouped: std::collections::HashMap<String, Vec<MsgId>> = Default::default();
+            for (client, id) in acks {
+                grouped.entry(client).or_default().push(id);
+            }
+            let by_client: Vec<(String, Vec<MsgId>)> = grouped.into_iter().collect();
+            // Frames of a bounded size: a mesh frame carries them whatever their number.
+            for chunk in by_client.chunks(256) {
+                self.broadcast(&Frame::ReplicaAcks {
+                    acks: chunk.to_vec(),
+                });
+            }
+        }
+        if expire {
+            let now = self.now_ms();
+            let gone = lock(&self.book).expire(now);
+            for a in gone {
+                self.announce(Some(a));
+            }
+            let mut held = lock(&self.held);
+            held.expire(now);
+            self.metrics.held.set(held.len() as i64);
+            self.metrics.messages.set(held.messages() as i64);
+            let d = std::mem::take(&mut held.dropped);
+            drop(held);
+            self.metrics
+                .dropped
+                .with_label_values(&["message"])
+                .inc_by(d.messages);
+            self.metrics
+                .dropped
+                .with_label_values(&["replica"])
+                .inc_by(d.replicas);
+        }
+    }
+}
+
+/// A peer's REPLICA_META names a session a client could have: a client ID rumqttd takes, and
+/// filters a client could subscribe to (none of the router's own `$` logs).
+pub(crate) fn check_meta(m: &ReplicaMeta) -> Result<(), &'static str> {
+    if m.client_id.contains(['+', '$', '#', '/']) {
+        return Err("client id");
+    }
+    for s in &m.subscriptions {
+        let shared = s
+            .filter
+            .strip_prefix("$share/")
+            .and_then(|r| r.split_once('/'));
+        let path = shared.map_or(s.filter.as_str(), |(_, p)| p);
+        if path.starts_with('$') || !rumqttd::protocol::valid_filter(path) || s.qos > 2 {
+            return Err("subscription filter");
+        }
+    }
+    Ok(())
+}
+
+/// The replication's timer: acknowledgements out every [`ACK_FLUSH`], expiry every second.
+pub(crate) async fn run(r: Arc<Replication>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(ACK_FLUSH);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        n += 1;
+        r.tick(n.is_multiple_of(50));
+    }
+}

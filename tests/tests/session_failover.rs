@@ -1,0 +1,237 @@
+//! A persistent session outlives its broker (issue 12): every peer holds a replica of it (its
+//! subscriptions, and each QoS 1/2 message for it its client has not acknowledged), so when
+//! its node dies the client reconnects on another node with Clean Start 0 and gets Session
+//! Present 1, its subscriptions live without a SUBSCRIBE, and every message it had not
+//! acknowledged: in flight on the dead node, and published while it was away.
+//!
+//! Three meshed nodes; raw clients (the conformance harness's) on the nodes directly, as the
+//! LB would route them; the dead node is dropped without a goodbye (`Cluster::crash`).
+
+#[path = "conformance/harness.rs"]
+mod harness;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use harness::{
+    connect4_session, connect5_session, filter5, publish5, Ended, QoS, Raw, DEADLINE, V4, V5,
+};
+use mqlb_tests::{metric, wait_until, Cluster};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+
+const DAY: u32 = 86_400;
+const SENT: u32 = 40;
+/// The subscriber acknowledges the first ACKED of them; the rest are in flight when its node
+/// dies.
+const ACKED: u32 = 15;
+const WHILE_AWAY: u32 = 10;
+
+async fn open5(c: &Cluster, node: usize, connect: v5::Connect) -> anyhow::Result<(Raw<V5>, bool)> {
+    let addr = c.mqtt_v5(node).context("no MQTT 5 listener")?;
+    let mut raw = Raw::<V5>::open(addr).await?;
+    raw.send(v5::Packet::Connect(connect, None, None)).await?;
+    match raw.recv().await? {
+        v5::Packet::ConnAck(ack) if ack.code == v5::ConnectReturnCode::Success => {
+            Ok((raw, ack.session_present))
+        }
+        other => bail!("expected CONNACK 0, got {other:?}"),
+    }
+}
+
+async fn open4(c: &Cluster, node: usize, connect: v4::Connect) -> anyhow::Result<(Raw<V4>, bool)> {
+    let mut raw = Raw::<V4>::open(c.mqtt(node)).await?;
+    raw.send(v4::Packet::Connect(connect)).await?;
+    match raw.recv().await? {
+        v4::Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => {
+            Ok((raw, ack.session_present))
+        }
+        other => bail!("expected CONNACK 0, got {other:?}"),
+    }
+}
+
+/// Publishes `from..=to` at QoS 1 on `topic` from node `node`, each acknowledged.
+async fn publish_range(
+    c: &Cluster,
+    node: usize,
+    topic: &str,
+    from: u32,
+    to: u32,
+) -> anyhow::Result<()> {
+    let id = format!("{topic}-pub-{from}");
+    let (mut p, _) = open5(c, node, connect5_session(&id.replace('/', "-"), true, None)).await?;
+    for i in from..=to {
+        let mut m = publish5(topic, QoS::AtLeastOnce, &i.to_string());
+        m.pkid = u16::try_from(i).unwrap_or(1).max(1);
+        p.publish(m).await?;
+    }
+    Ok(())
+}
+
+/// The numbers a subscriber gets until it has been silent for a while (acknowledging all).
+async fn drain5(raw: &mut Raw<V5>, want: &BTreeSet<u32>) -> anyhow::Result<Vec<u32>> {
+    let mut got = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < DEADLINE {
+        match raw.next(Duration::from_millis(1500)).await? {
+            Ok(v5::Packet::Publish(p)) => {
+                if p.pkid != 0 {
+                    raw.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+                        .await?;
+                }
+                got.push(std::str::from_utf8(&p.payload)?.parse()?);
+                if want.iter().all(|n| got.contains(n)) {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(Ended::Closed) => bail!("the subscriber was closed"),
+            Err(Ended::Silent) => break,
+        }
+    }
+    Ok(got)
+}
+
+async fn drain4(raw: &mut Raw<V4>, want: &BTreeSet<u32>) -> anyhow::Result<Vec<u32>> {
+    let mut got = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < DEADLINE {
+        match raw.next(Duration::from_millis(1500)).await? {
+            Ok(v4::Packet::Publish(p)) => {
+                if p.pkid != 0 {
+                    raw.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                        .await?;
+                }
+                got.push(std::str::from_utf8(&p.payload)?.parse()?);
+                if want.iter().all(|n| got.contains(n)) {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(Ended::Closed) => bail!("the subscriber was closed"),
+            Err(Ended::Silent) => break,
+        }
+    }
+    Ok(got)
+}
+
+/// Waits until nodes `nodes` each got `acked` acknowledgements from the owner and hold `n`
+/// replicated messages.
+async fn replicas_hold(c: &Cluster, nodes: &[usize], acked: u32, n: u32) -> anyhow::Result<()> {
+    wait_until("replicas caught up", DEADLINE, || async {
+        nodes.iter().all(|i| {
+            c.node(*i).is_some_and(|node| {
+                let text = node.metrics_text();
+                metric(&text, "mqlb_session_replica_acks_total", &[]) >= f64::from(acked)
+                    && metric(&text, "mqlb_session_replica_messages", &[]) == f64::from(n)
+            })
+        })
+    })
+    .await
+    .map(|_| ())
+}
+
+fn check(got: &[u32], want: &BTreeSet<u32>) -> anyhow::Result<()> {
+    let lost: Vec<u32> = want.iter().filter(|n| !got.contains(n)).copied().collect();
+    ensure!(lost.is_empty(), "lost {lost:?} (got {got:?})");
+    Ok(())
+}
+
+/// MQTT 5, Session Expiry Interval a day, on node 0; node 0 dies with 25 messages in flight;
+/// 10 more are published while the client is away; it reconnects on node 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v5_session_survives_its_node_with_every_unacknowledged_message() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    c.wait_meshed().await?;
+    let (mut sub, present) = open5(&c, 0, connect5_session("fo5", false, Some(DAY))).await?;
+    ensure!(!present);
+    sub.subscribe(1, vec![filter5("fo5/t", QoS::AtLeastOnce)], None)
+        .await?;
+    publish_range(&c, 1, "fo5/t", 1, SENT).await?;
+    let mut got = Vec::new();
+    for _ in 0..SENT {
+        let p = sub.recv_publish().await?;
+        let n: u32 = std::str::from_utf8(&p.payload)?.parse()?;
+        if n <= ACKED {
+            sub.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+                .await?;
+        }
+        got.push(n);
+    }
+    ensure!(got.len() == SENT as usize, "{got:?}");
+    replicas_hold(&c, &[1, 2], ACKED, SENT - ACKED).await?;
+    c.crash(0);
+    publish_range(&c, 1, "fo5/t", SENT + 1, SENT + WHILE_AWAY).await?;
+    let (mut back, present) = open5(&c, 2, connect5_session("fo5", false, Some(DAY))).await?;
+    ensure!(present, "Session Present 0 after the node's death");
+    let want: BTreeSet<u32> = (ACKED + 1..=SENT + WHILE_AWAY).collect();
+    let got = drain5(&mut back, &want).await?;
+    check(&got, &want)?;
+    // the subscription is live without a SUBSCRIBE
+    publish_range(&c, 1, "fo5/t", 100, 100).await?;
+    let later = drain5(&mut back, &BTreeSet::from([100])).await?;
+    check(&later, &BTreeSet::from([100]))
+}
+
+/// MQTT 3.1.1, Clean Session 0, on node 1; node 1 dies; the client reconnects on node 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v311_session_survives_its_node_with_every_unacknowledged_message() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start(3).await?;
+    c.wait_meshed().await?;
+    let (mut sub, _) = open4(&c, 1, connect4_session("fo4", false)).await?;
+    sub.subscribe(1, "fo4/t", rumqttc::QoS::AtLeastOnce).await?;
+    publish_range(&c, 2, "fo4/t", 1, SENT).await?;
+    for _ in 0..SENT {
+        let p = sub.recv_publish().await?;
+        let n: u32 = std::str::from_utf8(&p.payload)?.parse()?;
+        if n <= ACKED {
+            sub.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                .await?;
+        }
+    }
+    replicas_hold(&c, &[0, 2], ACKED, SENT - ACKED).await?;
+    c.crash(1);
+    publish_range(&c, 2, "fo4/t", SENT + 1, SENT + WHILE_AWAY).await?;
+    let (mut back, present) = open4(&c, 0, connect4_session("fo4", false)).await?;
+    ensure!(present, "Session Present 0 after the node's death");
+    let want: BTreeSet<u32> = (ACKED + 1..=SENT + WHILE_AWAY).collect();
+    let got = drain4(&mut back, &want).await?;
+    check(&got, &want)
+}
+
+/// The replicas forget what the client acknowledged, and a Clean Start ends them: a client
+/// that starts clean on another node after the death gets nothing of the old session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_and_ended_sessions_are_not_restored() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    c.wait_meshed().await?;
+    let (mut sub, _) = open5(&c, 0, connect5_session("fo-ack", false, Some(DAY))).await?;
+    sub.subscribe(1, vec![filter5("fo-ack/t", QoS::AtLeastOnce)], None)
+        .await?;
+    publish_range(&c, 1, "fo-ack/t", 1, 10).await?;
+    for _ in 0..10 {
+        let p = sub.recv_publish().await?;
+        sub.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+            .await?;
+    }
+    replicas_hold(&c, &[1, 2], 10, 0).await?;
+    // one node restores it, with nothing to deliver again
+    c.crash(0);
+    let (mut back, present) = open5(&c, 1, connect5_session("fo-ack", false, Some(DAY))).await?;
+    ensure!(present, "Session Present 0 after the node's death");
+    back.expect_none().await?;
+    // a clean start ends the session everywhere: no replica is restored later
+    drop(back);
+    let (_clean, present) = open5(&c, 2, connect5_session("fo-ack", true, None)).await?;
+    ensure!(!present);
+    wait_until("the replicas are gone", DEADLINE, || async {
+        [1, 2].iter().all(|i| {
+            c.node(*i)
+                .is_some_and(|n| metric(&n.metrics_text(), "mqlb_session_replicas", &[]) == 0.0)
+        })
+    })
+    .await?;
+    Ok(())
+}
