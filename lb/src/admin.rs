@@ -1,6 +1,6 @@
-//! The admin server (hyper, loopback by default): Prometheus metrics, liveness, the backend
-//! and connection views, and drain/enable. Its paths and JSON fields are a public contract
-//! (docs/design.md, "lb"). Every request passes the Host/Origin/token checks of
+//! The admin server (hyper, loopback by default): the status page (`/`), Prometheus metrics,
+//! liveness, the backend, rule, connection and event views, and drain/enable. Its paths and
+//! JSON fields are a public contract (docs/design.md, "lb"). Every request passes the Host/Origin/token checks of
 //! [`mqlb_haserver::http_access`] first (docs/design.md, "Security"), with the token of the
 //! config in force, so a reload that changes `admin_token_file` applies to the next request.
 
@@ -12,6 +12,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use mqlb_haserver::http_access::{Guard, Policy};
+use mqlb_haserver::status_page::Page;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +62,7 @@ pub(crate) fn backends_json(shared: &Shared) -> Value {
                 "pending_connects": m.state.pending.pending(),
                 "queued_connects": m.state.pending.queued(),
                 "last_probe": probe,
+                "down_since": m.state.down_since().map(unix),
             }));
         }
     }
@@ -79,6 +81,7 @@ fn connections_json(shared: &Shared) -> Value {
                     "id": c.id,
                     "rule": c.rule_name(),
                     "client_id": c.client_id,
+                    "pool": c.rule.pool.cfg.name,
                     "peer": c.peer.to_string(),
                     "backend": c.backend(),
                     "backend_addr": c.backend_addr().to_string(),
@@ -90,6 +93,66 @@ fn connections_json(shared: &Shared) -> Value {
             })
             .collect(),
     )
+}
+
+/// Every rule with its frontend, as `/api/rules` lists it (the status page's first table).
+fn rules_json(shared: &Shared) -> Value {
+    let snap = shared.snapshot.load();
+    let mut rules: Vec<_> = snap.rules.values().collect();
+    rules.sort_by(|a, b| a.cfg.name.cmp(&b.cfg.name));
+    let missing = shared
+        .listening
+        .missing(rules.iter().map(|r| r.cfg.frontend.as_str()));
+    Value::Array(
+        rules
+            .iter()
+            .map(|r| {
+                let bind = snap
+                    .config
+                    .frontends
+                    .iter()
+                    .find(|f| f.name == r.cfg.frontend);
+                json!({
+                    "rule": r.cfg.name,
+                    "frontend": r.cfg.frontend,
+                    "bind": bind.map(|f| f.bind.to_string()),
+                    "listening": !missing.contains(&r.cfg.frontend.as_str()),
+                    "pool": r.pool.cfg.name,
+                    "distribution": r.cfg.distribution.name(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `/api/events?after=SEQ`: the health events after `SEQ` (all kept, without it).
+fn events_json(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let after = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("after="));
+    match after.map(str::parse::<u64>).transpose() {
+        Ok(after) => json_reply(StatusCode::OK, &shared.events.json(after.unwrap_or(0))),
+        Err(e) => json_reply(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": format!("after: {e}")}),
+        ),
+    }
+}
+
+/// The status page (`/`), built once: the same bytes, and CSP hashes, for every request.
+fn status_page() -> Response<Full<Bytes>> {
+    static PAGE: std::sync::OnceLock<Page> = std::sync::OnceLock::new();
+    PAGE.get_or_init(|| {
+        Page::new(
+            "mqlb load balancer",
+            include_str!("admin/status.html"),
+            include_str!("admin/status.js"),
+        )
+    })
+    .response()
 }
 
 /// Sets or clears draining on every pool member with this ID.
@@ -163,13 +226,19 @@ fn route(shared: &Shared, guard: &Guard, req: &Request<Incoming>) -> Response<Fu
             Some(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
             None => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         },
+        (&Method::GET, [""]) => status_page(),
+        (&Method::GET, ["api", "rules"]) => json_reply(StatusCode::OK, &rules_json(shared)),
+        (&Method::GET, ["api", "events"]) => events_json(shared, req),
         (&Method::GET, ["api", "backends"]) => json_reply(StatusCode::OK, &backends_json(shared)),
         (&Method::GET, ["api", "connections"]) => {
             json_reply(StatusCode::OK, &connections_json(shared))
         }
         (&Method::POST, ["api", "backends", id, "drain"]) => set_drain(shared, id, true),
         (&Method::POST, ["api", "backends", id, "enable"]) => set_drain(shared, id, false),
-        (_, ["metrics" | "healthz"] | ["api", "backends" | "connections"]) => reply(
+        (
+            _,
+            ["" | "metrics" | "healthz"] | ["api", "backends" | "connections" | "rules" | "events"],
+        ) => reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n".into(),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use mqlb_config::{Config, ConfigError, Frontend, Probe};
@@ -99,6 +99,8 @@ struct Control {
     /// `discovery` pools), and the last membership the HA server sent.
     base: Config,
     membership: Option<ClusterView>,
+    /// Members that left the membership, still listed until `remove_after`.
+    departures: crate::discovery::Departures,
 }
 
 /// What changes the running configuration.
@@ -107,6 +109,8 @@ enum Change {
     Config(Box<Config>),
     /// A new membership from the HA server, applied over the configuration last given.
     Membership(ClusterView),
+    /// The last membership again: a departed member's `remove_after` passed.
+    Expiry,
 }
 
 struct Inner {
@@ -191,6 +195,7 @@ impl Lb {
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
             hard_stop: AtomicBool::new(false),
+            events: Default::default(),
         });
         let lb = Lb {
             inner: Arc::new(Inner {
@@ -201,6 +206,7 @@ impl Lb {
                     data_path: CancellationToken::new(),
                     base,
                     membership: None,
+                    departures: Default::default(),
                 }),
                 admin_addr,
                 addrs: std::sync::Mutex::new(HashMap::new()),
@@ -305,6 +311,7 @@ impl Lb {
         };
         if let Err(e) = &result {
             self.count_reload(false);
+            self.inner.shared.events.reload(Err(e));
             tracing::error!("reload refused, keeping the running config: {e}");
         }
         result
@@ -324,6 +331,17 @@ impl Lb {
         self.apply_change(Change::Membership(view)).await
     }
 
+    /// Applies the last membership again, so the departed members whose `remove_after`
+    /// passed are removed.
+    pub(crate) async fn expire_departures(&self) -> Result<(), ReloadError> {
+        self.apply_change(Change::Expiry).await
+    }
+
+    /// When a departed member is next due for removal.
+    pub(crate) async fn next_departure(&self) -> Option<Instant> {
+        self.inner.control.lock().await.departures.next_expiry()
+    }
+
     /// The reload executor: every change of the running configuration goes through here, under
     /// the control lock from reading the base to the last probe restarted.
     async fn apply_change(&self, change: Change) -> Result<(), ReloadError> {
@@ -341,9 +359,13 @@ impl Lb {
                 control.membership = Some(view);
                 (control.base.clone(), false)
             }
+            Change::Expiry => (control.base.clone(), false),
         };
-        if let Some(view) = &control.membership {
-            config = crate::discovery::with_members(config, view);
+        let mut departed = crate::discovery::Changes::default();
+        let c = &mut *control;
+        if let Some(view) = &c.membership {
+            let (now, wall) = (Instant::now(), SystemTime::now());
+            (config, departed) = c.departures.apply(config, view, now, wall);
         }
         let open_now: Vec<Frontend> = control.frontends.values().map(|f| f.cfg.clone()).collect();
         let plan = plan_listeners(&open_now, &config);
@@ -369,6 +391,7 @@ impl Lb {
                         addr: f.bind,
                         source,
                     };
+                    self.inner.shared.events.reload(Err(&e));
                     tracing::error!("reload refused, keeping the running config: {e}");
                     return Err(e);
                 }
@@ -399,6 +422,10 @@ impl Lb {
         };
         shared.snapshot.store(Arc::new(next));
         shared.metrics.forget(&gone);
+        control
+            .departures
+            .mark(&shared.snapshot.load(), &shared.metrics);
+        shared.events.membership(&shared.snapshot.load(), &departed);
         // A backend that left the pool is down for the connections it still has.
         for state in left {
             state.retire();
@@ -428,6 +455,7 @@ impl Lb {
         self.restart_data_path_probes(&mut control);
         if count {
             self.count_reload(true);
+            shared.events.reload(Ok(()));
         }
         tracing::info!(
             kept = plan.keep.len(),
@@ -514,7 +542,8 @@ impl Lb {
         let snap = shared.snapshot.load();
         let mut wanted = HashMap::new();
         for pool in &snap.pools {
-            for m in &pool.members {
+            // A member that left the membership is not probed: it stays down until it is back.
+            for m in pool.members.iter().filter(|m| !m.state.has_left()) {
                 let key = (pool.cfg.name.clone(), m.cfg.id.clone());
                 let target = pool.cfg.probe.target(&m.cfg);
                 wanted.insert(key, (m.state.clone(), pool.cfg.probe.clone(), target));

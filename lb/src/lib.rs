@@ -26,6 +26,7 @@ pub mod admin_state;
 mod conn;
 mod data_path;
 mod discovery;
+mod events;
 mod lb;
 mod limits;
 pub mod listener;

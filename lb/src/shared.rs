@@ -10,6 +10,7 @@ use mqlb_config::Probe;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::events::Events;
 use crate::health::Transition;
 use crate::limits::Sources;
 use crate::metrics::Metrics;
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     /// a `CancellationToken`: every connection reads it on every wake-up, and a token's
     /// `is_cancelled` takes a mutex shared by all of them.
     pub hard_stop: AtomicBool,
+    /// Health events for `/api/events`.
+    pub events: Events,
 }
 
 impl Shared {
@@ -61,7 +64,9 @@ impl Shared {
         self.metrics
             .backend_up
             .with_label_values(&[pool, backend])
-            .set(i64::from(t == Transition::WentUp));
+            .set(i64::from(state.is_up())); // a member that left stays 0 whatever its probe said
+        self.events
+            .health(&self.snapshot.load(), (pool, backend), t, from);
         if t == Transition::WentDown {
             self.conns.backend_went_down(state);
         }

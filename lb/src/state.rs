@@ -35,8 +35,11 @@ pub enum Source {
     Probe,
     /// Failed connects of client traffic (passive health).
     Passive,
-    /// It left the pool (removed from the config, or down in the HA server's membership).
+    /// It left the pool (removed from the config, or dropped after `remove_after`).
     Left,
+    /// It left the HA server's membership (down or gone there) and is kept listed, down,
+    /// until the pool's `remove_after`.
+    LeftMembership,
 }
 
 impl Source {
@@ -45,6 +48,7 @@ impl Source {
             Source::Probe => "probe",
             Source::Passive => "passive",
             Source::Left => "left_pool",
+            Source::LeftMembership => "left_membership",
         }
     }
 }
@@ -61,8 +65,11 @@ pub struct BackendState {
     pub pending: crate::pending::PendingGate,
     /// When it last came back up (a probe or passive result flipped it), for slow start.
     went_up: Mutex<Option<Instant>>,
-    /// What took it down, while it is down.
-    down_by: Mutex<Option<Source>>,
+    /// What took it down and when, while it is down.
+    down_by: Mutex<Option<(Source, SystemTime)>>,
+    /// Out of the membership (kept listed until `remove_after`): down whatever its health
+    /// machine says, so a late probe result cannot bring it back.
+    left: AtomicBool,
 }
 
 impl BackendState {
@@ -76,11 +83,12 @@ impl BackendState {
             pending: crate::pending::PendingGate::default(),
             went_up: Mutex::new(None),
             down_by: Mutex::new(None),
+            left: AtomicBool::new(false),
         }
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.up.load(Ordering::Acquire) && !self.left.load(Ordering::Acquire)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -126,11 +134,15 @@ impl BackendState {
         match t {
             Some(Transition::WentUp) => {
                 *lock(&self.went_up) = Some(Instant::now());
-                *lock(&self.down_by) = None;
+                if !self.has_left() {
+                    *lock(&self.down_by) = None;
+                }
                 self.up.store(true, Ordering::Release);
             }
             Some(Transition::WentDown) => {
-                *lock(&self.down_by) = Some(from);
+                if !self.has_left() {
+                    *lock(&self.down_by) = Some((from, SystemTime::now()));
+                }
                 self.up.store(false, Ordering::Release);
             }
             None => {}
@@ -142,7 +154,7 @@ impl BackendState {
     /// (down), or `drain`.
     pub fn why_not(&self) -> Option<&'static str> {
         if !self.is_up() {
-            Some(lock(&self.down_by).map_or("probe", Source::name))
+            Some(lock(&self.down_by).map_or("probe", |(s, _)| s.name()))
         } else if self.is_draining() {
             Some("drain")
         } else {
@@ -154,8 +166,40 @@ impl BackendState {
     /// server): no snapshot refers to this state any more, only its live connections, which
     /// see it down and end under `close_on_backend_down`.
     pub(crate) fn retire(&self) {
-        *lock(&self.down_by) = Some(Source::Left);
+        *lock(&self.down_by) = Some((Source::Left, SystemTime::now()));
         self.up.store(false, Ordering::Release);
+    }
+
+    /// The member left the membership at `since`: down, with that reason, until it
+    /// [`rejoin`](Self::rejoin)s or is removed. Idempotent (every membership change repeats it).
+    pub(crate) fn leave(&self, since: SystemTime) {
+        if !self.left.swap(true, Ordering::AcqRel) {
+            *lock(&self.down_by) = Some((Source::LeftMembership, since));
+        }
+    }
+
+    /// Back in the membership: its health is what its probe says again.
+    pub(crate) fn rejoin(&self) {
+        if self.left.swap(false, Ordering::AcqRel) {
+            let mut by = lock(&self.down_by);
+            *by = if self.up.load(Ordering::Acquire) {
+                None
+            } else {
+                Some((Source::Probe, SystemTime::now())) // it was down by its probe when it left
+            };
+        }
+    }
+
+    pub(crate) fn has_left(&self) -> bool {
+        self.left.load(Ordering::Acquire)
+    }
+
+    /// Since when it is down, while it is.
+    pub fn down_since(&self) -> Option<SystemTime> {
+        if self.is_up() {
+            return None;
+        }
+        lock(&self.down_by).map(|(_, at)| at)
     }
 
     /// How long ago it came back up, if it ever went down and came back.
@@ -546,6 +590,28 @@ mod tests {
         assert_eq!(s.why_not(), Some("drain"));
         s.retire();
         assert_eq!(s.why_not(), Some("left_pool"));
+    }
+
+    #[test]
+    fn a_member_that_left_stays_down_until_it_rejoins() {
+        let s = BackendState::new(false);
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        s.leave(at);
+        s.leave(SystemTime::now()); // repeated by the next membership change: same since
+        assert!(!s.is_up());
+        assert_eq!(s.state_name(), "down");
+        assert_eq!(s.why_not(), Some("left_membership"));
+        assert_eq!(s.down_since(), Some(at));
+        // Late probe results neither bring it back nor change why it is down.
+        s.observe(false, 1, 1, Source::Probe);
+        s.observe(true, 1, 1, Source::Probe);
+        assert!(!s.is_up());
+        assert_eq!(s.why_not(), Some("left_membership"));
+        assert_eq!(s.down_since(), Some(at));
+        s.rejoin();
+        assert!(s.is_up());
+        assert_eq!(s.why_not(), None);
+        assert_eq!(s.down_since(), None);
     }
 
     #[test]

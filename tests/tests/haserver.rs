@@ -235,6 +235,7 @@ async fn lb_follows_membership_and_survives_the_ha_server() -> anyhow::Result<()
     let front = lb
         .frontend_addr("mqtt")
         .ok_or_else(|| anyhow::anyhow!("no frontend"))?;
+    // The members in the membership (one that left stays listed, down, until remove_after).
     let backend_ids = || async {
         let v = get_json(lb.admin_addr(), "/api/backends")
             .await
@@ -243,6 +244,7 @@ async fn lb_follows_membership_and_survives_the_ha_server() -> anyhow::Result<()
             .as_array()
             .into_iter()
             .flatten()
+            .filter(|b| b["why"] != "left_membership")
             .filter_map(|b| b["id"].as_str().map(str::to_string))
             .collect();
         ids.sort();
@@ -259,6 +261,16 @@ async fn lb_follows_membership_and_survives_the_ha_server() -> anyhow::Result<()
         backend_ids().await == ["n1", "n2"]
     })
     .await?;
+    let n3 = get_json(lb.admin_addr(), "/api/backends").await?;
+    let n3 = n3
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["id"] == "n3");
+    assert!(
+        n3.is_some_and(|b| b["state"] == "down"),
+        "n3 still listed, down: {n3:?}"
+    );
     assert_eq!(
         metric(
             &lb.metrics_text(),

@@ -195,3 +195,114 @@ async fn close_on_backend_down_cuts_live_connections_only_when_configured() -> a
     }
     Ok(())
 }
+
+/// A broker that dies stays in `/api/backends` as `down` (why `left_membership`, since when)
+/// and at `mqlb_backend_up 0`, taking no connection, until its pool's `remove_after`; then it
+/// is gone, series too (issue 17: it vanished ~1 s after dying, so an alert on
+/// `mqlb_backend_up == 0` never fired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_died_stays_listed_down_until_remove_after() -> anyhow::Result<()> {
+    use mqlb_tests::{fast_ha_timing, start_haserver, Client, Cluster, TempDir, TEST_SECRET};
+    let dir = TempDir::new("dead-member")?;
+    let ha = start_haserver("ha1", &dir.path().join("ha.sqlite"), fast_ha_timing()).await?;
+    let ha_addr = ha.addr();
+    let mut cluster = Cluster::start_with_ha(2, &[ha_addr]).await?;
+    let cfg = Config::parse(
+        &format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n\
+             [cluster]\nsecret = \"{TEST_SECRET}\"\n\
+             [[haserver]]\nid = \"ha1\"\nlisten = \"{ha_addr}\"\n\
+             [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"brokers\"\nprobe = \"p\"\ndiscovery = \"haserver\"\nremove_after = \"4s\"\n\
+             [[probe]]\nname = \"p\"\nport = \"traffic\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n\
+             [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\n"
+        ),
+        "test",
+    )?;
+    let lb = Lb::start(cfg, Listeners::default()).await?;
+    let front = lb
+        .frontend_addr("mqtt")
+        .ok_or_else(|| anyhow::anyhow!("no frontend"))?;
+    let admin = lb.admin_addr();
+    let listed = || async {
+        let v = get_json(admin, "/api/backends").await.unwrap_or_default();
+        let mut rows: Vec<serde_json::Value> = v.as_array().cloned().unwrap_or_default();
+        rows.sort_by_key(|b| b["id"].as_str().map(str::to_string));
+        rows
+    };
+    let up_series = |id: &str| {
+        let want = format!("backend=\"{id}\"");
+        lb.metrics_text()
+            .lines()
+            .find(|l| l.starts_with("mqlb_backend_up{") && l.contains(&want))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+    };
+    wait_until("n1 and n2 listed up", DEADLINE, || async {
+        let rows = listed().await;
+        rows.len() == 2 && rows.iter().all(|b| b["state"] == "up")
+    })
+    .await?;
+
+    cluster.crash(1);
+    let crashed = std::time::Instant::now();
+    wait_until("n2 listed down, left the membership", DEADLINE, || async {
+        listed()
+            .await
+            .iter()
+            .any(|b| b["id"] == "n2" && b["state"] == "down" && b["why"] == "left_membership")
+    })
+    .await?;
+    // It stays so (here for 2 s of the 4 s), with since when, at mqlb_backend_up 0.
+    for _ in 0..10 {
+        let rows = listed().await;
+        let n2 = rows.iter().find(|b| b["id"] == "n2");
+        let n2 = n2.ok_or_else(|| anyhow::anyhow!("n2 no longer listed: {rows:?}"))?;
+        assert_eq!(n2["state"], "down", "{n2}");
+        assert_eq!(n2["why"], "left_membership", "{n2}");
+        assert!(n2["down_since"].as_f64().is_some_and(|t| t > 1.0e9), "{n2}");
+        assert_eq!(up_series("n2"), Some(0.0), "mqlb_backend_up of n2");
+        assert_eq!(up_series("n1"), Some(1.0), "mqlb_backend_up of n1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // It takes no traffic.
+    let to_n2 = || {
+        metric(
+            &lb.metrics_text(),
+            "mqlb_connections_total",
+            &[("backend", "n2")],
+        )
+    };
+    let before = to_n2();
+    for i in 0..20 {
+        let c = Client::connect(front, &format!("after-death-{i}")).await?;
+        c.disconnect().await;
+    }
+    assert_eq!(to_n2(), before, "no connection went to the dead broker");
+    let events = get_json(admin, "/api/events").await?;
+    let left = events.as_array().into_iter().flatten().any(|e| {
+        e["kind"] == "member_left" && e["backend"] == "n2" && e["reason"] == "left_membership"
+    });
+    assert!(left, "member_left event: {events:#}");
+
+    // After remove_after it is gone, its series too.
+    wait_until("n2 removed after remove_after", DEADLINE, || async {
+        listed().await.iter().all(|b| b["id"] != "n2") && up_series("n2").is_none()
+    })
+    .await?;
+    assert!(
+        crashed.elapsed() >= Duration::from_secs(4),
+        "removed {:?} after the crash, before remove_after",
+        crashed.elapsed()
+    );
+    assert_eq!(listed().await.len(), 1);
+    let events = get_json(admin, "/api/events").await?;
+    let removed = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["kind"] == "member_removed" && e["backend"] == "n2");
+    assert!(removed, "member_removed event: {events:#}");
+    assert_eq!(lb.shutdown().await, 0);
+    ha.stop().await;
+    Ok(())
+}
