@@ -61,6 +61,8 @@ impl NodeSpec {
             reconnect_min: config.cluster.reconnect_min,
             reconnect_max: config.cluster.reconnect_max,
             max_payload: node.max_payload_size.get() as usize,
+            replicate_sessions: config.cluster.replicate_sessions,
+            replica_max_messages: config.cluster.replica_max_messages.get() as usize,
         });
         Ok(NodeSpec {
             node,
@@ -211,8 +213,12 @@ impl Node {
             rumqttd::SessionControl::new(router_tx.clone()),
             &mesh,
             budget,
+            spec.mesh.as_ref().map_or(1, |m| m.replica_max_messages),
         )?;
-        let _ = mesh.replication.set(replication.clone());
+        // Off: nothing is tagged, announced or recorded (the hooks find no replication).
+        if spec.mesh.as_ref().is_some_and(|m| m.replicate_sessions) {
+            let _ = mesh.replication.set(replication.clone());
+        }
         let sessions = crate::session::Sessions::new(
             rumqttd::SessionControl::new(router_tx.clone()),
             &mesh,

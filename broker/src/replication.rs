@@ -31,8 +31,6 @@ use crate::replica::{self, client_hash, Announce, Book, Replicas, Tag, TAG_KEY};
 
 /// Acknowledgements are sent to the peers at most this long after the client's PUBACK.
 const ACK_FLUSH: Duration = Duration::from_millis(20);
-/// Messages one replica holds; beyond it the oldest are dropped (counted).
-const MAX_MESSAGES: usize = 100_000;
 /// Replicas one node holds; beyond it new ones are refused (counted).
 const MAX_REPLICAS: usize = 1_000_000;
 /// Acknowledged tags waiting to be sent; beyond it they are dropped (a replica then keeps a
@@ -116,11 +114,12 @@ impl Replication {
         control: SessionControl,
         mesh: &Arc<Mesh>,
         budget: usize,
+        max_messages: usize,
     ) -> Result<Arc<Replication>, prometheus::Error> {
         Ok(Arc::new(Replication {
             origin: rand::random(),
             next_seq: AtomicU64::new(1),
-            held: Mutex::new(Replicas::new(MAX_MESSAGES, MAX_REPLICAS)),
+            held: Mutex::new(Replicas::new(max_messages, MAX_REPLICAS)),
             book: Mutex::new(Book::default()),
             acks: Mutex::new(Vec::new()),
             mesh: Arc::downgrade(mesh),

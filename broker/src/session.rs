@@ -174,6 +174,9 @@ impl Sessions {
         if clean_start {
             // the session ended (MQTT-3.1.2-4): its copies and its replicas go
             self.replication.ended(client_id);
+        } else {
+            // the peer owns it now (a saved one left here, had it not been asked for, is stale)
+            self.replication.left(client_id);
         }
     }
 

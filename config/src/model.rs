@@ -333,6 +333,12 @@ pub struct ClusterSettings {
     /// Messages queued per peer while its link is slow or down; beyond it they are dropped
     /// and counted, so a slow peer never stalls a node.
     pub peer_queue: NonZeroU32,
+    /// Every node keeps a replica of every persistent session of the others, so a node's
+    /// death loses none (issue 12). Off: a session dies with its node.
+    pub replicate_sessions: bool,
+    /// QoS 1/2 messages one replica holds for its client; beyond it the oldest are dropped
+    /// (counted).
+    pub replica_max_messages: NonZeroU32,
     /// Reconnect back-off to a peer: starts here, doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,

@@ -52,6 +52,8 @@ pub struct RawHaServer {
 pub struct RawCluster {
     pub secret: Option<String>,
     pub peer_queue: Option<u32>,
+    pub replicate_sessions: Option<bool>,
+    pub replica_max_messages: Option<u32>,
     pub reconnect_min: Option<String>,
     pub reconnect_max: Option<String>,
 }

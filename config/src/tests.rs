@@ -57,6 +57,20 @@ fn non_mqtt_is_refused_or_forwarded() {
 }
 
 #[test]
+fn session_replication_is_on_by_default_and_can_be_turned_off() {
+    let c = Config::parse(MINIMAL, "t.toml").expect("valid");
+    assert!(c.cluster.replicate_sessions);
+    assert_eq!(c.cluster.replica_max_messages.get(), 100_000);
+    let text =
+        format!("[cluster]\nreplicate_sessions = false\nreplica_max_messages = 50\n{MINIMAL}");
+    let c = Config::parse(&text, "t.toml").expect("valid");
+    assert!(!c.cluster.replicate_sessions);
+    assert_eq!(c.cluster.replica_max_messages.get(), 50);
+    let p = problems(&format!("[cluster]\nreplica_max_messages = 0\n{MINIMAL}"));
+    assert_eq!(p[0].key, "cluster.replica_max_messages", "{p:?}");
+}
+
+#[test]
 fn connection_limits_are_read_and_checked() {
     let with = |lb: &str, fe: &str| {
         MINIMAL

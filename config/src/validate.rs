@@ -189,7 +189,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             .map(|n| c.non_zero("lb.max_connections", Some(n), 1)),
         state_file: raw.lb.state_file.as_deref().and_then(|p| {
             if p.trim().is_empty() {
-                c.error("lb.state_file", "must not be empty (leave it out for the default)");
+                c.error(
+                    "lb.state_file",
+                    "must not be empty (leave it out for the default)",
+                );
                 None
             } else {
                 Some(std::path::PathBuf::from(p))
@@ -626,6 +629,7 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
 }
 
 pub const DEFAULT_PEER_QUEUE: u32 = 10_000;
+pub const DEFAULT_REPLICA_MAX_MESSAGES: u32 = 100_000;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 pub const DEFAULT_MAX_PAYLOAD: u32 = 256 * 1024;
 pub const DEFAULT_MAX_INFLIGHT: u32 = 100;
@@ -731,6 +735,12 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
     let cluster = ClusterSettings {
         secret,
         peer_queue: c.non_zero("cluster.peer_queue", rc.peer_queue, DEFAULT_PEER_QUEUE),
+        replicate_sessions: rc.replicate_sessions.unwrap_or(true),
+        replica_max_messages: c.non_zero(
+            "cluster.replica_max_messages",
+            rc.replica_max_messages,
+            DEFAULT_REPLICA_MAX_MESSAGES,
+        ),
         reconnect_min,
         reconnect_max,
     };

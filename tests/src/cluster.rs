@@ -49,6 +49,8 @@ fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
                 reconnect_min: Duration::from_millis(50),
                 reconnect_max: Duration::from_millis(500),
                 max_payload: 1 << 20,
+                replicate_sessions: true,
+                replica_max_messages: 100_000,
             }),
             ha: Vec::new(),
             heartbeat_interval: Duration::from_millis(200),

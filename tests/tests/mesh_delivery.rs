@@ -138,6 +138,8 @@ fn spec(node: &mqlb_config::BrokerNode, peers: Vec<(String, SocketAddr)>) -> mql
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_millis(200),
             max_payload: 1 << 20,
+            replicate_sessions: true,
+            replica_max_messages: 100_000,
         }),
         ha: Vec::new(),
         heartbeat_interval: Duration::from_millis(200),

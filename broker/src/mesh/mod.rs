@@ -162,6 +162,9 @@ pub struct MeshSettings {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub max_payload: usize,
+    /// Session replicas (issue 12): on, and the messages one replica holds at most.
+    pub replicate_sessions: bool,
+    pub replica_max_messages: usize,
 }
 
 /// A live client connection of this node, by client ID (see [`Mesh::client_connected`]).
