@@ -1,5 +1,5 @@
-//! The node's small HTTP endpoint: `/metrics` (Prometheus) and `/healthz` (200 while serving,
-//! with each mesh link's state). Requests pass the Host/Origin/token checks of
+//! The node's small HTTP endpoint: `/metrics` (Prometheus), `/healthz` (200 while serving,
+//! with each mesh link's state), and the status page (`/`) with `/api/status`. Requests pass the Host/Origin/token checks of
 //! [`mqlb_haserver::http_access`] first (docs/design.md, "Security"): the peer list and the metrics
 //! are a map of the cluster, and the endpoint will take writes one day.
 
@@ -20,6 +20,11 @@ use crate::metrics::Metrics;
 const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Response<Full<Bytes>> {
+    match path {
+        "/" => return status_page(),
+        "/api/status" => return status_json(mesh),
+        _ => {}
+    }
     let content_type = if path == "/metrics" {
         METRICS_TYPE
     } else {
@@ -44,6 +49,43 @@ fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Respons
     res.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(content_type),
+    );
+    res
+}
+
+/// The status page (`/`, built once): the node, its clients and sessions, its mesh links.
+fn status_page() -> Response<Full<Bytes>> {
+    static PAGE: std::sync::OnceLock<mqlb_haserver::status_page::Page> = std::sync::OnceLock::new();
+    PAGE.get_or_init(|| {
+        mqlb_haserver::status_page::Page::new(
+            "mqlb broker node",
+            include_str!("http/status.html"),
+            include_str!("http/status.js"),
+        )
+    })
+    .response()
+}
+
+/// `/api/status`: the node and each mesh link, for the status page (the counts are in
+/// `/metrics`).
+fn status_json(mesh: &Mesh) -> Response<Full<Bytes>> {
+    let peers: Vec<_> = mesh
+        .peers()
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "id": p.id,
+                "addr": p.addr.to_string(),
+                "up": p.is_up(),
+                "backlog": p.backlog(),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({"id": mesh.id, "peers": peers});
+    let mut res = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
     );
     res
 }

@@ -603,9 +603,12 @@ fn query(uri: &hyper::Uri) -> HashMap<String, String> {
         .collect()
 }
 
-/// The API's routes; `/healthz` and `/metrics` are open, every other one is signed.
+/// The API's routes; `/healthz`, `/metrics` and the status page are open, every other one
+/// is signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route<'a> {
+    /// `/`: the status page, a static shell (`crate::status_page`).
+    Page,
     Healthz,
     Metrics,
     Cluster,
@@ -619,6 +622,7 @@ enum Route<'a> {
 impl<'a> Route<'a> {
     fn of(method: &Method, segments: &[&'a str]) -> Route<'a> {
         match (method, segments) {
+            (&Method::GET, [""]) => Route::Page,
             (&Method::GET, ["healthz"]) => Route::Healthz,
             (&Method::GET, ["metrics"]) => Route::Metrics,
             (&Method::GET, ["api", "cluster"]) => Route::Cluster,
@@ -633,6 +637,7 @@ impl<'a> Route<'a> {
     /// The `route` label of `mqlb_ha_requests_total`.
     fn label(self) -> &'static str {
         match self {
+            Route::Page => "page",
             Route::Healthz => "healthz",
             Route::Metrics => "metrics",
             Route::Cluster => "cluster",
@@ -645,7 +650,7 @@ impl<'a> Route<'a> {
     }
 
     fn is_open(self) -> bool {
-        matches!(self, Route::Healthz | Route::Metrics)
+        matches!(self, Route::Page | Route::Healthz | Route::Metrics)
     }
 
     fn is_read(self) -> bool {
@@ -696,7 +701,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
         Route::Register => register(&shared, &body).await,
         Route::Heartbeat(id) => heartbeat(&shared, id).await,
         Route::Deregister(id) => deregister(&shared, id).await,
-        Route::Healthz | Route::Metrics | Route::Other => error(
+        Route::Page | Route::Healthz | Route::Metrics | Route::Other => error(
             StatusCode::NOT_FOUND,
             format!("no route {} {path}", parts.method),
         ),
@@ -705,6 +710,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
 }
 
 fn open_route(shared: &Shared, route: Route<'_>) -> Res {
+    if route == Route::Page {
+        return status_page();
+    }
     if route == Route::Healthz {
         return reply(
             StatusCode::OK,
@@ -729,6 +737,19 @@ fn open_route(shared: &Shared, route: Route<'_>) -> Res {
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// The status page, built once.
+fn status_page() -> Res {
+    static PAGE: std::sync::OnceLock<crate::status_page::Page> = std::sync::OnceLock::new();
+    PAGE.get_or_init(|| {
+        crate::status_page::Page::new(
+            "mqlb HA server",
+            include_str!("server/status.html"),
+            include_str!("server/status.js"),
+        )
+    })
+    .response()
 }
 
 async fn cluster(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {

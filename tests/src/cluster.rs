@@ -128,6 +128,11 @@ impl Cluster {
         self.specs[i].node.mqtt_v5
     }
 
+    /// The http endpoint (`/metrics`, `/healthz`, the status page) of node `i`.
+    pub fn http(&self, i: usize) -> Option<SocketAddr> {
+        self.specs[i].node.http
+    }
+
     pub fn node(&self, i: usize) -> Option<&mqlb_broker::Node> {
         self.nodes[i].as_ref()
     }

@@ -240,3 +240,68 @@ async fn the_status_page_shows_the_backends_and_a_drain() -> anyhow::Result<()> 
     t.lb.shutdown().await;
     Ok(())
 }
+
+/// The HA server's and a broker node's pages, in the same browser: the HA server's role and
+/// counts (its membership reads are signed, so it says why it lists no member), the node's
+/// clients and its mesh link to the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ha_server_and_broker_pages_render() -> anyhow::Result<()> {
+    use mqlb_tests::{fast_ha_timing, start_haserver, Cluster};
+    let Some(bin) = chromium() else {
+        anyhow::ensure!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!("SKIPPED the_ha_server_and_broker_pages_render: no chromium on PATH");
+        return Ok(());
+    };
+    let dir = TempDir::new("ha-page")?;
+    let ha = start_haserver("ha1", &dir.path().join("ha.sqlite"), fast_ha_timing()).await?;
+    let cluster = Cluster::start_with_ha(2, &[ha.addr()]).await?;
+    let client = Client::connect(cluster.mqtt(0), "page-client").await?;
+    wait_until("both members up", DEADLINE, || async {
+        mqlb_tests::ha_get_json(ha.addr(), "/api/cluster")
+            .await
+            .is_ok_and(|v| {
+                v["members"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().filter(|m| m["state"] == "up").count() == 2)
+            })
+    })
+    .await?;
+
+    let dom = render(&bin, &format!("http://{}/", ha.addr()), None).await?;
+    assert!(
+        dom.contains("<div id=\"problem\"></div>"),
+        "no refresh failed:\n{dom}"
+    );
+    assert!(dom.contains("<div class=\"v\">ha1</div>"), "its id:\n{dom}");
+    assert!(
+        dom.contains("<div class=\"v\">2 / 0</div>"),
+        "members up / down:\n{dom}"
+    );
+    assert!(
+        dom.contains("<div id=\"signed\" class=\"mute\">"),
+        "says reads are signed:\n{dom}"
+    );
+
+    let http = cluster
+        .http(0)
+        .ok_or_else(|| anyhow::anyhow!("node without http"))?;
+    let dom = render(&bin, &format!("http://{http}/"), None).await?;
+    assert!(
+        dom.contains("<div id=\"problem\"></div>"),
+        "no refresh failed:\n{dom}"
+    );
+    assert!(
+        dom.contains("<tr data-peer=\"n2\" data-state=\"up\">"),
+        "the mesh link to n2:\n{dom}"
+    );
+    assert!(
+        dom.contains("<div class=\"v\">n1</div>"),
+        "the node:\n{dom}"
+    );
+    client.disconnect().await;
+    ha.stop().await;
+    Ok(())
+}

@@ -31,6 +31,7 @@ pub use self::router::shared_subs::{SharedGroupPolicy, SharedPolicy};
 // mqlb patch: authentication and authorisation hooks (PATCHED.md).
 pub use router::authorize::{Access, Authorizer, ConnectionAcl};
 // mqlb patch (across the cluster, issue 12): sessions move between routers (PATCHED.md).
+pub use router::stats::{Dropped, RouterStats, StatsControl};
 pub use router::transfer::{
     ExportedMessage, ExportedSubscription, SessionControl, SessionExport, SessionHook,
 };

@@ -119,6 +119,16 @@ impl Graveyard {
         self.forget_expiry(id, old);
     }
 
+    /// mqlb patch (metrics, issue 17): saved sessions (those not expired by now), the
+    /// sessions of clients that are not connected.
+    pub fn sessions(&self) -> usize {
+        let now = Instant::now();
+        self.connections
+            .values()
+            .filter(|s| s.session_state.is_some() && s.expires_at.is_none_or(|at| at > now))
+            .count()
+    }
+
     /// mqlb patch (session expiry): when the next saved session expires.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.expiries.first().map(|(at, _)| *at)

@@ -66,6 +66,9 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// mqlb patch (metrics, issue 17): reads that left a message out because its expiry
+    /// passed, by QoS (a `Cell`: reads take `&self`; the router is one thread).
+    expired: std::cell::Cell<[u64; 3]>,
 }
 
 impl DataLog {
@@ -92,6 +95,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            expired: Default::default(),
         })
     }
 
@@ -243,6 +247,11 @@ impl DataLog {
             let time_spent = (now - pubdata.timestamp).as_secs() as u32;
 
             let is_valid = time_spent < *message_expiry_interval;
+            if !is_valid {
+                let mut expired = self.expired.get();
+                expired[pubdata.publish.qos as usize] += 1;
+                self.expired.set(expired);
+            }
 
             // ignore expired messages
             if is_valid {
@@ -263,6 +272,16 @@ impl DataLog {
             .collect();
 
         Ok((next, o))
+    }
+
+    /// mqlb patch (metrics, issue 17): messages left out of reads as expired, by QoS.
+    pub fn expired(&self) -> [u64; 3] {
+        self.expired.get()
+    }
+
+    /// mqlb patch (metrics, issue 17): retained messages held.
+    pub fn retained_count(&self) -> usize {
+        self.retained_publishes.len()
     }
 
     pub fn shadow(&mut self, filter: &str) -> Option<PubWithProp> {

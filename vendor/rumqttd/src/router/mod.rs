@@ -25,6 +25,7 @@ mod logs;
 mod routing;
 mod scheduler;
 pub(crate) mod shared_subs;
+pub mod stats;
 // mqlb patch (across the cluster, issue 12): sessions move between routers (PATCHED.md).
 pub mod transfer;
 mod waiters;
@@ -84,6 +85,8 @@ pub enum Event {
 /// Notification from router to connection
 #[derive(Debug, Clone)]
 pub enum Notification {
+    /// mqlb patch (metrics, issue 17): see `stats::StatsControl`.
+    Stats(flume::Sender<stats::RouterStats>),
     /// Data reply
     Forward(Forward),
     /// Acks reply for connection data

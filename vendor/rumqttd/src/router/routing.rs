@@ -104,6 +104,8 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// mqlb patch (metrics, issue 17): messages dropped, by reason and QoS (`stats`).
+    drops: super::stats::DropCounts,
 }
 
 impl Router {
@@ -145,6 +147,7 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            drops: Default::default(),
         }
     }
 
@@ -298,6 +301,11 @@ impl Router {
                 self.import_session(*session);
                 if let Some(reply) = reply {
                     let _ = reply.try_send(());
+                }
+            }
+            Event::Stats(reply) => {
+                if reply.try_send(self.stats()).is_err() {
+                    debug!("stats asked for and no longer awaited");
                 }
             }
         }
@@ -652,6 +660,7 @@ impl Router {
                     if let Some(connection) = self.connections.get_mut(id) {
                         if publish_denied(connection, &publish, properties.as_ref()) {
                             debug!("PUBLISH refused by the ACL");
+                            self.drops.count(Dropped::NotAuthorized, qos);
                             let ackslog = self.ackslog.get_mut(id).unwrap();
                             match qos {
                                 QoS::AtMostOnce => {}
@@ -739,6 +748,7 @@ impl Router {
                                 reason = ?e, "Failed to append to commitlog"
                             );
                             self.router_meters.failed_publishes += 1;
+                            self.drops.count(Dropped::Invalid, qos);
                             disconnect = true;
 
                             if let RouterError::Disconnect(code) = e {
@@ -2102,6 +2112,31 @@ impl Router {
     /// The client connected on another router: its connection here ends with DISCONNECT 0x8E
     /// Session taken over (MQTT-3.1.4-3), as for a second connection here; `discard`: its
     /// session too (the other connection had Clean Start 1, MQTT-3.1.2-4).
+    /// mqlb patch (metrics, issue 17): see `stats::RouterStats`.
+    fn stats(&self) -> super::stats::RouterStats {
+        let persistent_online = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.session_expiry > 0)
+            .count();
+        let mut dropped = self.drops.0;
+        for (i, n) in self.datalog.expired().iter().enumerate() {
+            dropped[Dropped::Expired as usize][i] = *n;
+        }
+        super::stats::RouterStats {
+            connections: self.connections.len(),
+            persistent_online,
+            persistent_offline: self.graveyard.sessions(),
+            retained: self.datalog.retained_count(),
+            filters: self
+                .subscription_map
+                .values()
+                .filter(|c| !c.is_empty())
+                .count(),
+            dropped,
+        }
+    }
+
     fn take_over(&mut self, client_id: &str, discard: bool) {
         if let Some(&id) = self.connection_map.get(client_id) {
             debug!(client_id, "session taken over on another node");
