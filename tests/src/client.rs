@@ -184,7 +184,7 @@ impl Drop for Client {
 }
 
 /// A rumqttc event loop (MQTT 3.1.1 or 5), polled by [`drive`].
-trait EventSource: Send + 'static {
+pub(crate) trait EventSource: Send + 'static {
     type Event: Send;
     type Error: Send;
     fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send;
@@ -208,7 +208,7 @@ impl EventSource for rumqttc::v5::EventLoop {
 
 /// Polls `events` until `stop`, handing each event or error to `on`; after an error it waits
 /// 50 ms before the next poll (which reconnects), as a device would back off.
-fn drive<S: EventSource>(
+pub(crate) fn drive<S: EventSource>(
     mut events: S,
     stop: CancellationToken,
     mut on: impl FnMut(Result<S::Event, S::Error>) + Send + 'static,

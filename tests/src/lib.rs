@@ -14,15 +14,19 @@
 //! - [`ha`]: the HA server in-process, and signed requests to it ([`start_haserver`]);
 //! - [`http`], [`http_host`]: the admin APIs over HTTP/1.1 ([`get_json`], [`backend_state`]);
 //! - [`metrics`]: Prometheus samples ([`metric`]);
+//! - [`history`], [`persistent`]: the cluster checker's history check and its clients with
+//!   persistent sessions ([`Persistent`]);
 //! - [`topology`], [`up`]: whole topologies as `mqlb` processes ([`Topology`], [`Up`]).
 
 pub mod client;
 pub mod cluster;
 pub mod ha;
+pub mod history;
 pub mod http;
 pub mod http_host;
 pub mod metrics;
 pub mod mosquitto;
+pub mod persistent;
 pub mod ports;
 pub mod process;
 pub mod scratch;
@@ -42,6 +46,7 @@ pub use http::{
 };
 pub use metrics::metric;
 pub use mosquitto::{mosquitto_installed, mosquitto_pub, Mosquitto, MosquittoSub};
+pub use persistent::{Persistent, Protocol};
 pub use ports::{discard_server, free_port, loopback, serve_threads};
 pub use process::{mqlb_bin, mqlb_release_bin, KillOnDrop};
 pub use scratch::TempDir;
