@@ -80,13 +80,13 @@ pub enum Event {
     },
     /// With a reply once it is installed (`SessionControl::import_blocking`).
     ImportSession(Box<transfer::SessionExport>, Option<flume::Sender<()>>),
+    /// mqlb patch (metrics, issue 17): see `stats::StatsControl`.
+    Stats(flume::Sender<stats::RouterStats>),
 }
 
 /// Notification from router to connection
 #[derive(Debug, Clone)]
 pub enum Notification {
-    /// mqlb patch (metrics, issue 17): see `stats::StatsControl`.
-    Stats(flume::Sender<stats::RouterStats>),
     /// Data reply
     Forward(Forward),
     /// Acks reply for connection data
