@@ -10,6 +10,7 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode};
 use mqlb_config::Secret;
 use mqlb_haserver::http_access::{Guard, Policy};
+use rumqttd::StatsControl;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +96,7 @@ fn status_json(mesh: &Mesh) -> Response<Full<Bytes>> {
 pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     mesh: Arc<Mesh>,
+    router: StatsControl,
     listener: TcpListener,
     token: Option<Secret>,
     stop: CancellationToken,
@@ -118,11 +120,19 @@ pub(crate) async fn serve(
             bind,
             token: token.as_ref(),
         };
-        let res = match guard.refuse(&req, &policy) {
-            None => respond(&metrics, &guard, &mesh, req.uri().path()),
-            Some(refused) => refused,
-        };
-        async move { res }
+        let refused = guard.refuse(&req, &policy);
+        let (metrics, guard, mesh, router) =
+            (metrics.clone(), guard.clone(), mesh.clone(), router.clone());
+        let path = req.uri().path().to_owned();
+        async move {
+            if let Some(refused) = refused {
+                return refused;
+            }
+            if path == "/metrics" {
+                metrics.refresh(&router, &mesh).await;
+            }
+            respond(&metrics, &guard, &mesh, &path)
+        }
     })
     .await
 }

@@ -6,6 +6,7 @@
 //! runtime the node owns. [`auth`] holds the node's logins and ACL (mosquitto's files).
 
 pub mod auth;
+mod counted;
 mod http;
 mod membership;
 pub mod mesh;

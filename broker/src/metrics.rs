@@ -1,6 +1,24 @@
-//! Prometheus metrics of one broker node: what crossed each mesh link, link state, drops.
+//! Prometheus metrics of one broker node: its clients, sessions and messages, what crossed
+//! each mesh link, link state, drops. What rumqttd's router holds (sessions, retained
+//! messages, its drops) is asked for at each scrape ([`Metrics::refresh`]); what crosses a
+//! client's connection is counted in its codec ([`crate::counted`]).
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use rumqttd::protocol::QoS;
+use rumqttd::{Dropped, StatsControl};
+
+use crate::mesh::Mesh;
+
+/// QoS label values, indexed by QoS.
+const QOS: [&str; 3] = ["0", "1", "2"];
+
+/// Local links the node itself keeps open to its router (the mesh's injector), which the
+/// router counts among its connections but are no clients.
+const OWN_LINKS: i64 = 1;
 
 pub struct Metrics {
     registry: Registry,
@@ -23,11 +41,35 @@ pub struct Metrics {
     pub auth_refused: IntCounterVec,
     /// Reloads of the password and ACL files, by result (ok, error).
     pub auth_reloads: IntCounterVec,
+    /// PUBLISH packets read from and written to this node's clients, by QoS (issue 17).
+    pub messages_received: [IntCounter; 3],
+    pub messages_sent: [IntCounter; 3],
+    /// The router's drops by reason and QoS, brought up to the router's count at each scrape.
+    dropped_messages: IntCounterVec,
+    clients: IntGauge,
+    sessions: IntGaugeVec,
+    retained: IntGauge,
+    filters: IntGauge,
+    backlog: IntGaugeVec,
 }
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
+        let received = IntCounterVec::new(
+            Opts::new(
+                "mqlb_broker_messages_received_total",
+                "PUBLISH packets read from this node's MQTT clients, by QoS (a re-sent one counts again).",
+            ),
+            &["qos"],
+        )?;
+        let sent = IntCounterVec::new(
+            Opts::new(
+                "mqlb_broker_messages_sent_total",
+                "PUBLISH packets written to this node's MQTT clients, by QoS (a re-sent one counts again).",
+            ),
+            &["qos"],
+        )?;
         let m = Metrics {
             local_publishes: IntCounter::new(
                 "mqlb_broker_local_publishes_total",
@@ -114,8 +156,65 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            messages_received: per_qos(&received)?,
+            messages_sent: per_qos(&sent)?,
+            dropped_messages: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_broker_messages_dropped_total",
+                    "Messages the node's router did not deliver, by QoS and reason: not_authorized (a PUBLISH the ACL refused), invalid (a PUBLISH it could not take; the client was disconnected), expired (once per subscriber whose copy's message expiry passed before it was sent).",
+                ),
+                &["qos", "reason"],
+            )?,
+            clients: IntGauge::new(
+                "mqlb_broker_clients_connected",
+                "MQTT client connections open on this node.",
+            )?,
+            sessions: IntGaugeVec::new(
+                Opts::new(
+                    "mqlb_broker_sessions",
+                    "Persistent sessions (clean session 0, or a session expiry interval) by state: online (its client is connected here), offline (saved, waiting for its client).",
+                ),
+                &["state"],
+            )?,
+            retained: IntGauge::new(
+                "mqlb_broker_retained_messages",
+                "Retained messages this node holds.",
+            )?,
+            filters: IntGauge::new(
+                "mqlb_broker_subscription_filters",
+                "Distinct subscription filters with at least one subscriber on this node.",
+            )?,
+            backlog: IntGaugeVec::new(
+                Opts::new(
+                    "mqlb_mesh_backlog",
+                    "Frames queued for a peer and not yet written to its link (at most cluster.peer_queue; beyond, they are dropped).",
+                ),
+                &["peer"],
+            )?,
             registry,
         };
+        m.registry.register(Box::new(received))?;
+        m.registry.register(Box::new(sent))?;
+        m.registry.register(Box::new(m.dropped_messages.clone()))?;
+        m.registry.register(Box::new(m.clients.clone()))?;
+        m.registry.register(Box::new(m.sessions.clone()))?;
+        m.registry.register(Box::new(m.retained.clone()))?;
+        m.registry.register(Box::new(m.filters.clone()))?;
+        m.registry.register(Box::new(m.backlog.clone()))?;
+        for state in ["online", "offline"] {
+            m.sessions.with_label_values(&[state]);
+        }
+        for reason in Dropped::ALL {
+            for qos in QOS {
+                m.dropped_messages.with_label_values(&[qos, reason.label()]);
+            }
+        }
+        // The standard process_* series (CPU seconds, resident memory, open descriptors,
+        // start time), from procfs. Several in-process nodes (tests) each report the process.
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         m.registry.register(Box::new(m.auth_refused.clone()))?;
         m.registry.register(Box::new(m.auth_reloads.clone()))?;
         m.registry.register(Box::new(m.listener_restarts.clone()))?;
@@ -140,9 +239,62 @@ impl Metrics {
         self.registry.register(c)
     }
 
+    /// Brings the router's and the mesh's state into the metrics; called before each scrape.
+    /// A router that does not answer within a second leaves the last values (logged).
+    pub(crate) async fn refresh(&self, router: &StatsControl, mesh: &Mesh) {
+        for p in mesh.peers().iter() {
+            self.backlog
+                .with_label_values(&[&p.id])
+                .set(i64::try_from(p.backlog()).unwrap_or(i64::MAX));
+        }
+        let stats = match tokio::time::timeout(Duration::from_secs(1), router.stats()).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                tracing::warn!("router gone: its metrics are not refreshed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("router did not answer in 1 s: its metrics are not refreshed");
+                return;
+            }
+        };
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.clients
+            .set((gauge(stats.connections) - OWN_LINKS).max(0));
+        self.sessions
+            .with_label_values(&["online"])
+            .set(gauge(stats.persistent_online));
+        self.sessions
+            .with_label_values(&["offline"])
+            .set(gauge(stats.persistent_offline));
+        self.retained.set(gauge(stats.retained));
+        self.filters.set(gauge(stats.filters));
+        for reason in Dropped::ALL {
+            for (qos, q) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+                .into_iter()
+                .zip(QOS)
+            {
+                let c = self
+                    .dropped_messages
+                    .with_label_values(&[q, reason.label()]);
+                let behind = stats.dropped(reason, qos).saturating_sub(c.get());
+                c.inc_by(behind);
+            }
+        }
+    }
+
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
+}
+
+/// The counters of `vec` for QoS 0, 1 and 2, so the codec counts without a label lookup.
+fn per_qos(vec: &IntCounterVec) -> Result<[IntCounter; 3], prometheus::Error> {
+    Ok([
+        vec.get_metric_with_label_values(&[QOS[0]])?,
+        vec.get_metric_with_label_values(&[QOS[1]])?,
+        vec.get_metric_with_label_values(&[QOS[2]])?,
+    ])
 }

@@ -168,6 +168,12 @@ impl Metrics {
         m.registry.register(Box::new(m.members.clone()))?;
         m.registry.register(Box::new(m.version.clone()))?;
         m.registry.register(Box::new(m.requests.clone()))?;
+        // The standard process_* series (CPU seconds, resident memory, open descriptors,
+        // start time), from procfs.
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(m)
     }
 }

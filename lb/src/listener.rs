@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn;
-use crate::limits::Admitted;
+use crate::limits::{Admitted, Refusal};
 use crate::shared::Shared;
 use crate::snapshot::RuleRt;
 use crate::state::lock;
@@ -180,6 +180,18 @@ pub(crate) async fn accept_loop(
         }
     };
     let _listening = shared.listening.enter(&frontend);
+    // Visible at 0 before the first refusal, so a rate over it (an alert) has a series.
+    for why in [
+        Refusal::Global,
+        Refusal::Frontend,
+        Refusal::Source,
+        Refusal::SourceRate,
+    ] {
+        shared
+            .metrics
+            .refused_total
+            .with_label_values(&[&frontend, why.label()]);
+    }
     let name: Arc<str> = Arc::from(frontend.as_str());
     let frontend_live = lock(&shared.live_by_frontend)
         .entry(frontend.clone())

@@ -10,6 +10,9 @@ pub struct Metrics {
     registry: Registry,
     pub connections_active: IntGaugeVec,
     pub connections_total: IntCounterVec,
+    /// Counted when a connection is accepted (past the limits), so new connections per second
+    /// can be graphed (Azure's SYN count); `mqlb_connections_total` counts at the end.
+    pub connections_opened_total: IntCounterVec,
     pub bytes_total: IntCounterVec,
     pub backend_up: IntGaugeVec,
     pub probe_duration: HistogramVec,
@@ -40,6 +43,13 @@ impl Metrics {
                     "Client connections by how they ended (outcome names who failed).",
                 ),
                 &["rule", "backend", "outcome"],
+            )?,
+            connections_opened_total: IntCounterVec::new(
+                opts(
+                    "mqlb_connections_opened_total",
+                    "Client connections accepted past the connection limits, counted at accept.",
+                ),
+                &["rule"],
             )?,
             bytes_total: IntCounterVec::new(
                 opts(
@@ -117,6 +127,8 @@ impl Metrics {
         m.registry
             .register(Box::new(m.connections_active.clone()))?;
         m.registry.register(Box::new(m.connections_total.clone()))?;
+        m.registry
+            .register(Box::new(m.connections_opened_total.clone()))?;
         m.registry.register(Box::new(m.bytes_total.clone()))?;
         m.registry.register(Box::new(m.backend_up.clone()))?;
         m.registry.register(Box::new(m.probe_duration.clone()))?;
@@ -131,6 +143,9 @@ impl Metrics {
         m.registry
             .register(Box::new(m.passive_failures_total.clone()))?;
         m.registry.register(Box::new(m.refused_total.clone()))?;
+        // CPU seconds, resident memory, open descriptors, start time: the standard process_*
+        // series, so the LB's own cost sits beside its traffic on a dashboard.
+        crate::metrics::register_process(&m.registry)?;
         // Make the reload counter visible before the first reload.
         for r in ["ok", "error"] {
             m.config_reloads_total.with_label_values(&[r]);
@@ -174,4 +189,16 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
+}
+
+/// Registers the process collector (Linux: procfs) on `registry`. One per registry: tests run
+/// several LBs in one process, and each registry reports the same process.
+pub fn register_process(registry: &Registry) -> Result<(), prometheus::Error> {
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = registry;
+    Ok(())
 }

@@ -164,6 +164,10 @@ pub(crate) async fn run(
         .backend_up
         .with_label_values(&[&pool, &backend])
         .set(i64::from(state.is_up()));
+    // Visible at 0 before the first failure, so a rate over it (an alert) has a series.
+    metrics
+        .passive_failures_total
+        .with_label_values(&[&pool, &backend]);
     let mut ticker = tokio::time::interval(probe.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -73,6 +73,7 @@ pub struct RuleRt {
     /// then touches its counters without hashing label values or taking the vec's lock.
     member_metrics: Vec<OnceLock<MemberMetrics>>,
     routed: OnceLock<IntCounter>,
+    opened: OnceLock<IntCounter>,
 }
 
 /// The metric series a connection of one rule to one backend updates.
@@ -100,6 +101,7 @@ impl RuleRt {
         RuleRt {
             member_metrics: pool.members.iter().map(|_| OnceLock::new()).collect(),
             routed: OnceLock::new(),
+            opened: OnceLock::new(),
             limits: mqlb_config::FrontendLimits::default(),
             cfg,
             pool,
@@ -122,6 +124,14 @@ impl RuleRt {
                     Outcome::Closed.label(),
                 ]),
             }
+        })
+    }
+
+    /// `mqlb_connections_opened_total` of the rule.
+    pub(crate) fn opened(&self, m: &Metrics) -> &IntCounter {
+        self.opened.get_or_init(|| {
+            m.connections_opened_total
+                .with_label_values(&[&self.cfg.name])
         })
     }
 

@@ -110,6 +110,11 @@ impl PeerOut {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
+
+    /// Frames queued for this peer, not yet taken by its link (`mqlb_mesh_backlog`).
+    pub fn backlog(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
 }
 
 /// Microseconds since the Unix epoch (0 if the clock is before it).

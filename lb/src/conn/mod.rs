@@ -52,6 +52,9 @@ pub(crate) fn handle(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     // The LB's own data-path probe: served like a client, counted as nothing.
     let client_traffic = !shared.own_probes.contains(peer);
+    if client_traffic {
+        rule.opened(&shared.metrics).inc();
+    }
     let rule_is_raw = rule.cfg.distribution != Distribution::MqttClientId;
     let connect = Box::pin(establish(
         shared.clone(),

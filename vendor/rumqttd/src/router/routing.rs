@@ -2109,9 +2109,6 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 
 /// mqlb patch (across the cluster, issue 12): sessions leave and arrive (see `transfer`).
 impl Router {
-    /// The client connected on another router: its connection here ends with DISCONNECT 0x8E
-    /// Session taken over (MQTT-3.1.4-3), as for a second connection here; `discard`: its
-    /// session too (the other connection had Clean Start 1, MQTT-3.1.2-4).
     /// mqlb patch (metrics, issue 17): see `stats::RouterStats`.
     fn stats(&self) -> super::stats::RouterStats {
         let persistent_online = self
@@ -2137,6 +2134,9 @@ impl Router {
         }
     }
 
+    /// The client connected on another router: its connection here ends with DISCONNECT 0x8E
+    /// Session taken over (MQTT-3.1.4-3), as for a second connection here; `discard`: its
+    /// session too (the other connection had Clean Start 1, MQTT-3.1.2-4).
     fn take_over(&mut self, client_id: &str, discard: bool) {
         if let Some(&id) = self.connection_map.get(client_id) {
             debug!(client_id, "session taken over on another node");
