@@ -4,7 +4,8 @@
 //! drain through the admin API shows up on the next load.
 //!
 //! Without Chromium the test says so and passes, except in CI (`CI` set), where it must run.
-//! `MQLB_SCREENSHOT=docs/status-page.png` also writes the README's screenshot.
+//! `MQLB_SCREENSHOT=docs/status-page.png` (from the workspace root) also writes the README's
+//! screenshot.
 
 mod common;
 
@@ -228,8 +229,10 @@ async fn the_status_page_shows_the_backends_and_a_drain() -> anyhow::Result<()> 
         for i in 0..7 {
             clients.push(Client::connect(t.front, &format!("sensor-{i}")).await?);
         }
-        t.lb.reload().await?; // an event to show
-        let png = PathBuf::from(png);
+        // A reload, for an event to show.
+        t.lb.reload().await?;
+        // A relative path is from the workspace root (cargo runs tests in the crate's directory).
+        let png = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(png);
         render(&bin, &url, Some(&png)).await?;
         let size = std::fs::metadata(&png)?.len();
         assert!(size > 10_000, "{}: {size} bytes", png.display());
