@@ -17,7 +17,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthError};
-use crate::counted::Counted;
 use crate::http;
 use crate::membership;
 use crate::mesh::{serve_inbound, Injected, Mesh, MeshSettings};
@@ -239,8 +238,9 @@ impl Node {
             .map(|r| r.handle().clone())
             .ok_or_else(|| NodeError::Rumqttd("runtime missing".into()))?;
         let _guard = handle.enter();
-        handle.spawn(crate::replication::run(replication, stop.clone()));
         let (inject_tx, inject_rx) = mpsc::channel::<Injected>(1024);
+        replication.set_injector(inject_tx.clone());
+        handle.spawn(crate::replication::run(replication, stop.clone()));
         handle.spawn(injector(
             inject_rx,
             link_tx,
@@ -280,25 +280,13 @@ impl Node {
         }
         let make_v4 = factory!(
             settings("v4", n.mqtt),
-            Tap::new(
-                Counted::new(V4, metrics.clone()),
-                mesh.clone(),
-                limit.clone(),
-                checked.clone(),
-                true,
-            )
+            Tap::new(V4, mesh.clone(), limit.clone(), checked.clone(), true)
         );
         servers.push(handle.spawn(make_v4()));
         let make_v5 = n.mqtt_v5.map(|addr| {
             factory!(
                 settings("v5", addr),
-                Tap::new(
-                    Counted::new(V5, metrics.clone()),
-                    mesh.clone(),
-                    limit.clone(),
-                    checked.clone(),
-                    false,
-                )
+                Tap::new(V5, mesh.clone(), limit.clone(), checked.clone(), false)
             )
         });
         if let Some(make) = &make_v5 {
@@ -358,7 +346,6 @@ impl Node {
             handle.spawn(http::serve(
                 metrics.clone(),
                 mesh.clone(),
-                rumqttd::StatsControl::new(router_tx.clone()),
                 l,
                 n.http_token.clone(),
                 stop.clone(),

@@ -19,12 +19,18 @@
 //! a saved session: Session Present 1, the subscriptions live, every message the client had not
 //! acknowledged queued. A message may come twice (it was in flight when the owner died); none
 //! is lost that any replica holds.
+//!
+//! A replica also carries the client's last will (a session that ends with its connection is
+//! replicated for its will alone), published by one surviving node when the owner died with
+//! it pending ([`Replicas::due_wills`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use rumqttd::protocol::matches;
 
-use crate::mesh::frame::{MeshPublish, MeshSession, MeshSubscription, MsgId, ReplicaMeta};
+use crate::mesh::frame::{
+    MeshPublish, MeshSession, MeshSubscription, MeshWill, MsgId, ReplicaMeta,
+};
 
 /// The user property key of a message's cluster-wide id. U+0000 is not allowed in an MQTT
 /// string (MQTT-1.5.4-2): a client cannot send it, and it is removed from what a client gets.
@@ -356,11 +362,76 @@ impl Replicas {
         gone.len()
     }
 
+    /// Wills that are due because their owner died: each taken out (a will-only replica goes
+    /// with it) and returned when `here(owner)` says this node is the one to publish it.
+    /// `down_since(owner)`: since when the owner is known dead (`None`: alive).
+    ///
+    /// The will's delay is the shorter of its Will Delay Interval and the session's expiry
+    /// (MQTT-3.1.3-9), counted from when the client went offline if it did so before the owner
+    /// died, else from the owner's death. A will that was due while the owner still lived was
+    /// the owner's to publish: it is dropped.
+    pub fn due_wills(
+        &mut self,
+        now_ms: u64,
+        down_since: impl Fn(&str) -> Option<u64>,
+        here: impl Fn(&str) -> bool,
+    ) -> Vec<MeshPublish> {
+        let mut due = Vec::new();
+        let mut gone = Vec::new();
+        for (client, r) in &mut self.by_client {
+            let Some(will) = &r.meta.will else { continue };
+            let Some(died) = down_since(&r.owner) else {
+                continue;
+            };
+            let delay_ms = u64::from(will.delay.min(r.meta.expiry)) * 1000;
+            let at = match r.offline_since_ms {
+                Some(off) if off <= died => off.saturating_add(delay_ms),
+                _ => died.saturating_add(delay_ms),
+            };
+            let owners = r.offline_since_ms.is_some_and(|off| off <= died) && at < died;
+            if !owners && now_ms < at {
+                continue;
+            }
+            if let Some(w) = r.meta.will.take() {
+                if !owners && here(&r.owner) {
+                    due.push(w.publish);
+                }
+            }
+            if r.meta.expiry == 0 {
+                gone.push(client.clone());
+            }
+        }
+        for c in gone {
+            self.remove(&c);
+        }
+        due
+    }
+
+    /// `client_id` connected somewhere: its will is not published (MQTT-3.1.3-9); a replica kept
+    /// for the will alone goes.
+    pub fn connected_elsewhere(&mut self, client_id: &str) {
+        let Some(r) = self.by_client.get_mut(client_id) else {
+            return;
+        };
+        r.meta.will = None;
+        if r.meta.expiry == 0 {
+            self.remove(client_id);
+        }
+    }
+
+    /// The owners the replicas here have.
+    pub fn owners(&self) -> HashSet<&str> {
+        self.by_client.values().map(|r| r.owner.as_str()).collect()
+    }
+
     /// The replica of `client_id` as a session to install, keeping it here (for a peer that
-    /// asks). Messages whose expiry interval passed are left out, the others carry what is
+    /// asks). A replica kept for a will alone (no session) is none. Messages whose expiry interval passed are left out, the others carry what is
     /// left of it (MQTT-3.3.2-5, -6); at most `budget` bytes of messages (the oldest first).
     pub fn session(&self, client_id: &str, now_ms: u64, budget: usize) -> Option<MeshSession> {
-        let r = self.by_client.get(client_id)?;
+        let r = self
+            .by_client
+            .get(client_id)
+            .filter(|r| r.meta.expiry != 0)?;
         let mut left = budget;
         let mut pending = Vec::new();
         let mut dropped = 0u32;
@@ -455,12 +526,13 @@ struct Owned {
     online: bool,
     offline_since_ms: Option<u64>,
     subscriptions: BTreeMap<String, MeshSubscription>,
+    will: Option<MeshWill>,
 }
 
 /// What the owner sends its replicas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Announce {
-    Meta(ReplicaMeta),
+    Meta(Box<ReplicaMeta>),
     Close(String),
 }
 
@@ -484,28 +556,30 @@ impl Book {
 
     fn announce(&self, client_id: &str, fresh: bool) -> Option<Announce> {
         let o = self.sessions.get(client_id)?;
-        Some(Announce::Meta(ReplicaMeta {
+        Some(Announce::Meta(Box::new(ReplicaMeta {
             client_id: client_id.to_owned(),
             expiry: o.expiry,
             online: o.online,
             fresh,
             subscriptions: o.subscriptions.values().cloned().collect(),
-        }))
+            will: o.will.clone(),
+        })))
     }
 
     /// A CONNACK 0 went out. `expiry`: the session's interval (0: it ends with the
-    /// connection, so it is not replicated).
+    /// connection, so only a will is replicated, if there is one).
     pub fn connected(
         &mut self,
         client_id: &str,
         clean_start: bool,
         expiry: u32,
         connection: u64,
+        will: Option<MeshWill>,
     ) -> Option<Announce> {
         if client_id.is_empty() {
             return None;
         }
-        if expiry == 0 {
+        if expiry == 0 && will.is_none() {
             return self
                 .sessions
                 .remove(client_id)
@@ -517,11 +591,13 @@ impl Book {
             online: true,
             offline_since_ms: None,
             subscriptions: BTreeMap::new(),
+            will: None,
         });
-        if clean_start {
+        if clean_start || expiry == 0 {
             o.subscriptions.clear();
         }
         o.connection = connection;
+        o.will = will;
         o.expiry = expiry;
         o.online = true;
         o.offline_since_ms = None;
@@ -548,12 +624,14 @@ impl Book {
         self.announce(client_id, false)
     }
 
-    /// The connection ended; `expiry`: a new interval its DISCONNECT set (MQTT-3.14.2.2.2).
+    /// The connection ended; `expiry`: a new interval its DISCONNECT set (MQTT-3.14.2.2.2);
+    /// `will_kept`: it ended without DISCONNECT, so its will stands.
     pub fn disconnected(
         &mut self,
         client_id: &str,
         connection: u64,
         expiry: Option<u32>,
+        will_kept: bool,
         now_ms: u64,
     ) -> Option<Announce> {
         let o = self.sessions.get_mut(client_id)?;
@@ -562,6 +640,9 @@ impl Book {
         }
         if let Some(e) = expiry {
             o.expiry = e;
+        }
+        if !will_kept {
+            o.will = None;
         }
         if o.expiry == 0 {
             self.sessions.remove(client_id);
@@ -589,6 +670,7 @@ impl Book {
                 online: false,
                 offline_since_ms: Some(now_ms),
                 subscriptions: subs.iter().map(|x| (x.filter.clone(), x.clone())).collect(),
+                will: None,
             },
         );
         self.announce(client_id, false)
@@ -647,6 +729,7 @@ mod tests {
             online,
             fresh: false,
             subscriptions: subs,
+            will: None,
         }
     }
 
@@ -834,8 +917,8 @@ mod tests {
     #[test]
     fn the_book_announces_every_change_of_a_persistent_session() {
         let mut b = Book::default();
-        assert_eq!(b.connected("c", false, 0, 1), None, "not persistent");
-        let Some(Announce::Meta(m)) = b.connected("c", true, u32::MAX, 1) else {
+        assert_eq!(b.connected("c", false, 0, 1, None), None, "not persistent");
+        let Some(Announce::Meta(m)) = b.connected("c", true, u32::MAX, 1, None) else {
             panic!("announced")
         };
         assert!(m.fresh && m.online && m.subscriptions.is_empty());
@@ -848,31 +931,102 @@ mod tests {
             panic!("announced")
         };
         assert_eq!(m.subscriptions, [sub("b", 2)]);
-        let Some(Announce::Meta(m)) = b.disconnected("c", 1, None, 5) else {
+        let Some(Announce::Meta(m)) = b.disconnected("c", 1, None, false, 5) else {
             panic!("announced")
         };
         assert!(!m.online);
         // resumed: the subscriptions are still there
-        let Some(Announce::Meta(m)) = b.connected("c", false, 30, 2) else {
+        let Some(Announce::Meta(m)) = b.connected("c", false, 30, 2, None) else {
             panic!("announced")
         };
         assert_eq!((m.subscriptions.len(), m.expiry, m.fresh), (1, 30, false));
         // a third connection takes the second over: the second's end changes nothing
-        assert!(b.connected("c", false, 30, 3).is_some());
-        assert_eq!(b.disconnected("c", 2, None, 6), None);
+        assert!(b.connected("c", false, 30, 3, None).is_some());
+        assert_eq!(b.disconnected("c", 2, None, false, 6), None);
         assert_eq!(
-            b.disconnected("c", 3, Some(0), 9),
+            b.disconnected("c", 3, Some(0), false, 9),
             Some(Announce::Close("c".into()))
         );
         assert!(b.is_empty());
-        b.connected("d", false, 10, 4);
-        b.disconnected("d", 4, None, 1_000);
+        b.connected("d", false, 10, 4, None);
+        b.disconnected("d", 4, None, false, 1_000);
         assert!(b.expire(10_999).is_empty());
         assert_eq!(b.expire(11_000), [Announce::Close("d".into())]);
         assert_eq!(
             b.subscribed("d", vec![sub("a", 1)]),
             None,
             "not a session of this node"
+        );
+    }
+
+    fn payloads_of(wills: Vec<MeshPublish>) -> Vec<String> {
+        wills
+            .iter()
+            .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+            .collect()
+    }
+
+    fn will_meta(client: &str, expiry: u32, delay: u32, online: bool) -> ReplicaMeta {
+        let mut m = meta(client, Vec::new(), online);
+        m.expiry = expiry;
+        m.will = Some(MeshWill {
+            publish: MeshPublish {
+                topic: Bytes::from_static(b"w"),
+                payload: Bytes::from(client.to_owned()),
+                ..MeshPublish::default()
+            },
+            delay,
+        });
+        m
+    }
+
+    #[test]
+    fn a_dead_owners_will_is_published_once_after_its_delay_by_one_node() {
+        let mut r = Replicas::new(10, 10);
+        // a will-only replica (the session ended with the connection): due at the death
+        r.meta("b1", will_meta("a", 0, 5, true), 0);
+        // a persistent session with a 60 s delay but a 3 s expiry: 3 s after the death
+        r.meta("b1", will_meta("b", 3, 60, true), 0);
+        // online when the owner died at 10 s: its 5 s delay counts from the death
+        r.meta("b1", will_meta("e", 60, 5, true), 0);
+        let down = |o: &str| (o == "b1").then_some(10_000);
+        assert!(r.due_wills(9_999, down, |_| true).is_empty());
+        assert_eq!(payloads_of(r.due_wills(10_000, down, |_| true)), ["a"]);
+        assert!(!r.holds("a"), "a will-only replica goes with its will");
+        assert!(r.due_wills(12_999, down, |_| true).is_empty());
+        assert_eq!(payloads_of(r.due_wills(13_000, down, |_| true)), ["b"]);
+        assert!(r.holds("b"), "the session stays for its restore");
+        assert_eq!(payloads_of(r.due_wills(15_000, down, |_| true)), ["e"]);
+        assert!(r.due_wills(99_000, down, |_| true).is_empty(), "once");
+        // another node publishes it: this one only forgets it
+        r.meta("b1", will_meta("c", 0, 0, true), 0);
+        assert!(r.due_wills(99_000, down, |_| false).is_empty());
+        assert!(!r.holds("c"));
+    }
+
+    #[test]
+    fn a_will_the_owner_lived_to_publish_or_a_reconnect_cancelled_is_not_published() {
+        let mut r = Replicas::new(10, 10);
+        // offline at 1 s with a 2 s delay, the owner died at 10 s: it published it at 3 s
+        r.meta("b1", will_meta("a", 60, 2, false), 1_000);
+        // offline at 9 s with a 5 s delay: due at 14 s, after the owner's death
+        r.meta("b1", will_meta("b", 60, 5, false), 9_000);
+        // the client came back elsewhere in time
+        r.meta("b1", will_meta("c", 0, 5, true), 0);
+        r.connected_elsewhere("c");
+        let down = |o: &str| (o == "b1").then_some(10_000);
+        assert!(r.due_wills(13_999, down, |_| true).is_empty());
+        let due = r.due_wills(14_000, down, |_| true);
+        assert_eq!(due.len(), 1);
+        assert_eq!(&due[0].payload[..], b"b");
+        assert!(r.due_wills(99_000, down, |_| true).is_empty());
+        // an owner alive: nothing
+        r.meta("b2", will_meta("d", 0, 0, false), 0);
+        assert!(r.due_wills(99_000, |_| None, |_| true).is_empty());
+        assert!(r.holds("d"));
+        assert!(
+            r.session("d", 0, usize::MAX).is_none(),
+            "a will alone is no session"
         );
     }
 }

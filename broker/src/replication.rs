@@ -11,24 +11,35 @@
 //!   (its owner died, or does not answer) gets the merged copies: this node's replica and
 //!   those the peers sent with their answers ([`Replication::restore`]).
 //!
+//! - **Wills.** A replica carries its client's last will; when the owner has been gone for
+//!   [`WILL_GRACE`] one surviving node (the lowest ID among the nodes it sees up) publishes
+//!   the wills its death left pending, once their delay is over ([`Replicas::due_wills`]).
+//!
 //! Every peer holds a replica of every persistent session (the replication factor is the
 //! cluster's size): the LB's successor for a client is one of them, and the others' copies
 //! are merged in, so a node that came back empty still restores what its peers hold.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use rumqttd::protocol::PublishProperties;
 use rumqttd::SessionControl;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::mesh::frame::{Frame, MeshPublish, MeshSession, MeshSubscription, MsgId, ReplicaMeta};
-use crate::mesh::Mesh;
+use crate::mesh::frame::{
+    Frame, MeshPublish, MeshSession, MeshSubscription, MeshWill, MsgId, ReplicaMeta,
+};
+use crate::mesh::{Injected, Mesh};
 use crate::metrics::Metrics;
 use crate::replica::{self, client_hash, Announce, Book, Replicas, Tag, TAG_KEY};
 
+/// A peer whose link has been down this long is taken for dead: the wills it left pending are
+/// published (a shorter link failure publishes none).
+const WILL_GRACE: Duration = Duration::from_secs(2);
 /// Acknowledgements are sent to the peers at most this long after the client's PUBACK.
 const ACK_FLUSH: Duration = Duration::from_millis(20);
 /// Replicas one node holds; beyond it new ones are refused (counted).
@@ -42,6 +53,7 @@ struct ReplicationMetrics {
     messages: IntGauge,
     owned: IntGauge,
     acks: IntCounter,
+    wills: IntCounter,
     restored: IntCounterVec,
     dropped: IntCounterVec,
 }
@@ -65,6 +77,10 @@ impl ReplicationMetrics {
                 "mqlb_session_replica_acks_total",
                 "Acknowledgements of their clients the owners of replicated sessions sent here.",
             )?,
+            wills: IntCounter::new(
+                "mqlb_session_replica_wills_total",
+                "Last wills this node published for clients whose node died.",
+            )?,
             restored: IntCounterVec::new(
                 Opts::new(
                     "mqlb_sessions_restored_total",
@@ -84,6 +100,7 @@ impl ReplicationMetrics {
         metrics.register(Box::new(m.messages.clone()))?;
         metrics.register(Box::new(m.owned.clone()))?;
         metrics.register(Box::new(m.acks.clone()))?;
+        metrics.register(Box::new(m.wills.clone()))?;
         metrics.register(Box::new(m.restored.clone()))?;
         metrics.register(Box::new(m.dropped.clone()))?;
         Ok(m)
@@ -99,6 +116,10 @@ pub(crate) struct Replication {
     acks: Mutex<Vec<(String, MsgId)>>,
     mesh: Weak<Mesh>,
     control: SessionControl,
+    /// The injector's queue: a will published here enters the local router through it.
+    inject: OnceLock<mpsc::Sender<Injected>>,
+    /// Peers whose link is down, since when (ms).
+    down: Mutex<HashMap<String, u64>>,
     started: Instant,
     metrics: ReplicationMetrics,
     /// Bytes of messages a restored copy may carry from a peer (what fits in a mesh frame).
@@ -124,10 +145,17 @@ impl Replication {
             acks: Mutex::new(Vec::new()),
             mesh: Arc::downgrade(mesh),
             control,
+            inject: OnceLock::new(),
+            down: Mutex::new(HashMap::new()),
             started: Instant::now(),
             metrics: ReplicationMetrics::new(&mesh.metrics)?,
             budget,
         }))
+    }
+
+    /// Where the wills this node publishes enter its router.
+    pub(crate) fn set_injector(&self, inject: mpsc::Sender<Injected>) {
+        let _ = self.inject.set(inject);
     }
 
     fn now_ms(&self) -> u64 {
@@ -150,7 +178,7 @@ impl Replication {
         let Some(a) = a else { return };
         self.metrics.owned.set(lock(&self.book).len() as i64);
         let frame = match a {
-            Announce::Meta(m) => Frame::ReplicaMeta(Box::new(m)),
+            Announce::Meta(m) => Frame::ReplicaMeta(m),
             Announce::Close(client_id) => Frame::ReplicaClose { client_id },
         };
         self.broadcast(&frame);
@@ -216,9 +244,10 @@ impl Replication {
         clean_start: bool,
         expiry: u32,
         connection: u64,
+        will: Option<MeshWill>,
     ) {
         lock(&self.held).remove(client_id);
-        let a = lock(&self.book).connected(client_id, clean_start, expiry, connection);
+        let a = lock(&self.book).connected(client_id, clean_start, expiry, connection, will);
         self.announce(a);
     }
 
@@ -232,10 +261,17 @@ impl Replication {
         self.announce(a);
     }
 
-    /// Connection `connection` of `client_id` ended; `expiry`: what its DISCONNECT set.
-    pub(crate) fn disconnected(&self, client_id: &str, connection: u64, expiry: Option<u32>) {
+    /// Connection `connection` of `client_id` ended; `expiry`: what its DISCONNECT set;
+    /// `will_kept`: it ended without DISCONNECT.
+    pub(crate) fn disconnected(
+        &self,
+        client_id: &str,
+        connection: u64,
+        expiry: Option<u32>,
+        will_kept: bool,
+    ) {
         let now = self.now_ms();
-        let a = lock(&self.book).disconnected(client_id, connection, expiry, now);
+        let a = lock(&self.book).disconnected(client_id, connection, expiry, will_kept, now);
         self.announce(a);
     }
 
@@ -274,7 +310,7 @@ impl Replication {
             .all()
             .into_iter()
             .filter_map(|a| match a {
-                Announce::Meta(m) => Some(Frame::ReplicaMeta(Box::new(m))),
+                Announce::Meta(m) => Some(Frame::ReplicaMeta(m)),
                 Announce::Close(_) => None,
             })
             .collect()
@@ -297,6 +333,11 @@ impl Replication {
 
     pub(crate) fn on_close(&self, peer: &str, client_id: &str) {
         lock(&self.held).close(peer, client_id);
+    }
+
+    /// `client_id` connected on a peer: its will is not published.
+    pub(crate) fn connected_elsewhere(&self, client_id: &str) {
+        lock(&self.held).connected_elsewhere(client_id);
     }
 
     /// The session of `client_id` ended wherever it was (a Clean Start on a peer).
@@ -367,6 +408,7 @@ impl Replication {
             }
         }
         if expire {
+            self.publish_wills();
             let now = self.now_ms();
             let gone = lock(&self.book).expire(now);
             for a in gone {
@@ -386,6 +428,71 @@ impl Replication {
                 .dropped
                 .with_label_values(&["replica"])
                 .inc_by(d.replicas);
+        }
+    }
+}
+
+impl Replication {
+    /// Publishes the wills that dead peers left pending and this node is to publish: into its
+    /// own router and to every peer, once.
+    fn publish_wills(&self) {
+        let Some(mesh) = self.mesh.upgrade() else {
+            return;
+        };
+        let now = self.now_ms();
+        let grace = u64::try_from(WILL_GRACE.as_millis()).unwrap_or(u64::MAX);
+        let peers = mesh.peers();
+        let mut down = lock(&self.down);
+        for p in peers.iter() {
+            if p.is_up() {
+                down.remove(&p.id);
+            } else {
+                down.entry(p.id.clone()).or_insert(now);
+            }
+        }
+        let mut held = lock(&self.held);
+        // An owner that is no peer at all (it left the membership) is gone too.
+        for owner in held.owners() {
+            if !peers.iter().any(|p| p.id == owner) {
+                down.entry(owner.to_owned()).or_insert(now);
+            }
+        }
+        let up: Vec<&str> = peers
+            .iter()
+            .filter(|p| p.is_up())
+            .map(|p| p.id.as_str())
+            .chain([mesh.id.as_str()])
+            .collect();
+        let wills = held.due_wills(
+            now,
+            |owner| {
+                down.get(owner)
+                    .copied()
+                    .filter(|since| now.saturating_sub(*since) >= grace)
+            },
+            // one publisher: the lowest ID among the live nodes, the dead owner aside
+            |owner| up.iter().filter(|id| **id != owner).min() == Some(&mesh.id.as_str()),
+        );
+        drop(held);
+        drop(down);
+        for will in wills {
+            self.metrics.wills.inc();
+            tracing::info!(
+                topic = %String::from_utf8_lossy(&will.topic),
+                "publishing the will of a client whose node died"
+            );
+            if let Some(inject) = self.inject.get() {
+                let injected = Injected {
+                    peer: mesh.id.clone(),
+                    publish: will.clone(),
+                    received: Instant::now(),
+                    seq: None,
+                };
+                if inject.try_send(injected).is_err() {
+                    tracing::warn!("injector full: a will was not delivered on this node");
+                }
+            }
+            mesh.forward_local(|| will);
         }
     }
 }

@@ -171,6 +171,7 @@ impl Sessions {
                 "router queue full: a connection taken over on another node stays open"
             );
         }
+        self.replication.connected_elsewhere(client_id);
         if clean_start {
             // the session ended (MQTT-3.1.2-4): its copies and its replicas go
             self.replication.ended(client_id);

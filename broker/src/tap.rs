@@ -15,7 +15,7 @@ use rumqttd::protocol::{
 };
 
 use crate::auth::Auth;
-use crate::mesh::frame::{MeshPublish, MeshSubscription, MsgId};
+use crate::mesh::frame::{MeshPublish, MeshSubscription, MeshWill, MsgId};
 use crate::mesh::Mesh;
 use crate::replica::Tag;
 
@@ -172,9 +172,15 @@ impl<P> Drop for Tap<P> {
             self.mesh
                 .client_not_connected(&self.client_id, self.connect_at);
         }
-        if registration != 0 && self.persist != 0 {
+        if registration != 0 {
             if let Some(r) = self.mesh.replication.get() {
-                r.disconnected(&self.client_id, registration, self.disconnect_expiry);
+                let will_kept = self.will.is_some();
+                r.disconnected(
+                    &self.client_id,
+                    registration,
+                    self.disconnect_expiry,
+                    will_kept,
+                );
             }
         }
         if registration != 0 {
@@ -436,7 +442,11 @@ impl<P: Protocol> Protocol for Tap<P> {
                     );
                     self.registration.store(r, Ordering::Release);
                     if let Some(repl) = self.mesh.replication.get() {
-                        repl.connected(&self.client_id, self.clean_start, self.persist, r);
+                        let will = self.will.as_ref().map(|(publish, delay)| MeshWill {
+                            publish: publish.clone(),
+                            delay: *delay,
+                        });
+                        repl.connected(&self.client_id, self.clean_start, self.persist, r, will);
                     }
                 }
                 // A refused login: 5.0's 0x86 Bad User Name or Password is, in 3.1.1,

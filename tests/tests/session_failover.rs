@@ -235,3 +235,101 @@ async fn acknowledged_messages_and_ended_sessions_are_not_restored() -> anyhow::
     .await?;
     Ok(())
 }
+
+/// The will of a client whose node died is published once by the cluster (MQTT-3.1.3-9 for a
+/// node's death): a 5.0 client and a 3.1.1 client with wills on node 0, subscribers on nodes 1
+/// and 2; node 0 dies: each subscriber gets each will once. A third client, with a Will Delay
+/// Interval of 4 s, connects again on node 1 in time: its will is not published. Before, no will
+/// of a dead node's clients was ever published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wills_of_a_dead_nodes_clients_are_published_once() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    c.wait_meshed().await?;
+    let mut subs = Vec::new();
+    for (i, node) in [1, 2].into_iter().enumerate() {
+        let (mut s, _) = open5(
+            &c,
+            node,
+            connect5_session(&format!("fw-sub{i}"), true, None),
+        )
+        .await?;
+        s.subscribe(1, vec![filter5("fw/#", QoS::AtLeastOnce)], None)
+            .await?;
+        subs.push(s);
+    }
+    let will5 = v5::LastWill::new("fw/w5", "gone5", QoS::AtLeastOnce, false, None);
+    let addr = c.mqtt_v5(0).context("no MQTT 5 listener")?;
+    let mut w5 = Raw::<V5>::open(addr).await?;
+    w5.send(v5::Packet::Connect(
+        connect5_session("fw5", true, None),
+        Some(will5),
+        None,
+    ))
+    .await?;
+    ensure!(matches!(w5.recv().await?, v5::Packet::ConnAck(_)));
+    let mut connect4 = connect4_session("fw4", true);
+    connect4.last_will = Some(v4::LastWill::new(
+        "fw/w4",
+        "gone4",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+    ));
+    let (_w4, _) = open4(&c, 0, connect4).await?;
+    let delayed = v5::LastWill::new(
+        "fw/back",
+        "wrong",
+        QoS::AtLeastOnce,
+        false,
+        Some(v5::LastWillProperties {
+            delay_interval: Some(4),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    );
+    let mut back = Raw::<V5>::open(addr).await?;
+    back.send(v5::Packet::Connect(
+        connect5_session("fw-back", true, Some(60)),
+        Some(delayed),
+        None,
+    ))
+    .await?;
+    ensure!(matches!(back.recv().await?, v5::Packet::ConnAck(_)));
+    // the replicas know the wills (the owner's REPLICA_META reached both peers)
+    wait_until("the wills are replicated", DEADLINE, || async {
+        [1, 2].iter().all(|i| {
+            c.node(*i)
+                .is_some_and(|n| metric(&n.metrics_text(), "mqlb_session_replicas", &[]) == 3.0)
+        })
+    })
+    .await?;
+    c.crash(0);
+    let (_again, _) = open5(&c, 1, connect5_session("fw-back", false, Some(60))).await?;
+    for (i, s) in subs.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let p = s
+                .recv_publish()
+                .await
+                .with_context(|| format!("subscriber {i}: {got:?}"))?;
+            if p.pkid != 0 {
+                s.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+                    .await?;
+            }
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+        got.sort();
+        ensure!(got == ["gone4", "gone5"], "subscriber {i}: {got:?}");
+    }
+    // nothing more: not a second time, not the will of the client that came back
+    for s in &mut subs {
+        match s.next(Duration::from_secs(5)).await? {
+            Err(Ended::Silent) => {}
+            other => bail!("expected nothing more, got {other:?}"),
+        }
+    }
+    Ok(())
+}

@@ -1319,13 +1319,33 @@ pub struct ReplicaMeta {
     /// A new session (Clean Start 1): what a replica queued for the old one is dropped.
     pub fresh: bool,
     pub subscriptions: Vec<MeshSubscription>,
+    /// The client's last will, which the cluster publishes should the owner die first.
+    pub will: Option<MeshWill>,
+}
+
+/// A last will and its Will Delay Interval (seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeshWill {
+    pub publish: MeshPublish,
+    pub delay: u32,
 }
 
 fn put_replica_meta(o: &mut BytesMut, m: &ReplicaMeta) -> Result<(), FrameError> {
     put_str16(o, m.client_id.as_bytes())?;
     o.put_u32(m.expiry);
     o.put_u8(u8::from(m.online) | u8::from(m.fresh) << 1);
-    put_subscriptions(o, &m.subscriptions)
+    put_subscriptions(o, &m.subscriptions)?;
+    match &m.will {
+        None => o.put_u8(0),
+        Some(w) => {
+            o.put_u8(1);
+            o.put_u32(w.delay);
+            let inner = encode_publish(&w.publish)?;
+            put_count(o, inner.len())?;
+            o.put_slice(&inner);
+        }
+    }
+    Ok(())
 }
 
 fn get_replica_meta(b: &mut Bytes) -> Result<ReplicaMeta, FrameError> {
@@ -1336,12 +1356,32 @@ fn get_replica_meta(b: &mut Bytes) -> Result<ReplicaMeta, FrameError> {
     if flags > 0b11 {
         return Err(FrameError::Malformed("replica flags"));
     }
+    let subscriptions = get_subscriptions(b)?;
+    need(b, 1, "replica will flag")?;
+    let will = match b.get_u8() {
+        0 => None,
+        1 => {
+            need(b, 8, "replica will")?;
+            let delay = b.get_u32();
+            let len = b.get_u32() as usize;
+            need(b, len, "replica will")?;
+            let mut inner = BytesMut::from(&b.split_to(len)[..]);
+            match decode(&mut inner, len) {
+                Ok(Some(Frame::Publish(publish))) if inner.is_empty() => {
+                    Some(MeshWill { publish, delay })
+                }
+                _ => return Err(FrameError::Malformed("replica will")),
+            }
+        }
+        _ => return Err(FrameError::Malformed("replica will flag")),
+    };
     Ok(ReplicaMeta {
         client_id,
         expiry,
         online: flags & 1 == 1,
         fresh: flags & 2 == 2,
-        subscriptions: get_subscriptions(b)?,
+        subscriptions,
+        will,
     })
 }
 
@@ -1405,6 +1445,16 @@ mod replica_tests {
                 nolocal: true,
                 preserve_retain: false,
             }],
+            will: Some(MeshWill {
+                publish: MeshPublish {
+                    topic: Bytes::from_static(b"w"),
+                    payload: Bytes::from_static(b"gone"),
+                    qos: 1,
+                    retain: true,
+                    ..MeshPublish::default()
+                },
+                delay: 5,
+            }),
         })));
         round_trip(Frame::ReplicaAcks {
             acks: vec![
@@ -1452,6 +1502,7 @@ mod replica_tests {
             body.put_u32(1);
             body.put_u8(flags);
             body.put_u32(0);
+            body.put_u8(0);
             let mut b = BytesMut::new();
             b.put_u32(u32::try_from(body.len() + 1).expect("small"));
             b.put_u8(KIND_REPLICA_META);
