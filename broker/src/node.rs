@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthError};
+use crate::counted::Counted;
 use crate::http;
 use crate::membership;
 use crate::mesh::{serve_inbound, Injected, Mesh, MeshSettings};
@@ -280,13 +281,25 @@ impl Node {
         }
         let make_v4 = factory!(
             settings("v4", n.mqtt),
-            Tap::new(V4, mesh.clone(), limit.clone(), checked.clone(), true)
+            Tap::new(
+                Counted::new(V4, metrics.clone()),
+                mesh.clone(),
+                limit.clone(),
+                checked.clone(),
+                true,
+            )
         );
         servers.push(handle.spawn(make_v4()));
         let make_v5 = n.mqtt_v5.map(|addr| {
             factory!(
                 settings("v5", addr),
-                Tap::new(V5, mesh.clone(), limit.clone(), checked.clone(), false)
+                Tap::new(
+                    Counted::new(V5, metrics.clone()),
+                    mesh.clone(),
+                    limit.clone(),
+                    checked.clone(),
+                    false,
+                )
             )
         });
         if let Some(make) = &make_v5 {
@@ -346,6 +359,7 @@ impl Node {
             handle.spawn(http::serve(
                 metrics.clone(),
                 mesh.clone(),
+                rumqttd::StatsControl::new(router_tx.clone()),
                 l,
                 n.http_token.clone(),
                 stop.clone(),
