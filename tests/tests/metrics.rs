@@ -6,7 +6,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use common::{topo, DEADLINE};
 use mqlb_tests::{http, metric, wait_until, Client, QoS, Topology};
