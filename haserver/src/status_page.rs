@@ -10,7 +10,9 @@
 //! Nomad's UIs do; a link cannot carry it. Its requests are same-origin GETs, which carry no
 //! `Origin`, so [`crate::http_access`] still refuses every cross-site request. The page
 //! itself may not be framed (clickjacking) and runs only its own inline script: the CSP
-//! names the script's and the style's SHA-256, computed here from what is served.
+//! names the script's and the style's SHA-256, computed here from what is served. Its icon
+//! is inline too: a browser asking the HA server for `/favicon.ico` is an unsigned request,
+//! counted as an authentication failure.
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -38,7 +40,8 @@ impl Page {
         let html = format!(
             "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
              <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-             <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{markup}\n\
+             <link rel=\"icon\" href=\"data:,\">\n<title>{title}</title>\n<style>{STYLE}</style>\n\
+             </head>\n<body>\n{markup}\n\
              <script>{script}</script>\n</body>\n</html>\n"
         );
         let csp = format!(

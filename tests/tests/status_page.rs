@@ -287,6 +287,10 @@ async fn the_ha_server_and_broker_pages_render() -> anyhow::Result<()> {
         dom.contains("<div id=\"signed\" class=\"mute\">"),
         "says reads are signed:\n{dom}"
     );
+    // It asked once, not on every refresh: an open page must not feed the auth-failure alert.
+    let (_, text) = http(ha.addr(), "GET", "/metrics").await?;
+    let refused = mqlb_tests::metric(&text, "mqlb_ha_auth_failures_total", &[]);
+    assert_eq!(refused, 1.0, "signed reads refused to the page");
 
     let http = cluster
         .http(0)

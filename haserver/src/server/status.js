@@ -2,6 +2,9 @@
 // /metrics (open: the counts), /api/cluster and /api/events (signed when authenticate_reads is
 // on, as configured servers have it: then the members are not listed).
 const haEvents = { after: 0, kept: [] };
+// Set at the first 401: asked again on every refresh, the signed reads would fill
+// mqlb_ha_auth_failures_total (and its alert) for as long as the page is open.
+let readsSigned = false;
 async function refreshHa() {
   const [health, metricsText] = await Promise.all([
     fetch("/healthz", { cache: "no-store" }).then((r) => r.json()),
@@ -15,9 +18,11 @@ async function refreshHa() {
     card("membership version", sum(m, "mqlb_ha_membership_version"))];
   let cluster;
   try {
+    if (readsSigned) throw new Unauthorized("/api/cluster");
     cluster = await api("/api/cluster");
   } catch (e) {
     if (!(e instanceof Unauthorized)) throw e;
+    readsSigned = true;
     $("signed").hidden = false;
     $("members-table").hidden = true;
     $("overview").replaceChildren(...cards);
