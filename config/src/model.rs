@@ -283,6 +283,32 @@ pub struct Rule {
     /// The longest MQTT keep-alive clients are expected to use; the idle timeout must exceed
     /// 1.5× of it or idle-but-alive clients are cut (checked at load, warned).
     pub mqtt_keep_alive: Duration,
+    /// TCP keepalive on both legs of the rule's connections.
+    pub tcp_keepalive: TcpKeepalive,
+}
+
+/// TCP keepalive of a connection's sockets: a peer that vanished without a FIN (a host that
+/// died, a NAT that forgot the flow) is found on a quiet connection after about
+/// `time + interval × count`. Whole seconds, as the kernel takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TcpKeepalive {
+    /// Quiet time before the first probe (TCP_KEEPIDLE).
+    pub time: Duration,
+    /// Time between unanswered probes (TCP_KEEPINTVL).
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT); `None`: the
+    /// system's (9 on Linux).
+    pub count: Option<u32>,
+}
+
+impl Default for TcpKeepalive {
+    fn default() -> Self {
+        TcpKeepalive {
+            time: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: None,
+        }
+    }
 }
 
 /// One finding of validation: the key (a path like `pool[0].backend[1].addr`) and what is wrong.

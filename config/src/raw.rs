@@ -170,4 +170,7 @@ pub struct RawRule {
     pub non_mqtt: Option<String>,
     pub close_on_backend_down: Option<bool>,
     pub mqtt_keep_alive: Option<String>,
+    pub tcp_keepalive_time: Option<String>,
+    pub tcp_keepalive_interval: Option<String>,
+    pub tcp_keepalive_count: Option<u32>,
 }

@@ -382,3 +382,53 @@ fn remove_after_is_a_discovery_pools_key_with_a_default() {
     assert_eq!(p[0].key, "pool[0].remove_after");
     assert!(p[0].message.contains("discovery"), "{}", p[0].message);
 }
+
+#[test]
+fn tcp_keepalive_is_per_rule_in_whole_seconds_within_the_kernels_bounds() {
+    let c = Config::parse(MINIMAL, "t.toml").expect("valid");
+    assert_eq!(c.rules[0].tcp_keepalive, TcpKeepalive::default());
+    assert_eq!(c.rules[0].tcp_keepalive.time, Duration::from_secs(60));
+    assert_eq!(c.rules[0].tcp_keepalive.interval, Duration::from_secs(10));
+
+    let set = format!(
+        "{MINIMAL}tcp_keepalive_time = \"2m\"\ntcp_keepalive_interval = \"5s\"\ntcp_keepalive_count = 4\n"
+    );
+    let c = Config::parse(&set, "t.toml").expect("valid");
+    assert_eq!(
+        c.rules[0].tcp_keepalive,
+        TcpKeepalive {
+            time: Duration::from_secs(120),
+            interval: Duration::from_secs(5),
+            count: Some(4),
+        }
+    );
+
+    let bad = format!(
+        "{MINIMAL}tcp_keepalive_time = \"1500ms\"\ntcp_keepalive_interval = \"10h\"\ntcp_keepalive_count = 0\n"
+    );
+    let mut keys: Vec<String> = problems(&bad).into_iter().map(|p| p.key).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "rule[0].tcp_keepalive_count",
+            "rule[0].tcp_keepalive_interval",
+            "rule[0].tcp_keepalive_time"
+        ]
+    );
+    let p = problems(&format!("{MINIMAL}tcp_keepalive_count = 128\n"));
+    assert_eq!(p.len(), 1, "{p:?}");
+}
+
+#[test]
+fn keepalive_not_below_the_idle_timeout_is_warned() {
+    let text = format!("{MINIMAL}idle_timeout = \"2m\"\ntcp_keepalive_time = \"2m\"\n");
+    let c = Config::parse(&text, "t.toml").expect("valid");
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.key == "rule[0].tcp_keepalive_time"),
+        "{:?}",
+        c.warnings
+    );
+}

@@ -157,6 +157,57 @@ impl Checker {
     }
 }
 
+/// The kernel's bounds: TCP_KEEPIDLE and TCP_KEEPINTVL take 1 to 32767 seconds, TCP_KEEPCNT
+/// 1 to 127 (Linux); beyond, setsockopt fails on every connection.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+const MAX_KEEPALIVE_COUNT: u32 = 127;
+
+/// A rule's `tcp_keepalive_*` keys (`k` is the rule's key path).
+fn tcp_keepalive(c: &mut Checker, k: &str, r: &RawRule) -> TcpKeepalive {
+    let default = TcpKeepalive::default();
+    let mut secs = |key: &str, text: Option<&str>, fallback: Duration| {
+        let key = format!("{k}.{key}");
+        let d = c.duration(&key, text, fallback);
+        if d.subsec_nanos() != 0 {
+            c.error(
+                &key,
+                "must be whole seconds (the kernel counts keepalive in seconds)",
+            );
+            fallback
+        } else if d.as_secs() > MAX_KEEPALIVE_SECS {
+            c.error(&key, format!("must be at most {MAX_KEEPALIVE_SECS}s"));
+            fallback
+        } else {
+            d
+        }
+    };
+    let time = secs(
+        "tcp_keepalive_time",
+        r.tcp_keepalive_time.as_deref(),
+        default.time,
+    );
+    let interval = secs(
+        "tcp_keepalive_interval",
+        r.tcp_keepalive_interval.as_deref(),
+        default.interval,
+    );
+    let count = r.tcp_keepalive_count.filter(|n| {
+        let ok = (1..=MAX_KEEPALIVE_COUNT).contains(n);
+        if !ok {
+            c.error(
+                format!("{k}.tcp_keepalive_count"),
+                format!("must be between 1 and {MAX_KEEPALIVE_COUNT}"),
+            );
+        }
+        ok
+    });
+    TcpKeepalive {
+        time,
+        interval,
+        count,
+    }
+}
+
 pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> {
     let mut c = Checker {
         problems: Vec::new(),
@@ -460,6 +511,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 r.mqtt_keep_alive.as_deref(),
                 DEFAULT_MQTT_KEEP_ALIVE,
             ),
+            tcp_keepalive: tcp_keepalive(&mut c, &k, r),
         };
         if distribution != Distribution::MqttClientId
             && (r.fallback.is_some()
@@ -480,6 +532,16 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                     "idle_timeout {} does not exceed 1.5 x mqtt_keep_alive {}: idle MQTT clients will be disconnected",
                     format_duration(rule.idle_timeout),
                     format_duration(rule.mqtt_keep_alive)
+                ),
+            );
+        }
+        if rule.tcp_keepalive.time >= rule.idle_timeout {
+            c.warn(
+                format!("{k}.tcp_keepalive_time"),
+                format!(
+                    "tcp_keepalive_time {} is not below idle_timeout {}: the idle timeout closes a quiet connection before keepalive probes it",
+                    format_duration(rule.tcp_keepalive.time),
+                    format_duration(rule.idle_timeout)
                 ),
             );
         }

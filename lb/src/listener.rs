@@ -66,7 +66,8 @@ fn listening_socket(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Res
     let socket = new_socket(addr, reuse_port)?;
     if ACCEPTED_INHERIT_OPTIONS {
         socket.set_tcp_nodelay(true)?;
-        socket.set_tcp_keepalive(&crate::conn::keepalive())?;
+        // The default keepalive; a rule with its own sets it on each accepted socket.
+        socket.set_tcp_keepalive(&crate::conn::keepalive(&Default::default()))?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

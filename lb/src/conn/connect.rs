@@ -2,29 +2,35 @@
 //! read replayed on it.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// TCP keepalive on both legs, so a peer that vanished without a FIN is noticed.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-
-pub(crate) fn keepalive() -> TcpKeepalive {
-    TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
+/// TCP keepalive on both legs, so a peer that vanished without a FIN is noticed: the rule's
+/// `tcp_keepalive_*` (60 s, then every 10 s, by default).
+pub(crate) fn keepalive(cfg: &mqlb_config::TcpKeepalive) -> TcpKeepalive {
+    let k = TcpKeepalive::new()
+        .with_time(cfg.time)
+        .with_interval(cfg.interval);
+    match cfg.count {
+        Some(n) => k.with_retries(n),
+        None => k,
+    }
 }
 
 /// TCP_NODELAY and keepalive on one leg (a client socket inherits them from a listener mqlb
 /// bound itself).
-pub(crate) fn set_socket_options(s: &TcpStream) {
+pub(crate) fn set_socket_options(s: &TcpStream, ka: &mqlb_config::TcpKeepalive) {
     if let Err(e) = s.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
-    if let Err(e) = SockRef::from(s).set_tcp_keepalive(&keepalive()) {
+    set_keepalive(s, ka);
+}
+
+/// The rule's keepalive on a socket that inherited another (the listener's default).
+pub(crate) fn set_keepalive(s: &TcpStream, ka: &mqlb_config::TcpKeepalive) {
+    if let Err(e) = SockRef::from(s).set_tcp_keepalive(&keepalive(ka)) {
         tracing::debug!(error = %e, "TCP keepalive not set");
     }
 }
@@ -39,6 +45,7 @@ pub(crate) fn set_socket_options(s: &TcpStream) {
 pub(crate) async fn connect_and_replay(
     addr: SocketAddr,
     replay: &[u8],
+    ka: &mqlb_config::TcpKeepalive,
 ) -> std::io::Result<TcpStream> {
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -46,7 +53,7 @@ pub(crate) async fn connect_and_replay(
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
-    socket.set_tcp_keepalive(&keepalive())?;
+    socket.set_tcp_keepalive(&keepalive(ka))?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         // Under way: a non-blocking connect answers EINPROGRESS.
@@ -70,16 +77,29 @@ pub(crate) async fn connect_and_replay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
-    /// The backend leg gets TCP_NODELAY and keepalive, and carries the replayed bytes.
+    /// The backend leg gets TCP_NODELAY and the rule's keepalive, and carries the replayed bytes.
     #[tokio::test]
     async fn backend_leg_is_tuned_and_replays() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let s = connect_and_replay(addr, b"CONNECT").await.unwrap();
+        let ka = mqlb_config::TcpKeepalive {
+            time: Duration::from_secs(7),
+            interval: Duration::from_secs(3),
+            count: Some(4),
+        };
+        let s = connect_and_replay(addr, b"CONNECT", &ka).await.unwrap();
         assert!(s.nodelay().unwrap());
-        assert!(SockRef::from(&s).keepalive().unwrap());
+        let sock = SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
         let (mut a, _) = l.accept().await.unwrap();
         let mut got = [0u8; 7];
         a.read_exact(&mut got).await.unwrap();
@@ -94,7 +114,8 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        assert!(connect_and_replay(addr, b"CONNECT").await.is_err());
-        assert!(connect_and_replay(addr, b"").await.is_err());
+        let ka = mqlb_config::TcpKeepalive::default();
+        assert!(connect_and_replay(addr, b"CONNECT", &ka).await.is_err());
+        assert!(connect_and_replay(addr, b"", &ka).await.is_err());
     }
 }

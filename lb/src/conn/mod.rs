@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqlb_config::Distribution;
+use mqlb_config::{Distribution, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -27,7 +27,7 @@ use crate::mqtt::{self, Refusal};
 use crate::shared::Shared;
 use crate::snapshot::{Member, RuleRt};
 use crate::state::{ConnInfo, Source};
-pub(crate) use connect::{keepalive, set_socket_options};
+pub(crate) use connect::{keepalive, set_keepalive, set_socket_options};
 use inspect::Inspection;
 pub(crate) use outcome::count_end;
 pub use outcome::Outcome;
@@ -112,11 +112,14 @@ async fn establish(
     set_options: bool,
     client_traffic: bool,
 ) -> Option<(TcpStream, TcpStream, Arc<ConnInfo>)> {
-    if set_options {
-        set_socket_options(&client);
-    }
     let (shared, rule) = (&*shared, &rule);
     let cfg = &rule.cfg;
+    if set_options {
+        set_socket_options(&client, &cfg.tcp_keepalive);
+    } else if cfg.tcp_keepalive != TcpKeepalive::default() {
+        // The client socket inherited the listener's keepalive, which is the default one.
+        set_keepalive(&client, &cfg.tcp_keepalive);
+    }
     let tally = Tally {
         shared,
         rule,
@@ -179,7 +182,7 @@ async fn establish(
             }
         };
         let addr = member.cfg.addr_for_level(level.map(|l| l as u8));
-        let attempt = connect::connect_and_replay(addr, &buffered);
+        let attempt = connect::connect_and_replay(addr, &buffered, &cfg.tcp_keepalive);
         match tokio::time::timeout(cfg.connect_timeout, attempt).await {
             Ok(Ok(s)) => {
                 backend = Some((idx, addr, s));
