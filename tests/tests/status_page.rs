@@ -123,17 +123,19 @@ fn render_blocking(bin: &Path, url: &str, screenshot: Option<&Path>) -> anyhow::
 
 /// The status line and headers of `GET path`.
 async fn response_head(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    Ok(get_raw(addr, path).await?.0)
+}
+
+/// `GET path` as (status line and headers, body).
+async fn get_raw(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf);
-    Ok(text
-        .split("\r\n\r\n")
-        .next()
-        .unwrap_or_default()
-        .to_string())
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok((head.to_string(), body.to_string()))
 }
 
 /// The `data-state` of the row of `backend` in the rendered DOM.
@@ -310,5 +312,120 @@ async fn the_ha_server_and_broker_pages_render() -> anyhow::Result<()> {
     );
     client.disconnect().await;
     ha.stop().await;
+    Ok(())
+}
+
+/// Off loopback the APIs need the admin token; the page then shows the token form and no
+/// data, and asks each API once, not every refresh (each refusal is counted by the server).
+/// The LB here is on loopback, where reads are open, so its page is served by a stand-in that
+/// refuses every API with 401 like an LB off loopback without the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_token_the_page_shows_nothing_and_asks_once() -> anyhow::Result<()> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let Some(bin) = chromium() else {
+        anyhow::ensure!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!(
+            "SKIPPED without_the_token_the_page_shows_nothing_and_asks_once: no chromium on PATH"
+        );
+        return Ok(());
+    };
+    // The LB's page, as its admin server serves it (the CSP names its script's hash).
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let cfg = mqlb_config::Config::parse(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n[[frontend]]\nname = \"f\"\n\
+         bind = \"127.0.0.1:0\"\n[[pool]]\nname = \"p\"\n[[pool.backend]]\nid = \"b1\"\n\
+         addr = \"127.0.0.1:9\"\n[[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n",
+        "test",
+    )?;
+    let lb = mqlb_lb::Lb::start(
+        cfg,
+        mqlb_lb::Listeners {
+            admin: Some(admin),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (head, page) = get_raw(lb.admin_addr(), "/").await?;
+    lb.shutdown().await;
+    let csp = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-security-policy: "))
+        .ok_or_else(|| anyhow::anyhow!("no CSP: {head}"))?
+        .to_string();
+
+    let stand_in = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = stand_in.local_addr()?;
+    let asked: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let counts = asked.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = stand_in.accept().await else {
+                return;
+            };
+            let (page, csp, counts) = (page.clone(), csp.clone(), counts.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65_536 {
+                    match tokio::time::timeout(DEADLINE, s.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf);
+                let path = text.split(' ').nth(1).unwrap_or("").to_string();
+                *counts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(path.clone())
+                    .or_default() += 1;
+                let (status, ctype, extra, body) = match path.as_str() {
+                    "/" => (
+                        "200 OK",
+                        "text/html; charset=utf-8",
+                        format!("content-security-policy: {csp}\r\n"),
+                        page,
+                    ),
+                    "/healthz" => ("200 OK", "text/plain", String::new(), "ok\n".to_string()),
+                    _ => (
+                        "401 Unauthorized",
+                        "text/plain",
+                        "www-authenticate: Bearer realm=\"mqlb\"\r\n".to_string(),
+                        "refused: no bearer token\n".to_string(),
+                    ),
+                };
+                let res = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if let Err(e) = s.write_all(res.as_bytes()).await {
+                    eprintln!("stand-in: {e}");
+                }
+            });
+        }
+    });
+    let dom = render(&bin, &format!("http://{addr}/"), None).await;
+    server.abort();
+    let dom = dom?;
+    assert!(
+        dom.contains("<div id=\"auth\">"),
+        "the token form is shown:\n{dom}"
+    );
+    assert!(
+        !dom.contains("<tr data-backend="),
+        "no backend shown:\n{dom}"
+    );
+    assert!(dom.contains("waiting for a token"), "{dom}");
+    let asked = asked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(
+        asked.get("/api/backends"),
+        Some(&1),
+        "asked once: {asked:?}"
+    );
+    assert_eq!(asked.get("/favicon.ico"), None, "{asked:?}");
     Ok(())
 }

@@ -140,8 +140,14 @@ function every(ms, refresh) {
       $("problem").textContent = "";
       $("updated").textContent = "updated " + fmtTime(Date.now() / 1000);
     } catch (e) {
-      if (e instanceof Unauthorized) tokenForm();
-      else $("problem").textContent = "Refresh failed: " + e.message;
+      if (e instanceof Unauthorized) {
+        // Wait for a token: asking again every few seconds would only fill the server's
+        // refusal counter (mqlb_admin_requests_refused_total). "Use token" runs it again.
+        tokenForm();
+        $("updated").textContent = "waiting for a token";
+        return;
+      }
+      $("problem").textContent = "Refresh failed: " + e.message;
     }
     timer = setTimeout(run, ms);
   };
