@@ -312,6 +312,56 @@ mod tests {
     }
 
     #[test]
+    fn the_last_backend_going_down_empties_the_pool_and_one_coming_back_recovers_it() {
+        let cfg = mqlb_config::Config::parse(
+            "[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n[[pool]]\nname = \"p\"\n\
+             [[pool.backend]]\nid = \"a\"\naddr = \"127.0.0.1:1001\"\n\
+             [[pool.backend]]\nid = \"b\"\naddr = \"127.0.0.1:1002\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n",
+            "t",
+        )
+        .expect("valid");
+        let snap = Snapshot::build(cfg, None);
+        let ev = Events::default();
+        let flip = |id: &str, ok: bool| {
+            let m = snap.pools[0].member(id).expect("member");
+            let t = m
+                .state
+                .observe(ok, 1, 1, Source::Probe)
+                .expect("a transition");
+            ev.health(&snap, ("p", id), t, Source::Probe);
+        };
+        flip("a", false);
+        flip("b", false);
+        flip("b", true);
+        let kinds: Vec<_> = ev
+            .json(0)
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap_or("").to_string(),
+                    e["backend"].clone(),
+                )
+            })
+            .collect();
+        let want = [
+            ("backend_down", json!("a")),
+            ("backend_down", json!("b")),
+            ("no_healthy_backends", Value::Null),
+            ("backend_up", json!("b")),
+            ("pool_recovered", Value::Null),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(k, b)| (k.to_string(), b.clone()))
+            .collect();
+        assert_eq!(kinds, want);
+        assert_eq!(ev.json(0)[0]["reason"], "probe");
+    }
+
+    #[test]
     fn events_are_listed_after_a_sequence_number_with_their_reason() {
         let ev = Events::default();
         ev.reload(Ok(()));
