@@ -5,6 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `println!` for what the commands print on stdout: a reader that left (`mqlb ... | head -1`)
+/// ends nothing, where `println!` would panic on the broken pipe (Rust ignores SIGPIPE).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod import_azure;
 mod up;
 
@@ -162,7 +170,7 @@ fn check_config(file: &PathBuf) -> ExitCode {
     let code = match Config::load(file) {
         Ok(cfg) => {
             for w in &cfg.warnings {
-                writeln!(out, "{}: warning: {w}", file.display()).ok();
+                writeln!(out, "warning: {}", w.located(&file.display().to_string())).ok();
             }
             writeln!(
                 out,
@@ -179,7 +187,7 @@ fn check_config(file: &PathBuf) -> ExitCode {
             writeln!(out, "{e}").ok();
             if let ConfigError::Invalid { file, warnings, .. } = &e {
                 for w in warnings {
-                    writeln!(out, "  {file}: warning: {w}").ok();
+                    writeln!(out, "  warning: {}", w.located(file)).ok();
                 }
             }
             ExitCode::FAILURE
@@ -193,6 +201,17 @@ fn check_config(file: &PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
         _ => code,
+    }
+}
+
+/// One line on stdout (see [`outln!`]); any other write error is said on stderr.
+fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("mqlb: writing to stdout: {e}");
+        }
     }
 }
 
@@ -234,11 +253,11 @@ async fn probe(
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(match result {
         Ok(()) => {
-            println!("{addr}: healthy ({ms:.1} ms)");
+            outln!("{addr}: healthy ({ms:.1} ms)");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("{addr}: unhealthy: {e} ({ms:.1} ms)");
+            outln!("{addr}: unhealthy: {e} ({ms:.1} ms)");
             ExitCode::FAILURE
         }
     })
@@ -270,12 +289,12 @@ async fn run_broker(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCod
     };
     let spec = mqlb_broker::NodeSpec::from_config(&cfg, id)?;
     let node = mqlb_broker::Node::start(spec).await?;
-    println!("broker {id}: MQTT 3.1.1 on {}", node.mqtt);
+    outln!("broker {id}: MQTT 3.1.1 on {}", node.mqtt);
     if let Some(a) = node.mqtt_v5 {
-        println!("broker {id}: MQTT 5 on {a}");
+        outln!("broker {id}: MQTT 5 on {a}");
     }
     if let Some(a) = node.http {
-        println!("broker {id}: metrics on http://{a}/metrics");
+        outln!("broker {id}: metrics on http://{a}/metrics");
     }
     wait_for_broker_signals(&node).await?;
     node.stop().await;
@@ -332,7 +351,7 @@ async fn run_haserver(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitC
         mqlb_haserver::Options::from_config(&cfg)?,
     )
     .await?;
-    println!(
+    outln!(
         "haserver {id}: http://{}/api/cluster (database {})",
         server.addr(),
         me.db.display()

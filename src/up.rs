@@ -151,7 +151,7 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
         }
     }
 
-    println!(
+    outln!(
         "mqlb is up{}",
         config
             .as_ref()
@@ -161,10 +161,10 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
             ))
     );
     for f in &cfg.frontends {
-        println!("  MQTT (3.1.1 and 5.0)   mqtt://{}", f.bind);
+        outln!("  MQTT (3.1.1 and 5.0)   mqtt://{}", f.bind);
     }
     if let Some(lb) = procs.iter().find(|p| p.name == "lb") {
-        println!(
+        outln!(
             "  LB admin / metrics     http://{}/api/backends  http://{}/metrics  pid {}",
             cfg.lb.admin,
             cfg.lb.admin,
@@ -172,7 +172,7 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
         );
     }
     for h in &cfg.ha.servers {
-        println!("  HA server {:<12} http://{}/api/cluster", h.id, h.listen);
+        outln!("  HA server {:<12} http://{}/api/cluster", h.id, h.listen);
     }
     for (b, p) in cfg
         .brokers
@@ -183,15 +183,13 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
             .mqtt_v5
             .map(|a| format!(", MQTT 5 {a}"))
             .unwrap_or_default();
-        println!("  broker {:<15} MQTT {}{v5}  pid {}", b.id, b.mqtt, p.pid());
+        outln!("  broker {:<15} MQTT {}{v5}  pid {}", b.id, b.mqtt, p.pid());
     }
-    println!(
-        "Simulate a failure: kill -9 <pid> (crash) or kill -STOP <pid> (hang; -CONT resumes)."
-    );
+    outln!("Simulate a failure: kill -9 <pid> (crash) or kill -STOP <pid> (hang; -CONT resumes).");
     if restart {
-        println!("A process that crashes is started again after 1 s. Ctrl-C stops everything.");
+        outln!("A process that crashes is started again after 1 s. Ctrl-C stops everything.");
     } else {
-        println!("Ctrl-C stops everything.");
+        outln!("Ctrl-C stops everything.");
     }
 
     // Supervise until Ctrl-C/SIGTERM: only that stops the topology, never a child's death.
@@ -253,18 +251,18 @@ fn supervise(p: &mut Proc, exe: &PathBuf, restart: bool) {
             let delay = restart_delay(p.delay, p.started_at.elapsed());
             p.delay = Some(delay);
             p.restart_at = Some(Instant::now() + delay);
-            println!(
+            outln!(
                 "mqlb up: {} exited ({status}); starting it again in {delay:?}",
                 p.name
             );
         } else {
-            println!("mqlb up: {} exited ({status})", p.name);
+            outln!("mqlb up: {} exited ({status})", p.name);
         }
     }
     if p.restart_at.is_some_and(|t| Instant::now() >= t) {
         p.restart_at = None;
         match p.spawn(exe) {
-            Ok(()) => println!("mqlb up: restarted {} (pid {})", p.name, p.pid()),
+            Ok(()) => outln!("mqlb up: restarted {} (pid {})", p.name, p.pid()),
             Err(e) => {
                 let delay = restart_delay(p.delay, Duration::ZERO);
                 p.delay = Some(delay);

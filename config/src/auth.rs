@@ -60,6 +60,7 @@ pub(crate) fn validate(
             errors.push(Problem {
                 key: key.into(),
                 message: format!("cannot read {path:?}: {e}"),
+                line: None,
             });
         }
         Some(PathBuf::from(path))
@@ -76,6 +77,7 @@ pub(crate) fn validate(
             message: format!(
                 "is true and {key} ({addr}) is not loopback: clients without a user name (and, without auth.password_file, any user name) can connect"
             ),
+            line: None,
         });
     }
     (

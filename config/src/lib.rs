@@ -10,6 +10,7 @@ mod auth;
 mod duration;
 mod model;
 mod raw;
+mod spans;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ pub enum ConfigError {
 fn list(file: &str, problems: &[Problem]) -> String {
     problems
         .iter()
-        .map(|p| format!("  {file}: {p}"))
+        .map(|p| format!("  {}", p.located(file)))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -71,11 +72,26 @@ impl Config {
             file: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        validate::validate(raw).map_err(|(problems, warnings)| ConfigError::Invalid {
-            file: origin.to_string(),
-            problems,
-            warnings,
-        })
+        let locate = |problems: &mut Vec<Problem>| {
+            for p in problems {
+                p.line = spans::line_of(text, &p.key);
+            }
+        };
+        match validate::validate(raw) {
+            Ok(mut cfg) => {
+                locate(&mut cfg.warnings);
+                Ok(cfg)
+            }
+            Err((mut problems, mut warnings)) => {
+                locate(&mut problems);
+                locate(&mut warnings);
+                Err(ConfigError::Invalid {
+                    file: origin.to_string(),
+                    problems,
+                    warnings,
+                })
+            }
+        }
     }
 
     /// The built-in default configuration.

@@ -316,6 +316,19 @@ impl Default for TcpKeepalive {
 pub struct Problem {
     pub key: String,
     pub message: String,
+    /// The 1-based line of the key in the file, where it is written in one (set by
+    /// [`Config::parse`](crate::Config::parse)).
+    pub line: Option<usize>,
+}
+
+impl Problem {
+    /// `file:LINE: key: message`, as a compiler points at a line (`file: ...` without one).
+    pub fn located(&self, file: &str) -> String {
+        match self.line {
+            Some(line) => format!("{file}:{line}: {self}"),
+            None => format!("{file}: {self}"),
+        }
+    }
 }
 
 impl std::fmt::Display for Problem {

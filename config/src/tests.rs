@@ -432,3 +432,31 @@ fn keepalive_not_below_the_idle_timeout_is_warned() {
         c.warnings
     );
 }
+
+#[test]
+fn problems_and_warnings_carry_their_line() {
+    let text = format!("{MINIMAL}distribution = \"random\"\n");
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("distribution"))
+        .map(|i| i + 1);
+    assert_eq!(p[0].line, line);
+    assert_eq!(
+        p[0].located("t.toml"),
+        format!(
+            "t.toml:{}: rule[0].distribution: {}",
+            line.unwrap_or(0),
+            p[0].message
+        )
+    );
+    let warned = format!("{MINIMAL}idle_timeout = \"30s\"\n");
+    let c = Config::parse(&warned, "t.toml").expect("valid");
+    let w = c.warnings.iter().find(|w| w.key == "rule[0].idle_timeout");
+    let line = warned
+        .lines()
+        .position(|l| l.starts_with("idle_timeout"))
+        .map(|i| i + 1);
+    assert_eq!(w.and_then(|w| w.line), line, "{:?}", c.warnings);
+}

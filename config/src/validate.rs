@@ -49,6 +49,7 @@ impl Checker {
         self.problems.push(Problem {
             key: key.into(),
             message: message.into(),
+            line: None,
         });
     }
 
@@ -56,6 +57,7 @@ impl Checker {
         self.warnings.push(Problem {
             key: key.into(),
             message: message.into(),
+            line: None,
         });
     }
 

@@ -348,3 +348,101 @@ async fn up_starts_the_topology_and_ctrl_c_stops_it() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A semantic error and a warning of `check-config` name the line of their key, as a compiler
+/// does (`FILE:LINE: key: message`); a key the file leaves out names its table's line.
+#[test]
+fn check_config_names_the_line_of_each_problem() -> anyhow::Result<()> {
+    let tmp = TempDir::new("cli-lines")?;
+    let file = tmp.path().join("lines.toml");
+    std::fs::write(
+        &file,
+        "[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:1883\"\n\
+         \n[[pool]]\nname = \"p\"\n[[pool.backend]]\nid = \"a\"\naddr = \"127.0.0.1:1884\"\n\
+         [[pool.backend]]\nid = \"b\"\naddr = \"nowhere\"\n\
+         \n[[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n\
+         idle_timeout = \"30s\"\ntcp_keepalive_count = 0\n",
+    )?;
+    let path = file.display().to_string();
+    let (code, out) = run(&["check-config", &path])?;
+    assert_eq!(code, 1, "{out}");
+    for want in [
+        format!("{path}:12: pool[0].backend[1].addr: "),
+        format!("{path}:19: rule[0].tcp_keepalive_count: "),
+        format!("warning: {path}:18: rule[0].idle_timeout: "),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in:\n{out}");
+    }
+    Ok(())
+}
+
+/// A pipe whose reader is gone, for a child's stdout: every write to it fails with EPIPE.
+fn closed_pipe() -> anyhow::Result<std::io::PipeWriter> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    Ok(writer)
+}
+
+/// Runs `mqlb args` with stdout a closed pipe; returns (exit code, stderr).
+fn run_into_closed_pipe(args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let out = Command::new(mqlb_bin()?)
+        .args(args)
+        .stdout(closed_pipe()?)
+        .stderr(Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    Ok((out.status.code().unwrap_or(-1), stderr))
+}
+
+/// `mqlb ... | head -0`: a reader that left is no panic. check-config and probe exit with
+/// their own code, and a broker whose stdout is gone keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_is_not_a_panic() -> anyhow::Result<()> {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/mqlb.toml");
+    let (code, err) =
+        run_into_closed_pipe(&["check-config", example.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let closed = format!("127.0.0.1:{}", free_port()?);
+    let (code, err) = run_into_closed_pipe(&["probe", &closed])?;
+    assert_eq!(code, 1, "unhealthy, not a panic (101): {err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let tmp = TempDir::new("cli-pipe")?;
+    let file = tmp.path().join("one.toml");
+    let (mqtt, http_port) = (free_port()?, free_port()?);
+    std::fs::write(
+        &file,
+        format!("[[broker]]\nid = \"n1\"\nmqtt = \"127.0.0.1:{mqtt}\"\nhttp = \"127.0.0.1:{http_port}\"\n"),
+    )?;
+    let mut node = KillOnDrop(
+        Command::new(mqlb_bin()?)
+            .args([
+                "broker",
+                "-c",
+                file.to_str().unwrap_or_default(),
+                "--id",
+                "n1",
+            ])
+            .stdout(closed_pipe()?)
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let http_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse()?;
+    wait_until(
+        "the broker's http answers",
+        Duration::from_secs(20),
+        || async {
+            http(http_addr, "GET", "/healthz")
+                .await
+                .is_ok_and(|(s, _)| s == 200)
+        },
+    )
+    .await?;
+    // It printed its addresses by now (before serving); it must still be there.
+    let c = Client::connect(format!("127.0.0.1:{mqtt}").parse()?, "after-pipe").await?;
+    assert_eq!(node.0.try_wait()?, None, "the broker exited");
+    c.disconnect().await;
+    Ok(())
+}
