@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub conns: ConnRegistry,
     /// The admin API's drain/enable/evacuate decisions, kept across restarts.
     pub admin_state: crate::admin_state::AdminState,
+    /// Evacuations by backend ID, running or finished.
+    pub evacuations: crate::evacuate::Evacuations,
     /// Frontends with a running accept loop (`/healthz`).
     pub listening: Listening,
     /// Source addresses of the data-path probe's connections in flight.

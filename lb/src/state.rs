@@ -240,8 +240,21 @@ pub struct ConnInfo {
     last_active_ms: AtomicU64,
     /// Set by the sweeper when the idle timeout ran out.
     idle_expired: AtomicBool,
-    /// The connection's task, woken to end it (idle, backend down, shutdown).
+    /// The connection's task, woken to end it (idle, backend down, shutdown, evacuation).
     waker: AtomicWaker,
+    /// Its evacuation (`Evacuation` as a number): set by the evacuator, read by the relay.
+    evacuation: std::sync::atomic::AtomicU8,
+}
+
+/// How far an evacuation has got with one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Evacuation {
+    None = 0,
+    /// Asked to leave: an MQTT 5 client is sent DISCONNECT 0x9C at the next packet boundary,
+    /// any other connection is closed.
+    Asked = 1,
+    /// Told and still open after the grace: closed now.
+    Forced = 2,
 }
 
 impl ConnInfo {
@@ -269,7 +282,22 @@ impl ConnInfo {
             last_active_ms: AtomicU64::new(0),
             idle_expired: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            evacuation: std::sync::atomic::AtomicU8::new(0),
         }
+    }
+
+    pub(crate) fn evacuation(&self) -> Evacuation {
+        match self.evacuation.load(Ordering::Acquire) {
+            0 => Evacuation::None,
+            1 => Evacuation::Asked,
+            _ => Evacuation::Forced,
+        }
+    }
+
+    /// Moves the connection's evacuation on (never back) and wakes its task to act on it.
+    pub(crate) fn evacuate(&self, step: Evacuation) {
+        self.evacuation.fetch_max(step as u8, Ordering::AcqRel);
+        self.waker.wake();
     }
 
     /// Adds the bytes moved since the last fold to `mqlb_bytes_total`; true if any moved.
@@ -457,6 +485,11 @@ impl ConnRegistry {
 
     pub fn remove(&self, id: u64) {
         lock(&self.shards[id as usize % SHARDS]).remove(&id);
+    }
+
+    /// True while connection `id` is open.
+    pub fn contains(&self, id: u64) -> bool {
+        lock(&self.shards[id as usize % SHARDS]).contains_key(&id)
     }
 
     pub fn snapshot(&self) -> Vec<Arc<ConnInfo>> {

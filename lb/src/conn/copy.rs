@@ -71,6 +71,7 @@ mod pool {
     }
 }
 
+use super::frames::Framer;
 #[cfg(target_os = "linux")]
 use super::splice::Pipe;
 
@@ -87,7 +88,7 @@ impl Pipe {
     fn pending(&self) -> usize {
         0
     }
-    fn fill(&mut self, _: &TcpStream) -> io::Result<usize> {
+    fn fill(&mut self, _: &TcpStream, _: usize) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
     fn drain(&mut self, _: &TcpStream) -> io::Result<usize> {
@@ -106,6 +107,9 @@ pub(crate) struct Dir {
     /// A read filled the whole buffer: this direction carries a bulk stream.
     bulk: bool,
     done: bool,
+    /// Stopping at a packet boundary (an evacuation): the last bytes, the DISCONNECT, are
+    /// in the buffer; once they are written this direction is done.
+    stopping: bool,
 }
 
 impl Dir {
@@ -129,9 +133,14 @@ impl Dir {
     /// Moves bytes `from` → `to` until EOF (then half-closes `to`, unless the other direction
     /// is done too and closing will say it) or until neither side is ready.
     ///
+    /// With `frames`, the packet boundaries of what passes are followed; with `stop` too, the
+    /// direction ends at the next boundary, after writing `stop` (an evacuation's DISCONNECT)
+    /// there: it reads no byte past the boundary, so no packet is cut or lost.
+    ///
     /// Reads and writes go through tokio's `poll_read`/`poll_write`, which take a short read
     /// (or write) as proof the socket is drained (full): no extra call that would only return
     /// EAGAIN, as `try_read` needs.
+    #[allow(clippy::too_many_arguments)]
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -139,6 +148,8 @@ impl Dir {
         to: &mut TcpStream,
         other_done: bool,
         counter: &AtomicU64,
+        mut frames: Option<&mut Framer>,
+        stop: Option<&[u8]>,
     ) -> Poll<Result<(), (Side, io::Error)>> {
         use io::ErrorKind::WouldBlock;
         loop {
@@ -174,7 +185,32 @@ impl Dir {
                 }
                 continue;
             }
-            // 2. Nothing in flight: wait for the next bytes holding nothing.
+            // 2. Nothing in flight. Stopping: at a packet boundary, the last bytes go out, then
+            // the direction is done (the FIN follows them).
+            if let (Some(last), Some(f)) = (stop, frames.as_deref()) {
+                if self.stopping {
+                    self.release();
+                    self.done = true;
+                    if other_done {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Ready(
+                        SockRef::from(&*to)
+                            .shutdown(std::net::Shutdown::Write)
+                            .map_err(|e| (Side::Writer, e)),
+                    );
+                }
+                if f.at_boundary() {
+                    let buf = self.buf.get_or_insert_with(|| pool::take(COPY_BUF));
+                    let n = last.len().min(buf.len());
+                    buf[..n].copy_from_slice(&last[..n]);
+                    // n <= COPY_BUF
+                    (self.pos, self.len) = (0, n as u32);
+                    self.stopping = true;
+                    continue;
+                }
+            }
+            // 3. Wait for the next bytes holding nothing.
             match from.poll_read_ready(cx) {
                 Poll::Pending => {
                     self.release();
@@ -186,23 +222,39 @@ impl Dir {
             if self.bulk && self.pipe.is_none() {
                 self.pipe = Pipe::take();
             }
-            let read = match &mut self.pipe {
+            // Followed packets: a splice moves body bytes only (headers are read to be seen),
+            // and while stopping no read goes past the next boundary.
+            let (splice_max, read_max) = match frames.as_deref() {
+                None => (usize::MAX, usize::MAX),
+                Some(f) if stop.is_some() => (f.splice_limit().min(f.read_limit()), f.read_limit()),
+                Some(f) => (f.splice_limit(), usize::MAX),
+            };
+            let read = match self.pipe.as_mut().filter(|_| splice_max > 0) {
                 Some(pipe) => {
                     if let Some(b) = self.buf.take() {
                         pool::give(b);
                     }
-                    match pipe.fill(from) {
-                        Ok(n) => Poll::Ready(Ok(n)),
+                    match pipe.fill(from, splice_max) {
+                        Ok(n) => {
+                            if let Some(f) = frames.as_deref_mut() {
+                                f.skip(n);
+                            }
+                            Poll::Ready(Ok(n))
+                        }
                         Err(e) if e.kind() == WouldBlock => Poll::Pending,
                         Err(e) => Poll::Ready(Err(e)),
                     }
                 }
                 None => {
                     let buf = self.buf.get_or_insert_with(|| pool::take(COPY_BUF));
-                    let mut rb = ReadBuf::new(buf);
+                    let max = buf.len().min(read_max);
+                    let mut rb = ReadBuf::new(&mut buf[..max]);
                     let r = Pin::new(&mut *from).poll_read(cx, &mut rb);
                     let n = rb.filled().len();
                     if let Poll::Ready(Ok(())) = r {
+                        if let Some(f) = frames.as_deref_mut() {
+                            f.feed(&buf[..n]);
+                        }
                         // n <= COPY_BUF
                         (self.pos, self.len) = (0, n as u32);
                         self.bulk |= n == buf.len();
@@ -241,29 +293,45 @@ pub(crate) struct Bidi {
     pub server: TcpStream,
     pub up: Dir,
     pub down: Dir,
+    /// The packet boundaries of the server → client stream (`frames`), so that an evacuation
+    /// can end it between two packets.
+    pub down_frames: Framer,
 }
 
 impl Bidi {
     /// Copies what is ready; `bytes_in` (client → backend) and `bytes_out` count what moved.
+    /// With `stop`, the server → client direction ends at its next packet boundary after
+    /// writing `stop` there (the client → server one goes on until the client closes).
     pub(crate) fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         bytes_in: &AtomicU64,
         bytes_out: &AtomicU64,
+        stop: Option<&[u8]>,
     ) -> Poll<Result<(), (Peer, io::Error)>> {
         let me = self;
         let down_done = me.down.is_done();
-        if let Poll::Ready(Err((side, e))) =
-            me.up
-                .poll(cx, &mut me.client, &mut me.server, down_done, bytes_in)
-        {
+        if let Poll::Ready(Err((side, e))) = me.up.poll(
+            cx,
+            &mut me.client,
+            &mut me.server,
+            down_done,
+            bytes_in,
+            None,
+            None,
+        ) {
             return Poll::Ready(Err((side.of(Peer::Client, Peer::Backend), e)));
         }
         let up_done = me.up.is_done();
-        if let Poll::Ready(Err((side, e))) =
-            me.down
-                .poll(cx, &mut me.server, &mut me.client, up_done, bytes_out)
-        {
+        if let Poll::Ready(Err((side, e))) = me.down.poll(
+            cx,
+            &mut me.server,
+            &mut me.client,
+            up_done,
+            bytes_out,
+            Some(&mut me.down_frames),
+            stop,
+        ) {
             return Poll::Ready(Err((side.of(Peer::Backend, Peer::Client), e)));
         }
         if me.up.is_done() && me.down.is_done() {

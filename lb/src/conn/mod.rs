@@ -7,6 +7,7 @@
 
 mod connect;
 mod copy;
+mod frames;
 mod inspect;
 mod outcome;
 mod relay;

@@ -26,10 +26,12 @@ pub enum Outcome {
     QueueFull,
     /// No connect slot of the backend came free within `queue_timeout`.
     QueueTimeout,
+    /// Moved off its backend by an evacuation (MQTT 5: DISCONNECT 0x9C first).
+    Evacuated,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Closed,
         Outcome::ClientError,
         Outcome::BackendError,
@@ -41,6 +43,7 @@ impl Outcome {
         Outcome::Rejected,
         Outcome::QueueFull,
         Outcome::QueueTimeout,
+        Outcome::Evacuated,
     ];
 
     pub fn label(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::QueueFull => "queue_full",
             Outcome::QueueTimeout => "queue_timeout",
+            Outcome::Evacuated => "evacuated",
         }
     }
 }

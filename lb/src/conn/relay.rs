@@ -1,12 +1,19 @@
 //! The life of an established connection, which owns both sockets (dropping it closes them):
 //! the copy both ways until it ends, or until something else ends it: the idle sweeper
-//! (`ConnRegistry::sweep`), its backend going down under `close_on_backend_down`, or
-//! shutdown's grace running out. Those set a flag and wake the task through the connection's
-//! waker in its `ConnInfo`.
+//! (`ConnRegistry::sweep`), its backend going down under `close_on_backend_down`,
+//! shutdown's grace running out, or an evacuation (`evacuate`). Those set a flag and wake the
+//! task through the connection's waker in its `ConnInfo`.
+//!
+//! An evacuated MQTT 5 client is told to go (DISCONNECT 0x9C, Use another server, with the
+//! pool's Server Reference): the server → client copy stops at its next packet boundary
+//! (`frames` follows them), the DISCONNECT is written there, then a FIN; the client → server
+//! copy goes on until the client closes, as it must after a DISCONNECT, or until the
+//! evacuation's grace is over. Other clients (3.1.1 has no server DISCONNECT) are closed.
 //!
 //! A hand-written future with no timer and no notification future of its own: it is what
-//! every idle connection holds (160 bytes; an `async fn` around `select!` with a timer and two
-//! notification futures held 976).
+//! every idle connection holds (184 bytes, 8 of them the server → client packet framer of
+//! evacuations; an `async fn` around `select!` with a timer and two notification futures held
+//! 976).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,9 +25,10 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 
 use super::copy::{Bidi, Dir, Peer};
+use super::frames::{self, Framer};
 use super::Outcome;
 use crate::shared::Shared;
-use crate::state::ConnInfo;
+use crate::state::{ConnInfo, Evacuation};
 
 /// How often the sweeper looks at a rule's connections: a few times per idle timeout.
 pub(crate) fn sweep_tick(cfg: &Rule) -> Duration {
@@ -50,6 +58,7 @@ impl<'a> Relay<'a> {
                 server,
                 up: Dir::default(),
                 down: Dir::default(),
+                down_frames: Framer::new(info.level.is_some()),
             },
         }
     }
@@ -77,8 +86,24 @@ impl<'a> Relay<'a> {
         } else if info.rule.cfg.close_on_backend_down && !info.backend_state().is_up() {
             Some(Outcome::BackendDown)
         } else {
-            None
+            match info.evacuation() {
+                Evacuation::None => None,
+                // Told with a DISCONNECT at the next packet boundary (`poll`).
+                Evacuation::Asked if info.level == Some(5) && !self.copy.down_frames.is_off() => {
+                    None
+                }
+                Evacuation::Asked | Evacuation::Forced => Some(Outcome::Evacuated),
+            }
         }
+    }
+
+    /// What the server → client copy ends with, once this connection is evacuated: the
+    /// DISCONNECT of an MQTT 5 client (built only then; evacuations are rare).
+    fn stop_with(&self) -> Option<Vec<u8>> {
+        (self.info.evacuation() != Evacuation::None).then(|| {
+            let reference = self.info.rule.pool.cfg.server_reference.as_deref();
+            frames::disconnect_v5(frames::USE_ANOTHER_SERVER, reference)
+        })
     }
 }
 
@@ -92,8 +117,14 @@ impl Future for Relay<'_> {
         info.register(cx.waker());
         let outcome = match me.ended() {
             Some(o) => o,
-            None => match me.copy.poll_copy(cx, &info.bytes_in, &info.bytes_out) {
+            None => match me.copy.poll_copy(
+                cx,
+                &info.bytes_in,
+                &info.bytes_out,
+                me.stop_with().as_deref(),
+            ) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if info.evacuation() != Evacuation::None => Outcome::Evacuated,
                 Poll::Ready(Ok(())) => Outcome::Closed,
                 Poll::Ready(Err((who, e))) => {
                     let o = match who {

@@ -75,11 +75,12 @@ impl Pipe {
         self.pending as usize
     }
 
-    /// Moves what `from` has received into the (empty) pipe. `Ok(0)` is EOF; `WouldBlock`
-    /// clears the socket's readiness, like a read would.
-    pub(crate) fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+    /// Moves what `from` has received, at most `max` bytes, into the (empty) pipe. `Ok(0)` is
+    /// EOF; `WouldBlock` clears the socket's readiness, like a read would.
+    pub(crate) fn fill(&mut self, from: &TcpStream, max: usize) -> io::Result<usize> {
         debug_assert_eq!(self.pending, 0);
-        let n = from.try_io(Interest::READABLE, || splice(from, &self.write, PIPE_SIZE))?;
+        let len = PIPE_SIZE.min(max);
+        let n = from.try_io(Interest::READABLE, || splice(from, &self.write, len))?;
         // splice moves at most the `len` asked for, PIPE_SIZE
         self.pending = n as u32;
         Ok(n)
@@ -130,7 +131,7 @@ mod tests {
         let mut pipe = Pipe::take().unwrap();
         loop {
             a_in.readable().await.unwrap();
-            match pipe.fill(&a_in) {
+            match pipe.fill(&a_in, usize::MAX) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
