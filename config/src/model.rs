@@ -87,6 +87,9 @@ pub struct Pool {
     /// `backends` are used until the HA server first answers.
     pub discovery: bool,
     pub backends: Vec<Backend>,
+    /// The MQTT 5 Server Reference an evacuation's DISCONNECT (0x9C, Use another server)
+    /// names, e.g. the LB's public `host:port`; `None`: the DISCONNECT carries none.
+    pub server_reference: Option<String>,
     /// How long a member that left the membership (down or gone at the HA server) stays
     /// listed as `down`, taking no traffic, before it is removed for good: alerts on
     /// `mqlb_backend_up == 0` see a dead broker instead of its series vanishing.

@@ -109,6 +109,7 @@ pub struct RawPool {
     pub max_queue: Option<u32>,
     pub queue_timeout: Option<String>,
     pub slow_start: Option<String>,
+    pub server_reference: Option<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }

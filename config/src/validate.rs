@@ -346,8 +346,21 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 .filter(|d| !d.is_zero()),
         };
         let remove_after = pool_remove_after(&mut c, &k, p);
+        // Sent in a DISCONNECT's UTF-8 string property: no NUL or other control characters
+        // (MQTT-1.5.4-2), and short enough for a small packet.
+        let server_reference = p.server_reference.clone().filter(|r| {
+            let ok = !r.is_empty() && r.len() <= 1024 && !r.chars().any(char::is_control);
+            if !ok {
+                c.error(
+                    format!("{k}.server_reference"),
+                    "must be 1-1024 characters without control characters",
+                );
+            }
+            ok
+        });
         pools.push(Pool {
             name: p.name.clone(),
+            server_reference,
             probe,
             discovery: p.discovery.as_deref() == Some("haserver"),
             backends,

@@ -56,6 +56,7 @@ pub(crate) fn backends_json(shared: &Shared) -> Value {
                 "id": m.cfg.id,
                 "addr": m.cfg.addr.to_string(),
                 "weight": m.cfg.weight.get(),
+                "evacuation": evacuation_json(shared, &m.cfg.id),
                 "state": m.state.state_name(),
                 "why": m.state.why_not(),
                 "active_connections": m.state.active(),
@@ -175,8 +176,65 @@ fn set_drain(shared: &Shared, id: &str, on: bool) -> Response<Full<Bytes>> {
         "backend drain state changed by the admin API"
     );
     remember(shared, id, on, None);
+    if !on {
+        shared.evacuations.cancel(id);
+    }
     json_reply(StatusCode::OK, &Value::Array(changed))
 }
+
+/// An evacuation's progress for `/api/backends`: `null` if none was started.
+fn evacuation_json(shared: &Shared, id: &str) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    shared.evacuations.get(id).map_or(Value::Null, |p| {
+        json!({
+            "rate": p.rate,
+            "started": unix(p.started),
+            "told": p.told.load(Relaxed),
+            "remaining": p.remaining.load(Relaxed),
+            "done": p.done.load(std::sync::atomic::Ordering::Acquire),
+        })
+    })
+}
+
+/// `POST /api/backends/{id}/evacuate?rate=N` (N a second, default 100): drains the backend,
+/// then moves its live connections off at that pace (`evacuate`). Remembered like a drain.
+fn evacuate(shared: &Arc<Shared>, id: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let rate = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("rate="))
+        .map_or(Ok(DEFAULT_EVACUATION_RATE), str::parse::<u32>);
+    let Some(rate) = rate
+        .ok()
+        .filter(|r| *r <= 100_000)
+        .and_then(std::num::NonZeroU32::new)
+    else {
+        return json_reply(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "rate: connections a second, 1 to 100000"}),
+        );
+    };
+    let drained = set_drain(shared, id, true);
+    if drained.status() != StatusCode::OK {
+        return drained;
+    }
+    remember(shared, id, true, Some(rate.get()));
+    crate::evacuate::start(shared, id, rate);
+    tracing::info!(
+        backend = id,
+        rate = rate.get(),
+        "backend evacuation started by the admin API"
+    );
+    json_reply(
+        StatusCode::OK,
+        &json!({"id": id, "state": "draining", "evacuation": evacuation_json(shared, id)}),
+    )
+}
+
+/// Connections a second an evacuation moves when the request does not say.
+const DEFAULT_EVACUATION_RATE: u32 = 100;
 
 /// Keeps an admin decision for the next start. It is in force either way; a state file that
 /// cannot be written only means a restart would forget it, which the log says.
@@ -206,7 +264,7 @@ fn health_problem(shared: &Shared) -> Option<String> {
     (!missing.is_empty()).then(|| format!("not listening: frontend {}", missing.join(", ")))
 }
 
-fn route(shared: &Shared, guard: &Guard, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Arc<Shared>, guard: &Guard, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
@@ -235,6 +293,7 @@ fn route(shared: &Shared, guard: &Guard, req: &Request<Incoming>) -> Response<Fu
         }
         (&Method::POST, ["api", "backends", id, "drain"]) => set_drain(shared, id, true),
         (&Method::POST, ["api", "backends", id, "enable"]) => set_drain(shared, id, false),
+        (&Method::POST, ["api", "backends", id, "evacuate"]) => evacuate(shared, id, req),
         (
             _,
             ["" | "metrics" | "healthz"] | ["api", "backends" | "connections" | "rules" | "events"],
@@ -273,7 +332,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
 }
 
 fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     guard: &Guard,
     bind: SocketAddr,
     req: &Request<Incoming>,

@@ -182,11 +182,13 @@ impl Lb {
         }
         let first = Snapshot::build(config, None);
         admin_state.apply(&first);
+        let evacuations = crate::evacuate::Evacuations::new(metrics.registry())?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(first),
             metrics,
             conns: ConnRegistry::default(),
             admin_state,
+            evacuations,
             listening: Listening::default(),
             own_probes: OwnProbes::default(),
             live: Arc::default(),
@@ -223,6 +225,13 @@ impl Lb {
             }
             lb.reconcile_probes(&mut control);
             lb.restart_data_path_probes(&mut control);
+        }
+        // An evacuation under way at the last stop goes on: the restart closed its clients'
+        // connections already, so it finds little to do, but it reports done as it should.
+        for (id, d) in shared.admin_state.all() {
+            if let Some(rate) = d.evacuate_rate.and_then(std::num::NonZeroU32::new) {
+                crate::evacuate::start(&shared, &id, rate);
+            }
         }
         tokio::spawn(crate::conn::sweep_idle(
             shared.clone(),

@@ -23,6 +23,7 @@ mod state;
 
 mod admin;
 pub mod admin_state;
+pub mod evacuate;
 mod conn;
 mod data_path;
 mod discovery;

@@ -30,6 +30,11 @@ fn opts(name: &str, help: &str) -> Opts {
 }
 
 impl Metrics {
+    /// The registry, for the series a module keeps itself (`evacuate`).
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let m = Metrics {
