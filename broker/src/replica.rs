@@ -20,6 +20,11 @@
 //! acknowledged queued. A message may come twice (it was in flight when the owner died); none
 //! is lost that any replica holds.
 //!
+//! A `$share` group's messages go to one member (MQTT-4.8.2): a replica holder keeps, per
+//! owner and group, the messages the owner serves to its members there (the same
+//! rendezvous decision as `crate::share`), forgotten when any member acknowledges them and
+//! given to the first member whose session is restored.
+//!
 //! A replica also carries the client's last will (a session that ends with its connection is
 //! replicated for its will alone), published by one surviving node when the owner died with
 //! it pending ([`Replicas::due_wills`]).
@@ -133,6 +138,38 @@ impl Replica {
     }
 }
 
+/// The messages of a `$share` group that one owner node serves to its members there.
+#[derive(Debug, Default)]
+struct GroupQueue {
+    /// The group's filter (without `$share/{ShareName}/`).
+    filter: String,
+    queue: VecDeque<Held>,
+    ids: HashSet<MsgId>,
+}
+
+/// `$share/{ShareName}/{filter}` as the group's key `{ShareName}/{filter}` (as rumqttd and
+/// `crate::share` name it) and its filter.
+fn shared(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    let (_, path) = rest.split_once('/')?;
+    Some((rest, path))
+}
+
+/// A held message as a subscription of QoS `sub_qos` delivers it, with what is left of its
+/// expiry interval at `now_ms` (`None`: QoS 0 then, or it expired, MQTT-3.3.2-5, -6).
+fn deliverable(h: &Held, sub_qos: u8, now_ms: u64) -> Option<MeshPublish> {
+    let mut p = h.publish.clone();
+    p.qos = p.qos.min(sub_qos);
+    if p.qos == 0 {
+        return None;
+    }
+    if let Some(interval) = p.message_expiry_interval {
+        let waited = u32::try_from(now_ms.saturating_sub(h.at_ms) / 1000).unwrap_or(u32::MAX);
+        p.message_expiry_interval = Some(interval.checked_sub(waited).filter(|r| *r > 0)?);
+    }
+    Some(p)
+}
+
 /// What a change to the replicas dropped, for the metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Dropped {
@@ -149,6 +186,8 @@ pub struct Replicas {
     /// Each (non-shared) filter and the replicas subscribed with it, so a message is matched
     /// once per distinct filter, not once per replica.
     by_filter: HashMap<String, HashSet<String>>,
+    /// Per owner and shared group key, the group's messages the owner serves.
+    groups: HashMap<(String, String), GroupQueue>,
     max_messages: usize,
     max_replicas: usize,
     pub dropped: Dropped,
@@ -159,6 +198,7 @@ impl Replicas {
         Replicas {
             by_client: HashMap::new(),
             by_filter: HashMap::new(),
+            groups: HashMap::new(),
             max_messages: max_messages.max(1),
             max_replicas,
             dropped: Dropped::default(),
@@ -173,9 +213,14 @@ impl Replicas {
         self.by_client.is_empty()
     }
 
-    /// Messages held, over all replicas.
+    /// Messages held, over all replicas and shared groups.
     pub fn messages(&self) -> usize {
-        self.by_client.values().map(|r| r.queue.len()).sum()
+        let groups: usize = self.groups.values().map(|g| g.queue.len()).sum();
+        self.by_client
+            .values()
+            .map(|r| r.queue.len())
+            .sum::<usize>()
+            + groups
     }
 
     pub fn holds(&self, client_id: &str) -> bool {
@@ -209,11 +254,21 @@ impl Replicas {
             .unwrap_or_default();
         self.unindex(&client, &old_subs);
         for s in &meta.subscriptions {
-            if !s.filter.starts_with("$share/") {
-                self.by_filter
-                    .entry(s.filter.clone())
-                    .or_default()
-                    .insert(client.clone());
+            match shared(&s.filter) {
+                Some((key, path)) => {
+                    self.groups
+                        .entry((owner.to_owned(), key.to_owned()))
+                        .or_insert_with(|| GroupQueue {
+                            filter: path.to_owned(),
+                            ..GroupQueue::default()
+                        });
+                }
+                None => {
+                    self.by_filter
+                        .entry(s.filter.clone())
+                        .or_default()
+                        .insert(client.clone());
+                }
             }
         }
         let r = self.by_client.entry(client).or_insert_with(|| Replica {
@@ -263,9 +318,16 @@ impl Replicas {
     }
 
     /// A QoS 1/2 message `tag` (`publish` as published) entered this node: every replica with a
-    /// matching subscription of QoS 1 or 2 queues it once, as that subscription delivers it.
-    pub fn record(&mut self, tag: Tag, publish: &MeshPublish, now_ms: u64) {
-        if publish.qos == 0 || self.by_filter.is_empty() {
+    /// matching subscription of QoS 1 or 2 queues it once, as that subscription delivers it,
+    /// and every shared group whose owner serves it (`serves(owner, group key)`) queues it.
+    pub fn record(
+        &mut self,
+        tag: Tag,
+        publish: &MeshPublish,
+        now_ms: u64,
+        serves: impl Fn(&str, &str) -> bool,
+    ) {
+        if publish.qos == 0 || (self.by_filter.is_empty() && self.groups.is_empty()) {
             return;
         }
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
@@ -283,6 +345,23 @@ impl Replicas {
         }
         hit.sort_unstable();
         hit.dedup();
+        for ((owner, key), g) in &mut self.groups {
+            if g.ids.contains(&tag.id) || !matches(topic, &g.filter) || !serves(owner, key) {
+                continue;
+            }
+            if g.queue.len() >= self.max_messages {
+                if let Some(old) = g.queue.pop_front() {
+                    g.ids.remove(&old.id);
+                    self.dropped.messages += 1;
+                }
+            }
+            g.ids.insert(tag.id);
+            g.queue.push_back(Held {
+                id: tag.id,
+                publish: publish.clone(),
+                at_ms: now_ms,
+            });
+        }
         let hit: Vec<String> = hit.into_iter().map(str::to_owned).collect();
         for client in hit {
             let Some(r) = self.by_client.get_mut(&client) else {
@@ -328,7 +407,8 @@ impl Replicas {
         }
     }
 
-    /// `owner`'s client `client_id` acknowledged `ids`: its replica forgets them.
+    /// `owner`'s client `client_id` acknowledged `ids`: its replica forgets them (or the
+    /// owner's shared group that held them).
     pub fn acked(&mut self, owner: &str, client_id: &str, ids: &[MsgId]) {
         let Some(r) = self.by_client.get_mut(client_id) else {
             return;
@@ -337,7 +417,21 @@ impl Replicas {
             return;
         }
         for id in ids {
-            if !r.forget(*id) && r.early_set.insert(*id) {
+            if r.forget(*id) {
+                continue;
+            }
+            let in_group = self
+                .groups
+                .iter_mut()
+                .filter(|((o, _), _)| o == owner)
+                .any(|(_, g)| {
+                    let had = g.ids.remove(id);
+                    if had {
+                        g.queue.retain(|h| h.id != *id);
+                    }
+                    had
+                });
+            if !in_group && r.early_set.insert(*id) {
                 r.early.push_back(*id);
                 if r.early.len() > EARLY_ACKS {
                     if let Some(old) = r.early.pop_front() {
@@ -359,7 +453,43 @@ impl Replicas {
         for c in &gone {
             self.remove(c);
         }
+        // A group no replica of its owner is a member of any more.
+        let members: HashSet<(&str, &str)> = self
+            .by_client
+            .values()
+            .flat_map(|r| {
+                r.meta
+                    .subscriptions
+                    .iter()
+                    .filter_map(|s| Some((r.owner.as_str(), shared(&s.filter)?.0)))
+            })
+            .collect();
+        let orphans: Vec<(String, String)> = self
+            .groups
+            .keys()
+            .filter(|(o, k)| !members.contains(&(o.as_str(), k.as_str())))
+            .cloned()
+            .collect();
+        for k in orphans {
+            self.groups.remove(&k);
+        }
         gone.len()
+    }
+
+    /// The shared groups' messages the replica of `client_id` gets when it is restored are
+    /// its alone: the group's other members do not get them again.
+    pub fn drain_groups(&mut self, client_id: &str) {
+        let Some(r) = self.by_client.get(client_id) else {
+            return;
+        };
+        for s in &r.meta.subscriptions {
+            if let Some((key, _)) = shared(&s.filter) {
+                if let Some(g) = self.groups.get_mut(&(r.owner.clone(), key.to_owned())) {
+                    g.queue.clear();
+                    g.ids.clear();
+                }
+            }
+        }
     }
 
     /// Wills that are due because their owner died: each taken out (a will-only replica goes
@@ -435,16 +565,19 @@ impl Replicas {
         let mut left = budget;
         let mut pending = Vec::new();
         let mut dropped = 0u32;
-        for h in &r.queue {
-            let mut p = h.publish.clone();
-            if let Some(interval) = p.message_expiry_interval {
-                let waited =
-                    u32::try_from(now_ms.saturating_sub(h.at_ms) / 1000).unwrap_or(u32::MAX);
-                match interval.checked_sub(waited).filter(|r| *r > 0) {
-                    Some(remaining) => p.message_expiry_interval = Some(remaining),
-                    None => continue,
-                }
-            }
+        // Its own messages (held as delivered: QoS 1 or 2 already), then its groups'.
+        let own = r.queue.iter().map(|h| (h, 2));
+        let groups = r.meta.subscriptions.iter().flat_map(|s| {
+            let queue = shared(&s.filter)
+                .and_then(|(key, _)| self.groups.get(&(r.owner.clone(), key.to_owned())));
+            queue
+                .into_iter()
+                .flat_map(|g| g.queue.iter().map(|h| (h, s.qos)))
+        });
+        for (h, qos) in own.chain(groups) {
+            let Some(p) = deliverable(h, qos, now_ms) else {
+                continue;
+            };
             let size = p.topic.len() + p.payload.len() + 64;
             if size > left {
                 dropped = dropped.saturating_add(1);
@@ -786,12 +919,12 @@ mod tests {
         let mut r = Replicas::new(100, 100);
         r.meta("b1", meta("c", vec![sub("a/+", 1), sub("z", 0)], true), 0);
         for seq in 1..=4 {
-            r.record(tag(seq), &msg("a/x", 2, tag(seq)), 0);
+            r.record(tag(seq), &msg("a/x", 2, tag(seq)), 0, |_, _| true);
         }
-        r.record(tag(5), &msg("b/x", 1, tag(5)), 0); // no match
-        r.record(tag(6), &msg("z", 1, tag(6)), 0); // QoS 0 subscription
-        r.record(tag(7), &msg("a/x", 0, tag(7)), 0); // QoS 0 publish
-        r.record(tag(2), &msg("a/x", 2, tag(2)), 0); // again: once
+        r.record(tag(5), &msg("b/x", 1, tag(5)), 0, |_, _| true); // no match
+        r.record(tag(6), &msg("z", 1, tag(6)), 0, |_, _| true); // QoS 0 subscription
+        r.record(tag(7), &msg("a/x", 0, tag(7)), 0, |_, _| true); // QoS 0 publish
+        r.record(tag(2), &msg("a/x", 2, tag(2)), 0, |_, _| true); // again: once
         r.acked(
             "b1",
             "c",
@@ -810,8 +943,8 @@ mod tests {
         let mut r = Replicas::new(100, 100);
         r.meta("b1", meta("c", vec![sub("#", 1)], true), 0);
         r.acked("b1", "c", &[MsgId { origin: 9, seq: 1 }]);
-        r.record(tag(1), &msg("t", 1, tag(1)), 0);
-        r.record(tag(2), &msg("t", 1, tag(2)), 0);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| true);
+        r.record(tag(2), &msg("t", 1, tag(2)), 0, |_, _| true);
         assert_eq!(
             payloads(&r.session("c", 0, usize::MAX).expect("held")),
             ["m2"]
@@ -819,12 +952,12 @@ mod tests {
     }
 
     #[test]
-    fn no_local_and_shared_subscriptions_are_not_queued() {
+    fn no_local_and_groups_another_node_serves_are_not_queued() {
         let mut r = Replicas::new(100, 100);
         let mut own = sub("t", 1);
         own.nolocal = true;
         r.meta("b1", meta("pub", vec![own, sub("$share/g/t", 1)], true), 0);
-        r.record(tag(1), &msg("t", 1, tag(1)), 0);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| false);
         let s = r.session("pub", 0, usize::MAX).expect("held");
         assert!(s.pending.is_empty());
         assert_eq!(
@@ -832,7 +965,7 @@ mod tests {
             2,
             "the subscriptions are kept all the same"
         );
-        r.record(tag(2), &msg("$SYS/t", 1, tag(2)), 0);
+        r.record(tag(2), &msg("$SYS/t", 1, tag(2)), 0, |_, _| true);
     }
 
     #[test]
@@ -840,7 +973,7 @@ mod tests {
         let mut r = Replicas::new(2, 1);
         r.meta("b1", meta("c", vec![sub("t", 1)], false), 0);
         for seq in 1..=3 {
-            r.record(tag(seq), &msg("t", 1, tag(seq)), 0);
+            r.record(tag(seq), &msg("t", 1, tag(seq)), 0, |_, _| true);
         }
         assert_eq!(
             payloads(&r.session("c", 0, usize::MAX).expect("held")),
@@ -872,10 +1005,10 @@ mod tests {
         r.meta("b1", meta("c", vec![sub("t", 1)], true), 0);
         let mut m = msg("t", 1, tag(1));
         m.message_expiry_interval = Some(10);
-        r.record(tag(1), &m, 0);
+        r.record(tag(1), &m, 0, |_, _| true);
         let mut m = msg("t", 1, tag(2));
         m.message_expiry_interval = Some(100);
-        r.record(tag(2), &m, 0);
+        r.record(tag(2), &m, 0, |_, _| true);
         let s = r.session("c", 30_000, usize::MAX).expect("held");
         assert_eq!(payloads(&s), ["m2"]);
         assert_eq!(s.pending[0].1.message_expiry_interval, Some(70));
@@ -885,7 +1018,7 @@ mod tests {
     fn a_session_that_moves_keeps_its_replica_and_a_clean_start_empties_it() {
         let mut r = Replicas::new(10, 10);
         r.meta("b1", meta("c", vec![sub("t", 1)], true), 0);
-        r.record(tag(1), &msg("t", 1, tag(1)), 0);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| true);
         // the client moved to b2, which now owns it
         r.meta("b2", meta("c", vec![sub("t", 1)], true), 0);
         assert!(!r.close("b1", "c"), "the old owner's close is stale");
@@ -895,7 +1028,7 @@ mod tests {
         fresh.fresh = true;
         r.meta("b2", fresh, 0);
         assert_eq!(r.messages(), 0);
-        r.record(tag(2), &msg("t", 1, tag(2)), 0);
+        r.record(tag(2), &msg("t", 1, tag(2)), 0, |_, _| true);
         assert_eq!(r.messages(), 0, "the old filter is no longer indexed");
         assert!(r.close("b2", "c"));
         assert!(r.by_filter.is_empty());
@@ -1028,5 +1161,35 @@ mod tests {
             r.session("d", 0, usize::MAX).is_none(),
             "a will alone is no session"
         );
+    }
+
+    #[test]
+    fn a_shared_groups_messages_go_to_the_first_member_restored() {
+        let mut r = Replicas::new(100, 100);
+        let g = sub("$share/g/t/#", 1);
+        r.meta("b1", meta("m1", vec![g.clone()], true), 0);
+        r.meta("b1", meta("m2", vec![g], true), 0);
+        // b1 serves 1 and 3; 2 goes to another node's members
+        for seq in 1..=3 {
+            r.record(tag(seq), &msg("t/x", 1, tag(seq)), 0, |owner, key| {
+                owner == "b1" && key == "g/t/#" && seq != 2
+            });
+        }
+        assert_eq!(r.messages(), 2, "held once for the group, not per member");
+        // m2 acknowledged 1 on b1
+        r.acked("b1", "m2", &[MsgId { origin: 9, seq: 1 }]);
+        let s = r.session("m1", 0, usize::MAX).expect("held");
+        assert_eq!(payloads(&s), ["m3"]);
+        r.drain_groups("m1");
+        r.remove("m1");
+        assert!(r
+            .session("m2", 0, usize::MAX)
+            .expect("held")
+            .pending
+            .is_empty());
+        // the group goes with its last member
+        r.remove("m2");
+        r.expire(0);
+        assert!(r.groups.is_empty());
     }
 }

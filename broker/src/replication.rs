@@ -222,7 +222,11 @@ impl Replication {
         if held.is_empty() {
             return;
         }
-        held.record(tag, publish, now);
+        let mesh = self.mesh.upgrade();
+        let share = mesh.as_ref().and_then(|m| m.share.get());
+        held.record(tag, publish, now, |owner, group| {
+            share.is_some_and(|s| s.serves_node(owner, group, &publish.topic, &publish.payload))
+        });
     }
 
     /// A message from a peer: recorded if it carries a tag.
@@ -376,6 +380,7 @@ impl Replication {
             tracing::warn!(client_id, "the router did not take a restored session");
             return false;
         }
+        held.drain_groups(client_id);
         held.remove(client_id);
         drop(held);
         self.metrics.restored.with_label_values(&[source]).inc();

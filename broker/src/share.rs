@@ -158,16 +158,51 @@ impl Share {
     /// it. If no node was known by then (this node's member came back with an older cursor),
     /// all those with members now are.
     fn decide(&self, group: &str, topic: &[u8], payload: &[u8], arrived: Instant) -> bool {
+        // The router asks only for groups it has members of; were the view late, delivering
+        // is the safe side (this node missing counts as a member "since ever").
+        self.winner(group, topic, payload, arrived, true, |w| {
+            w == Some(&self.id)
+        })
+    }
+
+    /// Whether `node` serves this message of `group` as this node sees it now: the node that
+    /// replicates a session of `node`'s members keeps the messages `node` delivers to them
+    /// (issue 12, `crate::replica`).
+    pub(crate) fn serves_node(
+        &self,
+        node: &str,
+        group: &str,
+        topic: &[u8],
+        payload: &[u8],
+    ) -> bool {
+        self.winner(group, topic, payload, Instant::now(), false, |w| {
+            w == Some(node)
+        })
+    }
+
+    /// Gives `f` the node that serves the message (see [`Share::decide`]); `self_always`: this
+    /// node is a candidate even without members in the group.
+    fn winner<R>(
+        &self,
+        group: &str,
+        topic: &[u8],
+        payload: &[u8],
+        arrived: Instant,
+        self_always: bool,
+        f: impl FnOnce(Option<&str>) -> R,
+    ) -> R {
         let s = self.read();
         let key = message_hash(group, topic, payload);
-        let own = s.local.get(group).copied();
+        let own = match (s.local.get(group).copied(), self_always) {
+            (Some(since), _) => Some(since),
+            (None, true) => Some(arrived),
+            (None, false) => None,
+        };
         let peers = s
             .peers
             .iter()
             .filter_map(|(peer, (_, groups))| Some((peer.as_str(), *groups.get(group)?)));
-        // The router asks only for groups it has members of; were the view late, delivering
-        // is the safe side (`own` missing counts as "since ever").
-        let all = std::iter::once((self.id.as_str(), own.unwrap_or(arrived))).chain(peers);
+        let all = own.map(|o| (self.id.as_str(), o)).into_iter().chain(peers);
         let mut best: Option<(u64, &str)> = None;
         let mut best_now: Option<(u64, &str)> = None;
         for (node, since) in all {
@@ -184,7 +219,7 @@ impl Share {
                 best_now = c;
             }
         }
-        best.or(best_now).is_some_and(|(_, n)| n == self.id)
+        f(best.or(best_now).map(|(_, n)| n))
     }
 }
 
