@@ -25,8 +25,9 @@
 //!   list, they skip its share, which it no longer has anyone for: lost, for one mesh hop.
 //! - a node dies or its link breaks: its share of what was published until its peers notice
 //!   the link is gone (at once for a closed socket; a silent machine is noticed only when TCP
-//!   gives up) is lost with it, as are the messages its members had not acknowledged (a
-//!   shared subscription's messages are not kept for another member).
+//!   gives up) is not lost when its members are persistent sessions: the peers' replicas keep
+//!   what it served and its members had not acknowledged, and give it to the first of them to
+//!   come back (`crate::replica`); a member that never comes back keeps it until its expiry.
 //! - a one-way link failure (a peer still hears from this node, not the other way): this node
 //!   serves the peer's share too: duplicates, not losses, until the link is back.
 //! - identical messages (same topic and payload) hash alike: they go to the same node.
