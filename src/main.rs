@@ -14,6 +14,7 @@ macro_rules! outln {
 }
 
 mod import_azure;
+mod plan;
 mod up;
 
 use anyhow::{bail, Context};
@@ -93,6 +94,35 @@ enum Command {
         #[command(subcommand)]
         from: ImportFrom,
     },
+    /// Show which clients a membership change would move, and where, before making it:
+    /// against the running LB's admin API (its live connections), or with --clients against a
+    /// config file and a list of client IDs. Uses the LB's own rendezvous selection.
+    Plan {
+        /// The running LB's admin address (default: lb.admin of --config, else 127.0.0.1:9883).
+        #[arg(long)]
+        admin: Option<String>,
+        /// File holding the admin API's bearer token (lb.admin_token_file).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Config file: the admin address, or with --clients the pools themselves.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Without a running LB: a file of client IDs, one a line, placed on --config's pools.
+        #[arg(long, requires = "config")]
+        clients: Option<PathBuf>,
+        /// Take this backend out of every pool.
+        #[arg(long, value_name = "ID")]
+        remove: Vec<String>,
+        /// Add a backend (to --pool, or to the only pool).
+        #[arg(long, value_name = "ID=ADDR")]
+        add: Vec<String>,
+        /// Give a backend this weight.
+        #[arg(long, value_name = "ID=WEIGHT")]
+        weight: Vec<String>,
+        /// The pool --add adds to, and --clients places the IDs in.
+        #[arg(long)]
+        pool: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -129,6 +159,26 @@ fn main() -> ExitCode {
         Command::Import {
             from: ImportFrom::Azure { file },
         } => import_azure(&file),
+        Command::Plan {
+            admin,
+            token_file,
+            config,
+            clients,
+            remove,
+            add,
+            weight,
+            pool,
+        } => plan::parse_change(remove, &add, &weight, pool).and_then(|change| {
+            let args = plan::Args {
+                admin,
+                token_file,
+                config,
+                clients,
+                change,
+            };
+            let text = runtime()?.block_on(plan::run(args))?;
+            print_report(&text)
+        }),
         Command::Lb { config } => runtime().and_then(|rt| rt.block_on(run_lb(config))),
         Command::Up { config, no_restart } => {
             runtime().and_then(|rt| rt.block_on(up::run(config, !no_restart)))
@@ -215,6 +265,14 @@ fn write_stdout(args: std::fmt::Arguments) {
     }
 }
 
+/// Writes a command's report to stdout; a reader that left (`| head`) is not an error.
+fn print_report(text: &str) -> anyhow::Result<ExitCode> {
+    match std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
 /// `mqlb import azure FILE`: the config on stdout, what was not carried on stderr.
 fn import_azure(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file)
@@ -223,13 +281,7 @@ fn import_azure(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     for w in &out.warnings {
         eprintln!("mqlb import azure: warning: {w}");
     }
-    match std::io::Write::write_all(&mut std::io::stdout(), out.toml.as_bytes()) {
-        // `mqlb import azure f | head`: a reader that left is not an error of the import.
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(e).context("writing the configuration to stdout")
-        }
-        _ => Ok(ExitCode::SUCCESS),
-    }
+    print_report(&out.toml)
 }
 
 async fn probe(

@@ -84,7 +84,6 @@ enum Told {
     Disconnect(u8, Option<String>),
     /// The connection closed without a packet.
     Closed,
-    Other(u8),
 }
 
 /// The reason and the Server Reference (property 0x1C) of an MQTT 5 DISCONNECT body.
@@ -117,7 +116,7 @@ async fn evacuated(
     let told = match packet {
         Ok(Ok(None)) | Ok(Err(_)) => Told::Closed,
         Ok(Ok(Some((0xE0, body)))) => disconnect(&body),
-        Ok(Ok(Some((t, _)))) => Told::Other(t),
+        Ok(Ok(Some((t, _)))) => anyhow::bail!("{id}: packet type {t:#x}, not a DISCONNECT"),
         Err(_) => anyhow::bail!("{id}: not moved within 30 s"),
     };
     drop(s);
