@@ -36,6 +36,9 @@ pub struct Metrics {
     pub duplicates: IntCounterVec,
     pub skipped: IntCounterVec,
     pub unacked: IntGaugeVec,
+    /// A local client's QoS 1/2 PUBLISH acknowledged before every peer held it: a peer up
+    /// but silent for the whole bound (issue 12; `mesh::ACK_WAIT_MAX`).
+    pub ack_wait_timeouts: IntCounter,
     pub listener_restarts: IntCounter,
     /// MQTT requests the password file or the ACL refused, by what was refused.
     pub auth_refused: IntCounterVec,
@@ -138,6 +141,10 @@ impl Metrics {
                 ),
                 &["peer"],
             )?,
+            ack_wait_timeouts: IntCounter::new(
+                "mqlb_mesh_ack_wait_timeouts_total",
+                "QoS 1/2 publishes of this node's clients whose PUBACK/PUBREC went out after the bound (1 s) without every peer whose link was up having acknowledged the message.",
+            )?,
             listener_restarts: IntCounter::new(
                 "mqlb_broker_listener_restarts_total",
                 "MQTT listeners replaced after they stopped answering CONNECT (rumqttd 0.20 bug).",
@@ -228,6 +235,7 @@ impl Metrics {
         m.registry.register(Box::new(m.duplicates.clone()))?;
         m.registry.register(Box::new(m.skipped.clone()))?;
         m.registry.register(Box::new(m.unacked.clone()))?;
+        m.registry.register(Box::new(m.ack_wait_timeouts.clone()))?;
         Ok(m)
     }
 

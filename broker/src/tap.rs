@@ -98,6 +98,9 @@ pub(crate) struct Tap<P> {
     /// When the mesh registered this connection's CONNECT (0: none yet); see
     /// `Mesh::client_connecting`.
     connect_at: u64,
+    /// What the PUBLISH just read waits for before its PUBACK / PUBREC (issue 12), until the
+    /// link takes it (`Protocol::ack_wait`).
+    ack_wait: Option<rumqttd::protocol::AckWait>,
     /// Session replicas (issue 12): the session's expiry as replicated (0: the session ends
     /// with the connection, nothing is replicated; 3.1.1 Clean Session 0: never), a new one
     /// its DISCONNECT set, and what the codec must remember between packets.
@@ -132,6 +135,7 @@ impl<P: Clone> Clone for Tap<P> {
             session_expiry: 0,
             registration: AtomicU64::new(0),
             connect_at: 0,
+            ack_wait: None,
             persist: 0,
             disconnect_expiry: None,
             replicated: Mutex::new(Replicated::default()),
@@ -256,6 +260,7 @@ impl<P> Tap<P> {
             session_expiry: 0,
             registration: AtomicU64::new(0),
             connect_at: 0,
+            ack_wait: None,
             persist: 0,
             disconnect_expiry: None,
             replicated: Mutex::new(Replicated::default()),
@@ -335,11 +340,11 @@ impl<P> Tap<P> {
         if let (Some(tag), Some(r)) = (tag, self.mesh.replication.get()) {
             let m = build();
             r.record(tag, &m);
-            self.mesh.forward_local(|| m);
+            self.ack_wait = self.mesh.forward_local(|| m);
             return;
         }
         // Built only if some peer is there to take it.
-        self.mesh.forward_local(build);
+        self.ack_wait = self.mesh.forward_local(build);
     }
 }
 
@@ -415,6 +420,7 @@ impl<P: Protocol> Protocol for Tap<P> {
             _ => {}
         }
         if let Packet::Publish(publish, props) = &mut packet {
+            self.ack_wait = None;
             let qos = (header >> 1) & 0b11;
             let dup = header & 0b1000 != 0;
             // A QoS 2 retransmission is delivered once by rumqttd; forward it once too.
@@ -427,6 +433,10 @@ impl<P: Protocol> Protocol for Tap<P> {
             }
         }
         Ok(packet)
+    }
+
+    fn ack_wait(&mut self) -> Option<rumqttd::protocol::AckWait> {
+        self.ack_wait.take()
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error> {

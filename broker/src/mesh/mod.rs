@@ -11,7 +11,10 @@
 //! QoS 1/2 publishes are acknowledged hop by hop ([`reliable`]): the sender numbers each and
 //! keeps it (bounded) until the peer says its router accepted it, and sends again after a
 //! reconnect what was not acknowledged; the receiver drops what it already delivered. QoS 0
-//! stays fire-and-forget.
+//! stays fire-and-forget. A local client's QoS 1/2 PUBLISH is acknowledged to it (PUBACK,
+//! PUBREC) only once every peer whose link was up has acknowledged its frame, or after
+//! [`ACK_WAIT_MAX`] (see [`Mesh::forward_local`]): a node killed right after its PUBACK has
+//! already handed the message to the others.
 
 pub mod auth;
 pub mod frame;
@@ -43,10 +46,10 @@ const FRAME_OVERHEAD: usize = 128 * 1024;
 /// Acknowledged delivery (issue 12). The bytes of unacknowledged QoS 1/2 frames kept per peer
 /// (their count is bounded by `peer_queue`); beyond either bound the oldest is dropped.
 const UNACKED_MAX_BYTES: usize = 64 * 1024 * 1024;
-/// A receiver acknowledges at most this long after the router accepted a frame ...
-const ACK_DELAY: Duration = Duration::from_millis(10);
-/// ... or at once when this many more were accepted.
-const ACK_EVERY: u64 = 256;
+/// The longest a local client's QoS 1/2 PUBLISH waits for the peers' acknowledgements before
+/// its PUBACK / PUBREC goes out anyway (counted, `mqlb_mesh_ack_wait_timeouts_total`): a peer
+/// up but silent (paused, overloaded) slows publishers by this much at most.
+pub(crate) const ACK_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Origin nodes a receiver keeps delivery state for (one per peer; beyond it one is
 /// forgotten, which can only cause duplicates).
 const MAX_ORIGINS: usize = 1024;
@@ -77,7 +80,16 @@ struct Outbound {
     expiry: Option<(usize, u32, Instant)>,
     /// A QoS 1/2 publish: numbered, kept until the peer acknowledges it (issue 12).
     reliable: bool,
+    /// A local client's QoS 1/2 publish whose PUBACK waits for this peer (issue 12): one
+    /// share of [`Durable`], released when the peer acknowledged the frame, or it was dropped,
+    /// or the link went down.
+    durable: Option<Arc<Durable>>,
 }
+
+/// A local client's QoS 1/2 publish on its way to the peers whose links were up. Each peer's
+/// copy holds a share; when the last is released (dropped) the wait
+/// [`Mesh::forward_local`] gave for the PUBACK ends.
+struct Durable(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
 
 impl Outbound {
     /// The bytes to write now; `None`: the message expired while it waited.
@@ -474,6 +486,7 @@ impl Mesh {
             frame,
             expiry: None,
             reliable: false,
+            durable: None,
         };
         self.queue_for(&peers, out);
     }
@@ -491,6 +504,7 @@ impl Mesh {
             frame,
             expiry: None,
             reliable: false,
+            durable: None,
         };
         p.tx.try_send(out).map_err(|_| "peer queue full")
     }
@@ -517,11 +531,20 @@ impl Mesh {
 
     /// Offers a local client's publish (built only when there are peers) to every peer. Never
     /// blocks: a full queue drops.
-    pub(crate) fn forward_local(&self, publish: impl FnOnce() -> MeshPublish) {
+    ///
+    /// For QoS 1/2, returns what the client's PUBACK / PUBREC waits for (issue 12): every peer
+    /// whose link is up now acknowledged the frame (its router accepted the message), or the
+    /// copy for it was dropped (counted), or its link went down, or [`ACK_WAIT_MAX`] passed.
+    /// Peers that are down are not waited for (their copy is queued, as for any message).
+    /// `None`: nothing to wait for (QoS 0, no peer up).
+    pub(crate) fn forward_local(
+        &self,
+        publish: impl FnOnce() -> MeshPublish,
+    ) -> Option<rumqttd::protocol::AckWait> {
         self.metrics.local_publishes.inc();
         let peers = self.peers.load();
         if peers.is_empty() {
-            return;
+            return None;
         }
         // Encoded once, shared by every peer's queue.
         let publish = publish();
@@ -533,13 +556,41 @@ impl Mesh {
                     .zip(publish.message_expiry_interval)
                     .map(|(a, i)| (a, i, received)),
                 reliable: publish.qos > 0,
+                durable: None,
             },
             Err(e) => {
                 tracing::warn!(error = %e, "publish not forwarded to peers");
-                return;
+                return None;
             }
         };
-        self.queue_for(&peers, out);
+        if !out.reliable || !peers.iter().any(|p| p.is_up()) {
+            self.queue_for(&peers, out);
+            return None;
+        }
+        // The bound counts from now, not from when the link first asks.
+        let deadline = tokio::time::Instant::now() + ACK_WAIT_MAX;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let durable = Arc::new(Durable(tx));
+        for p in peers.iter() {
+            let mut copy = out.clone();
+            if p.is_up() {
+                copy.durable = Some(durable.clone());
+            }
+            if p.tx.try_send(copy).is_err() {
+                self.metrics
+                    .dropped
+                    .with_label_values(&[&p.id, "queue_full"])
+                    .inc();
+            }
+        }
+        drop(durable);
+        let timeouts = self.metrics.ack_wait_timeouts.clone();
+        Some(Box::pin(async move {
+            // Ends with `Err` once every share is released: nothing is ever sent.
+            if tokio::time::timeout_at(deadline, rx).await.is_err() {
+                timeouts.inc();
+            }
+        }))
     }
 
     /// Adds a peer and starts its outbound link on the current runtime.
@@ -920,6 +971,9 @@ async fn outbound(
                 };
                 peer.up.store(false, Ordering::Release);
                 up_gauge.set(0);
+                // A peer that is down is not waited for: its copies are kept (sent again on
+                // the next link) but no PUBACK waits for them any more (issue 12).
+                unacked.for_each_mut(|m| m.durable = None);
                 tracing::warn!(peer = peer.id, addr = %peer.addr, why, "mesh link down; reconnecting");
             }
             Err(e) => {
@@ -994,6 +1048,10 @@ async fn inbound(
         }
     };
     tracing::info!(peer, %addr, "inbound mesh link up");
+    // Its ACKs are small and a PUBACK at the origin waits for them (issue 12).
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(peer, error = %e, "TCP_NODELAY not set on an inbound mesh link");
+    }
     // What this link says of the peer's shared groups is forgotten when it ends (issue 12).
     let share = mesh.share.get().map(|s| ShareLink::new(s.clone(), &peer));
     let received = mesh.metrics.received.with_label_values(&[&peer]);
@@ -1195,31 +1253,18 @@ impl Drop for AbortOnDrop {
 }
 
 /// Sends the origin's acknowledgement on its link: the current one at once, then each new
-/// one at most [`ACK_DELAY`] after it moved, sooner when [`ACK_EVERY`] more frames wait.
+/// one as soon as it moved, since the origin's clients wait for it (their PUBACKs, issue 12).
+/// What moves while one is written goes out as one in the next: under load, one ACK covers
+/// many frames without a timer.
 async fn write_acks(mut w: impl AsyncWrite + Unpin, mut acks: watch::Receiver<Option<(u64, u64)>>) {
-    let due = |cur: Option<(u64, u64)>, sent: Option<(u64, u64)>| match (cur, sent) {
-        (Some((e, s)), Some((se, ss))) => e != se || s.saturating_sub(ss) >= ACK_EVERY,
-        (Some(_), None) => true,
-        (None, _) => false,
-    };
     acks.mark_changed();
     let mut sent = None;
     loop {
         if acks.changed().await.is_err() {
             return;
         }
-        let deadline = tokio::time::Instant::now() + ACK_DELAY;
-        loop {
-            let cur = *acks.borrow_and_update();
-            if due(cur, sent) {
-                break;
-            }
-            match tokio::time::timeout_at(deadline, acks.changed()).await {
-                Err(_) => break,
-                Ok(Err(_)) => return,
-                Ok(Ok(())) => {}
-            }
-        }
+        // Lets the injector accept what else is ready first: one ACK for all of it.
+        tokio::task::yield_now().await;
         let cur = *acks.borrow_and_update();
         let Some((epoch, seq)) = cur else { continue };
         if cur == sent {
@@ -1256,6 +1301,7 @@ mod tests {
                 frame,
                 expiry: Some((at, interval, received)),
                 reliable: false,
+                durable: None,
             },
             p,
         )
@@ -1277,6 +1323,7 @@ mod tests {
             frame: Bytes::from(vec![n]),
             expiry: None,
             reliable: true,
+            durable: None,
         };
         let mut unacked = Unacked::new(5, 10, 1 << 20);
         for n in 0..3 {
@@ -1347,6 +1394,7 @@ mod tests {
             frame: Bytes::from_static(b"x"),
             expiry: None,
             reliable: false,
+            durable: None,
         };
         assert_eq!(plain.now(), Some(Bytes::from_static(b"x")));
     }

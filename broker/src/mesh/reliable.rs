@@ -99,6 +99,13 @@ impl<T> Unacked<T> {
         }
     }
 
+    /// Changes every kept frame (the link went down: what was waited for is not any more).
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut T)) {
+        for (_, _, t) in self.frames.iter_mut() {
+            f(t);
+        }
+    }
+
     /// The kept frames, oldest first: what a new link sends again.
     pub fn pending(&self) -> impl Iterator<Item = (u64, &T)> {
         self.frames.iter().map(|(s, _, t)| (*s, t))

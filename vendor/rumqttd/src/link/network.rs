@@ -10,7 +10,7 @@ use std::{
 };
 use tokio::time::{error::Elapsed, Duration};
 
-use crate::protocol::{self, Packet, Protocol, QoS};
+use crate::protocol::{self, AckWait, Packet, Protocol, QoS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,6 +43,9 @@ pub struct Network<P> {
     /// mqlb patch (Maximum Packet Size): the client's Maximum Packet Size from its CONNECT
     /// (MQTT-3.1.2-24); `None`: no limit beyond the protocol's.
     max_outgoing_size: Option<usize>,
+    /// mqlb patch (across the cluster, issue 12): the waits the codec gave for the QoS 1/2
+    /// PUBLISHes read, with their packet ids, for the link to take ([`Network::take_ack_waits`]).
+    ack_waits: VecDeque<(u16, AckWait)>,
 }
 
 impl<P: Protocol> Network<P> {
@@ -64,6 +67,7 @@ impl<P: Protocol> Network<P> {
             keepalive: Duration::MAX,
             protocol,
             max_outgoing_size: None,
+            ack_waits: VecDeque::new(),
         }
     }
 
@@ -108,7 +112,10 @@ impl<P: Protocol> Network<P> {
                 &mut self.read,
                 self.max_incoming_size,
             ) {
-                Ok(packet) => return Ok(packet),
+                Ok(packet) => {
+                    self.ask_ack_wait(&packet);
+                    return Ok(packet);
+                }
                 Err(protocol::Error::InsufficientBytes(required)) => required,
                 Err(e) => return Err(e.into()),
             };
@@ -128,6 +135,7 @@ impl<P: Protocol> Network<P> {
                 .read_mut(&mut self.read, self.max_incoming_size)
             {
                 Ok(packet) => {
+                    self.ask_ack_wait(&packet);
                     packets.push_back(packet);
                     let connection_buffer_length = packets.len();
                     if connection_buffer_length >= self.max_connection_buffer_len {
@@ -138,6 +146,24 @@ impl<P: Protocol> Network<P> {
                 Err(e) => return Err(io::Error::new(ErrorKind::InvalidData, e.to_string()).into()),
             }
         }
+    }
+
+    /// mqlb patch (across the cluster, issue 12): after a PUBLISH, the codec's wait for its
+    /// acknowledgement, if any (asked for every PUBLISH, so none is left for the next one).
+    fn ask_ack_wait(&mut self, packet: &Packet) {
+        if let Packet::Publish(p, _) = packet {
+            if let Some(wait) = self.protocol.ack_wait() {
+                if p.qos != QoS::AtMostOnce {
+                    self.ack_waits.push_back((p.pkid, wait));
+                }
+            }
+        }
+    }
+
+    /// mqlb patch (across the cluster, issue 12): the waits of the PUBLISHes read since the
+    /// last call, in order.
+    pub fn take_ack_waits(&mut self) -> std::collections::vec_deque::Drain<'_, (u16, AckWait)> {
+        self.ack_waits.drain(..)
     }
 
     pub async fn write(&mut self, packet: Packet) -> Result<(), Error> {

@@ -1,3 +1,4 @@
+use crate::link::durable::AckHold;
 use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
@@ -61,6 +62,9 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// mqlb patch (across the cluster, issue 12): PUBACKs / PUBRECs held back until the
+    /// codec's wait for their PUBLISH ended (`link/durable.rs`).
+    acks: AckHold,
 }
 
 impl<P> RemoteLink<P> {
@@ -151,6 +155,7 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            acks: AckHold::default(),
         })
     }
 
@@ -169,6 +174,10 @@ impl<P: Protocol> RemoteLink<P> {
                         self.network.readv(&mut buffer)?;
                         buffer.len()
                     };
+                    // mqlb patch (issue 12): taken before the router can acknowledge them.
+                    for (pkid, wait) in self.network.take_ack_waits() {
+                        self.acks.published(pkid, wait);
+                    }
 
                     trace!("Packets read from network, count = {}", len);
                     self.link_tx.notify().await?;
@@ -182,7 +191,10 @@ impl<P: Protocol> RemoteLink<P> {
 
                     for notif in self.notifications.drain(..) {
                         if let Some(packet) = notif.into() {
-                            packets.push_back(packet);
+                            // mqlb patch (issue 12): an acknowledgement may be held back.
+                            if let Some(packet) = self.acks.offer(packet) {
+                                packets.push_back(packet);
+                            }
                         } else {
                             unscheduled = true;
                         }
@@ -214,6 +226,10 @@ impl<P: Protocol> RemoteLink<P> {
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }
+                }
+                // mqlb patch (issue 12): acknowledgements whose wait ended, in order.
+                acks = self.acks.released(), if self.acks.holds() => {
+                    self.network.writev(acks).await?;
                 }
             }
         }

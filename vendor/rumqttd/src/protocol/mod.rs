@@ -771,7 +771,19 @@ pub enum Error {
     InsufficientBytes(usize),
 }
 
+/// mqlb patch (across the cluster, issue 12): what the acknowledgement of a client's QoS 1/2
+/// PUBLISH waits for; see [`Protocol::ack_wait`] and `link/durable.rs` (`Sync`, as the codec
+/// that holds it until the link takes it must be).
+pub type AckWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
+
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+    /// mqlb patch (across the cluster, issue 12): asked by the link right after `read_mut`
+    /// returned a PUBLISH; a wait its PUBACK / PUBREC must not be sent before (an embedder's
+    /// codec makes it end when the message is held elsewhere too, and within a bound of its
+    /// own). The link keeps the acknowledgements of one connection in order (MQTT-4.6.0-2..4).
+    fn ack_wait(&mut self) -> Option<AckWait> {
+        None
+    }
 }
