@@ -128,9 +128,21 @@ pub struct MosquittoSub {
 impl MosquittoSub {
     /// Subscribes `filter` (QoS 1) at `addr`.
     pub fn start(addr: SocketAddr, client_id: &str, filter: &str) -> anyhow::Result<MosquittoSub> {
+        Self::start_with(addr, client_id, filter, &[])
+    }
+
+    /// [`MosquittoSub::start`] with more of `mosquitto_sub`'s options (`-c`, `-V mqttv5`,
+    /// `-x 300`, ...).
+    pub fn start_with(
+        addr: SocketAddr,
+        client_id: &str,
+        filter: &str,
+        options: &[&str],
+    ) -> anyhow::Result<MosquittoSub> {
         let mut child = Command::new("mosquitto_sub")
             .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
             .args(["-i", client_id, "-t", filter, "-q", "1", "-v"])
+            .args(options)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

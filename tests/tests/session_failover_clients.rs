@@ -1,0 +1,108 @@
+//! Real clients keep their session across a broker's SIGKILL (issue 12): `mosquitto_sub -c`
+//! (MQTT 3.1.1, Clean Session 0) and `mosquitto_sub -V mqttv5 -c -x 300` (a Session Expiry
+//! Interval) through the LB of three `mqlb broker` processes. The broker each is connected to
+//! is killed; what is published while they reconnect (to the same LB, which sends them to a
+//! live broker) reaches them all the same: their sessions were held by the other brokers.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use mqlb_tests::{connections, mosquitto_installed, mosquitto_pub, MosquittoSub, Topology};
+
+const BEFORE: u32 = 10;
+const WHILE_AWAY: u32 = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_sessions_survive_their_brokers_kill() -> anyhow::Result<()> {
+    if !mosquitto_installed() {
+        anyhow::ensure!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto-clients missing in CI"
+        );
+        eprintln!("skipped: mosquitto-clients not installed");
+        return Ok(());
+    }
+    let mut t = Topology::start(3).await?;
+    let front = t.front;
+    let mut subs = vec![
+        (
+            "mss-311",
+            MosquittoSub::start_with(front, "mss-311", "mss/t", &["-c"])?,
+        ),
+        (
+            "mss-5",
+            MosquittoSub::start_with(
+                front,
+                "mss-5",
+                "mss/t",
+                &["-c", "-V", "mqttv5", "-x", "300"],
+            )?,
+        ),
+    ];
+    for (id, s) in &mut subs {
+        s.wait_subscribed("mss/t", || {
+            mosquitto_pub(front, "mss-ping", "mss/t", "ping", false)
+        })
+        .await
+        .with_context(|| format!("{id} subscribed"))?;
+    }
+    for i in 1..=BEFORE {
+        mosquitto_pub(front, "mss-pub", "mss/t", &i.to_string(), false)?;
+    }
+    // The broker each subscriber is on, as the LB relays it.
+    let admin = t.admin;
+    // (polled: at most 10 s)
+    let mut on = None;
+    for _ in 0..100 {
+        if let Ok(c) = connections(admin).await {
+            let find = |id: &str| {
+                c.iter()
+                    .find(|(cid, _, _)| cid == id)
+                    .map(|(_, b, _)| b.clone())
+            };
+            on = find("mss-311").zip(find("mss-5"));
+            if on.is_some() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let on = on.context("the LB does not relay both subscribers")?;
+    let mut victims: BTreeSet<String> = BTreeSet::new();
+    victims.insert(on.0.clone());
+    victims.insert(on.1.clone());
+    // Two brokers at most: one always stays (with three, the third holds both replicas).
+    for b in &victims {
+        t.kill(b)?;
+    }
+    for i in BEFORE + 1..=BEFORE + WHILE_AWAY {
+        mosquitto_pub(front, "mss-pub", "mss/t", &i.to_string(), false)?;
+    }
+    let want: BTreeSet<u32> = (1..=BEFORE + WHILE_AWAY).collect();
+    for (id, s) in &mut subs {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut got = BTreeSet::new();
+        let mut lines = Vec::new();
+        while !want.is_subset(&got) {
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+                break;
+            };
+            let Some(line) = s.lines(1, "mss/t ping", left).pop() else {
+                break;
+            };
+            if let Some(n) = line.strip_prefix("mss/t ").and_then(|n| n.parse().ok()) {
+                got.insert(n);
+            }
+            lines.push(line);
+        }
+        let lost: Vec<&u32> = want.difference(&got).collect();
+        ensure!(
+            lost.is_empty(),
+            "{id} (was on {}): lost {lost:?} of {}; got {lines:?}",
+            if *id == "mss-311" { &on.0 } else { &on.1 },
+            want.len()
+        );
+    }
+    Ok(())
+}
