@@ -41,6 +41,12 @@ pub struct TopologyFile {
 
 impl TopologyFile {
     pub fn write(n: usize) -> anyhow::Result<TopologyFile> {
+        Self::write_with(n, "")
+    }
+
+    /// [`TopologyFile::write`] with more `[cluster]` settings (TOML lines), such as
+    /// `replicate_sessions = false` for a run without replication.
+    pub fn write_with(n: usize, cluster: &str) -> anyhow::Result<TopologyFile> {
         let dir = TempDir::new("topology")?;
         let (front, admin, ha) = (
             loopback(free_port()?),
@@ -53,7 +59,7 @@ impl TopologyFile {
              [[frontend]]\nname = \"mqtt\"\nbind = \"{front}\"\n\
              [[pool]]\nname = \"brokers\"\nprobe = \"mqtt\"\ndiscovery = \"haserver\"\n"
         );
-        let mut broker_toml = format!("[cluster]\nsecret = \"{TEST_SECRET}\"\n");
+        let mut broker_toml = format!("[cluster]\nsecret = \"{TEST_SECRET}\"\n{cluster}\n");
         for i in 1..=n {
             let b = BrokerAddrs {
                 id: format!("b{i}"),
@@ -114,10 +120,15 @@ impl Topology {
     /// Starts an HA server, `n` brokers (b1..bn) and the LB, and waits until the LB sees every
     /// broker up.
     pub async fn start(n: usize) -> anyhow::Result<Topology> {
+        Self::start_with(n, "").await
+    }
+
+    /// [`Topology::start`] with more `[cluster]` settings (see [`TopologyFile::write_with`]).
+    pub async fn start_with(n: usize, cluster: &str) -> anyhow::Result<Topology> {
         let mut last = None;
         // Ports picked free may be taken before a process binds them: try again.
         for _ in 0..3 {
-            match Self::try_start(n).await {
+            match Self::try_start(n, cluster).await {
                 Ok(t) => return Ok(t),
                 Err(e) => last = Some(e),
             }
@@ -125,8 +136,8 @@ impl Topology {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("topology did not start")))
     }
 
-    async fn try_start(n: usize) -> anyhow::Result<Topology> {
-        let f = TopologyFile::write(n)?;
+    async fn try_start(n: usize, cluster: &str) -> anyhow::Result<Topology> {
+        let f = TopologyFile::write_with(n, cluster)?;
         let mut t = Topology {
             _dir: f.dir,
             config_file: f.path,
