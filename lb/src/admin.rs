@@ -56,6 +56,7 @@ pub(crate) fn backends_json(shared: &Shared) -> Value {
                 "id": m.cfg.id,
                 "addr": m.cfg.addr.to_string(),
                 "weight": m.cfg.weight.get(),
+                "evacuating": evacuating(shared, &m.cfg.id),
                 "evacuation": evacuation_json(shared, &m.cfg.id),
                 "state": m.state.state_name(),
                 "why": m.state.why_not(),
@@ -180,6 +181,14 @@ fn set_drain(shared: &Shared, id: &str, on: bool) -> Response<Full<Bytes>> {
         shared.evacuations.cancel(id);
     }
     json_reply(StatusCode::OK, &Value::Array(changed))
+}
+
+/// True while an evacuation of backend `id` runs.
+fn evacuating(shared: &Shared, id: &str) -> bool {
+    shared
+        .evacuations
+        .get(id)
+        .is_some_and(|p| !p.done.load(std::sync::atomic::Ordering::Acquire))
 }
 
 /// An evacuation's progress for `/api/backends`: `null` if none was started.

@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mqlb_tests::{
-    backend_state, discard_server, free_port, http, loopback, mqlb_bin, wait_listening, wait_until,
-    KillOnDrop, TempDir,
+    backend_state, discard_server, free_port, get_json, http, loopback, mqlb_bin, wait_listening,
+    wait_until, KillOnDrop, TempDir,
 };
 
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -89,6 +89,36 @@ async fn a_drain_survives_an_lb_restart_and_so_does_an_enable() -> anyhow::Resul
 
     let lb = start_lb(&file, admin).await?;
     assert_eq!(backend_state(admin, "b2").await?, "up", "enable forgotten");
+    // An evacuation is remembered too: drained after the restart, and it finishes there.
+    let (code, body) = http(admin, "POST", "/api/backends/b2/evacuate?rate=50").await?;
+    assert_eq!(code, 200, "{body}");
+    kill(lb).await?;
+
+    let lb = start_lb(&file, admin).await?;
+    assert_eq!(
+        backend_state(admin, "b2").await?,
+        "draining",
+        "evacuation forgotten"
+    );
+    let b2 = || async {
+        get_json(admin, "/api/backends")
+            .await
+            .ok()
+            .and_then(|v| v.as_array()?.iter().find(|b| b["id"] == "b2").cloned())
+            .unwrap_or_default()
+    };
+    wait_until("the resumed evacuation done", DEADLINE, || async {
+        b2().await["evacuation"]["done"] == true
+    })
+    .await?;
+    assert_eq!(b2().await["evacuation"]["rate"], 50);
+    let (code, _) = http(admin, "POST", "/api/backends/b2/enable").await?;
+    assert_eq!(code, 200);
+    assert_eq!(
+        b2().await["evacuation"],
+        serde_json::Value::Null,
+        "enable ends it"
+    );
     kill(lb).await?;
 
     // A file that is not a state file: the LB still starts, with the config alone.

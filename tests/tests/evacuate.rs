@@ -189,7 +189,9 @@ async fn evacuation_moves_200_clients_at_the_rate_asked_with_mqtt5_redirects() -
     wait_until("b1 evacuating, part done", DEADLINE, || async {
         let b = b1().await;
         let remaining = b["evacuation"]["remaining"].as_u64().unwrap_or(0);
-        b["state"] == "draining" && (1..CLIENTS as u64 / 2).contains(&remaining)
+        b["state"] == "draining"
+            && b["evacuating"] == true
+            && (1..CLIENTS as u64 / 2).contains(&remaining)
     })
     .await?;
 
@@ -226,6 +228,7 @@ async fn evacuation_moves_200_clients_at_the_rate_asked_with_mqtt5_redirects() -
     })
     .await?;
     let b = b1().await;
+    assert_eq!(b["evacuating"], false, "{b}");
     assert_eq!(b["evacuation"]["told"], CLIENTS as u64, "{b}");
     assert_eq!(b["evacuation"]["remaining"], 0, "{b}");
     let text = lb.metrics_text();
