@@ -23,10 +23,10 @@ mod state;
 
 mod admin;
 pub mod admin_state;
-pub mod evacuate;
 mod conn;
 mod data_path;
 mod discovery;
+pub mod evacuate;
 mod events;
 mod lb;
 mod limits;
