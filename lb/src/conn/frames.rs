@@ -23,7 +23,7 @@ pub(crate) enum Framer {
 }
 
 impl Framer {
-    /// A framer for a connection that is MQTT (`true`) or not.
+    /// A framer for a stream whose packets are followed (`true`), or not.
     pub(crate) fn new(mqtt: bool) -> Framer {
         if mqtt {
             Framer::Boundary

@@ -58,7 +58,10 @@ impl<'a> Relay<'a> {
                 server,
                 up: Dir::default(),
                 down: Dir::default(),
-                down_frames: Framer::new(info.level.is_some()),
+                // Only an MQTT 5 client can be told to leave (3.1.1 has no server DISCONNECT;
+                // those are closed), so only its stream pays for following the packets: its
+                // header bytes are read, never spliced.
+                down_frames: Framer::new(info.level == Some(5)),
             },
         }
     }
