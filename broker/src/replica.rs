@@ -614,7 +614,6 @@ impl Replicas {
     }
 
     /// The owner of the replica of `client_id`.
-    #[cfg(test)]
     pub fn owner(&self, client_id: &str) -> Option<&str> {
         self.by_client.get(client_id).map(|r| r.owner.as_str())
     }
@@ -689,6 +688,11 @@ pub struct Book {
 impl Book {
     pub fn len(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// This node has the session of `client_id` (live, or saved in its router).
+    pub fn owns(&self, client_id: &str) -> bool {
+        self.sessions.contains_key(client_id)
     }
 
     #[cfg(test)]

@@ -287,9 +287,9 @@ impl Replication {
         self.announce(a);
     }
 
-    /// This node holds a replica of `client_id`'s session.
+    /// This node holds a replica of `client_id`'s session, and not the session itself.
     pub(crate) fn holds(&self, client_id: &str) -> bool {
-        lock(&self.held).holds(client_id)
+        !lock(&self.book).owns(client_id) && lock(&self.held).holds(client_id)
     }
 
     /// The session left this node for a peer, or ended (a Clean Start elsewhere).
@@ -350,10 +350,15 @@ impl Replication {
         self.left(client_id);
     }
 
-    /// This node's replica of `client_id`, for a peer that asks (kept here).
-    pub(crate) fn copy(&self, client_id: &str) -> Option<MeshSession> {
+    /// This node's replica of `client_id`, for peer `asking` (kept here); none for the
+    /// session's own node, which has the session itself.
+    pub(crate) fn copy(&self, client_id: &str, asking: &str) -> Option<MeshSession> {
         let now = self.now_ms();
-        lock(&self.held).session(client_id, now, self.budget)
+        let held = lock(&self.held);
+        if held.owner(client_id) == Some(asking) {
+            return None;
+        }
+        held.session(client_id, now, self.budget)
     }
 
     /// Installs the session of `client_id` from its copies (this node's replica and `copies`
@@ -362,6 +367,10 @@ impl Replication {
     /// router after the session and is delivered by it (a duplicate at worst, never a gap).
     /// Blocking (the router's answer): run it off the async workers.
     pub(crate) fn restore(&self, client_id: &str, copies: Vec<MeshSession>) -> bool {
+        // The session is here (saved in the router): it is the session, the copies are not.
+        if lock(&self.book).owns(client_id) {
+            return false;
+        }
         let now = self.now_ms();
         let mut held = lock(&self.held);
         let own = held.session(client_id, now, usize::MAX);

@@ -290,7 +290,7 @@ impl Sessions {
             }
             let Some(export) = export else {
                 // No session here: the replica, if this node holds one, or "none".
-                let none = match sessions.replication.copy(&client_id) {
+                let none = match sessions.replication.copy(&client_id, &peer) {
                     Some(copy) => Frame::SessionReplica {
                         request,
                         session: Box::new(copy),
