@@ -1,7 +1,9 @@
 //! Cross-node delivery: messages/s and latency from a publisher on node A to a subscriber on
-//! node B, against publisher and subscriber on the same node, in one run.
+//! node B, against publisher and subscriber on the same node, in one run. Then what a QoS 1
+//! publisher waits for its PUBACK on a node with 0, 1 and 2 peers (issue 12: the PUBACK waits
+//! until the peers hold the message).
 //!
-//! `cargo run --release -p mqlb-benches --bin mesh-bench [-- --quick]`
+//! `cargo run --release -p mqlb-benches --bin mesh-bench [-- --quick] [--puback-only]`
 
 use std::time::{Duration, Instant};
 
@@ -93,9 +95,110 @@ async fn run(
     })
 }
 
+/// PUBACKs as a publisher on `addr` sees them: `seq` publishes one at a time (each waits for
+/// its PUBACK: p50 and p99 of that wait), then `flood` with rumqttc's window of 100 in flight
+/// (msg/s until the last PUBACK).
+async fn pubacks(
+    addr: std::net::SocketAddr,
+    seq: usize,
+    flood: usize,
+    tag: &str,
+) -> anyhow::Result<Run> {
+    let mut po = MqttOptions::new(format!("bench-puback-{tag}"), "127.0.0.1", addr.port());
+    po.set_keep_alive(Duration::from_secs(30));
+    let (publ, mut pub_loop) = AsyncClient::new(po, 1000);
+    let topic = format!("bench/puback/{tag}");
+    let payload = vec![0u8; 100];
+    // Polls until `acks` more PUBACKs came (20 s without one is a stall).
+    async fn acked(pub_loop: &mut rumqttc::EventLoop, acks: usize) -> anyhow::Result<()> {
+        let mut got = 0;
+        while got < acks {
+            match tokio::time::timeout(Duration::from_secs(20), pub_loop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => got += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => anyhow::bail!("publisher: {e}"),
+                Err(_) => anyhow::bail!("publisher: {got} of {acks} PUBACKs before a 20 s stall"),
+            }
+        }
+        Ok(())
+    }
+    let mut lat = Vec::with_capacity(seq);
+    for _ in 0..seq {
+        let start = Instant::now();
+        publ.publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+            .await?;
+        acked(&mut pub_loop, 1).await?;
+        lat.push(start.elapsed());
+    }
+    let start = Instant::now();
+    let sender = {
+        let (publ, topic, payload) = (publ.clone(), topic.clone(), payload.clone());
+        tokio::spawn(async move {
+            for _ in 0..flood {
+                publ.publish(&topic, QoS::AtLeastOnce, false, payload.clone())
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    acked(&mut pub_loop, flood).await?;
+    sender.await??;
+    let rate = flood as f64 / start.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    Ok(Run {
+        rate,
+        p50: pct(0.5),
+        p99: pct(0.99),
+    })
+}
+
+/// The PUBACK table: one node with no peer, with 1, with 2, interleaved `reps` times, medians.
+async fn puback_table(quick: bool) -> anyhow::Result<()> {
+    let (seq, flood, reps) = if quick {
+        (500, 5_000, 1)
+    } else {
+        (2_000, 20_000, 3)
+    };
+    let clusters = [
+        Cluster::start(1).await?,
+        Cluster::start(2).await?,
+        Cluster::start(3).await?,
+    ];
+    let mut runs: Vec<Vec<Run>> = (0..clusters.len()).map(|_| Vec::new()).collect();
+    for rep in 0..reps {
+        for (i, c) in clusters.iter().enumerate() {
+            runs[i].push(pubacks(c.mqtt(0), seq, flood, &format!("r{rep}p{i}")).await?);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "-- PUBACK of QoS 1 on node A: {seq} one at a time (wait), then {flood} with 100 in flight; medians of {reps} --"
+    );
+    let mut base = None;
+    for (i, r) in runs.iter().enumerate() {
+        let p50 = median(r.iter().map(|x| x.p50.as_secs_f64() * 1e3).collect());
+        let p99 = median(r.iter().map(|x| x.p99.as_secs_f64() * 1e3).collect());
+        let rate = median(r.iter().map(|x| x.rate).collect());
+        let (b50, brate) = *base.get_or_insert((p50, rate));
+        println!(
+            "{i} peer(s)   wait p50 {p50:>7.3} ms  p99 {p99:>7.3} ms   {rate:>8.0} msg/s   p50 x{:.2}  msg/s x{:.2}",
+            p50 / b50,
+            rate / brate
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--puback-only") {
+        return puback_table(quick).await;
+    }
     let n = if quick { 5_000 } else { 50_000 };
     let cluster = Cluster::start(2).await?;
     println!("mqlb mesh-bench: {n} QoS 1 messages of 100 bytes, 2 in-process nodes, loopback");
@@ -133,5 +236,6 @@ async fn main() -> anyhow::Result<()> {
         "cross/same p50 latency ratio: {:.2}",
         cross_l.p50.as_secs_f64() / same_l.p50.as_secs_f64()
     );
-    Ok(())
+    drop(cluster);
+    puback_table(quick).await
 }
