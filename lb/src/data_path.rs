@@ -1,6 +1,7 @@
 //! The LB's own data-path probe (Azure's "data path availability"): every probe interval, a
 //! connection through each rule's frontend to a backend, as a client would make it, recorded
-//! in `mqlb_data_path_up{rule}`. Its connections come from addresses registered in
+//! in `mqlb_data_path_up{rule}`, and graded over the last [`WINDOW`] probes into health events
+//! (`events::Availability`). Its connections come from addresses registered in
 //! `Shared::own_probes`, so the connection path serves them without counting them.
 
 use std::net::SocketAddr;
@@ -14,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::probe;
 use crate::shared::Shared;
 use crate::snapshot::RuleRt;
+
+/// Probes a rule's availability is graded over (a minute at the default 5 s interval).
+const WINDOW: usize = 12;
 
 /// Connects to a frontend from a source address registered in `own_probes` before the
 /// connection exists, so the proxy knows it for the LB's own whenever it accepts it. The
@@ -50,6 +54,7 @@ pub(crate) async fn run(
     let gauge = metrics.data_path_up.with_label_values(&[&rule.cfg.name]);
     let probe = &rule.pool.cfg.probe;
     let client_prefix = format!("mqlb-datapath-{}", rule.cfg.name);
+    let mut availability = crate::events::Availability::new(WINDOW);
     let mut ticker = tokio::time::interval(probe.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -84,5 +89,15 @@ pub(crate) async fn run(
             r = tokio::time::timeout(probe.timeout, attempt) => matches!(r, Ok(Some(true))),
         };
         gauge.set(i64::from(ok));
+        if let Some((kind, share)) = availability.push(ok) {
+            let why = format!(
+                "rule {}: {:.0} % of the last {WINDOW} probes through the frontend",
+                rule.cfg.name,
+                share * 100.0
+            );
+            tracing::warn!(rule = rule.cfg.name, event = kind.name(), "{why}");
+            let pool = Some(rule.pool.cfg.name.as_str());
+            shared.events.record(kind, pool, None, Some(why));
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Health events (`/api/events`): what Azure's resource health shows an operator, and what a
 //! person reading the status page wants first: a backend went down or came back and why, a
 //! pool has no healthy backend left, a member left the membership or was removed, a reload was
-//! applied or refused. Kept in a bounded ring in memory (the newest [`CAPACITY`]); the log has
+//! applied or refused, a rule's data-path availability fell below 90 % or 25 % (or recovered). Kept in a bounded ring in memory (the newest [`CAPACITY`]); the log has
 //! them all (the producers log each one).
 //!
 //! The ring and the pool check are pure and unit-tested; [`Events`] stamps the wall clock and
@@ -73,6 +73,12 @@ pub enum Kind {
     MemberRemoved,
     ReloadApplied,
     ReloadRefused,
+    /// A rule's data path succeeded in less than 90 % of the last probes (Azure: degraded).
+    DataPathDegraded,
+    /// ... in less than 25 % (Azure: unavailable).
+    DataPathDown,
+    /// ... in 90 % or more again.
+    DataPathRecovered,
 }
 
 impl Kind {
@@ -87,14 +93,19 @@ impl Kind {
             Kind::MemberRemoved => "member_removed",
             Kind::ReloadApplied => "reload_applied",
             Kind::ReloadRefused => "reload_refused",
+            Kind::DataPathDegraded => "data_path_degraded",
+            Kind::DataPathDown => "data_path_down",
+            Kind::DataPathRecovered => "data_path_recovered",
         }
     }
 
     /// `info`, `warning` or `error`, for the page's colours and for filtering.
     pub fn level(self) -> &'static str {
         match self {
-            Kind::BackendDown | Kind::MemberLeft | Kind::ReloadRefused => "warning",
-            Kind::NoHealthyBackends => "error",
+            Kind::BackendDown | Kind::MemberLeft | Kind::ReloadRefused | Kind::DataPathDegraded => {
+                "warning"
+            }
+            Kind::NoHealthyBackends | Kind::DataPathDown => "error",
             _ => "info",
         }
     }
@@ -122,6 +133,51 @@ impl Event {
             "backend": self.backend,
             "reason": self.reason,
         })
+    }
+}
+
+/// Data-path availability over the last probes of a rule, graded as Azure's health events do:
+/// healthy at 90 % or more, degraded below, down below 25 %. Graded once the window is full
+/// (a single failed probe at start is no outage).
+#[derive(Debug)]
+pub struct Availability {
+    results: VecDeque<bool>,
+    window: usize,
+    kind: Kind,
+}
+
+impl Availability {
+    pub fn new(window: usize) -> Availability {
+        Availability {
+            results: VecDeque::with_capacity(window.max(1)),
+            window: window.max(1),
+            kind: Kind::DataPathRecovered,
+        }
+    }
+
+    /// Adds a probe's result; returns the event and the share of successes when the grade
+    /// changed.
+    pub fn push(&mut self, ok: bool) -> Option<(Kind, f64)> {
+        if self.results.len() == self.window {
+            self.results.pop_front();
+        }
+        self.results.push_back(ok);
+        if self.results.len() < self.window {
+            return None;
+        }
+        let share = self.results.iter().filter(|r| **r).count() as f64 / self.window as f64;
+        let kind = if share >= 0.9 {
+            Kind::DataPathRecovered
+        } else if share >= 0.25 {
+            Kind::DataPathDegraded
+        } else {
+            Kind::DataPathDown
+        };
+        if kind == self.kind {
+            return None;
+        }
+        self.kind = kind;
+        Some((kind, share))
     }
 }
 
@@ -375,5 +431,33 @@ mod tests {
         assert_eq!(all[1]["reason"], "pool[0].name: empty");
         assert!(all[1]["time"].as_f64().is_some_and(|t| t > 1.0e9));
         assert_eq!(ev.json(1).as_array().map(Vec::len), Some(1));
+    }
+    #[test]
+    fn data_path_availability_is_graded_over_a_full_window() {
+        let mut a = Availability::new(10);
+        // a failure before the window is full is no event
+        assert_eq!(a.push(false), None);
+        for _ in 0..8 {
+            assert_eq!(a.push(true), None);
+        }
+        // 9 of 10: healthy, as it started
+        assert_eq!(a.push(true), None);
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            if let Some((k, share)) = a.push(false) {
+                seen.push((k, (share * 10.0).round() as u32));
+            }
+        }
+        assert_eq!(
+            seen,
+            [(Kind::DataPathDegraded, 8), (Kind::DataPathDown, 2)],
+            "below 90 %, then below 25 %"
+        );
+        let back: Vec<Kind> = (0..10)
+            .filter_map(|_| a.push(true))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(back, [Kind::DataPathDegraded, Kind::DataPathRecovered]);
+        assert_eq!(Kind::DataPathDown.level(), "error");
     }
 }

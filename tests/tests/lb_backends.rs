@@ -306,3 +306,50 @@ async fn a_member_that_died_stays_listed_down_until_remove_after() -> anyhow::Re
     ha.stop().await;
     Ok(())
 }
+
+/// Azure's data-path availability as health events (issue 17): the LB's own probe through the
+/// frontend fails once the only broker is gone, and `/api/events` says the rule's data path is
+/// degraded, then down; when the broker is back, recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_path_availability_becomes_health_events() -> anyhow::Result<()> {
+    let mut broker = Mosquitto::start().await?;
+    let toml = lb_toml(&[&broker], "distribution = \"mqtt-client-id\"\n", false)
+        .replace("interval = \"1s\"", "interval = \"100ms\"")
+        .replace("timeout = \"500ms\"", "timeout = \"80ms\"");
+    let lb = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+    let admin = lb.admin_addr();
+    let kinds = || async move {
+        let events = get_json(admin, "/api/events").await.ok()?;
+        Some(
+            events
+                .as_array()?
+                .iter()
+                .filter_map(|e| e["kind"].as_str().map(str::to_string))
+                .filter(|k| k.starts_with("data_path"))
+                .collect::<Vec<_>>(),
+        )
+    };
+    broker.kill();
+    wait_until("data_path_down", DEADLINE, || async {
+        kinds()
+            .await
+            .is_some_and(|k| k.iter().any(|k| k == "data_path_down"))
+    })
+    .await?;
+    broker.restart().await?;
+    wait_until("data_path_recovered", DEADLINE, || async {
+        kinds()
+            .await
+            .is_some_and(|k| k.last().is_some_and(|k| k == "data_path_recovered"))
+    })
+    .await?;
+    // On the way back up the grade passes through degraded (25 to 90 %).
+    let k = kinds().await.unwrap_or_default();
+    let at = |kind: &str| k.iter().rposition(|x| x == kind);
+    assert!(
+        at("data_path_down") < at("data_path_degraded") && at("data_path_degraded").is_some(),
+        "down, degraded, recovered: {k:?}"
+    );
+    lb.shutdown().await;
+    Ok(())
+}
