@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::Kind;
 use crate::shared::Shared;
 
 fn unix(t: SystemTime) -> f64 {
@@ -161,8 +162,16 @@ fn status_page() -> Response<Full<Bytes>> {
 fn set_drain(shared: &Shared, id: &str, on: bool) -> Response<Full<Bytes>> {
     let snap = shared.snapshot.load();
     let mut changed = Vec::new();
+    let kind = if on {
+        Kind::BackendDrained
+    } else {
+        Kind::BackendEnabled
+    };
     for (pool, m) in snap.members(id) {
         m.state.set_draining(on);
+        shared
+            .events
+            .record(kind, Some(&pool.cfg.name), Some(id), None);
         changed.push(json!({"pool": pool.cfg.name, "id": id, "state": m.state.state_name()}));
     }
     if changed.is_empty() {

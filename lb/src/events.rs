@@ -79,6 +79,10 @@ pub enum Kind {
     DataPathDown,
     /// ... in 90 % or more again.
     DataPathRecovered,
+    /// The admin API drained a backend (or started its evacuation): it takes no new client.
+    BackendDrained,
+    /// The admin API enabled it again.
+    BackendEnabled,
 }
 
 impl Kind {
@@ -96,6 +100,8 @@ impl Kind {
             Kind::DataPathDegraded => "data_path_degraded",
             Kind::DataPathDown => "data_path_down",
             Kind::DataPathRecovered => "data_path_recovered",
+            Kind::BackendDrained => "backend_drained",
+            Kind::BackendEnabled => "backend_enabled",
         }
     }
 

@@ -11,7 +11,7 @@ use common::{count_then_reply_server, lb_toml, tcp_lb_toml, topo, DEADLINE};
 use mqlb_config::{Config, ProbeProtocol};
 use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
 use mqlb_lb::{probe_once, Lb, Listeners, ProbeError};
-use mqlb_tests::{backend_state, get_json, metric, wait_until, Mosquitto};
+use mqlb_tests::{backend_state, get_json, http, metric, wait_until, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -349,6 +349,38 @@ async fn data_path_availability_becomes_health_events() -> anyhow::Result<()> {
     assert!(
         at("data_path_down") < at("data_path_degraded") && at("data_path_degraded").is_some(),
         "down, degraded, recovered: {k:?}"
+    );
+    lb.shutdown().await;
+    Ok(())
+}
+
+/// The admin API's drain and enable are health events too (issue 17).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_enable_are_health_events() -> anyhow::Result<()> {
+    let broker = Mosquitto::start().await?;
+    let toml = lb_toml(&[&broker], "distribution = \"mqtt-client-id\"\n", false);
+    let lb = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+    let admin = lb.admin_addr();
+    for action in ["drain", "enable"] {
+        let (code, body) = http(admin, "POST", &format!("/api/backends/b1/{action}")).await?;
+        assert_eq!(code, 200, "{body}");
+    }
+    let events = get_json(admin, "/api/events").await?;
+    let mine: Vec<(String, String)> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["backend"] == "b1")
+        .filter_map(|e| Some((e["kind"].as_str()?.into(), e["pool"].as_str()?.into())))
+        .filter(|(k, _): &(String, String)| k == "backend_drained" || k == "backend_enabled")
+        .collect();
+    assert_eq!(
+        mine,
+        [
+            ("backend_drained".to_string(), "brokers".to_string()),
+            ("backend_enabled".to_string(), "brokers".to_string())
+        ],
+        "{events:#}"
     );
     lb.shutdown().await;
     Ok(())
