@@ -241,8 +241,19 @@ impl Replicas {
     /// `owner` says how its session `meta.client_id` is now: the replica is made or updated.
     /// A replica that another node owned is taken over by `owner` with what it queued (the
     /// session moved with its client; the new owner delivers those messages too).
+    ///
+    /// From a node that is not the replica's owner, only a meta that says the client is
+    /// connected there (or starts afresh) is taken: an offline one is stale, the end of a
+    /// connection that lost its session to the owner (a paused node that resumes).
     pub fn meta(&mut self, owner: &str, meta: ReplicaMeta, now_ms: u64) {
         let client = meta.client_id.clone();
+        if self
+            .by_client
+            .get(&client)
+            .is_some_and(|r| r.owner != owner && !meta.online && !meta.fresh)
+        {
+            return;
+        }
         if !self.by_client.contains_key(&client) && self.by_client.len() >= self.max_replicas {
             self.dropped.replicas += 1;
             return;
@@ -1036,6 +1047,9 @@ mod tests {
         // the client moved to b2, which now owns it
         r.meta("b2", meta("c", vec![sub("t", 1)], true), 0);
         assert!(!r.close("b1", "c"), "the old owner's close is stale");
+        // so is the end of the old owner's connection (it resumed after a pause)
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 0);
+        assert_eq!(r.owner("c"), Some("b2"));
         assert_eq!(r.owner("c"), Some("b2"));
         assert_eq!(r.messages(), 1);
         let mut fresh = meta("c", vec![sub("u", 1)], true);

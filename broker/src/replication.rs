@@ -323,6 +323,10 @@ impl Replication {
     // --- Replica side (frames from the peers) ---
 
     pub(crate) fn on_meta(&self, peer: &str, meta: ReplicaMeta) {
+        // The session is this node's now: the peer's word on it is stale.
+        if lock(&self.book).owns(&meta.client_id) {
+            return;
+        }
         let now = self.now_ms();
         lock(&self.held).meta(peer, meta, now);
     }
