@@ -36,6 +36,9 @@ pub struct Metrics {
     pub duplicates: IntCounterVec,
     pub skipped: IntCounterVec,
     pub unacked: IntGaugeVec,
+    /// Seconds the oldest QoS 1/2 publish kept for a peer has waited for its acknowledgement
+    /// (issue 17: the mesh's lag per peer), as of the link's last event.
+    pub lag: prometheus::GaugeVec,
     /// A local client's QoS 1/2 PUBLISH acknowledged before every peer held it: a peer up
     /// but silent for the whole bound (issue 12; `mesh::ACK_WAIT_MAX`).
     pub ack_wait_timeouts: IntCounter,
@@ -141,6 +144,13 @@ impl Metrics {
                 ),
                 &["peer"],
             )?,
+            lag: prometheus::GaugeVec::new(
+                Opts::new(
+                    "mqlb_mesh_lag_seconds",
+                    "Age of the oldest QoS 1/2 publish sent to a peer and not yet acknowledged (0: none), as of the link's last send, acknowledgement or failure.",
+                ),
+                &["peer"],
+            )?,
             ack_wait_timeouts: IntCounter::new(
                 "mqlb_mesh_ack_wait_timeouts_total",
                 "QoS 1/2 publishes of this node's clients whose PUBACK/PUBREC went out after the bound (1 s) without every peer whose link was up having acknowledged the message.",
@@ -235,6 +245,7 @@ impl Metrics {
         m.registry.register(Box::new(m.duplicates.clone()))?;
         m.registry.register(Box::new(m.skipped.clone()))?;
         m.registry.register(Box::new(m.unacked.clone()))?;
+        m.registry.register(Box::new(m.lag.clone()))?;
         m.registry.register(Box::new(m.ack_wait_timeouts.clone()))?;
         Ok(m)
     }

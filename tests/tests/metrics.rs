@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::{topo, DEADLINE};
 use mqlb_tests::{http, metric, wait_until, Client, QoS, Topology};
@@ -180,5 +181,57 @@ async fn every_process_reports_its_process_metrics() -> anyhow::Result<()> {
         seen += 1;
     }
     assert_eq!(seen, 3);
+    Ok(())
+}
+
+/// The mesh's lag per peer (issue 17): with b2 paused (its link up, nothing acknowledged),
+/// what b1's clients publish at QoS 1 waits for b2's acknowledgement, and
+/// `mqlb_mesh_lag_seconds{peer="b2"}` on b1 grows past a second; back to 0 once b2 resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_lag_of_a_silent_peer_grows() -> anyhow::Result<()> {
+    let t = Topology::start(2).await?;
+    let (b1, b1_mqtt) = (t.brokers[0].http, t.brokers[0].mqtt);
+    let publisher = Client::connect(b1_mqtt, "lag-pub").await?;
+    publisher
+        .client
+        .publish("lag/t", QoS::AtLeastOnce, false, b"0".to_vec())
+        .await?;
+    wait_metric(b1, "mqlb_mesh_link_up", &[("peer", "b2")], 1.0).await?;
+    let lag = |text: &str| metric(text, "mqlb_mesh_lag_seconds", &[("peer", "b2")]);
+    t.pause("b2")?;
+    let grown = async {
+        // One publish every 50 ms (paced, not a wait), for 20 s at most.
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        for i in 1..=400u32 {
+            pace.tick().await;
+            publisher
+                .client
+                .publish(
+                    "lag/t",
+                    QoS::AtLeastOnce,
+                    false,
+                    format!("{i}").into_bytes(),
+                )
+                .await?;
+            if lag(&scrape(b1).await) > 1.0 {
+                return anyhow::Ok(true);
+            }
+        }
+        anyhow::Ok(false)
+    };
+    let grown = tokio::time::timeout(Duration::from_secs(60), grown).await;
+    t.resume("b2")?;
+    anyhow::ensure!(
+        matches!(grown, Ok(Ok(true))),
+        "lag never above 1 s: {grown:?}"
+    );
+    publisher
+        .client
+        .publish("lag/t", QoS::AtLeastOnce, false, b"end".to_vec())
+        .await?;
+    wait_until("the lag is back to 0", DEADLINE, || async {
+        lag(&scrape(b1).await) == 0.0
+    })
+    .await?;
     Ok(())
 }

@@ -80,6 +80,8 @@ struct Outbound {
     expiry: Option<(usize, u32, Instant)>,
     /// A QoS 1/2 publish: numbered, kept until the peer acknowledges it (issue 12).
     reliable: bool,
+    /// When it was queued: the age of the oldest unacknowledged one is the link's lag.
+    queued: Instant,
     /// A local client's QoS 1/2 publish whose PUBACK waits for this peer (issue 12): one
     /// share of [`Durable`], released when the peer acknowledged the frame, or it was dropped,
     /// or the link went down.
@@ -486,6 +488,7 @@ impl Mesh {
             frame,
             expiry: None,
             reliable: false,
+            queued: Instant::now(),
             durable: None,
         };
         self.queue_for(&peers, out);
@@ -504,6 +507,7 @@ impl Mesh {
             frame,
             expiry: None,
             reliable: false,
+            queued: Instant::now(),
             durable: None,
         };
         p.tx.try_send(out).map_err(|_| "peer queue full")
@@ -556,6 +560,7 @@ impl Mesh {
                     .zip(publish.message_expiry_interval)
                     .map(|(a, i)| (a, i, received)),
                 reliable: publish.qos > 0,
+                queued: Instant::now(),
                 durable: None,
             },
             Err(e) => {
@@ -728,6 +733,16 @@ struct LinkCounters {
     unacked_full: prometheus::IntCounter,
     resent: prometheus::IntCounter,
     unacked: prometheus::IntGauge,
+    lag: prometheus::Gauge,
+}
+
+impl LinkCounters {
+    /// The kept frames' count and the age of the oldest (the link's lag).
+    fn kept(&self, unacked: &Unacked<Outbound>) {
+        self.unacked.set(unacked.len() as i64);
+        let oldest = unacked.pending().next().map(|(_, o)| o.queued.elapsed());
+        self.lag.set(oldest.map_or(0.0, |d| d.as_secs_f64()));
+    }
 }
 
 /// Writes a numbered frame: its header, then the frame's (shared) bytes.
@@ -875,6 +890,7 @@ async fn outbound(
             .with_label_values(&[&peer.id, "unacked_full"]),
         resent: mesh.metrics.resent.with_label_values(&[&peer.id]),
         unacked: mesh.metrics.unacked.with_label_values(&[&peer.id]),
+        lag: mesh.metrics.lag.with_label_values(&[&peer.id]),
     };
     // This link's numbered stream: a new epoch whenever the link to this peer is created.
     let mut unacked: Unacked<Outbound> = Unacked::new(
@@ -928,7 +944,7 @@ async fn outbound(
                     if let Err(e) = resend(&mut w, &mut unacked, &counters).await {
                         break 'link e.to_string();
                     }
-                    counters.unacked.set(unacked.len() as i64);
+                    counters.kept(&unacked);
                     loop {
                         tokio::select! {
                             _ = stop.cancelled() => return,
@@ -942,7 +958,7 @@ async fn outbound(
                                     }
                                 }
                                 let r = send_batch(&mut w, batch, &mut unacked, &counters).await;
-                                counters.unacked.set(unacked.len() as i64);
+                                counters.kept(&unacked);
                                 if let Err(e) = r {
                                     break 'link e.to_string();
                                 }
@@ -958,7 +974,7 @@ async fn outbound(
                                 Ok(0) => break 'link "peer closed the link".to_string(),
                                 Ok(_) => {
                                     let taken = take_acks(&mut acks, &mut unacked);
-                                    counters.unacked.set(unacked.len() as i64);
+                                    counters.kept(&unacked);
                                     if let Err((label, why)) = taken {
                                         mesh.metrics.rejected.with_label_values(&[label]).inc();
                                         break 'link why;
@@ -974,6 +990,7 @@ async fn outbound(
                 // A peer that is down is not waited for: its copies are kept (sent again on
                 // the next link) but no PUBACK waits for them any more (issue 12).
                 unacked.for_each_mut(|m| m.durable = None);
+                counters.kept(&unacked);
                 tracing::warn!(peer = peer.id, addr = %peer.addr, why, "mesh link down; reconnecting");
             }
             Err(e) => {
@@ -1301,6 +1318,7 @@ mod tests {
                 frame,
                 expiry: Some((at, interval, received)),
                 reliable: false,
+                queued: Instant::now(),
                 durable: None,
             },
             p,
@@ -1323,6 +1341,7 @@ mod tests {
             frame: Bytes::from(vec![n]),
             expiry: None,
             reliable: true,
+            queued: Instant::now(),
             durable: None,
         };
         let mut unacked = Unacked::new(5, 10, 1 << 20);
@@ -1394,6 +1413,7 @@ mod tests {
             frame: Bytes::from_static(b"x"),
             expiry: None,
             reliable: false,
+            queued: Instant::now(),
             durable: None,
         };
         assert_eq!(plain.now(), Some(Bytes::from_static(b"x")));
