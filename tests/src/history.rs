@@ -435,6 +435,21 @@ impl Verdict {
     }
 }
 
+/// Where `client` was connected around `at`, for a look at a violation: its backends in the
+/// last sample at or before `at` and in the first one after (empty: not listed, or no sample).
+pub fn where_at(samples: &[Sample], client: &str, at: Duration) -> (Vec<String>, Vec<String>) {
+    let on = |s: &Sample| -> Vec<String> {
+        s.connections
+            .iter()
+            .filter(|(c, _, _)| c == client)
+            .map(|(_, b, _)| b.clone())
+            .collect()
+    };
+    let before = samples.iter().rev().find(|s| s.at <= at).map(on);
+    let after = samples.iter().find(|s| s.at > at).map(on);
+    (before.unwrap_or_default(), after.unwrap_or_default())
+}
+
 /// What a `$share` group's members received, checked: each acknowledged message reached the
 /// group (at least one member), and those of the calm before a fault exactly one member.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -682,5 +697,27 @@ mod tests {
         let twice = check_share(&acked, &members, 7);
         assert_eq!(twice.twice_in_calm, vec![6]);
         assert!(!twice.passed());
+    }
+
+    #[test]
+    fn where_a_client_was_around_a_moment() {
+        let sample = |ms, conns: &[(&str, &str)]| Sample {
+            at: Duration::from_millis(ms),
+            connections: conns
+                .iter()
+                .enumerate()
+                .map(|(i, (c, b))| (c.to_string(), b.to_string(), i as u64))
+                .collect(),
+        };
+        let samples = vec![
+            sample(100, &[("s0", "b1")]),
+            sample(300, &[]),
+            sample(500, &[("s0", "b2"), ("s1", "b1")]),
+        ];
+        let at = |ms| where_at(&samples, "s0", Duration::from_millis(ms));
+        assert_eq!(at(200), (vec!["b1".to_string()], vec![]));
+        assert_eq!(at(300), (vec![], vec!["b2".to_string()]));
+        assert_eq!(at(50), (vec![], vec!["b1".to_string()]));
+        assert_eq!(at(900), (vec!["b2".to_string()], vec![]));
     }
 }

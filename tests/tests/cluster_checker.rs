@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use mqlb_lb::select::{backend_hash, rendezvous_order, Candidate, Key};
 use mqlb_tests::history::{
-    chaos_plan, check, check_share, ChaosShape, ClientLog, Fault, History, PublisherLog, Sample,
-    SubscriberLog,
+    chaos_plan, check, check_share, where_at, ChaosShape, ClientLog, Fault, History, PublisherLog,
+    Sample, SubscriberLog, Violation,
 };
 use mqlb_tests::persistent::{Persistent, Protocol};
 use mqlb_tests::{backend_state, connections, wait_until, Topology};
@@ -337,6 +337,16 @@ async fn no_acknowledged_message_is_lost_through_kills_and_pauses() -> anyhow::R
     stop_sampling.cancel();
     let samples = sampler.await?;
 
+    // When each acknowledged message was acknowledged, from the start, to place a loss.
+    let acked_at: Vec<std::collections::HashMap<u64, Duration>> = published
+        .iter()
+        .map(|p| {
+            p.acked
+                .iter()
+                .map(|(seq, at)| (*seq, at.duration_since(start)))
+                .collect()
+        })
+        .collect();
     let history = History {
         publishers: pubs
             .iter()
@@ -378,6 +388,29 @@ async fn no_acknowledged_message_is_lost_through_kills_and_pauses() -> anyhow::R
         done.join("\n  "),
         verdict.table()
     );
+    for v in verdict.violations.iter().take(10) {
+        if let Violation::Lost {
+            subscriber,
+            publisher,
+            first,
+            ..
+        } = v
+        {
+            let p = pubs.iter().position(|p| p.id == *publisher);
+            let (Some(seq), Some(p)) = (first.first(), p) else {
+                continue;
+            };
+            let Some(at) = acked_at[p].get(seq).copied() else {
+                continue;
+            };
+            println!(
+                "  {subscriber} missed {publisher} #{seq}, acknowledged at {at:.2?}: the \
+                 subscriber on {:?}, the publisher on {:?} (LB samples before, after)",
+                where_at(&history.samples, subscriber, at),
+                where_at(&history.samples, publisher, at),
+            );
+        }
+    }
     assert!(
         verdict.passed(),
         "seed {seed}: {} violations (table above; MQLB_CHECKER_SEED={seed} replays the plan)",
