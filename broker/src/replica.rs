@@ -630,6 +630,32 @@ impl Replicas {
     }
 }
 
+/// A session that moved here (`session`, with its packet ids) completed with what this node's
+/// replica of it (`copy`) holds and it lacks: the messages that reached this node while the
+/// session was on its way (they found no subscription in either router), each origin's in its
+/// order after the session's own.
+pub fn complete(mut session: MeshSession, copy: Option<MeshSession>) -> MeshSession {
+    let Some(copy) = copy else {
+        return session;
+    };
+    let have: HashSet<MsgId> = session
+        .pending
+        .iter()
+        .filter_map(|(_, p)| Tag::find(&p.user_properties).map(|t| t.id))
+        .collect();
+    let mut extra: Vec<(MsgId, MeshPublish)> = copy
+        .pending
+        .into_iter()
+        .filter_map(|(_, p)| Some((Tag::find(&p.user_properties)?.id, p)))
+        .filter(|(id, _)| !have.contains(id))
+        .collect();
+    extra.sort_by_key(|(id, _)| *id);
+    session
+        .pending
+        .extend(extra.into_iter().map(|(_, p)| (0, p)));
+    session
+}
+
 /// Several copies of one session (this node's replica and its peers') as one: every message
 /// any of them holds, once (by id), each origin's in its order; the subscriptions of the copy
 /// with the most, the longest expiry.
@@ -1219,5 +1245,26 @@ mod tests {
         r.remove("m2");
         r.expire(0);
         assert!(r.groups.is_empty());
+    }
+
+    #[test]
+    fn a_moved_session_is_completed_with_what_reached_only_this_node() {
+        let moved = MeshSession {
+            client_id: "c".into(),
+            subscriptions: vec![sub("t", 1)],
+            pending: vec![(7, msg("t", 1, tag(2)))],
+            ..MeshSession::default()
+        };
+        let copy = MeshSession {
+            pending: [3, 2, 1]
+                .iter()
+                .map(|s| (0, msg("t", 1, tag(*s))))
+                .collect(),
+            ..moved.clone()
+        };
+        let s = complete(moved.clone(), Some(copy));
+        assert_eq!(payloads(&s), ["m2", "m1", "m3"]);
+        assert_eq!(s.pending[0].0, 7, "the moved session's packet ids stay");
+        assert_eq!(complete(moved.clone(), None), moved);
     }
 }

@@ -279,14 +279,6 @@ impl Replication {
         self.announce(a);
     }
 
-    /// A session moved here from a peer and is installed in the router.
-    pub(crate) fn installed(&self, client_id: &str, expiry: u32, subs: &[MeshSubscription]) {
-        lock(&self.held).remove(client_id);
-        let now = self.now_ms();
-        let a = lock(&self.book).installed(client_id, expiry, subs, now);
-        self.announce(a);
-    }
-
     /// This node holds a replica of `client_id`'s session, and not the session itself.
     pub(crate) fn holds(&self, client_id: &str) -> bool {
         !lock(&self.book).owns(client_id) && lock(&self.held).holds(client_id)
@@ -365,6 +357,35 @@ impl Replication {
         held.session(client_id, now, self.budget)
     }
 
+    /// Installs `session`, which moved here from a peer, completed with this node's replica of
+    /// it ([`replica::complete`]), the replicas locked until the router has it (as
+    /// [`Replication::restore`]). Blocking.
+    pub(crate) fn adopt(&self, session: MeshSession) -> bool {
+        let now = self.now_ms();
+        let client_id = session.client_id.clone();
+        let mut held = lock(&self.held);
+        let copy = held.session(&client_id, now, usize::MAX);
+        let completed = replica::complete(session, copy);
+        let (expiry, subs) = (completed.expiry, completed.subscriptions.clone());
+        let export = match crate::session::from_mesh(completed) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(client_id, error = %e, "a moved session could not be installed");
+                return false;
+            }
+        };
+        if !self.control.import_blocking(export, Duration::from_secs(2)) {
+            tracing::warn!(client_id, "the router did not take a moved session");
+            return false;
+        }
+        held.drain_groups(&client_id);
+        held.remove(&client_id);
+        drop(held);
+        let a = lock(&self.book).installed(&client_id, expiry, &subs, now);
+        self.announce(a);
+        true
+    }
+
     /// Installs the session of `client_id` from its copies (this node's replica and `copies`
     /// from the peers) before its CONNACK. The replicas stay locked until the router has the
     /// session: a message recorded before is in the copy, one recorded after reaches the
@@ -411,6 +432,16 @@ impl Replication {
     /// Sends the acknowledgements gathered since the last round; expires offline sessions
     /// and replicas; updates the gauges.
     fn tick(&self, expire: bool) {
+        self.send_acks();
+        if expire {
+            self.expire();
+        }
+    }
+
+    /// Sends the acknowledgements gathered so far to every peer. Before a session leaves for
+    /// a peer: they reach it ahead of the session (one queue per peer), so its replica does
+    /// not hold what the client already has.
+    pub(crate) fn send_acks(&self) {
         let acks = std::mem::take(&mut *lock(&self.acks));
         if !acks.is_empty() {
             let mut grouped: std::collections::HashMap<String, Vec<MsgId>> = Default::default();
@@ -425,28 +456,30 @@ impl Replication {
                 });
             }
         }
-        if expire {
-            self.publish_wills();
-            let now = self.now_ms();
-            let gone = lock(&self.book).expire(now);
-            for a in gone {
-                self.announce(Some(a));
-            }
-            let mut held = lock(&self.held);
-            held.expire(now);
-            self.metrics.held.set(held.len() as i64);
-            self.metrics.messages.set(held.messages() as i64);
-            let d = std::mem::take(&mut held.dropped);
-            drop(held);
-            self.metrics
-                .dropped
-                .with_label_values(&["message"])
-                .inc_by(d.messages);
-            self.metrics
-                .dropped
-                .with_label_values(&["replica"])
-                .inc_by(d.replicas);
+    }
+
+    /// Wills of dead peers, expired sessions and replicas, the gauges.
+    fn expire(&self) {
+        self.publish_wills();
+        let now = self.now_ms();
+        let gone = lock(&self.book).expire(now);
+        for a in gone {
+            self.announce(Some(a));
         }
+        let mut held = lock(&self.held);
+        held.expire(now);
+        self.metrics.held.set(held.len() as i64);
+        self.metrics.messages.set(held.messages() as i64);
+        let d = std::mem::take(&mut held.dropped);
+        drop(held);
+        self.metrics
+            .dropped
+            .with_label_values(&["message"])
+            .inc_by(d.messages);
+        self.metrics
+            .dropped
+            .with_label_values(&["replica"])
+            .inc_by(d.replicas);
     }
 }
 

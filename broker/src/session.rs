@@ -307,6 +307,8 @@ impl Sessions {
             };
             let dropped = export.dropped;
             let session = to_mesh(export);
+            // What the client acknowledged here reaches the peer before its session.
+            sessions.replication.send_acks();
             let frame = Frame::Session {
                 request,
                 session: Some(Box::new(session.clone())),
@@ -387,11 +389,12 @@ impl Sessions {
         if session.client_id != pending {
             return Err(SessionFrameError::WrongClient);
         }
-        let (expiry, subs) = (session.expiry, session.subscriptions.clone());
-        let export = from_mesh(*session)?;
-        self.replication.installed(&pending, expiry, &subs);
-        // In the router's queue before the CONNECT: the link sends that after `fetch` returns.
-        if self.control.import(export).await {
+        // Checked before anything is installed.
+        from_mesh((*session).clone())?;
+        // In the router before the CONNECT: the link sends that after `fetch` returns.
+        let r = self.replication.clone();
+        let adopted = tokio::task::spawn_blocking(move || r.adopt(*session)).await;
+        if adopted.unwrap_or(false) {
             self.metrics.moved.with_label_values(&["in"]).inc();
         }
         let mut asking = self.asking();
