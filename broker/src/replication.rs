@@ -55,6 +55,7 @@ struct ReplicationMetrics {
     acks: IntCounter,
     wills: IntCounter,
     restored: IntCounterVec,
+    redelivered: IntCounter,
     dropped: IntCounterVec,
 }
 
@@ -88,6 +89,10 @@ impl ReplicationMetrics {
                 ),
                 &["source"],
             )?,
+            redelivered: IntCounter::new(
+                "mqlb_session_replica_messages_restored_total",
+                "QoS 1/2 messages the replicas gave a session installed here (restored after its node died, or completing one that moved): delivered again, or for the first time.",
+            )?,
             dropped: IntCounterVec::new(
                 Opts::new(
                     "mqlb_session_replica_dropped_total",
@@ -102,6 +107,7 @@ impl ReplicationMetrics {
         metrics.register(Box::new(m.acks.clone()))?;
         metrics.register(Box::new(m.wills.clone()))?;
         metrics.register(Box::new(m.restored.clone()))?;
+        metrics.register(Box::new(m.redelivered.clone()))?;
         metrics.register(Box::new(m.dropped.clone()))?;
         Ok(m)
     }
@@ -365,7 +371,9 @@ impl Replication {
         let client_id = session.client_id.clone();
         let mut held = lock(&self.held);
         let copy = held.session(&client_id, now, usize::MAX);
+        let before = session.pending.len();
         let completed = replica::complete(session, copy);
+        let added = completed.pending.len() - before;
         let (expiry, subs) = (completed.expiry, completed.subscriptions.clone());
         let export = match crate::session::from_mesh(completed) {
             Ok(e) => e,
@@ -381,6 +389,7 @@ impl Replication {
         held.drain_groups(&client_id);
         held.remove(&client_id);
         drop(held);
+        self.metrics.redelivered.inc_by(added as u64);
         let a = lock(&self.book).installed(&client_id, expiry, &subs, now);
         self.announce(a);
         true
@@ -418,6 +427,7 @@ impl Replication {
         held.remove(client_id);
         drop(held);
         self.metrics.restored.with_label_values(&[source]).inc();
+        self.metrics.redelivered.inc_by(merged.pending.len() as u64);
         tracing::info!(
             client_id,
             messages = merged.pending.len(),

@@ -168,6 +168,12 @@ async fn a_v5_session_survives_its_node_with_every_unacknowledged_message() -> a
     let want: BTreeSet<u32> = (ACKED + 1..=SENT + WHILE_AWAY).collect();
     let got = drain5(&mut back, &want).await?;
     check(&got, &want)?;
+    let text = c.node(2).context("node 2")?.metrics_text();
+    let restored = metric(&text, "mqlb_session_replica_messages_restored_total", &[]);
+    ensure!(
+        restored >= want.len() as f64,
+        "{restored} restored messages counted"
+    );
     // the subscription is live without a SUBSCRIBE
     publish_range(&c, 1, "fo5/t", 100, 100).await?;
     let later = drain5(&mut back, &BTreeSet::from([100])).await?;
