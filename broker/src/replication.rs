@@ -9,8 +9,8 @@
 //!   or from a local client (the codec), is offered to the [`Replicas`].
 //! - **Restore.** A client that connects here with Clean Start 0 and whose session no node has
 //!   (its owner died, or does not answer) gets the merged copies: this node's replica and
-//!   those the peers sent with their answers ([`Replication::restore`]).
-//!
+//!   those the peers sent with their answers ([`Replication::restore`]). A session that
+//!   moves here gets what only this node's replica holds ([`Replication::adopt`]).
 //! - **Wills.** A replica carries its client's last will; when the owner has been gone for
 //!   [`WILL_GRACE`] one surviving node (the lowest ID among the nodes it sees up) publishes
 //!   the wills its death left pending, once their delay is over ([`Replicas::due_wills`]).
@@ -364,77 +364,76 @@ impl Replication {
     }
 
     /// Installs `session`, which moved here from a peer, completed with this node's replica of
-    /// it ([`replica::complete`]), the replicas locked until the router has it (as
-    /// [`Replication::restore`]). Blocking.
+    /// it ([`replica::complete`]), as [`Replication::restore`] does. Blocking.
     pub(crate) fn adopt(&self, session: MeshSession) -> bool {
         let now = self.now_ms();
         let client_id = session.client_id.clone();
-        let mut held = lock(&self.held);
+        let held = lock(&self.held);
         let copy = held.session(&client_id, now, usize::MAX);
         let before = session.pending.len();
         let completed = replica::complete(session, copy);
         let added = completed.pending.len() - before;
-        let (expiry, subs) = (completed.expiry, completed.subscriptions.clone());
-        let export = match crate::session::from_mesh(completed) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(client_id, error = %e, "a moved session could not be installed");
-                return false;
-            }
-        };
-        if !self.control.import_blocking(export, Duration::from_secs(2)) {
-            tracing::warn!(client_id, "the router did not take a moved session");
-            return false;
-        }
-        held.drain_groups(&client_id);
-        held.remove(&client_id);
-        drop(held);
-        self.metrics.redelivered.inc_by(added as u64);
-        let a = lock(&self.book).installed(&client_id, expiry, &subs, now);
-        self.announce(a);
-        true
+        self.install(held, completed, now, added)
     }
 
     /// Installs the session of `client_id` from its copies (this node's replica and `copies`
-    /// from the peers) before its CONNACK. The replicas stay locked until the router has the
-    /// session: a message recorded before is in the copy, one recorded after reaches the
-    /// router after the session and is delivered by it (a duplicate at worst, never a gap).
-    /// Blocking (the router's answer): run it off the async workers.
+    /// from the peers) before its CONNACK. Blocking (the router's answer): run it off the
+    /// async workers.
     pub(crate) fn restore(&self, client_id: &str, copies: Vec<MeshSession>) -> bool {
         // The session is here (saved in the router): it is the session, the copies are not.
         if lock(&self.book).owns(client_id) {
             return false;
         }
         let now = self.now_ms();
-        let mut held = lock(&self.held);
+        let held = lock(&self.held);
         let own = held.session(client_id, now, usize::MAX);
         let source = if copies.is_empty() { "local" } else { "merged" };
         let Some(merged) = replica::merge(own.into_iter().chain(copies).collect()) else {
             return false;
         };
-        let export = match crate::session::from_mesh(merged.clone()) {
+        let messages = merged.pending.len();
+        if !self.install(held, merged, now, messages) {
+            return false;
+        }
+        self.metrics.restored.with_label_values(&[source]).inc();
+        tracing::info!(
+            client_id,
+            messages,
+            source,
+            "session restored from replicas"
+        );
+        true
+    }
+
+    /// Puts `session` in the router, `from_replicas` of its messages given by the replicas,
+    /// with the replicas (`held`) locked until the router has it: a message recorded before is
+    /// in the session, one recorded after reaches the router after the session and is
+    /// delivered by it (a duplicate at worst, never a gap). This node owns it then.
+    fn install(
+        &self,
+        mut held: MutexGuard<'_, Replicas>,
+        session: MeshSession,
+        now: u64,
+        from_replicas: usize,
+    ) -> bool {
+        let client_id = session.client_id.clone();
+        let (expiry, subs) = (session.expiry, session.subscriptions.clone());
+        let export = match crate::session::from_mesh(session) {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(client_id, error = %e, "a replica could not be restored");
+                tracing::warn!(client_id, error = %e, "a session could not be installed");
                 return false;
             }
         };
         if !self.control.import_blocking(export, Duration::from_secs(2)) {
-            tracing::warn!(client_id, "the router did not take a restored session");
+            tracing::warn!(client_id, "the router did not take a session");
             return false;
         }
-        held.drain_groups(client_id);
-        held.remove(client_id);
+        held.drain_groups(&client_id);
+        held.remove(&client_id);
         drop(held);
-        self.metrics.restored.with_label_values(&[source]).inc();
-        self.metrics.redelivered.inc_by(merged.pending.len() as u64);
-        tracing::info!(
-            client_id,
-            messages = merged.pending.len(),
-            source,
-            "session restored from replicas"
-        );
-        let a = lock(&self.book).installed(client_id, merged.expiry, &merged.subscriptions, now);
+        self.metrics.redelivered.inc_by(from_replicas as u64);
+        let a = lock(&self.book).installed(&client_id, expiry, &subs, now);
         self.announce(a);
         true
     }
@@ -454,7 +453,7 @@ impl Replication {
     pub(crate) fn send_acks(&self) {
         let acks = std::mem::take(&mut *lock(&self.acks));
         if !acks.is_empty() {
-            let mut grouped: std::collections::HashMap<String, Vec<MsgId>> = Default::default();
+            let mut grouped: HashMap<String, Vec<MsgId>> = HashMap::new();
             for (client, id) in acks {
                 grouped.entry(client).or_default().push(id);
             }
