@@ -392,6 +392,33 @@ impl Processes {
             .status()?
             .success();
         anyhow::ensure!(ok, "kill {sig} {}", self.id(i));
+        if sig == "-STOP" {
+            // kill(1) returns once the signal is sent: the node may run on for a moment. Wait
+            // (bounded) until every thread of it is stopped, so nothing it does is seen after.
+            let pid = child.0.id();
+            let stopped = || {
+                let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                    return false;
+                };
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                        // the state follows the command name's closing parenthesis
+                        stat.rsplit_once(')').is_some_and(|(_, rest)| {
+                            matches!(rest.trim_start().chars().next(), Some('T' | 't'))
+                        })
+                    })
+                })
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !stopped() {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{} did not stop",
+                    self.id(i)
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         Ok(())
     }
 }
