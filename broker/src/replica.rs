@@ -933,11 +933,14 @@ mod tests {
         }
     }
 
-    fn payloads(s: &MeshSession) -> Vec<String> {
-        s.pending
-            .iter()
-            .map(|(_, p)| String::from_utf8_lossy(&p.payload).into_owned())
+    fn texts<'a>(ps: impl IntoIterator<Item = &'a MeshPublish>) -> Vec<String> {
+        ps.into_iter()
+            .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
             .collect()
+    }
+
+    fn payloads(s: &MeshSession) -> Vec<String> {
+        texts(s.pending.iter().map(|(_, p)| p))
     }
 
     #[test]
@@ -1146,13 +1149,6 @@ mod tests {
         );
     }
 
-    fn payloads_of(wills: Vec<MeshPublish>) -> Vec<String> {
-        wills
-            .iter()
-            .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
-            .collect()
-    }
-
     fn will_meta(client: &str, expiry: u32, delay: u32, online: bool) -> ReplicaMeta {
         let mut m = meta(client, Vec::new(), online);
         m.expiry = expiry;
@@ -1178,12 +1174,12 @@ mod tests {
         r.meta("b1", will_meta("e", 60, 5, true), 0);
         let down = |o: &str| (o == "b1").then_some(10_000);
         assert!(r.due_wills(9_999, down, |_| true).is_empty());
-        assert_eq!(payloads_of(r.due_wills(10_000, down, |_| true)), ["a"]);
+        assert_eq!(texts(&r.due_wills(10_000, down, |_| true)), ["a"]);
         assert!(!r.holds("a"), "a will-only replica goes with its will");
         assert!(r.due_wills(12_999, down, |_| true).is_empty());
-        assert_eq!(payloads_of(r.due_wills(13_000, down, |_| true)), ["b"]);
+        assert_eq!(texts(&r.due_wills(13_000, down, |_| true)), ["b"]);
         assert!(r.holds("b"), "the session stays for its restore");
-        assert_eq!(payloads_of(r.due_wills(15_000, down, |_| true)), ["e"]);
+        assert_eq!(texts(&r.due_wills(15_000, down, |_| true)), ["e"]);
         assert!(r.due_wills(99_000, down, |_| true).is_empty(), "once");
         // another node publishes it: this one only forgets it
         r.meta("b1", will_meta("c", 0, 0, true), 0);

@@ -560,18 +560,11 @@ impl Replication {
 /// A peer's REPLICA_META names a session a client could have: a client ID rumqttd takes, and
 /// filters a client could subscribe to (none of the router's own `$` logs).
 pub(crate) fn check_meta(m: &ReplicaMeta) -> Result<(), &'static str> {
-    if m.client_id.contains(['+', '$', '#', '/']) {
+    if !crate::session::client_id_ok(&m.client_id) {
         return Err("client id");
     }
-    for s in &m.subscriptions {
-        let shared = s
-            .filter
-            .strip_prefix("$share/")
-            .and_then(|r| r.split_once('/'));
-        let path = shared.map_or(s.filter.as_str(), |(_, p)| p);
-        if path.starts_with('$') || !rumqttd::protocol::valid_filter(path) || s.qos > 2 {
-            return Err("subscription filter");
-        }
+    if !m.subscriptions.iter().all(crate::session::subscription_ok) {
+        return Err("subscription filter");
     }
     Ok(())
 }

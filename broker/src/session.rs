@@ -493,20 +493,31 @@ fn to_mesh(e: SessionExport) -> MeshSession {
     }
 }
 
+/// A client ID rumqttd's router takes, from a peer.
+pub(crate) fn client_id_ok(id: &str) -> bool {
+    !id.is_empty() && !id.contains(['+', '$', '#', '/'])
+}
+
+/// A subscription a client could have made (`$share/{ShareName}/{filter}` included), from a
+/// peer: none of the router's own `$` logs.
+pub(crate) fn subscription_ok(s: &MeshSubscription) -> bool {
+    let shared = s
+        .filter
+        .strip_prefix("$share/")
+        .and_then(|r| r.split_once('/'));
+    let path = shared.map_or(s.filter.as_str(), |(_, p)| p);
+    !path.starts_with('$') && valid_filter(path) && s.qos <= 2
+}
+
 /// A peer's session as this node's router takes it, checked: no filter a client could not
 /// subscribe to (nor one of the router's own `$` logs), no topic a client could not publish.
 pub(crate) fn from_mesh(s: MeshSession) -> Result<SessionExport, SessionFrameError> {
-    if s.client_id.is_empty() || s.client_id.contains(['+', '$', '#', '/']) {
+    if !client_id_ok(&s.client_id) {
         return Err(SessionFrameError::Invalid("client id"));
     }
     let mut subscriptions = Vec::with_capacity(s.subscriptions.len());
     for sub in s.subscriptions {
-        let shared = sub
-            .filter
-            .strip_prefix("$share/")
-            .and_then(|r| r.split_once('/'));
-        let path = shared.map_or(sub.filter.as_str(), |(_, p)| p);
-        if path.starts_with('$') || !valid_filter(path) || sub.qos > 2 {
+        if !subscription_ok(&sub) {
             return Err(SessionFrameError::Invalid("subscription filter"));
         }
         subscriptions.push(ExportedSubscription {

@@ -69,48 +69,55 @@ async fn publish_range(
     Ok(())
 }
 
-/// The numbers a subscriber gets until it has been silent for a while (acknowledging all).
-async fn drain5(raw: &mut Raw<V5>, want: &BTreeSet<u32>) -> anyhow::Result<Vec<u32>> {
-    let mut got = Vec::new();
-    let start = std::time::Instant::now();
-    while start.elapsed() < DEADLINE {
-        match raw.next(Duration::from_millis(1500)).await? {
-            Ok(v5::Packet::Publish(p)) => {
-                if p.pkid != 0 {
-                    raw.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
-                        .await?;
-                }
-                got.push(std::str::from_utf8(&p.payload)?.parse()?);
-                if want.iter().all(|n| got.contains(n)) {
-                    break;
-                }
-            }
-            Ok(_) => {}
-            Err(Ended::Closed) => bail!("the subscriber was closed"),
-            Err(Ended::Silent) => break,
-        }
-    }
-    Ok(got)
+/// A subscriber's next packet within 1.5 s: `Some(Some(n))` a PUBLISH of number `n`
+/// (acknowledged), `Some(None)` another packet, `None` nothing came.
+trait Numbers {
+    async fn next_number(&mut self) -> anyhow::Result<Option<Option<u32>>>;
 }
 
-async fn drain4(raw: &mut Raw<V4>, want: &BTreeSet<u32>) -> anyhow::Result<Vec<u32>> {
-    let mut got = Vec::new();
-    let start = std::time::Instant::now();
-    while start.elapsed() < DEADLINE {
-        match raw.next(Duration::from_millis(1500)).await? {
-            Ok(v4::Packet::Publish(p)) => {
+impl Numbers for Raw<V5> {
+    async fn next_number(&mut self) -> anyhow::Result<Option<Option<u32>>> {
+        match self.next(Duration::from_millis(1500)).await? {
+            Ok(v5::Packet::Publish(p)) => {
                 if p.pkid != 0 {
-                    raw.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                    self.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
                         .await?;
                 }
-                got.push(std::str::from_utf8(&p.payload)?.parse()?);
-                if want.iter().all(|n| got.contains(n)) {
-                    break;
-                }
+                Ok(Some(Some(std::str::from_utf8(&p.payload)?.parse()?)))
             }
-            Ok(_) => {}
+            Ok(_) => Ok(Some(None)),
             Err(Ended::Closed) => bail!("the subscriber was closed"),
-            Err(Ended::Silent) => break,
+            Err(Ended::Silent) => Ok(None),
+        }
+    }
+}
+
+impl Numbers for Raw<V4> {
+    async fn next_number(&mut self) -> anyhow::Result<Option<Option<u32>>> {
+        match self.next(Duration::from_millis(1500)).await? {
+            Ok(v4::Packet::Publish(p)) => {
+                if p.pkid != 0 {
+                    self.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                        .await?;
+                }
+                Ok(Some(Some(std::str::from_utf8(&p.payload)?.parse()?)))
+            }
+            Ok(_) => Ok(Some(None)),
+            Err(Ended::Closed) => bail!("the subscriber was closed"),
+            Err(Ended::Silent) => Ok(None),
+        }
+    }
+}
+
+/// The numbers a subscriber gets until it has all of `want` or has been silent for a while.
+async fn drain(raw: &mut impl Numbers, want: &BTreeSet<u32>) -> anyhow::Result<Vec<u32>> {
+    let mut got = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < DEADLINE && !want.iter().all(|n| got.contains(n)) {
+        match raw.next_number().await? {
+            Some(Some(n)) => got.push(n),
+            Some(None) => {}
+            None => break,
         }
     }
     Ok(got)
@@ -166,7 +173,7 @@ async fn a_v5_session_survives_its_node_with_every_unacknowledged_message() -> a
     let (mut back, present) = open5(&c, 2, connect5_session("fo5", false, Some(DAY))).await?;
     ensure!(present, "Session Present 0 after the node's death");
     let want: BTreeSet<u32> = (ACKED + 1..=SENT + WHILE_AWAY).collect();
-    let got = drain5(&mut back, &want).await?;
+    let got = drain(&mut back, &want).await?;
     check(&got, &want)?;
     let text = c.node(2).context("node 2")?.metrics_text();
     let restored = metric(&text, "mqlb_session_replica_messages_restored_total", &[]);
@@ -176,7 +183,7 @@ async fn a_v5_session_survives_its_node_with_every_unacknowledged_message() -> a
     );
     // the subscription is live without a SUBSCRIBE
     publish_range(&c, 1, "fo5/t", 100, 100).await?;
-    let later = drain5(&mut back, &BTreeSet::from([100])).await?;
+    let later = drain(&mut back, &BTreeSet::from([100])).await?;
     check(&later, &BTreeSet::from([100]))
 }
 
@@ -203,7 +210,7 @@ async fn a_v311_session_survives_its_node_with_every_unacknowledged_message() ->
     let (mut back, present) = open4(&c, 0, connect4_session("fo4", false)).await?;
     ensure!(present, "Session Present 0 after the node's death");
     let want: BTreeSet<u32> = (ACKED + 1..=SENT + WHILE_AWAY).collect();
-    let got = drain4(&mut back, &want).await?;
+    let got = drain(&mut back, &want).await?;
     check(&got, &want)
 }
 

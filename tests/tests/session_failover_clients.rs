@@ -14,14 +14,22 @@ use mqlb_tests::{connections, mosquitto_installed, mosquitto_pub, MosquittoSub, 
 const BEFORE: u32 = 10;
 const WHILE_AWAY: u32 = 20;
 
+/// mosquitto_pub/sub are there; in CI they must be.
+fn clients_installed() -> anyhow::Result<bool> {
+    if mosquitto_installed() {
+        return Ok(true);
+    }
+    anyhow::ensure!(
+        std::env::var_os("CI").is_none(),
+        "mosquitto-clients missing in CI"
+    );
+    eprintln!("skipped: mosquitto-clients not installed");
+    Ok(false)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_sub_sessions_survive_their_brokers_kill() -> anyhow::Result<()> {
-    if !mosquitto_installed() {
-        anyhow::ensure!(
-            std::env::var_os("CI").is_none(),
-            "mosquitto-clients missing in CI"
-        );
-        eprintln!("skipped: mosquitto-clients not installed");
+    if !clients_installed()? {
         return Ok(());
     }
     let mut t = Topology::start(3).await?;
@@ -177,12 +185,7 @@ impl Drop for Paho {
 /// receive everything published meanwhile without subscribing again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_sessions_survive_their_brokers_kill() -> anyhow::Result<()> {
-    if !mosquitto_installed() {
-        anyhow::ensure!(
-            std::env::var_os("CI").is_none(),
-            "mosquitto-clients missing in CI"
-        );
-        eprintln!("skipped: mosquitto-clients not installed");
+    if !clients_installed()? {
         return Ok(());
     }
     let mut t = Topology::start(3).await?;
