@@ -4,8 +4,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use mqlb_lb::mqtt::{encode_connect, parse_connect, ConnectOptions, ProtocolLevel};
 use mqlb_lb::select::{backend_hash, rendezvous_order, Candidate, Key};
+use mqlb_mqtt::{encode_connect, parse_connect, ConnectOptions, ProtocolLevel};
 
 fn connect(c: &mut Criterion) {
     for level in [ProtocolLevel::V31, ProtocolLevel::V311, ProtocolLevel::V5] {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

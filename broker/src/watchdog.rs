@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mqlb_mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -24,21 +25,6 @@ use crate::metrics::Metrics;
 
 const EVERY: Duration = Duration::from_secs(1);
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// MQTT's variable-length "remaining length" (MQTT-2.2.3, at most four bytes).
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            return;
-        }
-    }
-}
 
 /// The user name of the check's login.
 pub(crate) const SELF_CHECK_USER: &str = "mqlb-selfcheck";
@@ -55,27 +41,22 @@ pub(crate) fn self_check_password() -> &'static str {
 }
 
 /// A CONNECT for protocol `level` 4 (3.1.1) or 5, clean session, keep alive 10 s, no will,
-/// with `client_id` and the check's login.
+/// with `client_id` and the check's login, written by the encoder the LB and its probe use.
 fn connect_packet(level: u8, client_id: &str) -> Vec<u8> {
-    // Flags: user name, password, clean session.
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', level, 0xc2, 0x00, 0x0a];
-    if level == 5 {
-        body.push(0x00); // no properties
-    }
-    // Client IDs come from the node's configured id, far below the 65 535 bytes MQTT allows.
-    let id = &client_id.as_bytes()[..client_id.len().min(u16::MAX as usize)];
-    for field in [
-        id,
-        SELF_CHECK_USER.as_bytes(),
-        self_check_password().as_bytes(),
-    ] {
-        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        body.extend_from_slice(field);
-    }
-    let mut out = vec![0x10];
-    remaining_length(body.len(), &mut out);
-    out.extend_from_slice(&body);
-    out
+    encode_connect(&ConnectOptions {
+        level: if level == 5 {
+            ProtocolLevel::V5
+        } else {
+            ProtocolLevel::V311
+        },
+        client_id: client_id.to_string(),
+        keep_alive: 10,
+        clean_start: true,
+        properties: Vec::new(),
+        will: None,
+        username: Some(SELF_CHECK_USER.to_string()),
+        password: Some(self_check_password().as_bytes().to_vec()),
+    })
 }
 
 /// A fresh client ID per check: a check never takes over the session of a previous one.

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mqlb_lb::mqtt::parse_connect;
+use mqlb_mqtt::parse_connect;
 
 fuzz_target!(|data: &[u8]| {
     let whole = parse_connect(data);

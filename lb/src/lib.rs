@@ -11,12 +11,11 @@
 //! reads is one immutable `snapshot::Snapshot` behind one `ArcSwap` in `shared`; per-backend
 //! live state (`state::BackendState`) is carried across snapshots. `admin` serves the API
 //! and `/metrics` (`metrics`); `discovery` follows the HA server's membership. Pure logic
-//! (CONNECT parsing in [`mqtt`], selection in [`select`], health, the reload plan, the routing
+//! (CONNECT parsing in `mqlb-mqtt`, selection in [`select`], health, the reload plan, the routing
 //! decision) has no sockets and is tested beside the code.
 
 mod health;
 mod metrics;
-pub mod mqtt;
 pub mod select;
 mod snapshot;
 mod state;
@@ -37,6 +36,10 @@ mod probe;
 pub mod reload;
 mod shared;
 mod workers;
+
+/// The MQTT packets, from the `mqlb-mqtt` crate, by their old path `crate::mqtt` inside the LB;
+/// other crates use `mqlb_mqtt` itself.
+use mqlb_mqtt as mqtt;
 
 pub use lb::{Lb, Listeners, ReloadError, StartError};
 pub use probe::{probe_once, ProbeError};

@@ -258,7 +258,7 @@ async fn a_killed_node_rejoins_and_its_subscribers_receive_again() -> anyhow::Re
 /// (rumqtt #1062); the node refuses such IDs before rumqttd sees them, and keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_client_ids_cannot_take_a_node_down() -> anyhow::Result<()> {
-    use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+    use mqlb_mqtt::{encode_connect, ConnectOptions};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cluster = Cluster::start(1).await?;
     for round in 0..3 {
@@ -557,7 +557,7 @@ async fn qos0_and_qos2_publishes_cross_nodes_too() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_hanging_up_before_its_connack_does_not_poison_the_listener() -> anyhow::Result<()>
 {
-    use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+    use mqlb_mqtt::{encode_connect, ConnectOptions};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cluster = Cluster::start(1).await?;
     let addr = cluster.mqtt(0);

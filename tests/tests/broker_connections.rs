@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
+use mqlb_mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_tests::Cluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mqlb_config::Config;
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_lb::{Lb, Listeners};
+use mqlb_mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_tests::{connections, get_json, http, metric, wait_until, Mosquitto, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

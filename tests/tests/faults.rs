@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use mqlb_config::Config;
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_lb::port::who_listens;
 use mqlb_lb::{Lb, Listeners, StartError};
+use mqlb_mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_tests::up::alive;
 use mqlb_tests::{
     backend_state, connections, free_port, http, metric, mqlb_bin, wait_until, Client, Mosquitto,

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::{topo, topo_with, DEADLINE};
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
+use mqlb_mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_tests::{backend_state, connections, get_json, http, metric, wait_until, Client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{count_then_reply_server, lb_toml, tcp_lb_toml, topo, DEADLINE};
 use mqlb_config::{Config, ProbeProtocol};
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
 use mqlb_lb::{probe_once, Lb, Listeners, ProbeError};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
 use mqlb_tests::{backend_state, get_json, http, metric, wait_until, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
 use mqlb_tests::{
     discard_server, free_port, get_json, http, metric, mqlb_bin, wait_listening, wait_until,
     KillOnDrop, Mosquitto, TempDir,

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use common::{topo, DEADLINE};
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
+use mqlb_mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_tests::{connections, mqlb_bin, wait_until, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mqlb_benches::{arg, median, mqlb_release_bin, reps_arg, wait_listening, Proc};
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

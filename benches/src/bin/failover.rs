@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mqlb_benches::arg;
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
 use mqlb_tests::persistent::{Persistent, Protocol};
 use mqlb_tests::{connections, wait_until, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

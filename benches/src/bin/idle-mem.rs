@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mqlb_benches::{median, mqlb_release_bin, mqtt_connect_rate, wait_listening, Proc};
-use mqlb_lb::mqtt::{encode_connect, ConnectOptions};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

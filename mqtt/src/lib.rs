@@ -1,6 +1,9 @@
-//! The MQTT that the load balancer needs: read a CONNECT (to route by client ID and pick the
-//! backend port of the client's protocol level) and write the few packets the LB itself sends
-//! (a CONNECT for the `mqtt` probe, a refusing CONNACK). Pure functions, no I/O.
+//! The MQTT packets mqlb reads and writes itself, pure functions with no I/O: the LB reads a
+//! CONNECT (to route by client ID and pick the backend port of the client's protocol level)
+//! and writes a refusing CONNACK; the LB's `mqtt` probe, a broker node's self-check
+//! (`broker/src/watchdog.rs`), the tests, the benches and the fuzz target (`fuzz/`) write
+//! CONNECTs with [`encode_connect`]. Its own crate, below the LB and the broker, so that each
+//! packet is written in one place (the watchdog once had a CONNECT encoder of its own).
 
 mod connect;
 mod encode;

@@ -325,7 +325,7 @@ fn check_properties(props: &[u8]) -> Result<(), ConnectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::{encode_connect, ConnectOptions};
+    use crate::{encode_connect, ConnectOptions};
     use proptest::prelude::*;
 
     fn opts(level: ProtocolLevel, id: &str) -> ConnectOptions {
