@@ -1,15 +1,13 @@
 //! The node's small HTTP endpoint: `/metrics` (Prometheus), `/healthz` (200 while serving,
 //! with each mesh link's state), and the status page (`/`) with `/api/status`. Requests pass the Host/Origin/token checks of
-//! [`mqlb_haserver::http_access`] first (docs/design.md, "Security"): the peer list and the metrics
+//! [`mqlb_http::access`] first (docs/design.md, "Security"): the peer list and the metrics
 //! are a map of the cluster, and the endpoint will take writes one day.
 
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Response, StatusCode};
+use hyper::StatusCode;
 use mqlb_config::Secret;
-use mqlb_haserver::http_access::{Guard, Policy};
+use mqlb_http::{Guard, Page, Policy, Reply};
 use rumqttd::StatsControl;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -17,17 +15,14 @@ use tokio_util::sync::CancellationToken;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 
-/// The Prometheus text format's type: Prometheus 3 refuses a scrape without one by default.
-const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Response<Full<Bytes>> {
+fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Reply {
     match path {
         "/" => return status_page(),
         "/api/status" => return status_json(mesh),
         _ => {}
     }
     let content_type = if path == "/metrics" {
-        METRICS_TYPE
+        mqlb_http::metrics::CONTENT_TYPE
     } else {
         "text/plain; charset=utf-8"
     };
@@ -45,20 +40,14 @@ fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Respons
         }
         _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     };
-    let mut res = Response::new(Full::new(Bytes::from(body)));
-    *res.status_mut() = status;
-    res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    res
+    mqlb_http::reply(status, content_type, body)
 }
 
 /// The status page (`/`, built once): the node, its clients and sessions, its mesh links.
-fn status_page() -> Response<Full<Bytes>> {
-    static PAGE: std::sync::OnceLock<mqlb_haserver::status_page::Page> = std::sync::OnceLock::new();
+fn status_page() -> Reply {
+    static PAGE: std::sync::OnceLock<Page> = std::sync::OnceLock::new();
     PAGE.get_or_init(|| {
-        mqlb_haserver::status_page::Page::new(
+        Page::new(
             "mqlb broker node",
             include_str!("http/status.html"),
             include_str!("http/status.js"),
@@ -69,7 +58,7 @@ fn status_page() -> Response<Full<Bytes>> {
 
 /// `/api/status`: the node and each mesh link, for the status page (the counts are in
 /// `/metrics`).
-fn status_json(mesh: &Mesh) -> Response<Full<Bytes>> {
+fn status_json(mesh: &Mesh) -> Reply {
     let peers: Vec<_> = mesh
         .peers()
         .iter()
@@ -83,12 +72,7 @@ fn status_json(mesh: &Mesh) -> Response<Full<Bytes>> {
         })
         .collect();
     let body = serde_json::json!({"id": mesh.id, "peers": peers});
-    let mut res = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
-    res.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    res
+    mqlb_http::json(StatusCode::OK, &body)
 }
 
 /// Serves the endpoint on `listener` until `stop` fires; `token` is the node's
@@ -115,7 +99,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    mqlb_haserver::http_server::serve("broker", listener, stop, move |req| {
+    mqlb_http::serve("broker", listener, stop, move |req| {
         let policy = Policy {
             bind,
             token: token.as_ref(),

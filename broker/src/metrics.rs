@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rumqttd::protocol::QoS;
 use rumqttd::{Dropped, StatsControl};
 
@@ -228,10 +226,7 @@ impl Metrics {
         }
         // The standard process_* series (CPU seconds, resident memory, open descriptors,
         // start time), from procfs. Several in-process nodes (tests) each report the process.
-        #[cfg(target_os = "linux")]
-        m.registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        mqlb_http::metrics::register_process(&m.registry)?;
         m.registry.register(Box::new(m.auth_refused.clone()))?;
         m.registry.register(Box::new(m.auth_reloads.clone()))?;
         m.registry.register(Box::new(m.listener_restarts.clone()))?;
@@ -303,9 +298,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> Result<String, prometheus::Error> {
-        let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
-        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+        mqlb_http::metrics::render(&self.registry)
     }
 }
 

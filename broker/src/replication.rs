@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use mqlb_http::lock;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use rumqttd::protocol::PublishProperties;
 use rumqttd::SessionControl;
@@ -130,10 +131,6 @@ pub(crate) struct Replication {
     metrics: ReplicationMetrics,
     /// Bytes of messages a restored copy may carry from a peer (what fits in a mesh frame).
     budget: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Replication {

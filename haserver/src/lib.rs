@@ -3,13 +3,14 @@
 
 pub mod auth;
 pub mod expiry;
-pub mod http_access;
-pub mod http_server;
-pub mod log_limit;
 pub mod model;
 pub mod server;
-pub mod status_page;
 pub mod store;
+
+// The HTTP serving the HA server shares with the LB and the brokers (`mqlb-http`), by the
+// paths it had when it lived here.
+pub use mqlb_http::log_limit;
+pub use mqlb_http::{access as http_access, page as status_page, server as http_server};
 
 pub use server::{HaError, HaServer, Options, Timing};
 pub use store::{SqliteStore, Store, StoreError};
@@ -17,8 +18,5 @@ pub mod client;
 
 pub use client::{ClientError, HaClient};
 
-/// Locks a mutex even if a panicking holder poisoned it: what it guards (a database handle,
-/// small maps) stays usable.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Locks a mutex even if a panicking holder poisoned it (a database handle, small maps).
+pub(crate) use mqlb_http::lock;

@@ -1,7 +1,7 @@
 //! The admin server (hyper, loopback by default): the status page (`/`), Prometheus metrics,
 //! liveness, the backend, rule, connection and event views, and drain/enable. Its paths and
 //! JSON fields are a public contract (docs/design.md, "lb"). Every request passes the Host/Origin/token checks of
-//! [`mqlb_haserver::http_access`] first (docs/design.md, "Security"), with the token of the
+//! [`mqlb_http::access`] first (docs/design.md, "Security"), with the token of the
 //! config in force, so a reload that changes `admin_token_file` applies to the next request.
 
 use std::net::SocketAddr;
@@ -11,8 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use mqlb_haserver::http_access::{Guard, Policy};
-use mqlb_haserver::status_page::Page;
+use mqlb_http::{json as json_reply, reply, Guard, Page, Policy};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,19 +22,6 @@ use crate::shared::Shared;
 fn unix(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(Bytes::from(body)));
-    *res.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        res.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    res
-}
-
-fn json_reply(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
-    reply(status, "application/json", format!("{v:#}\n"))
 }
 
 /// Every pool member with its state, as `/api/backends` lists it.
@@ -291,7 +277,7 @@ fn route(shared: &Arc<Shared>, guard: &Guard, req: &Request<Incoming>) -> Respon
             .render()
             .and_then(|text| Ok(text + &guard.render()?))
         {
-            Ok(text) => reply(StatusCode::OK, "text/plain; version=0.0.4", text),
+            Ok(text) => reply(StatusCode::OK, mqlb_http::metrics::CONTENT_TYPE, text),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain",
@@ -342,7 +328,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
             return;
         }
     };
-    mqlb_haserver::http_server::serve("admin", listener, stop, move |req| {
+    mqlb_http::serve("admin", listener, stop, move |req| {
         let res = handle(&shared, &guard, bind, &req);
         async move { res }
     })

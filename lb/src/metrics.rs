@@ -1,9 +1,7 @@
 //! Prometheus metrics of one LB instance. The names are a public contract (docs/design.md); each
 //! instance has its own registry so several LBs can live in one process (tests, embedding).
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Every metric the LB exports.
 pub struct Metrics {
@@ -150,7 +148,7 @@ impl Metrics {
         m.registry.register(Box::new(m.refused_total.clone()))?;
         // CPU seconds, resident memory, open descriptors, start time: the standard process_*
         // series, so the LB's own cost sits beside its traffic on a dashboard.
-        crate::metrics::register_process(&m.registry)?;
+        mqlb_http::metrics::register_process(&m.registry)?;
         // Make the reload counter visible before the first reload.
         for r in ["ok", "error"] {
             m.config_reloads_total.with_label_values(&[r]);
@@ -190,20 +188,6 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Result<String, prometheus::Error> {
-        let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
-        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+        mqlb_http::metrics::render(&self.registry)
     }
-}
-
-/// Registers the process collector (Linux: procfs) on `registry`. One per registry: tests run
-/// several LBs in one process, and each registry reports the same process.
-pub fn register_process(registry: &Registry) -> Result<(), prometheus::Error> {
-    #[cfg(target_os = "linux")]
-    registry.register(Box::new(
-        prometheus::process_collector::ProcessCollector::for_self(),
-    ))?;
-    #[cfg(not(target_os = "linux"))]
-    let _ = registry;
-    Ok(())
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use futures_util::task::AtomicWaker;
@@ -15,9 +15,7 @@ use crate::snapshot::{MemberMetrics, RuleRt};
 
 /// Locks a mutex even if a panicking holder poisoned it: the data inside is plain counters
 /// and records that stay meaningful.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use mqlb_http::lock;
 
 /// The last probe result of a backend, for `/api/backends`.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@
 //! their rules. Off loopback the page asks for the bearer token, keeps it in the tab's
 //! `sessionStorage` (gone with the tab) and sends it as `Authorization`, the way Consul's and
 //! Nomad's UIs do; a link cannot carry it. Its requests are same-origin GETs, which carry no
-//! `Origin`, so [`crate::http_access`] still refuses every cross-site request. The page
+//! `Origin`, so [`crate::access`] still refuses every cross-site request. The page
 //! itself may not be framed (clickjacking) and runs only its own inline script: the CSP
 //! names the script's and the style's SHA-256, computed here from what is served. Its icon
 //! is inline too: a browser asking the HA server for `/favicon.ico` is an unsigned request,
@@ -21,9 +21,9 @@ use hyper::{Response, StatusCode};
 use sha2::{Digest, Sha256};
 
 /// The style every page shares.
-pub const STYLE: &str = include_str!("status_page/style.css");
+pub const STYLE: &str = include_str!("page/style.css");
 /// Helpers every page's script starts with: authorised fetch, the token form, formatting.
-pub const COMMON_SCRIPT: &str = include_str!("status_page/common.js");
+pub const COMMON_SCRIPT: &str = include_str!("page/common.js");
 
 /// A page ready to serve: its HTML and its Content-Security-Policy.
 #[derive(Debug, Clone)]

@@ -13,14 +13,13 @@
 //! - every write (any method but GET and HEAD) needs `Authorization: Bearer <token>` when a
 //!   token is configured, and off loopback so does every read but `/healthz` (the LB's HTTP
 //!   probe and orchestrators ask it without one) and `/`, the status page, a static shell with
-//!   no data that asks for the token itself ([`crate::status_page`]); without a token, writes are taken only on a
+//!   no data that asks for the token itself ([`crate::page`]); without a token, writes are taken only on a
 //!   loopback bind (the quick start). The config refuses a non-loopback bind without a token.
 //!
 //! The decision ([`authorize`]) is a pure function of the request's head and the [`Policy`];
 //! [`Guard`] applies it, counts refusals (`mqlb_admin_requests_refused_total{reason}`), logs
-//! them rate-limited and answers them. It lives here, beside [`crate::http_server`], because
-//! the LB and the brokers already depend on this crate for their HTTP loop; the config crate
-//! stays free of HTTP types, and the LB links nothing new.
+//! them rate-limited and answers them. It lives here, beside [`crate::server`], because the LB
+//! and the brokers serve through this crate already; the config crate stays free of HTTP types.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
@@ -32,7 +31,7 @@ use hyper::body::Bytes;
 use hyper::header::{HeaderValue, AUTHORIZATION, HOST, ORIGIN, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use mqlb_config::Secret;
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, Opts, Registry};
 use sha2::Sha256;
 
 use crate::lock;
@@ -40,7 +39,7 @@ use crate::log_limit::LogLimiter;
 
 /// The path every caller may read without a token (liveness).
 pub const OPEN_PATH: &str = "/healthz";
-/// The status page: no data in it, so open like [`OPEN_PATH`] (see [`crate::status_page`]).
+/// The status page: no data in it, so open like [`OPEN_PATH`] (see [`crate::page`]).
 pub const PAGE_PATH: &str = "/";
 
 /// What a server accepts: its bound address (the real one, not `:0`) and its token.
@@ -235,9 +234,7 @@ impl Guard {
 
     /// The guard's metrics in Prometheus text format.
     pub fn render(&self) -> Result<String, prometheus::Error> {
-        let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        crate::metrics::render(&self.registry)
     }
 }
 
