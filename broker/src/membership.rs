@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqlb_haserver::model::Registration;
-use mqlb_haserver::{ClientError, HaClient};
+use mqlb_ha_api::model::Registration;
+use mqlb_ha_api::{ClientError, HaClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::mesh::Mesh;

@@ -24,8 +24,8 @@ use crate::mesh::{serve_inbound, Injected, Mesh, MeshSettings};
 use crate::metrics::Metrics;
 use crate::tap::{ConnLimit, Tap};
 use crate::watchdog;
-use mqlb_haserver::model::Registration;
-use mqlb_haserver::HaClient;
+use mqlb_ha_api::model::Registration;
+use mqlb_ha_api::HaClient;
 
 /// Everything a node needs, resolved from the config (or built by a test).
 #[derive(Clone)]

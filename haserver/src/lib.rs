@@ -1,9 +1,7 @@
 //! mqlb's HA server (docs/design.md, "haserver"): broker membership with heartbeats, a version that
 //! clients watch with long-polls, an event log, and a primary lease, all in SQLite.
 
-pub mod auth;
 pub mod expiry;
-pub mod model;
 pub mod server;
 pub mod store;
 
@@ -14,9 +12,11 @@ pub use mqlb_http::{access as http_access, page as status_page, server as http_s
 
 pub use server::{HaError, HaServer, Options, Timing};
 pub use store::{SqliteStore, Store, StoreError};
-pub mod client;
 
-pub use client::{ClientError, HaClient};
+// The API as its clients see it (`mqlb-ha-api`: the model, request signing, the client), by
+// the paths it had when it lived here.
+pub use mqlb_ha_api::{auth, client, model};
+pub use mqlb_ha_api::{ClientError, HaClient};
 
 /// Locks a mutex even if a panicking holder poisoned it (a database handle, small maps).
 pub(crate) use mqlb_http::lock;

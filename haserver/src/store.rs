@@ -44,14 +44,6 @@ pub enum Registered {
     Full(usize),
 }
 
-impl Registration {
-    /// Whether `other` serves at the same addresses (its pid may differ: a restart).
-    fn same_addresses(&self, other: &Registration) -> bool {
-        (&self.mqtt, &self.mqtt_v5, &self.mesh, &self.http)
-            == (&other.mqtt, &other.mqtt_v5, &other.mesh, &other.http)
-    }
-}
-
 pub trait Store: Send + Sync {
     /// Registers (or re-registers) a member as up, unless it would re-point a live member or
     /// add one beyond `max_members`.

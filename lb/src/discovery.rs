@@ -15,8 +15,8 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant, SystemTime};
 
 use mqlb_config::{Backend, Config, MqttPorts};
-use mqlb_haserver::model::{ClusterView, MemberState};
-use mqlb_haserver::HaClient;
+use mqlb_ha_api::model::{ClusterView, MemberState};
+use mqlb_ha_api::HaClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -229,7 +229,7 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mqlb_haserver::model::{Member, Registration};
+    use mqlb_ha_api::model::{Member, Registration};
 
     fn member(id: &str, port: u16, state: MemberState) -> Member {
         Member {
@@ -306,7 +306,7 @@ pool = "fixed"
 #[cfg(test)]
 mod departures {
     use super::*;
-    use mqlb_haserver::model::{Member, Registration};
+    use mqlb_ha_api::model::{Member, Registration};
 
     fn view(version: u64, members: &[(&str, MemberState)]) -> ClusterView {
         let members = members

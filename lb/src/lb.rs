@@ -21,8 +21,8 @@ use crate::snapshot::Snapshot;
 use crate::state::{lock, BackendState, ConnRegistry, Listening, OwnProbes};
 use crate::workers::Workers;
 use crate::{admin, listener, probe};
-use mqlb_haserver::model::ClusterView;
-use mqlb_haserver::HaClient;
+use mqlb_ha_api::model::ClusterView;
+use mqlb_ha_api::HaClient;
 
 /// Sockets bound by the caller (tests bind `127.0.0.1:0`; a supervisor may pass its own).
 /// Frontends not given here are bound from the config.

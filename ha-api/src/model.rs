@@ -22,6 +22,13 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// Whether `other` serves at the same addresses (its pid may differ: a restart). The store
+    /// refuses to re-point a live member to other addresses (issue 13's traffic hijack).
+    pub fn same_addresses(&self, other: &Registration) -> bool {
+        (&self.mqtt, &self.mqtt_v5, &self.mesh, &self.http)
+            == (&other.mqtt, &other.mqtt_v5, &other.mesh, &other.http)
+    }
+
     /// Checks a registration from the network: a valid name and parseable addresses.
     pub fn validate(&self) -> Result<(), String> {
         if self.id.is_empty()

@@ -39,7 +39,7 @@ pub async fn request(
     timeout: Duration,
 ) -> Result<(u16, Option<String>, Bytes), ClientError> {
     let body = Bytes::from(body.unwrap_or_default());
-    let time_ms = crate::server::now_ms();
+    let time_ms = crate::now_ms();
     let nonce = auth::nonce();
     let signature = auth::sign(secret, method.as_str(), path, time_ms, &nonce, &body);
     let io_err = |e: &dyn std::fmt::Display| ClientError::Io(addr, e.to_string());
