@@ -2,8 +2,6 @@
 //! connect/CONNACK round trip, and running `mqlb lb` (and HAProxy where installed) as real
 //! processes, so the LB under test does not share a runtime with the load generator.
 
-pub mod sockmap;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -14,7 +14,9 @@
 //! kernel (eBPF sockmap, where this process may load BPF programs: root or CAP_BPF), in which
 //! no user-space code runs per message (a kernel worker thread sends the redirected segments).
 //!
-//! `cargo run --release -p mqlb-benches --bin floors [-- --reps N]`
+//! Research code, outside mqlb's workspace (it is no part of what mqlb runs): from the
+//! repository's root, with the workspace's lock file,
+//! `cp Cargo.lock benches/floors/ && cargo run --release --manifest-path benches/floors/Cargo.toml [-- --reps N]`
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -23,9 +25,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mqlb_benches::sockmap::{relayed, SockMap};
 use mqlb_benches::*;
 use mqlb_tests::{serve_threads, Mosquitto, TempDir};
+use sockmap::{relayed, SockMap};
+
+mod sockmap;
 
 fn echo(mut s: TcpStream) -> anyhow::Result<()> {
     s.set_nodelay(true)?;
