@@ -3,6 +3,16 @@
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
+/// Label pairs whose series left with a new snapshot (`Snapshot::departed`), to forget. Here
+/// rather than in `snapshot`, which reads the metrics, so that the metrics do not read it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Departed {
+    /// (pool, backend): `mqlb_backend_up`, the probe series, passive failures.
+    pub pool_members: Vec<(String, String)>,
+    /// (rule, backend): connection and byte series.
+    pub rule_members: Vec<(String, String)>,
+}
+
 /// Every metric the LB exports.
 pub struct Metrics {
     registry: Registry,
@@ -158,7 +168,7 @@ impl Metrics {
 
     /// Removes every series of members that left (their label values are known: the outcome,
     /// direction and probe-result label sets are closed).
-    pub fn forget(&self, gone: &crate::snapshot::Departed) {
+    pub fn forget(&self, gone: &Departed) {
         for (pool, backend) in &gone.pool_members {
             let pb = [pool.as_str(), backend.as_str()];
             self.backend_up.remove_label_values(&pb).ok();

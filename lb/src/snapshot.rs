@@ -13,7 +13,7 @@ use prometheus::{IntCounter, IntGauge};
 use mqlb_config::{Backend, Config, Distribution, Pool, Rule};
 
 use crate::conn::Outcome;
-use crate::metrics::Metrics;
+use crate::metrics::{Departed, Metrics};
 use crate::select::{self, Candidate, Key};
 use crate::state::BackendState;
 
@@ -142,15 +142,6 @@ impl RuleRt {
                 .with_label_values(&[&self.cfg.name, self.cfg.distribution.name()])
         })
     }
-}
-
-/// Label pairs that left with a new snapshot ([`Snapshot::departed`]).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Departed {
-    /// (pool, backend): `mqlb_backend_up`, the probe series, passive failures.
-    pub pool_members: Vec<(String, String)>,
-    /// (rule, backend): connection and byte series.
-    pub rule_members: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
