@@ -64,6 +64,8 @@ impl NodeSpec {
             max_payload: node.max_payload_size.get() as usize,
             replicate_sessions: config.cluster.replicate_sessions,
             replica_max_messages: config.cluster.replica_max_messages.get() as usize,
+            replication_factor: config.cluster.replication_factor.get() as usize,
+            source: None,
         });
         Ok(NodeSpec {
             node,
@@ -175,9 +177,14 @@ impl Node {
         // One registry of delayed wills for both listeners and the mesh: a client that
         // connects again, on either listener or on another node, cancels its pending will.
         let wills = rumqttd::DelayedWills::default();
+        // Links leave from the mesh listen address (see `MeshSettings::source`).
+        let settings = spec.mesh.clone().map(|mut m| {
+            m.source = n.mesh.map(|a| a.ip()).filter(|ip| !ip.is_unspecified());
+            m
+        });
         let mesh = Arc::new(Mesh::new(
             n.id.clone(),
-            spec.mesh.clone(),
+            settings,
             metrics.clone(),
             wills.clone(),
         ));
@@ -215,6 +222,7 @@ impl Node {
             &mesh,
             budget,
             spec.mesh.as_ref().map_or(1, |m| m.replica_max_messages),
+            spec.mesh.as_ref().map_or(0, |m| m.replication_factor),
         )?;
         // Off: nothing is tagged, announced or recorded (the hooks find no replication).
         if spec.mesh.as_ref().is_some_and(|m| m.replicate_sessions) {

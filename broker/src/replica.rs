@@ -25,6 +25,14 @@
 //! rendezvous decision as `crate::share`), forgotten when any member acknowledges them and
 //! given to the first member whose session is restored.
 //!
+//! Not every peer queues a session's messages: the replication factor `k` (copies in all, the
+//! session's own among them) picks the `k - 1` live nodes besides the owner with the highest
+//! rendezvous scores for the client ID ([`ranked`]); the others keep only the meta (a
+//! *dormant* replica: the subscriptions and the will, so a will is never lost and a restore
+//! knows the subscriptions). When the membership changes, a node that ranks now starts
+//! queueing; one that no longer ranks goes on queueing until what it holds is acknowledged
+//! and [`DEMOTE_AFTER`] passed, so the copies never drop below what they were.
+//!
 //! A replica also carries the client's last will (a session that ends with its connection is
 //! replicated for its will alone), published by one surviving node when the owner died with
 //! it pending ([`Replicas::due_wills`]).
@@ -89,6 +97,32 @@ impl Tag {
     }
 }
 
+/// How long a node that no longer ranks among a session's holders keeps queueing for it
+/// (once its queue is empty): the nodes that rank now have queued since the membership
+/// changed, on every node's view of it.
+pub const DEMOTE_AFTER_MS: u64 = 5_000;
+
+/// Whether `node` is one of the `copies` nodes besides `owner` that queue the messages of
+/// `client_id`'s session: the highest rendezvous scores among `live` (the nodes seen up, `node`
+/// among them; `owner` is left out). Every node with the same view picks the same ones, and a
+/// node's death moves only the sessions it held.
+pub fn ranked(client_id: &str, owner: &str, node: &str, live: &[&str], copies: usize) -> bool {
+    if node == owner {
+        return false;
+    }
+    let candidates = live.iter().filter(|n| **n != owner);
+    if candidates.clone().count() <= copies {
+        return true;
+    }
+    let key = client_hash(client_id);
+    let mine = crate::share::rendezvous(key, node);
+    let above = candidates
+        .filter(|n| **n != node)
+        .filter(|n| (crate::share::rendezvous(key, n), **n) > (mine, node))
+        .count();
+    above < copies
+}
+
 /// A stable hash of a client ID, the same on every node (FNV-1a: no per-process seed).
 pub fn client_hash(client_id: &str) -> u64 {
     client_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -111,6 +145,11 @@ struct Replica {
     offline_since_ms: Option<u64>,
     queue: VecDeque<Held>,
     ids: HashSet<MsgId>,
+    /// It queues messages (this node ranks among its holders, or did and still holds some);
+    /// a dormant replica has the meta alone.
+    active: bool,
+    /// Since when this node no longer ranks among its holders.
+    unranked_since_ms: Option<u64>,
     /// Ids acknowledged before their message arrived here (it took a slower path): it is not
     /// queued when it does. Bounded by [`EARLY_ACKS`].
     early: VecDeque<MsgId>,
@@ -227,6 +266,32 @@ impl Replicas {
         self.by_client.contains_key(client_id)
     }
 
+    /// Makes `client_id`'s replica queue what matches its subscriptions from now on.
+    fn index(&mut self, client_id: &str) {
+        let Some(r) = self.by_client.get_mut(client_id) else {
+            return;
+        };
+        r.active = true;
+        for s in &r.meta.subscriptions {
+            match shared(&s.filter) {
+                Some((key, path)) => {
+                    self.groups
+                        .entry((r.owner.clone(), key.to_owned()))
+                        .or_insert_with(|| GroupQueue {
+                            filter: path.to_owned(),
+                            ..GroupQueue::default()
+                        });
+                }
+                None => {
+                    self.by_filter
+                        .entry(s.filter.clone())
+                        .or_default()
+                        .insert(client_id.to_owned());
+                }
+            }
+        }
+    }
+
     fn unindex(&mut self, client_id: &str, subs: &[MeshSubscription]) {
         for s in subs {
             if let Some(set) = self.by_filter.get_mut(&s.filter) {
@@ -245,7 +310,10 @@ impl Replicas {
     /// From a node that is not the replica's owner, only a meta that says the client is
     /// connected there (or starts afresh) is taken: an offline one is stale, the end of a
     /// connection that lost its session to the owner (a paused node that resumes).
-    pub fn meta(&mut self, owner: &str, meta: ReplicaMeta, now_ms: u64) {
+    ///
+    /// `ranked`: this node is one of the session's holders ([`ranked`]); a replica that queues
+    /// goes on queueing whatever it says (see [`Replicas::rerank`]).
+    pub fn meta(&mut self, owner: &str, meta: ReplicaMeta, now_ms: u64, ranked: bool) {
         let client = meta.client_id.clone();
         if self
             .by_client
@@ -264,33 +332,20 @@ impl Replicas {
             .map(|r| r.meta.subscriptions.clone())
             .unwrap_or_default();
         self.unindex(&client, &old_subs);
-        for s in &meta.subscriptions {
-            match shared(&s.filter) {
-                Some((key, path)) => {
-                    self.groups
-                        .entry((owner.to_owned(), key.to_owned()))
-                        .or_insert_with(|| GroupQueue {
-                            filter: path.to_owned(),
-                            ..GroupQueue::default()
-                        });
-                }
-                None => {
-                    self.by_filter
-                        .entry(s.filter.clone())
-                        .or_default()
-                        .insert(client.clone());
-                }
-            }
-        }
-        let r = self.by_client.entry(client).or_insert_with(|| Replica {
-            owner: owner.to_owned(),
-            meta: ReplicaMeta::default(),
-            offline_since_ms: None,
-            queue: VecDeque::new(),
-            ids: HashSet::new(),
-            early: VecDeque::new(),
-            early_set: HashSet::new(),
-        });
+        let r = self
+            .by_client
+            .entry(client.clone())
+            .or_insert_with(|| Replica {
+                owner: owner.to_owned(),
+                meta: ReplicaMeta::default(),
+                offline_since_ms: None,
+                queue: VecDeque::new(),
+                ids: HashSet::new(),
+                active: false,
+                unranked_since_ms: None,
+                early: VecDeque::new(),
+                early_set: HashSet::new(),
+            });
         if meta.fresh {
             r.queue.clear();
             r.ids.clear();
@@ -302,6 +357,76 @@ impl Replicas {
             (false, None) => Some(now_ms),
         };
         r.meta = meta;
+        if ranked {
+            r.unranked_since_ms = None;
+        } else if r.active {
+            r.unranked_since_ms.get_or_insert(now_ms);
+        }
+        if ranked || r.active {
+            self.index(&client);
+        }
+    }
+
+    /// The membership changed: the replicas this node now ranks for (`ranked(owner,
+    /// client)`) queue from now on; those it no longer ranks for are marked, and stop queueing
+    /// once [`Replicas::demote`] finds them empty long enough. Returns how many started.
+    pub fn rerank(&mut self, now_ms: u64, ranked: impl Fn(&str, &str) -> bool) -> usize {
+        let mut start = Vec::new();
+        for (client, r) in &mut self.by_client {
+            if ranked(&r.owner, client) {
+                r.unranked_since_ms = None;
+                if !r.active {
+                    start.push(client.clone());
+                }
+            } else if r.active {
+                r.unranked_since_ms.get_or_insert(now_ms);
+            }
+        }
+        for c in &start {
+            self.index(c);
+        }
+        start.len()
+    }
+
+    /// Replicas this node stopped ranking for [`DEMOTE_AFTER_MS`] ago, with nothing queued
+    /// (in their own queue or their owner's groups they are members of), go dormant.
+    /// Returns how many.
+    pub fn demote(&mut self, now_ms: u64) -> usize {
+        let groups = &self.groups;
+        let idle: Vec<String> = self
+            .by_client
+            .iter()
+            .filter(|(_, r)| {
+                r.active
+                    && r.queue.is_empty()
+                    && r.unranked_since_ms
+                        .is_some_and(|since| now_ms.saturating_sub(since) >= DEMOTE_AFTER_MS)
+                    && r.meta.subscriptions.iter().all(|s| {
+                        shared(&s.filter).is_none_or(|(key, _)| {
+                            groups
+                                .get(&(r.owner.clone(), key.to_owned()))
+                                .is_none_or(|g| g.queue.is_empty())
+                        })
+                    })
+            })
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in &idle {
+            let Some(r) = self.by_client.get_mut(c) else {
+                continue;
+            };
+            r.active = false;
+            r.unranked_since_ms = None;
+            r.ids.clear();
+            let subs = r.meta.subscriptions.clone();
+            self.unindex(c, &subs);
+        }
+        idle.len()
+    }
+
+    /// Replicas that queue messages here (the others are dormant).
+    pub fn active(&self) -> usize {
+        self.by_client.values().filter(|r| r.active).count()
     }
 
     /// `owner` says the session ended (or left it for another node): its replica goes. A
@@ -473,10 +598,11 @@ impl Replicas {
         for c in &gone {
             self.remove(c);
         }
-        // A group no replica of its owner is a member of any more.
+        // A group no queueing replica of its owner is a member of any more.
         let members: HashSet<(&str, &str)> = self
             .by_client
             .values()
+            .filter(|r| r.active)
             .flat_map(|r| {
                 r.meta
                     .subscriptions
@@ -970,7 +1096,12 @@ mod tests {
     #[test]
     fn a_replica_queues_what_matches_and_forgets_what_the_client_acknowledged() {
         let mut r = Replicas::new(100, 100);
-        r.meta("b1", meta("c", vec![sub("a/+", 1), sub("z", 0)], true), 0);
+        r.meta(
+            "b1",
+            meta("c", vec![sub("a/+", 1), sub("z", 0)], true),
+            0,
+            true,
+        );
         for seq in 1..=4 {
             r.record(tag(seq), &msg("a/x", 2, tag(seq)), 0, |_, _| true);
         }
@@ -995,7 +1126,12 @@ mod tests {
     fn an_ack_that_comes_before_its_message_keeps_it_out() {
         let mut r = Replicas::new(100, 100);
         // two of its filters match: still once, and not at all when acknowledged first
-        r.meta("b1", meta("c", vec![sub("#", 1), sub("t", 1)], true), 0);
+        r.meta(
+            "b1",
+            meta("c", vec![sub("#", 1), sub("t", 1)], true),
+            0,
+            true,
+        );
         r.acked("b1", "c", &[MsgId { origin: 9, seq: 1 }]);
         r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| true);
         r.record(tag(2), &msg("t", 1, tag(2)), 0, |_, _| true);
@@ -1010,7 +1146,12 @@ mod tests {
         let mut r = Replicas::new(100, 100);
         let mut own = sub("t", 1);
         own.nolocal = true;
-        r.meta("b1", meta("pub", vec![own, sub("$share/g/t", 1)], true), 0);
+        r.meta(
+            "b1",
+            meta("pub", vec![own, sub("$share/g/t", 1)], true),
+            0,
+            true,
+        );
         r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| false);
         let s = r.session("pub", 0, usize::MAX).expect("held");
         assert!(s.pending.is_empty());
@@ -1025,7 +1166,7 @@ mod tests {
     #[test]
     fn the_bound_drops_the_oldest_and_counts() {
         let mut r = Replicas::new(2, 1);
-        r.meta("b1", meta("c", vec![sub("t", 1)], false), 0);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 0, true);
         for seq in 1..=3 {
             r.record(tag(seq), &msg("t", 1, tag(seq)), 0, |_, _| true);
         }
@@ -1034,7 +1175,7 @@ mod tests {
             ["m2", "m3"]
         );
         assert_eq!(r.dropped.messages, 1);
-        r.meta("b1", meta("d", vec![sub("t", 1)], false), 0);
+        r.meta("b1", meta("d", vec![sub("t", 1)], false), 0, true);
         assert_eq!(r.dropped.replicas, 1);
         assert!(!r.holds("d"));
     }
@@ -1042,13 +1183,13 @@ mod tests {
     #[test]
     fn a_replica_expires_offline_and_counts_its_expiry_down() {
         let mut r = Replicas::new(10, 10);
-        r.meta("b1", meta("c", vec![sub("t", 1)], false), 1_000);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 1_000, true);
         assert_eq!(r.session("c", 21_000, 0).expect("held").expiry, 40);
         assert_eq!(r.expire(60_999), 0);
         // online again: the clock stops
-        r.meta("b1", meta("c", vec![sub("t", 1)], true), 61_000);
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 61_000, true);
         assert_eq!(r.expire(500_000), 0);
-        r.meta("b1", meta("c", vec![sub("t", 1)], false), 500_000);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 500_000, true);
         assert_eq!(r.expire(560_000), 1);
         assert!(r.is_empty());
     }
@@ -1056,7 +1197,7 @@ mod tests {
     #[test]
     fn a_message_that_expired_in_the_replica_is_not_restored() {
         let mut r = Replicas::new(10, 10);
-        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0);
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0, true);
         let mut m = msg("t", 1, tag(1));
         m.message_expiry_interval = Some(10);
         r.record(tag(1), &m, 0, |_, _| true);
@@ -1071,19 +1212,19 @@ mod tests {
     #[test]
     fn a_session_that_moves_keeps_its_replica_and_a_clean_start_empties_it() {
         let mut r = Replicas::new(10, 10);
-        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0);
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0, true);
         r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| true);
         // the client moved to b2, which now owns it
-        r.meta("b2", meta("c", vec![sub("t", 1)], true), 0);
+        r.meta("b2", meta("c", vec![sub("t", 1)], true), 0, true);
         assert!(!r.close("b1", "c"), "the old owner's close is stale");
         // so is the end of the old owner's connection (it resumed after a pause)
-        r.meta("b1", meta("c", vec![sub("t", 1)], false), 0);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 0, true);
         assert_eq!(r.owner("c"), Some("b2"));
         assert_eq!(r.owner("c"), Some("b2"));
         assert_eq!(r.messages(), 1);
         let mut fresh = meta("c", vec![sub("u", 1)], true);
         fresh.fresh = true;
-        r.meta("b2", fresh, 0);
+        r.meta("b2", fresh, 0, true);
         assert_eq!(r.messages(), 0);
         r.record(tag(2), &msg("t", 1, tag(2)), 0, |_, _| true);
         assert_eq!(r.messages(), 0, "the old filter is no longer indexed");
@@ -1167,11 +1308,11 @@ mod tests {
     fn a_dead_owners_will_is_published_once_after_its_delay_by_one_node() {
         let mut r = Replicas::new(10, 10);
         // a will-only replica (the session ended with the connection): due at the death
-        r.meta("b1", will_meta("a", 0, 5, true), 0);
+        r.meta("b1", will_meta("a", 0, 5, true), 0, true);
         // a persistent session with a 60 s delay but a 3 s expiry: 3 s after the death
-        r.meta("b1", will_meta("b", 3, 60, true), 0);
+        r.meta("b1", will_meta("b", 3, 60, true), 0, true);
         // online when the owner died at 10 s: its 5 s delay counts from the death
-        r.meta("b1", will_meta("e", 60, 5, true), 0);
+        r.meta("b1", will_meta("e", 60, 5, true), 0, true);
         let down = |o: &str| (o == "b1").then_some(10_000);
         assert!(r.due_wills(9_999, down, |_| true).is_empty());
         assert_eq!(texts(&r.due_wills(10_000, down, |_| true)), ["a"]);
@@ -1182,7 +1323,7 @@ mod tests {
         assert_eq!(texts(&r.due_wills(15_000, down, |_| true)), ["e"]);
         assert!(r.due_wills(99_000, down, |_| true).is_empty(), "once");
         // another node publishes it: this one only forgets it
-        r.meta("b1", will_meta("c", 0, 0, true), 0);
+        r.meta("b1", will_meta("c", 0, 0, true), 0, true);
         assert!(r.due_wills(99_000, down, |_| false).is_empty());
         assert!(!r.holds("c"));
     }
@@ -1191,11 +1332,11 @@ mod tests {
     fn a_will_the_owner_lived_to_publish_or_a_reconnect_cancelled_is_not_published() {
         let mut r = Replicas::new(10, 10);
         // offline at 1 s with a 2 s delay, the owner died at 10 s: it published it at 3 s
-        r.meta("b1", will_meta("a", 60, 2, false), 1_000);
+        r.meta("b1", will_meta("a", 60, 2, false), 1_000, true);
         // offline at 9 s with a 5 s delay: due at 14 s, after the owner's death
-        r.meta("b1", will_meta("b", 60, 5, false), 9_000);
+        r.meta("b1", will_meta("b", 60, 5, false), 9_000, true);
         // the client came back elsewhere in time
-        r.meta("b1", will_meta("c", 0, 5, true), 0);
+        r.meta("b1", will_meta("c", 0, 5, true), 0, true);
         r.connected_elsewhere("c");
         let down = |o: &str| (o == "b1").then_some(10_000);
         assert!(r.due_wills(13_999, down, |_| true).is_empty());
@@ -1204,7 +1345,7 @@ mod tests {
         assert_eq!(&due[0].payload[..], b"b");
         assert!(r.due_wills(99_000, down, |_| true).is_empty());
         // an owner alive: nothing
-        r.meta("b2", will_meta("d", 0, 0, false), 0);
+        r.meta("b2", will_meta("d", 0, 0, false), 0, true);
         assert!(r.due_wills(99_000, |_| None, |_| true).is_empty());
         assert!(r.holds("d"));
         assert!(
@@ -1217,8 +1358,8 @@ mod tests {
     fn a_shared_groups_messages_go_to_the_first_member_restored() {
         let mut r = Replicas::new(100, 100);
         let g = sub("$share/g/t/#", 1);
-        r.meta("b1", meta("m1", vec![g.clone()], true), 0);
-        r.meta("b1", meta("m2", vec![g], true), 0);
+        r.meta("b1", meta("m1", vec![g.clone()], true), 0, true);
+        r.meta("b1", meta("m2", vec![g], true), 0, true);
         // b1 serves 1 and 3; 2 goes to another node's members
         for seq in 1..=3 {
             r.record(tag(seq), &msg("t/x", 1, tag(seq)), 0, |owner, key| {
@@ -1262,5 +1403,109 @@ mod tests {
         assert_eq!(payloads(&s), ["m2", "m1", "m3"]);
         assert_eq!(s.pending[0].0, 7, "the moved session's packet ids stay");
         assert_eq!(complete(moved.clone(), None), moved);
+    }
+
+    /// With `k` copies in all, `k - 1` nodes besides the owner queue a session's messages,
+    /// the same ones whichever node decides, spread over the nodes; every node when there are
+    /// no more nodes than copies.
+    #[test]
+    fn the_holders_are_the_same_on_every_node_and_as_many_as_the_factor_asks() {
+        let live = ["b1", "b2", "b3", "b4", "b5"];
+        let mut per_node = HashMap::new();
+        for i in 0..300 {
+            let client = format!("c{i}");
+            for copies in [1, 2] {
+                let holders: Vec<&str> = live
+                    .iter()
+                    .copied()
+                    .filter(|n| ranked(&client, "b1", n, &live, copies))
+                    .collect();
+                assert_eq!(holders.len(), copies, "{client}");
+                assert!(
+                    !holders.contains(&"b1"),
+                    "{client}: the owner holds no replica"
+                );
+                if copies == 1 {
+                    *per_node.entry(holders[0]).or_insert(0) += 1;
+                }
+            }
+            assert!(live[1..].iter().all(|n| ranked(&client, "b1", n, &live, 4)));
+            assert!(ranked(&client, "b1", "b2", &live[..2], 1));
+        }
+        // spread: each of the 4 other nodes holds some of the 300
+        assert_eq!(per_node.len(), 4, "{per_node:?}");
+        assert!(per_node.values().all(|n| *n > 40), "{per_node:?}");
+        // a holder's death moves only its sessions: the survivors keep theirs
+        for i in 0..300 {
+            let client = format!("c{i}");
+            let before = live.iter().find(|n| ranked(&client, "b1", n, &live, 1));
+            let after = live[..4]
+                .iter()
+                .find(|n| ranked(&client, "b1", n, &live[..4], 1));
+            if before != Some(&"b5") {
+                assert_eq!(before, after, "{client}");
+            }
+        }
+    }
+
+    /// A dormant replica keeps the meta (a restore gets the subscriptions, the will stands)
+    /// but queues nothing; ranked after a membership change, it queues from then on.
+    #[test]
+    fn a_dormant_replica_queues_nothing_until_this_node_ranks_for_it() {
+        let mut r = Replicas::new(100, 100);
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0, false);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| true);
+        assert_eq!((r.active(), r.messages()), (0, 0));
+        let s = r.session("c", 0, usize::MAX).expect("the meta");
+        assert_eq!(s.subscriptions.len(), 1);
+        assert!(s.pending.is_empty());
+        // a later meta from the owner (a subscription) does not wake it either
+        r.meta(
+            "b1",
+            meta("c", vec![sub("t", 1), sub("u", 1)], true),
+            0,
+            false,
+        );
+        r.record(tag(2), &msg("u", 1, tag(2)), 0, |_, _| true);
+        assert_eq!(r.messages(), 0);
+        assert_eq!(r.rerank(10, |_, _| true), 1);
+        assert_eq!(r.rerank(10, |_, _| true), 0, "once");
+        r.record(tag(3), &msg("u", 1, tag(3)), 0, |_, _| true);
+        assert_eq!(
+            payloads(&r.session("c", 0, usize::MAX).expect("held")),
+            ["m3"]
+        );
+    }
+
+    /// A replica this node no longer ranks for goes on queueing until what it holds is
+    /// acknowledged and the grace passed: the copies never drop below what they were.
+    #[test]
+    fn an_unranked_replica_goes_dormant_only_once_empty_and_after_the_grace() {
+        let mut r = Replicas::new(100, 100);
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 0, true);
+        r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| true);
+        r.rerank(1_000, |_, _| false);
+        r.record(tag(2), &msg("t", 1, tag(2)), 1_000, |_, _| true);
+        assert_eq!(r.messages(), 2, "still queueing");
+        assert_eq!(r.demote(1_000 + DEMOTE_AFTER_MS), 0, "it holds messages");
+        r.acked(
+            "b1",
+            "c",
+            &[MsgId { origin: 9, seq: 1 }, MsgId { origin: 9, seq: 2 }],
+        );
+        assert_eq!(r.demote(1_000 + DEMOTE_AFTER_MS - 1), 0, "the grace");
+        // a meta that comes meanwhile (not ranked) changes nothing of that
+        r.meta("b1", meta("c", vec![sub("t", 1)], true), 2_000, false);
+        assert_eq!(r.demote(1_000 + DEMOTE_AFTER_MS), 1);
+        assert_eq!(r.active(), 0);
+        r.record(tag(3), &msg("t", 1, tag(3)), 9_000, |_, _| true);
+        assert_eq!(r.messages(), 0);
+        assert!(r.holds("c"), "the meta stays");
+        // ranked again before the grace ends: it stays
+        r.rerank(10_000, |_, _| true);
+        r.rerank(11_000, |_, _| false);
+        r.rerank(12_000, |_, _| true);
+        assert_eq!(r.demote(30_000), 0);
+        assert_eq!(r.active(), 1);
     }
 }

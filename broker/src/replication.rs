@@ -15,9 +15,11 @@
 //!   [`WILL_GRACE`] one surviving node (the lowest ID among the nodes it sees up) publishes
 //!   the wills its death left pending, once their delay is over ([`Replicas::due_wills`]).
 //!
-//! Every peer holds a replica of every persistent session (the replication factor is the
-//! cluster's size): the LB's successor for a client is one of them, and the others' copies
-//! are merged in, so a node that came back empty still restores what its peers hold.
+//! Every peer knows every persistent session's meta (subscriptions, expiry, will: small and
+//! rare), so any node can restore one and publish its will; the messages are queued by the
+//! `replication_factor - 1` nodes besides the owner that rank highest for the client ID
+//! ([`replica::ranked`], over the nodes this one sees up), re-ranked when that view changes.
+//! A restore merges every copy the peers send, so it does not matter which node the LB picks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +53,7 @@ const MAX_ACKS_WAITING: usize = 1_000_000;
 
 struct ReplicationMetrics {
     held: IntGauge,
+    queueing: IntGauge,
     messages: IntGauge,
     owned: IntGauge,
     acks: IntCounter,
@@ -65,7 +68,11 @@ impl ReplicationMetrics {
         let m = ReplicationMetrics {
             held: IntGauge::new(
                 "mqlb_session_replicas",
-                "Replicas this node holds of its peers' persistent sessions.",
+                "Replicas this node holds of its peers' persistent sessions (queueing or dormant: the meta alone).",
+            )?,
+            queueing: IntGauge::new(
+                "mqlb_session_replicas_queueing",
+                "Replicas that queue their session's messages here (this node ranks among the session's replication_factor - 1 holders, or did and still holds some).",
             )?,
             messages: IntGauge::new(
                 "mqlb_session_replica_messages",
@@ -103,6 +110,7 @@ impl ReplicationMetrics {
             )?,
         };
         metrics.register(Box::new(m.held.clone()))?;
+        metrics.register(Box::new(m.queueing.clone()))?;
         metrics.register(Box::new(m.messages.clone()))?;
         metrics.register(Box::new(m.owned.clone()))?;
         metrics.register(Box::new(m.acks.clone()))?;
@@ -129,6 +137,10 @@ pub(crate) struct Replication {
     down: Mutex<HashMap<String, u64>>,
     started: Instant,
     metrics: ReplicationMetrics,
+    /// Nodes besides the owner that queue a session's messages (`usize::MAX`: every one).
+    copies: usize,
+    /// The nodes seen up (this one among them) when the replicas were last ranked.
+    live: Mutex<Vec<String>>,
     /// Bytes of messages a restored copy may carry from a peer (what fits in a mesh frame).
     budget: usize,
 }
@@ -139,6 +151,7 @@ impl Replication {
         mesh: &Arc<Mesh>,
         budget: usize,
         max_messages: usize,
+        factor: usize,
     ) -> Result<Arc<Replication>, prometheus::Error> {
         Ok(Arc::new(Replication {
             origin: rand::random(),
@@ -152,6 +165,11 @@ impl Replication {
             down: Mutex::new(HashMap::new()),
             started: Instant::now(),
             metrics: ReplicationMetrics::new(&mesh.metrics)?,
+            copies: match factor {
+                0 => usize::MAX,
+                k => k.saturating_sub(1),
+            },
+            live: Mutex::new(Vec::new()),
             budget,
         }))
     }
@@ -323,7 +341,55 @@ impl Replication {
             return;
         }
         let now = self.now_ms();
-        lock(&self.held).meta(peer, meta, now);
+        let ranked = self.ranked(peer, &meta.client_id);
+        lock(&self.held).meta(peer, meta, now, ranked);
+    }
+
+    /// This node queues the messages of `owner`'s session `client_id`.
+    fn ranked(&self, owner: &str, client_id: &str) -> bool {
+        if self.copies == usize::MAX {
+            return true;
+        }
+        let Some(mesh) = self.mesh.upgrade() else {
+            return true;
+        };
+        let live = lock(&self.live);
+        let live: Vec<&str> = live.iter().map(String::as_str).collect();
+        replica::ranked(client_id, owner, &mesh.id, &live, self.copies)
+    }
+
+    /// The nodes seen up changed since the last look: the replicas are ranked again.
+    fn rerank(&self) {
+        let Some(mesh) = self.mesh.upgrade() else {
+            return;
+        };
+        let mut now_live: Vec<String> = mesh
+            .peers()
+            .iter()
+            .filter(|p| p.is_up())
+            .map(|p| p.id.clone())
+            .chain([mesh.id.clone()])
+            .collect();
+        now_live.sort();
+        let mut live = lock(&self.live);
+        if *live == now_live {
+            return;
+        }
+        *live = now_live;
+        if self.copies == usize::MAX {
+            return;
+        }
+        let live: Vec<&str> = live.iter().map(String::as_str).collect();
+        let now = self.now_ms();
+        let started = lock(&self.held).rerank(now, |owner, client| {
+            replica::ranked(client, owner, &mesh.id, &live, self.copies)
+        });
+        if started > 0 {
+            tracing::info!(
+                started,
+                "the membership changed: replicas ranked here queue now"
+            );
+        }
     }
 
     pub(crate) fn on_acks(&self, peer: &str, acks: Vec<(String, Vec<MsgId>)>) {
@@ -438,6 +504,7 @@ impl Replication {
     /// Sends the acknowledgements gathered since the last round; expires offline sessions
     /// and replicas; updates the gauges.
     fn tick(&self, expire: bool) {
+        self.rerank();
         self.send_acks();
         if expire {
             self.expire();
@@ -474,7 +541,9 @@ impl Replication {
         }
         let mut held = lock(&self.held);
         held.expire(now);
+        held.demote(now);
         self.metrics.held.set(held.len() as i64);
+        self.metrics.queueing.set(held.active() as i64);
         self.metrics.messages.set(held.messages() as i64);
         let d = std::mem::take(&mut held.dropped);
         drop(held);

@@ -304,6 +304,12 @@ fn score(key: u64, node: u64) -> u64 {
     mix64(key ^ node.rotate_left(17))
 }
 
+/// The rendezvous score of node `node` for `key` (the same on every node): the session
+/// replicas rank their holders with it, as the shared groups rank their servers.
+pub(crate) fn rendezvous(key: u64, node: &str) -> u64 {
+    score(key, node_hash(node))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

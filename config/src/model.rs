@@ -381,6 +381,10 @@ pub struct ClusterSettings {
     /// QoS 1/2 messages one replica holds for its client; beyond it the oldest are dropped
     /// (counted).
     pub replica_max_messages: NonZeroU32,
+    /// Copies of a persistent session's QoS 1/2 messages in the cluster, the owner's among
+    /// them: `replication_factor - 1` other nodes queue them (every node when there are no
+    /// more). Every node knows every session's subscriptions and will whatever it is.
+    pub replication_factor: NonZeroU32,
     /// Reconnect back-off to a peer: starts here, doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,

@@ -54,6 +54,7 @@ pub struct RawCluster {
     pub peer_queue: Option<u32>,
     pub replicate_sessions: Option<bool>,
     pub replica_max_messages: Option<u32>,
+    pub replication_factor: Option<u32>,
     pub reconnect_min: Option<String>,
     pub reconnect_max: Option<String>,
 }

@@ -707,6 +707,9 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
 
 pub const DEFAULT_PEER_QUEUE: u32 = 10_000;
 pub const DEFAULT_REPLICA_MAX_MESSAGES: u32 = 100_000;
+/// Copies of a persistent session's messages (the owner's and one more): one broker's death
+/// loses none.
+pub const DEFAULT_REPLICATION_FACTOR: u32 = 2;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 pub const DEFAULT_MAX_PAYLOAD: u32 = 256 * 1024;
 pub const DEFAULT_MAX_INFLIGHT: u32 = 100;
@@ -817,6 +820,11 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
             "cluster.replica_max_messages",
             rc.replica_max_messages,
             DEFAULT_REPLICA_MAX_MESSAGES,
+        ),
+        replication_factor: c.non_zero(
+            "cluster.replication_factor",
+            rc.replication_factor,
+            DEFAULT_REPLICATION_FACTOR,
         ),
         reconnect_min,
         reconnect_max,

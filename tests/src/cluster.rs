@@ -1,12 +1,12 @@
 //! A cluster of in-process broker nodes on loopback ports, meshed with each other; a node can
 //! be stopped, dropped like a machine losing power, and restarted on the same addresses.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::{free_port, loopback, wait_until};
+use crate::{free_port, wait_until};
 
 /// The secret every test topology shares: the cluster's mesh, and the HA server's request
 /// signatures.
@@ -18,15 +18,21 @@ pub struct Cluster {
     pub specs: Vec<mqlb_broker::NodeSpec>,
 }
 
-fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
+fn loopbacks(n: usize) -> Vec<IpAddr> {
+    vec![IpAddr::V4(Ipv4Addr::LOCALHOST); n]
+}
+
+/// Specs of nodes `n1`, `n2`, … with every listener on `ips[i]` (`127.0.0.1` for each).
+fn cluster_specs(ips: &[IpAddr]) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
     let mut nodes = Vec::new();
-    for i in 0..n {
+    for (i, ip) in ips.iter().enumerate() {
+        let at = |port| SocketAddr::new(*ip, port);
         nodes.push(mqlb_config::BrokerNode {
             id: format!("n{}", i + 1),
-            mqtt: loopback(free_port()?),
-            mqtt_v5: Some(loopback(free_port()?)),
-            mesh: Some(loopback(free_port()?)),
-            http: Some(loopback(free_port()?)),
+            mqtt: at(free_port()?),
+            mqtt_v5: Some(at(free_port()?)),
+            mesh: Some(at(free_port()?)),
+            http: Some(at(free_port()?)),
             http_token: None,
             max_connections: std::num::NonZeroU32::new(1000).context("non-zero")?,
             max_payload_size: std::num::NonZeroU32::new(1 << 20).context("non-zero")?,
@@ -51,6 +57,8 @@ fn cluster_specs(n: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
                 max_payload: 1 << 20,
                 replicate_sessions: true,
                 replica_max_messages: 100_000,
+                replication_factor: 2,
+                source: None,
             }),
             ha: Vec::new(),
             heartbeat_interval: Duration::from_millis(200),
@@ -67,7 +75,13 @@ impl Cluster {
 
     /// Starts `n` nodes that register with the HA servers at `ha`.
     pub async fn start_with_ha(n: usize, ha: &[SocketAddr]) -> anyhow::Result<Cluster> {
-        Self::start_with(n, ha, &mqlb_config::AuthSettings::default()).await
+        Self::start_with(&loopbacks(n), ha, &mqlb_config::AuthSettings::default()).await
+    }
+
+    /// Starts node `i` on `ips[i]`, one per simulated host ([`crate::Hosts`]): their links
+    /// leave from those addresses, so a partition between two hosts cuts them.
+    pub async fn start_on(ips: &[IpAddr]) -> anyhow::Result<Cluster> {
+        Self::start_with(ips, &[], &mqlb_config::AuthSettings::default()).await
     }
 
     /// Starts `n` nodes with the same `[auth]` settings (password and ACL files).
@@ -75,18 +89,18 @@ impl Cluster {
         n: usize,
         auth: &mqlb_config::AuthSettings,
     ) -> anyhow::Result<Cluster> {
-        Self::start_with(n, &[], auth).await
+        Self::start_with(&loopbacks(n), &[], auth).await
     }
 
     async fn start_with(
-        n: usize,
+        ips: &[IpAddr],
         ha: &[SocketAddr],
         auth: &mqlb_config::AuthSettings,
     ) -> anyhow::Result<Cluster> {
         let mut last = None;
         // A port picked free may be taken before a node binds it: try again with new ports.
         for _ in 0..3 {
-            let mut specs = cluster_specs(n)?;
+            let mut specs = cluster_specs(ips)?;
             for s in &mut specs {
                 s.ha = ha.to_vec();
                 s.auth = auth.clone();
@@ -101,7 +115,7 @@ impl Cluster {
                     }
                 }
             }
-            if nodes.len() == n {
+            if nodes.len() == ips.len() {
                 let c = Cluster { nodes, specs };
                 c.wait_meshed().await?;
                 return Ok(c);

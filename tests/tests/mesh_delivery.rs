@@ -140,6 +140,8 @@ fn spec(node: &mqlb_config::BrokerNode, peers: Vec<(String, SocketAddr)>) -> mql
             max_payload: 1 << 20,
             replicate_sessions: true,
             replica_max_messages: 100_000,
+            replication_factor: 2,
+            source: None,
         }),
         ha: Vec::new(),
         heartbeat_interval: Duration::from_millis(200),

@@ -1,8 +1,9 @@
-//! A persistent session outlives its broker (issue 12): every peer holds a replica of it (its
-//! subscriptions, and each QoS 1/2 message for it its client has not acknowledged), so when
-//! its node dies the client reconnects on another node with Clean Start 0 and gets Session
-//! Present 1, its subscriptions live without a SUBSCRIBE, and every message it had not
-//! acknowledged: in flight on the dead node, and published while it was away.
+//! A persistent session outlives its broker (issue 12): every peer knows its subscriptions,
+//! and one more node than its own (the replication factor 2, the default) queues each QoS 1/2
+//! message for it its client has not acknowledged, so when its node dies the client reconnects
+//! on another node with Clean Start 0 and gets Session Present 1, its subscriptions live
+//! without a SUBSCRIBE, and every message it had not acknowledged: in flight on the dead node,
+//! and published while it was away.
 //!
 //! Three meshed nodes; raw clients (the conformance harness's) on the nodes directly, as the
 //! LB would route them; the dead node is dropped without a goodbye (`Cluster::crash`).
@@ -123,20 +124,73 @@ async fn drain(raw: &mut impl Numbers, want: &BTreeSet<u32>) -> anyhow::Result<V
     Ok(got)
 }
 
-/// Waits until nodes `nodes` each got `acked` acknowledgements from the owner and hold `n`
-/// replicated messages.
+/// The peers `nodes` of one session's node heard of `acked` acknowledgements (every peer
+/// does), and one of them (replication factor 2) queues the session's `n` messages.
 async fn replicas_hold(c: &Cluster, nodes: &[usize], acked: u32, n: u32) -> anyhow::Result<()> {
     wait_until("replicas caught up", DEADLINE, || async {
-        nodes.iter().all(|i| {
-            c.node(*i).is_some_and(|node| {
-                let text = node.metrics_text();
-                metric(&text, "mqlb_session_replica_acks_total", &[]) >= f64::from(acked)
-                    && metric(&text, "mqlb_session_replica_messages", &[]) == f64::from(n)
+        let texts: Vec<String> = nodes
+            .iter()
+            .filter_map(|i| Some(c.node(*i)?.metrics_text()))
+            .collect();
+        let sum = |name| texts.iter().map(|t| metric(t, name, &[])).sum::<f64>();
+        texts.len() == nodes.len()
+            && texts.iter().all(|t| {
+                // the gauges refreshed since the meta came, so `queueing` is this session's
+                metric(t, "mqlb_session_replicas", &[]) >= 1.0
+                    && metric(t, "mqlb_session_replica_acks_total", &[]) >= f64::from(acked)
             })
-        })
+            && sum("mqlb_session_replica_messages") == f64::from(n)
+            && sum("mqlb_session_replicas_queueing") == 1.0
     })
     .await
     .map(|_| ())
+}
+
+fn queueing(c: &Cluster, i: usize) -> f64 {
+    c.node(i).map_or(-1.0, |n| {
+        metric(&n.metrics_text(), "mqlb_session_replicas_queueing", &[])
+    })
+}
+
+/// Replication factor 2: of the two peers of the session's node, one queues its messages
+/// (the other knows its subscriptions); that one dies, and the other queues from then on, so
+/// when the session's node dies too the client gets what was published since. Before the
+/// factor, every peer queued every message (the first wait fails).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_copies_a_holders_death_hands_its_sessions_to_the_next_node() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start(3).await?;
+    c.wait_meshed().await?;
+    let (mut sub, _) = open5(&c, 0, connect5_session("rf", false, Some(DAY))).await?;
+    sub.subscribe(1, vec![filter5("rf/t", QoS::AtLeastOnce)], None)
+        .await?;
+    drop(sub);
+    publish_range(&c, 1, "rf/t", 1, 10).await?;
+    replicas_hold(&c, &[1, 2], 0, 10).await?;
+    let (holder, other) = if queueing(&c, 1) == 1.0 {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
+    ensure!(queueing(&c, other) == 0.0, "both peers queue");
+    c.crash(holder);
+    wait_until("the next node queues", DEADLINE, || async {
+        queueing(&c, other) == 1.0
+    })
+    .await?;
+    publish_range(&c, other, "rf/t", 11, 20).await?;
+    wait_until("the next node holds what came since", DEADLINE, || async {
+        c.node(other).is_some_and(|n| {
+            metric(&n.metrics_text(), "mqlb_session_replica_messages", &[]) >= 10.0
+        })
+    })
+    .await?;
+    c.crash(0);
+    let (mut back, present) = open5(&c, other, connect5_session("rf", false, Some(DAY))).await?;
+    ensure!(present, "Session Present 0 after both deaths");
+    let want: BTreeSet<u32> = (11..=20).collect();
+    let got = drain(&mut back, &want).await?;
+    check(&got, &want)
 }
 
 fn check(got: &[u32], want: &BTreeSet<u32>) -> anyhow::Result<()> {

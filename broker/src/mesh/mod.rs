@@ -21,7 +21,7 @@ pub mod frame;
 pub mod reliable;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use mqlb_config::Secret;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -184,6 +184,12 @@ pub struct MeshSettings {
     /// Session replicas (issue 12): on, and the messages one replica holds at most.
     pub replicate_sessions: bool,
     pub replica_max_messages: usize,
+    /// Copies of a session's messages, the owner's among them (0: every node).
+    pub replication_factor: usize,
+    /// The address links to the peers leave from: the node's mesh listen address (when it
+    /// names one), so on a machine with several addresses a peer, a firewall or a partition
+    /// sees the node's own, not whichever the route picks.
+    pub source: Option<IpAddr>,
 }
 
 /// A live client connection of this node, by client ID (see [`Mesh::client_connected`]).
@@ -862,6 +868,38 @@ fn take_acks(
     }
 }
 
+/// A link whose peer vanished without a word (a partition, a host that lost power) is found
+/// dead by the kernel within about this long: keepalive probes every second on an idle link,
+/// and `TCP_USER_TIMEOUT` on data the peer does not acknowledge. Without it such a link stayed
+/// "up" for the kernel's retransmission timeout (about 15 minutes), and the wills, the session
+/// asks and the membership waited on it. (A paused peer's kernel still acknowledges: the PUBACK
+/// gate's bound and the session ask's timeout cover that case.)
+const LINK_DEAD_AFTER: Duration = Duration::from_secs(3);
+
+fn watch_liveness(s: &TcpStream) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(s);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(1))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(2);
+    s.set_tcp_keepalive(&probes)?;
+    s.set_tcp_user_timeout(Some(LINK_DEAD_AFTER))
+}
+
+/// A TCP connection to `to`, from `from` (any port) when given.
+async fn dial(to: SocketAddr, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect(to).await;
+    };
+    let s = if from.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.bind(SocketAddr::new(from, 0))?;
+    s.connect(to).await
+}
+
 /// Keeps the link to one peer up and drains its queue into it.
 async fn outbound(
     mesh: Arc<Mesh>,
@@ -903,10 +941,11 @@ async fn outbound(
     let mut groups = mesh.share.get().map(|s| s.advertised());
     loop {
         let attempt = async {
-            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr))
+            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, dial(peer.addr, settings.source))
                 .await
                 .map_err(|_| HandshakeError::Timeout(CONNECT_TIMEOUT))??;
             s.set_nodelay(true)?;
+            watch_liveness(&s)?;
             let mut buf = BytesMut::new();
             let id = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
@@ -1027,6 +1066,9 @@ pub(crate) async fn serve_inbound(
                 }
             },
         };
+        if let Err(e) = watch_liveness(&stream) {
+            tracing::debug!(error = %e, %addr, "mesh link without liveness checks");
+        }
         let (mesh, inject, secret, stop) = (
             mesh.clone(),
             inject.clone(),
