@@ -10,6 +10,7 @@
 //! its series vanishing half a second after it died.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant, SystemTime};
@@ -21,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
-use crate::Lb;
 
 /// A member that left the membership, as it was when it left.
 #[derive(Debug, Clone)]
@@ -167,9 +167,24 @@ fn up_members(view: &ClusterView) -> Vec<Backend> {
         .collect()
 }
 
+/// What following the membership changes in the LB. `Lb` implements it (lb.rs); a trait, so
+/// that this module, which the facade imports, does not import the facade back.
+pub(crate) trait Membership: Send + Sync + 'static {
+    type Error: std::fmt::Display;
+    /// Applies a new membership view.
+    fn apply_membership(
+        &self,
+        view: ClusterView,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Applies the last view again, so that the members whose `remove_after` passed go.
+    fn expire_departures(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// When a member that left is next due for removal.
+    fn next_departure(&self) -> impl Future<Output = Option<Instant>> + Send;
+}
+
 /// Follows the membership with long-polls and applies each change, until `stopping` fires
 /// (at once: a long-poll in flight is dropped, not waited for).
-pub(crate) async fn follow(lb: Lb, client: HaClient, stopping: CancellationToken) {
+pub(crate) async fn follow(lb: impl Membership, client: HaClient, stopping: CancellationToken) {
     let mut since = None;
     let mut failing = false;
     loop {

@@ -334,23 +334,6 @@ impl Lb {
         self.apply_change(Change::Config(Box::new(config))).await
     }
 
-    /// A new membership from the HA server: re-applies the configuration with it. Not a
-    /// reload (not counted as one); live connections are untouched as always.
-    pub(crate) async fn apply_membership(&self, view: ClusterView) -> Result<(), ReloadError> {
-        self.apply_change(Change::Membership(view)).await
-    }
-
-    /// Applies the last membership again, so the departed members whose `remove_after`
-    /// passed are removed.
-    pub(crate) async fn expire_departures(&self) -> Result<(), ReloadError> {
-        self.apply_change(Change::Expiry).await
-    }
-
-    /// When a departed member is next due for removal.
-    pub(crate) async fn next_departure(&self) -> Option<Instant> {
-        self.inner.control.lock().await.departures.next_expiry()
-    }
-
     /// The reload executor: every change of the running configuration goes through here, under
     /// the control lock from reading the base to the last probe restarted.
     async fn apply_change(&self, change: Change) -> Result<(), ReloadError> {
@@ -647,6 +630,29 @@ impl Lb {
         }
         self.inner.admin_stop.cancel();
         cut
+    }
+}
+
+/// What the membership follower (`discovery::follow`) asks of the LB, through the one reload
+/// executor.
+impl crate::discovery::Membership for Lb {
+    type Error = ReloadError;
+
+    /// A new membership from the HA server: re-applies the configuration with it. Not a
+    /// reload (not counted as one); live connections are untouched as always.
+    async fn apply_membership(&self, view: ClusterView) -> Result<(), ReloadError> {
+        self.apply_change(Change::Membership(view)).await
+    }
+
+    /// Applies the last membership again, so the departed members whose `remove_after`
+    /// passed are removed.
+    async fn expire_departures(&self) -> Result<(), ReloadError> {
+        self.apply_change(Change::Expiry).await
+    }
+
+    /// When a departed member is next due for removal.
+    async fn next_departure(&self) -> Option<Instant> {
+        self.inner.control.lock().await.departures.next_expiry()
     }
 }
 
