@@ -16,12 +16,15 @@
 //! - [`metrics`]: Prometheus samples ([`metric`]);
 //! - [`history`], [`persistent`]: the cluster checker's history check and its clients with
 //!   persistent sessions ([`Persistent`]);
-//! - [`topology`], [`up`]: whole topologies as `mqlb` processes ([`Topology`], [`Up`]).
+//! - [`topology`], [`up`]: whole topologies as `mqlb` processes ([`Topology`], [`Up`]);
+//! - [`hosts`]: simulated machines, each its own loopback address, with nftables partitions
+//!   between them ([`Hosts`]).
 
 pub mod client;
 pub mod cluster;
 pub mod ha;
 pub mod history;
+pub mod hosts;
 pub mod http;
 pub mod http_host;
 pub mod metrics;
@@ -44,6 +47,7 @@ pub use http::{
     backend_state, backend_states, connections, get_json, http, http_body, http_request,
     http_with_headers,
 };
+pub use hosts::{Host, Hosts};
 pub use metrics::metric;
 pub use mosquitto::{mosquitto_installed, mosquitto_pub, Mosquitto, MosquittoSub};
 pub use persistent::{Persistent, Protocol};
