@@ -18,7 +18,8 @@
 //!   persistent sessions ([`Persistent`]);
 //! - [`topology`], [`up`]: whole topologies as `mqlb` processes ([`Topology`], [`Up`]);
 //! - [`hosts`]: simulated machines, each its own loopback address, with nftables partitions
-//!   between them ([`Hosts`]).
+//!   between them ([`Hosts`]);
+//! - [`postgres`]: a PostgreSQL server of the test's own, in a scratch directory ([`Postgres`]).
 
 pub mod client;
 pub mod cluster;
@@ -30,6 +31,7 @@ pub mod http_host;
 pub mod metrics;
 pub mod mosquitto;
 pub mod persistent;
+pub mod postgres;
 pub mod ports;
 pub mod process;
 pub mod scratch;
@@ -51,6 +53,7 @@ pub use hosts::{Host, Hosts};
 pub use metrics::metric;
 pub use mosquitto::{mosquitto_installed, mosquitto_pub, Mosquitto, MosquittoSub};
 pub use persistent::{Persistent, Protocol};
+pub use postgres::Postgres;
 pub use ports::{discard_server, free_port, loopback, serve_threads};
 pub use process::{mqlb_bin, mqlb_release_bin, KillOnDrop};
 pub use scratch::TempDir;
