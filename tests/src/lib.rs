@@ -31,8 +31,8 @@ pub mod http_host;
 pub mod metrics;
 pub mod mosquitto;
 pub mod persistent;
-pub mod postgres;
 pub mod ports;
+pub mod postgres;
 pub mod process;
 pub mod scratch;
 pub mod topology;
@@ -45,16 +45,16 @@ pub use ha::{
     fast_ha_timing, ha_auth_headers, ha_get_json, ha_options, ha_request, start_haserver,
     start_haserver_at, unix_ms,
 };
+pub use hosts::{Host, Hosts};
 pub use http::{
     backend_state, backend_states, connections, get_json, http, http_body, http_request,
     http_with_headers,
 };
-pub use hosts::{Host, Hosts};
 pub use metrics::metric;
 pub use mosquitto::{mosquitto_installed, mosquitto_pub, Mosquitto, MosquittoSub};
 pub use persistent::{Persistent, Protocol};
-pub use postgres::Postgres;
 pub use ports::{discard_server, free_port, loopback, serve_threads};
+pub use postgres::Postgres;
 pub use process::{mqlb_bin, mqlb_release_bin, KillOnDrop};
 pub use scratch::TempDir;
 pub use topology::{Topology, TopologyFile};

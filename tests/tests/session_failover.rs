@@ -400,3 +400,77 @@ async fn the_wills_of_a_dead_nodes_clients_are_published_once() -> anyhow::Resul
     }
     Ok(())
 }
+
+/// A broker cut off from its peers (nftables between simulated hosts, `Hosts`), its client
+/// moving to another broker as the LB would send it, then the cut healed: the client's session
+/// moves with it (Session Present 1, every message published meanwhile), the old connection
+/// is closed once the brokers see each other again (one live session per client ID), and
+/// what was published on the far side during the cut reaches the cut-off broker afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_broker_keeps_one_live_session_and_loses_nothing() -> anyhow::Result<()> {
+    let hosts = mqlb_tests::Hosts::new(3)?;
+    let ips: Vec<std::net::IpAddr> = hosts.iter().map(|h| h.ip.into()).collect();
+    let c = Cluster::start_on(&ips).await?;
+    let (mut old, _) = open5(&c, 0, connect5_session("pt", false, Some(DAY))).await?;
+    old.subscribe(1, vec![filter5("pt/t", QoS::AtLeastOnce)], None)
+        .await?;
+    let (mut far, _) = open5(&c, 2, connect5_session("pt-far", false, Some(DAY))).await?;
+    far.subscribe(1, vec![filter5("pt/t", QoS::AtLeastOnce)], None)
+        .await?;
+    publish_range(&c, 1, "pt/t", 1, 5).await?;
+    let first: BTreeSet<u32> = (1..=5).collect();
+    check(&drain(&mut old, &first).await?, &first)?;
+    check(&drain(&mut far, &first).await?, &first)?;
+    replicas_hold(&c, &[1, 2], 5, 0).await?;
+
+    hosts.isolate(hosts.host(0))?;
+    wait_until("the peers see node 0 cut off", DEADLINE, || async {
+        [1, 2].iter().all(|i| {
+            c.node(*i).is_some_and(|n| {
+                n.links()
+                    .iter()
+                    .any(|(peer, up)| peer.as_str() == "n1" && !up)
+            })
+        })
+    })
+    .await?;
+    publish_range(&c, 1, "pt/t", 6, 15).await?;
+    // the client comes back on node 1 (its broker is unreachable for the LB too): node 0
+    // cannot be asked, so the replicas are restored
+    let (mut moved, present) = open5(&c, 1, connect5_session("pt", false, Some(DAY))).await?;
+    ensure!(present, "Session Present 0 across the partition");
+    let meanwhile: BTreeSet<u32> = (6..=15).collect();
+    check(&drain(&mut moved, &meanwhile).await?, &meanwhile)?;
+
+    hosts.heal_all()?;
+    c.wait_meshed().await?;
+    // the newer connection stays: node 0 closes the old one (0x8E, or just the socket)
+    let start = std::time::Instant::now();
+    loop {
+        ensure!(
+            start.elapsed() < DEADLINE,
+            "node 0 kept the old connection live"
+        );
+        match old.next(Duration::from_millis(500)).await? {
+            Ok(v5::Packet::Disconnect(d)) => {
+                ensure!(
+                    d.reason_code == v5::DisconnectReasonCode::SessionTakenOver,
+                    "{d:?}"
+                );
+                break;
+            }
+            Err(Ended::Closed) => break,
+            Ok(v5::Packet::Publish(p)) if p.pkid != 0 => {
+                old.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+                    .await?;
+            }
+            Ok(_) | Err(Ended::Silent) => {}
+        }
+    }
+    // one live session: what comes now reaches the moved one, and the far side got all
+    publish_range(&c, 2, "pt/t", 16, 20).await?;
+    let last: BTreeSet<u32> = (16..=20).collect();
+    check(&drain(&mut moved, &last).await?, &last)?;
+    let all: BTreeSet<u32> = (6..=20).collect();
+    check(&drain(&mut far, &all).await?, &all)
+}
