@@ -408,7 +408,9 @@ async fn a_last_will_reaches_subscribers_on_every_node() -> anyhow::Result<()> {
 }
 
 /// A peer that completes the handshake and then never reads: the node keeps serving its own
-/// clients at full speed, and what the peer cannot take is dropped and counted.
+/// clients at full speed, and what the peer cannot take is dropped and counted. The link to it
+/// is cut after about 3 s without progress (the mesh's `TCP_USER_TIMEOUT`, which also finds a
+/// partition) and dialed again, no faster than that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_peer_cannot_stall_the_node() -> anyhow::Result<()> {
     use bytes::BytesMut;
@@ -479,6 +481,7 @@ async fn a_stalled_peer_cannot_stall_the_node() -> anyhow::Result<()> {
     let sub = Client::connect(node.mqtt, "local-sub").await?;
     sub.subscribe("bulk", QoS::AtLeastOnce).await?;
     let p = Client::connect(node.mqtt, "local-pub").await?;
+    let started = std::time::Instant::now();
     let body = vec![b'x'; 4096];
     let n = 3000;
     for i in 0..n {
@@ -503,7 +506,13 @@ async fn a_stalled_peer_cannot_stall_the_node() -> anyhow::Result<()> {
         dropped > 0.0,
         "the stalled peer's queue must overflow and be counted"
     );
-    assert_eq!(held.lock().await.len(), 1);
+    let links = held.lock().await.len();
+    let bound = 2 + usize::try_from(started.elapsed().as_secs() / 3).unwrap_or(usize::MAX);
+    assert!(
+        (1..=bound).contains(&links),
+        "{links} links to the stalled peer in {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
