@@ -424,6 +424,16 @@ impl Replicas {
         idle.len()
     }
 
+    /// The replica of `client_id` queues from now on, ranked or not (its client is about to
+    /// be restored here, or its owner died): `true` if it was dormant.
+    pub fn activate(&mut self, client_id: &str) -> bool {
+        if self.by_client.get(client_id).is_none_or(|r| r.active) {
+            return false;
+        }
+        self.index(client_id);
+        true
+    }
+
     /// Replicas that queue messages here (the others are dormant).
     pub fn active(&self) -> usize {
         self.by_client.values().filter(|r| r.active).count()
@@ -1474,6 +1484,22 @@ mod tests {
         assert_eq!(
             payloads(&r.session("c", 0, usize::MAX).expect("held")),
             ["m3"]
+        );
+    }
+
+    /// A dormant replica activated (its client is about to be restored here) queues at once
+    /// and is kept by demote() only while it holds something.
+    #[test]
+    fn an_activated_replica_queues_at_once() {
+        let mut r = Replicas::new(100, 100);
+        r.meta("b1", meta("c", vec![sub("t", 1)], false), 0, false);
+        assert!(!r.activate("nobody"));
+        assert!(r.activate("c"));
+        assert!(!r.activate("c"), "once");
+        r.record(tag(1), &msg("t", 1, tag(1)), 0, |_, _| true);
+        assert_eq!(
+            payloads(&r.session("c", 0, usize::MAX).expect("held")),
+            ["m1"]
         );
     }
 

@@ -347,15 +347,30 @@ impl Replication {
 
     /// This node queues the messages of `owner`'s session `client_id`.
     fn ranked(&self, owner: &str, client_id: &str) -> bool {
+        match self.mesh.upgrade() {
+            Some(mesh) => self.ranks(owner, client_id, &mesh.id),
+            None => true,
+        }
+    }
+
+    /// Node `node` ranks among those that queue the messages of `owner`'s session
+    /// `client_id` (on this node's view of the nodes up).
+    fn ranks(&self, owner: &str, client_id: &str, node: &str) -> bool {
         if self.copies == usize::MAX {
             return true;
         }
-        let Some(mesh) = self.mesh.upgrade() else {
-            return true;
-        };
         let live = lock(&self.live);
         let live: Vec<&str> = live.iter().map(String::as_str).collect();
-        replica::ranked(client_id, owner, &mesh.id, &live, self.copies)
+        replica::ranked(client_id, owner, node, &live, self.copies)
+    }
+
+    /// A client with Clean Start 0 connects here: a dormant replica of its session queues
+    /// from now on, before the peers are asked for their copies, so a message that reaches a
+    /// holder after it sent its copy is in this node's.
+    pub(crate) fn prepare(&self, client_id: &str) {
+        if !lock(&self.book).owns(client_id) {
+            lock(&self.held).activate(client_id);
+        }
     }
 
     /// The nodes seen up changed since the last look: the replicas are ranked again.
@@ -381,8 +396,10 @@ impl Replication {
         }
         let live: Vec<&str> = live.iter().map(String::as_str).collect();
         let now = self.now_ms();
+        // While an owner is down every node queues its sessions, until each is restored
+        // somewhere: what is published meanwhile is wherever its client comes back.
         let started = lock(&self.held).rerank(now, |owner, client| {
-            replica::ranked(client, owner, &mesh.id, &live, self.copies)
+            !live.contains(&owner) || replica::ranked(client, owner, &mesh.id, &live, self.copies)
         });
         if started > 0 {
             tracing::info!(
@@ -413,6 +430,20 @@ impl Replication {
     pub(crate) fn ended(&self, client_id: &str) {
         lock(&self.held).remove(client_id);
         self.left(client_id);
+    }
+
+    /// This node does not rank among those that queue `client_id`'s messages (its replica was
+    /// dormant until [`Replication::prepare`]) and one of `peers`, which have not answered
+    /// yet, does.
+    pub(crate) fn awaits_copy(&self, client_id: &str, peers: &[String]) -> bool {
+        let Some(mesh) = self.mesh.upgrade() else {
+            return false;
+        };
+        let Some(owner) = lock(&self.held).owner(client_id).map(str::to_owned) else {
+            return false;
+        };
+        !self.ranks(&owner, client_id, &mesh.id)
+            && peers.iter().any(|p| self.ranks(&owner, client_id, p))
     }
 
     /// This node's replica of `client_id`, for peer `asking` (kept here); none for the

@@ -42,6 +42,9 @@ use crate::replication::Replication;
 /// How long a CONNECT with Clean Start 0 waits for the peers' answers before it goes on with
 /// the session this node has (or a new one).
 pub(crate) const ASK_TIMEOUT: Duration = Duration::from_millis(300);
+/// How much longer a node whose replica of the session is dormant waits for a peer that queues
+/// its messages (see [`crate::replica::ranked`]).
+const HOLDER_TIMEOUT: Duration = Duration::from_secs(2);
 /// CONNECTs waiting for answers at once; beyond it a CONNECT does not ask (counted: `busy`).
 const MAX_ASKING: usize = 10_000;
 /// Time allowed for this node's router to take a session out.
@@ -210,8 +213,9 @@ impl Sessions {
             drop(mesh);
             return self.restore(client_id, Vec::new()).await;
         }
+        self.replication.prepare(&client_id);
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (done, rx) = oneshot::channel();
+        let (done, mut rx) = oneshot::channel();
         {
             let mut asking = self.asking();
             if asking.len() >= MAX_ASKING {
@@ -241,7 +245,18 @@ impl Sessions {
             }
         }
         drop(mesh);
-        if tokio::time::timeout(ASK_TIMEOUT, rx).await.is_err() {
+        let late = tokio::time::timeout(ASK_TIMEOUT, &mut rx).await.is_err();
+        // This node's replica of the session is dormant (the meta alone) and a peer that queues
+        // its messages has not answered (a reconnect storm): its copy is worth waiting for, as
+        // without it what it queued is lost.
+        let waiting: Vec<String> = match self.asking().get(&request) {
+            Some(a) if late => a.peers.iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        if late
+            && !(self.replication.awaits_copy(&client_id, &waiting)
+                && tokio::time::timeout(HOLDER_TIMEOUT, &mut rx).await.is_ok())
+        {
             self.metrics.requests.with_label_values(&["timeout"]).inc();
             tracing::warn!(
                 client_id,
