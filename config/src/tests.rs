@@ -71,15 +71,15 @@ fn session_replication_is_on_by_default_and_can_be_turned_off() {
 }
 
 #[test]
-fn the_replication_factor_is_two_by_default_and_never_zero() {
+fn the_replication_factor_is_three_by_default_and_never_zero() {
     let c = Config::parse(MINIMAL, "t.toml").expect("valid");
-    assert_eq!(c.cluster.replication_factor.get(), 2);
+    assert_eq!(c.cluster.replication_factor.get(), 3);
     let c = Config::parse(
-        &format!("[cluster]\nreplication_factor = 3\n{MINIMAL}"),
+        &format!("[cluster]\nreplication_factor = 2\n{MINIMAL}"),
         "t.toml",
     )
     .expect("valid");
-    assert_eq!(c.cluster.replication_factor.get(), 3);
+    assert_eq!(c.cluster.replication_factor.get(), 2);
     let p = problems(&format!("[cluster]\nreplication_factor = 0\n{MINIMAL}"));
     assert_eq!(p[0].key, "cluster.replication_factor", "{p:?}");
 }

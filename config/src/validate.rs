@@ -707,9 +707,10 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
 
 pub const DEFAULT_PEER_QUEUE: u32 = 10_000;
 pub const DEFAULT_REPLICA_MAX_MESSAGES: u32 = 100_000;
-/// Copies of a persistent session's messages (the owner's and one more): one broker's death
-/// loses none.
-pub const DEFAULT_REPLICATION_FACTOR: u32 = 2;
+/// Copies of a persistent session's messages, the owner's among them: in a cluster of up to
+/// three brokers every broker, so even two deaths at once lose none; 2 halves the memory and
+/// covers one death at a time.
+pub const DEFAULT_REPLICATION_FACTOR: u32 = 3;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 pub const DEFAULT_MAX_PAYLOAD: u32 = 256 * 1024;
 pub const DEFAULT_MAX_INFLIGHT: u32 = 100;

@@ -1,5 +1,5 @@
 //! A persistent session outlives its broker (issue 12): every peer knows its subscriptions,
-//! and one more node than its own (the replication factor 2, the default) queues each QoS 1/2
+//! and one more node than its own (replication factor 2, as the harness's `Cluster` sets it) queues each QoS 1/2
 //! message for it its client has not acknowledged, so when its node dies the client reconnects
 //! on another node with Clean Start 0 and gets Session Present 1, its subscriptions live
 //! without a SUBSCRIBE, and every message it had not acknowledged: in flight on the dead node,
