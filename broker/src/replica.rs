@@ -1487,8 +1487,8 @@ mod tests {
         );
     }
 
-    /// A dormant replica activated (its client is about to be restored here) queues at once
-    /// and is kept by demote() only while it holds something.
+    /// A dormant replica activated (its client is about to be restored here) queues at once,
+    /// once.
     #[test]
     fn an_activated_replica_queues_at_once() {
         let mut r = Replicas::new(100, 100);
