@@ -41,7 +41,7 @@ impl Default for AuthSettings {
         AuthSettings {
             password_file: None,
             acl_file: None,
-            allow_anonymous: true,
+            allow_anonymous: crate::defaults::DEFAULT_ALLOW_ANONYMOUS_WITHOUT_CONFIG,
         }
     }
 }
@@ -68,9 +68,9 @@ pub(crate) fn validate(
     let password_file = file("auth.password_file", &raw.password_file);
     let acl_file = file("auth.acl_file", &raw.acl_file);
     let exposed = binds.iter().find(|(_, a)| !a.ip().is_loopback());
-    // The quick start (everything on loopback) works without a password file; anything
-    // reachable from elsewhere needs `allow_anonymous = true` said out loud.
-    let allow_anonymous = raw.allow_anonymous.unwrap_or(exposed.is_none());
+    let allow_anonymous = raw
+        .allow_anonymous
+        .unwrap_or(crate::defaults::default_allow_anonymous(exposed.is_none()));
     if let (true, Some((key, addr))) = (allow_anonymous, exposed) {
         warnings.push(Problem {
             key: "auth.allow_anonymous".into(),

@@ -7,6 +7,7 @@
 //! types (`SocketAddr`, `Duration`, `NonZeroU32`), so no component re-checks or panics later.
 
 mod auth;
+pub mod defaults;
 mod duration;
 mod model;
 mod raw;
@@ -16,14 +17,12 @@ mod validate;
 use std::path::{Path, PathBuf};
 
 pub use auth::AuthSettings;
+pub use defaults::{
+    DEFAULT_ADMIN, DEFAULT_CONFIG_TOML, DEFAULT_IDLE_TIMEOUT, DEFAULT_PROBE_INTERVAL,
+    DEFAULT_PROBE_PORT, EXAMPLE_SECRET,
+};
 pub use duration::{format_duration, parse_duration};
 pub use model::*;
-pub use validate::{
-    DEFAULT_ADMIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_PORT, EXAMPLE_SECRET,
-};
-
-/// The built-in default: a loopback cluster (LB on 1883, admin on 9883, three brokers).
-pub const DEFAULT_CONFIG_TOML: &str = include_str!("../examples/mqlb.toml");
 
 /// Why a configuration could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]

@@ -305,12 +305,9 @@ pub struct TcpKeepalive {
 }
 
 impl Default for TcpKeepalive {
+    /// A rule's keepalive when it sets none of the `tcp_keepalive_*` keys.
     fn default() -> Self {
-        TcpKeepalive {
-            time: Duration::from_secs(60),
-            interval: Duration::from_secs(10),
-            count: None,
-        }
+        crate::defaults::DEFAULT_TCP_KEEPALIVE
     }
 }
 

@@ -5,37 +5,16 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use crate::defaults::*;
 use crate::duration::{format_duration, parse_duration};
 use crate::model::*;
 use crate::raw::*;
 
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9883";
-pub const DEFAULT_PROBE_PORT: u16 = 8883;
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
-pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(240);
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-pub const DEFAULT_INSPECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_INSPECT_MAX_BYTES: u32 = 4096;
-pub const MAX_INSPECT_MAX_BYTES: u32 = 1 << 20;
-pub const DEFAULT_MQTT_KEEP_ALIVE: Duration = Duration::from_secs(60);
-pub const DEFAULT_BACKLOG: u32 = 1024;
-/// Connects in flight per backend: a quarter of a broker's default listen backlog, so a burst
-/// through the LB never overflows it.
-pub const DEFAULT_MAX_PENDING: u32 = 256;
-pub const DEFAULT_MAX_QUEUE: u32 = 10_000;
-pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
-/// A member that left a discovery pool stays listed (down) this long: long enough for an
-/// alert's `for:` and a person to look, short enough that autoscaled pools do not pile up.
-pub const DEFAULT_REMOVE_AFTER: Duration = Duration::from_secs(600);
-/// More data threads than this is a typo, not a machine.
-pub const MAX_DATA_THREADS: u32 = 1024;
-
-/// The longest duration any key takes: timers built from longer ones would overflow clock
-/// arithmetic (`Instant + interval`) in the tasks that use them.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Stands in for a required address that did not parse (reported), so validation goes on.
+const UNPARSED_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    0,
+));
 
 /// Collects problems while converting; each helper records and returns a fallback value so
 /// validation continues past the first error.
@@ -85,7 +64,10 @@ impl Checker {
                 default
             }
             Ok(d) if d > MAX_DURATION => {
-                self.error(key, "must be at most 8760h (a year)");
+                self.error(
+                    key,
+                    format!("must be at most {} (a year)", format_duration(MAX_DURATION)),
+                );
                 default
             }
             Ok(d) => d,
@@ -130,28 +112,36 @@ impl Checker {
         }
     }
 
-    fn non_zero(&mut self, key: &str, value: Option<u32>, default: u32) -> NonZeroU32 {
-        let fallback = NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN);
+    /// A count of at least 1, or `default` when the key is absent.
+    fn non_zero(&mut self, key: &str, value: Option<u32>, default: NonZeroU32) -> NonZeroU32 {
         match value {
-            None => fallback,
+            None => default,
             Some(v) => NonZeroU32::new(v).unwrap_or_else(|| {
                 self.error(key, "must be at least 1");
-                fallback
+                default
             }),
         }
+    }
+
+    /// A count of at least 1 for a key whose absence means "no limit": a zero is reported and
+    /// 1 stands in for it so validation goes on.
+    fn positive(&mut self, key: &str, value: u32) -> NonZeroU32 {
+        self.non_zero(key, Some(value), NonZeroU32::MIN)
     }
 
     fn name(&mut self, key: &str, name: &str, seen: &mut HashSet<String>, what: &str) {
         if name.is_empty() {
             self.error(key, format!("{what} name must not be empty"));
-        } else if name.len() > 64
+        } else if name.len() > MAX_NAME_LEN
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             self.error(
                 key,
-                format!("{what} name {name:?} must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+                format!(
+                    "{what} name {name:?} must be 1-{MAX_NAME_LEN} characters of A-Z a-z 0-9 - _ ."
+                ),
             );
         } else if !seen.insert(name.to_string()) {
             self.error(key, format!("duplicate {what} name {name:?}"));
@@ -159,14 +149,9 @@ impl Checker {
     }
 }
 
-/// The kernel's bounds: TCP_KEEPIDLE and TCP_KEEPINTVL take 1 to 32767 seconds, TCP_KEEPCNT
-/// 1 to 127 (Linux); beyond, setsockopt fails on every connection.
-const MAX_KEEPALIVE_SECS: u64 = 32_767;
-const MAX_KEEPALIVE_COUNT: u32 = 127;
-
 /// A rule's `tcp_keepalive_*` keys (`k` is the rule's key path).
 fn tcp_keepalive(c: &mut Checker, k: &str, r: &RawRule) -> TcpKeepalive {
-    let default = TcpKeepalive::default();
+    let default = DEFAULT_TCP_KEEPALIVE;
     let mut secs = |key: &str, text: Option<&str>, fallback: Duration| {
         let key = format!("{k}.{key}");
         let d = c.duration(&key, text, fallback);
@@ -219,13 +204,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
     let lb = LbSettings {
         admin: c
             .addr("lb.admin", raw.lb.admin.as_deref().unwrap_or(DEFAULT_ADMIN))
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9883))),
+            .unwrap_or(DEFAULT_ADMIN_ADDR),
         shutdown_grace: c.duration(
             "lb.shutdown_grace",
             raw.lb.shutdown_grace.as_deref(),
             DEFAULT_SHUTDOWN_GRACE,
         ),
-        watch_config: raw.lb.watch_config.unwrap_or(true),
+        watch_config: raw.lb.watch_config.unwrap_or(DEFAULT_WATCH_CONFIG),
         watch_interval: c.duration(
             "lb.watch_interval",
             raw.lb.watch_interval.as_deref(),
@@ -234,12 +219,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
         data_threads: raw
             .lb
             .data_threads
-            .map(|n| c.non_zero("lb.data_threads", Some(n), 1)),
+            .map(|n| c.positive("lb.data_threads", n)),
         admin_token: c.token_file("lb.admin_token_file", raw.lb.admin_token_file.as_deref()),
         max_connections: raw
             .lb
             .max_connections
-            .map(|n| c.non_zero("lb.max_connections", Some(n), 1)),
+            .map(|n| c.positive("lb.max_connections", n)),
         state_file: raw.lb.state_file.as_deref().and_then(|p| {
             if p.trim().is_empty() {
                 c.error(
@@ -295,9 +280,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             let bk = format!("{k}.backend[{j}]");
             c.name(&format!("{bk}.id"), &b.id, &mut ids, "backend");
             let addr = c.addr(&format!("{bk}.addr"), &b.addr);
-            let weight = c.non_zero(&format!("{bk}.weight"), b.weight, 1);
-            if weight.get() > 10_000 {
-                c.error(format!("{bk}.weight"), "must be at most 10000");
+            let weight = c.non_zero(&format!("{bk}.weight"), b.weight, DEFAULT_WEIGHT);
+            if weight.get() > MAX_WEIGHT {
+                c.error(
+                    format!("{bk}.weight"),
+                    format!("must be at most {MAX_WEIGHT}"),
+                );
             }
             let mqtt_ports = match &b.mqtt_ports {
                 None => MqttPorts::default(),
@@ -322,7 +310,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                     id: b.id.clone(),
                     addr,
                     weight,
-                    drain: b.drain.unwrap_or(false),
+                    drain: b.drain.unwrap_or(DEFAULT_DRAIN),
                     mqtt_ports,
                 });
             }
@@ -339,6 +327,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 p.queue_timeout.as_deref(),
                 DEFAULT_QUEUE_TIMEOUT,
             ),
+            // Absent: none. ZERO stands in for a value that was refused (reported).
             slow_start: p
                 .slow_start
                 .as_deref()
@@ -349,11 +338,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
         // Sent in a DISCONNECT's UTF-8 string property: no NUL or other control characters
         // (MQTT-1.5.4-2), and short enough for a small packet.
         let server_reference = p.server_reference.clone().filter(|r| {
-            let ok = !r.is_empty() && r.len() <= 1024 && !r.chars().any(char::is_control);
+            let ok = !r.is_empty()
+                && r.len() <= MAX_SERVER_REFERENCE_LEN
+                && !r.chars().any(char::is_control);
             if !ok {
                 c.error(
                     format!("{k}.server_reference"),
-                    "must be 1-1024 characters without control characters",
+                    format!("must be 1-{MAX_SERVER_REFERENCE_LEN} characters without control characters"),
                 );
             }
             ok
@@ -397,21 +388,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             if f.source_burst.is_some() && f.source_rate.is_none() {
                 c.error(format!("{k}.source_burst"), "needs source_rate");
             }
-            let mut positive = |key: &str, v: Option<u32>| {
-                v.map(|n| c.non_zero(&format!("{k}.{key}"), Some(n), 1))
-            };
+            let mut positive =
+                |key: &str, v: Option<u32>| v.map(|n| c.positive(&format!("{k}.{key}"), n));
             let limits = FrontendLimits {
                 max_connections: positive("max_connections", f.max_connections),
                 max_connections_per_source: positive(
                     "max_connections_per_source",
                     f.max_connections_per_source,
                 ),
-                source_rate: positive("source_rate", f.source_rate).map(|per_second| {
-                    SourceRate {
-                        per_second,
-                        // A burst of one second's worth unless said otherwise.
-                        burst: positive("source_burst", f.source_burst).unwrap_or(per_second),
-                    }
+                source_rate: positive("source_rate", f.source_rate).map(|per_second| SourceRate {
+                    per_second,
+                    burst: positive("source_burst", f.source_burst)
+                        .unwrap_or(default_source_burst(per_second)),
                 }),
             };
             frontends.push(Frontend {
@@ -450,7 +438,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             );
         }
         let distribution = match r.distribution.as_deref() {
-            None => Distribution::FiveTuple,
+            None => DEFAULT_DISTRIBUTION,
             Some(s) => Distribution::parse(s).unwrap_or_else(|| {
                 c.error(
                     format!("{k}.distribution"),
@@ -459,7 +447,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                         Distribution::NAMES.join(", ")
                     ),
                 );
-                Distribution::FiveTuple
+                DEFAULT_DISTRIBUTION
             }),
         };
         let fallback = match r.fallback.as_deref() {
@@ -485,10 +473,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             }
         };
         let inspect_max_bytes = r.inspect_max_bytes.unwrap_or(DEFAULT_INSPECT_MAX_BYTES);
-        if !(16..=MAX_INSPECT_MAX_BYTES).contains(&inspect_max_bytes) {
+        if !(MIN_INSPECT_MAX_BYTES..=MAX_INSPECT_MAX_BYTES).contains(&inspect_max_bytes) {
             c.error(
                 format!("{k}.inspect_max_bytes"),
-                format!("must be between 16 and {MAX_INSPECT_MAX_BYTES}"),
+                format!("must be between {MIN_INSPECT_MAX_BYTES} and {MAX_INSPECT_MAX_BYTES}"),
             );
         }
         let rule = Rule {
@@ -501,7 +489,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
                 r.idle_timeout.as_deref(),
                 DEFAULT_IDLE_TIMEOUT,
             ),
-            reset_on_idle: r.reset_on_idle.unwrap_or(false),
+            reset_on_idle: r.reset_on_idle.unwrap_or(DEFAULT_RESET_ON_IDLE),
             connect_timeout: c.duration(
                 &format!("{k}.connect_timeout"),
                 r.connect_timeout.as_deref(),
@@ -510,7 +498,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             max_connect_attempts: c.non_zero(
                 &format!("{k}.max_connect_attempts"),
                 r.max_connect_attempts,
-                3,
+                DEFAULT_MAX_CONNECT_ATTEMPTS,
             ),
             inspect_timeout: c.duration(
                 &format!("{k}.inspect_timeout"),
@@ -520,7 +508,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
             inspect_max_bytes,
             fallback,
             non_mqtt,
-            close_on_backend_down: r.close_on_backend_down.unwrap_or(false),
+            close_on_backend_down: r
+                .close_on_backend_down
+                .unwrap_or(DEFAULT_CLOSE_ON_BACKEND_DOWN),
             mqtt_keep_alive: c.duration(
                 &format!("{k}.mqtt_keep_alive"),
                 r.mqtt_keep_alive.as_deref(),
@@ -622,22 +612,22 @@ fn pool_remove_after(c: &mut Checker, k: &str, p: &RawPool) -> Duration {
 
 fn default_probe() -> Probe {
     Probe {
-        name: "default".into(),
+        name: DEFAULT_PROBE_NAME.into(),
         protocol: ProbeProtocol::Tcp,
         port: ProbePort::Fixed(DEFAULT_PROBE_PORT),
         interval: DEFAULT_PROBE_INTERVAL,
-        timeout: DEFAULT_PROBE_TIMEOUT,
-        up_threshold: NonZeroU32::MIN,
-        down_threshold: NonZeroU32::MIN,
+        timeout: default_probe_timeout(DEFAULT_PROBE_INTERVAL),
+        up_threshold: DEFAULT_THRESHOLD,
+        down_threshold: DEFAULT_THRESHOLD,
     }
 }
 
 fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
-    let protocol = match p.protocol.as_deref().unwrap_or("tcp") {
+    let protocol = match p.protocol.as_deref().unwrap_or(DEFAULT_PROBE_PROTOCOL) {
         "tcp" => ProbeProtocol::Tcp,
         "mqtt" => ProbeProtocol::Mqtt,
         "http" => {
-            let path = p.path.clone().unwrap_or_else(|| "/".into());
+            let path = p.path.clone().unwrap_or_else(|| DEFAULT_PROBE_PATH.into());
             if !path.starts_with('/')
                 || path.chars().any(|ch| ch.is_whitespace() || ch.is_control())
             {
@@ -682,7 +672,7 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
     let timeout = c.duration(
         &format!("{k}.timeout"),
         p.timeout.as_deref(),
-        DEFAULT_PROBE_TIMEOUT.min(interval),
+        default_probe_timeout(interval),
     );
     if timeout > interval {
         c.error(format!("{k}.timeout"), "must not exceed interval");
@@ -700,26 +690,18 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
         port,
         interval,
         timeout,
-        up_threshold: c.non_zero(&format!("{k}.up_threshold"), p.up_threshold.or(both), 1),
-        down_threshold: c.non_zero(&format!("{k}.down_threshold"), p.down_threshold.or(both), 1),
+        up_threshold: c.non_zero(
+            &format!("{k}.up_threshold"),
+            p.up_threshold.or(both),
+            DEFAULT_THRESHOLD,
+        ),
+        down_threshold: c.non_zero(
+            &format!("{k}.down_threshold"),
+            p.down_threshold.or(both),
+            DEFAULT_THRESHOLD,
+        ),
     }
 }
-
-pub const DEFAULT_PEER_QUEUE: u32 = 10_000;
-pub const DEFAULT_REPLICA_MAX_MESSAGES: u32 = 100_000;
-/// Copies of a persistent session's messages, the owner's among them: in a cluster of up to
-/// three brokers every broker, so even two deaths at once lose none; 2 halves the memory and
-/// covers one death at a time.
-pub const DEFAULT_REPLICATION_FACTOR: u32 = 3;
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
-pub const DEFAULT_MAX_PAYLOAD: u32 = 256 * 1024;
-pub const DEFAULT_MAX_INFLIGHT: u32 = 100;
-/// The largest payload MQTT can carry (remaining length is at most 256 MiB).
-pub const MAX_PAYLOAD: u32 = 268_435_455;
-pub const MIN_SECRET_LEN: usize = 16;
-/// The secret of the shipped example (`mqlb up`'s default): fine on loopback, refused as soon
-/// as a bind that takes it (or an admin endpoint) is reachable from elsewhere.
-pub const EXAMPLE_SECRET: &str = "mqlb-dev-secret-change-me";
 
 /// Issue 13: control endpoints reachable from the network must have a lock. A non-loopback
 /// `lb.admin` or broker `http` needs its token file, and the example secret is refused once a
@@ -803,12 +785,12 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
     let reconnect_min = c.duration(
         "cluster.reconnect_min",
         rc.reconnect_min.as_deref(),
-        Duration::from_millis(100),
+        DEFAULT_RECONNECT_MIN,
     );
     let reconnect_max = c.duration(
         "cluster.reconnect_max",
         rc.reconnect_max.as_deref(),
-        Duration::from_secs(5),
+        DEFAULT_RECONNECT_MAX,
     );
     if reconnect_max < reconnect_min {
         c.error("cluster.reconnect_max", "must not be below reconnect_min");
@@ -816,7 +798,7 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
     let cluster = ClusterSettings {
         secret,
         peer_queue: c.non_zero("cluster.peer_queue", rc.peer_queue, DEFAULT_PEER_QUEUE),
-        replicate_sessions: rc.replicate_sessions.unwrap_or(true),
+        replicate_sessions: rc.replicate_sessions.unwrap_or(DEFAULT_REPLICATE_SESSIONS),
         replica_max_messages: c.non_zero(
             "cluster.replica_max_messages",
             rc.replica_max_messages,
@@ -869,7 +851,7 @@ fn validate_cluster(c: &mut Checker, raw: &RawConfig) -> (ClusterSettings, Vec<B
         }
         brokers.push(BrokerNode {
             id: b.id.clone(),
-            mqtt: mqtt.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            mqtt: mqtt.unwrap_or(UNPARSED_ADDR),
             mqtt_v5,
             mesh,
             http,
@@ -912,19 +894,19 @@ fn validate_ha(c: &mut Checker, raw: &RawConfig) -> HaSettings {
     let heartbeat_interval = c.duration(
         "ha.heartbeat_interval",
         r.heartbeat_interval.as_deref(),
-        Duration::from_secs(1),
+        DEFAULT_HEARTBEAT_INTERVAL,
     );
     let member_timeout = c.duration(
         "ha.member_timeout",
         r.member_timeout.as_deref(),
-        Duration::from_secs(3),
+        DEFAULT_MEMBER_TIMEOUT,
     );
     let remove_after = c.duration(
         "ha.remove_after",
         r.remove_after.as_deref(),
-        Duration::from_secs(60),
+        DEFAULT_HA_REMOVE_AFTER,
     );
-    let lease = c.duration("ha.lease", r.lease.as_deref(), Duration::from_secs(3));
+    let lease = c.duration("ha.lease", r.lease.as_deref(), DEFAULT_LEASE);
     if member_timeout <= heartbeat_interval {
         c.error(
             "ha.member_timeout",
@@ -945,8 +927,8 @@ fn validate_ha(c: &mut Checker, raw: &RawConfig) -> HaSettings {
         let listen = c.addr(&format!("{k}.listen"), &h.listen);
         servers.push(HaServer {
             id: h.id.clone(),
-            listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-            db: std::path::PathBuf::from(h.db.as_deref().unwrap_or("mqlb-ha.sqlite")),
+            listen: listen.unwrap_or(UNPARSED_ADDR),
+            db: std::path::PathBuf::from(h.db.as_deref().unwrap_or(DEFAULT_HA_DB)),
         });
     }
     for (i, p) in raw.pools.iter().enumerate() {
