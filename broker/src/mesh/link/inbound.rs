@@ -1,0 +1,275 @@
+//! The inbound links: accept a peer's link, handshake, then hand each frame it sends to the
+//! part of the node it is for (publishes to the injector, sessions, shared groups, replicas),
+//! and write back the acknowledgements of its numbered stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use mqlb_config::Secret;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{handshake, read_frame, watch_liveness, HandshakeError, HANDSHAKE_TIMEOUT};
+use crate::mesh::frame::{self, encode, Frame};
+use crate::mesh::reliable;
+use crate::mesh::{Injected, Mesh};
+
+/// Accepts inbound links and hands their publishes to the injector.
+pub(crate) async fn serve_inbound(
+    mesh: Arc<Mesh>,
+    listener: TcpListener,
+    inject: mpsc::Sender<Injected>,
+    stop: CancellationToken,
+) {
+    let Some(settings) = mesh.settings.clone() else {
+        return;
+    };
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mesh accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = watch_liveness(&stream) {
+            tracing::debug!(error = %e, %addr, "mesh link without liveness checks");
+        }
+        let (mesh, inject, secret, stop) = (
+            mesh.clone(),
+            inject.clone(),
+            settings.secret.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = inbound(mesh, stream, addr, secret, inject) => {}
+            }
+        });
+    }
+}
+
+async fn inbound(
+    mesh: Arc<Mesh>,
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    secret: Secret,
+    inject: mpsc::Sender<Injected>,
+) {
+    let mut buf = BytesMut::new();
+    let hs = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mesh, &secret, &mut stream, &mut buf),
+    )
+    .await
+    .unwrap_or(Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)));
+    let peer = match hs {
+        Ok(p) => p,
+        Err(e) => {
+            mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+            tracing::warn!(%addr, error = %e, "mesh link refused");
+            return;
+        }
+    };
+    tracing::info!(peer, %addr, "inbound mesh link up");
+    // Its ACKs are small and a PUBACK at the origin waits for them (issue 12).
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(peer, error = %e, "TCP_NODELAY not set on an inbound mesh link");
+    }
+    // What this link says of the peer's shared groups is forgotten when it ends (issue 12).
+    let share = mesh.share.get().map(|s| ShareLink::new(s.clone(), &peer));
+    let received = mesh.metrics.received.with_label_values(&[&peer]);
+    let duplicates = mesh.metrics.duplicates.with_label_values(&[&peer]);
+    let skipped = mesh.metrics.skipped.with_label_values(&[&peer]);
+    let max = mesh.max_frame().saturating_add(frame::SEQUENCED_HEADER);
+    let (mut stream, w) = stream.into_split();
+    // The peer's acknowledgements go back on this link, written by their own task, which
+    // ends with the link.
+    let _acks = AbortOnDrop(tokio::spawn(write_acks(w, mesh.origin_acks(&peer))));
+    loop {
+        let (p, seq) = match read_frame(&mut stream, &mut buf, max).await {
+            Ok(Some(Frame::Publish(p))) => (p, None),
+            Ok(Some(Frame::Sequenced { epoch, seq, inner })) => {
+                let Frame::Publish(p) = *inner else {
+                    mesh.metrics.rejected.with_label_values(&["protocol"]).inc();
+                    tracing::warn!(peer, "a numbered frame that is not a publish; closing");
+                    return;
+                };
+                match mesh.offer(&peer, epoch, seq) {
+                    reliable::Verdict::Duplicate => {
+                        duplicates.inc();
+                        continue;
+                    }
+                    reliable::Verdict::Deliver { skipped: n } => skipped.inc_by(n),
+                }
+                (p, Some((epoch, seq)))
+            }
+            Ok(Some(Frame::Connected {
+                client_id,
+                clean_start,
+                at,
+            })) => {
+                mesh.peer_connected(&peer, &client_id, clean_start, at);
+                continue;
+            }
+            Ok(Some(Frame::ShareGroups { groups })) => {
+                if let Some(s) = &share {
+                    s.share.on_peer(&peer, s.link, groups);
+                }
+                continue;
+            }
+            // Sessions across the cluster (issue 12; `crate::session`).
+            Ok(Some(Frame::SessionRequest { request, client_id })) => {
+                if let Some(s) = mesh.sessions.get() {
+                    s.on_request(&peer, request, client_id);
+                }
+                continue;
+            }
+            Ok(Some(Frame::Session { request, session })) => {
+                let Some(s) = mesh.sessions.get() else {
+                    continue;
+                };
+                if let Err(e) = s.on_session(&peer, request, session).await {
+                    mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+                    tracing::warn!(peer, error = %e, "bad session frame from a peer; closing");
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(Frame::SessionReplica { request, session })) => {
+                let Some(s) = mesh.sessions.get() else {
+                    continue;
+                };
+                if let Err(e) = s.on_replica(&peer, request, *session) {
+                    mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+                    tracing::warn!(peer, error = %e, "bad session replica from a peer; closing");
+                    return;
+                }
+                continue;
+            }
+            // Session replicas (issue 12; `crate::replication`).
+            Ok(Some(Frame::ReplicaMeta(m))) => {
+                if let Some(r) = mesh.replication.get() {
+                    if let Err(why) = crate::replication::check_meta(&m) {
+                        mesh.metrics
+                            .rejected
+                            .with_label_values(&["malformed"])
+                            .inc();
+                        tracing::warn!(peer, why, "bad replica frame from a peer; closing");
+                        return;
+                    }
+                    r.on_meta(&peer, *m);
+                }
+                continue;
+            }
+            Ok(Some(Frame::ReplicaAcks { acks })) => {
+                if let Some(r) = mesh.replication.get() {
+                    r.on_acks(&peer, acks);
+                }
+                continue;
+            }
+            Ok(Some(Frame::ReplicaClose { client_id })) => {
+                if let Some(r) = mesh.replication.get() {
+                    r.on_close(&peer, &client_id);
+                }
+                continue;
+            }
+            Ok(Some(_)) => {
+                mesh.metrics.rejected.with_label_values(&["protocol"]).inc();
+                tracing::warn!(peer, "unexpected frame after the handshake; closing");
+                return;
+            }
+            Ok(None) => {
+                tracing::info!(peer, "inbound mesh link closed");
+                return;
+            }
+            Err(e) => {
+                mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+                tracing::warn!(peer, error = %e, "inbound mesh link failed");
+                return;
+            }
+        };
+        // Back-pressure: a full router queue slows this link, not the node.
+        let injected = Injected {
+            peer: peer.clone(),
+            publish: p,
+            received: Instant::now(),
+            seq,
+        };
+        if inject.send(injected).await.is_err() {
+            return;
+        }
+        received.inc();
+    }
+}
+
+/// An inbound link's part in [`crate::share::Share`]: what it carried is dropped with it.
+struct ShareLink {
+    share: Arc<crate::share::Share>,
+    peer: String,
+    link: u64,
+}
+
+impl ShareLink {
+    fn new(share: Arc<crate::share::Share>, peer: &str) -> ShareLink {
+        let link = share.link();
+        ShareLink {
+            share,
+            peer: peer.to_string(),
+            link,
+        }
+    }
+}
+
+impl Drop for ShareLink {
+    fn drop(&mut self) {
+        self.share.link_closed(&self.peer, self.link);
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends the origin's acknowledgement on its link: the current one at once, then each new
+/// one as soon as it moved, since the origin's clients wait for it (their PUBACKs, issue 12).
+/// What moves while one is written goes out as one in the next: under load, one ACK covers
+/// many frames without a timer.
+async fn write_acks(mut w: impl AsyncWrite + Unpin, mut acks: watch::Receiver<Option<(u64, u64)>>) {
+    acks.mark_changed();
+    let mut sent = None;
+    loop {
+        if acks.changed().await.is_err() {
+            return;
+        }
+        // Lets the injector accept what else is ready first: one ACK for all of it.
+        tokio::task::yield_now().await;
+        let cur = *acks.borrow_and_update();
+        let Some((epoch, seq)) = cur else { continue };
+        if cur == sent {
+            continue;
+        }
+        let Ok(bytes) = encode(&Frame::Ack { epoch, seq }) else {
+            return;
+        };
+        if w.write_all(&bytes).await.is_err() || w.flush().await.is_err() {
+            // the link is gone: its reader notices and ends
+            return;
+        }
+        sent = cur;
+    }
+}
