@@ -1,0 +1,149 @@
+//! `[cluster]` and `[[broker]]`: the broker nodes and how they talk to each other.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+
+use super::{Checker, UNPARSED_ADDR};
+use crate::defaults::*;
+use crate::model::{BrokerNode, ClusterSettings, Secret};
+use crate::raw::{RawBroker, RawCluster, RawConfig};
+
+pub(super) fn validate_cluster(
+    c: &mut Checker,
+    raw: &RawConfig,
+) -> (ClusterSettings, Vec<BrokerNode>) {
+    let cluster = cluster_section(c, &raw.cluster);
+    let several = raw.brokers.len() > 1;
+    let mut ids = HashSet::new();
+    let mut addrs = HashMap::new();
+    let mut brokers = Vec::new();
+    for (i, b) in raw.brokers.iter().enumerate() {
+        let k = format!("broker[{i}]");
+        c.name(&format!("{k}.id"), &b.id, &mut ids, "broker");
+        brokers.push(broker(c, &k, b, &mut addrs, several));
+    }
+    if several {
+        cluster_secret(c, &raw.cluster);
+    }
+    (cluster, brokers)
+}
+
+fn cluster_section(c: &mut Checker, rc: &RawCluster) -> ClusterSettings {
+    let secret = rc.secret.as_ref().map(Secret::new);
+    let reconnect_min = c.duration(
+        "cluster.reconnect_min",
+        rc.reconnect_min.as_deref(),
+        DEFAULT_RECONNECT_MIN,
+    );
+    let reconnect_max = c.duration(
+        "cluster.reconnect_max",
+        rc.reconnect_max.as_deref(),
+        DEFAULT_RECONNECT_MAX,
+    );
+    if reconnect_max < reconnect_min {
+        c.error("cluster.reconnect_max", "must not be below reconnect_min");
+    }
+    ClusterSettings {
+        secret,
+        peer_queue: c.non_zero("cluster.peer_queue", rc.peer_queue, DEFAULT_PEER_QUEUE),
+        replicate_sessions: rc.replicate_sessions.unwrap_or(DEFAULT_REPLICATE_SESSIONS),
+        replica_max_messages: c.non_zero(
+            "cluster.replica_max_messages",
+            rc.replica_max_messages,
+            DEFAULT_REPLICA_MAX_MESSAGES,
+        ),
+        replication_factor: c.non_zero(
+            "cluster.replication_factor",
+            rc.replication_factor,
+            DEFAULT_REPLICATION_FACTOR,
+        ),
+        reconnect_min,
+        reconnect_max,
+    }
+}
+
+/// One node; `addrs` holds the addresses of the nodes before it (keyed like the file), so no
+/// two listeners share one; `several`: the cluster has more than one node.
+fn broker(
+    c: &mut Checker,
+    k: &str,
+    b: &RawBroker,
+    addrs: &mut HashMap<SocketAddr, String>,
+    several: bool,
+) -> BrokerNode {
+    let mut addr = |c: &mut Checker, key: &str, text: Option<&str>| -> Option<SocketAddr> {
+        let full = format!("{k}.{key}");
+        let a = c.addr(&full, text?)?;
+        if a.port() != 0 {
+            if let Some(other) = addrs.insert(a, full.clone()) {
+                c.error(&full, format!("address {a} is also {other}"));
+            }
+        }
+        Some(a)
+    };
+    let mqtt = addr(c, "mqtt", Some(&b.mqtt));
+    let mqtt_v5 = addr(c, "mqtt_v5", b.mqtt_v5.as_deref());
+    let mesh = addr(c, "mesh", b.mesh.as_deref());
+    let http = addr(c, "http", b.http.as_deref());
+    if several && b.mesh.is_none() {
+        c.error(
+            format!("{k}.mesh"),
+            "a cluster of several brokers needs each node's mesh address",
+        );
+    }
+    let max_payload_size = max_payload_size(c, k, b);
+    BrokerNode {
+        id: b.id.clone(),
+        mqtt: mqtt.unwrap_or(UNPARSED_ADDR),
+        mqtt_v5,
+        mesh,
+        http,
+        http_token: c.token_file(
+            &format!("{k}.http_token_file"),
+            b.http_token_file.as_deref(),
+        ),
+        max_connections: c.non_zero(
+            &format!("{k}.max_connections"),
+            b.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+        ),
+        max_payload_size,
+        max_inflight: c.non_zero(
+            &format!("{k}.max_inflight"),
+            b.max_inflight,
+            DEFAULT_MAX_INFLIGHT,
+        ),
+        backlog: c.non_zero(&format!("{k}.backlog"), b.backlog, DEFAULT_BACKLOG),
+    }
+}
+
+fn max_payload_size(c: &mut Checker, k: &str, b: &RawBroker) -> NonZeroU32 {
+    let size = c.non_zero(
+        &format!("{k}.max_payload_size"),
+        b.max_payload_size,
+        DEFAULT_MAX_PAYLOAD,
+    );
+    if size.get() > MAX_PAYLOAD {
+        c.error(
+            format!("{k}.max_payload_size"),
+            format!("MQTT payloads cannot exceed {MAX_PAYLOAD} bytes"),
+        );
+    }
+    size
+}
+
+/// A cluster of several nodes authenticates its links with `cluster.secret`.
+fn cluster_secret(c: &mut Checker, rc: &RawCluster) {
+    match &rc.secret {
+        None => c.error(
+            "cluster.secret",
+            "a cluster of several brokers needs a shared secret",
+        ),
+        Some(s) if s.len() < MIN_SECRET_LEN => c.error(
+            "cluster.secret",
+            format!("must be at least {MIN_SECRET_LEN} characters"),
+        ),
+        Some(_) => {}
+    }
+}

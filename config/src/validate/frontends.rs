@@ -1,0 +1,96 @@
+//! `[[frontend]]`: the addresses the load balancer listens on, and their limits.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use super::Checker;
+use crate::defaults::*;
+use crate::model::{Frontend, FrontendLimits, SourceRate};
+use crate::raw::RawFrontend;
+
+/// `admin` is `lb.admin`, which no frontend may take.
+pub(super) fn frontends(c: &mut Checker, raw: &[RawFrontend], admin: SocketAddr) -> Vec<Frontend> {
+    let mut names = HashSet::new();
+    let mut binds = HashSet::new();
+    let mut frontends = Vec::new();
+    for (i, f) in raw.iter().enumerate() {
+        let k = format!("frontend[{i}]");
+        c.name(&format!("{k}.name"), &f.name, &mut names, "frontend");
+        frontends.extend(frontend(c, &k, f, &mut binds, admin));
+    }
+    frontends
+}
+
+/// One frontend; one whose `bind` does not parse is left out (reported), its limits unchecked.
+fn frontend(
+    c: &mut Checker,
+    k: &str,
+    f: &RawFrontend,
+    binds: &mut HashSet<SocketAddr>,
+    admin: SocketAddr,
+) -> Option<Frontend> {
+    let backlog = c.non_zero(&format!("{k}.backlog"), f.backlog, DEFAULT_BACKLOG);
+    let bind = c.addr(&format!("{k}.bind"), &f.bind)?;
+    bind_is_free(c, k, bind, binds, admin);
+    let limits = limits(c, k, f);
+    Some(Frontend {
+        name: f.name.clone(),
+        bind,
+        backlog,
+        limits,
+    })
+}
+
+/// Cross-section: no two frontends, nor a frontend and `lb.admin`, on one address (port 0, an
+/// ephemeral port, never clashes).
+fn bind_is_free(
+    c: &mut Checker,
+    k: &str,
+    bind: SocketAddr,
+    binds: &mut HashSet<SocketAddr>,
+    admin: SocketAddr,
+) {
+    if bind.port() != 0 && !binds.insert(bind) {
+        c.error(
+            format!("{k}.bind"),
+            format!("address {bind} is used by another frontend"),
+        );
+    }
+    if bind == admin && bind.port() != 0 {
+        c.error(
+            format!("{k}.bind"),
+            format!("address {bind} is also lb.admin"),
+        );
+    }
+}
+
+fn limits(c: &mut Checker, k: &str, f: &RawFrontend) -> FrontendLimits {
+    if f.source_burst.is_some() && f.source_rate.is_none() {
+        c.error(format!("{k}.source_burst"), "needs source_rate");
+    }
+    let mut positive = |key: &str, v: Option<u32>| v.map(|n| c.positive(&format!("{k}.{key}"), n));
+    FrontendLimits {
+        max_connections: positive("max_connections", f.max_connections),
+        max_connections_per_source: positive(
+            "max_connections_per_source",
+            f.max_connections_per_source,
+        ),
+        source_rate: positive("source_rate", f.source_rate).map(|per_second| SourceRate {
+            per_second,
+            burst: positive("source_burst", f.source_burst)
+                .unwrap_or(default_source_burst(per_second)),
+        }),
+    }
+}
+
+/// Cross-section: a frontend no rule uses is not opened; `used` holds the names rules use.
+pub(super) fn warn_unopened(c: &mut Checker, raw: &[RawFrontend], used: &HashSet<String>) {
+    for f in raw {
+        if !used.contains(&f.name) && !f.name.is_empty() {
+            c.warn(
+                "frontend",
+                format!("frontend {:?} has no rule and is not opened", f.name),
+            );
+        }
+    }
+}
