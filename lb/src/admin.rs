@@ -225,7 +225,7 @@ fn evacuate(shared: &Arc<Shared>, id: &str, req: &Request<Incoming>) -> Response
         return drained;
     }
     remember(shared, id, true, Some(rate.get()));
-    crate::evacuate::start(shared, id, rate);
+    shared.evacuate(id, rate);
     tracing::info!(
         backend = id,
         rate = rate.get(),

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::Snapshot;
-use crate::state::lock;
+use mqlb_http::lock;
 
 /// The last decision about one backend ID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,10 +152,7 @@ impl AdminState {
         )
     }
 
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
+    #[cfg(test)]
     pub fn get(&self, id: &str) -> Option<Decision> {
         lock(&self.decisions).get(id).copied()
     }

@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use tokio_util::sync::CancellationToken;
 
-use crate::shared::Shared;
-use crate::state::{lock, ConnInfo, Evacuation};
+use crate::state::{ConnInfo, ConnRegistry, Evacuation};
+use mqlb_http::lock;
 
 /// How long a told connection may stay open (an MQTT 5 client closes it on the DISCONNECT)
 /// before it is closed.
@@ -125,6 +125,36 @@ impl Evacuations {
         lock(&self.running).get(id).cloned()
     }
 
+    /// Starts (or restarts at another rate) the evacuation of backend `id`, over the
+    /// connections in `conns`, until `stopping` (the LB's shutdown) or a cancel. The caller
+    /// drains it first, so no new connection lands there meanwhile.
+    pub(crate) fn start(
+        &self,
+        conns: &Arc<ConnRegistry>,
+        stopping: &CancellationToken,
+        id: &str,
+        rate: NonZeroU32,
+    ) -> Arc<Progress> {
+        let progress = Arc::new(Progress {
+            rate: rate.get(),
+            started: SystemTime::now(),
+            told: AtomicU64::new(0),
+            remaining: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            stop: stopping.child_token(),
+        });
+        let old = lock(&self.running).insert(id.to_string(), progress.clone());
+        if let Some(old) = old {
+            old.stop.cancel();
+        }
+        let gauges = (
+            self.evacuated.with_label_values(&[id]),
+            self.remaining.with_label_values(&[id]),
+        );
+        tokio::spawn(run(conns.clone(), id.to_string(), progress.clone(), gauges));
+        progress
+    }
+
     /// Stops the evacuation of `id` (an enable); the connections already told still go.
     pub fn cancel(&self, id: &str) {
         if let Some(p) = lock(&self.running).remove(id) {
@@ -134,41 +164,25 @@ impl Evacuations {
     }
 }
 
-/// Starts (or restarts at another rate) the evacuation of backend `id`. The caller drains it
-/// first, so no new connection lands there meanwhile.
-pub(crate) fn start(shared: &Arc<Shared>, id: &str, rate: NonZeroU32) -> Arc<Progress> {
-    let progress = Arc::new(Progress {
-        rate: rate.get(),
-        started: SystemTime::now(),
-        told: AtomicU64::new(0),
-        remaining: AtomicU64::new(0),
-        done: AtomicBool::new(false),
-        stop: shared.stopping.child_token(),
-    });
-    let old = lock(&shared.evacuations.running).insert(id.to_string(), progress.clone());
-    if let Some(old) = old {
-        old.stop.cancel();
-    }
-    tokio::spawn(run(shared.clone(), id.to_string(), progress.clone()));
-    progress
-}
-
 /// The open connections of backend `id` (in any pool) not yet asked to leave.
-fn not_told(shared: &Shared, id: &str) -> VecDeque<Arc<ConnInfo>> {
-    shared
-        .conns
+fn not_told(conns: &ConnRegistry, id: &str) -> VecDeque<Arc<ConnInfo>> {
+    conns
         .snapshot()
         .into_iter()
         .filter(|c| c.backend() == id && c.evacuation() == Evacuation::None)
         .collect()
 }
 
-async fn run(shared: Arc<Shared>, id: String, p: Arc<Progress>) {
+/// The evacuation's task: `evacuated` and `remaining` are its backend's series.
+async fn run(
+    conns: Arc<ConnRegistry>,
+    id: String,
+    p: Arc<Progress>,
+    (evacuated, remaining): (IntCounter, IntGauge),
+) {
     let Some(rate) = NonZeroU32::new(p.rate) else {
         return;
     };
-    let evacuated = shared.evacuations.evacuated.with_label_values(&[&id]);
-    let remaining = shared.evacuations.remaining.with_label_values(&[&id]);
     tracing::info!(backend = id, rate = p.rate, "evacuation started");
     let mut bucket = TokenBucket::new(rate, Instant::now());
     let mut queue = VecDeque::new();
@@ -179,13 +193,13 @@ async fn run(shared: Arc<Shared>, id: String, p: Arc<Progress>) {
         if scanned.is_none_or(|t| now.duration_since(t) >= RESCAN) {
             let ids: Vec<u64> = queue.iter().map(|c: &Arc<ConnInfo>| c.id).collect();
             queue.extend(
-                not_told(&shared, &id)
+                not_told(&conns, &id)
                     .into_iter()
                     .filter(|c| !ids.contains(&c.id)),
             );
             scanned = Some(now);
         }
-        queue.retain(|c| shared.conns.contains(c.id));
+        queue.retain(|c| conns.contains(c.id));
         for c in queue.drain(..bucket.take(now, queue.len())) {
             c.evacuate(Evacuation::Asked);
             told.push((c, now));
@@ -193,7 +207,7 @@ async fn run(shared: Arc<Shared>, id: String, p: Arc<Progress>) {
             evacuated.inc();
         }
         told.retain(|(c, at)| {
-            let open = shared.conns.contains(c.id);
+            let open = conns.contains(c.id);
             if open && now.duration_since(*at) >= GRACE {
                 c.evacuate(Evacuation::Forced);
             }

@@ -14,9 +14,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::health::Transition;
+use crate::backend::machine::Transition;
+use crate::backend::Source;
 use crate::snapshot::Snapshot;
-use crate::state::{lock, Source};
+use mqlb_http::lock;
 
 /// Events kept in memory.
 pub const CAPACITY: usize = 256;

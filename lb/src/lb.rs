@@ -14,15 +14,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::BackendState;
+use crate::health::probe;
 use crate::metrics::Metrics;
 use crate::reload::{self, plan_listeners};
 pub(crate) use crate::shared::Shared;
 use crate::snapshot::Snapshot;
-use crate::state::{lock, BackendState, ConnRegistry, Listening, OwnProbes};
+use crate::state::{ConnRegistry, Listening, OwnProbes};
 use crate::workers::Workers;
-use crate::{admin, listener, probe};
+use crate::{admin, listener};
 use mqlb_ha_api::model::ClusterView;
 use mqlb_ha_api::HaClient;
+use mqlb_http::lock;
 
 /// Sockets bound by the caller (tests bind `127.0.0.1:0`; a supervisor may pass its own).
 /// Frontends not given here are bound from the config.
@@ -186,7 +189,7 @@ impl Lb {
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(first),
             metrics,
-            conns: ConnRegistry::default(),
+            conns: Arc::new(ConnRegistry::default()),
             admin_state,
             evacuations,
             listening: Listening::default(),
@@ -230,7 +233,7 @@ impl Lb {
         // connections already, so it finds little to do, but it reports done as it should.
         for (id, d) in shared.admin_state.all() {
             if let Some(rate) = d.evacuate_rate.and_then(std::num::NonZeroU32::new) {
-                crate::evacuate::start(&shared, &id, rate);
+                shared.evacuate(&id, rate);
             }
         }
         tokio::spawn(crate::conn::sweep_idle(
@@ -586,7 +589,7 @@ impl Lb {
             let Some(addr) = control.frontends.get(frontend).map(|f| f.addr) else {
                 continue;
             };
-            tokio::spawn(crate::data_path::run(
+            tokio::spawn(crate::health::data_path::run(
                 self.inner.shared.clone(),
                 rule.clone(),
                 addr,

@@ -5,41 +5,50 @@
 //! or membership goes through its one reload executor, planned by [`reload`]. On each data-path
 //! thread (`workers`) every frontend has an accept loop ([`listener`], with `limits` at
 //! accept); each connection is one task whose path is `conn`: inspect the first bytes, route
-//! (a pure decision), connect (with `pending` admission), relay. Backend health comes from one
-//! probe task per backend (`probe`, the pure state machine in `health`), passive failures of
-//! client connects, and the LB's own data-path probe (`data_path`). Everything the data path
-//! reads is one immutable `snapshot::Snapshot` behind one `ArcSwap` in `shared`; per-backend
-//! live state (`state::BackendState`) is carried across snapshots. `admin` serves the API
-//! and `/metrics` (`metrics`); `discovery` follows the HA server's membership. Pure logic
-//! (CONNECT parsing in `mqlb-mqtt`, selection in [`select`], health, the reload plan, the routing
-//! decision) has no sockets and is tested beside the code.
+//! (a pure decision), connect (with the backend's `pending` admission), relay, and an
+//! `outcome`. Backend health comes from `health`: one probe task per backend, the LB's own
+//! data-path probe, and passive failures of client connects, all fed to the pure state machine
+//! of `backend`. Everything the data path reads is one immutable `snapshot::Snapshot` behind
+//! one `ArcSwap` in `shared`; per-backend live state (`backend::BackendState`) is carried
+//! across snapshots, per-connection state is in `state`. `admin` serves the API and
+//! `/metrics` (`metrics`); `discovery` follows the HA server's membership. Pure logic (CONNECT
+//! parsing in `mqlb-mqtt`, selection in [`select`], the health machine, the reload plan, the
+//! routing decision) has no sockets and is tested beside the code.
+//!
+//! The modules are layered, each importing only those above it in this list (no import
+//! circle): the bottom (`outcome`, `select`, `port`, `limits`, `backend`), the data
+//! (`metrics`, `snapshot`, `state`, `admin_state`, `evacuate`, `events`, `discovery`), the
+//! state every task shares (`shared`), the tasks over it (`conn`, `health`, `listener`,
+//! `admin`), and the facade that starts them (`lb`, with `reload` and `workers`).
 
-mod health;
-mod metrics;
+mod backend;
+mod limits;
+mod outcome;
+pub mod port;
 pub mod select;
+
+mod admin_state;
+mod discovery;
+mod evacuate;
+mod events;
+mod metrics;
 mod snapshot;
 mod state;
 
-mod admin;
-pub mod admin_state;
-mod conn;
-mod data_path;
-mod discovery;
-pub mod evacuate;
-mod events;
-mod lb;
-mod limits;
-pub mod listener;
-mod pending;
-pub mod port;
-mod probe;
-pub mod reload;
 mod shared;
+
+mod admin;
+mod conn;
+mod health;
+pub mod listener;
+
+mod lb;
+pub mod reload;
 mod workers;
 
 /// The MQTT packets, from the `mqlb-mqtt` crate, by their old path `crate::mqtt` inside the LB;
 /// other crates use `mqlb_mqtt` itself.
 use mqlb_mqtt as mqtt;
 
+pub use health::probe::{probe_once, ProbeError};
 pub use lb::{Lb, Listeners, ReloadError, StartError};
-pub use probe::{probe_once, ProbeError};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use mqlb_config::FrontendLimits;
 
-use crate::state::lock;
+use mqlb_http::lock;
 
 /// Why a connection was refused at accept; the `reason` label of
 /// `mqlb_connections_refused_total`.

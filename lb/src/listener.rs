@@ -15,7 +15,7 @@ use crate::conn;
 use crate::limits::{Admitted, Refusal};
 use crate::shared::Shared;
 use crate::snapshot::RuleRt;
-use crate::state::lock;
+use mqlb_http::lock;
 
 /// Linux copies a listening socket's TCP_NODELAY and keepalive settings to the sockets it
 /// accepts, which saves four syscalls per client connection.

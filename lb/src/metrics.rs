@@ -1,6 +1,7 @@
 //! Prometheus metrics of one LB instance. The names are a public contract (docs/design.md); each
 //! instance has its own registry so several LBs can live in one process (tests, embedding).
 
+use crate::outcome::Outcome;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Label pairs whose series left with a new snapshot (`Snapshot::departed`), to forget. Here
@@ -12,6 +13,18 @@ pub struct Departed {
     /// (rule, backend): connection and byte series.
     pub rule_members: Vec<(String, String)>,
 }
+
+/// Every `result` label of `mqlb_probes_total`: "ok" and each `ProbeError::label`
+/// (`health::probe`), so the series of a departed member can be removed by name.
+pub const PROBE_RESULTS: [&str; 7] = [
+    "ok",
+    "timeout",
+    "connect_error",
+    "bad_status",
+    "http_error",
+    "mqtt_refused",
+    "mqtt_error",
+];
 
 /// Every metric the LB exports.
 pub struct Metrics {
@@ -166,6 +179,14 @@ impl Metrics {
         Ok(m)
     }
 
+    /// `mqlb_connections_total` by label lookup: every outcome but the common one, which
+    /// `snapshot::MemberMetrics::finish` counts by a cached handle.
+    pub fn count_end(&self, rule: &str, backend: &str, outcome: Outcome) {
+        self.connections_total
+            .with_label_values(&[rule, backend, outcome.label()])
+            .inc();
+    }
+
     /// Removes every series of members that left (their label values are known: the outcome,
     /// direction and probe-result label sets are closed).
     pub fn forget(&self, gone: &Departed) {
@@ -174,7 +195,7 @@ impl Metrics {
             self.backend_up.remove_label_values(&pb).ok();
             self.probe_duration.remove_label_values(&pb).ok();
             self.passive_failures_total.remove_label_values(&pb).ok();
-            for result in crate::probe::RESULTS {
+            for result in PROBE_RESULTS {
                 self.probes_total
                     .remove_label_values(&[pool.as_str(), backend.as_str(), result])
                     .ok();
@@ -183,7 +204,7 @@ impl Metrics {
         for (rule, backend) in &gone.rule_members {
             let (r, b) = (rule.as_str(), backend.as_str());
             self.connections_active.remove_label_values(&[r, b]).ok();
-            for outcome in crate::conn::Outcome::ALL {
+            for outcome in Outcome::ALL {
                 self.connections_total
                     .remove_label_values(&[r, b, outcome.label()])
                     .ok();

@@ -2,6 +2,7 @@
 //! metrics, the live connections and their counts, and the shutdown signals.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
 
@@ -10,23 +11,25 @@ use mqlb_config::Probe;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::machine::Transition;
+use crate::backend::{BackendState, Source};
+use crate::evacuate::{Evacuations, Progress};
 use crate::events::Events;
-use crate::health::Transition;
 use crate::limits::Sources;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
-use crate::state::{BackendState, ConnRegistry, Listening, OwnProbes, Source};
+use crate::state::{ConnRegistry, Listening, OwnProbes};
 
 /// State shared by every task of one LB instance.
 pub(crate) struct Shared {
     /// Everything the data path reads, swapped whole on reload.
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
-    pub conns: ConnRegistry,
+    pub conns: Arc<ConnRegistry>,
     /// The admin API's drain/enable/evacuate decisions, kept across restarts.
     pub admin_state: crate::admin_state::AdminState,
     /// Evacuations by backend ID, running or finished.
-    pub evacuations: crate::evacuate::Evacuations,
+    pub evacuations: Evacuations,
     /// Frontends with a running accept loop (`/healthz`).
     pub listening: Listening,
     /// Source addresses of the data-path probe's connections in flight.
@@ -73,5 +76,12 @@ impl Shared {
             self.conns.backend_went_down(state);
         }
         Some(t)
+    }
+
+    /// Starts (or restarts at another rate) the paced evacuation of backend `id`; the caller
+    /// has drained it.
+    pub(crate) fn evacuate(&self, id: &str, rate: NonZeroU32) -> Arc<Progress> {
+        self.evacuations
+            .start(&self.conns, &self.stopping, id, rate)
     }
 }

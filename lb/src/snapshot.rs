@@ -12,10 +12,10 @@ use prometheus::{IntCounter, IntGauge};
 
 use mqlb_config::{Backend, Config, Distribution, Pool, Rule};
 
-use crate::conn::Outcome;
+use crate::backend::BackendState;
 use crate::metrics::{Departed, Metrics};
+use crate::outcome::Outcome;
 use crate::select::{self, Candidate, Key};
-use crate::state::BackendState;
 
 /// A pool member: its config, the hash of its stable ID, and its live state.
 #[derive(Debug)]
@@ -91,7 +91,7 @@ impl MemberMetrics {
         if outcome == Outcome::Closed {
             self.closed.inc();
         } else {
-            crate::conn::count_end(m, cfg, backend, outcome);
+            m.count_end(&cfg.name, backend, outcome);
         }
     }
 }
@@ -371,7 +371,7 @@ pool = "p"
         p.members[0].state.set_draining(true);
         p.members[1]
             .state
-            .observe(false, 1, 1, crate::state::Source::Probe);
+            .observe(false, 1, 1, crate::backend::Source::Probe);
         for d in [
             Distribution::FiveTuple,
             Distribution::RoundRobin,

@@ -3,13 +3,12 @@
 //! them what to do (pure), [`connect`] opens the backend leg and replays what was read
 //! (trying the next choice when one fails before any byte went back), [`relay`] copies both ways
 //! until one side is done, the connection idles out, its backend goes down (if the rule says so)
-//! or shutdown's grace runs out; [`outcome`] names how it ended.
+//! or shutdown's grace runs out; [`Outcome`] names how it ended.
 
 mod connect;
 mod copy;
 mod frames;
 mod inspect;
-mod outcome;
 mod relay;
 mod route;
 #[cfg(target_os = "linux")]
@@ -24,15 +23,14 @@ use mqlb_config::{Distribution, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::backend::Source;
 use crate::mqtt::{self, Refusal};
+pub use crate::outcome::Outcome;
 use crate::shared::Shared;
 use crate::snapshot::{Member, RuleRt};
-use crate::state::{ConnInfo, Source};
+use crate::state::ConnInfo;
 pub(crate) use connect::{keepalive, set_keepalive, set_socket_options};
 use inspect::Inspection;
-pub(crate) use outcome::count_end;
-pub use outcome::Outcome;
-pub(crate) use relay::sweep_tick;
 use relay::Relay;
 use route::{Decision, Method};
 pub(crate) use sweep::sweep_idle;
@@ -176,8 +174,8 @@ async fn establish(
                 // backend either (the client belongs on this one); it may retry.
                 tracing::debug!(rule = cfg.name, %peer, backend = member.cfg.id, ?refused, "admission refused");
                 outcome = match refused {
-                    crate::pending::Refused::QueueFull => Outcome::QueueFull,
-                    crate::pending::Refused::QueueTimeout => Outcome::QueueTimeout,
+                    crate::backend::pending::Refused::QueueFull => Outcome::QueueFull,
+                    crate::backend::pending::Refused::QueueTimeout => Outcome::QueueTimeout,
                 };
                 break;
             }
@@ -257,7 +255,9 @@ impl Tally<'_> {
     /// A connection that ended before it reached a backend.
     fn end(&self, outcome: Outcome) {
         if self.client_traffic {
-            count_end(&self.shared.metrics, &self.rule.cfg, "", outcome);
+            self.shared
+                .metrics
+                .count_end(&self.rule.cfg.name, "", outcome);
         }
     }
 

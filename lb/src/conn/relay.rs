@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 
 use super::copy::{Bidi, Dir, Peer};
 use super::frames::{self, Framer};
-use super::Outcome;
+use crate::outcome::Outcome;
 use crate::shared::Shared;
 use crate::state::{ConnInfo, Evacuation};
 

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use mqlb_config::{Distribution, Fallback, NonMqtt, Rule};
 
 use super::inspect::Inspection;
-use super::Outcome;
 use crate::mqtt::{self, Refusal};
+use crate::outcome::Outcome;
 use crate::select::Key;
 
 /// Which method chose the key: the `method` label of `mqlb_route_decisions_total`.

@@ -19,7 +19,7 @@ pub(crate) async fn sweep_idle(shared: Arc<Shared>, stop: CancellationToken) {
             .load()
             .rules
             .values()
-            .map(|r| super::sweep_tick(&r.cfg))
+            .map(|r| super::relay::sweep_tick(&r.cfg))
             .min()
             .unwrap_or(Duration::from_secs(1));
         tokio::select! {

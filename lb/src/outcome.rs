@@ -1,8 +1,5 @@
-//! How a connection ended: the `outcome` label of `mqlb_connections_total`.
-
-use mqlb_config::Rule;
-
-use crate::metrics::Metrics;
+//! How a connection ended: the `outcome` label of `mqlb_connections_total`. A bottom module
+//! (it imports nothing of the crate): the connection path sets it, the metrics name it.
 
 /// Names say who ended or failed it: the client, the backend, or mqlb itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,12 +59,4 @@ impl Outcome {
             Outcome::Evacuated => "evacuated",
         }
     }
-}
-
-/// `mqlb_connections_total` by label lookup: every outcome but the common one, which
-/// [`MemberMetrics::finish`](crate::snapshot::MemberMetrics) counts by a cached handle.
-pub(crate) fn count_end(m: &Metrics, cfg: &Rule, backend: &str, outcome: Outcome) {
-    m.connections_total
-        .with_label_values(&[&cfg.name, backend, outcome.label()])
-        .inc();
 }

@@ -12,10 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Transition;
+use crate::backend::machine::Transition;
+use crate::backend::{BackendState, ProbeRecord, Source};
 use crate::mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use crate::shared::Shared;
-use crate::state::{BackendState, ProbeRecord, Source};
 
 /// Why a probe failed. The `label` is the `result` of `mqlb_probes_total`.
 #[derive(Debug, thiserror::Error)]
@@ -33,17 +33,6 @@ pub enum ProbeError {
     #[error("MQTT: {0}")]
     Mqtt(String),
 }
-
-/// Every `result` label of `mqlb_probes_total`: "ok" and each [`ProbeError::label`].
-pub const RESULTS: [&str; 7] = [
-    "ok",
-    "timeout",
-    "connect_error",
-    "bad_status",
-    "http_error",
-    "mqtt_refused",
-    "mqtt_error",
-];
 
 impl ProbeError {
     pub fn label(&self) -> &'static str {
@@ -223,7 +212,7 @@ mod tests {
             ProbeError::MqttRefused(5),
             ProbeError::Mqtt(String::new()),
         ] {
-            assert!(RESULTS.contains(&e.label()), "{e}");
+            assert!(crate::metrics::PROBE_RESULTS.contains(&e.label()), "{e}");
         }
     }
 }

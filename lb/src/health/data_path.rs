@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::probe;
+use super::probe;
 use crate::shared::Shared;
 use crate::snapshot::RuleRt;
 
