@@ -131,6 +131,59 @@ fn durations_have_an_upper_bound() {
     }
 }
 
+/// Every duration key of every section goes through the bounded parser, not only the rule's
+/// `idle_timeout` above (issue 16): a key added later must be added here.
+#[test]
+fn every_duration_key_has_the_upper_bound() {
+    let section = |table: &str, key: &str| format!("{MINIMAL}{table}\n{key} = \"8761h\"\n");
+    let rule = |key: &str| format!("{MINIMAL}{key} = \"8761h\"\n");
+    let probe = |key: &str| format!("{MINIMAL}[[probe]]\nname = \"p\"\n{key} = \"8761h\"\n");
+    let pool = |key: &str| {
+        format!(
+            "{MINIMAL}[[pool]]\nname = \"d\"\ndiscovery = \"haserver\"\n{key} = \"8761h\"\n\
+             [[haserver]]\nid = \"h\"\nlisten = \"127.0.0.1:7000\"\n"
+        )
+    };
+    let mut cases: Vec<(String, String)> = Vec::new();
+    for key in ["shutdown_grace", "watch_interval"] {
+        cases.push((section("[lb]", key), format!("lb.{key}")));
+    }
+    for key in ["reconnect_min", "reconnect_max"] {
+        cases.push((section("[cluster]", key), format!("cluster.{key}")));
+    }
+    for key in [
+        "heartbeat_interval",
+        "member_timeout",
+        "remove_after",
+        "lease",
+    ] {
+        cases.push((section("[ha]", key), format!("ha.{key}")));
+    }
+    for key in ["remove_after", "queue_timeout", "slow_start"] {
+        cases.push((pool(key), format!("pool[1].{key}")));
+    }
+    for key in ["interval", "timeout"] {
+        cases.push((probe(key), format!("probe[0].{key}")));
+    }
+    for key in [
+        "idle_timeout",
+        "connect_timeout",
+        "inspect_timeout",
+        "mqtt_keep_alive",
+        "tcp_keepalive_time",
+        "tcp_keepalive_interval",
+    ] {
+        cases.push((rule(key), format!("rule[0].{key}")));
+    }
+    assert_eq!(cases.len(), 19, "every duration key of raw.rs");
+    for (text, key) in &cases {
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{key}: {p:?}");
+        assert_eq!(p[0].key, *key, "{p:?}");
+        assert_eq!(p[0].message, "must be at most 8760h (a year)", "{key}");
+    }
+}
+
 #[test]
 fn unknown_keys_are_refused_with_location() {
     let err = Config::parse(&format!("{MINIMAL}\nbogus = 1\n"), "t.toml").unwrap_err();
