@@ -11,12 +11,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use mqlb_ha_api::now_ms;
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -98,12 +98,6 @@ impl Options {
     }
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 struct Metrics {
     registry: Registry,
     primary: IntGauge,
@@ -168,12 +162,7 @@ impl Metrics {
         m.registry.register(Box::new(m.members.clone()))?;
         m.registry.register(Box::new(m.version.clone()))?;
         m.registry.register(Box::new(m.requests.clone()))?;
-        // The standard process_* series (CPU seconds, resident memory, open descriptors,
-        // start time), from procfs.
-        #[cfg(target_os = "linux")]
-        m.registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        mqlb_http::metrics::register_process(&m.registry)?;
         Ok(m)
     }
 }
@@ -546,16 +535,10 @@ async fn version_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-type Res = Response<Full<Bytes>>;
+type Res = mqlb_http::Reply;
 
 fn reply(status: StatusCode, body: serde_json::Value) -> Res {
-    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
+    mqlb_http::json(status, &body)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Res {
@@ -731,16 +714,8 @@ fn open_route(shared: &Shared, route: Route<'_>) -> Res {
     }
     let tracked = lock(&shared.heartbeats).len();
     shared.metrics.tracked_heartbeats.set(tracked as i64);
-    let mut buf = Vec::new();
-    match TextEncoder::new().encode(&shared.metrics.registry.gather(), &mut buf) {
-        Ok(()) => {
-            let mut r = Response::new(Full::new(Bytes::from(buf)));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            r
-        }
+    match mqlb_http::metrics::render(&shared.metrics.registry) {
+        Ok(text) => mqlb_http::reply(StatusCode::OK, mqlb_http::metrics::CONTENT_TYPE, text),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
