@@ -1,5 +1,5 @@
 //! Every default value of every key, and every bound a key is checked against, in one place:
-//! validation ([`crate::validate`]) and the model's `Default` impls read them from here, so the
+//! validation (`validate/`) and the model's `Default` impls read them from here, so the
 //! value a key takes when it is left out is written once and documented beside its reason.
 //!
 //! Grouped by the TOML table the key sits in; the bounds come last. A key whose absence means
@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use crate::model::{Distribution, Fallback, NonMqtt, TcpKeepalive};
+use crate::model::{Distribution, Fallback, NonMqtt, ProbeProtocol, TcpKeepalive};
 
 /// A count's default, checked at compile time to be at least 1 (a zero fails the build).
 const fn nz(n: u32) -> NonZeroU32 {
@@ -71,7 +71,7 @@ pub const DEFAULT_REMOVE_AFTER: Duration = Duration::from_secs(600);
 /// The name of the probe a pool without `probe` gets.
 pub const DEFAULT_PROBE_NAME: &str = "default";
 /// `probe.protocol`: a TCP connect, as Azure's default probe.
-pub const DEFAULT_PROBE_PROTOCOL: &str = "tcp";
+pub const DEFAULT_PROBE_PROTOCOL: ProbeProtocol = ProbeProtocol::Tcp;
 /// `probe.path` of an `http` probe.
 pub const DEFAULT_PROBE_PATH: &str = "/";
 /// `probe.port`: Azure's model probes a fixed port on the backend's IP.

@@ -22,7 +22,7 @@ pub(super) fn probes(c: &mut Checker, raw: &[RawProbe]) -> Vec<Probe> {
 pub(super) fn default_probe() -> Probe {
     Probe {
         name: DEFAULT_PROBE_NAME.into(),
-        protocol: ProbeProtocol::Tcp,
+        protocol: DEFAULT_PROBE_PROTOCOL,
         port: ProbePort::Fixed(DEFAULT_PROBE_PORT),
         interval: DEFAULT_PROBE_INTERVAL,
         timeout: default_probe_timeout(DEFAULT_PROBE_INTERVAL),
@@ -75,10 +75,11 @@ fn probe(c: &mut Checker, k: &str, p: &RawProbe) -> Probe {
 
 /// `protocol` and the `path` only an HTTP probe takes.
 fn protocol(c: &mut Checker, k: &str, p: &RawProbe) -> ProbeProtocol {
-    let protocol = match p.protocol.as_deref().unwrap_or(DEFAULT_PROBE_PROTOCOL) {
-        "tcp" => ProbeProtocol::Tcp,
-        "mqtt" => ProbeProtocol::Mqtt,
-        "http" => {
+    let protocol = match p.protocol.as_deref() {
+        None => DEFAULT_PROBE_PROTOCOL,
+        Some("tcp") => ProbeProtocol::Tcp,
+        Some("mqtt") => ProbeProtocol::Mqtt,
+        Some("http") => {
             let path = p.path.clone().unwrap_or_else(|| DEFAULT_PROBE_PATH.into());
             if !path.starts_with('/')
                 || path.chars().any(|ch| ch.is_whitespace() || ch.is_control())
@@ -90,12 +91,12 @@ fn protocol(c: &mut Checker, k: &str, p: &RawProbe) -> ProbeProtocol {
             }
             ProbeProtocol::Http { path }
         }
-        other => {
+        Some(other) => {
             c.error(
                 format!("{k}.protocol"),
                 format!("unknown protocol {other:?}: expected tcp, http or mqtt"),
             );
-            ProbeProtocol::Tcp
+            DEFAULT_PROBE_PROTOCOL
         }
     };
     if p.path.is_some() && !matches!(protocol, ProbeProtocol::Http { .. }) {
