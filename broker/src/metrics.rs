@@ -176,7 +176,7 @@ impl Metrics {
             dropped_messages: IntCounterVec::new(
                 Opts::new(
                     "mqlb_broker_messages_dropped_total",
-                    "Messages the node's router did not deliver, by QoS and reason: not_authorized (a PUBLISH the ACL refused), invalid (a PUBLISH it could not take; the client was disconnected), expired (once per subscriber whose copy's message expiry passed before it was sent).",
+                    "Messages the node's router did not deliver, by QoS and reason: not_authorized (a PUBLISH the ACL refused), invalid (a PUBLISH it could not take; the client was disconnected), expired (once per subscriber whose copy's message expiry passed before it was sent), queue_full (queued for a persistent session while its client was away, beyond broker.max_queued_messages: QoS 0 first, then the oldest).",
                 ),
                 &["qos", "reason"],
             )?,

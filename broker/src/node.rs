@@ -209,6 +209,7 @@ impl Node {
                 max_segment_size: 100 * 1024 * 1024,
                 max_segment_count: 10,
                 shared_group_policy: Some(rumqttd::SharedPolicy(share)),
+                max_queued_messages: n.max_queued_messages.get() as usize,
                 ..RouterConfig::default()
             },
         );

@@ -149,6 +149,8 @@ pub const DEFAULT_MAX_CONNECTIONS: NonZeroU32 = nz(10_000);
 pub const DEFAULT_MAX_PAYLOAD: NonZeroU32 = nz(256 * 1024);
 /// `broker.max_inflight`.
 pub const DEFAULT_MAX_INFLIGHT: NonZeroU32 = nz(100);
+/// `broker.max_queued_messages`: the default of mosquitto, EMQX and HiveMQ.
+pub const DEFAULT_MAX_QUEUED: NonZeroU32 = nz(1000);
 
 // ---- [ha] and [[haserver]] ------------------------------------------------------------------
 

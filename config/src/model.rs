@@ -407,6 +407,9 @@ pub struct BrokerNode {
     pub max_payload_size: NonZeroU32,
     /// Unacknowledged QoS 1/2 messages per client.
     pub max_inflight: NonZeroU32,
+    /// Messages queued for a persistent session while its client is away that are delivered
+    /// when it comes back (QoS 0 dropped first, then the oldest; counted).
+    pub max_queued_messages: NonZeroU32,
     /// Listen backlog of its MQTT listeners: connections the kernel completes while the node
     /// is busy accepting. A burst of reconnecting devices (a failover moves thousands at once)
     /// overflows a short one, and each overflowed SYN waits 1 s, 3 s, 7 s... to be retried.

@@ -70,6 +70,7 @@ pub struct RawBroker {
     pub max_connections: Option<u32>,
     pub max_payload_size: Option<u32>,
     pub max_inflight: Option<u32>,
+    pub max_queued_messages: Option<u32>,
     pub http_token_file: Option<String>,
     pub backlog: Option<u32>,
 }

@@ -150,8 +150,13 @@ impl Client {
     }
 
     pub async fn publish_qos1(&self, topic: &str, payload: &[u8]) -> anyhow::Result<()> {
+        self.publish(topic, QoS::AtLeastOnce, payload).await
+    }
+
+    /// Queues a publish at `qos` (without waiting for its acknowledgement).
+    pub async fn publish(&self, topic: &str, qos: QoS, payload: &[u8]) -> anyhow::Result<()> {
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .publish(topic, qos, false, payload.to_vec())
             .await
             .context("queueing a publish")
     }

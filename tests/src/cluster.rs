@@ -37,6 +37,7 @@ fn cluster_specs(ips: &[IpAddr]) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
             max_connections: std::num::NonZeroU32::new(1000).context("non-zero")?,
             max_payload_size: std::num::NonZeroU32::new(1 << 20).context("non-zero")?,
             max_inflight: std::num::NonZeroU32::new(100).context("non-zero")?,
+            max_queued_messages: std::num::NonZeroU32::new(1000).context("non-zero")?,
             backlog: std::num::NonZeroU32::new(1024).context("non-zero")?,
         });
     }

@@ -124,6 +124,7 @@ fn node(id: &str) -> anyhow::Result<mqlb_config::BrokerNode> {
         max_connections: n(1000)?,
         max_payload_size: n(1 << 20)?,
         max_inflight: n(100)?,
+        max_queued_messages: n(1000)?,
         backlog: n(1024)?,
     })
 }

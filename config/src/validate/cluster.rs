@@ -114,6 +114,11 @@ fn broker(
             b.max_inflight,
             DEFAULT_MAX_INFLIGHT,
         ),
+        max_queued_messages: c.non_zero(
+            &format!("{k}.max_queued_messages"),
+            b.max_queued_messages,
+            DEFAULT_MAX_QUEUED,
+        ),
         backlog: c.non_zero(&format!("{k}.backlog"), b.backlog, DEFAULT_BACKLOG),
     }
 }

@@ -229,6 +229,12 @@ pub struct RouterConfig {
     /// router delivers (see `SharedGroupPolicy`); all of them without one.
     #[serde(skip)]
     pub shared_group_policy: Option<SharedPolicy>,
+    /// mqlb patch (issue 12): of the messages queued for a persistent session while its
+    /// client was away, at most this many are delivered when it comes back: QoS 0 dropped
+    /// first, then the oldest (`router::backlog`; counted as `stats::Dropped::QueueFull`).
+    /// 0: no bound.
+    #[serde(default)]
+    pub max_queued_messages: usize,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

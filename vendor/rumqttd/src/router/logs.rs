@@ -6,6 +6,7 @@ use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
+use crate::router::backlog::{self, Trim};
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
@@ -69,6 +70,9 @@ pub struct DataLog {
     /// mqlb patch (metrics, issue 17): reads that left a message out because its expiry
     /// passed, by QoS (a `Cell`: reads take `&self`; the router is one thread).
     expired: std::cell::Cell<[u64; 3]>,
+    /// mqlb patch (issue 12): reads that left a message out by a resumed session's queue
+    /// bound (`backlog::Trim`), by delivered QoS.
+    trimmed: std::cell::Cell<[u64; 3]>,
 }
 
 impl DataLog {
@@ -96,6 +100,7 @@ impl DataLog {
             filter_indexes,
             retained_publishes,
             expired: Default::default(),
+            trimmed: Default::default(),
         })
     }
 
@@ -199,7 +204,7 @@ impl DataLog {
         len: u64,
         skip_origin: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
-        let (next, o) = self.native_readv_timed(filter_idx, offset, len, skip_origin)?;
+        let (next, o) = self.native_readv_timed(filter_idx, offset, len, skip_origin, None)?;
         Ok((
             next,
             o.into_iter().map(|(p, offset, _)| (p, offset)).collect(),
@@ -207,13 +212,15 @@ impl DataLog {
     }
 
     /// mqlb patch (issue 12): [`Self::native_readv`] with the time each message reached this
-    /// router (a shared group's policy counts only the nodes that had members by then).
+    /// router (a shared group's policy counts only the nodes that had members by then), and
+    /// the messages a resumed session's `trim` drops (delivered at `qos`) left out.
     pub fn native_readv_timed(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
         skip_origin: Option<&str>,
+        trim: Option<(&Trim, u8)>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset, Instant)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
@@ -230,6 +237,20 @@ impl DataLog {
         // mqlb patch (MQTT-3.8.3-3): a No Local subscriber's own publications are skipped.
         if let Some(skip) = skip_origin {
             o.retain(|(pubdata, _)| pubdata.origin.as_deref() != Some(skip));
+        }
+
+        // mqlb patch (issue 12): what a resumed session's queue bound drops (`backlog`).
+        if let Some((trim, sub_qos)) = trim {
+            let mut trimmed = self.trimmed.get();
+            o.retain(|(pubdata, offset)| {
+                let qos = (pubdata.publish.qos as u8).min(sub_qos);
+                let drop = trim.drops(*offset, qos);
+                if drop {
+                    trimmed[qos as usize] += 1;
+                }
+                !drop
+            });
+            self.trimmed.set(trimmed);
         }
 
         let now = Instant::now();
@@ -277,6 +298,82 @@ impl DataLog {
     /// mqlb patch (metrics, issue 17): messages left out of reads as expired, by QoS.
     pub fn expired(&self) -> [u64; 3] {
         self.expired.get()
+    }
+
+    /// mqlb patch (issue 12): messages a resumed session's queue bound dropped, by QoS.
+    pub fn trimmed(&self) -> [u64; 3] {
+        self.trimmed.get()
+    }
+
+    /// mqlb patch (issue 12): bounds the queue a persistent session comes back to at
+    /// `config.max_queued_messages` (0: no bound), by a [`Trim`] on each of its
+    /// subscriptions' requests (`backlog`). `unacked`: its deliveries in flight when its client
+    /// left, which are never dropped. A shared subscription's queue is the group's, not the
+    /// session's: left alone.
+    pub fn bound_queue(
+        &self,
+        requests: &mut VecDeque<DataRequest>,
+        unacked: &[(u16, FilterIdx, Offset)],
+        client_id: &str,
+    ) {
+        let limit = self.config.max_queued_messages;
+        if limit == 0 {
+            return;
+        }
+        let mut waiting = Vec::with_capacity(requests.len());
+        for r in requests.iter() {
+            let after = unacked
+                .iter()
+                .filter(|(_, f, _)| *f == r.filter_idx)
+                .map(|(_, _, o)| *o)
+                .max();
+            let list = if r.group.is_some() {
+                Vec::new()
+            } else {
+                self.waiting(r, after, client_id)
+            };
+            waiting.push((after, list));
+        }
+        let qos: Vec<Vec<u8>> = waiting
+            .iter()
+            .map(|(_, l)| l.iter().map(|(_, q)| *q).collect())
+            .collect();
+        let cuts = backlog::plan(&qos, limit);
+        for ((r, (after, list)), cut) in requests.iter_mut().zip(&waiting).zip(cuts) {
+            r.trim = Trim::new(*after, list, cut);
+        }
+    }
+
+    /// The messages waiting for `r` after `after` (offset, delivered QoS), oldest first: those
+    /// a read would deliver but for expiry, which the read itself settles.
+    fn waiting(
+        &self,
+        r: &DataRequest,
+        after: Option<Offset>,
+        client_id: &str,
+    ) -> Vec<(Offset, u8)> {
+        let Some(data) = self.native.get(r.filter_idx) else {
+            return Vec::new();
+        };
+        let mut list = Vec::new();
+        let (mut cursor, mut chunk) = (r.cursor, Vec::new());
+        // Bounded: each round reads on from where the last ended, and the log ends.
+        for _ in 0..1_000_000 {
+            chunk.clear();
+            let Ok(next) = data.log.readv(cursor, 1024, &mut chunk) else {
+                break;
+            };
+            list.extend(chunk.iter().filter_map(|(p, offset)| {
+                let own = r.nolocal && p.origin.as_deref() == Some(client_id);
+                let delivered = after.is_none_or(|a| *offset > a) && !own;
+                delivered.then_some((*offset, (p.publish.qos as u8).min(r.qos)))
+            }));
+            match next {
+                Position::Next { end, .. } if end != cursor => cursor = end,
+                _ => break,
+            }
+        }
+        list
     }
 
     /// mqlb patch (metrics, issue 17): retained messages held.
@@ -532,6 +629,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            ..RouterConfig::default()
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -552,6 +650,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            ..RouterConfig::default()
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");

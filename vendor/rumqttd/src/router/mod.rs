@@ -16,6 +16,7 @@ use crate::{
 };
 
 mod alertlog;
+pub(crate) mod backlog;
 // mqlb patch: authentication and authorisation hooks (PATCHED.md).
 pub mod authorize;
 mod connection;
@@ -220,6 +221,10 @@ pub struct DataRequest {
     /// RETAIN flag (otherwise it is 0).
     #[serde(default)]
     pub(crate) preserve_retain: bool,
+    /// mqlb patch (issue 12): what of the queue its session came back to is dropped by the
+    /// bound (`backlog`); `None` once the cursor has passed it.
+    #[serde(default)]
+    pub(crate) trim: Option<backlog::Trim>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -369,7 +369,13 @@ impl Router {
             // otherwise, just start new one
             saved_state.map_or_else(
                 || Tracker::new(client_id.clone()),
-                |session_state| {
+                |mut session_state| {
+                    // mqlb patch (issue 12): the queue it comes back to is bounded.
+                    self.datalog.bound_queue(
+                        &mut session_state.tracker.data_requests,
+                        &session_state.unacked,
+                        &client_id,
+                    );
                     connection.subscriptions = session_state.subscriptions;
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
@@ -1156,6 +1162,7 @@ impl Router {
                 group,
                 nolocal: filter.nolocal,
                 preserve_retain: filter.preserve_retain,
+                trim: None,
             };
 
             self.scheduler.track(id, request);
@@ -1768,6 +1775,7 @@ fn forward_device_data(
         request.cursor,
         inflight_slots,
         request.nolocal.then_some(outgoing.client_id.as_str()),
+        request.trim.as_ref().map(|t| (t, request.qos)),
     ) {
         Ok(v) => v,
         Err(e) => {
@@ -1841,6 +1849,9 @@ fn forward_device_data(
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
+    if request.trim.is_some_and(|t| t.passed(next)) {
+        request.trim = None;
+    }
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
@@ -2120,6 +2131,9 @@ impl Router {
         for (i, n) in self.datalog.expired().iter().enumerate() {
             dropped[Dropped::Expired as usize][i] = *n;
         }
+        for (i, n) in self.datalog.trimmed().iter().enumerate() {
+            dropped[Dropped::QueueFull as usize][i] = *n;
+        }
         super::stats::RouterStats {
             connections: self.connections.len(),
             persistent_online,
@@ -2299,6 +2313,7 @@ impl Router {
                 group,
                 nolocal: sub.nolocal,
                 preserve_retain: sub.preserve_retain,
+                trim: None,
             });
         }
         subscriptions.insert(queue.clone());
@@ -2314,6 +2329,7 @@ impl Router {
             nolocal: false,
             // RETAIN was set as the subscription delivers it.
             preserve_retain: true,
+            trim: None,
         });
         debug!(client_id, "session imported");
         self.graveyard.save_state(

@@ -20,16 +20,25 @@ pub enum Dropped {
     /// Not delivered to one subscriber: its Message Expiry Interval passed while it waited
     /// (counted once per subscriber that missed it, MQTT-3.3.2-5).
     Expired,
+    /// mqlb patch (issue 12): not delivered to a persistent session that came back to more
+    /// queued messages than `RouterConfig::max_queued_messages` (`router::backlog`).
+    QueueFull,
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 3] = [Dropped::NotAuthorized, Dropped::Invalid, Dropped::Expired];
+    pub const ALL: [Dropped; 4] = [
+        Dropped::NotAuthorized,
+        Dropped::Invalid,
+        Dropped::Expired,
+        Dropped::QueueFull,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Dropped::NotAuthorized => "not_authorized",
             Dropped::Invalid => "invalid",
             Dropped::Expired => "expired",
+            Dropped::QueueFull => "queue_full",
         }
     }
 }
@@ -48,7 +57,7 @@ pub struct RouterStats {
     /// Distinct subscription filters with at least one subscriber.
     pub filters: usize,
     /// `dropped[reason][qos]`, `reason` in the order of [`Dropped::ALL`].
-    pub dropped: [[u64; 3]; 3],
+    pub dropped: [[u64; 3]; 4],
 }
 
 impl RouterStats {
@@ -59,7 +68,7 @@ impl RouterStats {
 
 /// The router's running drop counts (kept in the router, read into [`RouterStats`]).
 #[derive(Debug, Default)]
-pub(crate) struct DropCounts(pub(crate) [[u64; 3]; 3]);
+pub(crate) struct DropCounts(pub(crate) [[u64; 3]; 4]);
 
 impl DropCounts {
     pub(crate) fn count(&mut self, reason: Dropped, qos: QoS) {
