@@ -308,9 +308,17 @@ async fn acknowledged_messages_and_ended_sessions_are_not_restored() -> anyhow::
 /// and 2; node 0 dies: each subscriber gets each will once. A third client, with a Will Delay
 /// Interval of 4 s, connects again on node 1 in time: its will is not published. Before, no will
 /// of a dead node's clients was ever published.
+///
+/// The nodes run on simulated hosts and node 0 is cut off from them before it is dropped, so
+/// it dies at once as a killed process does: a node dropped in-process goes down task by task,
+/// and its router (a thread that outlives the drop) saw its clients go and published their
+/// wills through mesh links that were not all gone yet, reaching one peer and not the other
+/// (the flake this test had, 1 run in 9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wills_of_a_dead_nodes_clients_are_published_once() -> anyhow::Result<()> {
-    let mut c = Cluster::start(3).await?;
+    let hosts = mqlb_tests::Hosts::new(3)?;
+    let ips: Vec<std::net::IpAddr> = hosts.iter().map(|h| h.ip.into()).collect();
+    let mut c = Cluster::start_on(&ips).await?;
     c.wait_meshed().await?;
     let mut subs = Vec::new();
     for (i, node) in [1, 2].into_iter().enumerate() {
@@ -373,8 +381,20 @@ async fn the_wills_of_a_dead_nodes_clients_are_published_once() -> anyhow::Resul
         })
     })
     .await?;
+    hosts.isolate(hosts.host(0))?;
     c.crash(0);
     let (_again, _) = open5(&c, 1, connect5_session("fw-back", false, Some(60))).await?;
+    // The peers notice the cut (TCP_USER_TIMEOUT, about 3 s), then the will grace (2 s) runs.
+    wait_until(
+        "node 1 publishes the two wills",
+        Duration::from_secs(30),
+        || async {
+            c.node(1).is_some_and(|n| {
+                metric(&n.metrics_text(), "mqlb_session_replica_wills_total", &[]) >= 2.0
+            })
+        },
+    )
+    .await?;
     for (i, s) in subs.iter_mut().enumerate() {
         let mut got = Vec::new();
         while got.len() < 2 {
