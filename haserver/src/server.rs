@@ -38,7 +38,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Time for a request body to arrive once its headers did.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Members registered at most, by default (`[ha] max_members`).
+/// Members registered at most, by default ([`Options::max_members`]; not a config key).
 pub const DEFAULT_MAX_MEMBERS: usize = 1_000;
 
 /// Membership timing (from `[ha]`).
@@ -818,7 +818,7 @@ async fn register(shared: &Arc<Shared>, body: &[u8]) -> Res {
             refused(shared, "full", &reg, &format!("{n} members"));
             error(
                 StatusCode::INSUFFICIENT_STORAGE,
-                format!("the membership is full ({n} members, ha.max_members)"),
+                format!("the membership is full ({n} members, the HA server's limit)"),
             )
         }
         Err(e) => store_error(shared, e),
