@@ -99,24 +99,32 @@ pub(crate) async fn serve(
             return;
         }
     };
-    mqlb_http::serve("broker", listener, stop, move |req| {
-        let policy = Policy {
-            bind,
-            token: token.as_ref(),
-        };
-        let refused = guard.refuse(&req, &policy);
-        let (metrics, guard, mesh, router) =
-            (metrics.clone(), guard.clone(), mesh.clone(), router.clone());
-        let path = req.uri().path().to_owned();
-        async move {
-            if let Some(refused) = refused {
-                return refused;
+    let registry = metrics.registry().clone();
+    mqlb_http::serve(
+        "broker",
+        "mqlb_broker",
+        &registry,
+        listener,
+        stop,
+        move |req| {
+            let policy = Policy {
+                bind,
+                token: token.as_ref(),
+            };
+            let refused = guard.refuse(&req, &policy);
+            let (metrics, guard, mesh, router) =
+                (metrics.clone(), guard.clone(), mesh.clone(), router.clone());
+            let path = req.uri().path().to_owned();
+            async move {
+                if let Some(refused) = refused {
+                    return refused;
+                }
+                if path == "/metrics" {
+                    metrics.refresh(&router, &mesh).await;
+                }
+                respond(&metrics, &guard, &mesh, &path)
             }
-            if path == "/metrics" {
-                metrics.refresh(&router, &mesh).await;
-            }
-            respond(&metrics, &guard, &mesh, &path)
-        }
-    })
+        },
+    )
     .await
 }

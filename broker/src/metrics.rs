@@ -245,6 +245,11 @@ impl Metrics {
         Ok(m)
     }
 
+    /// The registry `/metrics` renders, for series kept elsewhere (the HTTP server's).
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Adds metrics kept elsewhere (sessions across the cluster, issue 12).
     pub(crate) fn register(
         &self,

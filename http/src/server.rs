@@ -146,10 +146,12 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE (Linux and the BSDs agree)
 }
 
-/// Serves `handler` on `listener` until `stop` fires, with the default [`Limits`]; `name`
-/// labels the logs.
+/// Serves `handler` on `listener` until `stop` fires, with the default [`Limits`], counting
+/// its connections as `{prefix}_http_connections_*` in `registry`; `name` labels the logs.
 pub async fn serve<H, F>(
     name: &'static str,
+    prefix: &str,
+    registry: &prometheus::Registry,
     listener: TcpListener,
     stop: CancellationToken,
     handler: H,
@@ -157,7 +159,8 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    match ConnMetrics::new("mqlb") {
+    let metrics = ConnMetrics::new(prefix).and_then(|m| m.register(registry).map(|()| m));
+    match metrics {
         Ok(metrics) => serve_with(name, listener, stop, Limits::default(), metrics, handler).await,
         Err(e) => tracing::error!(server = name, error = %e, "HTTP server not started"),
     }

@@ -328,10 +328,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: Canc
             return;
         }
     };
-    mqlb_http::serve("admin", listener, stop, move |req| {
-        let res = handle(&shared, &guard, bind, &req);
-        async move { res }
-    })
+    let registry = shared.metrics.registry().clone();
+    mqlb_http::serve(
+        "admin",
+        "mqlb_admin",
+        &registry,
+        listener,
+        stop,
+        move |req| {
+            let res = handle(&shared, &guard, bind, &req);
+            async move { res }
+        },
+    )
     .await
 }
 
