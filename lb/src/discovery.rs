@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use mqlb_config::{Backend, Config, MqttPorts};
@@ -20,6 +21,7 @@ use mqlb_ha_api::model::{ClusterView, MemberState};
 use mqlb_ha_api::HaClient;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::BackendState;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
@@ -119,13 +121,18 @@ impl Departures {
 
     /// Marks the members of `snap`'s discovery pools that left as down (`mqlb_backend_up 0`)
     /// and the others as back: after every snapshot swap, since a member's state is carried
-    /// from one snapshot to the next.
-    pub(crate) fn mark(&self, snap: &Snapshot, metrics: &Metrics) {
+    /// from one snapshot to the next. Returns the states that left just now: still listed,
+    /// so not left behind by the snapshot, they are down for their live connections all the
+    /// same.
+    pub(crate) fn mark(&self, snap: &Snapshot, metrics: &Metrics) -> Vec<Arc<BackendState>> {
+        let mut left = Vec::new();
         for pool in snap.pools.iter().filter(|p| p.cfg.discovery) {
             for m in &pool.members {
                 match self.left_since(&m.cfg.id) {
                     Some(since) => {
-                        m.state.leave(since);
+                        if m.state.leave(since) {
+                            left.push(m.state.clone());
+                        }
                         metrics
                             .backend_up
                             .with_label_values(&[&pool.cfg.name, &m.cfg.id])
@@ -135,6 +142,7 @@ impl Departures {
                 }
             }
         }
+        left
     }
 }
 

@@ -417,14 +417,17 @@ impl Lb {
         };
         shared.snapshot.store(Arc::new(next));
         shared.metrics.forget(&gone);
-        control
+        let left_membership = control
             .departures
             .mark(&shared.snapshot.load(), &shared.metrics);
         shared.events.membership(&shared.snapshot.load(), &departed);
-        // A backend that left the pool is down for the connections it still has.
-        for state in left {
+        // A backend that left the pool, or left the membership and stays listed until
+        // `remove_after`, is down for the connections it still has.
+        for state in &left {
             state.retire();
-            shared.conns.backend_went_down(&state);
+        }
+        for state in left.iter().chain(&left_membership) {
+            shared.conns.backend_went_down(state);
         }
         for f in &plan.resize {
             if let Some(o) = control.frontends.get_mut(&f.name) {

@@ -39,6 +39,8 @@ pub struct Client {
     connacks: Arc<AtomicUsize>,
     pubacks: Arc<AtomicUsize>,
     errors: Arc<AtomicUsize>,
+    /// The last connection error, to say why a client is not connected.
+    last_error: Arc<Mutex<Option<String>>>,
     stop: CancellationToken,
 }
 
@@ -75,9 +77,11 @@ impl Client {
             connacks: Arc::default(),
             pubacks: Arc::default(),
             errors: Arc::default(),
+            last_error: Arc::default(),
             stop: CancellationToken::new(),
         };
-        let (received, subacks) = (c.received.clone(), c.subacks.clone());
+        let (received, subacks, last_error) =
+            (c.received.clone(), c.subacks.clone(), c.last_error.clone());
         let (subs, resubscriber) = (c.subscriptions.clone(), c.client.clone());
         let (connacks, pubacks, errors, stop) = (
             c.connacks.clone(),
@@ -110,8 +114,9 @@ impl Client {
                 });
             }
             Ok(_) => {}
-            Err(_) => {
+            Err(e) => {
                 errors.fetch_add(1, Ordering::SeqCst);
+                *lock(&last_error) = Some(e.to_string());
             }
         });
         wait_count(&format!("CONNACK for {id}"), &c.connacks, 1, ACK_DEADLINE).await?;
@@ -147,6 +152,11 @@ impl Client {
     /// Connection errors seen by the event loop.
     pub fn errors(&self) -> usize {
         self.errors.load(Ordering::SeqCst)
+    }
+
+    /// The last connection error the event loop saw, if any.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
     }
 
     pub async fn publish_qos1(&self, topic: &str, payload: &[u8]) -> anyhow::Result<()> {

@@ -203,7 +203,12 @@ impl Topology {
                 "RUST_LOG",
                 std::env::var("MQLB_TEST_LOG").unwrap_or_else(|_| "error,rumqttd=off".into()),
             )
-            .stdout(Stdio::null())
+            // The processes log to stdout: shown when a test asks for logs, else dropped.
+            .stdout(if std::env::var_os("MQLB_TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         if let Err(e) = wait_listening(addr, &mut child, Duration::from_secs(20)).await {

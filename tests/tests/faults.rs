@@ -577,7 +577,7 @@ async fn the_clients_of_a_hung_broker_move_at_once() -> anyhow::Result<()> {
     let paused = std::time::Instant::now();
     // Bounded below the 45 s their keep alive would take: 15 s timed out once in a fresh CI
     // run on a loaded machine (2 s alone).
-    wait_until(
+    let moved = wait_until(
         "b2's clients reconnected elsewhere",
         Duration::from_secs(30),
         || async {
@@ -594,7 +594,24 @@ async fn the_clients_of_a_hung_broker_move_at_once() -> anyhow::Result<()> {
                     .all(|id| now.iter().any(|(c, b, _)| c == id && b != "b2"))
         },
     )
-    .await?;
+    .await;
+    if let Err(e) = moved {
+        let lagging: Vec<String> = clients
+            .iter()
+            .filter(|c| on_b2.contains(&c.id) && c.connacks() < 2)
+            .map(|c| {
+                format!(
+                    "{} (connacks {}, errors {}, last {:?})",
+                    c.id,
+                    c.connacks(),
+                    c.errors(),
+                    c.last_error()
+                )
+            })
+            .collect();
+        let listed = connections(t.admin).await.unwrap_or_default();
+        return Err(e.context(format!("not reconnected: {lagging:?}; listed: {listed:?}")));
+    }
     eprintln!(
         "{} clients of the hung broker reconnected after {:?}",
         on_b2.len(),
@@ -648,6 +665,98 @@ async fn a_backend_that_leaves_the_pool_loses_its_connections() -> anyhow::Resul
     })
     .await?;
     lb.shutdown().await;
+    Ok(())
+}
+
+/// The membership side of defect 10 once more: a member the HA server reports down stays
+/// listed (down, `left_membership`) until `remove_after`, so it is no longer "left behind" by
+/// the snapshot; its connections must end all the same, before any probe would notice (here
+/// none will: its probe runs hourly and the backend still answers). They did not: a hung
+/// broker that the HA server saw first kept its clients until their own keep alive fired
+/// (`the_clients_of_a_hung_broker_move_at_once` failed 1 run in 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_leaves_the_membership_loses_its_connections() -> anyhow::Result<()> {
+    use mqlb_tests::{fast_ha_timing, start_haserver, TEST_SECRET};
+    let dir = TempDir::new("member-leaves")?;
+    let ha = start_haserver("ha1", &dir.path().join("ha.sqlite"), fast_ha_timing()).await?;
+    let backend = mqlb_tests::discard_server()?;
+    let member = std::sync::Arc::new(mqlb_haserver::HaClient::new(
+        vec![ha.addr()],
+        mqlb_config::Secret::new(TEST_SECRET),
+    ));
+    member
+        .register(&mqlb_haserver::model::Registration {
+            id: "m1".into(),
+            mqtt: backend.to_string(),
+            mqtt_v5: None,
+            mesh: None,
+            http: None,
+            pid: None,
+        })
+        .await?;
+    // Heartbeats keep it a member until they stop.
+    let beating = tokio_util::sync::CancellationToken::new();
+    let beats = {
+        let (member, beating) = (member.clone(), beating.clone());
+        tokio::spawn(async move {
+            while !beating.is_cancelled() {
+                let _ = member.heartbeat("m1").await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let cfg = format!(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+         [cluster]\nsecret = \"{TEST_SECRET}\"\n\
+         [[haserver]]\nid = \"ha1\"\nlisten = \"{}\"\n\
+         [[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n\
+         [[pool]]\nname = \"p\"\nprobe = \"t\"\ndiscovery = \"haserver\"\nremove_after = \"1m\"\n\
+         [[probe]]\nname = \"t\"\nport = \"traffic\"\ninterval = \"1h\"\n\
+         [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\nclose_on_backend_down = true\n",
+        ha.addr()
+    );
+    let lb = Lb::start(Config::parse(&cfg, "test")?, Listeners::default()).await?;
+    let front = lb.frontend_addr("f").context("frontend")?;
+    let admin = lb.admin_addr();
+    let m1_is = |state: &'static str| async move {
+        mqlb_tests::get_json(admin, "/api/backends")
+            .await
+            .is_ok_and(|v| {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|b| b["id"] == "m1" && b["state"] == state)
+            })
+    };
+    wait_until("m1 is an up member", DEADLINE, || m1_is("up")).await?;
+    let mut live = TcpStream::connect(front).await?;
+    live.write_all(b"to m1").await?;
+    wait_until("the connection is listed", DEADLINE, || async {
+        lb.connection_count() == 1
+    })
+    .await?;
+    beating.cancel();
+    beats.await?;
+    wait_until("m1 listed down", DEADLINE, || m1_is("down")).await?;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, live.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the connection to the member that left was not closed"
+    );
+    wait_until("counted as backend_down", DEADLINE, || {
+        let text = lb.metrics_text();
+        async move {
+            metric(
+                &text,
+                "mqlb_connections_total",
+                &[("outcome", "backend_down")],
+            ) == 1.0
+        }
+    })
+    .await?;
+    lb.shutdown().await;
+    ha.stop().await;
     Ok(())
 }
 

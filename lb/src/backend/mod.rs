@@ -165,11 +165,14 @@ impl BackendState {
     }
 
     /// The member left the membership at `since`: down, with that reason, until it
-    /// [`rejoin`](Self::rejoin)s or is removed. Idempotent (every membership change repeats it).
-    pub(crate) fn leave(&self, since: SystemTime) {
-        if !self.left.swap(true, Ordering::AcqRel) {
+    /// [`rejoin`](Self::rejoin)s or is removed. Idempotent (every membership change repeats
+    /// it); true only the first time, when its connections are to be told.
+    pub(crate) fn leave(&self, since: SystemTime) -> bool {
+        let first = !self.left.swap(true, Ordering::AcqRel);
+        if first {
             *lock(&self.down_by) = Some((Source::LeftMembership, since));
         }
+        first
     }
 
     /// Back in the membership: its health is what its probe says again.
