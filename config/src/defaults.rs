@@ -43,6 +43,10 @@ pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// `frontend.backlog` and `broker.backlog`: the listen backlog.
 pub const DEFAULT_BACKLOG: NonZeroU32 = nz(1024);
 
+/// `frontend.tls.alpn`: the protocol name MQTT over TLS registers for ALPN (IANA's `mqtt`).
+/// A client offering none is still accepted (mosquitto's clients offer none).
+pub const DEFAULT_TLS_ALPN: &[&str] = &["mqtt"];
+
 /// `frontend.source_burst`: one second's worth of `source_rate` unless said otherwise.
 pub fn default_source_burst(source_rate: NonZeroU32) -> NonZeroU32 {
     source_rate
@@ -187,6 +191,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const MAX_DATA_THREADS: u32 = 1024;
 /// Names and ids (`frontend.name`, `pool.backend.id`, ...): at most this many characters.
 pub const MAX_NAME_LEN: usize = 64;
+/// `frontend.tls.alpn`: each name 1 to this many bytes (RFC 7301).
+pub const MAX_ALPN_LEN: usize = 255;
 /// `pool.backend.weight`.
 pub const MAX_WEIGHT: u32 = 10_000;
 /// `pool.server_reference`: sent in a DISCONNECT's UTF-8 string property, so short enough for

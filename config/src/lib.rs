@@ -12,6 +12,7 @@ mod duration;
 mod model;
 mod raw;
 mod spans;
+mod tls;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub use defaults::{
 };
 pub use duration::{format_duration, parse_duration};
 pub use model::*;
+pub use tls::{FrontendTls, TlsError, TlsServer};
 
 /// Why a configuration could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]

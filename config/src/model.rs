@@ -76,6 +76,8 @@ pub struct Frontend {
     pub bind: SocketAddr,
     pub backlog: NonZeroU32,
     pub limits: FrontendLimits,
+    /// TLS terminated here (`tls = { cert, key }`); `None`: the bytes are passed as they come.
+    pub tls: Option<crate::tls::FrontendTls>,
 }
 
 /// A backend pool with the probe that decides its members' health.

@@ -98,6 +98,16 @@ pub struct RawFrontend {
     pub max_connections_per_source: Option<u32>,
     pub source_rate: Option<u32>,
     pub source_burst: Option<u32>,
+    pub tls: Option<RawTls>,
+}
+
+/// `tls = { cert = "chain.pem", key = "key.pem", alpn = ["mqtt"] }` of a frontend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+    pub alpn: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

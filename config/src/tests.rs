@@ -527,3 +527,96 @@ fn problems_and_warnings_carry_their_line() {
         .map(|i| i + 1);
     assert_eq!(w.and_then(|w| w.line), line, "{:?}", c.warnings);
 }
+
+/// A frontend with `tls` and the certificate and key files it names (self-signed).
+fn tls_frontend(dir: &std::path::Path, tls: &str) -> String {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+    std::fs::write(dir.join("chain.pem"), cert.pem()).expect("cert");
+    std::fs::write(dir.join("key.pem"), signing_key.serialize_pem()).expect("key");
+    let tls = tls.replace("DIR", &dir.display().to_string());
+    MINIMAL.replace(
+        "bind = \"127.0.0.1:1883\"\n",
+        &format!("bind = \"127.0.0.1:1883\"\ntls = {tls}\n"),
+    )
+}
+
+#[test]
+fn tls_reads_the_files_at_load_with_mqtt_as_the_default_alpn() {
+    let dir = tempfile::tempdir().expect("dir");
+    let text = tls_frontend(
+        dir.path(),
+        r#"{ cert = "DIR/chain.pem", key = "DIR/key.pem" }"#,
+    );
+    let c = Config::parse(&text, "t.toml").expect("valid");
+    let tls = c.frontends[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.alpn, ["mqtt"]);
+    assert_eq!(tls.cert, dir.path().join("chain.pem"));
+    assert_eq!(tls.server.config().alpn_protocols, [b"mqtt".to_vec()]);
+    assert!(
+        Config::parse(MINIMAL, "t.toml").expect("valid").frontends[0]
+            .tls
+            .is_none()
+    );
+
+    let own = tls_frontend(
+        dir.path(),
+        r#"{ cert = "DIR/chain.pem", key = "DIR/key.pem", alpn = ["mqtt", "x-mqtt"] }"#,
+    );
+    let c = Config::parse(&own, "t.toml").expect("valid");
+    assert_eq!(
+        c.frontends[0].tls.as_ref().expect("tls").alpn,
+        ["mqtt", "x-mqtt"]
+    );
+}
+
+#[test]
+fn unusable_tls_files_are_config_errors_naming_the_frontend_and_the_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("junk.pem"), "junk").expect("junk");
+    let cases = [
+        (
+            r#"{ cert = "DIR/none.pem", key = "DIR/key.pem" }"#,
+            "frontend[0].tls.cert",
+            "none.pem",
+        ),
+        (
+            r#"{ cert = "DIR/junk.pem", key = "DIR/key.pem" }"#,
+            "frontend[0].tls.cert",
+            "junk.pem",
+        ),
+        (
+            r#"{ cert = "DIR/chain.pem", key = "DIR/none.pem" }"#,
+            "frontend[0].tls.key",
+            "none.pem",
+        ),
+        (
+            r#"{ cert = "DIR/chain.pem", key = "DIR/junk.pem" }"#,
+            "frontend[0].tls.key",
+            "junk.pem",
+        ),
+        (
+            r#"{ cert = "DIR/chain.pem", key = "DIR/key.pem", alpn = [""] }"#,
+            "frontend[0].tls.alpn[0]",
+            "ALPN",
+        ),
+    ];
+    for (tls, key, named) in cases {
+        let p = problems(&tls_frontend(dir.path(), tls));
+        assert_eq!(p.len(), 1, "{tls}: {p:?}");
+        assert_eq!(p[0].key, key, "{tls}");
+        assert!(p[0].message.contains(named), "{tls}: {}", p[0].message);
+        if named != "ALPN" {
+            assert!(
+                p[0].message.contains("frontend \"mqtt\""),
+                "{}",
+                p[0].message
+            );
+        }
+    }
+    let half = tls_frontend(dir.path(), r#"{ cert = "DIR/chain.pem" }"#);
+    match Config::parse(&half, "t.toml") {
+        Err(ConfigError::Syntax { message, .. }) => assert!(message.contains("`key`"), "{message}"),
+        other => panic!("a tls without key must be refused: {other:?}"),
+    }
+}

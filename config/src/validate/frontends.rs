@@ -1,12 +1,15 @@
-//! `[[frontend]]`: the addresses the load balancer listens on, and their limits.
+//! `[[frontend]]`: the addresses the load balancer listens on, their limits, and the TLS they
+//! terminate.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use super::Checker;
 use crate::defaults::*;
 use crate::model::{Frontend, FrontendLimits, SourceRate};
-use crate::raw::RawFrontend;
+use crate::raw::{RawFrontend, RawTls};
+use crate::tls::{FrontendTls, TlsError};
 
 /// `admin` is `lb.admin`, which no frontend may take.
 pub(super) fn frontends(c: &mut Checker, raw: &[RawFrontend], admin: SocketAddr) -> Vec<Frontend> {
@@ -33,11 +36,62 @@ fn frontend(
     let bind = c.addr(&format!("{k}.bind"), &f.bind)?;
     bind_is_free(c, k, bind, binds, admin);
     let limits = limits(c, k, f);
+    let tls = f.tls.as_ref().and_then(|t| tls(c, k, &f.name, t));
     Some(Frontend {
         name: f.name.clone(),
         bind,
         backlog,
         limits,
+        tls,
+    })
+}
+
+/// `tls`: the files are read and the server configuration built now, so a missing file, a
+/// PEM without a certificate or a key that does not fit the certificate is refused at load,
+/// naming the frontend and the file.
+fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> {
+    let alpn: Vec<String> = match &t.alpn {
+        Some(list) => list.clone(),
+        None => DEFAULT_TLS_ALPN.iter().map(|p| p.to_string()).collect(),
+    };
+    let mut ok = true;
+    for (j, p) in alpn.iter().enumerate() {
+        if p.is_empty() || p.len() > MAX_ALPN_LEN {
+            c.error(
+                format!("{k}.tls.alpn[{j}]"),
+                format!("an ALPN protocol name is 1-{MAX_ALPN_LEN} bytes"),
+            );
+            ok = false;
+        }
+    }
+    let (cert, key) = (PathBuf::from(&t.cert), PathBuf::from(&t.key));
+    let server = match crate::tls::load(&cert, &key, &alpn) {
+        Ok(s) => s,
+        Err(e) => {
+            let which = match &e {
+                TlsError::Read { file, .. }
+                | TlsError::NoCertificate { file }
+                | TlsError::Pem { file, .. }
+                | TlsError::NoKey { file }
+                    if *file == key && key != cert =>
+                {
+                    "key"
+                }
+                TlsError::Rejected { .. } => "key",
+                _ => "cert",
+            };
+            c.error(
+                format!("{k}.tls.{which}"),
+                format!("frontend {name:?}: {e}"),
+            );
+            return None;
+        }
+    };
+    ok.then_some(FrontendTls {
+        cert,
+        key,
+        alpn,
+        server,
     })
 }
 
