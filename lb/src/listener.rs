@@ -193,6 +193,20 @@ pub(crate) async fn accept_loop(
             .refused_total
             .with_label_values(&[&frontend, why.label()]);
     }
+    if let Some(rule) = shared.snapshot.load().rules.get(&frontend) {
+        if rule.tls.is_some() {
+            shared
+                .metrics
+                .tls_handshakes_total
+                .with_label_values(&[&frontend]);
+            for why in conn::HandshakeFail::REASONS {
+                shared
+                    .metrics
+                    .tls_handshake_errors_total
+                    .with_label_values(&[&frontend, why]);
+            }
+        }
+    }
     let name: Arc<str> = Arc::from(frontend.as_str());
     let frontend_live = lock(&shared.live_by_frontend)
         .entry(frontend.clone())

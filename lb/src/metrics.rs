@@ -44,6 +44,8 @@ pub struct Metrics {
     pub data_path_up: IntGaugeVec,
     pub passive_failures_total: IntCounterVec,
     pub refused_total: IntCounterVec,
+    pub tls_handshakes_total: IntCounterVec,
+    pub tls_handshake_errors_total: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -148,6 +150,20 @@ impl Metrics {
                 ),
                 &["frontend", "reason"],
             )?,
+            tls_handshakes_total: IntCounterVec::new(
+                opts(
+                    "mqlb_tls_handshakes_total",
+                    "TLS handshakes completed on a frontend that terminates TLS.",
+                ),
+                &["frontend"],
+            )?,
+            tls_handshake_errors_total: IntCounterVec::new(
+                opts(
+                    "mqlb_tls_handshake_errors_total",
+                    "TLS handshakes that failed, by reason; the connection is closed, never passed on.",
+                ),
+                &["frontend", "reason"],
+            )?,
             registry,
         };
         m.registry
@@ -169,6 +185,10 @@ impl Metrics {
         m.registry
             .register(Box::new(m.passive_failures_total.clone()))?;
         m.registry.register(Box::new(m.refused_total.clone()))?;
+        m.registry
+            .register(Box::new(m.tls_handshakes_total.clone()))?;
+        m.registry
+            .register(Box::new(m.tls_handshake_errors_total.clone()))?;
         // CPU seconds, resident memory, open descriptors, start time: the standard process_*
         // series, so the LB's own cost sits beside its traffic on a dashboard.
         mqlb_http::metrics::register_process(&m.registry)?;

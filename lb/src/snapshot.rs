@@ -69,11 +69,15 @@ pub struct RuleRt {
     pub pool: Arc<PoolRt>,
     /// The connection limits of the rule's frontend, checked at accept.
     pub limits: mqlb_config::FrontendLimits,
+    /// The TLS its frontend terminates: the server configuration built at load, shared by
+    /// every connection of this snapshot.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Metric handles of this rule × each pool member, looked up on first use: the data path
     /// then touches its counters without hashing label values or taking the vec's lock.
     member_metrics: Vec<OnceLock<MemberMetrics>>,
     routed: OnceLock<IntCounter>,
     opened: OnceLock<IntCounter>,
+    tls_handshakes: OnceLock<IntCounter>,
 }
 
 /// The metric series a connection of one rule to one backend updates.
@@ -102,7 +106,9 @@ impl RuleRt {
             member_metrics: pool.members.iter().map(|_| OnceLock::new()).collect(),
             routed: OnceLock::new(),
             opened: OnceLock::new(),
+            tls_handshakes: OnceLock::new(),
             limits: mqlb_config::FrontendLimits::default(),
+            tls: None,
             cfg,
             pool,
         }
@@ -132,6 +138,14 @@ impl RuleRt {
         self.opened.get_or_init(|| {
             m.connections_opened_total
                 .with_label_values(&[&self.cfg.name])
+        })
+    }
+
+    /// `mqlb_tls_handshakes_total` of the rule's frontend.
+    pub(crate) fn tls_handshakes(&self, m: &Metrics) -> &IntCounter {
+        self.tls_handshakes.get_or_init(|| {
+            m.tls_handshakes_total
+                .with_label_values(&[&self.cfg.frontend])
         })
     }
 
@@ -196,6 +210,7 @@ impl Snapshot {
                 let mut rt = RuleRt::new(r.clone(), pool);
                 if let Some(f) = config.frontends.iter().find(|f| f.name == r.frontend) {
                     rt.limits = f.limits;
+                    rt.tls = f.tls.as_ref().map(|t| t.server.config().clone());
                 }
                 Some((r.frontend.clone(), Arc::new(rt)))
             })

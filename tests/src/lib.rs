@@ -51,7 +51,9 @@ pub use http::{
     http_with_headers,
 };
 pub use metrics::metric;
-pub use mosquitto::{mosquitto_installed, mosquitto_pub, Mosquitto, MosquittoSub};
+pub use mosquitto::{
+    mosquitto_installed, mosquitto_pub, mosquitto_pub_with, Mosquitto, MosquittoSub,
+};
 pub use persistent::{Persistent, Protocol};
 pub use ports::{discard_server, free_port, loopback, serve_threads};
 pub use postgres::Postgres;

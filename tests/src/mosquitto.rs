@@ -216,13 +216,23 @@ pub fn mosquitto_pub(
     msg: &str,
     v5: bool,
 ) -> anyhow::Result<()> {
+    let v5: &[&str] = if v5 { &["-V", "mqttv5"] } else { &[] };
+    mosquitto_pub_with(addr, client_id, topic, msg, v5)
+}
+
+/// [`mosquitto_pub`] with more of its options (`-V mqttv5`, `--cafile ca.pem`, ...).
+pub fn mosquitto_pub_with(
+    addr: SocketAddr,
+    client_id: &str,
+    topic: &str,
+    msg: &str,
+    options: &[&str],
+) -> anyhow::Result<()> {
     for attempt in 0..5 {
         let mut cmd = Command::new("mosquitto_pub");
         cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-            .args(["-i", client_id, "-t", topic, "-m", msg, "-q", "1"]);
-        if v5 {
-            cmd.args(["-V", "mqttv5"]);
-        }
+            .args(["-i", client_id, "-t", topic, "-m", msg, "-q", "1"])
+            .args(options);
         if cmd.status().context("running mosquitto_pub")?.success() {
             return Ok(());
         }

@@ -7,6 +7,10 @@
 //! `splice(2)` through a pooled pipe, so the payload moves socket → pipe → socket as page
 //! references and is never copied through user space (what HAProxy does with `option
 //! splice-auto`, which is off there by default; here it is always on).
+//!
+//! A client leg whose TLS mqlb terminates ([`Leg`] with `RAW = false`) always goes through the
+//! buffer: the bytes on its socket are records, not the stream, so neither readiness of the
+//! socket nor `splice` can stand for its reads and writes.
 
 use std::io;
 use std::pin::Pin;
@@ -71,6 +75,43 @@ mod pool {
     }
 }
 
+/// One side of a copy: the backend's socket, or the client's, plain or TLS terminated here.
+pub(crate) trait Leg: AsyncRead + AsyncWrite + Unpin {
+    /// The stream's bytes are the socket's bytes (no TLS): the socket's readiness tells when a
+    /// read can make progress, and `splice` may move them.
+    const RAW: bool;
+
+    /// The TCP socket under the stream (socket options, readiness, `splice`).
+    fn tcp(&self) -> &TcpStream;
+
+    /// Passes on the end of this direction: a FIN (TLS: a close_notify first, then the FIN).
+    fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Leg for TcpStream {
+    const RAW: bool = true;
+
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+
+    fn poll_half_close(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(SockRef::from(&*self).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+impl Leg for tokio_rustls::server::TlsStream<TcpStream> {
+    const RAW: bool = false;
+
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+
+    fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
+    }
+}
+
 use super::frames::Framer;
 #[cfg(target_os = "linux")]
 use super::splice::Pipe;
@@ -110,6 +151,11 @@ pub(crate) struct Dir {
     /// Stopping at a packet boundary (an evacuation): the last bytes, the DISCONNECT, are
     /// in the buffer; once they are written this direction is done.
     stopping: bool,
+    /// Written to a non-raw leg (TLS) and not flushed yet: records may still wait in its
+    /// session's buffer.
+    unflushed: bool,
+    /// Passing the end on (a TLS close_notify may take more than one poll).
+    closing: bool,
 }
 
 impl Dir {
@@ -141,11 +187,11 @@ impl Dir {
     /// (or write) as proof the socket is drained (full): no extra call that would only return
     /// EAGAIN, as `try_read` needs.
     #[allow(clippy::too_many_arguments)]
-    fn poll(
+    fn poll<F: Leg, T: Leg>(
         &mut self,
         cx: &mut Context<'_>,
-        from: &mut TcpStream,
-        to: &mut TcpStream,
+        from: &mut F,
+        to: &mut T,
         other_done: bool,
         counter: &AtomicU64,
         mut frames: Option<&mut Framer>,
@@ -156,6 +202,9 @@ impl Dir {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
+            if self.closing {
+                return self.close(cx, to, other_done);
+            }
             // 1. Flush what is in flight: the buffer first, then the pipe.
             if let Some(buf) = self.buf.as_ref().filter(|_| self.pos < self.len) {
                 let chunk = &buf[self.pos as usize..self.len as usize];
@@ -165,12 +214,21 @@ impl Dir {
                     Poll::Ready(Ok(n)) => {
                         // n <= len - pos < COPY_BUF
                         self.pos += n as u32;
+                        self.unflushed = !T::RAW;
                         counter.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }
                 continue;
             }
+            if self.unflushed {
+                match Pin::new(&mut *to).poll_flush(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Writer, e))),
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                }
+            }
             if let Some(pipe) = self.pipe.as_mut().filter(|p| p.pending() > 0) {
+                let to = to.tcp();
                 match to.poll_write_ready(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Writer, e))),
@@ -189,16 +247,7 @@ impl Dir {
             // the direction is done (the FIN follows them).
             if let (Some(last), Some(f)) = (stop, frames.as_deref()) {
                 if self.stopping {
-                    self.release();
-                    self.done = true;
-                    if other_done {
-                        return Poll::Ready(Ok(()));
-                    }
-                    return Poll::Ready(
-                        SockRef::from(&*to)
-                            .shutdown(std::net::Shutdown::Write)
-                            .map_err(|e| (Side::Writer, e)),
-                    );
+                    return self.close(cx, to, other_done);
                 }
                 if f.at_boundary() {
                     let buf = self.buf.get_or_insert_with(|| pool::take(COPY_BUF));
@@ -210,16 +259,19 @@ impl Dir {
                     continue;
                 }
             }
-            // 3. Wait for the next bytes holding nothing.
-            match from.poll_read_ready(cx) {
-                Poll::Pending => {
-                    self.release();
-                    return Poll::Pending;
+            // 3. Wait for the next bytes holding nothing (a TLS leg's socket readiness says
+            // nothing of its stream: its read below waits, and the buffer goes back if it must).
+            if F::RAW {
+                match from.tcp().poll_read_ready(cx) {
+                    Poll::Pending => {
+                        self.release();
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
+                    Poll::Ready(Ok(())) => {}
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
-                Poll::Ready(Ok(())) => {}
             }
-            if self.bulk && self.pipe.is_none() {
+            if self.bulk && self.pipe.is_none() && F::RAW && T::RAW {
                 self.pipe = Pipe::take();
             }
             // Followed packets: a splice moves body bytes only (headers are read to be seen),
@@ -234,7 +286,7 @@ impl Dir {
                     if let Some(b) = self.buf.take() {
                         pool::give(b);
                     }
-                    match pipe.fill(from, splice_max) {
+                    match pipe.fill(from.tcp(), splice_max) {
                         Ok(n) => {
                             if let Some(f) = frames.as_deref_mut() {
                                 f.skip(n);
@@ -263,33 +315,59 @@ impl Dir {
                 }
             };
             match read {
-                Poll::Ready(Ok(0)) => {
-                    self.release();
-                    self.done = true;
-                    if other_done {
-                        // Both directions are over: the close that follows sends the FIN.
-                        return Poll::Ready(Ok(()));
-                    }
-                    // Half-close: pass the FIN on and keep the other direction running.
-                    return Poll::Ready(
-                        SockRef::from(&*to)
-                            .shutdown(std::net::Shutdown::Write)
-                            .map_err(|e| (Side::Writer, e)),
-                    );
+                Poll::Ready(Ok(0)) => return self.close(cx, to, other_done),
+                // A TLS client that closed without a close_notify: MQTT is framed (its
+                // DISCONNECT came first, or the broker sees a cut session either way), so this
+                // is the end of its stream, not a failure.
+                Poll::Ready(Err(e)) if !F::RAW && e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return self.close(cx, to, other_done)
                 }
                 Poll::Ready(Ok(_)) => {}
-                // Drained (readiness cleared): loop to register for the next bytes.
-                Poll::Pending => self.release(),
+                // Drained (readiness cleared): loop to register for the next bytes. A TLS
+                // read that is pending has registered already.
+                Poll::Pending if F::RAW => self.release(),
+                Poll::Pending => {
+                    self.release();
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((Side::Reader, e))),
             }
+        }
+    }
+
+    /// Ends this direction: passes the end on to `to` (a half-close) and keeps the other
+    /// direction running. When the other is done too, the close that follows sends the FIN of a
+    /// plain socket; a TLS leg still gets its close_notify, which a client that is gone may
+    /// not take (not an error then: the connection is over).
+    fn close<T: Leg>(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut T,
+        other_done: bool,
+    ) -> Poll<Result<(), (Side, io::Error)>> {
+        self.release();
+        if other_done && T::RAW {
+            self.done = true;
+            return Poll::Ready(Ok(()));
+        }
+        self.closing = true;
+        let r = std::task::ready!(to.poll_half_close(cx));
+        self.closing = false;
+        self.done = true;
+        match r {
+            Err(e) if other_done => {
+                tracing::debug!(error = %e, "close_notify not sent; the connection is over");
+                Poll::Ready(Ok(()))
+            }
+            r => Poll::Ready(r.map_err(|e| (Side::Writer, e))),
         }
     }
 }
 
 /// Both directions of a proxied connection; done when both saw EOF, failed when either failed
 /// (the error names which peer).
-pub(crate) struct Bidi {
-    pub client: TcpStream,
+pub(crate) struct Bidi<C: Leg> {
+    pub client: C,
     pub server: TcpStream,
     pub up: Dir,
     pub down: Dir,
@@ -298,7 +376,7 @@ pub(crate) struct Bidi {
     pub down_frames: Framer,
 }
 
-impl Bidi {
+impl<C: Leg> Bidi<C> {
     /// Copies what is ready; `bytes_in` (client → backend) and `bytes_out` count what moved.
     /// With `stop`, the server → client direction ends at its next packet boundary after
     /// writing `stop` there (the client → server one goes on until the client closes).
@@ -342,7 +420,7 @@ impl Bidi {
     }
 }
 
-impl Drop for Bidi {
+impl<C: Leg> Drop for Bidi<C> {
     fn drop(&mut self) {
         self.up.release();
         self.down.release();

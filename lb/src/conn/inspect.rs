@@ -3,8 +3,8 @@
 //! hit. I/O only; what to make of it is [`super::route`]'s.
 
 use mqlb_config::{Distribution, Rule};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::Instant;
 
 use crate::mqtt::{self, parse_connect, ConnectError, ProtocolLevel, Refusal};
 
@@ -81,15 +81,20 @@ impl InspectFail {
     }
 }
 
-/// Reads what `rule` needs to route: nothing for a tuple distribution, the CONNECT (within
-/// `inspect_timeout` and `inspect_max_bytes`) for a client-ID one. Returns the bytes read,
-/// which are replayed to the backend.
-pub(crate) async fn inspect(rule: &Rule, client: &mut TcpStream) -> (Vec<u8>, Inspection) {
+/// Reads what `rule` needs to route: nothing for a tuple distribution, the CONNECT (by
+/// `deadline`, the connection's start plus `inspect_timeout`, and within `inspect_max_bytes`)
+/// for a client-ID one. Returns the bytes read, which are replayed to the backend. `client` is
+/// the plain stream or the decrypted one of a TLS frontend.
+pub(crate) async fn inspect(
+    rule: &Rule,
+    client: &mut (impl AsyncRead + Unpin),
+    deadline: Instant,
+) -> (Vec<u8>, Inspection) {
     if rule.distribution != Distribution::MqttClientId {
         return (Vec::new(), Inspection::NotRead);
     }
-    let read = tokio::time::timeout(
-        rule.inspect_timeout,
+    let read = tokio::time::timeout_at(
+        deadline,
         read_connect(client, rule.inspect_max_bytes as usize),
     )
     .await
@@ -109,7 +114,7 @@ pub(crate) async fn inspect(rule: &Rule, client: &mut TcpStream) -> (Vec<u8>, In
 
 /// Reads until the client ID is known, the bytes prove not to be a CONNECT, or a limit is hit.
 async fn read_connect(
-    client: &mut TcpStream,
+    client: &mut (impl AsyncRead + Unpin),
     max_bytes: usize,
 ) -> Result<(Vec<u8>, Result<mqtt::Connect, ConnectError>), InspectFail> {
     let mut buf = Vec::with_capacity(256.min(max_bytes));

@@ -1,5 +1,5 @@
-//! A client connection's path, one task per connection, in the order it happens:
-//! [`inspect`] reads the first bytes (the CONNECT, on a client-ID rule), [`route`] decides from
+//! A client connection's path, one task per connection, in the order it happens: on a TLS
+//! frontend [`tls`] completes the handshake first; [`inspect`] reads the first bytes (the CONNECT, on a client-ID rule), [`route`] decides from
 //! them what to do (pure), [`connect`] opens the backend leg and replays what was read
 //! (trying the next choice when one fails before any byte went back), [`relay`] copies both ways
 //! until one side is done, the connection idles out, its backend goes down (if the rule says so)
@@ -14,13 +14,14 @@ mod route;
 #[cfg(target_os = "linux")]
 mod splice;
 mod sweep;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mqlb_config::{Distribution, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::Source;
@@ -30,10 +31,13 @@ use crate::shared::Shared;
 use crate::snapshot::{Member, RuleRt};
 use crate::state::ConnInfo;
 pub(crate) use connect::{keepalive, set_keepalive, set_socket_options};
+use copy::Leg;
 use inspect::Inspection;
 use relay::Relay;
 use route::{Decision, Method};
 pub(crate) use sweep::sweep_idle;
+use tls::ClientLeg;
+pub(crate) use tls::HandshakeFail;
 
 /// Serves one client connection from accept to close: the future of its task.
 ///
@@ -86,18 +90,26 @@ pub(crate) fn handle(
             }
             return;
         }
-        let cfg = &info.rule.cfg;
-        let member = &info.rule.pool.members[info.member];
-        member.state.conn_opened();
-        shared.conns.insert(info.clone());
-        let mm = info.rule.member_metrics(&shared.metrics, info.member);
-        mm.active.inc();
-        let outcome = Relay::new(&shared, &info, client, server).await;
-        mm.active.dec();
-        shared.conns.remove(info.id);
-        member.state.conn_closed();
-        mm.finish(&shared.metrics, cfg, info.backend(), outcome);
+        match client {
+            ClientLeg::Plain(c) => proxy(&shared, &info, c, server).await,
+            ClientLeg::Tls(c) => proxy(&shared, &info, *c, server).await,
+        }
     }
+}
+
+/// The established connection, counted while it lives: the relay until it ends.
+async fn proxy(shared: &Shared, info: &Arc<ConnInfo>, client: impl Leg, server: TcpStream) {
+    let cfg = &info.rule.cfg;
+    let member = &info.rule.pool.members[info.member];
+    member.state.conn_opened();
+    shared.conns.insert(info.clone());
+    let mm = info.rule.member_metrics(&shared.metrics, info.member);
+    mm.active.inc();
+    let outcome = Relay::new(shared, info, client, server).await;
+    mm.active.dec();
+    shared.conns.remove(info.id);
+    member.state.conn_closed();
+    mm.finish(&shared.metrics, cfg, info.backend(), outcome);
 }
 
 /// The connect phase: inspect, route, connect. `None` when the connection ended here
@@ -105,12 +117,12 @@ pub(crate) fn handle(
 async fn establish(
     shared: Arc<Shared>,
     rule: Arc<RuleRt>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     set_options: bool,
     client_traffic: bool,
-) -> Option<(TcpStream, TcpStream, Arc<ConnInfo>)> {
+) -> Option<(ClientLeg, TcpStream, Arc<ConnInfo>)> {
     let (shared, rule) = (&*shared, &rule);
     let cfg = &rule.cfg;
     if set_options {
@@ -125,7 +137,29 @@ async fn establish(
         client_traffic,
     };
 
-    let (buffered, inspection) = inspect::inspect(cfg, &mut client).await;
+    // One deadline for the TLS handshake and the CONNECT after it.
+    let deadline = tokio::time::Instant::now() + cfg.inspect_timeout;
+    let mut client = match &rule.tls {
+        // The LB's own probe speaks plain MQTT (it is known by its address, before any byte).
+        Some(server) if client_traffic => match tls::accept(server, client, deadline).await {
+            Ok(s) => {
+                rule.tls_handshakes(&shared.metrics).inc();
+                ClientLeg::Tls(Box::new(s))
+            }
+            Err(fail) => {
+                tracing::debug!(rule = cfg.name, frontend = cfg.frontend, %peer, reason = fail.reason(), error = %fail, "TLS handshake failed");
+                shared
+                    .metrics
+                    .tls_handshake_errors_total
+                    .with_label_values(&[&cfg.frontend, fail.reason()])
+                    .inc();
+                tally.end(Outcome::Rejected);
+                return None;
+            }
+        },
+        _ => ClientLeg::Plain(client),
+    };
+    let (buffered, inspection) = inspect::inspect(cfg, &mut client, deadline).await;
     match &inspection {
         Inspection::NotMqtt(e) => {
             tracing::debug!(rule = cfg.name, %peer, error = %e, "first bytes are not MQTT")
@@ -285,7 +319,7 @@ impl Tally<'_> {
 
 /// Sends the refusing CONNACK, if there is one for the client's version, and closes; the
 /// client may already be gone, which is fine.
-async fn refuse(client: &mut TcpStream, connack: Option<&[u8]>) {
+async fn refuse(client: &mut (impl AsyncRead + AsyncWrite + Unpin), connack: Option<&[u8]>) {
     let told = match connack {
         Some(bytes) => match client.write_all(bytes).await {
             Ok(()) => true,

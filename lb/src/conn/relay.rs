@@ -24,7 +24,7 @@ use mqlb_config::Rule;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use super::copy::{Bidi, Dir, Peer};
+use super::copy::{Bidi, Dir, Leg, Peer};
 use super::frames::{self, Framer};
 use crate::outcome::Outcome;
 use crate::shared::Shared;
@@ -37,17 +37,17 @@ pub(crate) fn sweep_tick(cfg: &Rule) -> Duration {
 
 /// Resolves to how the connection ended; byte counts are folded into the metrics by the
 /// sweeper and once more at the end, never per packet.
-pub(crate) struct Relay<'a> {
+pub(crate) struct Relay<'a, C: Leg> {
     shared: &'a Shared,
     info: &'a ConnInfo,
-    copy: Bidi,
+    copy: Bidi<C>,
 }
 
-impl<'a> Relay<'a> {
+impl<'a, C: Leg> Relay<'a, C> {
     pub(crate) fn new(
         shared: &'a Shared,
         info: &'a ConnInfo,
-        client: TcpStream,
+        client: C,
         server: TcpStream,
     ) -> Self {
         Relay {
@@ -73,7 +73,7 @@ impl<'a> Relay<'a> {
             if info.rule.cfg.reset_on_idle {
                 // Azure's "TCP reset on idle": with SO_LINGER 0 the close that follows is an
                 // RST, so both ends learn at once that the flow is gone.
-                for s in [&self.copy.client, &self.copy.server] {
+                for s in [self.copy.client.tcp(), &self.copy.server] {
                     if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
                         tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
                     }
@@ -110,7 +110,7 @@ impl<'a> Relay<'a> {
     }
 }
 
-impl Future for Relay<'_> {
+impl<C: Leg> Future for Relay<'_, C> {
     type Output = Outcome;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {

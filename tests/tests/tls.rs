@@ -1,0 +1,519 @@
+//! TLS termination on an LB frontend (issue 15): real TLS clients (mosquitto's, rustls) through
+//! an in-process LB to mosquitto brokers, the CONNECT read inside TLS and routed by client ID,
+//! and what is not a handshake refused and counted. Certificates are made per test: a CA and a
+//! leaf for 127.0.0.1 and localhost, in the test's own directory.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use common::DEADLINE;
+use mqlb_config::Config;
+use mqlb_lb::{Lb, Listeners};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
+use mqlb_tests::{
+    connections, metric, mosquitto_pub_with, wait_until, Mosquitto, MosquittoSub, TempDir,
+};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A CA, a leaf it signed for 127.0.0.1 and localhost, and the leaf's key, as PEM files.
+struct Pki {
+    dir: TempDir,
+    ca_der: CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new() -> anyhow::Result<Pki> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let dir = TempDir::new("tls")?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mqlb test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        let leaf_key = KeyPair::generate()?;
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?
+            .signed_by(&leaf_key, &ca)?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        std::fs::write(dir.path().join("chain.pem"), leaf.pem())?;
+        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem())?;
+        Ok(Pki {
+            ca_der: ca.der().clone(),
+            dir,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn path_str(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// A rustls client trusting this CA, offering `alpn`, speaking only `versions`.
+    fn client(
+        &self,
+        alpn: &[&str],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    }
+}
+
+/// A TLS client case: client ID, ALPN offered, the one version spoken, ALPN negotiated.
+type Case = (
+    &'static str,
+    &'static [&'static str],
+    &'static rustls::SupportedProtocolVersion,
+    Option<&'static [u8]>,
+);
+
+const BOTH: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// An LB with a TLS frontend `mqtts` (rule `tls`) and a plain one `mqtt` (rule `plain`), both
+/// routing by client ID to the same brokers.
+struct TlsTopo {
+    _brokers: Vec<Mosquitto>,
+    lb: Lb,
+    tls: SocketAddr,
+    plain: SocketAddr,
+    admin: SocketAddr,
+    pki: Pki,
+}
+
+impl TlsTopo {
+    async fn start(n: usize, tls_rule_extra: &str) -> anyhow::Result<TlsTopo> {
+        let pki = Pki::new()?;
+        let mut brokers = Vec::new();
+        for _ in 0..n {
+            brokers.push(Mosquitto::start().await?);
+        }
+        let mut t = format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nwatch_config = false\n\
+             [[frontend]]\nname = \"mqtts\"\nbind = \"127.0.0.1:0\"\n\
+             tls = {{ cert = {:?}, key = {:?} }}\n\
+             [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"brokers\"\nprobe = \"alive\"\n",
+            pki.path_str("chain.pem"),
+            pki.path_str("key.pem"),
+        );
+        for (i, b) in brokers.iter().enumerate() {
+            t += &format!(
+                "[[pool.backend]]\nid = \"b{}\"\naddr = \"{}\"\n",
+                i + 1,
+                b.addr()
+            );
+        }
+        t += &format!(
+            "[[probe]]\nname = \"alive\"\nprotocol = \"tcp\"\nport = \"traffic\"\n\
+             interval = \"1s\"\ntimeout = \"500ms\"\nthreshold = 1\n\
+             [[rule]]\nname = \"tls\"\nfrontend = \"mqtts\"\npool = \"brokers\"\n\
+             distribution = \"mqtt-client-id\"\n{tls_rule_extra}\n\
+             [[rule]]\nname = \"plain\"\nfrontend = \"mqtt\"\npool = \"brokers\"\n\
+             distribution = \"mqtt-client-id\"\n"
+        );
+        let file = pki.path("lb.toml");
+        std::fs::write(&file, t)?;
+        let lb = Lb::start(Config::load(&file)?, Listeners::default()).await?;
+        let addr = |name: &str| {
+            lb.frontend_addr(name)
+                .ok_or_else(|| anyhow::anyhow!("frontend {name} not open"))
+        };
+        Ok(TlsTopo {
+            tls: addr("mqtts")?,
+            plain: addr("mqtt")?,
+            admin: lb.admin_addr(),
+            _brokers: brokers,
+            lb,
+            pki,
+        })
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.lb.metrics_text(), name, labels)
+    }
+
+    async fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+    ) -> anyhow::Result<()> {
+        wait_until(
+            &format!("{name} {labels:?} == {want}"),
+            DEADLINE,
+            || async { self.metric(name, labels) == want },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A TLS connection to the TLS frontend by `connector`, verifying the name 127.0.0.1.
+    async fn tls_connect<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+        socket: S,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        tokio::time::timeout(DEADLINE, connector.connect(name, socket))
+            .await
+            .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+    }
+}
+
+/// Sends an MQTT 3.1.1 CONNECT for `client_id` and reads the 4-byte CONNACK.
+async fn mqtt_connect(
+    s: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    client_id: &str,
+) -> anyhow::Result<[u8; 4]> {
+    s.write_all(&encode_connect(&ConnectOptions {
+        client_id: client_id.into(),
+        ..Default::default()
+    }))
+    .await?;
+    s.flush().await?;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut connack)).await??;
+    Ok(connack)
+}
+
+/// The backend `/api/connections` lists `client_id` on, once it is listed.
+async fn backend_of(admin: SocketAddr, client_id: &str) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let listed = connections(admin).await?;
+        if let Some((_, b, _)) = listed.into_iter().find(|(id, _, _)| id == client_id) {
+            return Ok(b);
+        }
+        if start.elapsed() > DEADLINE {
+            anyhow::bail!("{client_id} not in /api/connections within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads until the LB closes; fails if it keeps the connection open past `DEADLINE`.
+async fn read_until_closed(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("connection not closed within {DEADLINE:?}"))?;
+    Ok(all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_publish_and_subscribe_through_the_tls_frontend() -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "").await?;
+    let ca = t.pki.path_str("ca.pem");
+    let tls_opts = ["--cafile", ca.as_str()];
+    let mut sub = MosquittoSub::start_with(t.tls, "tls-sub", "tls/#", &tls_opts)?;
+    let front = t.tls;
+    sub.wait_subscribed("tls/ping", || {
+        mosquitto_pub_with(front, "tls-ping", "tls/ping", "ping", &tls_opts)
+    })
+    .await?;
+    mosquitto_pub_with(t.tls, "tls-pub", "tls/hello", "over-tls", &tls_opts)?;
+    let got = sub.lines(1, "tls/ping", DEADLINE);
+    assert_eq!(got, ["tls/hello over-tls"]);
+    // The subscriber is routed by its client ID inside TLS.
+    assert_eq!(backend_of(t.admin, "tls-sub").await?, "b1");
+    assert!(t.metric("mqlb_tls_handshakes_total", &[("frontend", "mqtts")]) >= 3.0);
+    assert!(
+        t.metric(
+            "mqlb_route_decisions_total",
+            &[("rule", "tls"), ("method", "mqtt-client-id")]
+        ) >= 3.0
+    );
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_client_id_over_tls_lands_where_rendezvous_hashing_puts_it() -> anyhow::Result<()>
+{
+    use mqlb_lb::select::{backend_hash, rendezvous_order, Candidate, Key};
+    let t = TlsTopo::start(3, "").await?;
+    let ids = ["b1", "b2", "b3"];
+    let cands: Vec<Candidate> = ids
+        .iter()
+        .map(|id| Candidate {
+            hash: backend_hash(id),
+            weight: 1,
+            active: 0,
+            eligible: true,
+        })
+        .collect();
+    let connector = t.pki.client(&["mqtt"], BOTH)?;
+    let mut chosen = std::collections::HashSet::new();
+    for i in 0..8 {
+        let id = format!("tls-sensor-{i}");
+        let want = ids[rendezvous_order(Key::ClientId(&id).hash(), &cands)[0]];
+        chosen.insert(want);
+        for round in 0..2 {
+            let mut s = t
+                .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+                .await?;
+            assert_eq!(mqtt_connect(&mut s, &id).await?, [0x20, 2, 0, 0], "{id}");
+            assert_eq!(backend_of(t.admin, &id).await?, want, "{id} round {round}");
+            drop(s);
+            wait_until(&format!("{id} gone"), DEADLINE, || async {
+                connections(t.admin)
+                    .await
+                    .is_ok_and(|c| c.iter().all(|(c, _, _)| *c != id))
+            })
+            .await?;
+        }
+        // The plain frontend of the same pool puts it on the same broker.
+        let mut s = TcpStream::connect(t.plain).await?;
+        assert_eq!(mqtt_connect(&mut s, &id).await?, [0x20, 2, 0, 0]);
+        assert_eq!(backend_of(t.admin, &id).await?, want, "{id} over plain TCP");
+    }
+    assert!(
+        chosen.len() >= 2,
+        "8 IDs all hash to {chosen:?}: the test shows nothing"
+    );
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rustls_clients_verify_the_chain_over_tls_1_3_and_1_2_with_or_without_alpn(
+) -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "").await?;
+    // (client ID, ALPN offered, the one version spoken, ALPN negotiated)
+    let cases: [Case; 3] = [
+        (
+            "v13-alpn",
+            &["mqtt"],
+            &rustls::version::TLS13,
+            Some(b"mqtt"),
+        ),
+        (
+            "v12-alpn",
+            &["mqtt"],
+            &rustls::version::TLS12,
+            Some(b"mqtt"),
+        ),
+        ("v13-none", &[], &rustls::version::TLS13, None),
+    ];
+    for (id, alpn, version, negotiated) in cases {
+        let connector = t.pki.client(alpn, &[version])?;
+        let mut s = t
+            .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+            .await?;
+        let (_, session) = s.get_ref();
+        assert_eq!(session.protocol_version(), Some(version.version), "{id}");
+        assert_eq!(session.alpn_protocol(), negotiated, "{id}");
+        assert_eq!(mqtt_connect(&mut s, id).await?, [0x20, 2, 0, 0], "{id}");
+    }
+    assert_eq!(
+        t.metric("mqlb_tls_handshakes_total", &[("frontend", "mqtts")]),
+        3.0
+    );
+
+    // A client trusting another CA refuses the certificate and says so with an alert; one
+    // offering only another ALPN protocol is refused by the server.
+    let other = Pki::new()?;
+    let stranger = other.client(&["mqtt"], BOTH)?;
+    assert!(t
+        .tls_connect(&stranger, TcpStream::connect(t.tls).await?)
+        .await
+        .is_err());
+    t.wait_metric(
+        "mqlb_tls_handshake_errors_total",
+        &[("frontend", "mqtts"), ("reason", "alert")],
+        1.0,
+    )
+    .await?;
+    let http = t.pki.client(&["http/1.1"], BOTH)?;
+    assert!(t
+        .tls_connect(&http, TcpStream::connect(t.tls).await?)
+        .await
+        .is_err());
+    t.wait_metric(
+        "mqlb_tls_handshake_errors_total",
+        &[("frontend", "mqtts"), ("reason", "protocol")],
+        1.0,
+    )
+    .await?;
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_and_garbage_sent_to_the_tls_frontend_are_refused_and_counted_not_tls(
+) -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "").await?;
+    let connect = encode_connect(&ConnectOptions {
+        client_id: "plain-on-tls".into(),
+        ..Default::default()
+    });
+    let inputs: [&[u8]; 2] = [&connect, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"];
+    for (i, bytes) in inputs.iter().enumerate() {
+        let mut s = TcpStream::connect(t.tls).await?;
+        s.write_all(bytes).await?;
+        let started = Instant::now();
+        let answer = read_until_closed(&mut s).await?;
+        // Refused at once (not at the inspect timeout), at most with a TLS alert record, never
+        // a CONNACK from a broker.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(answer.first().is_none_or(|b| *b == 0x15), "{answer:?}");
+        t.wait_metric(
+            "mqlb_tls_handshake_errors_total",
+            &[("frontend", "mqtts"), ("reason", "not_tls")],
+            i as f64 + 1.0,
+        )
+        .await?;
+    }
+    // Never routed, never passed to a broker.
+    assert_eq!(
+        t.metric("mqlb_route_decisions_total", &[("rule", "tls")]),
+        0.0
+    );
+    assert_eq!(
+        t.metric(
+            "mqlb_connections_total",
+            &[("rule", "tls"), ("outcome", "rejected")]
+        ),
+        2.0
+    );
+    assert!(connections(t.admin).await?.is_empty());
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+/// A stream that writes one byte per write, flushed, so the ClientHello reaches the LB in as
+/// many TCP segments as it has bytes (TCP_NODELAY is set).
+struct OneByteWrites(TcpStream);
+
+impl AsyncRead for OneByteWrites {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OneByteWrites {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = buf.len().min(1);
+        Pin::new(&mut self.0).poll_write(cx, &buf[..n])
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_in_one_byte_writes_still_completes() -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "").await?;
+    let socket = TcpStream::connect(t.tls).await?;
+    socket.set_nodelay(true)?;
+    let connector = t.pki.client(&["mqtt"], BOTH)?;
+    let mut s = t.tls_connect(&connector, OneByteWrites(socket)).await?;
+    assert_eq!(mqtt_connect(&mut s, "trickle").await?, [0x20, 2, 0, 0]);
+    assert_eq!(backend_of(t.admin, "trickle").await?, "b1");
+    assert_eq!(
+        t.metric("mqlb_tls_handshakes_total", &[("frontend", "mqtts")]),
+        1.0
+    );
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_is_cut_at_the_inspect_timeout_and_holds_up_no_one(
+) -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "inspect_timeout = \"700ms\"\n").await?;
+    // The first bytes of a ClientHello record (handshake, TLS 1.0 record version, a length),
+    // then nothing.
+    let mut stalled = TcpStream::connect(t.tls).await?;
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8, 0x01])
+        .await?;
+    let started = Instant::now();
+    // Meanwhile another client completes its handshake and CONNECT.
+    let connector = t.pki.client(&["mqtt"], BOTH)?;
+    let mut s = t
+        .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut s, "not-held-up").await?, [0x20, 2, 0, 0]);
+    assert!(
+        started.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        started.elapsed()
+    );
+
+    read_until_closed(&mut stalled).await?;
+    let after = started.elapsed();
+    assert!(after >= Duration::from_millis(600), "cut after {after:?}");
+    assert!(after < Duration::from_secs(5), "cut after {after:?}");
+    t.wait_metric(
+        "mqlb_tls_handshake_errors_total",
+        &[("frontend", "mqtts"), ("reason", "timeout")],
+        1.0,
+    )
+    .await?;
+    // A handshake that completes but is followed by no CONNECT is cut by the same deadline.
+    let mut quiet = t
+        .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+        .await?;
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let r = tokio::time::timeout(DEADLINE, quiet.read(&mut byte)).await?;
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    t.wait_metric(
+        "mqlb_mqtt_connect_errors_total",
+        &[("rule", "tls"), ("reason", "timeout")],
+        1.0,
+    )
+    .await?;
+    t.lb.shutdown().await;
+    Ok(())
+}
