@@ -152,6 +152,43 @@ impl Cluster {
         self.nodes[i].as_ref()
     }
 
+    /// A mesh link to node `at` that has passed the handshake as node `id` (with
+    /// [`TEST_SECRET`]): a test peer that sends frames of its own, well formed or not.
+    pub async fn raw_peer(&self, at: usize, id: &str) -> anyhow::Result<tokio::net::TcpStream> {
+        use mqlb_broker::mesh::{auth, frame};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self
+            .node(at)
+            .and_then(|n| n.mesh_addr)
+            .with_context(|| format!("node {at} has no mesh address"))?;
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let mut buf = bytes::BytesMut::new();
+        let hello = frame::Frame::Hello {
+            version: frame::VERSION,
+            node_id: id.into(),
+            nonce: auth::nonce(),
+        };
+        s.write_all(&frame::encode(&hello)?).await?;
+        let mut frames = Vec::new();
+        // HELLO then AUTH from the node (bounded: each read adds bytes or ends).
+        for _ in 0..100 {
+            while let Some(f) = frame::decode(&mut buf, 1024)? {
+                frames.push(f);
+            }
+            if frames.len() >= 2 {
+                break;
+            }
+            anyhow::ensure!(s.read_buf(&mut buf).await? > 0, "closed in the handshake");
+        }
+        let Some(frame::Frame::Hello { nonce, .. }) = frames.first() else {
+            anyhow::bail!("expected HELLO, got {frames:?}");
+        };
+        let mac = auth::mac(TEST_SECRET.as_bytes(), nonce, id);
+        s.write_all(&frame::encode(&frame::Frame::Auth { mac })?)
+            .await?;
+        Ok(s)
+    }
+
     /// Waits until every running node's links to every other running node are up.
     pub async fn wait_meshed(&self) -> anyhow::Result<()> {
         let running: Vec<String> = self

@@ -494,3 +494,90 @@ async fn a_partitioned_broker_keeps_one_live_session_and_loses_nothing() -> anyh
     let all: BTreeSet<u32> = (6..=20).collect();
     check(&drain(&mut far, &all).await?, &all)
 }
+
+/// Bad input from an authenticated peer (issue 12): a replica meta for an invalid client ID, a
+/// session answer to a request never sent, and a session replica cut short each close that
+/// peer's link and are counted (`mqlb_mesh_rejected_total{reason}`), and none of them makes a
+/// replica or a session: the client ID they named connects afterwards with no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_bad_session_frames_close_its_link_and_make_no_session() -> anyhow::Result<()> {
+    use mqlb_broker::mesh::frame::{self, Frame, MeshSession, MeshSubscription, ReplicaMeta};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(1).await?;
+    let node = cluster.node(0).context("node 0 is not running")?;
+    let rejected = |reason: &str| {
+        metric(
+            &node.metrics_text(),
+            "mqlb_mesh_rejected_total",
+            &[("reason", reason)],
+        )
+    };
+    let subscription = MeshSubscription {
+        filter: "victim/#".into(),
+        qos: 1,
+        nolocal: false,
+        preserve_retain: false,
+    };
+    let session = MeshSession {
+        client_id: "victim".into(),
+        expiry: DAY,
+        subscriptions: vec![subscription.clone()],
+        ..MeshSession::default()
+    };
+    let meta = Frame::ReplicaMeta(Box::new(ReplicaMeta {
+        client_id: "victim/#".into(), // not a client ID the brokers accept
+        expiry: DAY,
+        online: false,
+        fresh: true,
+        subscriptions: vec![subscription],
+        will: None,
+    }));
+    let unasked = Frame::Session {
+        request: 4242,
+        session: Some(Box::new(session.clone())),
+    };
+    let mut cut = frame::encode(&Frame::SessionReplica {
+        request: 4243,
+        session: Box::new(session),
+    })?
+    .to_vec();
+    // The frame's length prefix stays; its body loses its last bytes and the rest is zeros.
+    let len = cut.len();
+    cut[len - 8..].fill(0xff);
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("replica meta", frame::encode(&meta)?.to_vec(), "malformed"),
+        (
+            "unasked session",
+            frame::encode(&unasked)?.to_vec(),
+            "protocol",
+        ),
+        ("broken session replica", cut, "malformed"),
+    ];
+    for (i, (what, bytes, reason)) in cases.into_iter().enumerate() {
+        let before = rejected(reason);
+        let mut peer = cluster.raw_peer(0, &format!("n{}", 7 + i)).await?;
+        peer.write_all(&bytes).await?;
+        wait_until(
+            &format!("the {what} counted as {reason}"),
+            DEADLINE,
+            || async { rejected(reason) > before },
+        )
+        .await?;
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(DEADLINE, peer.read_to_end(&mut sink)).await;
+        ensure!(closed.is_ok(), "the link stayed open after the {what}");
+    }
+    ensure!(
+        metric(&node.metrics_text(), "mqlb_session_replicas", &[]) == 0.0,
+        "a replica was made"
+    );
+    let mut victim = Raw::<V4>::open(cluster.mqtt(0)).await?;
+    victim
+        .send(v4::Packet::Connect(connect4_session("victim", false)))
+        .await?;
+    match victim.recv().await? {
+        v4::Packet::ConnAck(ack) => ensure!(!ack.session_present, "an injected session: {ack:?}"),
+        other => bail!("expected a CONNACK, got {other:?}"),
+    }
+    Ok(())
+}

@@ -13,11 +13,10 @@ mod harness;
 
 use bytes::BytesMut;
 use harness::{connect4_session, Ended, Raw, V4};
-use mqlb_broker::mesh::{auth, frame};
-use mqlb_tests::{metric, wait_until, Client, Cluster, QoS, TEST_SECRET};
+use mqlb_broker::mesh::frame;
+use mqlb_tests::{metric, wait_until, Client, Cluster, QoS};
 use rumqttc::mqttbytes::v4;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 const FILTER: &str = "$share/g/share/t";
@@ -181,40 +180,6 @@ async fn a_dead_nodes_share_goes_to_the_others() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An authenticated mesh link to node `at` of `cluster`, as the node `id`.
-async fn raw_peer(cluster: &Cluster, at: usize, id: &str) -> anyhow::Result<TcpStream> {
-    let addr = cluster
-        .node(at)
-        .and_then(|n| n.mesh_addr)
-        .ok_or_else(|| anyhow::anyhow!("node {at} has no mesh address"))?;
-    let mut s = TcpStream::connect(addr).await?;
-    let mut buf = BytesMut::new();
-    let hello = frame::Frame::Hello {
-        version: frame::VERSION,
-        node_id: id.into(),
-        nonce: auth::nonce(),
-    };
-    s.write_all(&frame::encode(&hello)?).await?;
-    let mut frames = Vec::new();
-    // HELLO then AUTH from the node (bounded: each read adds bytes or ends).
-    for _ in 0..100 {
-        while let Some(f) = frame::decode(&mut buf, 1024)? {
-            frames.push(f);
-        }
-        if frames.len() >= 2 {
-            break;
-        }
-        anyhow::ensure!(s.read_buf(&mut buf).await? > 0, "closed in the handshake");
-    }
-    let Some(frame::Frame::Hello { nonce, .. }) = frames.first() else {
-        anyhow::bail!("expected HELLO, got {frames:?}");
-    };
-    let mac = auth::mac(TEST_SECRET.as_bytes(), nonce, id);
-    s.write_all(&frame::encode(&frame::Frame::Auth { mac })?)
-        .await?;
-    Ok(s)
-}
-
 /// A peer's SHARE_GROUPS counts while its link lives; one over the bounds closes the link and
 /// is counted, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +197,7 @@ async fn a_peers_share_groups_count_while_its_link_lives_and_bad_ones_close_it(
         )
     };
 
-    let mut good = raw_peer(&cluster, 0, "n7").await?;
+    let mut good = cluster.raw_peer(0, "n7").await?;
     let groups = frame::Frame::ShareGroups {
         groups: vec!["g/share/t".into(), "h/a/#".into()],
     };
@@ -242,7 +207,7 @@ async fn a_peers_share_groups_count_while_its_link_lives_and_bad_ones_close_it(
     knows(&cluster, 0, "n7", 0.0).await?;
 
     // 4097 groups: refused as the frame is read.
-    let mut bad = raw_peer(&cluster, 0, "n8").await?;
+    let mut bad = cluster.raw_peer(0, "n8").await?;
     let mut body = BytesMut::new();
     body.extend_from_slice(&(1 + 4 + 4097 * 5u32).to_be_bytes());
     body.extend_from_slice(&[48]);
