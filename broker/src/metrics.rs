@@ -48,6 +48,8 @@ pub struct Metrics {
     /// PUBLISH packets read from and written to this node's clients, by QoS (issue 17).
     pub messages_received: [IntCounter; 3],
     pub messages_sent: [IntCounter; 3],
+    /// Of those sent, the QoS 1/2 ones sent again with DUP 1 (issue 12's redeliveries).
+    pub messages_redelivered: IntCounter,
     /// The router's drops by reason and QoS, brought up to the router's count at each scrape.
     dropped_messages: IntCounterVec,
     clients: IntGauge,
@@ -173,6 +175,10 @@ impl Metrics {
             )?,
             messages_received: per_qos(&received)?,
             messages_sent: per_qos(&sent)?,
+            messages_redelivered: IntCounter::new(
+                "mqlb_broker_messages_redelivered_total",
+                "QoS 1/2 PUBLISH packets written to this node's clients again, with DUP 1: deliveries a resumed or moved session's client had not acknowledged.",
+            )?,
             dropped_messages: IntCounterVec::new(
                 Opts::new(
                     "mqlb_broker_messages_dropped_total",
@@ -242,6 +248,8 @@ impl Metrics {
         m.registry.register(Box::new(m.unacked.clone()))?;
         m.registry.register(Box::new(m.lag.clone()))?;
         m.registry.register(Box::new(m.ack_wait_timeouts.clone()))?;
+        m.registry
+            .register(Box::new(m.messages_redelivered.clone()))?;
         Ok(m)
     }
 

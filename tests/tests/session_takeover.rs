@@ -17,7 +17,7 @@ use harness::{
     connect4_session, connect5_session, filter5, publish4, publish5, Ended, QoS, Raw, DEADLINE, V4,
     V5,
 };
-use mqlb_tests::{wait_until, Cluster};
+use mqlb_tests::{metric, wait_until, Cluster};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
@@ -154,6 +154,13 @@ async fn a_session_moves_to_the_node_its_client_connects_to_v5() -> anyhow::Resu
         "the unacknowledged message again, DUP 1, packet id {}: {again:?}",
         unacked.pkid
     );
+    let node = c.node(1).context("node 1 is not running")?;
+    let redelivered = metric(
+        &node.metrics_text(),
+        "mqlb_broker_messages_redelivered_total",
+        &[],
+    );
+    ensure!(redelivered == 1.0, "redeliveries counted: {redelivered}");
     sub.send(v5::Packet::PubAck(v5::PubAck::new(again.pkid, None)))
         .await?;
     for m in ["m1", "m2"] {
