@@ -391,22 +391,34 @@ async fn run_haserver(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitC
         .iter()
         .find(|h| h.id == id)
         .with_context(|| format!("no [[haserver]] with id {id:?} in the configuration"))?;
-    let store = mqlb_haserver::SqliteStore::open(&me.db)
-        .with_context(|| format!("opening the database {}", me.db.display()))?;
+    let store: std::sync::Arc<dyn mqlb_haserver::Store> = match &me.db {
+        mqlb_config::HaDb::Sqlite(path) => std::sync::Arc::new(
+            mqlb_haserver::SqliteStore::open(path)
+                .with_context(|| format!("opening the database {}", path.display()))?,
+        ),
+        mqlb_config::HaDb::Postgres(url) => std::sync::Arc::new(
+            mqlb_haserver::PostgresStore::open(
+                url.expose(),
+                mqlb_haserver::PostgresOptions::for_lease(cfg.ha.lease),
+            )
+            .await
+            .with_context(|| format!("opening the database {url}"))?,
+        ),
+    };
     let listener = tokio::net::TcpListener::bind(me.listen)
         .await
         .with_context(|| format!("listening on {}", me.listen))?;
     let server = mqlb_haserver::HaServer::start(
         id,
         listener,
-        std::sync::Arc::new(store),
+        store,
         mqlb_haserver::Options::from_config(&cfg)?,
     )
     .await?;
     outln!(
         "haserver {id}: http://{}/api/cluster (database {})",
         server.addr(),
-        me.db.display()
+        me.db
     );
     wait_for_stop().await?;
     server.stop().await;

@@ -437,6 +437,97 @@ pub struct HaSettings {
 pub struct HaServer {
     pub id: String,
     pub listen: SocketAddr,
-    /// SQLite file. HA servers that back each other up share it (same machine).
-    pub db: PathBuf,
+    pub db: HaDb,
+}
+
+/// `haserver.db`: where an HA server keeps its state; HA servers that back each other up share
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HaDb {
+    /// A SQLite file: HA servers on one machine.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://...`): HA servers on several machines.
+    Postgres(PostgresUrl),
+}
+
+impl std::fmt::Display for HaDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HaDb::Sqlite(path) => write!(f, "{}", path.display()),
+            HaDb::Postgres(url) => write!(f, "{url}"),
+        }
+    }
+}
+
+/// A PostgreSQL connection URL, `postgres://[user[:password]@]host[:port][/db][?params]`, as
+/// checked at load; `Debug` and `Display` mask the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    /// Checks the parts the HA server needs (a scheme, one host, a numeric port if any); the
+    /// client checks the rest when it connects.
+    pub fn parse(url: &str) -> Result<PostgresUrl, String> {
+        let rest = ["postgres://", "postgresql://"]
+            .iter()
+            .find_map(|scheme| url.strip_prefix(scheme))
+            .ok_or("a PostgreSQL URL starts with postgres:// or postgresql://")?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        if hostport.contains(',') {
+            return Err("several hosts: name one".into());
+        }
+        let (host, port) = match hostport.strip_prefix('[') {
+            Some(v6) => {
+                let (h, after) = v6
+                    .split_once(']')
+                    .ok_or("an IPv6 host needs its closing ]")?;
+                (h, after.strip_prefix(':'))
+            }
+            None => match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            },
+        };
+        if host.is_empty() {
+            return Err("no host: postgres://user@host:port/db".into());
+        }
+        if let Some(p) = port {
+            p.parse::<u16>()
+                .map_err(|_| format!("port {p:?} is not a number from 0 to 65535"))?;
+        }
+        Ok(PostgresUrl(url.to_string()))
+    }
+
+    /// The URL with its password, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password masked.
+    fn masked(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return "****".into();
+        };
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        match rest[..end].rsplit_once('@') {
+            Some((user, host)) if user.contains(':') => {
+                let name = user.split(':').next().unwrap_or_default();
+                format!("{scheme}://{name}:****@{host}{}", &rest[end..])
+            }
+            _ => self.0.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresUrl({})", self.masked())
+    }
+}
+
+impl std::fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.masked())
+    }
 }

@@ -1,15 +1,20 @@
 //! The HA server process: the HTTP/JSON API, the primary lease loop, the expiry loop, and the
 //! version watcher that wakes long-polls.
 //!
-//! Primary and backups share one SQLite file. The lease row decides who is primary: the holder
-//! renews it every third of its lifetime and stops acting as primary a tenth of the lifetime
-//! *before* it expires, and a backup takes it only *after* it expired, so two servers never act
-//! as primary at once (they read one clock: same machine). Backups serve reads from the shared
-//! file and redirect writes to the primary (307).
+//! Primary and backups share one database (a SQLite file on one machine, PostgreSQL across
+//! several). The lease row decides who is primary, judged by the database's clock: the holder
+//! renews it every third of its lifetime, and acts as primary only until nine tenths of the
+//! lifetime after it *sent* the renewal, by its own monotonic clock (the database granted the
+//! lease later than that, so it expires later still); a backup takes it only after it expired by
+//! the database's clock. So two servers never act as primary at once, whatever their clocks
+//! say, and a primary cut off from the database stops before anyone can replace it. Each taking
+//! of the lease has a new epoch, which every write carries: the database refuses a stale one
+//! (fencing), should a write of a replaced primary still be on its way. Backups serve reads and
+//! redirect writes to the primary (307). A server whose database fails serves the last
+//! membership it read, marked degraded, until the database is back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +32,7 @@ use crate::expiry;
 use crate::http_server::{self, BodyError, ConnMetrics, Limits};
 use crate::lock;
 use crate::log_limit::LogLimiter;
-use crate::model::{MemberState, Registration};
+use crate::model::{ClusterView, MemberState, Registration};
 use crate::store::{Lease, Registered, Store, StoreError};
 
 /// Largest request body accepted.
@@ -108,6 +113,7 @@ struct Metrics {
     tracked_heartbeats: IntGauge,
     auth_failures: IntCounterVec,
     registrations_refused: IntCounterVec,
+    database_up: IntGauge,
     connections: ConnMetrics,
 }
 
@@ -150,8 +156,14 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            database_up: IntGauge::new(
+                "mqlb_ha_database_up",
+                "1 while this HA server's last call to its database succeeded; 0 while it fails \
+                 (the server is degraded: it serves the last membership it read, read-only).",
+            )?,
             connections: ConnMetrics::new("mqlb_ha")?,
         };
+        m.registry.register(Box::new(m.database_up.clone()))?;
         m.registry.register(Box::new(m.auth_failures.clone()))?;
         m.registry
             .register(Box::new(m.registrations_refused.clone()))?;
@@ -172,12 +184,14 @@ struct Shared {
     addr: String,
     store: Arc<dyn Store>,
     timing: Timing,
-    /// Unix ms until which this server may act as primary (0: backup).
-    primary_until: AtomicI64,
-    /// Counts the times this server became primary: the expiry grace starts again with each.
-    term: AtomicU64,
+    /// The lease while this server holds it (`None`: backup).
+    held: Mutex<Option<Held>>,
     /// The lease holder as last seen: (id, addr).
     primary: Mutex<Option<(String, String)>>,
+    /// Why the last call to the database failed, while it keeps failing (degraded).
+    db_error: Mutex<Option<String>>,
+    /// The membership as last read, served (marked degraded) while the database fails.
+    last_view: Mutex<Option<ClusterView>>,
     /// Why the last lease round failed (the database), while it keeps failing: a server that
     /// cannot renew its lease stops acting as primary, and its writes must say why.
     lease_error: Mutex<Option<String>>,
@@ -194,6 +208,22 @@ struct Shared {
     authenticate_reads: bool,
 }
 
+/// This server's hold on the lease.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// It acts as primary until then (monotonic: see the module's doc).
+    until: Instant,
+    /// The lease epoch its writes carry; the expiry grace starts again with each.
+    epoch: u64,
+}
+
+/// Until when a server that sent its lease request at `sent` for `ttl`, and was granted it, may
+/// act as primary: the database granted it after `sent`, so by then it has not expired for
+/// anyone; the tenth left over absorbs clock rate differences and scheduling.
+fn acting_until(sent: Instant, ttl: Duration) -> Instant {
+    sent + ttl - ttl / 10
+}
+
 struct Logs {
     request: LogLimiter,
     lease: LogLimiter,
@@ -204,13 +234,19 @@ struct Logs {
 
 impl Shared {
     fn is_primary(&self) -> bool {
-        now_ms() < self.primary_until.load(Ordering::Acquire)
+        self.primary_epoch().is_some()
     }
 
-    /// The primary term this server holds now, `None` while it is a backup.
-    fn primary_term(&self) -> Option<u64> {
-        let term = self.term.load(Ordering::Acquire);
-        self.is_primary().then_some(term)
+    /// The lease epoch this server holds now, `None` while it is a backup.
+    fn primary_epoch(&self) -> Option<u64> {
+        let held = *lock(&self.held);
+        held.filter(|h| Instant::now() < h.until).map(|h| h.epoch)
+    }
+
+    /// Stops acting as primary at once.
+    fn step_down(&self) {
+        *lock(&self.held) = None;
+        self.metrics.primary.set(0);
     }
 
     /// Whether `lease` is this server's: its id *and* its address (another process started
@@ -272,16 +308,46 @@ impl Shared {
         lock(&self.heartbeats).retain(|_, at| now.saturating_duration_since(*at) < gap);
     }
 
-    /// Runs a store call off the async threads.
+    /// Runs a store call off the async threads, and keeps track of whether the database works.
     async fn db<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let me = self.clone();
-        match tokio::task::spawn_blocking(move || f(me.store.as_ref())).await {
+        let r = match tokio::task::spawn_blocking(move || f(me.store.as_ref())).await {
             Ok(r) => r,
             Err(e) => Err(StoreError::Task(e.to_string())),
+        };
+        match &r {
+            Ok(_) => {
+                if lock(&self.db_error).take().is_some() {
+                    tracing::info!(id = self.id, "the database answers again");
+                }
+                self.metrics.database_up.set(1);
+            }
+            Err(e) if e.is_database_failure() => {
+                let was = lock(&self.db_error).replace(e.to_string());
+                if was.is_none() {
+                    tracing::warn!(id = self.id, error = %e, "the database fails: degraded, serving the last membership read-only");
+                }
+                self.metrics.database_up.set(0);
+            }
+            Err(e) => {
+                // Fenced: replaced. Whatever this server believed, it is not primary any more.
+                if let StoreError::Fenced { epoch, .. } = e {
+                    if self.primary_epoch() == Some(*epoch) {
+                        tracing::warn!(id = self.id, error = %e, "fenced by the database: no longer primary");
+                        self.step_down();
+                    }
+                }
+            }
         }
+        r
+    }
+
+    /// Why the database fails, while it does.
+    fn degraded(&self) -> Option<String> {
+        lock(&self.db_error).clone()
     }
 }
 
@@ -320,16 +386,23 @@ impl HaServer {
         let addr = listener
             .local_addr()
             .map_err(|e| HaError::Bind(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
-        let version = store.version()?;
+        let version = {
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.version()).await {
+                Ok(v) => v?,
+                Err(e) => return Err(StoreError::Task(e.to_string()).into()),
+            }
+        };
         let (version_tx, _) = watch::channel(version);
         let shared = Arc::new(Shared {
             id: id.to_string(),
             addr: addr.to_string(),
             store,
             timing,
-            primary_until: AtomicI64::new(0),
-            term: AtomicU64::new(0),
+            held: Mutex::new(None),
             primary: Mutex::new(None),
+            db_error: Mutex::new(None),
+            last_view: Mutex::new(None),
             lease_error: Mutex::new(None),
             version: version_tx,
             heartbeats: Mutex::new(HashMap::new()),
@@ -374,7 +447,7 @@ impl HaServer {
     /// Stops serving without giving the lease up, as a crashed process would: a backup takes
     /// over only when the lease expires.
     pub fn abort(self) {
-        self.shared.primary_until.store(0, Ordering::Release);
+        self.shared.step_down();
         self.stop.cancel();
     }
 
@@ -382,7 +455,7 @@ impl HaServer {
     pub async fn stop(self) {
         self.stop.cancel();
         if self.shared.is_primary() {
-            self.shared.primary_until.store(0, Ordering::Release);
+            self.shared.step_down();
             let (id, addr) = (self.shared.id.clone(), self.shared.addr.clone());
             if let Err(e) = self.shared.db(move |s| s.release_lease(&id, &addr)).await {
                 tracing::warn!(error = %e, "lease not released; a backup takes over when it expires");
@@ -396,29 +469,25 @@ impl HaServer {
 async fn lease_round(shared: &Arc<Shared>) -> Option<Lease> {
     let ttl = shared.timing.lease.as_millis() as i64;
     let (id, addr) = (shared.id.clone(), shared.addr.clone());
-    let now = now_ms();
-    let result = shared
-        .db(move |s| s.acquire_lease(&id, &addr, now, ttl))
-        .await;
+    let sent = Instant::now();
+    let result = shared.db(move |s| s.acquire_lease(&id, &addr, ttl)).await;
     let out = result.as_ref().ok().cloned();
     match result {
         Ok(lease) if shared.holds(&lease) => {
             if lock(&shared.lease_error).take().is_some() {
                 tracing::info!(id = shared.id, "lease round succeeded again");
             }
-            // Act as primary until a tenth of the lease before it expires: a backup takes it
-            // only after it expired, so the two windows never overlap.
-            let was = shared.is_primary();
-            if !was {
-                shared.term.fetch_add(1, Ordering::AcqRel);
+            // A backup takes the lease only after it expired, by the database's clock, which
+            // is after `acting_until`: the two windows never overlap.
+            let was = shared.primary_epoch();
+            *lock(&shared.held) = Some(Held {
+                until: acting_until(sent, shared.timing.lease),
+                epoch: lease.epoch,
+            });
+            if was != Some(lease.epoch) {
+                tracing::info!(id = shared.id, epoch = lease.epoch, "became primary");
             }
-            shared
-                .primary_until
-                .store(lease.expires_ms - ttl / 10, Ordering::Release);
             *lock(&shared.primary) = Some((lease.holder, lease.addr));
-            if !was {
-                tracing::info!(id = shared.id, "became primary");
-            }
         }
         Ok(lease) => {
             *lock(&shared.lease_error) = None;
@@ -439,10 +508,10 @@ async fn lease_round(shared: &Arc<Shared>) -> Option<Lease> {
                     "lost the primary lease"
                 );
             }
-            shared.primary_until.store(0, Ordering::Release);
+            shared.step_down();
             *lock(&shared.primary) = Some((lease.holder, lease.addr));
         }
-        // Could not renew: keep acting only until the current lease runs out.
+        // Could not renew: keep acting only until `acting_until` of the last renewal.
         Err(e) => {
             if let Some(suppressed) = lock(&shared.logs).lease.admit(Instant::now()) {
                 tracing::warn!(id = shared.id, error = %e, suppressed, "lease round failed");
@@ -482,13 +551,15 @@ async fn expiry_loop(shared: Arc<Shared>, stop: CancellationToken) {
         }
         shared.prune_heartbeats(Instant::now());
         let now = now_ms();
-        let Some(cutoffs) = watch.round(now, shared.primary_term(), down, remove) else {
+        let epoch = shared.primary_epoch();
+        let Some(cutoffs) = watch.round(now, epoch, down, remove) else {
             continue;
         };
         if cutoffs == expiry::Cutoffs::default() {
             continue; // the grace is still running
         }
-        match shared.db(move |s| s.expire(now, cutoffs)).await {
+        let Some(epoch) = epoch else { continue };
+        match shared.db(move |s| s.expire(epoch, now, cutoffs)).await {
             Ok(Some(v)) => {
                 shared.version.send_replace(v);
             }
@@ -502,14 +573,45 @@ async fn expiry_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Notices version changes made by any server sharing the database. Polls only the version
-/// (one row); the membership is read, for the gauges, when the version moved.
+/// How often the version is polled when the store pushes no changes (SQLite), and when it does
+/// (PostgreSQL: a safety net should a notification be lost with its connection).
+const VERSION_POLL: Duration = Duration::from_millis(100);
+const VERSION_POLL_PUSHED: Duration = Duration::from_secs(1);
+
+/// Notices version changes made by any server sharing the database, pushed by the store or
+/// polled (one row); the membership is read, for the gauges and the degraded mode's copy, when
+/// the version moved.
 async fn version_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut pushed = shared.store.changes();
     let mut seen = None;
     loop {
+        let poll = if pushed.is_some() {
+            VERSION_POLL_PUSHED
+        } else {
+            VERSION_POLL
+        };
+        let notified = async {
+            match pushed.as_mut() {
+                Some(rx) => rx.changed().await.is_ok().then(|| *rx.borrow_and_update()),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(poll) => {}
+            v = notified => match v {
+                // Wake the long-polls at once; the database is read below.
+                Some(v) => {
+                    shared.version.send_if_modified(|cur| {
+                        let newer = v > *cur;
+                        if newer {
+                            *cur = v;
+                        }
+                        newer
+                    });
+                }
+                None => pushed = None, // the store stopped pushing: poll
+            },
         }
         let Ok(version) = shared.db(|s| s.version()).await else {
             continue;
@@ -531,6 +633,7 @@ async fn version_loop(shared: Arc<Shared>, stop: CancellationToken) {
             if *shared.version.borrow() != view.version {
                 shared.version.send_replace(view.version);
             }
+            *lock(&shared.last_view) = Some(view);
         }
     }
 }
@@ -556,12 +659,9 @@ fn store_error(shared: &Shared, e: StoreError) -> Res {
 }
 
 /// Writes go to the primary: a backup redirects (307 keeps the method and body).
-fn not_primary(shared: &Shared, path: &str) -> Option<Res> {
-    if shared.is_primary() {
-        return None;
-    }
+fn not_primary(shared: &Shared, path: &str) -> Res {
     let primary = lock(&shared.primary).clone();
-    Some(match primary {
+    match primary {
         Some((id, addr)) if id != shared.id || addr != shared.addr => {
             let mut r = error(StatusCode::TEMPORARY_REDIRECT, format!("{id} is primary"));
             if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("http://{addr}{path}")) {
@@ -580,7 +680,7 @@ fn not_primary(shared: &Shared, path: &str) -> Option<Res> {
                 "no primary HA server right now; retry",
             ),
         },
-    })
+    }
 }
 
 fn query(uri: &hyper::Uri) -> HashMap<String, String> {
@@ -679,17 +779,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
         route,
         Route::Register | Route::Heartbeat(_) | Route::Deregister(_)
     );
+    // A write carries the lease epoch of the primary taking it (fencing).
+    let mut epoch = 0;
     if write {
-        if let Some(r) = not_primary(&shared, &path) {
-            return (route.label(), r);
+        match shared.primary_epoch() {
+            Some(e) => epoch = e,
+            None => return (route.label(), not_primary(&shared, &path)),
         }
     }
     let res = match route {
         Route::Cluster => cluster(&shared, &parts.uri).await,
         Route::Events => events(&shared, &parts.uri).await,
-        Route::Register => register(&shared, &body).await,
-        Route::Heartbeat(id) => heartbeat(&shared, id).await,
-        Route::Deregister(id) => deregister(&shared, id).await,
+        Route::Register => register(&shared, epoch, &body).await,
+        Route::Heartbeat(id) => heartbeat(&shared, epoch, id).await,
+        Route::Deregister(id) => deregister(&shared, epoch, id).await,
         Route::Page | Route::Healthz | Route::Metrics | Route::Other => error(
             StatusCode::NOT_FOUND,
             format!("no route {} {path}", parts.method),
@@ -703,15 +806,21 @@ fn open_route(shared: &Shared, route: Route<'_>) -> Res {
         return status_page();
     }
     if route == Route::Healthz {
+        let epoch = shared.primary_epoch();
+        let degraded = shared.degraded();
         return reply(
             StatusCode::OK,
             json!({
                 "id": shared.id,
-                "role": if shared.is_primary() { "primary" } else { "backup" },
+                "role": if epoch.is_some() { "primary" } else { "backup" },
                 "primary": shared.primary_id(),
+                "epoch": epoch,
+                "degraded": degraded.is_some(),
+                "database": degraded.as_deref().unwrap_or("ok"),
             }),
         );
     }
+    shared.metrics.primary.set(i64::from(shared.is_primary()));
     let tracked = lock(&shared.heartbeats).len();
     shared.metrics.tracked_heartbeats.set(tracked as i64);
     match mqlb_http::metrics::render(&shared.metrics.registry) {
@@ -754,15 +863,27 @@ async fn cluster(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
             }
         }
     }
-    match shared.db(|s| s.cluster()).await {
-        Ok(mut view) => {
-            view.primary = shared.primary_id();
-            match serde_json::to_value(&view) {
-                Ok(v) => reply(StatusCode::OK, v),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            }
+    let (mut view, degraded) = match shared.db(|s| s.cluster()).await {
+        Ok(view) => {
+            *lock(&shared.last_view) = Some(view.clone());
+            (view, None)
         }
-        Err(e) => store_error(shared, e),
+        // The database fails: the last membership read, said to be so (read-only: writes
+        // fail on their own).
+        Err(e) => match lock(&shared.last_view).clone() {
+            Some(view) if e.is_database_failure() => (view, Some(e.to_string())),
+            _ => return store_error(shared, e),
+        },
+    };
+    view.primary = shared.primary_id();
+    match serde_json::to_value(&view) {
+        Ok(mut v) => {
+            if let (Some(why), Some(obj)) = (degraded, v.as_object_mut()) {
+                obj.insert("degraded".into(), json!(why));
+            }
+            reply(StatusCode::OK, v)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -780,7 +901,7 @@ async fn events(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
     }
 }
 
-async fn register(shared: &Arc<Shared>, body: &[u8]) -> Res {
+async fn register(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
     let reg: Registration = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
@@ -791,7 +912,10 @@ async fn register(shared: &Arc<Shared>, body: &[u8]) -> Res {
     let now = now_ms();
     let max = shared.max_members;
     let wanted = reg.clone();
-    match shared.db(move |s| s.register(&wanted, now, max)).await {
+    match shared
+        .db(move |s| s.register(epoch, &wanted, now, max))
+        .await
+    {
         Ok(Registered::Done(v)) => {
             shared.version.send_replace(v);
             lock(&shared.heartbeats).insert(reg.id.clone(), Instant::now());
@@ -844,7 +968,7 @@ fn refused(shared: &Shared, reason: &'static str, reg: &Registration, detail: &s
     }
 }
 
-async fn heartbeat(shared: &Arc<Shared>, id: &str) -> Res {
+async fn heartbeat(shared: &Arc<Shared>, epoch: u64, id: &str) -> Res {
     let id = id.to_string();
     // A flood of heartbeats is refused before it reaches the database.
     let min_gap = shared.min_heartbeat_gap();
@@ -860,7 +984,7 @@ async fn heartbeat(shared: &Arc<Shared>, id: &str) -> Res {
     }
     let now = now_ms();
     let known = id.clone();
-    match shared.db(move |s| s.heartbeat(&known, now)).await {
+    match shared.db(move |s| s.heartbeat(epoch, &known, now)).await {
         Ok(Some(v)) => {
             shared.version.send_if_modified(|cur| {
                 let changed = *cur != v;
@@ -882,11 +1006,11 @@ async fn heartbeat(shared: &Arc<Shared>, id: &str) -> Res {
     }
 }
 
-async fn deregister(shared: &Arc<Shared>, id: &str) -> Res {
+async fn deregister(shared: &Arc<Shared>, epoch: u64, id: &str) -> Res {
     let id = id.to_string();
     let now = now_ms();
     let gone = id.clone();
-    match shared.db(move |s| s.deregister(&gone, now)).await {
+    match shared.db(move |s| s.deregister(epoch, &gone, now)).await {
         Ok(Some(v)) => {
             lock(&shared.heartbeats).remove(&id);
             shared.version.send_replace(v);
@@ -925,7 +1049,7 @@ mod tests {
     use crate::expiry::Cutoffs;
     use crate::model::{ClusterView, Event};
     use crate::store::{Lease, SqliteStore};
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// SQLite, until `full` is set: then every write fails the way SQLite does on a full disk.
     struct FillingStore {
@@ -948,24 +1072,30 @@ mod tests {
     impl Store for FillingStore {
         fn register(
             &self,
+            epoch: u64,
             reg: &Registration,
             now_ms: i64,
             max_members: usize,
         ) -> Result<Registered, StoreError> {
             self.write()?;
-            self.inner.register(reg, now_ms, max_members)
+            self.inner.register(epoch, reg, now_ms, max_members)
         }
-        fn heartbeat(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+        fn heartbeat(&self, epoch: u64, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
             self.write()?;
-            self.inner.heartbeat(id, now_ms)
+            self.inner.heartbeat(epoch, id, now_ms)
         }
-        fn deregister(&self, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+        fn deregister(&self, epoch: u64, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
             self.write()?;
-            self.inner.deregister(id, now_ms)
+            self.inner.deregister(epoch, id, now_ms)
         }
-        fn expire(&self, now_ms: i64, cutoffs: Cutoffs) -> Result<Option<u64>, StoreError> {
+        fn expire(
+            &self,
+            epoch: u64,
+            now_ms: i64,
+            cutoffs: Cutoffs,
+        ) -> Result<Option<u64>, StoreError> {
             self.write()?;
-            self.inner.expire(now_ms, cutoffs)
+            self.inner.expire(epoch, now_ms, cutoffs)
         }
         fn cluster(&self) -> Result<ClusterView, StoreError> {
             self.inner.cluster()
@@ -980,11 +1110,10 @@ mod tests {
             &self,
             holder: &str,
             addr: &str,
-            now_ms: i64,
             ttl_ms: i64,
         ) -> Result<Lease, StoreError> {
             self.write()?;
-            self.inner.acquire_lease(holder, addr, now_ms, ttl_ms)
+            self.inner.acquire_lease(holder, addr, ttl_ms)
         }
         fn release_lease(&self, holder: &str, addr: &str) -> Result<(), StoreError> {
             self.write()?;

@@ -111,6 +111,31 @@ impl Host {
         crate::start_haserver_at(id, db, self.addr(0), timing).await
     }
 
+    /// Starts an HA server in this process on the PostgreSQL database at `url`, listening on an
+    /// ephemeral port of this host and connecting to the database *from* this host's address, so
+    /// a partition between this host and the database's cuts it off.
+    pub async fn start_haserver_pg(
+        &self,
+        id: &str,
+        url: &str,
+        timing: mqlb_haserver::Timing,
+    ) -> anyhow::Result<mqlb_haserver::HaServer> {
+        let mut options = mqlb_haserver::PostgresOptions::for_lease(timing.lease);
+        options.source = Some(IpAddr::V4(self.ip));
+        let store = mqlb_haserver::PostgresStore::open(url, options)
+            .await
+            .with_context(|| format!("{id} on {}: opening the PostgreSQL store", self.ip))?;
+        let listener = self.listen().await?;
+        let ha = mqlb_haserver::HaServer::start(
+            id,
+            listener,
+            std::sync::Arc::new(store),
+            crate::ha_options(timing),
+        )
+        .await?;
+        Ok(ha)
+    }
+
     fn signal(&self, sig: &str) -> anyhow::Result<()> {
         for child in lock(&self.procs).iter_mut() {
             if matches!(child.try_wait(), Ok(Some(_))) {

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use super::{Checker, UNPARSED_ADDR};
 use crate::defaults::*;
-use crate::model::{HaServer, HaSettings};
+use crate::model::{HaDb, HaServer, HaSettings, PostgresUrl};
 use crate::raw::{RawConfig, RawHa, RawHaServer};
 
 pub(super) fn validate_ha(c: &mut Checker, raw: &RawConfig) -> HaSettings {
@@ -60,13 +60,29 @@ fn servers(c: &mut Checker, raw: &[RawHaServer]) -> Vec<HaServer> {
         let k = format!("haserver[{i}]");
         c.name(&format!("{k}.id"), &h.id, &mut ids, "haserver");
         let listen = c.addr(&format!("{k}.listen"), &h.listen);
+        let db = db(c, &format!("{k}.db"), h.db.as_deref());
         servers.push(HaServer {
             id: h.id.clone(),
             listen: listen.unwrap_or(UNPARSED_ADDR),
-            db: std::path::PathBuf::from(h.db.as_deref().unwrap_or(DEFAULT_HA_DB)),
+            db,
         });
     }
     servers
+}
+
+/// `haserver.db`: a `postgres://` URL, or else a SQLite file's path.
+fn db(c: &mut Checker, key: &str, raw: Option<&str>) -> HaDb {
+    let raw = raw.unwrap_or(DEFAULT_HA_DB);
+    if !raw.contains("://") {
+        return HaDb::Sqlite(std::path::PathBuf::from(raw));
+    }
+    match PostgresUrl::parse(raw) {
+        Ok(url) => HaDb::Postgres(url),
+        Err(e) => {
+            c.error(key, e);
+            HaDb::Sqlite(std::path::PathBuf::from(DEFAULT_HA_DB))
+        }
+    }
 }
 
 /// Cross-section: a pool's `discovery` names a known source, and `"haserver"` needs one.
@@ -84,5 +100,40 @@ fn pool_discovery(c: &mut Checker, raw: &RawConfig) {
                 format!("unknown discovery {other:?}: expected \"haserver\""),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::PostgresUrl;
+
+    #[test]
+    fn postgres_urls_are_checked_and_print_masked() {
+        for ok in [
+            "postgres://mqlb@127.0.4.1:5432/ha",
+            "postgresql://db.example/ha",
+            "postgres://u:p%40ss@[::1]:6543/ha?connect_timeout=2",
+        ] {
+            assert!(PostgresUrl::parse(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("mysql://x/y", "starts with"),
+            ("postgres:///ha", "no host"),
+            ("postgres://u@h:99999/ha", "port"),
+            ("postgres://h1,h2/ha", "several hosts"),
+        ] {
+            let e = PostgresUrl::parse(bad).err().unwrap_or_default();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let url =
+            PostgresUrl::parse("postgres://mqlb:hunter2@h:5432/ha").map_err(|e| e.to_string());
+        let shown = url.map(|u| (u.to_string(), format!("{u:?}")));
+        assert_eq!(
+            shown,
+            Ok((
+                "postgres://mqlb:****@h:5432/ha".to_string(),
+                "PostgresUrl(postgres://mqlb:****@h:5432/ha)".to_string()
+            ))
+        );
     }
 }

@@ -1,0 +1,378 @@
+//! What every [`Store`] must do, as checks any store can be put through: the SQLite unit tests
+//! run them (`store::sqlite`), and `tests/tests/ha_postgres.rs` runs the same ones against a
+//! real PostgreSQL, so both stores are shown to keep the same semantics for members, events,
+//! versions, the lease and fencing. Hidden from the docs: it is test code the integration
+//! tests must reach. Each check gets `open`, which opens the *same* fresh database each time it
+//! is called (a second server, or a restart).
+
+use std::time::{Duration, Instant};
+
+use crate::expiry::Cutoffs;
+use crate::model::{MemberState, Registration};
+use crate::store::{Registered, Store, StoreError};
+
+pub type Failure = Box<dyn std::error::Error + Send + Sync>;
+/// Opens the check's database (another handle on it each call).
+pub type Open<'a> = &'a dyn Fn() -> Result<Box<dyn Store>, StoreError>;
+pub type Check = fn(Open<'_>) -> Result<(), Failure>;
+
+/// Every check, by name.
+pub const CHECKS: &[(&str, Check)] = &[
+    ("membership_lifecycle", membership_lifecycle),
+    (
+        "lease_one_holder_until_it_expires",
+        lease_one_holder_until_it_expires,
+    ),
+    (
+        "lease_same_id_elsewhere_does_not_share",
+        lease_same_id_elsewhere_does_not_share,
+    ),
+    ("lease_race_has_one_winner", lease_race_has_one_winner),
+    ("stale_epochs_are_fenced", stale_epochs_are_fenced),
+    (
+        "a_live_member_cannot_be_re_pointed",
+        a_live_member_cannot_be_re_pointed,
+    ),
+    ("max_members", max_members),
+    ("state_survives_reopening", state_survives_reopening),
+];
+
+/// A lease no check outlives.
+const LONG: i64 = 600_000;
+
+fn reg(id: &str) -> Registration {
+    Registration {
+        id: id.into(),
+        mqtt: "127.0.0.1:1883".into(),
+        mqtt_v5: None,
+        mesh: None,
+        http: None,
+        pid: None,
+    }
+}
+
+/// The cutoffs of a round at `now_ms` with every grace over.
+fn after(now_ms: i64, down_after_ms: i64, remove_after_ms: i64) -> Cutoffs {
+    Cutoffs {
+        down_before_ms: Some(now_ms - down_after_ms),
+        remove_before_ms: Some(now_ms - remove_after_ms),
+    }
+}
+
+/// The epoch of a lease taken by "ha1" for the whole check.
+fn primary(s: &dyn Store) -> Result<u64, Failure> {
+    let l = s.acquire_lease("ha1", "a1", LONG)?;
+    if l.holder != "ha1" {
+        return Err(format!("ha1 could not take a free lease: {l:?}").into());
+    }
+    Ok(l.epoch)
+}
+
+/// Lets `holder`'s lease run out (renewed for 1 ms), then waits until `taker` takes it, by the
+/// database's clock; returns the taker's epoch.
+fn run_out(s: &dyn Store, holder: (&str, &str), taker: (&str, &str)) -> Result<u64, Failure> {
+    s.acquire_lease(holder.0, holder.1, 1)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let l = s.acquire_lease(taker.0, taker.1, LONG)?;
+        if l.is_held_by(taker.0, taker.1) {
+            return Ok(l.epoch);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{taker:?} never took a lease that ran out: {l:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn fenced<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) -> Result<(), Failure> {
+    match r {
+        Err(StoreError::Fenced { .. }) => Ok(()),
+        other => Err(format!("{what}: expected a fenced refusal, got {other:?}").into()),
+    }
+}
+
+pub fn membership_lifecycle(open: Open<'_>) -> Result<(), Failure> {
+    let s = open()?;
+    let e = primary(s.as_ref())?;
+    assert_eq!(s.register(e, &reg("b1"), 1_000, 10)?, Registered::Done(1));
+    assert_eq!(s.register(e, &reg("b2"), 1_000, 10)?, Registered::Done(2));
+    assert_eq!(
+        s.heartbeat(e, "b1", 2_000)?,
+        Some(2),
+        "a heartbeat of an up member changes nothing"
+    );
+    assert_eq!(s.heartbeat(e, "nope", 2_000)?, None);
+    assert_eq!(
+        s.expire(e, 99_000, Cutoffs::default())?,
+        None,
+        "during the grace nobody expires, however long the silence"
+    );
+    // b2 silent for 3 s: down; b1 heard at 2 s: still up.
+    assert_eq!(s.expire(e, 4_500, after(4_500, 3_000, 10_000))?, Some(3));
+    let view = s.cluster()?;
+    let states: Vec<_> = view
+        .members
+        .iter()
+        .map(|m| (m.reg.id.as_str(), m.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![("b1", MemberState::Up), ("b2", MemberState::Down)]
+    );
+    assert_eq!(view.version, 3);
+    assert_eq!(
+        s.expire(e, 4_600, after(4_600, 3_000, 10_000))?,
+        None,
+        "nothing new"
+    );
+    assert_eq!(s.heartbeat(e, "b2", 5_000)?, Some(4), "back up");
+    assert_eq!(
+        s.expire(e, 20_000, after(20_000, 3_000, 10_000))?,
+        Some(8),
+        "both down (5, 6), then removed (7, 8)"
+    );
+    assert!(s.cluster()?.members.is_empty());
+    assert_eq!(s.version()?, 8);
+    let events = s.events(0, 100)?;
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| format!("{}:{}@{}", e.member, e.kind, e.version))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "b1:registered@1",
+            "b2:registered@2",
+            "b2:down@3",
+            "b2:up@4",
+            "b1:down@5",
+            "b2:down@6",
+            "b1:removed@7",
+            "b2:removed@8"
+        ]
+    );
+    let after_third: Vec<u64> = s
+        .events(events[2].seq, 2)?
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(after_third, [4, 5], "events after a seq, limited");
+    assert!(s.deregister(e, "b1", 21_000)?.is_none(), "gone already");
+    Ok(())
+}
+
+pub fn lease_one_holder_until_it_expires(open: Open<'_>) -> Result<(), Failure> {
+    let s = open()?;
+    let first = s.acquire_lease("ha1", "a1", LONG)?;
+    assert_eq!((first.holder.as_str(), first.epoch), ("ha1", 1));
+    assert_eq!(
+        s.acquire_lease("ha2", "a2", LONG)?,
+        first,
+        "not expired: unchanged"
+    );
+    let renewed = s.acquire_lease("ha1", "a1", LONG)?;
+    assert_eq!(renewed.epoch, 1, "a renewal keeps the epoch");
+    assert!(
+        renewed.expires_ms >= first.expires_ms,
+        "renewed: {renewed:?}"
+    );
+    assert_eq!(
+        run_out(s.as_ref(), ("ha1", "a1"), ("ha2", "a2"))?,
+        2,
+        "taken over"
+    );
+    s.release_lease("ha1", "a1")?; // not the holder: no effect
+    assert_eq!(s.acquire_lease("ha1", "a1", LONG)?.holder, "ha2");
+    s.release_lease("ha2", "elsewhere")?; // the holder's id at another address: neither
+    assert_eq!(s.acquire_lease("ha1", "a1", LONG)?.holder, "ha2");
+    s.release_lease("ha2", "a2")?;
+    let l = s.acquire_lease("ha1", "a1", LONG)?;
+    assert_eq!(
+        (l.holder.as_str(), l.epoch),
+        ("ha1", 3),
+        "released: free, and a new epoch"
+    );
+    Ok(())
+}
+
+/// Issue 13: a second server started by mistake with the id of the primary must not renew
+/// (and so share) the primary's lease.
+pub fn lease_same_id_elsewhere_does_not_share(open: Open<'_>) -> Result<(), Failure> {
+    let s = open()?;
+    let first = s.acquire_lease("ha1", "a1", LONG)?;
+    assert_eq!(
+        s.acquire_lease("ha1", "a9", LONG)?,
+        first,
+        "not taken, not renewed"
+    );
+    assert_eq!(
+        run_out(s.as_ref(), ("ha1", "a1"), ("ha1", "a9"))?,
+        2,
+        "expired: free for anyone"
+    );
+    Ok(())
+}
+
+/// HA servers racing for a free lease (each with a handle of its own): exactly one wins, and
+/// every one of them sees the winner.
+pub fn lease_race_has_one_winner(open: Open<'_>) -> Result<(), Failure> {
+    let stores = (0..4).map(|_| open()).collect::<Result<Vec<_>, _>>()?;
+    let seen = std::thread::scope(|scope| {
+        let racers: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                scope.spawn(move || {
+                    let (id, addr) = (format!("ha{i}"), format!("a{i}"));
+                    (0..10)
+                        .map(|_| {
+                            s.acquire_lease(&id, &addr, LONG)
+                                .map(|l| (l.holder, l.epoch))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        racers
+            .into_iter()
+            .map(|r| r.join().map_err(|_| "a racer panicked".to_string()))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
+    let mut all: Vec<(String, u64)> = Vec::new();
+    for r in seen {
+        all.extend(r?);
+    }
+    assert_eq!(all.len(), 40);
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 1, "one holder, one epoch: {all:?}");
+    assert_eq!(all[0].1, 1);
+    Ok(())
+}
+
+/// Fencing: a write is accepted only with the epoch of the live lease, by the database's clock.
+pub fn stale_epochs_are_fenced(open: Open<'_>) -> Result<(), Failure> {
+    let s = open()?;
+    fenced(
+        s.register(0, &reg("b0"), 1_000, 10),
+        "before anyone held the lease",
+    )?;
+    let e1 = primary(s.as_ref())?;
+    assert_eq!(s.register(e1, &reg("b1"), 1_000, 10)?, Registered::Done(1));
+    fenced(s.register(e1 + 1, &reg("b2"), 1_000, 10), "a future epoch")?;
+    let e2 = run_out(s.as_ref(), ("ha1", "a1"), ("ha2", "a2"))?;
+    assert!(e2 > e1);
+    // The old primary, unaware, goes on writing: every kind of write is refused.
+    fenced(s.register(e1, &reg("b2"), 2_000, 10), "register")?;
+    fenced(s.heartbeat(e1, "b1", 2_000), "heartbeat")?;
+    fenced(s.deregister(e1, "b1", 2_000), "deregister")?;
+    fenced(s.expire(e1, 9_000, after(9_000, 1, 1)), "expire")?;
+    assert_eq!(s.version()?, 1, "no refused write changed anything");
+    assert_eq!(s.cluster()?.members.len(), 1);
+    assert_eq!(
+        s.heartbeat(e2, "b1", 2_000)?,
+        Some(1),
+        "the new primary writes"
+    );
+    // A lease that ran out fences its own holder too, until it is taken again.
+    s.acquire_lease("ha2", "a2", 1)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.heartbeat(e2, "b1", 3_000) {
+            Err(StoreError::Fenced { expired: true, .. }) => break,
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            other => return Err(format!("an expired lease still writes: {other:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+/// Issue 13: a registration re-pointing a live member is refused; once it is down or gone
+/// (expired, deregistered), or at the same addresses (a restart), it is accepted.
+pub fn a_live_member_cannot_be_re_pointed(open: Open<'_>) -> Result<(), Failure> {
+    let s = open()?;
+    let e = primary(s.as_ref())?;
+    let at = |id: &str, mqtt: &str| Registration {
+        mqtt: mqtt.into(),
+        ..reg(id)
+    };
+    assert_eq!(s.register(e, &reg("b1"), 1_000, 10)?, Registered::Done(1));
+    let trap = at("b1", "127.0.0.1:30950");
+    assert_eq!(
+        s.register(e, &trap, 1_100, 10)?,
+        Registered::AddressHeld(reg("b1"))
+    );
+    let moved_mesh = Registration {
+        mesh: Some("127.0.0.1:30951".into()),
+        ..reg("b1")
+    };
+    assert!(matches!(
+        s.register(e, &moved_mesh, 1_100, 10)?,
+        Registered::AddressHeld(_)
+    ));
+    let restarted = Registration {
+        pid: Some(42),
+        ..reg("b1")
+    };
+    assert_eq!(s.register(e, &restarted, 1_200, 10)?, Registered::Done(2));
+    let m = &s.cluster()?.members[0];
+    assert_eq!(
+        (m.reg.mqtt.as_str(), m.reg.pid),
+        ("127.0.0.1:1883", Some(42))
+    );
+    // Down (expired): the id may move.
+    assert!(s.expire(e, 9_000, after(9_000, 3_000, 60_000))?.is_some());
+    assert_eq!(s.register(e, &trap, 9_100, 10)?, Registered::Done(4));
+    // Deregistered: the id may move.
+    assert!(s.deregister(e, "b1", 9_200)?.is_some());
+    assert_eq!(s.register(e, &reg("b1"), 9_300, 10)?, Registered::Done(6));
+    let kinds: Vec<String> = s.events(0, 100)?.into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "registered",
+            "re-registered",
+            "down",
+            "re-registered",
+            "deregistered",
+            "registered"
+        ]
+    );
+    Ok(())
+}
+
+pub fn max_members(open: Open<'_>) -> Result<(), Failure> {
+    let s = open()?;
+    let e = primary(s.as_ref())?;
+    for i in 0..3 {
+        assert!(matches!(
+            s.register(e, &reg(&format!("b{i}")), 1_000, 3)?,
+            Registered::Done(_)
+        ));
+    }
+    assert_eq!(s.register(e, &reg("b3"), 1_000, 3)?, Registered::Full(3));
+    assert!(
+        matches!(s.register(e, &reg("b0"), 1_100, 3)?, Registered::Done(_)),
+        "a re-registration is not refused"
+    );
+    assert_eq!(s.cluster()?.members.len(), 3);
+    Ok(())
+}
+
+pub fn state_survives_reopening(open: Open<'_>) -> Result<(), Failure> {
+    {
+        let s = open()?;
+        let e = primary(s.as_ref())?;
+        s.register(e, &reg("b1"), 1, 10)?;
+    }
+    let s = open()?;
+    assert_eq!(s.version()?, 1);
+    assert_eq!(s.cluster()?.members.len(), 1);
+    assert_eq!(
+        s.acquire_lease("ha1", "a1", LONG)?.epoch,
+        1,
+        "the lease too"
+    );
+    Ok(())
+}

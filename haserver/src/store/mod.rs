@@ -1,0 +1,110 @@
+//! Where the HA server keeps its state, behind one small trait: SQLite (one file, bundled, WAL)
+//! for HA servers on one machine, the default; PostgreSQL for HA servers on several machines
+//! (issue 18). Every change bumps the membership version and is logged, in one transaction, so a
+//! crash never leaves a half-applied change. Both stores keep the primary lease by their own
+//! clock (`lease`), and refuse a write whose lease epoch is stale (fencing).
+
+pub mod lease;
+pub mod postgres;
+pub mod sqlite;
+
+use crate::expiry::Cutoffs;
+use crate::model::{ClusterView, Event, Registration};
+
+pub use lease::Lease;
+pub use postgres::{PostgresOptions, PostgresStore};
+pub use sqlite::{SqliteStore, SCHEMA_VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite's own message already says "database" where it matters ("database or disk is
+    /// full", "database is locked"); the prefix names the engine instead of repeating it.
+    #[error("SQLite: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// PostgreSQL failed or could not be reached; `at` is its `host:port`.
+    #[error("PostgreSQL at {at}: {msg}")]
+    Postgres { at: String, msg: String },
+    /// A call to the database did not finish in time (a partition, a stalled server).
+    #[error("PostgreSQL at {at}: no answer within {after:?}")]
+    Timeout {
+        at: String,
+        after: std::time::Duration,
+    },
+    /// The connection URL is not one this store can use.
+    #[error("PostgreSQL URL: {0}")]
+    Url(String),
+    #[error("database schema version {0} is newer than this mqlb understands ({1})")]
+    TooNew(i64, i64),
+    /// Fencing: the write came with a lease epoch that is not the lease's now, or the lease ran
+    /// out, by the database's clock. A primary that sees this has been replaced.
+    #[error(
+        "the database refused a primary's write: it holds lease epoch {epoch}, the lease is at \
+         epoch {current}{}", if *.expired { " and expired" } else { "" }
+    )]
+    Fenced {
+        epoch: u64,
+        current: u64,
+        expired: bool,
+    },
+    /// The blocking task that ran a database call panicked or was cancelled.
+    #[error("database call did not finish: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    /// Whether the database itself is failing (unreachable, erroring), as opposed to refusing a
+    /// stale primary: the HA server reports itself degraded while this holds.
+    pub fn is_database_failure(&self) -> bool {
+        !matches!(self, StoreError::Fenced { .. })
+    }
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// Recorded; the new version.
+    Done(u64),
+    /// Refused: the id is held by an up member at another address (this one); a live member
+    /// cannot be re-pointed until it deregisters or expires (issue 13's traffic hijack).
+    AddressHeld(Registration),
+    /// Refused: a new id, and the membership already has this many members.
+    Full(usize),
+}
+
+/// The HA server's state. Calls block (the server runs them off its async threads). Every write
+/// carries the lease `epoch` of the primary making it and fails with [`StoreError::Fenced`]
+/// unless that epoch holds the lease now, by the database's clock.
+pub trait Store: Send + Sync {
+    /// Registers (or re-registers) a member as up, unless it would re-point a live member or
+    /// add one beyond `max_members`.
+    fn register(
+        &self,
+        epoch: u64,
+        reg: &Registration,
+        now_ms: i64,
+        max_members: usize,
+    ) -> Result<Registered, StoreError>;
+    /// Records a heartbeat. `None`: unknown member (it must register). A down member comes up.
+    fn heartbeat(&self, epoch: u64, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError>;
+    /// Removes a member that left on purpose; `None` if unknown.
+    fn deregister(&self, epoch: u64, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError>;
+    /// Marks up members last seen before `cutoffs.down_before_ms` down and removes down ones
+    /// last seen before `cutoffs.remove_before_ms`; returns the version if anything changed.
+    fn expire(&self, epoch: u64, now_ms: i64, cutoffs: Cutoffs) -> Result<Option<u64>, StoreError>;
+    fn cluster(&self) -> Result<ClusterView, StoreError>;
+    fn version(&self) -> Result<u64, StoreError>;
+    fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
+    /// Takes the primary lease for `ttl_ms` if it is free, expired or already ours (same
+    /// holder *and* address: a second server started with the same id does not renew the first
+    /// one's lease), by the database's clock; taking it bumps its epoch, renewing it does not.
+    /// Returns the lease as it stands after the attempt.
+    fn acquire_lease(&self, holder: &str, addr: &str, ttl_ms: i64) -> Result<Lease, StoreError>;
+    /// Ends the lease if ours (clean shutdown of the primary), so a backup takes over at once.
+    /// The epoch stays: the next holder's is higher.
+    fn release_lease(&self, holder: &str, addr: &str) -> Result<(), StoreError>;
+    /// Versions as any HA server's writes commit, pushed by the database (PostgreSQL's
+    /// LISTEN/NOTIFY); `None`: the server polls the version instead.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}

@@ -1,0 +1,591 @@
+//! The PostgreSQL store (issue 18): HA servers on several machines share one PostgreSQL
+//! database, an engine their users already run, rather than a consensus of mqlb's own. Same
+//! tables and semantics as SQLite; the lease is one row read `FOR UPDATE` and judged by the
+//! database's `now()`, writes read it `FOR SHARE` to check their epoch (fencing) and then lock
+//! the version row, so they are serialized as SQLite's are. Versions are NOTIFYed at commit
+//! (`listen`). Migrations are versioned SQL applied at open in one transaction, under an
+//! advisory lock so servers starting together do not race.
+//!
+//! The client is tokio-postgres: the trait is blocking (the server calls it off its async
+//! threads), so each call is `block_on` on the runtime the store was opened in, bounded by a
+//! timeout; its connections are sockets of ours (`pool`).
+
+mod listen;
+mod pool;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio_postgres::config::Host;
+use tokio_postgres::{IsolationLevel, Row, Transaction};
+
+use super::lease::{self, Lease};
+use super::{Registered, Store, StoreError};
+use crate::expiry::Cutoffs;
+use crate::model::{ClusterView, Event, Member, MemberState, Registration};
+pub use listen::CHANNEL;
+use pool::{Pool, Target};
+
+/// The schema, by version; a database at version N gets N+1.. applied at open.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE members (
+    id TEXT PRIMARY KEY,
+    mqtt TEXT NOT NULL,
+    mqtt_v5 TEXT,
+    mesh TEXT,
+    http TEXT,
+    pid BIGINT,
+    state TEXT NOT NULL,
+    registered_ms BIGINT NOT NULL,
+    last_seen_ms BIGINT NOT NULL
+);
+CREATE TABLE events (
+    seq BIGSERIAL PRIMARY KEY,
+    at_ms BIGINT NOT NULL,
+    member TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    version BIGINT NOT NULL
+);
+CREATE TABLE lease (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    addr TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('version', 0);
+INSERT INTO lease (name, holder, addr, epoch, expires_ms) VALUES ('primary', '', '', 0, 0);
+",
+)];
+
+/// The advisory lock migrations run under (any constant of mqlb's own).
+const MIGRATION_LOCK: i64 = 0x6d71_6c62_0018;
+/// The database's clock, Unix ms (`now()`: the transaction's start, which only makes a lease
+/// look younger to whoever reads it and end sooner for whoever writes it).
+const NOW_MS: &str = "(extract(epoch from now()) * 1000)::bigint";
+
+/// How the HA server uses its PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Connect from this address (the HA server's own, on a machine with several), so the
+    /// database and the network see which machine it is.
+    pub source: Option<IpAddr>,
+    /// Connections at most (the LISTEN connection aside).
+    pub pool_size: usize,
+    /// Every call (and connect) gives up after this: a partition or a stalled server costs
+    /// one timeout, not a hung lease round. Keep it below the lease's renewal period.
+    pub timeout: Duration,
+}
+
+impl PostgresOptions {
+    /// The options for a lease of `lease`: calls bounded by a third of it (the renewal period).
+    pub fn for_lease(lease: Duration) -> PostgresOptions {
+        PostgresOptions {
+            source: None,
+            pool_size: 4,
+            timeout: (lease / 3).max(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Either side of a call failing; mapped to a [`StoreError`] naming the server once.
+enum Fail {
+    Pg(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Fail {
+        Fail::Pg(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Fail {
+        Fail::Store(e)
+    }
+}
+
+pub struct PostgresStore {
+    pool: Pool,
+    rt: Handle,
+    timeout: Duration,
+    changes: watch::Receiver<u64>,
+    listener: tokio::task::AbortHandle,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn target(url: &str, options: &PostgresOptions) -> Result<Target, StoreError> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Url(pool::describe(&e)))?;
+    let host = match config.get_hosts() {
+        [Host::Tcp(h)] => h.clone(),
+        [] => return Err(StoreError::Url("no host".into())),
+        [_] => {
+            return Err(StoreError::Url(
+                "a Unix socket: the HA server connects over TCP".into(),
+            ))
+        }
+        _ => return Err(StoreError::Url("several hosts: name one".into())),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    if config.get_application_name().is_none() {
+        config.application_name("mqlb-haserver");
+    }
+    Ok(Target {
+        config,
+        at: format!("{host}:{port}"),
+        host,
+        port,
+        source: options.source,
+        timeout: options.timeout,
+    })
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user[:password]@host[:port]/db`), migrates the schema and
+    /// starts listening for changes. Must be called inside a tokio runtime, which the store's
+    /// calls then use.
+    pub async fn open(url: &str, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        let target = Arc::new(target(url, &options)?);
+        let pool = Pool::new(target.clone(), options.pool_size);
+        let at = target.at.clone();
+        // The first connect and the migration get a few timeouts: a database just started.
+        let budget = options.timeout * 5;
+        let version = bounded(&at, budget, async {
+            let mut c = pool.get().await?;
+            migrate(&mut c).await?;
+            let v = read_version(&c).await?;
+            c.release();
+            Ok(v)
+        })
+        .await
+        .map_err(|f| fail(&target, f))?;
+        let (tx, rx) = watch::channel(version);
+        let listener = tokio::spawn(listen::run(target, tx)).abort_handle();
+        Ok(PostgresStore {
+            pool,
+            rt: Handle::current(),
+            timeout: options.timeout,
+            changes: rx,
+            listener,
+        })
+    }
+
+    /// Runs one call to completion on the store's runtime, within the timeout.
+    fn call<T>(&self, fut: impl Future<Output = Result<T, Fail>>) -> Result<T, StoreError> {
+        self.rt
+            .block_on(bounded(&self.pool.target.at, self.timeout, fut))
+            .map_err(|f| fail(&self.pool.target, f))
+    }
+}
+
+async fn bounded<T>(
+    at: &str,
+    after: Duration,
+    fut: impl Future<Output = Result<T, Fail>>,
+) -> Result<T, Fail> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Fail::Store(StoreError::Timeout {
+            at: at.to_string(),
+            after,
+        })),
+    }
+}
+
+fn fail(target: &Target, f: Fail) -> StoreError {
+    match f {
+        Fail::Pg(e) => target.error(&e),
+        Fail::Store(e) => e,
+    }
+}
+
+async fn migrate(c: &mut tokio_postgres::Client) -> Result<(), Fail> {
+    let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .await?;
+    let current: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0)::bigint FROM schema_version",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if current > latest {
+        return Err(StoreError::TooNew(current, latest).into());
+    }
+    for (v, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[v])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn read_version(c: &tokio_postgres::Client) -> Result<u64, Fail> {
+    let v: i64 = c
+        .query_one("SELECT value FROM meta WHERE key = 'version'", &[])
+        .await?
+        .try_get(0)?;
+    Ok(v as u64)
+}
+
+/// The lease row and the database's clock; `lock` is `FOR UPDATE` or `FOR SHARE`.
+async fn read_lease(tx: &Transaction<'_>, lock: &str) -> Result<(Lease, i64), Fail> {
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT holder, addr, epoch, expires_ms, {NOW_MS} FROM lease WHERE name = 'primary' {lock}"
+            ),
+            &[],
+        )
+        .await?;
+    let lease = Lease {
+        holder: row.try_get(0)?,
+        addr: row.try_get(1)?,
+        epoch: row.try_get::<_, i64>(2)? as u64,
+        expires_ms: row.try_get(3)?,
+    };
+    Ok((lease, row.try_get(4)?))
+}
+
+async fn write_lease(tx: &Transaction<'_>, l: &Lease) -> Result<(), Fail> {
+    tx.execute(
+        "UPDATE lease SET holder = $1, addr = $2, epoch = $3, expires_ms = $4 WHERE name = 'primary'",
+        &[&l.holder, &l.addr, &(l.epoch as i64), &l.expires_ms],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Opens a write transaction for the primary holding `epoch`, or refuses it (fencing). The
+/// lease row is held `FOR SHARE` until commit, so no other server takes the lease while the
+/// write is under way; the version row `FOR UPDATE` serializes writers.
+async fn write_tx(c: &mut tokio_postgres::Client, epoch: u64) -> Result<Transaction<'_>, Fail> {
+    let tx = c.transaction().await?;
+    let (lease, now) = read_lease(&tx, "FOR SHARE").await?;
+    lease::fence(&lease, epoch, now)?;
+    tx.execute("SELECT 1 FROM meta WHERE key = 'version' FOR UPDATE", &[])
+        .await?;
+    Ok(tx)
+}
+
+async fn current_version(tx: &Transaction<'_>) -> Result<u64, Fail> {
+    let v: i64 = tx
+        .query_one("SELECT value FROM meta WHERE key = 'version'", &[])
+        .await?
+        .try_get(0)?;
+    Ok(v as u64)
+}
+
+/// Bumps the version, logs the event, and NOTIFYs the new version (sent at commit).
+async fn bump(tx: &Transaction<'_>, member: &str, kind: &str, now_ms: i64) -> Result<u64, Fail> {
+    let v: i64 = tx
+        .query_one(
+            "UPDATE meta SET value = value + 1 WHERE key = 'version' RETURNING value",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    tx.execute(
+        "INSERT INTO events (at_ms, member, kind, version) VALUES ($1, $2, $3, $4)",
+        &[&now_ms, &member, &kind, &v],
+    )
+    .await?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &v.to_string()])
+        .await?;
+    Ok(v as u64)
+}
+
+fn registration(id: &str, r: &Row, from: usize) -> Result<Registration, tokio_postgres::Error> {
+    Ok(Registration {
+        id: id.to_string(),
+        mqtt: r.try_get(from)?,
+        mqtt_v5: r.try_get(from + 1)?,
+        mesh: r.try_get(from + 2)?,
+        http: r.try_get(from + 3)?,
+        pid: r
+            .try_get::<_, Option<i64>>(from + 4)?
+            .and_then(|p| u32::try_from(p).ok()),
+    })
+}
+
+impl Store for PostgresStore {
+    fn register(
+        &self,
+        epoch: u64,
+        reg: &Registration,
+        now_ms: i64,
+        max_members: usize,
+    ) -> Result<Registered, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = write_tx(&mut c, epoch).await?;
+            let known = match tx
+                .query_opt(
+                    "SELECT state, mqtt, mqtt_v5, mesh, http, pid FROM members WHERE id = $1",
+                    &[&reg.id],
+                )
+                .await?
+            {
+                Some(r) => Some((r.try_get::<_, String>(0)?, registration(&reg.id, &r, 1)?)),
+                None => None,
+            };
+            let refusal = match &known {
+                Some((state, current)) if state == "up" && !current.same_addresses(reg) => {
+                    Some(Registered::AddressHeld(current.clone()))
+                }
+                Some(_) => None,
+                None => {
+                    let n: i64 = tx
+                        .query_one("SELECT COUNT(*) FROM members", &[])
+                        .await?
+                        .try_get(0)?;
+                    (n as usize >= max_members).then_some(Registered::Full(n as usize))
+                }
+            };
+            if let Some(r) = refusal {
+                tx.commit().await?;
+                c.release();
+                return Ok(r);
+            }
+            let pid = reg.pid.map(i64::from);
+            tx.execute(
+                "INSERT INTO members (id, mqtt, mqtt_v5, mesh, http, pid, state, registered_ms, last_seen_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'up', $7, $7)
+                 ON CONFLICT (id) DO UPDATE SET mqtt = $2, mqtt_v5 = $3, mesh = $4, http = $5, pid = $6,
+                     state = 'up', registered_ms = $7, last_seen_ms = $7",
+                &[&reg.id, &reg.mqtt, &reg.mqtt_v5, &reg.mesh, &reg.http, &pid, &now_ms],
+            )
+            .await?;
+            let kind = if known.is_some() {
+                "re-registered"
+            } else {
+                "registered"
+            };
+            let v = bump(&tx, &reg.id, kind, now_ms).await?;
+            tx.commit().await?;
+            c.release();
+            Ok(Registered::Done(v))
+        })
+    }
+
+    fn heartbeat(&self, epoch: u64, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = write_tx(&mut c, epoch).await?;
+            let state: Option<String> = match tx
+                .query_opt("SELECT state FROM members WHERE id = $1", &[&id])
+                .await?
+            {
+                Some(r) => Some(r.try_get(0)?),
+                None => None,
+            };
+            let v = match state {
+                None => None,
+                Some(state) => {
+                    tx.execute(
+                        "UPDATE members SET last_seen_ms = $2, state = 'up' WHERE id = $1",
+                        &[&id, &now_ms],
+                    )
+                    .await?;
+                    Some(if state != "up" {
+                        bump(&tx, id, "up", now_ms).await?
+                    } else {
+                        current_version(&tx).await?
+                    })
+                }
+            };
+            tx.commit().await?;
+            c.release();
+            Ok(v)
+        })
+    }
+
+    fn deregister(&self, epoch: u64, id: &str, now_ms: i64) -> Result<Option<u64>, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = write_tx(&mut c, epoch).await?;
+            let v = if tx
+                .execute("DELETE FROM members WHERE id = $1", &[&id])
+                .await?
+                == 0
+            {
+                None
+            } else {
+                Some(bump(&tx, id, "deregistered", now_ms).await?)
+            };
+            tx.commit().await?;
+            c.release();
+            Ok(v)
+        })
+    }
+
+    fn expire(&self, epoch: u64, now_ms: i64, cutoffs: Cutoffs) -> Result<Option<u64>, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = write_tx(&mut c, epoch).await?;
+            let mut changed = None;
+            // Up and silent too long → down; down and silent even longer → removed.
+            let steps = [
+                (
+                    "up",
+                    cutoffs.down_before_ms,
+                    "UPDATE members SET state = 'down' WHERE id = $1",
+                    "down",
+                ),
+                (
+                    "down",
+                    cutoffs.remove_before_ms,
+                    "DELETE FROM members WHERE id = $1",
+                    "removed",
+                ),
+            ];
+            for (state, silent_since, change, kind) in steps {
+                let Some(silent_since) = silent_since else {
+                    continue;
+                };
+                let ids = tx
+                    .query(
+                        "SELECT id FROM members WHERE state = $1 AND last_seen_ms < $2 ORDER BY id",
+                        &[&state, &silent_since],
+                    )
+                    .await?;
+                for row in ids {
+                    let id: String = row.try_get(0)?;
+                    tx.execute(change, &[&id]).await?;
+                    changed = Some(bump(&tx, &id, kind, now_ms).await?);
+                }
+            }
+            tx.commit().await?;
+            c.release();
+            Ok(changed)
+        })
+    }
+
+    fn cluster(&self) -> Result<ClusterView, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            // One snapshot: the version and the members belong together.
+            let tx = c
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let version = current_version(&tx).await?;
+            let rows = tx
+                .query(
+                    "SELECT id, mqtt, mqtt_v5, mesh, http, pid, state, registered_ms, last_seen_ms
+                     FROM members ORDER BY id",
+                    &[],
+                )
+                .await?;
+            let mut members = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let id: String = r.try_get(0)?;
+                members.push(Member {
+                    reg: registration(&id, r, 1)?,
+                    state: MemberState::parse(r.try_get(6)?),
+                    registered_ms: r.try_get(7)?,
+                    last_seen_ms: r.try_get(8)?,
+                });
+            }
+            tx.commit().await?;
+            c.release();
+            Ok(ClusterView {
+                version,
+                primary: None,
+                members,
+            })
+        })
+    }
+
+    fn version(&self) -> Result<u64, StoreError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            let v = read_version(&c).await?;
+            c.release();
+            Ok(v)
+        })
+    }
+
+    fn events(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            let rows = c
+                .query(
+                    "SELECT seq, at_ms, member, kind, version FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &i64::from(limit)],
+                )
+                .await?;
+            let mut events = Vec::with_capacity(rows.len());
+            for r in &rows {
+                events.push(Event {
+                    seq: r.try_get(0)?,
+                    at_ms: r.try_get(1)?,
+                    member: r.try_get(2)?,
+                    kind: r.try_get(3)?,
+                    version: r.try_get::<_, i64>(4)? as u64,
+                });
+            }
+            c.release();
+            Ok(events)
+        })
+    }
+
+    fn acquire_lease(&self, holder: &str, addr: &str, ttl_ms: i64) -> Result<Lease, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = c.transaction().await?;
+            // FOR UPDATE: two servers cannot both see the lease free.
+            let (current, now) = read_lease(&tx, "FOR UPDATE").await?;
+            let lease = match lease::attempt(&current, holder, addr, now, ttl_ms) {
+                Some(next) => {
+                    write_lease(&tx, &next).await?;
+                    next
+                }
+                None => current,
+            };
+            tx.commit().await?;
+            c.release();
+            Ok(lease)
+        })
+    }
+
+    fn release_lease(&self, holder: &str, addr: &str) -> Result<(), StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = c.transaction().await?;
+            let (current, now) = read_lease(&tx, "FOR UPDATE").await?;
+            if let Some(ended) = lease::release(&current, holder, addr, now) {
+                write_lease(&tx, &ended).await?;
+            }
+            tx.commit().await?;
+            c.release();
+            Ok(())
+        })
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.changes.clone())
+    }
+}
