@@ -35,8 +35,8 @@ pub struct TlsServer {
     config: Arc<rustls::ServerConfig>,
     /// SHA-256 over the DER of the chain, the key and the ALPN list.
     digest: [u8; 32],
-    /// The leaf certificate's DER, for what the LB reports about it (its expiry).
-    leaf: Arc<[u8]>,
+    /// When the leaf certificate expires (its `notAfter`), in seconds since the Unix epoch.
+    not_after: Option<i64>,
 }
 
 impl TlsServer {
@@ -45,9 +45,10 @@ impl TlsServer {
         &self.config
     }
 
-    /// The DER of the leaf certificate.
-    pub fn leaf_der(&self) -> &[u8] {
-        &self.leaf
+    /// When the leaf certificate expires, in seconds since the Unix epoch; `None` when its
+    /// validity could not be read (rustls does not need it to serve the certificate).
+    pub fn not_after(&self) -> Option<i64> {
+        self.not_after
     }
 }
 
@@ -144,7 +145,7 @@ pub fn load(cert: &Path, key: &Path, alpn: &[String]) -> Result<TlsServer, TlsEr
         digest.update([0]);
         digest.update(p.as_bytes());
     }
-    let leaf: Arc<[u8]> = Arc::from(chain[0].as_ref());
+    let not_after = not_after(&chain[0]);
     let rejected = |e: rustls::Error| TlsError::Rejected {
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),
@@ -165,8 +166,86 @@ pub fn load(cert: &Path, key: &Path, alpn: &[String]) -> Result<TlsServer, TlsEr
     Ok(TlsServer {
         config: Arc::new(config),
         digest: digest.finalize().into(),
-        leaf,
+        not_after,
     })
+}
+
+/// One DER element at the start of `der`: its tag, its content, and what follows it.
+fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        // Long form: the next `n` bytes are the length (at most 4: a certificate is small).
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |l, b| (l << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The `notAfter` of an X.509 certificate, in seconds since the Unix epoch: the five fields
+/// of the DER before it are walked, no more (x509-parser would bring a parser framework and a
+/// date library for this one date).
+fn not_after(cert: &[u8]) -> Option<i64> {
+    const SEQUENCE: u8 = 0x30;
+    let (SEQUENCE, certificate, _) = element(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, _) = element(certificate)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    // [0] version (optional), serialNumber, signature, issuer, then validity.
+    if rest.first() == Some(&0xa0) {
+        rest = element(rest)?.2;
+    }
+    for _ in 0..3 {
+        rest = element(rest)?.2;
+    }
+    let (SEQUENCE, validity, _) = element(rest)? else {
+        return None;
+    };
+    let (_, _, after_not_before) = element(validity)?;
+    let (tag, time, _) = element(after_not_before)?;
+    let text = std::str::from_utf8(time).ok()?;
+    match tag {
+        // UTCTime YYMMDDHHMMSSZ: 50-99 are 19xx (RFC 5280).
+        0x17 if text.len() == 13 => {
+            let yy: i64 = text[..2].parse().ok()?;
+            let year = if yy >= 50 { 1900 + yy } else { 2000 + yy };
+            unix_time(year, &text[2..12])
+        }
+        // GeneralizedTime YYYYMMDDHHMMSSZ.
+        0x18 if text.len() == 15 => unix_time(text[..4].parse().ok()?, &text[4..14]),
+        _ => None,
+    }
+}
+
+/// `year` and `MMDDHHMMSS` (UTC) as seconds since the Unix epoch.
+fn unix_time(year: i64, mmddhhmmss: &str) -> Option<i64> {
+    if !mmddhhmmss.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let field = |i: usize| mmddhhmmss[i..i + 2].parse::<i64>().ok();
+    let (month, day) = (field(0)?, field(2)?);
+    let (h, m, sec) = (field(4)?, field(6)?, field(8)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm), March-based years.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + m * 60 + sec)
 }
 
 #[cfg(test)]
@@ -209,6 +288,27 @@ mod tests {
         std::fs::write(&k, key2).expect("rotate");
         assert_ne!(a, load(&c, &k, &mqtt).expect("rotated"));
         assert!(!format!("{a:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn the_leafs_expiry_is_read_in_both_time_forms() {
+        for (year, month, day, unix) in [
+            (2031, 5, 17, 1_936_742_400), // UTCTime
+            (2060, 1, 2, 2_840_227_200),  // GeneralizedTime (2050 and later)
+            (4096, 1, 1, 67_090_118_400), // rcgen's default
+        ] {
+            let mut params =
+                rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+            let key = rcgen::KeyPair::generate().expect("key");
+            let cert = params.self_signed(&key).expect("cert");
+            assert_eq!(not_after(cert.der()), Some(unix), "{year}");
+        }
+        assert_eq!(unix_time(1970, "0101000000"), Some(0));
+        assert_eq!(unix_time(2000, "0229120000"), Some(951_825_600));
+        assert_eq!(unix_time(2000, "1301000000"), None);
+        assert_eq!(not_after(b"\x30\x03\x30\x01"), None);
+        assert_eq!(not_after(b""), None);
     }
 
     #[test]

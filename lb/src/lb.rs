@@ -184,6 +184,7 @@ impl Lb {
             tracing::error!("admin state not loaded; starting without it: {e}");
         }
         let first = Snapshot::build(config, None);
+        metrics.tls_certificates(&first.config.frontends);
         admin_state.apply(&first);
         let evacuations = crate::evacuate::Evacuations::new(metrics.registry())?;
         let shared = Arc::new(Shared {
@@ -417,6 +418,9 @@ impl Lb {
         };
         shared.snapshot.store(Arc::new(next));
         shared.metrics.forget(&gone);
+        shared
+            .metrics
+            .tls_certificates(&shared.snapshot.load().config.frontends);
         let left_membership = control
             .departures
             .mark(&shared.snapshot.load(), &shared.metrics);

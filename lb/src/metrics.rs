@@ -46,6 +46,7 @@ pub struct Metrics {
     pub refused_total: IntCounterVec,
     pub tls_handshakes_total: IntCounterVec,
     pub tls_handshake_errors_total: IntCounterVec,
+    pub tls_cert_expiry: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -164,6 +165,13 @@ impl Metrics {
                 ),
                 &["frontend", "reason"],
             )?,
+            tls_cert_expiry: IntGaugeVec::new(
+                opts(
+                    "mqlb_tls_cert_expiry_seconds",
+                    "When the certificate a TLS frontend serves expires (its notAfter), in seconds since the Unix epoch.",
+                ),
+                &["frontend"],
+            )?,
             registry,
         };
         m.registry
@@ -189,6 +197,7 @@ impl Metrics {
             .register(Box::new(m.tls_handshakes_total.clone()))?;
         m.registry
             .register(Box::new(m.tls_handshake_errors_total.clone()))?;
+        m.registry.register(Box::new(m.tls_cert_expiry.clone()))?;
         // CPU seconds, resident memory, open descriptors, start time: the standard process_*
         // series, so the LB's own cost sits beside its traffic on a dashboard.
         mqlb_http::metrics::register_process(&m.registry)?;
@@ -233,6 +242,19 @@ impl Metrics {
                 self.bytes_total
                     .remove_label_values(&[r, b, direction])
                     .ok();
+            }
+        }
+    }
+
+    /// `mqlb_tls_cert_expiry_seconds` of the certificates `frontends` serve now: a frontend
+    /// that no longer terminates TLS (or is gone) loses its series. A timestamp rather than the
+    /// time left, so it changes only when a certificate does; alert on
+    /// `mqlb_tls_cert_expiry_seconds - time() < 14 * 86400`.
+    pub fn tls_certificates(&self, frontends: &[mqlb_config::Frontend]) {
+        self.tls_cert_expiry.reset();
+        for f in frontends {
+            if let Some(at) = f.tls.as_ref().and_then(|t| t.server.not_after()) {
+                self.tls_cert_expiry.with_label_values(&[&f.name]).set(at);
             }
         }
     }

@@ -31,6 +31,11 @@ struct Pki {
 
 impl Pki {
     fn new() -> anyhow::Result<Pki> {
+        Self::expiring((4096, 1, 1))
+    }
+
+    /// A PKI whose leaf expires on `(year, month, day)`.
+    fn expiring((year, month, day): (i32, u8, u8)) -> anyhow::Result<Pki> {
         use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
         let dir = TempDir::new("tls")?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -40,8 +45,9 @@ impl Pki {
             .push(rcgen::DnType::CommonName, "mqlb test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
         let leaf_key = KeyPair::generate()?;
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?
-            .signed_by(&leaf_key, &ca)?;
+        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?;
+        leaf.not_after = rcgen::date_time_ymd(year, month, day);
+        let leaf = leaf.signed_by(&leaf_key, &ca)?;
         std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
         std::fs::write(dir.path().join("chain.pem"), leaf.pem())?;
         std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem())?;
@@ -514,6 +520,86 @@ async fn a_stalled_handshake_is_cut_at_the_inspect_timeout_and_holds_up_no_one(
         1.0,
     )
     .await?;
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+/// A PINGREQ answered by the broker: the connection still carries MQTT both ways.
+async fn ping(s: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> anyhow::Result<()> {
+    s.write_all(&[0xc0, 0]).await?;
+    s.flush().await?;
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut pong)).await??;
+    anyhow::ensure!(pong == [0xd0, 0], "not a PINGRESP: {pong:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_the_certificate_under_live_tls_connections() -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "").await?;
+    let old_ca = t.pki.client(&["mqtt"], BOTH)?;
+    let mut live = t
+        .tls_connect(&old_ca, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut live, "live").await?, [0x20, 2, 0, 0]);
+
+    // Rotate: a leaf of another CA in the same files, then what SIGHUP does.
+    let next = Pki::expiring((2031, 5, 17))?;
+    for f in ["chain.pem", "key.pem"] {
+        std::fs::copy(next.path(f), t.pki.path(f))?;
+    }
+    let expiry = |t: &TlsTopo| t.metric("mqlb_tls_cert_expiry_seconds", &[("frontend", "mqtts")]);
+    // rcgen's certificates are valid until 4096-01-01.
+    assert_eq!(expiry(&t), 67_090_118_400.0);
+    t.lb.reload().await?;
+    assert_eq!(expiry(&t), 1_936_742_400.0, "the rotated leaf's expiry");
+    let new_ca = next.client(&["mqtt"], BOTH)?;
+    let mut fresh = t
+        .tls_connect(&new_ca, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut fresh, "fresh").await?, [0x20, 2, 0, 0]);
+    assert!(
+        t.tls_connect(&old_ca, TcpStream::connect(t.tls).await?)
+            .await
+            .is_err(),
+        "the old certificate is still served"
+    );
+    // The connection made before the rotation goes on.
+    ping(&mut live).await?;
+
+    // A broken file is refused, naming it and the frontend; the rotated certificate stays.
+    std::fs::write(
+        t.pki.path("chain.pem"),
+        "-----BEGIN CERTIFICATE-----\nnope\n",
+    )?;
+    let e =
+        t.lb.reload()
+            .await
+            .expect_err("a broken certificate is refused");
+    let why = e.to_string();
+    assert!(
+        why.contains("chain.pem") && why.contains("\"mqtts\""),
+        "{why}"
+    );
+    assert_eq!(
+        t.metric("mqlb_config_reloads_total", &[("result", "error")]),
+        1.0
+    );
+    assert_eq!(expiry(&t), 1_936_742_400.0);
+    let mut again = t
+        .tls_connect(&new_ca, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut again, "again").await?, [0x20, 2, 0, 0]);
+    ping(&mut live).await?;
+    ping(&mut fresh).await?;
+    assert_eq!(
+        t.metric(
+            "mqlb_connections_total",
+            &[("rule", "tls"), ("outcome", "closed")]
+        ),
+        0.0,
+        "a live connection was closed"
+    );
     t.lb.shutdown().await;
     Ok(())
 }
