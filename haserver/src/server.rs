@@ -576,7 +576,7 @@ async fn expiry_loop(shared: Arc<Shared>, stop: CancellationToken) {
 /// How often the version is polled when the store pushes no changes (SQLite), and when it does
 /// (PostgreSQL: a safety net should a notification be lost with its connection).
 const VERSION_POLL: Duration = Duration::from_millis(100);
-const VERSION_POLL_PUSHED: Duration = Duration::from_secs(1);
+const VERSION_POLL_PUSHED: Duration = Duration::from_secs(5);
 
 /// Notices version changes made by any server sharing the database, pushed by the store or
 /// polled (one row); the membership is read, for the gauges and the degraded mode's copy, when

@@ -95,6 +95,15 @@ impl Postgres {
                 "UTF8",
             ],
         )?;
+        // initdb trusts 127.0.0.1 only; clients on simulated hosts connect from 127.0.N.1.
+        let hba = pg.dir.path().join("data").join("pg_hba.conf");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&hba)
+            .with_context(|| format!("opening {}", hba.display()))?;
+        std::io::Write::write_all(&mut f, b"host all all 127.0.0.0/8 trust\n")
+            .with_context(|| format!("writing {}", hba.display()))?;
+        drop(f);
         let mut last = None;
         // The port picked free may be taken before the server binds it: try another.
         for _ in 0..3 {

@@ -4,10 +4,26 @@
 //! a scratch directory and removes it afterwards (they fail, not skip, when PostgreSQL is not
 //! installed).
 
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use mqlb_haserver::{contract, PostgresOptions, PostgresStore, Store};
-use mqlb_tests::{Hosts, Postgres};
+use anyhow::Context;
+use mqlb_haserver::model::Registration;
+use mqlb_haserver::{contract, HaServer, PostgresOptions, PostgresStore, Store, Timing};
+use mqlb_tests::{get_json, ha_get_json, ha_request, wait_until, Cluster, Hosts, Postgres};
+
+/// Membership timing of these tests: a lease short enough for quick failovers, a member timeout
+/// longer than a failover (members must stay up throughout).
+const TIMING: Timing = Timing {
+    heartbeat_interval: Duration::from_millis(200),
+    member_timeout: Duration::from_secs(3),
+    remove_after: Duration::from_secs(60),
+    lease: Duration::from_millis(1500),
+};
+const DEADLINE: Duration = Duration::from_secs(20);
 
 /// The test server starts on a host's address, keeps its data across a crash-like stop and a
 /// start on the same address, and leaves nothing behind.
@@ -52,5 +68,402 @@ async fn the_postgres_store_keeps_the_store_contract() -> anyhow::Result<()> {
         ran.push(*name);
     }
     assert!(ran.len() >= 8, "checks run: {ran:?}");
+    Ok(())
+}
+
+fn reg(id: &str) -> Registration {
+    Registration {
+        id: id.into(),
+        mqtt: "127.0.0.1:1883".into(),
+        mqtt_v5: None,
+        mesh: None,
+        http: None,
+        pid: None,
+    }
+}
+
+/// A version written through one store handle reaches another's change stream at once: the
+/// store has no poll of its own, so after the first (which a LISTEN connection still being
+/// set up may have read instead), each one can only have come by NOTIFY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_store_is_pushed_to_another() -> anyhow::Result<()> {
+    let pg = Postgres::start().await?;
+    let url = pg.url("postgres");
+    let options = PostgresOptions::for_lease(Duration::from_secs(3));
+    let writer = Arc::new(PostgresStore::open(&url, options.clone()).await?);
+    let watcher = PostgresStore::open(&url, options).await?;
+    let mut pushed = watcher
+        .changes()
+        .context("the PostgreSQL store pushes changes")?;
+    let w = writer.clone();
+    let epoch = tokio::task::spawn_blocking(move || w.acquire_lease("ha1", "a1", 60_000))
+        .await??
+        .epoch;
+    for i in 1..=4u64 {
+        let w = writer.clone();
+        let written = Instant::now();
+        tokio::task::spawn_blocking(move || w.register(epoch, &reg(&format!("b{i}")), 1, 10))
+            .await??;
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while *pushed.borrow_and_update() < i {
+                pushed.changed().await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+        .await
+        .with_context(|| format!("version {i} was not pushed within 2 s"))??;
+        eprintln!("version {i} pushed {:?} after the write", written.elapsed());
+    }
+    Ok(())
+}
+
+/// Starts an HA server on the PostgreSQL at `url`, on 127.0.0.1.
+async fn start_ha(id: &str, url: &str) -> anyhow::Result<HaServer> {
+    let store = PostgresStore::open(url, PostgresOptions::for_lease(TIMING.lease)).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(HaServer::start(
+        id,
+        listener,
+        Arc::new(store),
+        mqlb_tests::ha_options(TIMING),
+    )
+    .await?)
+}
+
+async fn version(ha: SocketAddr) -> anyhow::Result<u64> {
+    ha_get_json(ha, "/api/cluster")
+        .await?
+        .get("version")
+        .and_then(|v| v.as_u64())
+        .context("no version in /api/cluster")
+}
+
+/// A write on the primary wakes a long-poll on a backup at once: PostgreSQL NOTIFYs the new
+/// version and the backup's LISTEN connection hears it (its fallback poll is every 5 s; each
+/// of three wake-ups must come within 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_ha_server_wakes_watchers_on_another() -> anyhow::Result<()> {
+    let pg = Postgres::start().await?;
+    let url = pg.url("postgres");
+    let primary = start_ha("ha1", &url).await?;
+    let backup = start_ha("ha2", &url).await?;
+    assert!(primary.is_primary() && !backup.is_primary());
+    let (p, b) = (primary.addr(), backup.addr());
+    for i in 1..=3 {
+        let since = version(b).await?;
+        let path = format!("/api/cluster?since={since}&wait_ms=10000");
+        let poll = tokio::spawn(async move {
+            let r = ha_get_json(b, &path).await;
+            (r, Instant::now())
+        });
+        // Let the long-poll reach the backup and wait there.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !poll.is_finished(),
+            "the long-poll returned before any change"
+        );
+        let body = serde_json::to_vec(&reg(&format!("b{i}")))?;
+        let written = Instant::now();
+        let (status, text) = ha_request(p, "POST", "/api/members", &body).await?;
+        assert_eq!(status, 200, "{text}");
+        let (view, woke) = poll.await?;
+        let view = view?;
+        let took = woke.duration_since(written);
+        eprintln!("long-poll on the backup woke {took:?} after the write on the primary");
+        assert!(view["version"].as_u64() > Some(since), "{view}");
+        assert!(
+            took < Duration::from_secs(1),
+            "woke {took:?} after the write"
+        );
+    }
+    Ok(())
+}
+
+/// What a watcher saw of the HA servers' roles, all the time.
+#[derive(Default)]
+struct Seen {
+    /// Sweeps of every server's `/healthz`.
+    sweeps: usize,
+    /// Sweeps in which two or more said "primary".
+    two_primaries: Vec<String>,
+    /// Lease epochs by the servers that said they were primary with them.
+    epochs: HashMap<u64, HashSet<String>>,
+    /// Samples of the servers' own state (in this process, taken together).
+    samples: usize,
+    two_acting: usize,
+}
+
+/// Watches `servers`: their `/healthz` every 10 ms, and their own `is_primary` every 2 ms.
+fn watch(servers: Vec<Arc<HaServer>>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let inner = {
+            let (servers, stop, seen) = (servers.clone(), stop.clone(), seen.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let acting = servers.iter().filter(|s| s.is_primary()).count();
+                    if let Ok(mut s) = seen.lock() {
+                        s.samples += 1;
+                        s.two_acting += usize::from(acting > 1);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let polls: Vec<_> = servers
+                .iter()
+                .map(|s| {
+                    let addr = s.addr();
+                    tokio::spawn(async move { get_json(addr, "/healthz").await.ok() })
+                })
+                .collect();
+            let mut primaries = Vec::new();
+            for poll in polls {
+                if let Ok(Some(h)) = poll.await {
+                    if h["role"] == "primary" {
+                        primaries.push((h["id"].to_string(), h["epoch"].as_u64()));
+                    }
+                }
+            }
+            if let Ok(mut s) = seen.lock() {
+                s.sweeps += 1;
+                if primaries.len() > 1 {
+                    s.two_primaries.push(format!("{primaries:?}"));
+                }
+                for (id, epoch) in primaries {
+                    s.epochs.entry(epoch.unwrap_or(0)).or_default().insert(id);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Err(e) = inner.await {
+            eprintln!("the in-process watcher failed: {e}");
+        }
+        match Arc::try_unwrap(seen) {
+            Ok(m) => m.into_inner().unwrap_or_default(),
+            Err(_) => Seen::default(),
+        }
+    })
+}
+
+async fn healthz(ha: SocketAddr) -> Option<serde_json::Value> {
+    get_json(ha, "/healthz").await.ok()
+}
+
+/// Three HA servers on three simulated hosts, PostgreSQL on a fourth. The primary's host is cut
+/// off from the database: it stops acting as primary before a backup takes over, within the
+/// lease; a watcher of every server's `/healthz` (and of their own state) never sees two
+/// primaries, each epoch has one holder; the broker registered with them stays up; healed, the
+/// cut-off server is a backup and there is one primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_the_database_is_replaced_within_the_lease() -> anyhow::Result<()> {
+    let hosts = Hosts::new(4)?;
+    let db_host = hosts.host(3);
+    let pg = Postgres::start_on(db_host.ip.into()).await?;
+    let url = pg.url("postgres");
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let id = format!("ha{}", i + 1);
+        servers.push(Arc::new(
+            hosts.host(i).start_haserver_pg(&id, &url, TIMING).await?,
+        ));
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let p = servers
+        .iter()
+        .position(|s| s.is_primary())
+        .context("no primary after start")?;
+    let cluster = Cluster::start_with_ha(1, &addrs).await?;
+    wait_until("the broker registered", DEADLINE, || async {
+        ha_get_json(addrs[0], "/api/cluster")
+            .await
+            .is_ok_and(|v| v["members"].as_array().is_some_and(|m| m.len() == 1))
+    })
+    .await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch(servers.clone(), stop.clone());
+    let cut = Instant::now();
+    hosts.partition(hosts.host(p), db_host)?;
+    let new = wait_until("a backup becomes primary", DEADLINE, || async {
+        servers
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i != p && s.is_primary())
+    })
+    .await;
+    let took = cut.elapsed();
+    new?;
+    eprintln!(
+        "a backup took over {took:?} after the primary was cut off (lease {:?})",
+        TIMING.lease
+    );
+    assert!(!servers[p].is_primary(), "the cut-off primary still acts");
+    assert!(
+        took <= TIMING.lease + TIMING.lease / 3 + TIMING.lease / 3,
+        "took over {took:?} after the cut, lease {:?}",
+        TIMING.lease
+    );
+    wait_until(
+        "the cut-off server says it is degraded",
+        DEADLINE,
+        || async {
+            healthz(addrs[p])
+                .await
+                .is_some_and(|h| h["degraded"] == true && h["role"] == "backup")
+        },
+    )
+    .await?;
+    let reads = ha_get_json(addrs[p], "/api/cluster").await?;
+    assert_eq!(
+        reads["members"].as_array().map(Vec::len),
+        Some(1),
+        "the cut-off server serves the last membership: {reads}"
+    );
+    assert!(reads["degraded"].is_string(), "and says so: {reads}");
+
+    hosts.heal(hosts.host(p), db_host)?;
+    wait_until(
+        "healed: the cut-off server is a healthy backup",
+        DEADLINE,
+        || async {
+            healthz(addrs[p])
+                .await
+                .is_some_and(|h| h["degraded"] == false && h["role"] == "backup")
+        },
+    )
+    .await?;
+    // Watch a few lease rounds more: still one primary.
+    let until = Instant::now() + TIMING.lease * 2;
+    while Instant::now() < until {
+        let acting = servers.iter().filter(|s| s.is_primary()).count();
+        assert_eq!(acting, 1, "healed: {acting} primaries");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.await?;
+    assert!(
+        seen.sweeps > 50 && seen.samples > 200,
+        "{} sweeps, {} samples",
+        seen.sweeps,
+        seen.samples
+    );
+    assert!(
+        seen.two_primaries.is_empty(),
+        "two primaries in /healthz: {:?}",
+        seen.two_primaries
+    );
+    assert_eq!(seen.two_acting, 0, "two servers acted as primary at once");
+    for (epoch, ids) in &seen.epochs {
+        assert_eq!(ids.len(), 1, "epoch {epoch} held by {ids:?}");
+    }
+    assert!(seen.epochs.len() >= 2, "the epochs seen: {:?}", seen.epochs);
+
+    // The broker stayed up throughout.
+    let events = ha_get_json(addrs[0], "/api/events").await?;
+    let kinds: Vec<String> = events
+        .as_array()
+        .context("events")?
+        .iter()
+        .map(|e| format!("{}:{}", e["member"], e["kind"]))
+        .collect();
+    assert!(
+        !kinds.iter().any(|k| k.ends_with("down\"")),
+        "a member went down: {kinds:?}"
+    );
+    drop(cluster);
+    Ok(())
+}
+
+/// PostgreSQL restarted (crash-like) while a broker heartbeats: every HA server says it is
+/// degraded and goes on serving the last membership; once the database is back they recover on
+/// their own, one primary, writes accepted, the broker still up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Result<()> {
+    let hosts = Hosts::new(4)?;
+    let mut pg = Postgres::start_on(hosts.host(3).ip.into()).await?;
+    let url = pg.url("postgres");
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let id = format!("ha{}", i + 1);
+        servers.push(hosts.host(i).start_haserver_pg(&id, &url, TIMING).await?);
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let cluster = Cluster::start_with_ha(1, &addrs).await?;
+    wait_until("the broker registered", DEADLINE, || async {
+        ha_get_json(addrs[0], "/api/cluster")
+            .await
+            .is_ok_and(|v| v["members"].as_array().is_some_and(|m| m.len() == 1))
+    })
+    .await?;
+
+    pg.stop()?;
+    let stopped = Instant::now();
+    wait_until("every HA server says it is degraded", DEADLINE, || async {
+        let mut all = true;
+        for a in &addrs {
+            all &= healthz(*a).await.is_some_and(|h| h["degraded"] == true);
+        }
+        all
+    })
+    .await?;
+    for a in &addrs {
+        let view = ha_get_json(*a, "/api/cluster").await?;
+        assert_eq!(
+            view["members"].as_array().map(Vec::len),
+            Some(1),
+            "{a}: {view}"
+        );
+        let text = mqlb_tests::http(*a, "GET", "/metrics").await?.1;
+        assert!(
+            text.lines().any(|l| l == "mqlb_ha_database_up 0"),
+            "{a}: mqlb_ha_database_up is not 0"
+        );
+    }
+    wait_until("no primary without the database", DEADLINE, || async {
+        servers.iter().all(|s| !s.is_primary())
+    })
+    .await?;
+    eprintln!(
+        "all degraded, no primary {:?} after the stop",
+        stopped.elapsed()
+    );
+
+    pg.start_again().await?;
+    let back = Instant::now();
+    wait_until("one primary again, nobody degraded", DEADLINE, || async {
+        let mut healthy = 0;
+        for a in &addrs {
+            healthy += usize::from(healthz(*a).await.is_some_and(|h| h["degraded"] == false));
+        }
+        healthy == addrs.len() && servers.iter().filter(|s| s.is_primary()).count() == 1
+    })
+    .await?;
+    eprintln!(
+        "recovered {:?} after the database came back",
+        back.elapsed()
+    );
+    let p = servers
+        .iter()
+        .position(|s| s.is_primary())
+        .context("no primary")?;
+    let (status, text) = ha_request(
+        addrs[p],
+        "POST",
+        "/api/members",
+        &serde_json::to_vec(&reg("late"))?,
+    )
+    .await?;
+    assert_eq!(status, 200, "a write after the restart: {text}");
+    wait_until("the broker heartbeats again, up", DEADLINE, || async {
+        ha_get_json(addrs[1], "/api/cluster").await.is_ok_and(|v| {
+            v["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().all(|m| m["state"] == "up") && !m.is_empty())
+        })
+    })
+    .await?;
+    drop(cluster);
     Ok(())
 }

@@ -145,6 +145,18 @@ fn target(url: &str, options: &PostgresOptions) -> Result<Target, StoreError> {
     if config.get_application_name().is_none() {
         config.application_name("mqlb-haserver");
     }
+    // The server bounds what a stalled or cut-off HA server can hold: a transaction left open by
+    // one partitioned mid-way would otherwise keep the lease row locked (and no backup could
+    // take over) until the server's TCP keepalive found it, hours later.
+    let ms = options.timeout.as_millis().max(1);
+    let bounds = format!(
+        "-c idle_in_transaction_session_timeout={ms} -c statement_timeout={ms} -c lock_timeout={ms}"
+    );
+    let joined = match config.get_options() {
+        Some(given) => format!("{given} {bounds}"),
+        None => bounds,
+    };
+    config.options(joined);
     Ok(Target {
         config,
         at: format!("{host}:{port}"),
