@@ -100,7 +100,9 @@ impl Leg for TcpStream {
     }
 }
 
-impl Leg for tokio_rustls::server::TlsStream<TcpStream> {
+/// Boxed: the TLS session's state (buffers, keys) is large, and the task of every connection,
+/// plain ones too, is as large as its largest variant.
+impl Leg for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     const RAW: bool = false;
 
     fn tcp(&self) -> &TcpStream {
@@ -108,7 +110,7 @@ impl Leg for tokio_rustls::server::TlsStream<TcpStream> {
     }
 
     fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self).poll_shutdown(cx)
+        Pin::new(&mut **self).poll_shutdown(cx)
     }
 }
 

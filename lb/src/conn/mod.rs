@@ -92,7 +92,7 @@ pub(crate) fn handle(
         }
         match client {
             ClientLeg::Plain(c) => proxy(&shared, &info, c, server).await,
-            ClientLeg::Tls(c) => proxy(&shared, &info, *c, server).await,
+            ClientLeg::Tls(c) => proxy(&shared, &info, c, server).await,
         }
     }
 }
