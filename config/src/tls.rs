@@ -29,7 +29,8 @@ pub struct FrontendTls {
 
 /// A rustls server configuration built from a certificate chain and key. Two are equal when
 /// they were built from the same certificates, key and ALPN list, so a reload that reads a
-/// rotated certificate is a change, and one that reads the same files is none.
+/// rotated certificate is a change, and one that reads the same files is none (the LB then
+/// keeps the running one, with its session ticket keys).
 #[derive(Clone)]
 pub struct TlsServer {
     config: Arc<rustls::ServerConfig>,
@@ -86,6 +87,8 @@ pub enum TlsError {
     Pem { file: PathBuf, message: String },
     #[error("{file:?} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
     NoKey { file: PathBuf },
+    #[error("cannot make session ticket keys: {0}")]
+    Tickets(rustls::Error),
     #[error("{key:?} does not fit {cert:?}: {message}")]
     Rejected {
         cert: PathBuf,
@@ -163,6 +166,10 @@ pub fn load(cert: &Path, key: &Path, alpn: &[String]) -> Result<TlsServer, TlsEr
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // Stateless resumption: a device that reconnects resumes with a ticket (keys rotated every
+    // 6 hours), whatever the size of the fleet; the default session cache (256 sessions) would
+    // keep only the last few.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Tickets)?;
     Ok(TlsServer {
         config: Arc::new(config),
         digest: digest.finalize().into(),
@@ -281,6 +288,7 @@ mod tests {
         let mqtt = vec!["mqtt".to_string()];
         let a = load(&c, &k, &mqtt).expect("loads");
         assert_eq!(a.config().alpn_protocols, vec![b"mqtt".to_vec()]);
+        assert!(a.config().ticketer.enabled(), "stateless resumption");
         assert_eq!(a, load(&c, &k, &mqtt).expect("loads again"));
         assert_ne!(a, load(&c, &k, &[]).expect("no alpn"));
         let (cert2, key2, _) = identity();

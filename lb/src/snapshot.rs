@@ -70,8 +70,9 @@ pub struct RuleRt {
     /// The connection limits of the rule's frontend, checked at accept.
     pub limits: mqlb_config::FrontendLimits,
     /// The TLS its frontend terminates: the server configuration built at load, shared by
-    /// every connection of this snapshot.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// every connection; carried from the previous snapshot while the certificate, key and
+    /// ALPN stay the same, so reloads keep its session ticket keys and resumed sessions.
+    pub tls: Option<mqlb_config::TlsServer>,
     /// Metric handles of this rule × each pool member, looked up on first use: the data path
     /// then touches its counters without hashing label values or taking the vec's lock.
     member_metrics: Vec<OnceLock<MemberMetrics>>,
@@ -210,7 +211,13 @@ impl Snapshot {
                 let mut rt = RuleRt::new(r.clone(), pool);
                 if let Some(f) = config.frontends.iter().find(|f| f.name == r.frontend) {
                     rt.limits = f.limits;
-                    rt.tls = f.tls.as_ref().map(|t| t.server.config().clone());
+                    let carried = prev
+                        .and_then(|s| s.rules.get(&r.frontend))
+                        .and_then(|old| old.tls.clone());
+                    rt.tls = f.tls.as_ref().map(|t| match carried {
+                        Some(old) if old == t.server => old,
+                        _ => t.server.clone(),
+                    });
                 }
                 Some((r.frontend.clone(), Arc::new(rt)))
             })

@@ -734,3 +734,71 @@ async fn megabytes_both_ways_through_tls_arrive_intact() -> anyhow::Result<()> {
     t.lb.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_with_tickets_and_across_a_reload_that_keeps_the_certificate(
+) -> anyhow::Result<()> {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let t = TlsTopo::start(1, "").await?;
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        // One client config: its session store holds what the LB's tickets resume.
+        let connector = t.pki.client(&["mqtt"], &[version])?;
+        let mut kinds = Vec::new();
+        for step in 0..4 {
+            if step == 2 {
+                // A reload that reads the same files changes nothing of the TLS.
+                t.lb.reload().await?;
+            }
+            let mut s = t
+                .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+                .await?;
+            // The CONNACK is read after the TLS 1.3 tickets, which come right after the
+            // handshake: the client has them before it reconnects.
+            assert_eq!(mqtt_connect(&mut s, "resume").await?, [0x20, 2, 0, 0]);
+            kinds.push(s.get_ref().1.handshake_kind());
+            s.shutdown().await?;
+        }
+        assert_eq!(
+            kinds,
+            [Some(Full), Some(Resumed), Some(Resumed), Some(Resumed)],
+            "{:?}",
+            version.version
+        );
+    }
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_frontend_in_front_of_any_tcp_service_passes_half_closes_on() -> anyhow::Result<()> {
+    let backend = common::count_then_reply_server().await?;
+    let pki = Pki::new()?;
+    // A five-tuple rule: no CONNECT is read, the decrypted bytes go to the service as they come.
+    let toml = common::tcp_lb_toml(backend, "").replace(
+        "bind = \"127.0.0.1:0\"\n",
+        &format!(
+            "bind = \"127.0.0.1:0\"\ntls = {{ cert = {:?}, key = {:?} }}\n",
+            pki.path_str("chain.pem"),
+            pki.path_str("key.pem")
+        ),
+    );
+    let file = pki.path("lb.toml");
+    std::fs::write(&file, toml)?;
+    let lb = Lb::start(Config::load(&file)?, Listeners::default()).await?;
+    let front = lb
+        .frontend_addr("f")
+        .ok_or_else(|| anyhow::anyhow!("frontend not open"))?;
+    let connector = pki.client(&[], BOTH)?;
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut s = connector
+        .connect(name, TcpStream::connect(front).await?)
+        .await?;
+    s.write_all(&[7u8; 100_000]).await?;
+    // close_notify and FIN: the service sees its end of input, and answers on the other half.
+    s.shutdown().await?;
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, s.read_to_string(&mut answer)).await??;
+    assert_eq!(answer, "got 100000");
+    lb.shutdown().await;
+    Ok(())
+}

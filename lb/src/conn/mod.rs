@@ -141,22 +141,24 @@ async fn establish(
     let deadline = tokio::time::Instant::now() + cfg.inspect_timeout;
     let mut client = match &rule.tls {
         // The LB's own probe speaks plain MQTT (it is known by its address, before any byte).
-        Some(server) if client_traffic => match tls::accept(server, client, deadline).await {
-            Ok(s) => {
-                rule.tls_handshakes(&shared.metrics).inc();
-                ClientLeg::Tls(Box::new(s))
+        Some(server) if client_traffic => {
+            match tls::accept(server.config(), client, deadline).await {
+                Ok(s) => {
+                    rule.tls_handshakes(&shared.metrics).inc();
+                    ClientLeg::Tls(Box::new(s))
+                }
+                Err(fail) => {
+                    tracing::debug!(rule = cfg.name, frontend = cfg.frontend, %peer, reason = fail.reason(), error = %fail, "TLS handshake failed");
+                    shared
+                        .metrics
+                        .tls_handshake_errors_total
+                        .with_label_values(&[&cfg.frontend, fail.reason()])
+                        .inc();
+                    tally.end(Outcome::Rejected);
+                    return None;
+                }
             }
-            Err(fail) => {
-                tracing::debug!(rule = cfg.name, frontend = cfg.frontend, %peer, reason = fail.reason(), error = %fail, "TLS handshake failed");
-                shared
-                    .metrics
-                    .tls_handshake_errors_total
-                    .with_label_values(&[&cfg.frontend, fail.reason()])
-                    .inc();
-                tally.end(Outcome::Rejected);
-                return None;
-            }
-        },
+        }
         _ => ClientLeg::Plain(client),
     };
     let (buffered, inspection) = inspect::inspect(cfg, &mut client, deadline).await;
