@@ -399,7 +399,10 @@ async fn run_haserver(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitC
         mqlb_config::HaDb::Postgres(url) => std::sync::Arc::new(
             mqlb_haserver::PostgresStore::open(
                 url.expose(),
-                mqlb_haserver::PostgresOptions::for_lease(cfg.ha.lease),
+                mqlb_haserver::PostgresOptions {
+                    source: me.db_source,
+                    ..mqlb_haserver::PostgresOptions::for_lease(cfg.ha.lease)
+                },
             )
             .await
             .with_context(|| format!("opening the database {url}"))?,

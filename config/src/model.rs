@@ -438,6 +438,9 @@ pub struct HaServer {
     pub id: String,
     pub listen: SocketAddr,
     pub db: HaDb,
+    /// PostgreSQL only: connect to it from this address (a machine with several), so the
+    /// database's `pg_hba.conf` and the network see this machine's.
+    pub db_source: Option<std::net::IpAddr>,
 }
 
 /// `haserver.db`: where an HA server keeps its state; HA servers that back each other up share

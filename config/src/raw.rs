@@ -45,6 +45,7 @@ pub struct RawHaServer {
     pub id: String,
     pub listen: String,
     pub db: Option<String>,
+    pub db_source: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

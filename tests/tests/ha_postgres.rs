@@ -467,3 +467,75 @@ async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Resul
     drop(cluster);
     Ok(())
 }
+
+/// `mqlb haserver` processes with `db = "postgres://..."` on two simulated hosts, each
+/// connecting from its host's address (`db_source`, seen by PostgreSQL): one is primary; killed
+/// with SIGKILL (no release of the lease), the other takes over within the lease and a renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haserver_processes_on_postgres_fail_over_after_a_kill() -> anyhow::Result<()> {
+    let hosts = Hosts::new(3)?;
+    let pg = Postgres::start_on(hosts.host(2).ip.into()).await?;
+    let dir = mqlb_tests::TempDir::new("ha-pg-procs")?;
+    let addrs = [hosts.host(0).free_addr()?, hosts.host(1).free_addr()?];
+    let mut toml = format!(
+        "[cluster]\nsecret = \"{}\"\n[ha]\nlease = \"1500ms\"\n",
+        mqlb_tests::TEST_SECRET
+    );
+    for (i, addr) in addrs.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[haserver]]\nid = \"ha{i}\"\nlisten = \"{addr}\"\ndb = \"{}\"\ndb_source = \"{}\"\n",
+            pg.url("postgres"),
+            addr.ip()
+        ));
+    }
+    let file = dir.path().join("ha.toml");
+    std::fs::write(&file, toml)?;
+    let bin = mqlb_tests::mqlb_bin()?;
+    let mut pids = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("haserver")
+            .arg("-c")
+            .arg(&file)
+            .args(["--id", &format!("ha{i}")])
+            .stdout(std::process::Stdio::null());
+        pids.push(hosts.host(i).spawn(&mut cmd)?);
+        let addr = *addr;
+        wait_until("the haserver process answers", DEADLINE, || async move {
+            healthz(addr).await.is_some()
+        })
+        .await?;
+    }
+    let roles = |h: Option<serde_json::Value>| h.map(|h| h["role"].to_string());
+    assert_eq!(
+        roles(healthz(addrs[0]).await).as_deref(),
+        Some("\"primary\"")
+    );
+    assert_eq!(
+        roles(healthz(addrs[1]).await).as_deref(),
+        Some("\"backup\"")
+    );
+    let sources = pg.psql(
+        "postgres",
+        "SELECT string_agg(DISTINCT host(client_addr), ',' ORDER BY host(client_addr)) \
+         FROM pg_stat_activity WHERE application_name = 'mqlb-haserver'",
+    )?;
+    assert_eq!(sources, format!("{},{}", addrs[0].ip(), addrs[1].ip()));
+
+    let killed = Instant::now();
+    let ok = std::process::Command::new("kill")
+        .args(["-KILL", &pids[0].to_string()])
+        .status()?
+        .success();
+    assert!(ok, "kill -KILL {}", pids[0]);
+    wait_until("the backup process takes over", DEADLINE, || async {
+        healthz(addrs[1])
+            .await
+            .is_some_and(|h| h["role"] == "primary")
+    })
+    .await?;
+    let took = killed.elapsed();
+    eprintln!("after kill -9 of the primary, the backup took over in {took:?} (lease 1.5 s)");
+    assert!(took <= Duration::from_millis(1500 + 500 + 500), "{took:?}");
+    Ok(())
+}

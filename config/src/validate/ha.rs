@@ -61,10 +61,12 @@ fn servers(c: &mut Checker, raw: &[RawHaServer]) -> Vec<HaServer> {
         c.name(&format!("{k}.id"), &h.id, &mut ids, "haserver");
         let listen = c.addr(&format!("{k}.listen"), &h.listen);
         let db = db(c, &format!("{k}.db"), h.db.as_deref());
+        let db_source = db_source(c, &format!("{k}.db_source"), h.db_source.as_deref(), &db);
         servers.push(HaServer {
             id: h.id.clone(),
             listen: listen.unwrap_or(UNPARSED_ADDR),
             db,
+            db_source,
         });
     }
     servers
@@ -81,6 +83,22 @@ fn db(c: &mut Checker, key: &str, raw: Option<&str>) -> HaDb {
         Err(e) => {
             c.error(key, e);
             HaDb::Sqlite(std::path::PathBuf::from(DEFAULT_HA_DB))
+        }
+    }
+}
+
+/// `haserver.db_source`: an IP address, for a PostgreSQL `db` only.
+fn db_source(c: &mut Checker, key: &str, raw: Option<&str>, db: &HaDb) -> Option<std::net::IpAddr> {
+    let raw = raw?;
+    if matches!(db, HaDb::Sqlite(_)) {
+        c.error(key, "only for a PostgreSQL db (postgres://...)");
+        return None;
+    }
+    match raw.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            c.error(key, format!("{raw:?} is not an IP address"));
+            None
         }
     }
 }
@@ -105,7 +123,49 @@ fn pool_discovery(c: &mut Checker, raw: &RawConfig) {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::PostgresUrl;
+    use crate::model::{HaDb, PostgresUrl};
+    use crate::Config;
+
+    fn ha(keys: &str) -> Result<Config, String> {
+        Config::parse(
+            &format!(
+                "[cluster]\nsecret = \"0123456789abcdef\"\n[[haserver]]\nid = \"ha1\"\n\
+                 listen = \"127.0.0.1:7000\"\n{keys}"
+            ),
+            "t",
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn db_is_a_sqlite_path_or_a_postgres_url_with_an_optional_source() {
+        let c = ha("db = \"postgres://mqlb@127.0.4.1:5432/ha\"\ndb_source = \"127.0.1.1\"\n");
+        let server = c.map(|c| (c.ha.servers[0].db.clone(), c.ha.servers[0].db_source));
+        assert!(
+            matches!(&server, Ok((HaDb::Postgres(u), Some(ip)))
+                if u.expose() == "postgres://mqlb@127.0.4.1:5432/ha" && ip.to_string() == "127.0.1.1"),
+            "{server:?}"
+        );
+        let c = ha("db = \"state/ha.sqlite\"\n").map(|c| c.ha.servers[0].db.clone());
+        assert!(
+            matches!(&c, Ok(HaDb::Sqlite(p)) if p.ends_with("ha.sqlite")),
+            "{c:?}"
+        );
+        for (keys, problem) in [
+            ("db = \"postgres:///ha\"\n", "haserver[0].db: no host"),
+            (
+                "db = \"x.sqlite\"\ndb_source = \"127.0.1.1\"\n",
+                "haserver[0].db_source: only for",
+            ),
+            (
+                "db = \"postgres://h/ha\"\ndb_source = \"h2\"\n",
+                "haserver[0].db_source: \"h2\" is not",
+            ),
+        ] {
+            let e = ha(keys).err().unwrap_or_default();
+            assert!(e.contains(problem), "{keys}: {e}");
+        }
+    }
 
     #[test]
     fn postgres_urls_are_checked_and_print_masked() {
