@@ -802,3 +802,81 @@ async fn a_tls_frontend_in_front_of_any_tcp_service_passes_half_closes_on() -> a
     lb.shutdown().await;
     Ok(())
 }
+
+/// What `promtool check metrics` says of `text` (nothing: no lint); `None` when promtool is
+/// missing outside CI (skipped; `.ci/run` installs it).
+fn promtool_lint(text: &str) -> anyhow::Result<Option<String>> {
+    use std::process::{Command, Stdio};
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: promtool not runnable ({e}; apt-get install prometheus)");
+            return Ok(None);
+        }
+        Err(e) => anyhow::bail!("promtool not runnable, and CI is set: {e}"),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool check metrics failed: {said}"
+    );
+    Ok(Some(said))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_series_pass_promtool() -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "").await?;
+    let connector = t.pki.client(&["mqtt"], BOTH)?;
+    let mut s = t
+        .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut s, "scraped").await?, [0x20, 2, 0, 0]);
+    let mut plain = TcpStream::connect(t.tls).await?;
+    plain.write_all(b"not tls at all").await?;
+    read_until_closed(&mut plain).await?;
+    t.wait_metric(
+        "mqlb_tls_handshake_errors_total",
+        &[("frontend", "mqtts"), ("reason", "not_tls")],
+        1.0,
+    )
+    .await?;
+    let text = t.lb.metrics_text();
+    for name in [
+        "mqlb_tls_handshakes_total",
+        "mqlb_tls_handshake_errors_total",
+        "mqlb_tls_cert_expiry_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} not exported"
+        );
+    }
+    // Every reason is there at 0 before it first happens, so a rate() alert has a series.
+    assert_eq!(
+        t.metric(
+            "mqlb_tls_handshake_errors_total",
+            &[("frontend", "mqtts"), ("reason", "timeout")]
+        ),
+        0.0
+    );
+    assert!(
+        text.contains("mqlb_tls_handshake_errors_total{frontend=\"mqtts\",reason=\"timeout\"} 0")
+    );
+    if let Some(lint) = promtool_lint(&text)? {
+        assert!(lint.trim().is_empty(), "promtool check metrics: {lint}");
+    }
+    t.lb.shutdown().await;
+    Ok(())
+}
