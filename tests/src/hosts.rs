@@ -18,7 +18,8 @@
 //! ([`Host::connect`], [`Host::socket`]). A connection made without binding its source leaves
 //! from `127.0.0.1`, which is no host, and crosses every partition. (mqlb's broker and LB do
 //! not bind their outgoing connections' source today: a partition cuts what other hosts'
-//! bound clients send to them, not what they open themselves.)
+//! bound clients send to them, not what they open themselves. An HA server on PostgreSQL
+//! does, with `haserver.db_source`: [`Host::start_haserver_pg`].)
 //!
 //! Each [`Hosts`] owns an nftables table of its own (`inet mqlb_hosts_<pid>_<n>`) whose only
 //! rule matches its own hosts' addresses, so parallel tests (and anything on `127.0.0.1`) are
