@@ -37,12 +37,12 @@
 //! replicated for its will alone), published by one surviving node when the owner died with
 //! it pending ([`Replicas::due_wills`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use rumqttd::protocol::matches;
 
 use crate::mesh::frame::{
-    MeshPublish, MeshSession, MeshSubscription, MeshWill, MsgId, ReplicaMeta,
+    MeshPublish, MeshSession, MeshSubscription, MeshWill, MsgId, PkidEvent, ReplicaMeta,
 };
 
 /// The user property key of a message's cluster-wide id. U+0000 is not allowed in an MQTT
@@ -154,9 +154,58 @@ struct Replica {
     /// queued when it does. Bounded by [`EARLY_ACKS`].
     early: VecDeque<MsgId>,
     early_set: HashSet<MsgId>,
+    /// The packet ids of the owner's deliveries, so that a restore resends under them.
+    pkids: Pkids,
 }
 
 const EARLY_ACKS: usize = 4096;
+
+/// What a session's packet ids are on its owner, as far as its events have told
+/// (MQTT-4.4.0-1: a resumed session resends its unacknowledged deliveries under their ids and
+/// the PUBRELs it owes). Bounded by the 65 535 ids.
+#[derive(Debug, Default)]
+struct Pkids {
+    /// The message each id in use was sent with, and the other way round.
+    sent: HashMap<u16, MsgId>,
+    of: HashMap<MsgId, u16>,
+    /// Ids the client answered with PUBREC and whose PUBCOMP has not come.
+    pubrels: BTreeSet<u16>,
+    /// The last id the owner used.
+    last: u16,
+}
+
+impl Pkids {
+    fn apply(&mut self, e: PkidEvent) {
+        match e {
+            PkidEvent::Sent { id, pkid } => {
+                if let Some(old) = self.sent.insert(pkid, id) {
+                    if old != id {
+                        self.of.remove(&old);
+                    }
+                }
+                self.of.insert(id, pkid);
+                self.pubrels.remove(&pkid);
+                self.last = pkid;
+            }
+            PkidEvent::Released(pkid) => {
+                if let Some(id) = self.sent.remove(&pkid) {
+                    self.of.remove(&id);
+                }
+                self.pubrels.insert(pkid);
+            }
+            PkidEvent::Completed(pkid) => {
+                self.pubrels.remove(&pkid);
+            }
+        }
+    }
+
+    /// The client acknowledged message `id`: its id is free.
+    fn acked(&mut self, id: MsgId) {
+        if let Some(pkid) = self.of.remove(&id) {
+            self.sent.remove(&pkid);
+        }
+    }
+}
 
 impl Replica {
     fn forget(&mut self, id: MsgId) -> bool {
@@ -345,10 +394,12 @@ impl Replicas {
                 unranked_since_ms: None,
                 early: VecDeque::new(),
                 early_set: HashSet::new(),
+                pkids: Pkids::default(),
             });
         if meta.fresh {
             r.queue.clear();
             r.ids.clear();
+            r.pkids = Pkids::default();
         }
         r.owner = owner.to_owned();
         r.offline_since_ms = match (meta.online, r.offline_since_ms) {
@@ -572,6 +623,7 @@ impl Replicas {
             return;
         }
         for id in ids {
+            r.pkids.acked(*id);
             if r.forget(*id) {
                 continue;
             }
@@ -594,6 +646,19 @@ impl Replicas {
                     }
                 }
             }
+        }
+    }
+
+    /// What became of the packet ids of `owner`'s client `client_id`, in order.
+    pub fn pkids(&mut self, owner: &str, client_id: &str, events: &[PkidEvent]) {
+        let Some(r) = self.by_client.get_mut(client_id) else {
+            return;
+        };
+        if r.owner != owner {
+            return;
+        }
+        for e in events {
+            r.pkids.apply(*e);
         }
     }
 
@@ -721,16 +786,20 @@ impl Replicas {
         let mut left = budget;
         let mut pending = Vec::new();
         let mut dropped = 0u32;
-        // Its own messages (held as delivered: QoS 1 or 2 already), then its groups'.
-        let own = r.queue.iter().map(|h| (h, 2));
+        // Its own messages (held as delivered: QoS 1 or 2 already), with the packet id each
+        // went out under if it did, then its groups'.
+        let own = r
+            .queue
+            .iter()
+            .map(|h| (h, 2, r.pkids.of.get(&h.id).copied().unwrap_or(0)));
         let groups = r.meta.subscriptions.iter().flat_map(|s| {
             let queue = shared(&s.filter)
                 .and_then(|(key, _)| self.groups.get(&(r.owner.clone(), key.to_owned())));
             queue
                 .into_iter()
-                .flat_map(|g| g.queue.iter().map(|h| (h, s.qos)))
+                .flat_map(|g| g.queue.iter().map(|h| (h, s.qos, 0)))
         });
-        for (h, qos) in own.chain(groups) {
+        for (h, qos, pkid) in own.chain(groups) {
             let Some(p) = deliverable(h, qos, now_ms) else {
                 continue;
             };
@@ -740,7 +809,7 @@ impl Replicas {
                 continue;
             }
             left -= size;
-            pending.push((0, p));
+            pending.push((pkid, p));
         }
         let expiry = match (r.meta.expiry, r.offline_since_ms) {
             (u32::MAX, _) | (_, None) => r.meta.expiry,
@@ -752,10 +821,10 @@ impl Replicas {
         Some(MeshSession {
             client_id: client_id.to_owned(),
             expiry,
-            last_pkid: 0,
+            last_pkid: r.pkids.last,
             dropped,
             subscriptions: r.meta.subscriptions.clone(),
-            pubrels: Vec::new(),
+            pubrels: r.pkids.pubrels.iter().copied().collect(),
             pending,
         })
     }
@@ -793,8 +862,9 @@ pub fn complete(mut session: MeshSession, copy: Option<MeshSession>) -> MeshSess
 }
 
 /// Several copies of one session (this node's replica and its peers') as one: every message
-/// any of them holds, once (by id), each origin's in its order; the subscriptions of the copy
-/// with the most, the longest expiry.
+/// any of them holds, once (by id), each origin's in its order, with the packet id any copy
+/// knows it was sent under; the subscriptions of the copy with the most, the longest expiry,
+/// every PUBREL any copy owes, the last packet id of the first copy that knows one.
 pub fn merge(copies: Vec<MeshSession>) -> Option<MeshSession> {
     let mut it = copies.into_iter();
     let mut base = it.next()?;
@@ -802,31 +872,37 @@ pub fn merge(copies: Vec<MeshSession>) -> Option<MeshSession> {
     if others.is_empty() {
         return Some(base);
     }
-    let mut all: BTreeMap<(MsgId, usize), MeshPublish> = BTreeMap::new();
-    let mut seen = HashSet::new();
+    let mut all: BTreeMap<MsgId, (u16, MeshPublish)> = BTreeMap::new();
     let mut untagged = Vec::new();
-    let mut push = |p: MeshPublish, n: usize| match Tag::find(&p.user_properties) {
+    let mut push = |(pkid, p): (u16, MeshPublish)| match Tag::find(&p.user_properties) {
         Some(t) => {
-            if seen.insert(t.id) {
-                all.insert((t.id, n), p);
+            let kept = all.entry(t.id).or_insert((pkid, p));
+            if kept.0 == 0 {
+                kept.0 = pkid;
             }
         }
-        None => untagged.push(p),
+        None => untagged.push((0, p)),
     };
-    for (_, p) in std::mem::take(&mut base.pending) {
-        push(p, 0);
+    for m in std::mem::take(&mut base.pending) {
+        push(m);
     }
-    for (n, o) in others.iter_mut().enumerate() {
-        for (_, p) in std::mem::take(&mut o.pending) {
-            push(p, n + 1);
+    let mut pubrels: BTreeSet<u16> = base.pubrels.drain(..).collect();
+    for o in &mut others {
+        for m in std::mem::take(&mut o.pending) {
+            push(m);
         }
         if o.subscriptions.len() > base.subscriptions.len() {
             base.subscriptions = std::mem::take(&mut o.subscriptions);
         }
         base.expiry = base.expiry.max(o.expiry);
         base.dropped = base.dropped.saturating_add(o.dropped);
+        pubrels.extend(o.pubrels.drain(..));
+        if base.last_pkid == 0 {
+            base.last_pkid = o.last_pkid;
+        }
     }
-    base.pending = all.into_values().chain(untagged).map(|p| (0, p)).collect();
+    base.pending = all.into_values().chain(untagged).collect();
+    base.pubrels = pubrels.into_iter().collect();
     Some(base)
 }
 
@@ -1253,6 +1329,88 @@ mod tests {
         let merged = merge(vec![mk(&[1, 3]), mk(&[1, 2, 3, 4]), mk(&[])]).expect("some");
         assert_eq!(payloads(&merged), ["m1", "m2", "m3", "m4"]);
         assert!(merge(Vec::new()).is_none());
+    }
+
+    /// The packet ids the owner reported go with a restore (MQTT-4.4.0-1): each message still
+    /// unacknowledged under the id it was sent with, the PUBRELs owed, the last id; an
+    /// acknowledgement or a PUBCOMP frees its id, a Clean Start forgets them all, and another
+    /// node's word is not the owner's.
+    #[test]
+    fn a_restore_carries_the_packet_ids_of_the_owners_deliveries() {
+        let mut r = Replicas::new(100, 100);
+        r.meta("b1", meta("c", vec![sub("a/+", 2)], true), 0, true);
+        for seq in 1..=4 {
+            r.record(tag(seq), &msg("a/x", 2, tag(seq)), 0, |_, _| true);
+        }
+        let id = |seq| MsgId { origin: 9, seq };
+        let sent = |seq, pkid| PkidEvent::Sent { id: id(seq), pkid };
+        // m1 PUBREC'd (acknowledged, its PUBREL owed), m2 acknowledged, m3 in flight, m4 not sent.
+        r.pkids(
+            "b1",
+            "c",
+            &[sent(1, 5), sent(2, 6), PkidEvent::Released(5), sent(3, 7)],
+        );
+        r.acked("b1", "c", &[id(1), id(2)]);
+        r.pkids("b3", "c", &[sent(4, 8), PkidEvent::Released(7)]); // not the owner
+        let s = r.session("c", 0, usize::MAX).expect("held");
+        assert_eq!(payloads(&s), ["m3", "m4"]);
+        let ids: Vec<u16> = s.pending.iter().map(|(pkid, _)| *pkid).collect();
+        assert_eq!(ids, [7, 0]);
+        assert_eq!((s.pubrels.clone(), s.last_pkid), (vec![5], 7));
+        r.pkids("b1", "c", &[PkidEvent::Completed(5)]);
+        assert!(r
+            .session("c", 0, usize::MAX)
+            .expect("held")
+            .pubrels
+            .is_empty());
+        // id 7 free again once m3 is acknowledged; reused for m4
+        r.acked("b1", "c", &[id(3)]);
+        r.pkids("b1", "c", &[sent(4, 7)]);
+        let s = r.session("c", 0, usize::MAX).expect("held");
+        assert_eq!(
+            (payloads(&s), s.pending[0].0, s.last_pkid),
+            (vec!["m4".to_string()], 7, 7)
+        );
+        r.meta(
+            "b1",
+            ReplicaMeta {
+                fresh: true,
+                ..meta("c", vec![sub("a/+", 2)], true)
+            },
+            0,
+            true,
+        );
+        let s = r.session("c", 0, usize::MAX).expect("held");
+        assert_eq!((s.pending.len(), s.last_pkid, s.pubrels.len()), (0, 0, 0));
+    }
+
+    /// Merged copies keep a packet id any of them knows, every PUBREL any owes, and the
+    /// first known last id.
+    #[test]
+    fn merged_copies_keep_the_packet_ids_any_copy_knows() {
+        let mk = |pending: Vec<(u16, u64)>, pubrels: Vec<u16>, last_pkid| MeshSession {
+            client_id: "c".into(),
+            subscriptions: vec![sub("t", 2)],
+            pending: pending
+                .into_iter()
+                .map(|(pkid, s)| (pkid, msg("t", 2, tag(s))))
+                .collect(),
+            pubrels,
+            last_pkid,
+            ..MeshSession::default()
+        };
+        let merged = merge(vec![
+            mk(vec![(0, 1), (0, 2)], vec![3], 0),
+            mk(vec![(4, 1), (0, 2)], vec![], 4),
+            mk(vec![(0, 2)], vec![3, 9], 2),
+        ])
+        .expect("some");
+        let ids: Vec<u16> = merged.pending.iter().map(|(pkid, _)| *pkid).collect();
+        assert_eq!(
+            (payloads(&merged), ids),
+            (vec!["m1".to_string(), "m2".to_string()], vec![4, 0])
+        );
+        assert_eq!((merged.pubrels, merged.last_pkid), (vec![3, 9], 4));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!   becomes (CONNACK, SUBACK, UNSUBSCRIBE, the end of the connection) to the [`Book`]; every
 //!   change goes to every peer as a REPLICA_META, and a new link gets them all. It also gives
 //!   each QoS 1/2 publish of a local client its cluster-wide tag, and reports the tags its
-//!   clients acknowledge (PUBACK, PUBREC): batched into REPLICA_ACKS every [`ACK_FLUSH`].
+//!   clients acknowledge (PUBACK, PUBREC) and what becomes of its deliveries' packet ids
+//!   (sent, PUBREC, PUBCOMP): batched into REPLICA_ACKS and REPLICA_PKIDS every [`ACK_FLUSH`].
 //! - **Replica side.** Every QoS 1/2 message that enters this node, from a peer (the injector)
 //!   or from a local client (the codec), is offered to the [`Replicas`].
 //! - **Restore.** A client that connects here with Clean Start 0 and whose session no node has
@@ -34,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::mesh::frame::{
-    Frame, MeshPublish, MeshSession, MeshSubscription, MeshWill, MsgId, ReplicaMeta,
+    Frame, MeshPublish, MeshSession, MeshSubscription, MeshWill, MsgId, PkidEvent, ReplicaMeta,
 };
 use crate::mesh::{Injected, Mesh};
 use crate::metrics::Metrics;
@@ -51,12 +52,19 @@ const MAX_REPLICAS: usize = 1_000_000;
 /// message the client has: a duplicate after a failover, never a loss).
 const MAX_ACKS_WAITING: usize = 1_000_000;
 
+/// One thing an owner's client did that its replicas follow.
+enum Update {
+    Acked(MsgId),
+    Pkid(PkidEvent),
+}
+
 struct ReplicationMetrics {
     held: IntGauge,
     queueing: IntGauge,
     messages: IntGauge,
     owned: IntGauge,
     acks: IntCounter,
+    pkids: IntCounter,
     wills: IntCounter,
     restored: IntCounterVec,
     redelivered: IntCounter,
@@ -86,6 +94,10 @@ impl ReplicationMetrics {
                 "mqlb_session_replica_acks_total",
                 "Acknowledgements of their clients the owners of replicated sessions sent here.",
             )?,
+            pkids: IntCounter::new(
+                "mqlb_session_replica_packet_ids_total",
+                "Packet-id updates (a delivery sent under an id, its PUBREC, its PUBCOMP) of replicated sessions' clients that their owners sent here: what lets a restored session resend under the same ids.",
+            )?,
             wills: IntCounter::new(
                 "mqlb_session_replica_wills_total",
                 "Last wills this node published for clients whose node died.",
@@ -114,6 +126,7 @@ impl ReplicationMetrics {
         metrics.register(Box::new(m.messages.clone()))?;
         metrics.register(Box::new(m.owned.clone()))?;
         metrics.register(Box::new(m.acks.clone()))?;
+        metrics.register(Box::new(m.pkids.clone()))?;
         metrics.register(Box::new(m.wills.clone()))?;
         metrics.register(Box::new(m.restored.clone()))?;
         metrics.register(Box::new(m.redelivered.clone()))?;
@@ -128,7 +141,8 @@ pub(crate) struct Replication {
     next_seq: AtomicU64,
     held: Mutex<Replicas>,
     book: Mutex<Book>,
-    acks: Mutex<Vec<(String, MsgId)>>,
+    /// What the owner's clients did, in order, until the next [`ACK_FLUSH`].
+    acks: Mutex<Vec<(String, Update)>>,
     mesh: Weak<Mesh>,
     control: SessionControl,
     /// The injector's queue: a will published here enters the local router through it.
@@ -313,12 +327,21 @@ impl Replication {
 
     /// The client acknowledged (PUBACK, PUBREC) the message tagged `id`.
     pub(crate) fn acked(&self, client_id: &str, id: MsgId) {
+        self.update(client_id, Update::Acked(id));
+    }
+
+    /// A packet id of the client's deliveries was used, PUBREC'd or completed.
+    pub(crate) fn pkid(&self, client_id: &str, event: PkidEvent) {
+        self.update(client_id, Update::Pkid(event));
+    }
+
+    fn update(&self, client_id: &str, u: Update) {
         let mut acks = lock(&self.acks);
         if acks.len() >= MAX_ACKS_WAITING {
             self.metrics.dropped.with_label_values(&["ack"]).inc();
             return;
         }
-        acks.push((client_id.to_owned(), id));
+        acks.push((client_id.to_owned(), u));
     }
 
     /// What a peer whose link just came up is sent first: every persistent session here.
@@ -414,6 +437,14 @@ impl Replication {
         for (client, ids) in acks {
             self.metrics.acks.inc_by(ids.len() as u64);
             held.acked(peer, &client, &ids);
+        }
+    }
+
+    pub(crate) fn on_pkids(&self, peer: &str, pkids: Vec<(String, Vec<PkidEvent>)>) {
+        let mut held = lock(&self.held);
+        for (client, events) in pkids {
+            self.metrics.pkids.inc_by(events.len() as u64);
+            held.pkids(peer, &client, &events);
         }
     }
 
@@ -546,19 +577,32 @@ impl Replication {
     /// a peer: they reach it ahead of the session (one queue per peer), so its replica does
     /// not hold what the client already has.
     pub(crate) fn send_acks(&self) {
-        let acks = std::mem::take(&mut *lock(&self.acks));
-        if !acks.is_empty() {
-            let mut grouped: HashMap<String, Vec<MsgId>> = HashMap::new();
-            for (client, id) in acks {
-                grouped.entry(client).or_default().push(id);
+        let updates = std::mem::take(&mut *lock(&self.acks));
+        if updates.is_empty() {
+            return;
+        }
+        let mut acks: HashMap<String, Vec<MsgId>> = HashMap::new();
+        let mut pkids: HashMap<String, Vec<PkidEvent>> = HashMap::new();
+        for (client, u) in updates {
+            match u {
+                Update::Acked(id) => acks.entry(client).or_default().push(id),
+                Update::Pkid(e) => pkids.entry(client).or_default().push(e),
             }
-            let by_client: Vec<(String, Vec<MsgId>)> = grouped.into_iter().collect();
-            // Frames of a bounded size: a mesh frame carries them whatever their number.
-            for chunk in by_client.chunks(256) {
-                self.broadcast(&Frame::ReplicaAcks {
-                    acks: chunk.to_vec(),
-                });
-            }
+        }
+        // Frames of a bounded size: a mesh frame carries them whatever their number. The
+        // packet ids first: a message sent and acknowledged in one round frees its id in the
+        // replica (the acknowledgement finds the id), instead of leaving it taken.
+        let pkids: Vec<(String, Vec<PkidEvent>)> = pkids.into_iter().collect();
+        for chunk in pkids.chunks(256) {
+            self.broadcast(&Frame::ReplicaPkids {
+                pkids: chunk.to_vec(),
+            });
+        }
+        let acks: Vec<(String, Vec<MsgId>)> = acks.into_iter().collect();
+        for chunk in acks.chunks(256) {
+            self.broadcast(&Frame::ReplicaAcks {
+                acks: chunk.to_vec(),
+            });
         }
     }
 

@@ -15,7 +15,7 @@ use rumqttd::protocol::{
 };
 
 use crate::auth::Auth;
-use crate::mesh::frame::{MeshPublish, MeshSubscription, MeshWill, MsgId};
+use crate::mesh::frame::{MeshPublish, MeshSubscription, MeshWill, MsgId, PkidEvent};
 use crate::mesh::Mesh;
 use crate::replica::Tag;
 
@@ -197,12 +197,24 @@ impl<P> Drop for Tap<P> {
 
 impl<P> Tap<P> {
     /// The client acknowledged (PUBACK, PUBREC) the delivery with packet id `pkid`.
-    fn client_has(&self, pkid: u16) {
+    fn client_has(&self, pkid: u16) -> bool {
         let Some(id) = self.replicated().delivered.remove(&pkid) else {
-            return;
+            return false;
         };
         if let Some(r) = self.mesh.replication.get() {
             r.acked(&self.client_id, id);
+        }
+        true
+    }
+
+    /// A packet id of a persistent session's deliveries changed (sent, PUBREC'd, completed):
+    /// its replicas follow, so a restore resends under the same ids (issue 12).
+    fn pkid(&self, event: PkidEvent) {
+        if self.persist == 0 {
+            return;
+        }
+        if let Some(r) = self.mesh.replication.get() {
+            r.pkid(&self.client_id, event);
         }
     }
 
@@ -397,8 +409,14 @@ impl<P: Protocol> Protocol for Tap<P> {
                 self.disconnect_expiry = props.as_ref().and_then(|p| p.session_expiry_interval);
             }
             // Session replicas (issue 12): what the client has and what it subscribes to.
-            Packet::PubAck(ack, _) => self.client_has(ack.pkid),
-            Packet::PubRec(rec, _) => self.client_has(rec.pkid),
+            Packet::PubAck(ack, _) => {
+                self.client_has(ack.pkid);
+            }
+            // The guard takes the acknowledgement; a PUBREL is owed for a tracked delivery.
+            Packet::PubRec(rec, _) if self.client_has(rec.pkid) => {
+                self.pkid(PkidEvent::Released(rec.pkid));
+            }
+            Packet::PubComp(comp, _) => self.pkid(PkidEvent::Completed(comp.pkid)),
             Packet::Subscribe(sub, _) if self.persist != 0 => {
                 let subs = sub
                     .filters
@@ -476,6 +494,10 @@ impl<P: Protocol> Protocol for Tap<P> {
                 {
                     if p.pkid() != 0 {
                         self.replicated().delivered.insert(p.pkid(), tag.id);
+                        self.pkid(PkidEvent::Sent {
+                            id: tag.id,
+                            pkid: p.pkid(),
+                        });
                     }
                     if props
                         .as_ref()

@@ -581,3 +581,80 @@ async fn a_peers_bad_session_frames_close_its_link_and_make_no_session() -> anyh
     }
     Ok(())
 }
+
+/// A QoS 2 session restored on another node resumes with its packet ids (MQTT-4.4.0-1): the
+/// delivery its client answered with PUBREC gets its PUBREL again, and the one it had not
+/// answered comes again with DUP 1 and its packet id. Before, the replicas knew no packet id:
+/// no PUBREL came, and the unanswered delivery came as a new one under the new node's first
+/// id, which a client still holding that id (for the PUBREC'd delivery) takes for a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_qos2_session_resumes_with_its_packet_ids() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    c.wait_meshed().await?;
+    let (mut sub, _) = open5(&c, 0, connect5_session("fo-q2", false, Some(DAY))).await?;
+    sub.subscribe(1, vec![filter5("fo-q2/t", QoS::ExactlyOnce)], None)
+        .await?;
+    let (mut publisher, _) = open5(&c, 1, connect5_session("fo-q2-pub", true, None)).await?;
+    for (pkid, m) in [(1, "a"), (2, "b")] {
+        let mut p = publish5("fo-q2/t", QoS::ExactlyOnce, m);
+        p.pkid = pkid;
+        publisher.publish(p).await?;
+    }
+    // "a": PUBREC sent, PUBREL received, PUBCOMP withheld; "b": not answered at all.
+    let a = sub.recv_publish().await?;
+    ensure!(&a.payload[..] == b"a" && a.qos == QoS::ExactlyOnce, "{a:?}");
+    sub.send(v5::Packet::PubRec(v5::PubRec::new(a.pkid, None)))
+        .await?;
+    let mut b = None;
+    for _ in 0..3 {
+        match sub.recv().await? {
+            v5::Packet::PubRel(r) => ensure!(r.pkid == a.pkid, "PUBREL {r:?}"),
+            v5::Packet::Publish(p) => b = Some(p),
+            other => bail!("unexpected {other:?}"),
+        }
+        if b.is_some() {
+            break;
+        }
+    }
+    let b = b.context("no second delivery")?;
+    ensure!(&b.payload[..] == b"b" && b.pkid != a.pkid, "{b:?}");
+    // Both replicas know both packet ids (the PUBREC'd one, the one in flight).
+    wait_until("the replicas know the packet ids", DEADLINE, || async {
+        [1, 2].iter().all(|i| {
+            c.node(*i).is_some_and(|n| {
+                metric(
+                    &n.metrics_text(),
+                    "mqlb_session_replica_packet_ids_total",
+                    &[],
+                ) >= 3.0
+            })
+        })
+    })
+    .await?;
+    c.crash(0);
+    let (mut back, present) = open5(&c, 2, connect5_session("fo-q2", false, Some(DAY))).await?;
+    ensure!(present, "Session Present 0 after the node's death");
+    let (mut pubrel, mut again) = (false, None);
+    for _ in 0..4 {
+        match back.next(Duration::from_secs(3)).await? {
+            Ok(v5::Packet::PubRel(r)) if r.pkid == a.pkid => pubrel = true,
+            Ok(v5::Packet::Publish(p)) => {
+                ensure!(again.is_none(), "delivered twice: {again:?} and {p:?}");
+                again = Some(p);
+            }
+            Ok(other) => bail!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+        if pubrel && again.is_some() {
+            break;
+        }
+    }
+    ensure!(pubrel, "no PUBREL {} after the restore", a.pkid);
+    let again = again.context("\"b\" did not come again")?;
+    ensure!(
+        &again.payload[..] == b"b" && again.dup && again.pkid == b.pkid,
+        "\"b\" again with DUP 1 and packet id {}: {again:?}",
+        b.pkid
+    );
+    Ok(())
+}

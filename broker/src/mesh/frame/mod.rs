@@ -13,7 +13,8 @@
 //!   acknowledged delivery);
 //! - `session`: CONNECTED, SESSION_REQUEST, SESSION (a client and its session across nodes);
 //! - `share`: SHARE_GROUPS (shared subscriptions across the cluster);
-//! - `replica`: REPLICA_META, REPLICA_ACKS, REPLICA_CLOSE, SESSION_REPLICA (session replicas).
+//! - `replica`: REPLICA_META, REPLICA_ACKS, REPLICA_PKIDS, REPLICA_CLOSE, SESSION_REPLICA
+//!   (session replicas).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -30,7 +31,7 @@ pub use publish::{
     encode_publish, encode_publish_expiry_at, sequenced_header, with_expiry, MeshPublish,
     SEQUENCED_HEADER,
 };
-pub use replica::{MeshWill, MsgId, ReplicaMeta};
+pub use replica::{MeshWill, MsgId, PkidEvent, ReplicaMeta};
 pub use session::{MeshSession, MeshSubscription};
 pub use share::{valid_share_group, MAX_SHARE_GROUPS, MAX_SHARE_GROUPS_BYTES, MAX_SHARE_GROUP_LEN};
 
@@ -41,7 +42,8 @@ pub use share::{valid_share_group, MAX_SHARE_GROUPS, MAX_SHARE_GROUPS_BYTES, MAX
 /// 4: SHARE_GROUPS (issue 12), sent on every link as it comes up: a version 3 node would
 /// close the link on it.
 /// 6: session replicas (issue 12): REPLICA_META, REPLICA_ACKS, REPLICA_CLOSE, SESSION_REPLICA.
-pub const VERSION: u8 = 6;
+/// 7: REPLICA_PKIDS (issue 12): a version 6 node would close the link on it.
+pub const VERSION: u8 = 7;
 
 // The frame kinds, in one table so that no two families take the same number; each family
 // has a range of its own.
@@ -62,6 +64,7 @@ const KIND_REPLICA_META: u8 = 64;
 const KIND_REPLICA_ACKS: u8 = 65;
 const KIND_REPLICA_CLOSE: u8 = 66;
 const KIND_SESSION_REPLICA: u8 = 67;
+const KIND_REPLICA_PKIDS: u8 = 68;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -121,6 +124,11 @@ pub enum Frame {
     /// The sender's clients acknowledged these messages: their replicas forget them.
     ReplicaAcks {
         acks: Vec<(String, Vec<MsgId>)>,
+    },
+    /// What became of the packet ids of the sender's clients' deliveries: a restored session
+    /// resends under the same ids.
+    ReplicaPkids {
+        pkids: Vec<(String, Vec<PkidEvent>)>,
     },
     /// The sender's session ended or left it: its replica goes.
     ReplicaClose {
@@ -191,6 +199,9 @@ pub fn encode(f: &Frame) -> Result<Bytes, FrameError> {
         Frame::ReplicaAcks { acks } => {
             frame(KIND_REPLICA_ACKS, |o| replica::put_replica_acks(o, acks))
         }
+        Frame::ReplicaPkids { pkids } => {
+            frame(KIND_REPLICA_PKIDS, |o| replica::put_replica_pkids(o, pkids))
+        }
         Frame::ReplicaClose { client_id } => {
             frame(KIND_REPLICA_CLOSE, |o| put_str16(o, client_id.as_bytes()))
         }
@@ -236,6 +247,9 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
         KIND_REPLICA_META => Frame::ReplicaMeta(Box::new(replica::get_replica_meta(&mut b)?)),
         KIND_REPLICA_ACKS => Frame::ReplicaAcks {
             acks: replica::get_replica_acks(&mut b)?,
+        },
+        KIND_REPLICA_PKIDS => Frame::ReplicaPkids {
+            pkids: replica::get_replica_pkids(&mut b)?,
         },
         KIND_REPLICA_CLOSE => Frame::ReplicaClose {
             client_id: get_client_id(&mut b, "replica close client id")?,

@@ -1,13 +1,15 @@
 //! Session replicas (issue 12; `crate::replica`): the owner of a persistent session tells
 //! every peer its subscriptions and will (REPLICA_META), what its clients acknowledged
-//! (REPLICA_ACKS) and when it ends (REPLICA_CLOSE); a replica answers a restore with its copy
-//! (SESSION_REPLICA).
+//! (REPLICA_ACKS), the packet ids of its deliveries (REPLICA_PKIDS) and when it ends
+//! (REPLICA_CLOSE); a replica answers a restore with its copy (SESSION_REPLICA).
 //!
 //! ```text
 //! REPLICA_META    := id_len:u16 client_id expiry:u32 flags:u8 (bit 0 online, bit 1 fresh)
 //!                    n:u32 (filter_len:u16 filter qos:u8 options:u8)*
 //!                    will:u8 (0: none; 1: then) delay:u32 len:u32 PUBLISH frame
 //! REPLICA_ACKS    := n:u32 (id_len:u16 client_id m:u32 (origin:u64 seq:u64)*)*
+//! REPLICA_PKIDS   := n:u32 (id_len:u16 client_id m:u32 (kind:u8 pkid:u16 [origin:u64 seq:u64])*)*
+//!                    (kind 0 sent, with the message's id; 1 released; 2 completed)
 //! REPLICA_CLOSE   := id_len:u16 client_id
 //! SESSION_REPLICA := request:u64 (a SESSION's body after its found flag)
 //! ```
@@ -25,6 +27,18 @@ use super::{
 pub struct MsgId {
     pub origin: u64,
     pub seq: u64,
+}
+
+/// What became of a packet id of a persistent session's deliveries (MQTT-4.4.0-1: a resumed
+/// session resends with the same ids), in the order it happened on the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PkidEvent {
+    /// The message `id` went out to the client under `pkid`.
+    Sent { id: MsgId, pkid: u16 },
+    /// The client answered `pkid` with PUBREC: the node owes it a PUBREL.
+    Released(u16),
+    /// The client answered the PUBREL of `pkid` with PUBCOMP: the id is free.
+    Completed(u16),
 }
 
 /// What the owner of a persistent session tells the nodes that replicate it, whole, on every
@@ -133,6 +147,70 @@ pub(super) fn get_replica_acks(b: &mut Bytes) -> Result<Vec<(String, Vec<MsgId>)
     Ok(acks)
 }
 
+pub(super) fn put_replica_pkids(
+    o: &mut BytesMut,
+    pkids: &[(String, Vec<PkidEvent>)],
+) -> Result<(), FrameError> {
+    put_count(o, pkids.len())?;
+    for (client, events) in pkids {
+        put_str16(o, client.as_bytes())?;
+        put_count(o, events.len())?;
+        for e in events {
+            match e {
+                PkidEvent::Sent { id, pkid } => {
+                    o.put_u8(0);
+                    o.put_u16(*pkid);
+                    o.put_u64(id.origin);
+                    o.put_u64(id.seq);
+                }
+                PkidEvent::Released(pkid) => {
+                    o.put_u8(1);
+                    o.put_u16(*pkid);
+                }
+                PkidEvent::Completed(pkid) => {
+                    o.put_u8(2);
+                    o.put_u16(*pkid);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn get_replica_pkids(
+    b: &mut Bytes,
+) -> Result<Vec<(String, Vec<PkidEvent>)>, FrameError> {
+    let n = get_count(b, 7, "replica pkids")?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = get_client_id(b, "replica pkids client id")?;
+        let m = get_count(b, 3, "replica pkids events")?;
+        let mut events = Vec::with_capacity(m);
+        for _ in 0..m {
+            need(b, 3, "replica pkid event")?;
+            let (kind, pkid) = (b.get_u8(), b.get_u16());
+            if pkid == 0 {
+                return Err(FrameError::Malformed("replica pkid 0"));
+            }
+            events.push(match kind {
+                0 => {
+                    need(b, 16, "replica pkid message id")?;
+                    let id = MsgId {
+                        origin: b.get_u64(),
+                        seq: b.get_u64(),
+                    };
+                    PkidEvent::Sent { id, pkid }
+                }
+                1 => PkidEvent::Released(pkid),
+                2 => PkidEvent::Completed(pkid),
+                _ => return Err(FrameError::Malformed("replica pkid event kind")),
+            });
+        }
+        out.push((client, events));
+    }
+    Ok(out)
+}
+
 pub(super) fn put_session_replica(
     o: &mut BytesMut,
     request: u64,
@@ -197,6 +275,22 @@ mod tests {
                     vec![MsgId { origin: 1, seq: 2 }, MsgId { origin: 3, seq: 4 }],
                 ),
                 ("c2".into(), vec![MsgId { origin: 5, seq: 6 }]),
+            ],
+        });
+        round_trip(Frame::ReplicaPkids {
+            pkids: vec![
+                (
+                    "c1".into(),
+                    vec![
+                        PkidEvent::Sent {
+                            id: MsgId { origin: 1, seq: 2 },
+                            pkid: 7,
+                        },
+                        PkidEvent::Released(7),
+                        PkidEvent::Completed(7),
+                    ],
+                ),
+                ("c2".into(), vec![PkidEvent::Released(65535)]),
             ],
         });
         round_trip(Frame::ReplicaClose {

@@ -177,6 +177,12 @@ async fn inbound(
                 }
                 continue;
             }
+            Ok(Some(Frame::ReplicaPkids { pkids })) => {
+                if let Some(r) = mesh.replication.get() {
+                    r.on_pkids(&peer, pkids);
+                }
+                continue;
+            }
             Ok(Some(Frame::ReplicaClose { client_id })) => {
                 if let Some(r) = mesh.replication.get() {
                     r.on_close(&peer, &client_id);

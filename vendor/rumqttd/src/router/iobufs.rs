@@ -181,12 +181,14 @@ impl Outgoing {
 
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
-            // mqlb patch (session redelivery): not a packet id still waiting to be resent.
+            // mqlb patch (session redelivery): not a packet id still waiting to be resent, or
+            // whose PUBREL waits for its PUBCOMP (MQTT-2.2.1-3: a currently unused id).
             for _ in 0..MAX_PKID {
                 if !self
                     .replay
                     .iter()
                     .any(|(pkid, _, _)| *pkid == self.last_pkid)
+                    && !self.unacked_pubrels.contains(&self.last_pkid)
                 {
                     break;
                 }
