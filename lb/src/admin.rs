@@ -70,6 +70,8 @@ fn connections_json(shared: &Shared) -> Value {
                     "id": c.id,
                     "rule": c.rule_name(),
                     "client_id": c.client_id,
+                    // "TLSv1.3" when mqlb terminates its TLS, else null.
+                    "tls": c.tls.and_then(|v| v.as_str()).map(|v| v.replace('_', ".")),
                     "pool": c.rule.pool.cfg.name,
                     "peer": c.peer.to_string(),
                     "backend": c.backend(),

@@ -27,6 +27,8 @@ pub struct ConnInfo {
     /// The CONNECT's protocol level, which picked the backend port (`mqtt_ports`).
     pub level: Option<u8>,
     pub client_id: Option<Box<str>>,
+    /// The TLS version, when mqlb terminates the client's TLS.
+    pub tls: Option<rustls::ProtocolVersion>,
     pub started: Instant,
     /// Client → backend.
     pub bytes_in: AtomicU64,
@@ -73,6 +75,7 @@ impl ConnInfo {
             peer,
             level,
             client_id,
+            tls: None,
             started: Instant::now(),
             bytes_in: AtomicU64::new(bytes_in),
             bytes_out: AtomicU64::new(0),

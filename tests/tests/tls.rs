@@ -216,6 +216,24 @@ async fn backend_of(admin: SocketAddr, client_id: &str) -> anyhow::Result<String
     }
 }
 
+/// The `tls` of `client_id` in `/api/connections`, once it is listed.
+async fn tls_listed(admin: SocketAddr, client_id: &str) -> anyhow::Result<Option<String>> {
+    let start = Instant::now();
+    loop {
+        let all = mqlb_tests::get_json(admin, "/api/connections").await?;
+        let found = all
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["client_id"] == client_id));
+        if let Some(c) = found {
+            return Ok(c["tls"].as_str().map(String::from));
+        }
+        if start.elapsed() > DEADLINE {
+            anyhow::bail!("{client_id} not in /api/connections within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reads until the LB closes; fails if it keeps the connection open past `DEADLINE`.
 async fn read_until_closed(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
     let mut all = Vec::new();
@@ -299,6 +317,7 @@ async fn the_same_client_id_over_tls_lands_where_rendezvous_hashing_puts_it() ->
         let mut s = TcpStream::connect(t.plain).await?;
         assert_eq!(mqtt_connect(&mut s, &id).await?, [0x20, 2, 0, 0]);
         assert_eq!(backend_of(t.admin, &id).await?, want, "{id} over plain TCP");
+        assert_eq!(tls_listed(t.admin, &id).await?, None, "{id} over plain TCP");
     }
     assert!(
         chosen.len() >= 2,
@@ -337,6 +356,9 @@ async fn rustls_clients_verify_the_chain_over_tls_1_3_and_1_2_with_or_without_al
         assert_eq!(session.protocol_version(), Some(version.version), "{id}");
         assert_eq!(session.alpn_protocol(), negotiated, "{id}");
         assert_eq!(mqtt_connect(&mut s, id).await?, [0x20, 2, 0, 0], "{id}");
+        let want = version.version.as_str().map(|v| v.replace('_', "."));
+        let listed = tls_listed(t.admin, id).await?;
+        assert_eq!(listed, want, "{id}: /api/connections tls");
     }
     assert_eq!(
         t.metric("mqlb_tls_handshakes_total", &[("frontend", "mqtts")]),

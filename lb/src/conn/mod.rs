@@ -239,7 +239,7 @@ async fn establish(
         }
         _ => None,
     };
-    let info = Arc::new(ConnInfo::new(
+    let mut info = ConnInfo::new(
         shared.conns.next_id(),
         rule.clone(),
         idx,
@@ -247,7 +247,11 @@ async fn establish(
         level.map(|l| l as u8),
         client_id,
         buffered.len() as u64,
-    ));
+    );
+    if let ClientLeg::Tls(s) = &client {
+        info.tls = s.get_ref().1.protocol_version();
+    }
+    let info = Arc::new(info);
     tracing::debug!(rule = cfg.name, %peer, backend = info.backend(), %backend_addr, client_id = ?info.client_id, "proxying");
     Some((client, server, info))
 }
