@@ -11,9 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use mqlb_config::Config;
 use mqlb_haserver::model::Registration;
 use mqlb_haserver::{contract, HaServer, PostgresOptions, PostgresStore, Store, Timing};
-use mqlb_tests::{get_json, ha_get_json, ha_request, wait_until, Cluster, Hosts, Postgres};
+use mqlb_lb::{Lb, Listeners};
+use mqlb_tests::{
+    get_json, ha_get_json, ha_request, wait_until, Client, Cluster, Hosts, Postgres, QoS,
+};
 
 /// Membership timing of these tests: a lease short enough for quick failovers, a member timeout
 /// longer than a failover (members must stay up throughout).
@@ -377,9 +381,78 @@ async fn a_primary_cut_off_from_the_database_is_replaced_within_the_lease() -> a
     Ok(())
 }
 
-/// PostgreSQL restarted (crash-like) while a broker heartbeats: every HA server says it is
-/// degraded and goes on serving the last membership; once the database is back they recover on
-/// their own, one primary, writes accepted, the broker still up.
+/// An LB whose pool comes from the HA servers (`discovery = "haserver"`).
+async fn lb_on(ha: &[SocketAddr]) -> anyhow::Result<Lb> {
+    let mut servers = String::new();
+    for (i, a) in ha.iter().enumerate() {
+        servers.push_str(&format!(
+            "[[haserver]]\nid = \"ha{}\"\nlisten = \"{a}\"\n",
+            i + 1
+        ));
+    }
+    let cfg = Config::parse(
+        &format!(
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n\
+             [cluster]\nsecret = \"{}\"\n{servers}\
+             [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[pool]]\nname = \"brokers\"\nprobe = \"p\"\ndiscovery = \"haserver\"\n\
+             [[probe]]\nname = \"p\"\nport = \"traffic\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n\
+             [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\ndistribution = \"mqtt-client-id\"\n",
+            mqlb_tests::TEST_SECRET
+        ),
+        "test",
+    )?;
+    Ok(Lb::start(cfg, Listeners::default()).await?)
+}
+
+/// The LB's backends that are in the membership, sorted.
+async fn pool(lb: &Lb) -> Vec<String> {
+    let v = get_json(lb.admin_addr(), "/api/backends")
+        .await
+        .unwrap_or_default();
+    let mut ids: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["why"] != "left_membership" && b["state"] == "up")
+        .filter_map(|b| b["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// MQTT through the LB works: `n` clients connect, and one publishes QoS 1 to another.
+async fn clients_get_through(front: SocketAddr, tag: &str, n: usize) -> anyhow::Result<()> {
+    for i in 0..n {
+        let c = Client::connect(front, &format!("{tag}-{i}"))
+            .await
+            .with_context(|| format!("client {tag}-{i} refused"))?;
+        c.disconnect().await;
+    }
+    let sub = Client::connect(front, &format!("{tag}-sub")).await?;
+    sub.subscribe(&format!("{tag}/#"), QoS::AtLeastOnce).await?;
+    let publisher = Client::connect(front, &format!("{tag}-pub")).await?;
+    for m in 0..10 {
+        publisher
+            .publish_qos1(&format!("{tag}/t"), m.to_string().as_bytes())
+            .await?;
+    }
+    wait_until(
+        &format!("{tag}: 10 messages through the LB"),
+        DEADLINE,
+        || async { sub.received_count() >= 10 },
+    )
+    .await?;
+    sub.disconnect().await;
+    publisher.disconnect().await;
+    Ok(())
+}
+
+/// PostgreSQL restarted (crash-like) under traffic: two brokers heartbeating, an LB whose pool
+/// is the membership, MQTT clients through it. Every HA server says it is degraded and goes on
+/// serving the last membership; no client is refused and the LB keeps both brokers; once the
+/// database is back the HA servers recover on their own, one primary, writes accepted, the
+/// brokers still up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Result<()> {
     let hosts = Hosts::new(4)?;
@@ -391,13 +464,14 @@ async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Resul
         servers.push(hosts.host(i).start_haserver_pg(&id, &url, TIMING).await?);
     }
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
-    let cluster = Cluster::start_with_ha(1, &addrs).await?;
-    wait_until("the broker registered", DEADLINE, || async {
-        ha_get_json(addrs[0], "/api/cluster")
-            .await
-            .is_ok_and(|v| v["members"].as_array().is_some_and(|m| m.len() == 1))
+    let cluster = Cluster::start_with_ha(2, &addrs).await?;
+    let lb = lb_on(&addrs).await?;
+    let front = lb.frontend_addr("mqtt").context("no frontend")?;
+    wait_until("the LB's pool is both brokers", DEADLINE, || async {
+        pool(&lb).await == ["n1", "n2"]
     })
     .await?;
+    clients_get_through(front, "before", 10).await?;
 
     pg.stop()?;
     let stopped = Instant::now();
@@ -413,7 +487,7 @@ async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Resul
         let view = ha_get_json(*a, "/api/cluster").await?;
         assert_eq!(
             view["members"].as_array().map(Vec::len),
-            Some(1),
+            Some(2),
             "{a}: {view}"
         );
         let text = mqlb_tests::http(*a, "GET", "/metrics").await?.1;
@@ -430,6 +504,8 @@ async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Resul
         "all degraded, no primary {:?} after the stop",
         stopped.elapsed()
     );
+    clients_get_through(front, "during", 10).await?;
+    assert_eq!(pool(&lb).await, ["n1", "n2"], "the LB kept both brokers");
 
     pg.start_again().await?;
     let back = Instant::now();
@@ -457,14 +533,16 @@ async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Resul
     )
     .await?;
     assert_eq!(status, 200, "a write after the restart: {text}");
-    wait_until("the broker heartbeats again, up", DEADLINE, || async {
+    wait_until("the brokers heartbeat again, up", DEADLINE, || async {
         ha_get_json(addrs[1], "/api/cluster").await.is_ok_and(|v| {
             v["members"]
                 .as_array()
-                .is_some_and(|m| m.iter().all(|m| m["state"] == "up") && !m.is_empty())
+                .is_some_and(|m| m.iter().filter(|m| m["state"] == "up").count() == 3)
         })
     })
     .await?;
+    clients_get_through(front, "after", 10).await?;
+    assert_eq!(lb.shutdown().await, 0, "no connection had to be cut");
     drop(cluster);
     Ok(())
 }
