@@ -1,6 +1,8 @@
 """paho-mqtt through the mqlb LB: a subscriber and a publisher (given client IDs, so the test
 can put them on different brokers) exchange COUNT QoS 1 messages. Exit 0 when all arrived
-exactly once, 1 otherwise. Usage: paho_roundtrip.py HOST PORT SUB_ID PUB_ID COUNT [v5]"""
+exactly once, 1 otherwise. Usage: paho_roundtrip.py HOST PORT SUB_ID PUB_ID COUNT [v5]
+With MQLB_CAFILE set, both connect over TLS and verify the server against that CA file."""
+import os
 import sys
 import threading
 import time
@@ -10,6 +12,7 @@ import paho.mqtt.client as mqtt
 host, port, sub_id, pub_id, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 proto = mqtt.MQTTv5 if len(sys.argv) > 6 and sys.argv[6] == "v5" else mqtt.MQTTv311
 topic = "paho/roundtrip"
+cafile = os.environ.get("MQLB_CAFILE")
 got = []
 subscribed = threading.Event()
 done = threading.Event()
@@ -33,6 +36,8 @@ sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=sub_id, protocol=p
 sub.on_connect = on_connect
 sub.on_subscribe = on_subscribe
 sub.on_message = on_message
+if cafile:
+    sub.tls_set(ca_certs=cafile)
 sub.connect(host, port)
 sub.loop_start()
 if not subscribed.wait(10):
@@ -40,6 +45,8 @@ if not subscribed.wait(10):
     sys.exit(1)
 
 pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=pub_id, protocol=proto)
+if cafile:
+    pub.tls_set(ca_certs=cafile)
 pub.connect(host, port)
 pub.loop_start()
 for i in range(count):

@@ -902,3 +902,38 @@ async fn the_tls_series_pass_promtool() -> anyhow::Result<()> {
     t.lb.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_clients_round_trip_over_tls_in_mqtt_3_1_1_and_5() -> anyhow::Result<()> {
+    let t = TlsTopo::start(1, "").await?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/paho_roundtrip.py");
+    for (proto, extra) in [("3.1.1", None), ("5.0", Some("v5"))] {
+        let mut args = vec![
+            script.display().to_string(),
+            "127.0.0.1".into(),
+            t.tls.port().to_string(),
+            format!("paho-tls-sub-{proto}"),
+            format!("paho-tls-pub-{proto}"),
+            "20".into(),
+        ];
+        args.extend(extra.map(str::to_string));
+        let ca = t.pki.path("ca.pem");
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .args(&args)
+                .env("MQLB_CAFILE", ca)
+                .output()
+        })
+        .await??;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "paho MQTT {proto} over TLS: {text} (install it: pip install paho-mqtt)"
+        );
+        assert!(text.contains("received 20 of 20: ok"), "{text}");
+    }
+    assert!(t.metric("mqlb_tls_handshakes_total", &[("frontend", "mqtts")]) >= 4.0);
+    t.lb.shutdown().await;
+    Ok(())
+}
