@@ -282,6 +282,10 @@ async fn the_ha_server_and_broker_pages_render() -> anyhow::Result<()> {
     );
     assert!(dom.contains("<div class=\"v\">ha1</div>"), "its id:\n{dom}");
     assert!(
+        dom.contains("<div class=\"v\">ok</div><div class=\"k\">database</div>"),
+        "its database works:\n{dom}"
+    );
+    assert!(
         dom.contains("<div class=\"v\">2 / 0</div>"),
         "members up / down:\n{dom}"
     );

@@ -1,4 +1,4 @@
-// The HA server's status page (haserver/src/server.rs): /healthz (role and primary, open),
+// The HA server's status page (haserver/src/server.rs): /healthz (role, primary, database; open),
 // /metrics (open: the counts), /api/cluster and /api/events (signed when authenticate_reads is
 // on, as configured servers have it: then the members are not listed).
 const haEvents = { after: 0, kept: [] };
@@ -11,9 +11,11 @@ async function refreshHa() {
     fetch("/metrics", { cache: "no-store" }).then((r) => r.text()),
   ]);
   const m = parseMetrics(metricsText);
-  $("health").replaceChildren(pill(health.role === "primary" ? "up" : "info"), " ", health.role);
+  $("health").replaceChildren(pill(health.degraded ? "down" : health.role === "primary" ? "up" : "info"), " ",
+    health.role + (health.degraded ? ", degraded" : ""));
   const card = (k, v) => el("div", { class: "card" }, el("div", { class: "v" }, v), el("div", { class: "k" }, k));
   const cards = [card("id", health.id), card("role", health.role), card("primary", health.primary || "none"),
+    card("database", health.degraded ? "failing: " + health.database : "ok"),
     card("members up / down", sum(m, "mqlb_ha_members", { state: "up" }) + " / " + sum(m, "mqlb_ha_members", { state: "down" })),
     card("membership version", sum(m, "mqlb_ha_membership_version"))];
   let cluster;
