@@ -113,6 +113,8 @@ impl From<StoreError> for Fail {
     }
 }
 
+/// The PostgreSQL store. Its calls block on the runtime it was opened in: make them off the
+/// async threads (`spawn_blocking`, as the server does); on one they would panic.
 pub struct PostgresStore {
     pool: Pool,
     rt: Handle,
