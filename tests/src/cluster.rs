@@ -23,7 +23,7 @@ fn loopbacks(n: usize) -> Vec<IpAddr> {
 }
 
 /// Specs of nodes `n1`, `n2`, … with every listener on `ips[i]` (`127.0.0.1` for each).
-fn cluster_specs(ips: &[IpAddr]) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
+fn cluster_specs(ips: &[IpAddr], factor: usize) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
     let mut nodes = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
         let at = |port| SocketAddr::new(*ip, port);
@@ -58,7 +58,7 @@ fn cluster_specs(ips: &[IpAddr]) -> anyhow::Result<Vec<mqlb_broker::NodeSpec>> {
                 max_payload: 1 << 20,
                 replicate_sessions: true,
                 replica_max_messages: 100_000,
-                replication_factor: 2,
+                replication_factor: factor,
                 source: None,
             }),
             ha: Vec::new(),
@@ -93,15 +93,36 @@ impl Cluster {
         Self::start_with(&loopbacks(n), &[], auth).await
     }
 
+    /// Starts `n` nodes whose sessions' messages are queued on `factor` nodes (the session's
+    /// own included; [`Cluster::start`] uses 2).
+    pub async fn start_replicated(n: usize, factor: usize) -> anyhow::Result<Cluster> {
+        Self::start_factor(
+            &loopbacks(n),
+            &[],
+            &mqlb_config::AuthSettings::default(),
+            factor,
+        )
+        .await
+    }
+
     async fn start_with(
         ips: &[IpAddr],
         ha: &[SocketAddr],
         auth: &mqlb_config::AuthSettings,
     ) -> anyhow::Result<Cluster> {
+        Self::start_factor(ips, ha, auth, 2).await
+    }
+
+    async fn start_factor(
+        ips: &[IpAddr],
+        ha: &[SocketAddr],
+        auth: &mqlb_config::AuthSettings,
+        factor: usize,
+    ) -> anyhow::Result<Cluster> {
         let mut last = None;
         // A port picked free may be taken before a node binds it: try again with new ports.
         for _ in 0..3 {
-            let mut specs = cluster_specs(ips)?;
+            let mut specs = cluster_specs(ips, factor)?;
             for s in &mut specs {
                 s.ha = ha.to_vec();
                 s.auth = auth.clone();

@@ -268,6 +268,46 @@ async fn a_v311_session_survives_its_node_with_every_unacknowledged_message() ->
     check(&got, &want)
 }
 
+/// Two of three nodes die at once, the session's own and one holder, with replication factor
+/// 3 (the default): the last node restores the session with every message its client had not
+/// acknowledged and those published while it was away (the README's "two of three brokers at
+/// once" row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_two_of_three_nodes_dying_at_once() -> anyhow::Result<()> {
+    let mut c = Cluster::start_replicated(3, 3).await?;
+    let (mut sub, _) = open5(&c, 0, connect5_session("fo-two", false, Some(DAY))).await?;
+    sub.subscribe(1, vec![filter5("fo-two/t", QoS::AtLeastOnce)], None)
+        .await?;
+    publish_range(&c, 1, "fo-two/t", 1, SENT).await?;
+    for _ in 0..SENT {
+        let p = sub.recv_publish().await?;
+        let n: u32 = std::str::from_utf8(&p.payload)?.parse()?;
+        if n <= ACKED {
+            sub.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+                .await?;
+        }
+    }
+    // Both peers queue the session's messages (factor 3) and forgot the acknowledged ones.
+    wait_until("both replicas caught up", DEADLINE, || async {
+        [1, 2].iter().all(|i| {
+            c.node(*i).is_some_and(|n| {
+                let t = n.metrics_text();
+                metric(&t, "mqlb_session_replicas_queueing", &[]) == 1.0
+                    && metric(&t, "mqlb_session_replica_messages", &[]) == f64::from(SENT - ACKED)
+            })
+        })
+    })
+    .await?;
+    c.crash(0);
+    c.crash(1);
+    publish_range(&c, 2, "fo-two/t", SENT + 1, SENT + WHILE_AWAY).await?;
+    let (mut back, present) = open5(&c, 2, connect5_session("fo-two", false, Some(DAY))).await?;
+    ensure!(present, "Session Present 0 after two nodes died");
+    let want: BTreeSet<u32> = (ACKED + 1..=SENT + WHILE_AWAY).collect();
+    let got = drain(&mut back, &want).await?;
+    check(&got, &want)
+}
+
 /// The replicas forget what the client acknowledged, and a Clean Start ends them: a client
 /// that starts clean on another node after the death gets nothing of the old session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,8 +346,10 @@ async fn acknowledged_messages_and_ended_sessions_are_not_restored() -> anyhow::
 /// The will of a client whose node died is published once by the cluster (MQTT-3.1.3-9 for a
 /// node's death): a 5.0 client and a 3.1.1 client with wills on node 0, subscribers on nodes 1
 /// and 2; node 0 dies: each subscriber gets each will once. A third client, with a Will Delay
-/// Interval of 4 s, connects again on node 1 in time: its will is not published. Before, no will
-/// of a dead node's clients was ever published.
+/// Interval of 4 s, connects again on node 1 in time: its will is not published. A fourth, with
+/// a Will Delay Interval of 8 s, does not come back: its will comes once, not before the delay
+/// (the others come about 5 s after the death). Before, no will of a dead node's clients was
+/// ever published.
 ///
 /// The nodes run on simulated hosts and node 0 is cut off from them before it is dropped, so
 /// it dies at once as a killed process does: a node dropped in-process goes down task by task,
@@ -368,21 +410,37 @@ async fn the_wills_of_a_dead_nodes_clients_are_published_once() -> anyhow::Resul
     let mut back = Raw::<V5>::open(addr).await?;
     back.send(v5::Packet::Connect(
         connect5_session("fw-back", true, Some(60)),
-        Some(delayed),
+        Some(delayed.clone()),
         None,
     ))
     .await?;
     ensure!(matches!(back.recv().await?, v5::Packet::ConnAck(_)));
+    const LATE: Duration = Duration::from_secs(8);
+    let mut late_will = delayed;
+    late_will.topic = bytes::Bytes::from_static(b"fw/late");
+    late_will.message = bytes::Bytes::from_static(b"late");
+    if let Some(p) = late_will.properties.as_mut() {
+        p.delay_interval = Some(8);
+    }
+    let mut late = Raw::<V5>::open(addr).await?;
+    late.send(v5::Packet::Connect(
+        connect5_session("fw-late", true, Some(60)),
+        Some(late_will),
+        None,
+    ))
+    .await?;
+    ensure!(matches!(late.recv().await?, v5::Packet::ConnAck(_)));
     // the replicas know the wills (the owner's REPLICA_META reached both peers)
     wait_until("the wills are replicated", DEADLINE, || async {
         [1, 2].iter().all(|i| {
             c.node(*i)
-                .is_some_and(|n| metric(&n.metrics_text(), "mqlb_session_replicas", &[]) == 3.0)
+                .is_some_and(|n| metric(&n.metrics_text(), "mqlb_session_replicas", &[]) == 4.0)
         })
     })
     .await?;
     hosts.isolate(hosts.host(0))?;
     c.crash(0);
+    let died = std::time::Instant::now();
     let (_again, _) = open5(&c, 1, connect5_session("fw-back", false, Some(60))).await?;
     // The peers notice the cut (TCP_USER_TIMEOUT, about 3 s), then the will grace (2 s) runs.
     wait_until(
@@ -410,6 +468,22 @@ async fn the_wills_of_a_dead_nodes_clients_are_published_once() -> anyhow::Resul
         }
         got.sort();
         ensure!(got == ["gone4", "gone5"], "subscriber {i}: {got:?}");
+    }
+    for (i, s) in subs.iter_mut().enumerate() {
+        let p = s
+            .recv_publish()
+            .await
+            .with_context(|| format!("subscriber {i}: the delayed will"))?;
+        ensure!(&p.payload[..] == b"late", "subscriber {i}: {p:?}");
+        ensure!(
+            died.elapsed() >= LATE,
+            "subscriber {i}: the 8 s delayed will came {:?} after the death",
+            died.elapsed()
+        );
+        if p.pkid != 0 {
+            s.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+                .await?;
+        }
     }
     // nothing more: not a second time, not the will of the client that came back
     for s in &mut subs {
