@@ -203,6 +203,9 @@ impl Lb {
             hard_stop: AtomicBool::new(false),
             events: Default::default(),
         });
+        let loaded = source
+            .as_ref()
+            .and_then(|p| reload::fingerprint(p, &reload::watched_files(&base)));
         let lb = Lb {
             inner: Arc::new(Inner {
                 shared: shared.clone(),
@@ -217,7 +220,7 @@ impl Lb {
                 admin_addr,
                 addrs: std::sync::Mutex::new(HashMap::new()),
                 admin_stop: CancellationToken::new(),
-                loaded: std::sync::Mutex::new(source.as_ref().and_then(reload::fingerprint)),
+                loaded: std::sync::Mutex::new(loaded),
                 source,
                 workers: Workers::start(threads).map_err(StartError::Threads)?,
             }),
@@ -309,12 +312,16 @@ impl Lb {
             None => Err(ReloadError::NoSource),
             Some(path) => {
                 // Read before the load: a change landing in between is seen again next poll.
-                let fingerprint = reload::fingerprint(path);
+                // The TLS files are those the running config names; a config that names others
+                // leaves no print, so the watcher reads it once more with its own files.
+                let files = reload::watched_files(&self.config());
+                let fingerprint = reload::fingerprint(path, &files);
                 match Config::load(path) {
                     Ok(c) => {
+                        let same_files = reload::watched_files(&c) == files;
                         let applied = self.apply(c).await;
                         if applied.is_ok() {
-                            *lock(&self.inner.loaded) = fingerprint;
+                            *lock(&self.inner.loaded) = fingerprint.filter(|_| same_files);
                         }
                         return applied;
                     }
@@ -680,7 +687,7 @@ async fn watch_file(lb: Lb, path: PathBuf) {
         if !lb.config().lb.watch_config {
             continue;
         }
-        let now = reload::fingerprint(&path);
+        let now = reload::fingerprint(&path, &reload::watched_files(&lb.config()));
         if reload::file_changed(now, tried, *lock(&lb.inner.loaded)) {
             tried = now;
             tracing::info!(file = %path.display(), "config file changed; reloading");

@@ -54,11 +54,31 @@ pub fn plan_listeners(open_now: &[Frontend], new: &Config) -> ListenerPlan {
     plan
 }
 
-/// A cheap fingerprint of a file: changes when its content does. Polling this is portable
-/// and needs no inotify dependency; a config file is small.
-pub(crate) fn fingerprint(path: &PathBuf) -> Option<u64> {
+/// The files a reload reads besides the config file and that the watcher follows too: the
+/// frontends' TLS certificates and keys, so a certificate renewed in place (certbot, a
+/// secrets agent) is taken without a SIGHUP.
+pub(crate) fn watched_files(config: &Config) -> Vec<PathBuf> {
+    config
+        .frontends
+        .iter()
+        .filter_map(|f| f.tls.as_ref())
+        .flat_map(|t| [t.cert.clone(), t.key.clone()])
+        .collect()
+}
+
+/// A cheap fingerprint of the config file and the `also` files it names: changes when any
+/// content does. Polling this is portable and needs no inotify dependency; the files are
+/// small. `None` when the config file cannot be read; an unreadable `also` file is a change
+/// of its own, so its reload is tried and refused with the file named.
+pub(crate) fn fingerprint(path: &PathBuf, also: &[PathBuf]) -> Option<u64> {
+    use crate::select::{fnv1a, mix64};
     let bytes = std::fs::read(path).ok()?;
-    Some(crate::select::fnv1a(&bytes))
+    let mut h = fnv1a(&bytes);
+    for f in also {
+        let part = std::fs::read(f).map_or(u64::MAX, |b| fnv1a(&b));
+        h = mix64(h.rotate_left(5) ^ part);
+    }
+    Some(h)
 }
 
 /// Whether the watcher should load the file whose content it now sees (`now`): readable, not
@@ -147,6 +167,27 @@ mod tests {
             !file_changed(None, a, a),
             "an unreadable file is not loaded"
         );
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_files_the_config_names() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (config, cert) = (dir.path().join("c.toml"), dir.path().join("chain.pem"));
+        std::fs::write(&config, "x").expect("write");
+        std::fs::write(&cert, "one").expect("write");
+        let also = [cert.clone()];
+        let a = fingerprint(&config, &also);
+        assert!(a.is_some());
+        assert_eq!(a, fingerprint(&config, &also), "same content, same print");
+        assert_ne!(a, fingerprint(&config, &[]));
+        std::fs::write(&cert, "two").expect("write");
+        let b = fingerprint(&config, &also);
+        assert_ne!(a, b, "a rotated certificate is a change");
+        std::fs::remove_file(&cert).expect("remove");
+        let gone = fingerprint(&config, &also);
+        assert!(gone.is_some() && gone != b, "so is a removed one");
+        std::fs::remove_file(&config).expect("remove");
+        assert_eq!(fingerprint(&config, &also), None);
     }
 
     #[test]

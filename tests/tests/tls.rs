@@ -107,19 +107,25 @@ struct TlsTopo {
 
 impl TlsTopo {
     async fn start(n: usize, tls_rule_extra: &str) -> anyhow::Result<TlsTopo> {
+        Self::start_with(n, tls_rule_extra, "watch_config = false\n").await
+    }
+
+    /// With `lb_extra` keys in `[lb]` (which set `watch_config`).
+    async fn start_with(n: usize, tls_rule_extra: &str, lb_extra: &str) -> anyhow::Result<TlsTopo> {
         let pki = Pki::new()?;
         let mut brokers = Vec::new();
         for _ in 0..n {
             brokers.push(Mosquitto::start().await?);
         }
         let mut t = format!(
-            "[lb]\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\nwatch_config = false\n\
+            "[lb]\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{lb_extra}\
              [[frontend]]\nname = \"mqtts\"\nbind = \"127.0.0.1:0\"\n\
              tls = {{ cert = {:?}, key = {:?} }}\n\
              [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
              [[pool]]\nname = \"brokers\"\nprobe = \"alive\"\n",
             pki.path_str("chain.pem"),
             pki.path_str("key.pem"),
+            lb_extra = lb_extra,
         );
         for (i, b) in brokers.iter().enumerate() {
             t += &format!(
@@ -934,6 +940,44 @@ async fn paho_clients_round_trip_over_tls_in_mqtt_3_1_1_and_5() -> anyhow::Resul
         assert!(text.contains("received 20 of 20: ok"), "{text}");
     }
     assert!(t.metric("mqlb_tls_handshakes_total", &[("frontend", "mqtts")]) >= 4.0);
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_watcher_takes_a_certificate_renewed_in_place() -> anyhow::Result<()> {
+    let t = TlsTopo::start_with(1, "", "watch_config = true\nwatch_interval = \"100ms\"\n").await?;
+    let expiry = || t.metric("mqlb_tls_cert_expiry_seconds", &[("frontend", "mqtts")]);
+    assert_eq!(expiry(), 67_090_118_400.0);
+    // Renewed in place, the config file untouched (as certbot does): no SIGHUP.
+    let next = Pki::expiring((2031, 5, 17))?;
+    for f in ["key.pem", "chain.pem"] {
+        std::fs::copy(next.path(f), t.pki.path(f))?;
+    }
+    wait_until("the renewed certificate served", DEADLINE, || async {
+        expiry() == 1_936_742_400.0
+    })
+    .await?;
+    let connector = next.client(&["mqtt"], BOTH)?;
+    let mut s = t
+        .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut s, "renewed").await?, [0x20, 2, 0, 0]);
+    // A key that is removed is refused (counted), and the renewed certificate stays. (The
+    // watcher may have seen the new key beside the old chain above, and refused that too.)
+    let refused = t.metric("mqlb_config_reloads_total", &[("result", "error")]);
+    std::fs::remove_file(t.pki.path("key.pem"))?;
+    t.wait_metric(
+        "mqlb_config_reloads_total",
+        &[("result", "error")],
+        refused + 1.0,
+    )
+    .await?;
+    assert_eq!(expiry(), 1_936_742_400.0);
+    let mut again = t
+        .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut again, "still").await?, [0x20, 2, 0, 0]);
     t.lb.shutdown().await;
     Ok(())
 }
