@@ -1,6 +1,6 @@
 //! A client connection's path, one task per connection, in the order it happens: on a TLS
-//! frontend [`tls`] completes the handshake first; [`inspect`] reads the first bytes (the CONNECT, on a client-ID rule), [`route`] decides from
-//! them what to do (pure), [`connect`] opens the backend leg and replays what was read
+//! frontend [`tls`] completes the handshake first; [`inspect`] reads the first bytes (the
+//! CONNECT, on a client-ID rule), [`route`] decides from them what to do (pure), [`connect`] opens the backend leg and replays what was read
 //! (trying the next choice when one fails before any byte went back), [`relay`] copies both ways
 //! until one side is done, the connection idles out, its backend goes down (if the rule says so)
 //! or shutdown's grace runs out; [`Outcome`] names how it ended.
@@ -112,8 +112,8 @@ async fn proxy(shared: &Shared, info: &Arc<ConnInfo>, client: impl Leg, server: 
     mm.finish(&shared.metrics, cfg, info.backend(), outcome);
 }
 
-/// The connect phase: inspect, route, connect. `None` when the connection ended here
-/// (counted already).
+/// The connect phase: TLS (on a frontend that terminates it), inspect, route, connect. `None`
+/// when the connection ended here (counted already).
 async fn establish(
     shared: Arc<Shared>,
     rule: Arc<RuleRt>,
@@ -139,28 +139,7 @@ async fn establish(
 
     // One deadline for the TLS handshake and the CONNECT after it.
     let deadline = tokio::time::Instant::now() + cfg.inspect_timeout;
-    let mut client = match &rule.tls {
-        // The LB's own probe speaks plain MQTT (it is known by its address, before any byte).
-        Some(server) if client_traffic => {
-            match tls::accept(server.config(), client, deadline).await {
-                Ok(s) => {
-                    rule.tls_handshakes(&shared.metrics).inc();
-                    ClientLeg::Tls(Box::new(s))
-                }
-                Err(fail) => {
-                    tracing::debug!(rule = cfg.name, frontend = cfg.frontend, %peer, reason = fail.reason(), error = %fail, "TLS handshake failed");
-                    shared
-                        .metrics
-                        .tls_handshake_errors_total
-                        .with_label_values(&[&cfg.frontend, fail.reason()])
-                        .inc();
-                    tally.end(Outcome::Rejected);
-                    return None;
-                }
-            }
-        }
-        _ => ClientLeg::Plain(client),
-    };
+    let mut client = terminate(tally, client, peer, deadline).await?;
     let (buffered, inspection) = inspect::inspect(cfg, &mut client, deadline).await;
     match &inspection {
         Inspection::NotMqtt(e) => {
@@ -254,6 +233,38 @@ async fn establish(
     let info = Arc::new(info);
     tracing::debug!(rule = cfg.name, %peer, backend = info.backend(), %backend_addr, client_id = ?info.client_id, "proxying");
     Some((client, server, info))
+}
+
+/// The client leg the rest of the connection reads: the TLS stream once its handshake is done
+/// on a frontend that terminates TLS, else the socket as it is. `None` when the handshake
+/// failed (closed and counted). The LB's own probe speaks plain MQTT to any frontend: it is
+/// known by its address before any byte, and checks the route past the handshake.
+async fn terminate(
+    tally: Tally<'_>,
+    client: TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<ClientLeg> {
+    let (rule, metrics) = (tally.rule, &tally.shared.metrics);
+    let Some(server) = rule.tls.as_ref().filter(|_| tally.client_traffic) else {
+        return Some(ClientLeg::Plain(client));
+    };
+    match tls::accept(server.config(), client, deadline).await {
+        Ok(s) => {
+            rule.tls_handshakes(metrics).inc();
+            Some(ClientLeg::Tls(Box::new(s)))
+        }
+        Err(fail) => {
+            let cfg = &rule.cfg;
+            tracing::debug!(rule = cfg.name, frontend = cfg.frontend, %peer, reason = fail.reason(), error = %fail, "TLS handshake failed");
+            metrics
+                .tls_handshake_errors_total
+                .with_label_values(&[&cfg.frontend, fail.reason()])
+                .inc();
+            tally.end(Outcome::Rejected);
+            None
+        }
+    }
 }
 
 /// Where the connect phase counts what happens: the metrics and the backends' passive health
