@@ -102,13 +102,24 @@ pub struct RawFrontend {
     pub tls: Option<RawTls>,
 }
 
-/// `tls = { cert = "chain.pem", key = "key.pem", alpn = ["mqtt"] }` of a frontend.
+/// `tls = { cert = "chain.pem", key = "key.pem", alpn = ["mqtt"], sni = [...] }` of a frontend.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub cert: String,
     pub key: String,
     pub alpn: Option<Vec<String>>,
+    #[serde(default)]
+    pub sni: Vec<RawSniCert>,
+}
+
+/// `{ names = ["b.example.com"], cert = "b.pem", key = "b.key" }` in a frontend's `tls.sni`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSniCert {
+    pub names: Vec<String>,
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize)]

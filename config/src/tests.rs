@@ -620,3 +620,70 @@ fn unusable_tls_files_are_config_errors_naming_the_frontend_and_the_file() {
         other => panic!("a tls without key must be refused: {other:?}"),
     }
 }
+
+#[test]
+fn tls_sni_certificates_are_checked_against_their_names() {
+    let dir = tempfile::tempdir().expect("dir");
+    let b = rcgen::generate_simple_self_signed(vec!["b.example.com".into()]).expect("rcgen");
+    std::fs::write(dir.path().join("b.pem"), b.cert.pem()).expect("cert");
+    std::fs::write(dir.path().join("b.key"), b.signing_key.serialize_pem()).expect("key");
+    let with = |sni: &str| {
+        tls_frontend(
+            dir.path(),
+            &format!(r#"{{ cert = "DIR/chain.pem", key = "DIR/key.pem", sni = [{sni}] }}"#),
+        )
+    };
+    let good = with(r#"{ names = ["B.example.com"], cert = "DIR/b.pem", key = "DIR/b.key" }"#);
+    let c = Config::parse(&good, "t.toml").expect("valid");
+    let tls = c.frontends[0].tls.as_ref().expect("tls");
+    assert_eq!(tls.sni.len(), 1);
+    assert_eq!(tls.sni[0].names, ["B.example.com"]);
+    let plain = Config::parse(
+        &tls_frontend(
+            dir.path(),
+            r#"{ cert = "DIR/chain.pem", key = "DIR/key.pem" }"#,
+        ),
+        "t.toml",
+    )
+    .expect("valid");
+    assert_ne!(
+        tls.server,
+        plain.frontends[0].tls.as_ref().expect("tls").server,
+        "another certificate is another server"
+    );
+
+    let cases = [
+        (
+            r#"{ names = ["c.example.com"], cert = "DIR/b.pem", key = "DIR/b.key" }"#,
+            "frontend[0].tls.sni[0].names",
+            "c.example.com",
+        ),
+        (
+            r#"{ names = [], cert = "DIR/b.pem", key = "DIR/b.key" }"#,
+            "frontend[0].tls.sni[0].names",
+            "no name",
+        ),
+        (
+            r#"{ names = ["b.example.com"], cert = "DIR/b.pem", key = "DIR/key.pem" }"#,
+            "frontend[0].tls.sni[0].key",
+            "key.pem",
+        ),
+        (
+            r#"{ names = ["b.example.com"], cert = "DIR/none.pem", key = "DIR/b.key" }"#,
+            "frontend[0].tls.sni[0].cert",
+            "none.pem",
+        ),
+        (
+            r#"{ names = ["b.example.com"], cert = "DIR/b.pem", key = "DIR/b.key" },
+               { names = ["b.example.com"], cert = "DIR/b.pem", key = "DIR/b.key" }"#,
+            "frontend[0].tls.sni[1].names",
+            "another",
+        ),
+    ];
+    for (sni, key, says) in cases {
+        let p = problems(&with(sni));
+        assert_eq!(p.len(), 1, "{sni}: {p:?}");
+        assert_eq!(p[0].key, key, "{sni}");
+        assert!(p[0].message.contains(says), "{sni}: {}", p[0].message);
+    }
+}

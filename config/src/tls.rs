@@ -7,6 +7,7 @@
 //! rustls with the `ring` provider: no OpenSSL, and `ring` builds with a C compiler alone
 //! (aws-lc-rs needs a longer C build of its own on every clean machine, for no feature used here).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,8 +24,20 @@ pub struct FrontendTls {
     pub key: PathBuf,
     /// ALPN protocols offered, in order of preference; a client that offers none is accepted.
     pub alpn: Vec<String>,
+    /// More certificates, each served to clients that ask for one of its names (SNI); the one
+    /// above serves the others (no SNI, as for an IP address, or a name none of these has).
+    pub sni: Vec<SniCert>,
     /// The server side built from the files when they were read.
     pub server: TlsServer,
+}
+
+/// A certificate served to clients whose SNI is one of `names`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCert {
+    /// DNS names, exact (no wildcards), each one the certificate is valid for.
+    pub names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A rustls server configuration built from a certificate chain and key. Two are equal when
@@ -34,9 +47,10 @@ pub struct FrontendTls {
 #[derive(Clone)]
 pub struct TlsServer {
     config: Arc<rustls::ServerConfig>,
-    /// SHA-256 over the DER of the chain, the key and the ALPN list.
+    /// SHA-256 over the DER of the chains and keys, the SNI names and the ALPN list.
     digest: [u8; 32],
-    /// When the leaf certificate expires (its `notAfter`), in seconds since the Unix epoch.
+    /// When the first of its leaf certificates expires (`notAfter`), in seconds since the Unix
+    /// epoch.
     not_after: Option<i64>,
 }
 
@@ -46,8 +60,8 @@ impl TlsServer {
         &self.config
     }
 
-    /// When the leaf certificate expires, in seconds since the Unix epoch; `None` when its
-    /// validity could not be read (rustls does not need it to serve the certificate).
+    /// When the first of the leaf certificates it serves expires, in seconds since the Unix
+    /// epoch; `None` when no validity could be read (rustls does not need it to serve them).
     pub fn not_after(&self) -> Option<i64> {
         self.not_after
     }
@@ -87,8 +101,16 @@ pub enum TlsError {
     Pem { file: PathBuf, message: String },
     #[error("{file:?} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
     NoKey { file: PathBuf },
-    #[error("cannot make session ticket keys: {0}")]
-    Tickets(rustls::Error),
+    /// rustls refused the configuration itself (the versions of its provider, the ticket
+    /// keys): not the files' fault.
+    #[error("cannot set up TLS: {0}")]
+    Setup(rustls::Error),
+    #[error("{cert:?} is not valid for the name {name:?}: {message}")]
+    Name {
+        cert: PathBuf,
+        name: String,
+        message: String,
+    },
     #[error("{key:?} does not fit {cert:?}: {message}")]
     Rejected {
         cert: PathBuf,
@@ -133,9 +155,22 @@ fn private_key(key: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsErro
     })
 }
 
-/// Reads `cert` and `key` and builds the server configuration: TLS 1.2 and 1.3, ALPN `alpn`,
-/// no client certificates. The key must be one `ring` can sign with and belong to the leaf.
-pub fn load(cert: &Path, key: &Path, alpn: &[String]) -> Result<TlsServer, TlsError> {
+/// A certificate chain and its key, read and checked against each other.
+pub struct Identity {
+    cert: PathBuf,
+    certified: rustls::sign::CertifiedKey,
+    /// SHA-256 over the chain and the key.
+    digest: [u8; 32],
+    not_after: Option<i64>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads `cert` (the PEM chain, leaf first) and `key`: the key must be one `ring` can sign
+/// with and belong to the leaf.
+pub fn identity(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
     let chain = certificates(cert, &read(cert)?)?;
     let private = private_key(key, &read(key)?)?;
     let mut digest = Sha256::new();
@@ -144,32 +179,103 @@ pub fn load(cert: &Path, key: &Path, alpn: &[String]) -> Result<TlsServer, TlsEr
         digest.update(c);
     }
     digest.update(private.secret_der());
-    for p in alpn {
-        digest.update([0]);
-        digest.update(p.as_bytes());
-    }
     let not_after = not_after(&chain[0]);
     let rejected = |e: rustls::Error| TlsError::Rejected {
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),
         message: e.to_string(),
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     // Checked here, not left to the builder: whether it compares the key with the leaf has
     // varied between rustls releases.
     let certified =
-        rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(rejected)?;
+        rustls::sign::CertifiedKey::from_der(chain, private, &provider()).map_err(rejected)?;
     certified.keys_match().map_err(rejected)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    Ok(Identity {
+        cert: cert.to_path_buf(),
+        certified,
+        digest: digest.finalize().into(),
+        not_after,
+    })
+}
+
+impl Identity {
+    /// Whether the leaf is valid for `name`, an exact DNS name (what rustls's own SNI resolver
+    /// checks when a certificate is added to it).
+    pub fn check_name(&self, name: &str) -> Result<(), TlsError> {
+        let mut probe = rustls::server::ResolvesServerCertUsingSni::new();
+        probe
+            .add(name, self.certified.clone())
+            .map_err(|e| TlsError::Name {
+                cert: self.cert.clone(),
+                name: name.to_string(),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// Chooses the certificate by the client's SNI, the default one when it sent none or a name no
+/// other certificate has.
+#[derive(Debug)]
+struct BySni {
+    names: HashMap<String, Arc<rustls::sign::CertifiedKey>>,
+    default: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for BySni {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let named = hello
+            .server_name()
+            .and_then(|n| self.names.get(&n.to_ascii_lowercase()));
+        Some(named.unwrap_or(&self.default).clone())
+    }
+}
+
+/// The server configuration of a frontend: TLS 1.2 and 1.3, ALPN `alpn`, no client
+/// certificates, `default` for clients without a known SNI and each of `sni` for its names
+/// (checked with [`Identity::check_name`] before).
+pub fn server(
+    default: Identity,
+    sni: Vec<(Vec<String>, Identity)>,
+    alpn: &[String],
+) -> Result<TlsServer, TlsError> {
+    let mut digest = Sha256::new();
+    digest.update(default.digest);
+    let mut not_after = default.not_after;
+    let mut names = HashMap::new();
+    for (list, id) in sni {
+        digest.update(id.digest);
+        not_after = match (not_after, id.not_after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let certified = Arc::new(id.certified);
+        for n in list {
+            digest.update([1]);
+            digest.update(n.as_bytes());
+            names.insert(n.to_ascii_lowercase(), certified.clone());
+        }
+    }
+    for p in alpn {
+        digest.update([0]);
+        digest.update(p.as_bytes());
+    }
+    let resolver = BySni {
+        names,
+        default: Arc::new(default.certified),
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(rejected)?
+        .map_err(TlsError::Setup)?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     // Stateless resumption: a device that reconnects resumes with a ticket (keys rotated every
     // 6 hours), whatever the size of the fleet; the default session cache (256 sessions) would
     // keep only the last few.
-    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Tickets)?;
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Setup)?;
     Ok(TlsServer {
         config: Arc::new(config),
         digest: digest.finalize().into(),
@@ -258,6 +364,11 @@ fn unix_time(year: i64, mmddhhmmss: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`server`] with one certificate: reads `cert` and `key`.
+    fn load(cert: &Path, key: &Path, alpn: &[String]) -> Result<TlsServer, TlsError> {
+        server(super::identity(cert, key)?, Vec::new(), alpn)
+    }
 
     /// A self-signed certificate and its key, as PEM; `other_key` is a second, unrelated key.
     fn identity() -> (String, String, String) {

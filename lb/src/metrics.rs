@@ -168,7 +168,7 @@ impl Metrics {
             tls_cert_expiry: IntGaugeVec::new(
                 opts(
                     "mqlb_tls_cert_expiry_seconds",
-                    "When the certificate a TLS frontend serves expires (its notAfter), in seconds since the Unix epoch.",
+                    "When the first of the certificates a TLS frontend serves expires (the earliest notAfter), in seconds since the Unix epoch.",
                 ),
                 &["frontend"],
             )?,

@@ -62,7 +62,10 @@ pub(crate) fn watched_files(config: &Config) -> Vec<PathBuf> {
         .frontends
         .iter()
         .filter_map(|f| f.tls.as_ref())
-        .flat_map(|t| [t.cert.clone(), t.key.clone()])
+        .flat_map(|t| {
+            let sni = t.sni.iter().flat_map(|s| [s.cert.clone(), s.key.clone()]);
+            [t.cert.clone(), t.key.clone()].into_iter().chain(sni)
+        })
         .collect()
 }
 

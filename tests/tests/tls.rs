@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 /// A CA, a leaf it signed for 127.0.0.1 and localhost, and the leaf's key, as PEM files.
 struct Pki {
     dir: TempDir,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
     ca_der: CertificateDer<'static>,
 }
 
@@ -44,17 +45,38 @@ impl Pki {
             .distinguished_name
             .push(rcgen::DnType::CommonName, "mqlb test CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-        let leaf_key = KeyPair::generate()?;
-        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?;
-        leaf.not_after = rcgen::date_time_ymd(year, month, day);
-        let leaf = leaf.signed_by(&leaf_key, &ca)?;
         std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
-        std::fs::write(dir.path().join("chain.pem"), leaf.pem())?;
-        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem())?;
-        Ok(Pki {
+        let pki = Pki {
             ca_der: ca.der().clone(),
+            ca,
             dir,
-        })
+        };
+        pki.leaf(
+            &["127.0.0.1", "localhost"],
+            (year, month, day),
+            "chain.pem",
+            "key.pem",
+        )?;
+        Ok(pki)
+    }
+
+    /// A leaf this CA signs for `names`, expiring on `(year, month, day)`, written to the
+    /// files `cert` and `key`; returns its DER.
+    fn leaf(
+        &self,
+        names: &[&str],
+        (year, month, day): (i32, u8, u8),
+        cert: &str,
+        key: &str,
+    ) -> anyhow::Result<Vec<u8>> {
+        let leaf_key = rcgen::KeyPair::generate()?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut leaf = rcgen::CertificateParams::new(names)?;
+        leaf.not_after = rcgen::date_time_ymd(year, month, day);
+        let leaf = leaf.signed_by(&leaf_key, &self.ca)?;
+        std::fs::write(self.path(cert), leaf.pem())?;
+        std::fs::write(self.path(key), leaf_key.serialize_pem())?;
+        Ok(leaf.der().to_vec())
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -107,12 +129,22 @@ struct TlsTopo {
 
 impl TlsTopo {
     async fn start(n: usize, tls_rule_extra: &str) -> anyhow::Result<TlsTopo> {
-        Self::start_with(n, tls_rule_extra, "watch_config = false\n").await
+        Self::start_with(n, tls_rule_extra, "watch_config = false\n", |_| {
+            Ok(String::new())
+        })
+        .await
     }
 
-    /// With `lb_extra` keys in `[lb]` (which set `watch_config`).
-    async fn start_with(n: usize, tls_rule_extra: &str, lb_extra: &str) -> anyhow::Result<TlsTopo> {
+    /// With `lb_extra` keys in `[lb]` (which set `watch_config`), and the keys `tls_extra`
+    /// returns (given the PKI, which it may add files to) in the frontend's `tls`.
+    async fn start_with(
+        n: usize,
+        tls_rule_extra: &str,
+        lb_extra: &str,
+        tls_extra: impl FnOnce(&Pki) -> anyhow::Result<String>,
+    ) -> anyhow::Result<TlsTopo> {
         let pki = Pki::new()?;
+        let tls_extra = tls_extra(&pki)?;
         let mut brokers = Vec::new();
         for _ in 0..n {
             brokers.push(Mosquitto::start().await?);
@@ -120,12 +152,13 @@ impl TlsTopo {
         let mut t = format!(
             "[lb]\nadmin = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{lb_extra}\
              [[frontend]]\nname = \"mqtts\"\nbind = \"127.0.0.1:0\"\n\
-             tls = {{ cert = {:?}, key = {:?} }}\n\
+             tls = {{ cert = {:?}, key = {:?}{tls_extra} }}\n\
              [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
              [[pool]]\nname = \"brokers\"\nprobe = \"alive\"\n",
             pki.path_str("chain.pem"),
             pki.path_str("key.pem"),
             lb_extra = lb_extra,
+            tls_extra = tls_extra,
         );
         for (i, b) in brokers.iter().enumerate() {
             t += &format!(
@@ -946,7 +979,8 @@ async fn paho_clients_round_trip_over_tls_in_mqtt_3_1_1_and_5() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_watcher_takes_a_certificate_renewed_in_place() -> anyhow::Result<()> {
-    let t = TlsTopo::start_with(1, "", "watch_config = true\nwatch_interval = \"100ms\"\n").await?;
+    let watch = "watch_config = true\nwatch_interval = \"100ms\"\n";
+    let t = TlsTopo::start_with(1, "", watch, |_| Ok(String::new())).await?;
     let expiry = || t.metric("mqlb_tls_cert_expiry_seconds", &[("frontend", "mqtts")]);
     assert_eq!(expiry(), 67_090_118_400.0);
     // Renewed in place, the config file untouched (as certbot does): no SIGHUP.
@@ -978,6 +1012,57 @@ async fn the_config_watcher_takes_a_certificate_renewed_in_place() -> anyhow::Re
         .tls_connect(&connector, TcpStream::connect(t.tls).await?)
         .await?;
     assert_eq!(mqtt_connect(&mut again, "still").await?, [0x20, 2, 0, 0]);
+    t.lb.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_is_chosen_by_sni_with_the_first_one_for_the_rest() -> anyhow::Result<()> {
+    let mut b_der = Vec::new();
+    let t = TlsTopo::start_with(1, "", "watch_config = false\n", |pki| {
+        b_der = pki.leaf(&["b.example.com"], (2031, 5, 17), "b.pem", "b.key")?;
+        Ok(format!(
+            ", sni = [{{ names = [\"b.example.com\"], cert = {:?}, key = {:?} }}]",
+            pki.path_str("b.pem"),
+            pki.path_str("b.key")
+        ))
+    })
+    .await?;
+    let default = {
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::from_pem_file(t.pki.path("chain.pem"))?.to_vec()
+    };
+    let connector = t.pki.client(&["mqtt"], BOTH)?;
+    let served = |s: &tokio_rustls::client::TlsStream<TcpStream>| {
+        s.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+    };
+    for (name, want_b) in [("b.example.com", true), ("localhost", false)] {
+        let server = ServerName::try_from(name.to_string())?;
+        let mut s = tokio::time::timeout(
+            DEADLINE,
+            connector.connect(server, TcpStream::connect(t.tls).await?),
+        )
+        .await??;
+        let leaf = served(&s).ok_or_else(|| anyhow::anyhow!("{name}: no certificate"))?;
+        let want = if want_b { &b_der } else { &default };
+        assert_eq!(&leaf, want, "{name}");
+        assert_eq!(mqtt_connect(&mut s, name).await?, [0x20, 2, 0, 0], "{name}");
+    }
+    // No SNI at all (an IP address): the first certificate.
+    let mut s = t
+        .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(served(&s), Some(default.clone()));
+    assert_eq!(mqtt_connect(&mut s, "by-ip").await?, [0x20, 2, 0, 0]);
+    // The earliest expiry of the frontend's certificates.
+    assert_eq!(
+        t.metric("mqlb_tls_cert_expiry_seconds", &[("frontend", "mqtts")]),
+        1_936_742_400.0
+    );
     t.lb.shutdown().await;
     Ok(())
 }

@@ -3,13 +3,13 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::Checker;
 use crate::defaults::*;
 use crate::model::{Frontend, FrontendLimits, SourceRate};
 use crate::raw::{RawFrontend, RawTls};
-use crate::tls::{FrontendTls, TlsError};
+use crate::tls::{FrontendTls, SniCert, TlsError};
 
 /// `admin` is `lb.admin`, which no frontend may take.
 pub(super) fn frontends(c: &mut Checker, raw: &[RawFrontend], admin: SocketAddr) -> Vec<Frontend> {
@@ -48,7 +48,7 @@ fn frontend(
 
 /// `tls`: the files are read and the server configuration built now, so a missing file, a
 /// PEM without a certificate or a key that does not fit the certificate is refused at load,
-/// naming the frontend and the file.
+/// naming the frontend and the file; so is an SNI name a certificate is not valid for.
 fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> {
     let alpn: Vec<String> = match &t.alpn {
         Some(list) => list.clone(),
@@ -65,34 +65,81 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
         }
     }
     let (cert, key) = (PathBuf::from(&t.cert), PathBuf::from(&t.key));
-    let server = match crate::tls::load(&cert, &key, &alpn) {
-        Ok(s) => s,
+    let default = identity(c, &format!("{k}.tls"), name, &cert, &key);
+    let mut sni = Vec::new();
+    let mut identities = Vec::new();
+    let mut seen = HashSet::new();
+    for (j, s) in t.sni.iter().enumerate() {
+        let ks = format!("{k}.tls.sni[{j}]");
+        let (cert, key) = (PathBuf::from(&s.cert), PathBuf::from(&s.key));
+        let id = identity(c, &ks, name, &cert, &key);
+        if s.names.is_empty() {
+            c.error(format!("{ks}.names"), "lists no name");
+        }
+        for n in &s.names {
+            if !seen.insert(n.to_ascii_lowercase()) {
+                c.error(
+                    format!("{ks}.names"),
+                    format!("frontend {name:?}: {n:?} is named by another tls.sni certificate"),
+                );
+            } else if let Some(Err(e)) = id.as_ref().map(|i| i.check_name(n)) {
+                c.error(format!("{ks}.names"), format!("frontend {name:?}: {e}"));
+            }
+        }
+        identities.extend(id.map(|i| (s.names.clone(), i)));
+        sni.push(SniCert {
+            names: s.names.clone(),
+            cert,
+            key,
+        });
+    }
+    let default = default?;
+    if !ok || identities.len() != t.sni.len() {
+        return None;
+    }
+    match crate::tls::server(default, identities, &alpn) {
+        Ok(server) => Some(FrontendTls {
+            cert,
+            key,
+            alpn,
+            sni,
+            server,
+        }),
+        Err(e) => {
+            c.error(format!("{k}.tls"), format!("frontend {name:?}: {e}"));
+            None
+        }
+    }
+}
+
+/// One certificate and key of a frontend's `tls` (at key `k`), read and checked; a problem is
+/// reported at `k.cert` or `k.key`, whichever file it is in.
+fn identity(
+    c: &mut Checker,
+    k: &str,
+    name: &str,
+    cert: &Path,
+    key: &Path,
+) -> Option<crate::tls::Identity> {
+    match crate::tls::identity(cert, key) {
+        Ok(id) => Some(id),
         Err(e) => {
             let which = match &e {
                 TlsError::Read { file, .. }
                 | TlsError::NoCertificate { file }
                 | TlsError::Pem { file, .. }
                 | TlsError::NoKey { file }
-                    if *file == key && key != cert =>
+                    if file == key && key != cert =>
                 {
                     "key"
                 }
                 TlsError::Rejected { .. } => "key",
                 _ => "cert",
             };
-            c.error(
-                format!("{k}.tls.{which}"),
-                format!("frontend {name:?}: {e}"),
-            );
-            return None;
+            c.error(format!("{k}.{which}"), format!("frontend {name:?}: {e}"));
+            None
         }
-    };
-    ok.then_some(FrontendTls {
-        cert,
-        key,
-        alpn,
-        server,
-    })
+    }
 }
 
 /// Cross-section: no two frontends, nor a frontend and `lb.admin`, on one address (port 0, an
