@@ -1074,3 +1074,76 @@ async fn the_certificate_is_chosen_by_sni_with_the_first_one_for_the_rest() -> a
     t.lb.shutdown().await;
     Ok(())
 }
+
+/// The backend port `/api/connections` lists `client_id` on.
+async fn backend_port(admin: SocketAddr, client_id: &str) -> anyhow::Result<u16> {
+    backend_of(admin, client_id).await?;
+    let all = mqlb_tests::get_json(admin, "/api/connections").await?;
+    let addr = all
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["client_id"] == client_id))
+        .and_then(|c| c["backend_addr"].as_str().map(String::from))
+        .ok_or_else(|| anyhow::anyhow!("{client_id} not listed"))?;
+    Ok(addr.parse::<SocketAddr>()?.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_tls_the_version_picks_the_port_and_refusals_get_their_connack() -> anyhow::Result<()>
+{
+    let t = TlsTopo::start(1, "fallback = \"reject\"\n").await?;
+    // The broker's second listener stands in for its MQTT 5 port.
+    let (main, alt) = (t._brokers[0].port, t._brokers[0].alt_port);
+    let file = t.pki.path("lb.toml");
+    let toml = std::fs::read_to_string(&file)?;
+    let with_ports = toml.replace(
+        &format!("addr = \"{}\"\n", t._brokers[0].addr()),
+        &format!(
+            "addr = \"{}\"\nmqtt_ports = {{ v5 = {alt} }}\n",
+            t._brokers[0].addr()
+        ),
+    );
+    anyhow::ensure!(with_ports != toml, "mqtt_ports not written");
+    std::fs::write(&file, with_ports)?;
+    t.lb.reload().await?;
+    let connector = t.pki.client(&["mqtt"], BOTH)?;
+    let mut levels = Vec::new();
+    for (id, level) in [
+        ("tls-v5", mqlb_mqtt::ProtocolLevel::V5),
+        ("tls-v4", mqlb_mqtt::ProtocolLevel::V311),
+    ] {
+        let mut s = t
+            .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+            .await?;
+        s.write_all(&encode_connect(&ConnectOptions {
+            level,
+            client_id: id.into(),
+            ..Default::default()
+        }))
+        .await?;
+        s.flush().await?;
+        let ack = tokio::time::timeout(DEADLINE, read_packet(&mut s)).await??;
+        assert!(matches!(ack, Some((0x20, _))), "{id}: {ack:?}");
+        levels.push((id, backend_port(t.admin, id).await?));
+        // Kept open until it is listed.
+        drop(s);
+    }
+    assert_eq!(levels, [("tls-v5", alt), ("tls-v4", main)]);
+
+    // An empty client ID on a rule that rejects it: CONNACK 0x02 (identifier rejected), inside
+    // TLS, then the close.
+    let mut s = t
+        .tls_connect(&connector, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(mqtt_connect(&mut s, "").await?, [0x20, 2, 0, 2]);
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await?;
+    assert!(r.is_ok() && rest.is_empty(), "{r:?} {rest:?}");
+    t.wait_metric(
+        "mqlb_mqtt_connect_errors_total",
+        &[("rule", "tls"), ("reason", "empty_client_id")],
+        1.0,
+    )
+    .await?;
+    t.lb.shutdown().await;
+    Ok(())
+}
