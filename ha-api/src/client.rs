@@ -12,6 +12,7 @@ use hyper::body::Bytes;
 
 use crate::auth;
 use crate::model::{ClusterView, Registration};
+use crate::retained::{self, RetainedBatch, RetainedEntry, RetainedPage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -230,6 +231,58 @@ impl HaClient {
             )
             .await?;
         Self::ok(status, &b)
+    }
+
+    /// Writes a batch of retained messages and clearings (the primary's, fenced like every
+    /// write); returns how many the store applied (an older write of a topic is not).
+    pub async fn write_retained(&self, entries: Vec<RetainedEntry>) -> Result<u64, ClientError> {
+        let body = serde_json::to_string(&RetainedBatch { entries })
+            .map_err(|e| ClientError::Json(e.to_string()))?;
+        let (status, b) = self
+            .call(
+                hyper::Method::POST,
+                "/api/retained",
+                Some(body),
+                Duration::ZERO,
+            )
+            .await?;
+        Self::ok(status, &b)?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))?;
+        Ok(v.get("applied")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0))
+    }
+
+    /// One page of the stored retained messages, by topic, after `after`.
+    pub async fn retained_page(&self, after: Option<&str>) -> Result<RetainedPage, ClientError> {
+        let path = match after {
+            Some(t) => format!("/api/retained?after={}", retained::encode_after(t)),
+            None => "/api/retained".to_string(),
+        };
+        let (status, b) = self
+            .call(hyper::Method::GET, &path, None, Duration::ZERO)
+            .await?;
+        Self::ok(status, &b)?;
+        serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))
+    }
+
+    /// Every stored retained message, page by page, at most `max_pages` pages (the bound of the
+    /// loop: a store that kept answering "more" would otherwise hold the caller forever).
+    pub async fn all_retained(&self, max_pages: usize) -> Result<Vec<RetainedEntry>, ClientError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..max_pages {
+            let page = self.retained_page(after.as_deref()).await?;
+            all.extend(page.entries);
+            match page.next {
+                Some(n) if Some(&n) != after.as_ref() => after = Some(n),
+                _ => return Ok(all),
+            }
+        }
+        Err(ClientError::AllFailed(format!(
+            "retained messages: more than {max_pages} pages"
+        )))
     }
 
     /// The membership; with `since`, waits up to `wait` for a version after it (long-poll).

@@ -1,7 +1,7 @@
 //! What every [`Store`] must do, as checks any store can be put through: the SQLite unit tests
 //! run them (`store::sqlite`), and `tests/tests/ha_postgres.rs` runs the same ones against a
 //! real PostgreSQL, so both stores are shown to keep the same semantics for members, events,
-//! versions, the lease and fencing. Hidden from the docs: it is test code the integration
+//! versions, the lease, fencing and retained messages. Hidden from the docs: it is test code the integration
 //! tests must reach. Each check gets `open`, which opens the *same* fresh database each time it
 //! is called (a second server, or a restart).
 
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::expiry::Cutoffs;
 use crate::model::{MemberState, Registration};
+use crate::retained::{RetainedEntry, RetainedProps};
 use crate::store::{Registered, Store, StoreError};
 
 pub type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -35,6 +36,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ),
     ("max_members", max_members),
     ("state_survives_reopening", state_survives_reopening),
+    ("retained_messages", retained_messages),
 ];
 
 /// A lease no check outlives.
@@ -374,5 +376,113 @@ pub fn state_survives_reopening(open: Open<'_>) -> Result<(), Failure> {
         1,
         "the lease too"
     );
+    Ok(())
+}
+
+/// The time of the retained checks' writes: `BASE + at` for an entry written "at" `at`.
+const BASE: i64 = 10_000_000;
+
+fn retained(topic: &str, payload: &[u8], at: i64) -> RetainedEntry {
+    RetainedEntry {
+        topic: topic.into(),
+        payload: payload.to_vec(),
+        qos: 1,
+        at_ms: BASE + at,
+        props: RetainedProps::default(),
+    }
+}
+
+/// The topics and payloads the store lists, every page.
+fn listed(s: &dyn Store) -> Result<Vec<(String, Vec<u8>)>, Failure> {
+    Ok(s.retained("", 1_000)?
+        .into_iter()
+        .map(|e| (e.topic, e.payload))
+        .collect())
+}
+
+/// Issue 18: retained messages are set, replaced and cleared (MQTT-3.3.1-6/7) by the last
+/// write of each topic, whatever order batches arrive in; a clearing is remembered, so an
+/// older set does not bring the message back; properties and binary payloads come back as
+/// written, in topic order (bytes), page by page; writes are fenced; all of it survives a
+/// reopening, and writing retained messages leaves the membership version alone.
+pub fn retained_messages(open: Open<'_>) -> Result<(), Failure> {
+    let now = BASE;
+    {
+        let s = open()?;
+        fenced(
+            s.write_retained(0, &[retained("a", b"x", 1)], now),
+            "before anyone held the lease",
+        )?;
+        let e = primary(s.as_ref())?;
+        let mut v5 = retained("b/\u{e9}", &[0, 255, 1], 10);
+        v5.qos = 2;
+        v5.props = RetainedProps {
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(3_600),
+            response_topic: Some("r".into()),
+            correlation_data: Some(vec![9, 0]),
+            user_properties: vec![("k".into(), "1".into()), ("k".into(), "2".into())],
+            content_type: Some("text/plain".into()),
+        };
+        let batch = [
+            retained("a", b"one", 10),
+            v5.clone(),
+            retained("c", b"gone soon", 10),
+            retained("a", b"two", 11),
+        ];
+        assert_eq!(s.write_retained(e, &batch, now)?, 4);
+        assert_eq!(
+            s.version()?,
+            0,
+            "retained writes are not membership changes"
+        );
+        // An older write of "a" (another broker's batch, late) loses; a clearing of "c" wins,
+        // and an older set of "c" after it does not bring it back; a newer one does set "d".
+        let late = [
+            retained("a", b"stale", 5),
+            retained("c", b"", 20),
+            retained("c", b"older", 15),
+            retained("d", b"new", 30),
+        ];
+        assert_eq!(s.write_retained(e, &late, now)?, 2, "the clearing and d");
+        assert_eq!(
+            listed(s.as_ref())?,
+            [
+                ("a".to_string(), b"two".to_vec()),
+                ("b/\u{e9}".to_string(), vec![0, 255, 1]),
+                ("d".to_string(), b"new".to_vec()),
+            ]
+        );
+        let got = s.retained("a", 1)?;
+        assert_eq!(
+            got,
+            [v5],
+            "a page after a topic, limited, properties as written"
+        );
+        assert_eq!(s.retained("d", 10)?, [], "nothing after the last");
+        // A clearing older than the tombstones are kept is forgotten at the next write.
+        assert_eq!(
+            s.write_retained(e, &[retained("z", b"", 1)], now)?,
+            1,
+            "a clearing of an unknown topic"
+        );
+        s.write_retained(e, &[], now + crate::store::TOMBSTONE_KEEP_MS + 100)?;
+        assert_eq!(
+            s.write_retained(e, &[retained("z", b"back", 2)], now)?,
+            1,
+            "its tombstone is gone: a set after it applies"
+        );
+        // A replaced primary's write is refused and changes nothing.
+        let e2 = run_out(s.as_ref(), ("ha1", "a1"), ("ha2", "a2"))?;
+        fenced(
+            s.write_retained(e, &[retained("a", b"fenced", 99)], now),
+            "a stale epoch",
+        )?;
+        assert_eq!(s.write_retained(e2, &[retained("y", b"y", 1)], now)?, 1);
+    }
+    let s = open()?;
+    let topics: Vec<String> = listed(s.as_ref())?.into_iter().map(|(t, _)| t).collect();
+    assert_eq!(topics, ["a", "b/\u{e9}", "d", "y", "z"], "after reopening");
+    assert_eq!(listed(s.as_ref())?[0].1, b"two", "not the fenced write");
     Ok(())
 }

@@ -33,6 +33,7 @@ use crate::http_server::{self, BodyError, ConnMetrics, Limits};
 use crate::lock;
 use crate::log_limit::LogLimiter;
 use crate::model::{ClusterView, MemberState, Registration};
+use crate::retained::{self, RetainedBatch, RetainedPage};
 use crate::store::{Lease, Registered, Store, StoreError};
 
 /// Largest request body accepted.
@@ -114,6 +115,9 @@ struct Metrics {
     auth_failures: IntCounterVec,
     registrations_refused: IntCounterVec,
     database_up: IntGauge,
+    /// Retained message entries of brokers' batches (issue 18), by whether the store applied
+    /// them (`ignored`: older than what it held for the topic).
+    retained_entries: IntCounterVec,
     connections: ConnMetrics,
 }
 
@@ -161,8 +165,17 @@ impl Metrics {
                 "1 while this HA server's last call to its database succeeded; 0 while it fails \
                  (the server is degraded: it serves the last membership it read, read-only).",
             )?,
+            retained_entries: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_ha_retained_entries_total",
+                    "Retained messages and clearings written by the brokers, by result: applied, \
+                     or ignored (an older write of a topic than the one stored).",
+                ),
+                &["result"],
+            )?,
             connections: ConnMetrics::new("mqlb_ha")?,
         };
+        m.registry.register(Box::new(m.retained_entries.clone()))?;
         m.registry.register(Box::new(m.database_up.clone()))?;
         m.registry.register(Box::new(m.auth_failures.clone()))?;
         m.registry
@@ -705,6 +718,10 @@ enum Route<'a> {
     Register,
     Heartbeat(&'a str),
     Deregister(&'a str),
+    /// `POST /api/retained`: a broker's batch of retained messages (issue 18).
+    WriteRetained,
+    /// `GET /api/retained`: a page of them, for a broker starting.
+    ReadRetained,
     Other,
 }
 
@@ -719,6 +736,8 @@ impl<'a> Route<'a> {
             (&Method::POST, ["api", "members"]) => Route::Register,
             (&Method::POST, ["api", "members", id, "heartbeat"]) => Route::Heartbeat(id),
             (&Method::DELETE, ["api", "members", id]) => Route::Deregister(id),
+            (&Method::POST, ["api", "retained"]) => Route::WriteRetained,
+            (&Method::GET, ["api", "retained"]) => Route::ReadRetained,
             _ => Route::Other,
         }
     }
@@ -734,6 +753,8 @@ impl<'a> Route<'a> {
             Route::Register => "register",
             Route::Heartbeat(_) => "heartbeat",
             Route::Deregister(_) => "deregister",
+            Route::WriteRetained => "retained_write",
+            Route::ReadRetained => "retained_read",
             Route::Other => "other",
         }
     }
@@ -742,8 +763,18 @@ impl<'a> Route<'a> {
         matches!(self, Route::Page | Route::Healthz | Route::Metrics)
     }
 
+    /// Reads that `authenticate_reads = false` opens. Not the retained messages: they are
+    /// the clients' data.
     fn is_read(self) -> bool {
         matches!(self, Route::Cluster | Route::Events)
+    }
+
+    /// Largest body accepted: a batch of retained messages carries their payloads.
+    fn max_body(self) -> usize {
+        match self {
+            Route::WriteRetained => retained::MAX_BATCH_BODY,
+            _ => MAX_BODY,
+        }
     }
 }
 
@@ -756,7 +787,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
         return (route.label(), open_route(&shared, route));
     }
     // The body is part of what is signed: read it (bounded in size and time) before anything.
-    let body = match http_server::read_body(body, MAX_BODY, BODY_TIMEOUT).await {
+    let body = match http_server::read_body(body, route.max_body(), BODY_TIMEOUT).await {
         Ok(b) => b,
         Err(e) => {
             let status = match e {
@@ -777,7 +808,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
     }
     let write = matches!(
         route,
-        Route::Register | Route::Heartbeat(_) | Route::Deregister(_)
+        Route::Register | Route::Heartbeat(_) | Route::Deregister(_) | Route::WriteRetained
     );
     // A write carries the lease epoch of the primary taking it (fencing).
     let mut epoch = 0;
@@ -793,6 +824,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
         Route::Register => register(&shared, epoch, &body).await,
         Route::Heartbeat(id) => heartbeat(&shared, epoch, id).await,
         Route::Deregister(id) => deregister(&shared, epoch, id).await,
+        Route::WriteRetained => write_retained(&shared, epoch, &body).await,
+        Route::ReadRetained => read_retained(&shared, &parts.uri).await,
         Route::Page | Route::Healthz | Route::Metrics | Route::Other => error(
             StatusCode::NOT_FOUND,
             format!("no route {} {path}", parts.method),
@@ -1021,6 +1054,74 @@ async fn deregister(shared: &Arc<Shared>, epoch: u64, id: &str) -> Res {
     }
 }
 
+async fn write_retained(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
+    let batch: RetainedBatch = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    if let Some(msg) = batch.entries.iter().find_map(|e| e.validate().err()) {
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
+    let now = now_ms();
+    let total = batch.entries.len() as u64;
+    match shared
+        .db(move |s| s.write_retained(epoch, &batch.entries, now))
+        .await
+    {
+        Ok(applied) => {
+            let counter = |r: &str| shared.metrics.retained_entries.with_label_values(&[r]);
+            counter("applied").inc_by(applied);
+            counter("ignored").inc_by(total.saturating_sub(applied));
+            reply(StatusCode::OK, json!({ "applied": applied }))
+        }
+        Err(e) => store_error(shared, e),
+    }
+}
+
+/// A page of retained messages after the topic `after` (base64url) names, at most `limit`
+/// (and [`retained::MAX_PAGE`]) and about [`retained::PAGE_BYTES`] of them; `next` is set
+/// when there may be more.
+async fn read_retained(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
+    let q = query(uri);
+    let after = match q.get("after") {
+        None => String::new(),
+        Some(a) => match retained::decode_after(a) {
+            Some(t) => t,
+            None => return error(StatusCode::BAD_REQUEST, "after: not a base64url topic"),
+        },
+    };
+    let limit = q
+        .get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(retained::MAX_PAGE)
+        .clamp(1, retained::MAX_PAGE);
+    match shared.db(move |s| s.retained(&after, limit)).await {
+        Ok(mut entries) => {
+            let full = entries.len() >= limit as usize;
+            let mut bytes = 0;
+            let keep = entries
+                .iter()
+                .position(|e| {
+                    bytes += e.size();
+                    bytes > retained::PAGE_BYTES
+                })
+                .map_or(entries.len(), |i| i + 1);
+            let trimmed = keep < entries.len();
+            entries.truncate(keep);
+            let next = if full || trimmed {
+                entries.last().map(|e| e.topic.clone())
+            } else {
+                None
+            };
+            match serde_json::to_value(RetainedPage { entries, next }) {
+                Ok(v) => reply(StatusCode::OK, v),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        Err(e) => store_error(shared, e),
+    }
+}
+
 async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -1119,6 +1220,22 @@ mod tests {
             self.write()?;
             self.inner.release_lease(holder, addr)
         }
+        fn write_retained(
+            &self,
+            epoch: u64,
+            entries: &[crate::retained::RetainedEntry],
+            now_ms: i64,
+        ) -> Result<u64, StoreError> {
+            self.write()?;
+            self.inner.write_retained(epoch, entries, now_ms)
+        }
+        fn retained(
+            &self,
+            after: &str,
+            limit: u32,
+        ) -> Result<Vec<crate::retained::RetainedEntry>, StoreError> {
+            self.inner.retained(after, limit)
+        }
     }
 
     async fn register(addr: SocketAddr, id: &str) -> (u16, String) {
@@ -1136,6 +1253,67 @@ mod tests {
             Ok((status, _, body)) => (status, String::from_utf8_lossy(&body).into_owned()),
             Err(e) => (0, e.to_string()),
         }
+    }
+
+    /// Issue 18: brokers write retained messages in signed batches and read them back page
+    /// by page; an invalid entry refuses the batch, an unsigned read is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retained_messages_are_written_in_batches_and_read_in_pages(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        use crate::retained::{RetainedEntry, RetainedProps, MAX_PAGE};
+        let timing = Timing {
+            heartbeat_interval: Duration::from_millis(200),
+            member_timeout: Duration::from_millis(800),
+            remove_after: Duration::from_secs(30),
+            lease: Duration::from_secs(3),
+        };
+        let secret = mqlb_config::Secret::new("0123456789abcdef");
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let store = Arc::new(SqliteStore::in_memory()?);
+        let ha =
+            HaServer::start("ha1", listener, store, Options::new(timing, secret.clone())).await?;
+        let client = crate::HaClient::new(vec![ha.addr()], secret);
+        let n = MAX_PAGE as usize + 200;
+        let entry = |i: usize, payload: Vec<u8>| RetainedEntry {
+            topic: format!("t/{i:05}"),
+            payload,
+            qos: (i % 3) as u8,
+            at_ms: 1_000 + i as i64,
+            props: RetainedProps::default(),
+        };
+        let set: Vec<_> = (0..n).map(|i| entry(i, vec![i as u8; 3])).collect();
+        assert_eq!(client.write_retained(set.clone()).await?, n as u64);
+        let cleared = entry(7, Vec::new());
+        assert_eq!(client.write_retained(vec![cleared]).await?, 1);
+        let first = client.retained_page(None).await?;
+        assert_eq!(first.entries.len(), MAX_PAGE as usize);
+        assert!(
+            first.next.is_some(),
+            "a full page says where the next starts"
+        );
+        let all = client.all_retained(10).await?;
+        let want: Vec<_> = set.into_iter().filter(|e| e.topic != "t/00007").collect();
+        assert_eq!(all, want, "two pages, the cleared topic left out");
+        let bad = RetainedEntry {
+            topic: "t/#".into(),
+            ..entry(1, vec![1])
+        };
+        match client.write_retained(vec![bad]).await {
+            Err(crate::ClientError::Status(400, why)) => assert!(why.contains("t/#"), "{why}"),
+            other => panic!("an invalid topic was not refused: {other:?}"),
+        }
+        let unsigned = crate::client::request(
+            ha.addr(),
+            Method::GET,
+            "/api/retained",
+            None,
+            b"not-the-secret-at-all",
+            Duration::from_secs(5),
+        )
+        .await?;
+        assert_eq!(unsigned.0, 401, "retained messages are never an open read");
+        ha.abort();
+        Ok(())
     }
 
     /// Issue 14, item 11: a write the database failed names the database's error, once (not

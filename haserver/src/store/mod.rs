@@ -2,7 +2,8 @@
 //! for HA servers on one machine, the default; PostgreSQL for HA servers on several machines
 //! (issue 18). Every change bumps the membership version and is logged, in one transaction, so a
 //! crash never leaves a half-applied change. Both stores keep the primary lease by their own
-//! clock (`lease`), and refuse a write whose lease epoch is stale (fencing).
+//! clock (`lease`), and refuse a write whose lease epoch is stale (fencing). They also keep the
+//! cluster's retained messages, so a whole-cluster restart finds them again (issue 18).
 
 pub mod lease;
 pub mod postgres;
@@ -10,6 +11,7 @@ pub mod sqlite;
 
 use crate::expiry::Cutoffs;
 use crate::model::{ClusterView, Event, Registration};
+use crate::retained::{RetainedEntry, RetainedProps};
 
 pub use lease::Lease;
 pub use postgres::{PostgresOptions, PostgresStore};
@@ -46,6 +48,9 @@ pub enum StoreError {
         current: u64,
         expired: bool,
     },
+    /// A retained message's properties as stored do not parse (written by something else).
+    #[error("the database holds retained message {topic:?} with malformed properties: {msg}")]
+    Malformed { topic: String, msg: String },
     /// The blocking task that ran a database call panicked or was cancelled.
     #[error("database call did not finish: {0}")]
     Task(String),
@@ -58,6 +63,10 @@ impl StoreError {
         !matches!(self, StoreError::Fenced { .. })
     }
 }
+
+/// How long a clearing of a retained message is remembered (its tombstone): longer than any
+/// broker's batch can be late, so an older set of the topic arriving after it is refused.
+pub const TOMBSTONE_KEEP_MS: i64 = 3_600_000;
 
 /// What a registration did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,9 +111,42 @@ pub trait Store: Send + Sync {
     /// Ends the lease if ours (clean shutdown of the primary), so a backup takes over at once.
     /// The epoch stays: the next holder's is higher.
     fn release_lease(&self, holder: &str, addr: &str) -> Result<(), StoreError>;
+    /// Applies a broker's batch of retained messages and clearings (the primary's write,
+    /// fenced): each only if it is not older (`at_ms`) than what the store holds for its topic,
+    /// so the last write of a topic wins across brokers; a clearing stays as a tombstone for
+    /// [`TOMBSTONE_KEEP_MS`] (judged by `now_ms`). Returns how many entries were applied.
+    /// Retained messages do not change the membership version.
+    fn write_retained(
+        &self,
+        epoch: u64,
+        entries: &[RetainedEntry],
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+    /// Up to `limit` retained messages (no tombstones) with topics after `after` in byte
+    /// order (`""`: from the first).
+    fn retained(&self, after: &str, limit: u32) -> Result<Vec<RetainedEntry>, StoreError>;
     /// Versions as any HA server's writes commit, pushed by the database (PostgreSQL's
     /// LISTEN/NOTIFY); `None`: the server polls the version instead.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
+    }
+}
+
+/// A retained message's MQTT 5 properties as both stores keep them: JSON text, `None` when it
+/// has none (most messages).
+fn props_text(p: &RetainedProps) -> Option<String> {
+    if p.is_empty() {
+        return None;
+    }
+    serde_json::to_string(p).ok()
+}
+
+fn props_of(topic: &str, text: Option<&str>) -> Result<RetainedProps, StoreError> {
+    match text {
+        None => Ok(RetainedProps::default()),
+        Some(t) => serde_json::from_str(t).map_err(|e| StoreError::Malformed {
+            topic: topic.to_string(),
+            msg: e.to_string(),
+        }),
     }
 }

@@ -9,12 +9,13 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::lease::{self, Lease};
-use super::{Registered, Store, StoreError};
+use super::{props_of, props_text, Registered, Store, StoreError, TOMBSTONE_KEEP_MS};
 use crate::expiry::Cutoffs;
 use crate::lock;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
+use crate::retained::RetainedEntry;
 
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -59,6 +60,22 @@ ALTER TABLE lease ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
 INSERT OR IGNORE INTO lease (name, holder, addr, expires_ms, epoch) VALUES ('primary', '', '', 0, 0);
 ";
 
+/// Retained messages (issue 18): an empty payload is a tombstone (a clearing, kept for a while
+/// so an older set arriving later is refused). The topic is compared as bytes (SQLite's BINARY
+/// collation), the order pages follow.
+const SCHEMA_V3: &str = "
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    props TEXT,
+    at_ms INTEGER NOT NULL
+);
+";
+
+/// A row of `retained`: topic, payload, QoS, properties (JSON), time.
+type RetainedRow = (String, Vec<u8>, u8, Option<String>, i64);
+
 /// SQLite's clock, Unix ms: the lease is judged by the database's clock, as on PostgreSQL.
 const NOW_MS: &str = "SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
@@ -94,6 +111,9 @@ impl SqliteStore {
         }
         if current < 2 {
             tx.execute_batch(SCHEMA_V2)?;
+        }
+        if current < 3 {
+            tx.execute_batch(SCHEMA_V3)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -354,6 +374,63 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
+    fn write_retained(
+        &self,
+        epoch: u64,
+        entries: &[RetainedEntry],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut conn = lock(&self.conn);
+        let tx = write_tx(&mut conn, epoch)?;
+        let mut applied = 0;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO retained (topic, payload, qos, props, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(topic) DO UPDATE SET payload = ?2, qos = ?3, props = ?4, at_ms = ?5
+                 WHERE ?5 >= retained.at_ms",
+            )?;
+            for e in entries {
+                applied += upsert.execute(params![
+                    e.topic,
+                    e.payload,
+                    e.qos,
+                    props_text(&e.props),
+                    e.at_ms
+                ])? as u64;
+            }
+        }
+        tx.execute(
+            "DELETE FROM retained WHERE length(payload) = 0 AND at_ms < ?1",
+            [now_ms - TOMBSTONE_KEEP_MS],
+        )?;
+        tx.commit()?;
+        Ok(applied)
+    }
+
+    fn retained(&self, after: &str, limit: u32) -> Result<Vec<RetainedEntry>, StoreError> {
+        let conn = lock(&self.conn);
+        let rows: Vec<RetainedRow> = conn
+            .prepare_cached(
+                "SELECT topic, payload, qos, props, at_ms FROM retained
+                 WHERE topic > ?1 AND length(payload) > 0 ORDER BY topic LIMIT ?2",
+            )?
+            .query_map(params![after, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(topic, payload, qos, props, at_ms)| {
+                Ok(RetainedEntry {
+                    props: props_of(&topic, props.as_deref())?,
+                    topic,
+                    payload,
+                    qos,
+                    at_ms,
+                })
+            })
+            .collect()
+    }
+
     fn acquire_lease(&self, holder: &str, addr: &str, ttl_ms: i64) -> Result<Lease, StoreError> {
         let mut conn = lock(&self.conn);
         // IMMEDIATE takes the write lock first: two servers cannot both see the lease free.
@@ -427,6 +504,7 @@ mod tests {
         a_live_member_cannot_be_re_pointed,
         max_members,
         state_survives_reopening,
+        retained_messages,
     );
 
     /// A file written by the schema before fencing (version 1) opens, migrated: its lease row

@@ -24,16 +24,18 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use super::lease::{self, Lease};
-use super::{Registered, Store, StoreError};
+use super::{props_of, props_text, Registered, Store, StoreError, TOMBSTONE_KEEP_MS};
 use crate::expiry::Cutoffs;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
+use crate::retained::RetainedEntry;
 pub use listen::CHANNEL;
 use pool::{Pool, Target};
 
 /// The schema, by version; a database at version N gets N+1.. applied at open.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 CREATE TABLE members (
     id TEXT PRIMARY KEY,
@@ -63,7 +65,23 @@ CREATE TABLE lease (
 INSERT INTO meta (key, value) VALUES ('version', 0);
 INSERT INTO lease (name, holder, addr, epoch, expires_ms) VALUES ('primary', '', '', 0, 0);
 ",
-)];
+    ),
+    // Retained messages (issue 18), as in SQLite: an empty payload is a tombstone. The topic
+    // is ordered and compared as bytes (collation "C"), as SQLite does, whatever the
+    // database's collation.
+    (
+        2,
+        "
+CREATE TABLE retained (
+    topic TEXT COLLATE \"C\" PRIMARY KEY,
+    payload BYTEA NOT NULL,
+    qos SMALLINT NOT NULL,
+    props TEXT,
+    at_ms BIGINT NOT NULL
+);
+",
+    ),
+];
 
 /// The advisory lock migrations run under (any constant of mqlb's own).
 const MIGRATION_LOCK: i64 = 0x6d71_6c62_0018;
@@ -563,6 +581,70 @@ impl Store for PostgresStore {
             }
             c.release();
             Ok(events)
+        })
+    }
+
+    fn write_retained(
+        &self,
+        epoch: u64,
+        entries: &[RetainedEntry],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = write_tx(&mut c, epoch).await?;
+            let upsert = tx
+                .prepare(
+                    "INSERT INTO retained (topic, payload, qos, props, at_ms) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (topic) DO UPDATE SET payload = $2, qos = $3, props = $4, at_ms = $5
+                     WHERE $5 >= retained.at_ms",
+                )
+                .await?;
+            let mut applied = 0;
+            for e in entries {
+                let qos = i16::from(e.qos);
+                applied += tx
+                    .execute(
+                        &upsert,
+                        &[&e.topic, &e.payload, &qos, &props_text(&e.props), &e.at_ms],
+                    )
+                    .await?;
+            }
+            tx.execute(
+                "DELETE FROM retained WHERE octet_length(payload) = 0 AND at_ms < $1",
+                &[&(now_ms - TOMBSTONE_KEEP_MS)],
+            )
+            .await?;
+            tx.commit().await?;
+            c.release();
+            Ok(applied)
+        })
+    }
+
+    fn retained(&self, after: &str, limit: u32) -> Result<Vec<RetainedEntry>, StoreError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            let rows = c
+                .query(
+                    "SELECT topic, payload, qos, props, at_ms FROM retained
+                     WHERE topic > $1 AND octet_length(payload) > 0 ORDER BY topic LIMIT $2",
+                    &[&after, &i64::from(limit)],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let topic: String = r.try_get(0)?;
+                let props: Option<String> = r.try_get(3)?;
+                out.push(RetainedEntry {
+                    props: props_of(&topic, props.as_deref())?,
+                    payload: r.try_get(1)?,
+                    qos: u8::try_from(r.try_get::<_, i16>(2)?).unwrap_or(0),
+                    at_ms: r.try_get(4)?,
+                    topic,
+                });
+            }
+            c.release();
+            Ok(out)
         })
     }
 
