@@ -7,6 +7,7 @@
 
 pub mod auth;
 mod counted;
+mod durable;
 mod http;
 mod membership;
 pub mod mesh;

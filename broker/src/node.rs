@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthError};
 use crate::counted::Counted;
+use crate::durable::{self, Durable};
 use crate::http;
 use crate::membership;
 use crate::mesh::{serve_inbound, Injected, Mesh, MeshSettings};
@@ -39,6 +40,9 @@ pub struct NodeSpec {
     pub heartbeat_interval: Duration,
     /// `[auth]`: the same password and ACL files on every node.
     pub auth: AuthSettings,
+    /// `cluster.durable_retained`: retained messages written through to the HA servers and
+    /// loaded from them at start (issue 18; needs `ha`).
+    pub durable_retained: bool,
 }
 
 impl NodeSpec {
@@ -74,6 +78,7 @@ impl NodeSpec {
             ha: config.ha.servers.iter().map(|h| h.listen).collect(),
             heartbeat_interval: config.ha.heartbeat_interval,
             auth: config.auth.clone(),
+            durable_retained: config.cluster.durable_retained,
         })
     }
 }
@@ -128,6 +133,8 @@ pub struct Node {
     mesh: Arc<Mesh>,
     metrics: Arc<Metrics>,
     ha: Option<Arc<HaClient>>,
+    /// Writes the retained messages of this node's clients to the HA servers (issue 18).
+    durable: Option<Arc<Durable>>,
     auth: Arc<Auth>,
     pub mqtt: SocketAddr,
     pub mqtt_v5: Option<SocketAddr>,
@@ -258,6 +265,34 @@ impl Node {
             mesh.clone(),
             stop.clone(),
         ));
+        // The HA servers authenticate every request with the cluster secret, which the mesh
+        // settings carry (`NodeSpec::from_config` sets them whenever `[cluster] secret` is).
+        let ha = match (&spec.mesh, spec.ha.is_empty()) {
+            (_, true) => None,
+            (Some(m), false) => Some(Arc::new(HaClient::new(spec.ha.clone(), m.secret.clone()))),
+            (None, false) => {
+                tracing::error!(
+                    node = n.id,
+                    "HA servers configured but no [cluster] secret: not registering"
+                );
+                None
+            }
+        };
+        // Retained messages kept in the HA servers' database: loaded before the node serves,
+        // then its clients' written through (`durable`).
+        let durable = match (&ha, spec.durable_retained) {
+            (Some(client), true) => {
+                let d = Durable::new(&n.id, &metrics)?;
+                // Built here: rumqttd does not export the type of its router channel.
+                let link = LinkBuilder::new(&format!("mqlb-retained-{}", n.id), router_tx.clone())
+                    .build()
+                    .map(|(tx, rx, _ack)| (tx, rx));
+                load_retained(&n.id, client, &d, link).await;
+                handle.spawn(d.clone().run(client.clone(), stop.clone()));
+                Some(d)
+            }
+            _ => None,
+        };
         let mut servers = Vec::new();
         let settings = |name: &str, listen| ServerSettings {
             name: name.to_string(),
@@ -295,6 +330,7 @@ impl Node {
                 mesh.clone(),
                 limit.clone(),
                 checked.clone(),
+                durable.clone(),
                 true,
             )
         );
@@ -307,6 +343,7 @@ impl Node {
                     mesh.clone(),
                     limit.clone(),
                     checked.clone(),
+                    durable.clone(),
                     false,
                 )
             )
@@ -325,19 +362,6 @@ impl Node {
         for (id, addr) in &spec.peers {
             mesh.add_peer(id.clone(), *addr, stop.child_token());
         }
-        // The HA servers authenticate every request with the cluster secret, which the mesh
-        // settings carry (`NodeSpec::from_config` sets them whenever `[cluster] secret` is).
-        let ha = match (&spec.mesh, spec.ha.is_empty()) {
-            (_, true) => None,
-            (Some(m), false) => Some(Arc::new(HaClient::new(spec.ha.clone(), m.secret.clone()))),
-            (None, false) => {
-                tracing::error!(
-                    node = n.id,
-                    "HA servers configured but no [cluster] secret: not registering"
-                );
-                None
-            }
-        };
         if let Some(client) = &ha {
             let reg = Registration {
                 id: n.id.clone(),
@@ -383,6 +407,7 @@ impl Node {
             mesh,
             metrics,
             ha,
+            durable,
             auth,
             mqtt: n.mqtt,
             mqtt_v5: n.mqtt_v5,
@@ -488,6 +513,9 @@ impl Node {
     /// Stops the node (leaving the HA membership first, if it has one) and waits until its
     /// MQTT port refuses connections.
     pub async fn stop(mut self) {
+        if let (Some(client), Some(d)) = (&self.ha, &self.durable) {
+            d.flush_before_stop(client, Duration::from_secs(2)).await;
+        }
         if let Some(client) = &self.ha {
             match tokio::time::timeout(Duration::from_secs(2), client.deregister(&self.id)).await {
                 Ok(Ok(())) => tracing::info!(node = self.id, "left the HA membership"),
@@ -513,6 +541,58 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.stop_now();
+    }
+}
+
+/// How long a starting node waits for the HA servers' retained messages and its router's
+/// taking them; beyond it the node starts without (logged): serving matters more.
+const LOAD_WITHIN: Duration = Duration::from_secs(10);
+/// Pages of retained messages read at most (1 000 each: 10 million messages).
+const LOAD_PAGES: usize = 10_000;
+
+/// Loads the retained messages stored by the HA servers into the router (issue 18), through
+/// a local link of their own, before the node's listeners and links are up.
+async fn load_retained(
+    node: &str,
+    client: &HaClient,
+    durable: &Durable,
+    link: Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), rumqttd::local::LinkError>,
+) {
+    let started = Instant::now();
+    let entries = match tokio::time::timeout(LOAD_WITHIN, client.all_retained(LOAD_PAGES)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            tracing::warn!(node, error = %e, "retained messages not loaded from the HA servers; starting without them");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(node, after = ?LOAD_WITHIN, "retained messages not loaded from the HA servers in time; starting without them");
+            return;
+        }
+    };
+    let (mut link_tx, mut link_rx) = match link {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(node, error = %e, "no router link to load retained messages");
+            return;
+        }
+    };
+    let left = LOAD_WITHIN.saturating_sub(started.elapsed());
+    let stored = entries.len();
+    match durable::load::into_router(
+        entries,
+        &mut link_tx,
+        &mut link_rx,
+        mqlb_ha_api::now_ms(),
+        left,
+    )
+    .await
+    {
+        Ok(n) => {
+            durable.loaded(n);
+            tracing::info!(node, loaded = n, expired = stored - n, after = ?started.elapsed(), "retained messages loaded from the HA servers");
+        }
+        Err(e) => tracing::warn!(node, error = %e, "retained messages not all loaded"),
     }
 }
 

@@ -15,6 +15,7 @@ use rumqttd::protocol::{
 };
 
 use crate::auth::Auth;
+use crate::durable::Durable;
 use crate::mesh::frame::{MeshPublish, MeshSubscription, MeshWill, MsgId, PkidEvent};
 use crate::mesh::Mesh;
 use crate::replica::Tag;
@@ -85,6 +86,8 @@ pub(crate) struct Tap<P> {
     will: Option<(MeshPublish, u32)>,
     /// The node's ACL (`None`: nothing is checked) and who this connection is.
     auth: Option<Arc<Auth>>,
+    /// Where retained PUBLISHes go to be written to the HA servers (issue 18; `None`: off).
+    durable: Option<Arc<Durable>>,
     client_id: String,
     username: Option<String>,
     /// The CONNECT's Clean Start and Session Expiry Interval (3.1.1: 0 with a clean session,
@@ -129,6 +132,7 @@ impl<P: Clone> Clone for Tap<P> {
             strip_properties: self.strip_properties,
             will: None,
             auth: self.auth.clone(),
+            durable: self.durable.clone(),
             client_id: String::new(),
             username: None,
             clean_start: true,
@@ -255,6 +259,7 @@ impl<P> Tap<P> {
         mesh: Arc<Mesh>,
         limit: Arc<ConnLimit>,
         auth: Option<Arc<Auth>>,
+        durable: Option<Arc<Durable>>,
         v4: bool,
     ) -> Self {
         Tap {
@@ -266,6 +271,7 @@ impl<P> Tap<P> {
             strip_properties: v4,
             will: None,
             auth,
+            durable,
             client_id: String::new(),
             username: None,
             clean_start: true,
@@ -334,6 +340,10 @@ impl<P> Tap<P> {
             if !auth.may_publish(&self.client_id, self.username.as_deref(), &t) {
                 return;
             }
+        }
+        // Here the message enters the cluster: the one place to write it through.
+        if let (true, Some(d)) = (publish.retain, &self.durable) {
+            d.retained(&topic, &publish.payload, qos, props);
         }
         let build = || {
             let mut m = MeshPublish {

@@ -137,6 +137,18 @@ pub const DEFAULT_REPLICA_MAX_MESSAGES: NonZeroU32 = nz(100_000);
 /// them: in a cluster of up to three brokers every broker, so even two deaths at once lose
 /// none; 2 halves the memory and covers one death at a time.
 pub const DEFAULT_REPLICATION_FACTOR: NonZeroU32 = nz(3);
+/// `cluster.durable_retained` when `[[haserver]]`s are configured (without, there is nowhere to
+/// write: off).
+pub const DEFAULT_DURABLE_RETAINED: bool = true;
+/// Not keys: how a broker writes retained messages through (`cluster.durable_retained`). A
+/// batch goes every `DURABLE_FLUSH_EVERY`, or sooner once `DURABLE_BATCH_ENTRIES` topics wait;
+/// a batch holds at most `DURABLE_BATCH_BYTES` of messages (one larger message goes alone);
+/// at most `DURABLE_QUEUE_TOPICS` topics wait (a new topic beyond it is dropped and counted;
+/// a topic already waiting is always replaced).
+pub const DURABLE_FLUSH_EVERY: Duration = Duration::from_millis(100);
+pub const DURABLE_BATCH_ENTRIES: usize = 500;
+pub const DURABLE_BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub const DURABLE_QUEUE_TOPICS: usize = 100_000;
 /// `cluster.reconnect_min`.
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// `cluster.reconnect_max`.

@@ -56,6 +56,7 @@ pub struct RawCluster {
     pub replicate_sessions: Option<bool>,
     pub replica_max_messages: Option<u32>,
     pub replication_factor: Option<u32>,
+    pub durable_retained: Option<bool>,
     pub reconnect_min: Option<String>,
     pub reconnect_max: Option<String>,
 }

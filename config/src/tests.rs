@@ -71,6 +71,16 @@ fn session_replication_is_on_by_default_and_can_be_turned_off() {
 }
 
 #[test]
+fn durable_retained_messages_follow_the_ha_servers_unless_set() {
+    let ha = "[[haserver]]\nid = \"h\"\nlisten = \"127.0.0.1:7000\"\n";
+    let parse = |text: &str| Config::parse(text, "t.toml").map(|c| c.cluster.durable_retained);
+    assert_eq!(parse(MINIMAL).ok(), Some(false), "nowhere to write: off");
+    assert_eq!(parse(&format!("{MINIMAL}{ha}")).ok(), Some(true));
+    let off = format!("[cluster]\ndurable_retained = false\n{MINIMAL}{ha}");
+    assert_eq!(parse(&off).ok(), Some(false));
+}
+
+#[test]
 fn the_replication_factor_is_three_by_default_and_never_zero() {
     let c = Config::parse(MINIMAL, "t.toml").expect("valid");
     assert_eq!(c.cluster.replication_factor.get(), 3);

@@ -64,6 +64,7 @@ fn cluster_specs(ips: &[IpAddr], factor: usize) -> anyhow::Result<Vec<mqlb_broke
             ha: Vec::new(),
             heartbeat_interval: Duration::from_millis(200),
             auth: mqlb_config::AuthSettings::default(),
+            durable_retained: false,
         })
         .collect())
 }

@@ -147,6 +147,7 @@ fn spec(node: &mqlb_config::BrokerNode, peers: Vec<(String, SocketAddr)>) -> mql
         ha: Vec::new(),
         heartbeat_interval: Duration::from_millis(200),
         auth: mqlb_config::AuthSettings::default(),
+        durable_retained: false,
     }
 }
 

@@ -13,7 +13,11 @@ pub(super) fn validate_cluster(
     c: &mut Checker,
     raw: &RawConfig,
 ) -> (ClusterSettings, Vec<BrokerNode>) {
-    let cluster = cluster_section(c, &raw.cluster);
+    let mut cluster = cluster_section(c, &raw.cluster);
+    cluster.durable_retained = raw
+        .cluster
+        .durable_retained
+        .unwrap_or(DEFAULT_DURABLE_RETAINED && !raw.haservers.is_empty());
     let several = raw.brokers.len() > 1;
     let mut ids = HashSet::new();
     let mut addrs = HashMap::new();
@@ -58,6 +62,7 @@ fn cluster_section(c: &mut Checker, rc: &RawCluster) -> ClusterSettings {
             rc.replication_factor,
             DEFAULT_REPLICATION_FACTOR,
         ),
+        durable_retained: false, // set by `validate_cluster`, which sees `[[haserver]]`
         reconnect_min,
         reconnect_max,
     }

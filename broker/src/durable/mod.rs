@@ -1,0 +1,316 @@
+//! Durable cluster state (issue 18): the retained messages of the cluster written through to
+//! the HA servers' database, so stopping and starting the whole cluster keeps them.
+//!
+//! Each node writes the retained PUBLISHes of its own clients (the tap sees them, and only
+//! there does a message enter the cluster: a peer's copy arrives through the mesh, not a
+//! codec), clearings included. Off the data path: the tap only puts the message in a bounded
+//! queue ([`pending`]), where the last write of a topic replaces the one waiting; a task sends
+//! the queue in batches every 100 ms (sooner when 500 topics wait). A batch the HA servers
+//! cannot take waits for the next round; a new topic beyond the bound is dropped and counted.
+//! Each entry carries the node's time, never going back, and the store keeps the latest of
+//! each topic, so batches of several nodes may land in any order.
+//!
+//! Every node loads the stored messages into its router when it starts, before it serves
+//! ([`load`]): the mesh does not carry retained messages to a node that joins (each keeps its
+//! own), so loading on the first node only would leave the others without; loading before
+//! the listeners and links are up means no live message can be overwritten by an older
+//! stored one.
+
+pub(crate) mod load;
+pub(crate) mod pending;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqlb_config::defaults::{
+    DURABLE_BATCH_BYTES, DURABLE_BATCH_ENTRIES, DURABLE_FLUSH_EVERY, DURABLE_QUEUE_TOPICS,
+};
+use mqlb_ha_api::retained::{RetainedEntry, RetainedProps, MAX_BATCH_BODY};
+use mqlb_ha_api::{now_ms, ClientError, HaClient};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use rumqttd::protocol::PublishProperties;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::mesh::frame::MeshPublish;
+use crate::metrics::Metrics;
+use pending::{Pending, Pushed};
+
+/// The longest wait between two attempts while the HA servers refuse or do not answer.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+struct DurableMetrics {
+    stored: IntCounter,
+    dropped: IntCounterVec,
+    write_errors: IntCounter,
+    pending: IntGauge,
+    loaded: IntCounter,
+}
+
+/// A node's writer of retained messages.
+pub(crate) struct Durable {
+    node: String,
+    pending: Mutex<Pending>,
+    wake: Notify,
+    metrics: DurableMetrics,
+}
+
+impl Durable {
+    pub(crate) fn new(node: &str, metrics: &Metrics) -> Result<Arc<Durable>, prometheus::Error> {
+        let m = DurableMetrics {
+            stored: IntCounter::new(
+                "mqlb_broker_retained_stored_total",
+                "Retained messages and clearings of this node's clients written to the HA servers' database (cluster.durable_retained).",
+            )?,
+            dropped: IntCounterVec::new(
+                Opts::new(
+                    "mqlb_broker_retained_store_dropped_total",
+                    "Retained messages of this node's clients never written to the HA servers' database: queue_full (100 000 topics waiting, the HA servers unreachable), too_large (a message over a batch's 16 MiB), refused (the HA server found it invalid).",
+                ),
+                &["reason"],
+            )?,
+            write_errors: IntCounter::new(
+                "mqlb_broker_retained_store_errors_total",
+                "Batches of retained messages the HA servers did not take (unreachable, no primary, database down); they wait for the next attempt.",
+            )?,
+            pending: IntGauge::new(
+                "mqlb_broker_retained_store_pending",
+                "Topics whose retained message waits to be written to the HA servers' database.",
+            )?,
+            loaded: IntCounter::new(
+                "mqlb_broker_retained_loaded_total",
+                "Retained messages loaded from the HA servers' database into this node's router when it started.",
+            )?,
+        };
+        metrics.register(Box::new(m.stored.clone()))?;
+        metrics.register(Box::new(m.dropped.clone()))?;
+        metrics.register(Box::new(m.write_errors.clone()))?;
+        metrics.register(Box::new(m.pending.clone()))?;
+        metrics.register(Box::new(m.loaded.clone()))?;
+        for reason in ["queue_full", "too_large", "refused"] {
+            m.dropped.with_label_values(&[reason]);
+        }
+        Ok(Arc::new(Durable {
+            node: node.to_string(),
+            pending: Mutex::new(Pending::new(DURABLE_QUEUE_TOPICS)),
+            wake: Notify::new(),
+            metrics: m,
+        }))
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A local client's retained PUBLISH (an empty payload clears the topic), after the ACL
+    /// allowed it; called by the tap on the data path: a lock and a map insert.
+    pub(crate) fn retained(
+        &self,
+        topic: &Bytes,
+        payload: &Bytes,
+        qos: u8,
+        props: Option<&PublishProperties>,
+    ) {
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            return; // not a topic rumqttd takes either
+        };
+        let mut pending = self.pending();
+        let entry = RetainedEntry {
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+            qos,
+            at_ms: pending.stamp(now_ms()),
+            props: props.map(props_of).unwrap_or_default(),
+        };
+        // base64 takes 4/3 of it, and the batch some JSON around
+        if entry.size() / 3 * 4 + 1024 > MAX_BATCH_BODY {
+            drop(pending);
+            self.metrics.dropped.with_label_values(&["too_large"]).inc();
+            return;
+        }
+        match pending.push(entry) {
+            Pushed::Dropped => self
+                .metrics
+                .dropped
+                .with_label_values(&["queue_full"])
+                .inc(),
+            Pushed::Added if pending.len() >= DURABLE_BATCH_ENTRIES => self.wake.notify_one(),
+            Pushed::Added | Pushed::Replaced => {}
+        }
+    }
+
+    /// Writes batches while some wait and the HA servers take them, at most `rounds` of them.
+    /// `Err` when a write failed (that batch waits again).
+    async fn flush(&self, client: &HaClient, rounds: usize) -> Result<(), ClientError> {
+        for _ in 0..rounds {
+            let batch = self
+                .pending()
+                .take(DURABLE_BATCH_ENTRIES, DURABLE_BATCH_BYTES);
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len() as u64;
+            // A clone to put back if the write fails: batches are small, failures rare.
+            match client.write_retained(batch.clone()).await {
+                Ok(_) => self.metrics.stored.inc_by(n),
+                Err(ClientError::Status(400, why)) => {
+                    tracing::warn!(
+                        node = self.node,
+                        entries = n,
+                        error = why,
+                        "HA server refused a batch of retained messages as invalid; dropped"
+                    );
+                    self.metrics
+                        .dropped
+                        .with_label_values(&["refused"])
+                        .inc_by(n);
+                }
+                Err(e) => {
+                    self.pending().put_back(batch);
+                    self.metrics.write_errors.inc();
+                    self.metrics.pending.set(self.pending().len() as i64);
+                    return Err(e);
+                }
+            }
+            if self.pending().len() < DURABLE_BATCH_ENTRIES {
+                break; // not a full batch left: it waits for the next tick
+            }
+        }
+        self.metrics.pending.set(self.pending().len() as i64);
+        Ok(())
+    }
+
+    /// Sends the queue in batches until `stop`.
+    pub(crate) async fn run(self: Arc<Self>, client: Arc<HaClient>, stop: CancellationToken) {
+        let mut backoff = DURABLE_FLUSH_EVERY;
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.wake.notified(), if !failing => {}
+            }
+            // Every batch that is full goes now; the bound keeps one round finite.
+            match self
+                .flush(&client, 1 + DURABLE_QUEUE_TOPICS / DURABLE_BATCH_ENTRIES)
+                .await
+            {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!(
+                            node = self.node,
+                            "retained messages are written to the HA servers again"
+                        );
+                    }
+                    failing = false;
+                    backoff = DURABLE_FLUSH_EVERY;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(node = self.node, error = %e, "retained messages cannot be written to the HA servers; they wait (bounded)");
+                    }
+                    failing = true;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// What waits, written before a clean stop (SIGTERM), within `within`.
+    pub(crate) async fn flush_before_stop(&self, client: &HaClient, within: Duration) {
+        let started = Instant::now();
+        let rounds = 1 + DURABLE_QUEUE_TOPICS / DURABLE_BATCH_ENTRIES;
+        match tokio::time::timeout(within, self.flush(client, rounds)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(node = self.node, error = %e, waiting = self.pending().len(), "retained messages not written before the stop")
+            }
+            Err(_) => tracing::warn!(
+                node = self.node,
+                after = ?started.elapsed(),
+                waiting = self.pending().len(),
+                "retained messages not all written before the stop"
+            ),
+        }
+    }
+
+    pub(crate) fn loaded(&self, n: usize) {
+        self.metrics.loaded.inc_by(n as u64);
+    }
+}
+
+fn props_of(p: &PublishProperties) -> RetainedProps {
+    RetainedProps {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
+        user_properties: p.user_properties.clone(),
+        content_type: p.content_type.clone(),
+    }
+}
+
+/// A stored retained message as the router takes it from the mesh's shape, with the time
+/// since it was stored (by `now_ms`) taken off its message expiry interval; `None` if it has
+/// expired meanwhile (MQTT-3.3.2-5) or is a clearing.
+pub(crate) fn publish_of(e: RetainedEntry, now_ms: i64) -> Option<MeshPublish> {
+    if e.is_clear() {
+        return None;
+    }
+    let mut expiry = e.props.message_expiry_interval;
+    if let Some(interval) = expiry {
+        let waited =
+            u32::try_from(now_ms.saturating_sub(e.at_ms).max(0) / 1000).unwrap_or(u32::MAX);
+        expiry = Some(interval.checked_sub(waited).filter(|r| *r > 0)?);
+    }
+    Some(MeshPublish {
+        topic: Bytes::from(e.topic),
+        payload: Bytes::from(e.payload),
+        retain: true,
+        qos: e.qos.min(2),
+        payload_format_indicator: e.props.payload_format_indicator,
+        message_expiry_interval: expiry,
+        response_topic: e.props.response_topic,
+        correlation_data: e.props.correlation_data.map(Bytes::from),
+        user_properties: e.props.user_properties,
+        content_type: e.props.content_type,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(expiry: Option<u32>, at_ms: i64) -> RetainedEntry {
+        RetainedEntry {
+            topic: "a/b".into(),
+            payload: b"x".to_vec(),
+            qos: 2,
+            at_ms,
+            props: RetainedProps {
+                message_expiry_interval: expiry,
+                user_properties: vec![("k".into(), "v".into())],
+                ..RetainedProps::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_stored_message_keeps_what_it_was_published_with_and_the_expiry_left() {
+        let m = publish_of(stored(None, 0), 999_999).expect("no expiry: loaded");
+        assert_eq!((m.retain, m.qos, &m.topic[..]), (true, 2, &b"a/b"[..]));
+        assert_eq!(m.user_properties, [("k".to_string(), "v".to_string())]);
+        let m = publish_of(stored(Some(60), 10_000), 25_500).expect("15 s of 60 gone");
+        assert_eq!(m.message_expiry_interval, Some(45));
+        assert!(
+            publish_of(stored(Some(60), 10_000), 70_000).is_none(),
+            "expired"
+        );
+        let clear = RetainedEntry {
+            payload: Vec::new(),
+            ..stored(None, 0)
+        };
+        assert!(publish_of(clear, 0).is_none());
+    }
+}

@@ -1,0 +1,180 @@
+//! Durable cluster state (issue 18): retained messages survive a whole-cluster restart. The
+//! topology runs as real processes (HA server on SQLite, three brokers, the LB); clients set
+//! retained messages on the brokers directly in MQTT 3.1.1 and 5.0, one set on a node and
+//! cleared (empty payload) on another; once the HA server holds what they wrote, every broker
+//! and the HA server are killed (SIGKILL) and started again, and a new subscriber gets every
+//! retained message that was set, with its properties, and not the cleared one.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use mqlb_tests::{ha_get_json, http, metric, wait_until, Client, Client5, Msg, QoS, Topology};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A broker's `/metrics`.
+async fn metrics(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let (status, text) = http(addr, "GET", "/metrics").await?;
+    anyhow::ensure!(status == 200, "GET /metrics: {status}");
+    Ok(text)
+}
+
+/// The HA server's retained messages: topic → base64 payload.
+async fn stored(t: &Topology) -> anyhow::Result<BTreeMap<String, String>> {
+    let page = ha_get_json(t.ha, "/api/retained").await?;
+    let entries = page["entries"].as_array().context("no entries")?;
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["topic"].as_str()?.to_string(),
+                e["payload"].as_str().unwrap_or("").to_string(),
+            ))
+        })
+        .collect())
+}
+
+async fn wait_stored(t: &Topology, what: &str, want: &[(&str, &str)]) -> anyhow::Result<()> {
+    let want: BTreeMap<String, String> = want
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    wait_until(what, DEADLINE, || async {
+        stored(t).await.is_ok_and(|s| s == want)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Retained messages a subscriber to `d/#` got, up to the live message it published itself
+/// after subscribing (retained ones come first, so nothing retained comes after it).
+/// Sorted: the router sends retained messages in no set order.
+fn retained_before_end(got: &[Msg]) -> Vec<(String, Vec<u8>)> {
+    let mut r: Vec<_> = got
+        .iter()
+        .take_while(|m| m.topic != "d/end")
+        .filter(|m| m.retain)
+        .map(|m| (m.topic.clone(), m.payload.clone()))
+        .collect();
+    r.sort();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_survive_a_whole_cluster_restart() -> anyhow::Result<()> {
+    let mut t = Topology::start(3).await?;
+    let (b1, b2, b3) = (
+        t.brokers[0].clone(),
+        t.brokers[1].clone(),
+        t.brokers[2].clone(),
+    );
+
+    let v4 = Client::connect(b1.mqtt, "durable-pub-v4").await?;
+    v4.client
+        .publish("d/v4", QoS::AtLeastOnce, true, b"three-one-one".to_vec())
+        .await?;
+    v4.client
+        .publish("d/cleared", QoS::AtLeastOnce, true, b"soon gone".to_vec())
+        .await?;
+    let v5 = Client5::connect(b3.mqtt_v5, "durable-pub-v5").await?;
+    let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    v5.client
+        .publish_with_properties(
+            "d/v5",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            b"five".to_vec(),
+            props,
+        )
+        .await?;
+    // base64 of the payloads
+    let (p4, p5, gone) = ("dGhyZWUtb25lLW9uZQ==", "Zml2ZQ==", "c29vbiBnb25l");
+    wait_stored(
+        &t,
+        "the HA server holds the three retained messages",
+        &[("d/cleared", gone), ("d/v4", p4), ("d/v5", p5)],
+    )
+    .await?;
+    // Cleared on another node than the one that set it.
+    let clearer = Client::connect(b2.mqtt, "durable-clearer").await?;
+    clearer
+        .client
+        .publish("d/cleared", QoS::AtLeastOnce, true, Vec::new())
+        .await?;
+    wait_stored(
+        &t,
+        "the HA server holds the clearing",
+        &[("d/v4", p4), ("d/v5", p5)],
+    )
+    .await?;
+    let b2_metrics = metrics(b2.http).await?;
+    assert_eq!(
+        metric(&b2_metrics, "mqlb_broker_retained_stored_total", &[]),
+        1.0,
+        "b2 wrote the clearing only: the set came from b1's client, not b2's"
+    );
+    v4.disconnect().await;
+    clearer.disconnect().await;
+    drop(v5);
+
+    for name in ["b1", "b2", "b3", "ha1"] {
+        t.kill(name)?;
+    }
+    for name in ["ha1", "b1", "b2", "b3"] {
+        t.restart(name).await?;
+    }
+
+    let want = vec![
+        ("d/v4".to_string(), b"three-one-one".to_vec()),
+        ("d/v5".to_string(), b"five".to_vec()),
+    ];
+    // Every node loaded them: a subscriber on each gets them.
+    for b in [&b1, &b2, &b3] {
+        let sub = Client::connect(b.mqtt, &format!("durable-sub-{}", b.id)).await?;
+        sub.subscribe("d/#", QoS::AtLeastOnce).await?;
+        sub.publish("d/end", QoS::AtLeastOnce, b"end").await?;
+        wait_until(
+            &format!("{}: the live message after the retained ones", b.id),
+            DEADLINE,
+            || async { sub.received().iter().any(|m| m.topic == "d/end") },
+        )
+        .await?;
+        assert_eq!(
+            retained_before_end(&sub.received()),
+            want,
+            "{}: every retained message set, not the cleared one",
+            b.id
+        );
+        sub.disconnect().await;
+        // The link the load used is gone: it is no client.
+        wait_until(&format!("{}: no client left", b.id), DEADLINE, || async {
+            metrics(b.http)
+                .await
+                .is_ok_and(|t| metric(&t, "mqlb_broker_clients_connected", &[]) == 0.0)
+        })
+        .await?;
+        let text = metrics(b.http).await?;
+        assert_eq!(
+            metric(&text, "mqlb_broker_retained_loaded_total", &[]),
+            2.0,
+            "{}",
+            b.id
+        );
+    }
+    // The MQTT 5 properties came back too.
+    let sub5 = Client5::connect(b1.mqtt_v5, "durable-sub-v5").await?;
+    sub5.subscribe("d/v5").await?;
+    wait_until("the MQTT 5 retained message", DEADLINE, || async {
+        !sub5.received().is_empty()
+    })
+    .await?;
+    let m = &sub5.received()[0];
+    assert!(m.retain);
+    assert_eq!(m.user_properties, [("k".to_string(), "v".to_string())]);
+    Ok(())
+}
