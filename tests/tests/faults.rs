@@ -646,13 +646,17 @@ async fn a_backend_that_leaves_the_pool_loses_its_connections() -> anyhow::Resul
     })
     .await?;
     lb.apply(Config::parse(&toml(b, "b"), "test")?).await?;
+    ends_as_backend_down(&lb, &mut live, "the removed backend").await?;
+    lb.shutdown().await;
+    Ok(())
+}
+
+/// `live`, a connection through `lb` to `backend`, is closed by the LB and counted as
+/// `backend_down` (once its task has closed both sockets: the client may see the close first).
+async fn ends_as_backend_down(lb: &Lb, live: &mut TcpStream, backend: &str) -> anyhow::Result<()> {
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(DEADLINE, live.read_to_end(&mut rest)).await;
-    assert!(
-        ended.is_ok(),
-        "the connection to the removed backend was not closed"
-    );
-    // Counted once its task has closed both sockets: the client may see the close first.
+    anyhow::ensure!(ended.is_ok(), "the connection to {backend} was not closed");
     wait_until("counted as backend_down", DEADLINE, || {
         let text = lb.metrics_text();
         async move {
@@ -664,7 +668,6 @@ async fn a_backend_that_leaves_the_pool_loses_its_connections() -> anyhow::Resul
         }
     })
     .await?;
-    lb.shutdown().await;
     Ok(())
 }
 
@@ -738,23 +741,7 @@ async fn a_member_that_leaves_the_membership_loses_its_connections() -> anyhow::
     beating.cancel();
     beats.await?;
     wait_until("m1 listed down", DEADLINE, || m1_is("down")).await?;
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(DEADLINE, live.read_to_end(&mut rest)).await;
-    assert!(
-        ended.is_ok(),
-        "the connection to the member that left was not closed"
-    );
-    wait_until("counted as backend_down", DEADLINE, || {
-        let text = lb.metrics_text();
-        async move {
-            metric(
-                &text,
-                "mqlb_connections_total",
-                &[("outcome", "backend_down")],
-            ) == 1.0
-        }
-    })
-    .await?;
+    ends_as_backend_down(&lb, &mut live, "the member that left").await?;
     lb.shutdown().await;
     ha.stop().await;
     Ok(())
