@@ -13,6 +13,7 @@ macro_rules! outln {
     };
 }
 
+mod dev_tls;
 mod import_azure;
 mod plan;
 mod up;
@@ -44,6 +45,16 @@ enum Command {
         /// Do not restart brokers and HA servers that die.
         #[arg(long)]
         no_restart: bool,
+        /// Also serve MQTT over TLS here, with a certificate of the dev CA in --tls-dir
+        /// (made at first start). With the built-in config: 127.0.0.1:8883 unless --no-tls.
+        #[arg(long, value_name = "ADDR")]
+        tls: Option<std::net::SocketAddr>,
+        /// Where the dev CA and its certificate are kept.
+        #[arg(long, value_name = "DIR", default_value = "mqlb-dev-tls")]
+        tls_dir: PathBuf,
+        /// No TLS frontend for the built-in config.
+        #[arg(long, conflicts_with = "tls")]
+        no_tls: bool,
     },
     /// Run the load balancer. SIGHUP (or a change of the file) reloads; SIGTERM/Ctrl-C stops
     /// gracefully.
@@ -180,8 +191,20 @@ fn main() -> ExitCode {
             print_report(&text)
         }),
         Command::Lb { config } => runtime().and_then(|rt| rt.block_on(run_lb(config))),
-        Command::Up { config, no_restart } => {
-            runtime().and_then(|rt| rt.block_on(up::run(config, !no_restart)))
+        Command::Up {
+            config,
+            no_restart,
+            tls,
+            tls_dir,
+            no_tls,
+        } => {
+            let tls = match (tls, no_tls, &config) {
+                (Some(addr), _, _) => Some(addr),
+                (None, false, None) => Some(up::DEV_TLS_ADDR),
+                _ => None,
+            };
+            let tls = tls.map(|addr| up::DevTlsFrontend { addr, dir: tls_dir });
+            runtime().and_then(|rt| rt.block_on(up::run(config, !no_restart, tls)))
         }
         Command::Haserver { config, id } => {
             runtime().and_then(|rt| rt.block_on(run_haserver(config, &id)))

@@ -2,13 +2,15 @@
 //! and the load balancer — each as its own `mqlb` process, so any of them can be killed
 //! (`kill -9 PID`) or hung (`kill -STOP PID`) like a failing machine.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mqlb_config::Config;
+
+use crate::dev_tls::DevTls;
 
 /// One child process and how to start it again.
 struct Proc {
@@ -113,17 +115,100 @@ fn signal(pid: u32, sig: &str) {
     }
 }
 
-pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitCode> {
-    let (cfg, file_args) = match &config {
-        Some(path) => {
-            let abs = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
-            (
-                Config::load(&abs)?,
-                vec!["-c".to_string(), abs.display().to_string()],
-            )
-        }
-        None => (Config::builtin()?, Vec::new()),
+/// Where `mqlb up` serves MQTT over TLS with the built-in config: MQTT over TLS's port.
+pub const DEV_TLS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8883);
+
+/// A TLS frontend `up` adds to the topology, with a certificate of the dev CA in `dir`.
+pub struct DevTlsFrontend {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+}
+
+/// The config text with the TLS frontend added: a frontend at `addr` terminating TLS with
+/// `dev`'s certificate, and a rule sending it to `pool` by client ID as the built-in rule does.
+fn with_tls_frontend(text: &str, addr: SocketAddr, dev: &DevTls, pool: &str) -> String {
+    let quoted = |p: &Path| serde_json::Value::String(p.display().to_string()).to_string();
+    format!(
+        "{text}\n\n# Added by `mqlb up`: MQTT over TLS with a certificate of its dev CA.\n\
+         [[frontend]]\nname = \"mqlb-up-tls\"\nbind = \"{addr}\"\n\
+         tls = {{ cert = {}, key = {} }}\n\n\
+         [[rule]]\nname = \"mqlb-up-tls\"\nfrontend = \"mqlb-up-tls\"\npool = {}\n\
+         distribution = \"mqtt-client-id\"\nfallback = \"five-tuple\"\n\
+         close_on_backend_down = true\n",
+        quoted(&dev.cert),
+        quoted(&dev.key),
+        serde_json::Value::String(pool.to_string()),
+    )
+}
+
+/// What `up` runs: the config, the arguments that give its file to the children, and the
+/// TLS frontend it added, if it did.
+struct Topology {
+    cfg: Config,
+    file_args: Vec<String>,
+    dev_tls: Option<(SocketAddr, DevTls)>,
+}
+
+/// The topology of the file (or the built-in config) as it is, or with a TLS frontend, then
+/// written to `DIR/mqlb-up.toml` for the children to read.
+fn topology(config: Option<&Path>, tls: Option<&DevTlsFrontend>) -> anyhow::Result<Topology> {
+    let of = |cfg, file_args, dev_tls| Topology {
+        cfg,
+        file_args,
+        dev_tls,
     };
+    let file_args = |p: &Path| vec!["-c".to_string(), p.display().to_string()];
+    let Some(t) = tls else {
+        return match config {
+            Some(path) => {
+                let abs =
+                    std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
+                Ok(of(Config::load(&abs)?, file_args(&abs), None))
+            }
+            None => Ok(of(Config::builtin()?, Vec::new(), None)),
+        };
+    };
+    let (text, base) = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let base = Config::parse(&text, &path.display().to_string())?;
+            (text, base)
+        }
+        None => (
+            mqlb_config::DEFAULT_CONFIG_TOML.to_string(),
+            Config::builtin()?,
+        ),
+    };
+    let pool = base
+        .rules
+        .first()
+        .map(|r| r.pool.clone())
+        .context("--tls: the configuration has no [[rule]] whose pool to serve")?;
+    std::fs::create_dir_all(&t.dir).with_context(|| format!("creating {}", t.dir.display()))?;
+    let dir = std::fs::canonicalize(&t.dir).with_context(|| format!("{}", t.dir.display()))?;
+    let dev = crate::dev_tls::ensure(&dir)?;
+    let file = dir.join("mqlb-up.toml");
+    std::fs::write(&file, with_tls_frontend(&text, t.addr, &dev, &pool))
+        .with_context(|| format!("writing {}", file.display()))?;
+    let abs = std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
+    Ok(of(
+        Config::load(&abs)?,
+        file_args(&abs),
+        Some((t.addr, dev)),
+    ))
+}
+
+pub async fn run(
+    config: Option<PathBuf>,
+    restart: bool,
+    tls: Option<DevTlsFrontend>,
+) -> anyhow::Result<ExitCode> {
+    let Topology {
+        cfg,
+        file_args,
+        dev_tls,
+    } = topology(config.as_deref(), tls.as_ref())?;
     if cfg.brokers.is_empty() && cfg.rules.is_empty() {
         bail!("nothing to start: the configuration has no [[broker]] and no [[rule]]");
     }
@@ -161,7 +246,25 @@ pub async fn run(config: Option<PathBuf>, restart: bool) -> anyhow::Result<ExitC
             ))
     );
     for f in &cfg.frontends {
-        outln!("  MQTT (3.1.1 and 5.0)   mqtt://{}", f.bind);
+        let scheme = if f.tls.is_some() { "mqtts" } else { "mqtt" };
+        outln!("  MQTT (3.1.1 and 5.0)   {scheme}://{}", f.bind);
+    }
+    if let Some((addr, dev)) = &dev_tls {
+        let host = if addr.ip().is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            addr.ip()
+        };
+        let ca = dev.ca.display();
+        outln!("  MQTT over TLS, dev CA  {ca}: try");
+        outln!(
+            "    mosquitto_sub -h {host} -p {} --cafile {ca} -t 'hello/#' -v",
+            addr.port()
+        );
+        outln!(
+            "    mosquitto_pub -h {host} -p {} --cafile {ca} -t hello/mqlb -m hi",
+            addr.port()
+        );
     }
     if let Some(lb) = procs.iter().find(|p| p.name == "lb") {
         outln!(
@@ -328,5 +431,30 @@ mod tests {
         assert_eq!(restart_delay(Some(s(16)), s(2)), s(30));
         assert_eq!(restart_delay(Some(s(30)), s(2)), s(30));
         assert_eq!(restart_delay(Some(s(30)), s(61)), s(1));
+    }
+
+    /// The built-in topology with the TLS frontend is a valid config: the frontend terminates
+    /// TLS with the dev certificate on 8883 and its rule routes to the built-in pool by client
+    /// ID; the built-in frontend is still there.
+    #[test]
+    fn the_built_in_topology_takes_the_tls_frontend() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let t = DevTlsFrontend {
+            addr: DEV_TLS_ADDR,
+            dir: dir.path().join("tls"),
+        };
+        let Topology {
+            cfg,
+            file_args: args,
+            dev_tls: dev,
+        } = topology(None, Some(&t))?;
+        let f = cfg.frontend("mqlb-up-tls").context("the TLS frontend")?;
+        assert_eq!((f.bind, f.tls.is_some()), (DEV_TLS_ADDR, true));
+        assert!(cfg.frontend("mqtt").is_some_and(|f| f.tls.is_none()));
+        let rule = cfg.rules.iter().find(|r| r.frontend == "mqlb-up-tls");
+        assert_eq!(rule.map(|r| r.pool.as_str()), Some("brokers"));
+        assert_eq!(args.first().map(String::as_str), Some("-c"));
+        assert!(dev.is_some_and(|(_, d)| d.ca.is_file()));
+        Ok(())
     }
 }

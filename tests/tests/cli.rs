@@ -349,6 +349,52 @@ async fn up_starts_the_topology_and_ctrl_c_stops_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mqlb up --tls ADDR` (what it does on 127.0.0.1:8883 with the built-in config): at first
+/// start it makes a dev CA and a certificate for 127.0.0.1 in `--tls-dir`, serves MQTT over TLS
+/// at ADDR through the LB, and prints the mosquitto commands that work, which do: a message
+/// published over TLS reaches a subscriber over TLS, both trusting only the dev CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_mqtt_over_tls_with_its_dev_ca() -> anyhow::Result<()> {
+    use mqlb_tests::{mosquitto_pub_with, MosquittoSub};
+    if !mqlb_tests::mosquitto_installed() {
+        anyhow::ensure!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto-clients missing in CI"
+        );
+        eprintln!("skipped: mosquitto-clients not installed");
+        return Ok(());
+    }
+    let file = mqlb_tests::TopologyFile::write(2)?;
+    let dir = TempDir::new("up-tls")?;
+    let tls_dir = dir.path().join("dev-tls");
+    let tls = mqlb_tests::loopback(mqlb_tests::free_port()?);
+    let args = [
+        "--no-restart",
+        "--tls",
+        &tls.to_string(),
+        "--tls-dir",
+        &tls_dir.display().to_string(),
+    ];
+    let up = mqlb_tests::Up::start(&file.path, &args).await?;
+    let text = up.output();
+    assert!(text.contains(&format!("mqtts://{tls}")), "{text}");
+    let ca = std::fs::canonicalize(tls_dir.join("ca.pem"))?;
+    let ca = ca.display().to_string();
+    let printed = format!("mosquitto_pub -h 127.0.0.1 -p {} --cafile {ca}", tls.port());
+    assert!(text.contains(&printed), "{text}");
+    let over_tls = ["--cafile", ca.as_str()];
+    let mut sub = MosquittoSub::start_with(tls, "up-tls-sub", "hello/#", &over_tls)?;
+    sub.wait_subscribed("hello/ping", || {
+        mosquitto_pub_with(tls, "up-tls-ping", "hello/ping", "ping", &over_tls)
+    })
+    .await?;
+    mosquitto_pub_with(tls, "up-tls-pub", "hello/mqlb", "hi", &over_tls)?;
+    let got = sub.lines(1, "hello/ping", Duration::from_secs(10));
+    assert_eq!(got, ["hello/mqlb hi"]);
+    assert!(up.stop().await?, "mqlb up exits cleanly on Ctrl-C");
+    Ok(())
+}
+
 /// A semantic error and a warning of `check-config` name the line of their key, as a compiler
 /// does (`FILE:LINE: key: message`); a key the file leaves out names its table's line.
 #[test]
