@@ -47,12 +47,18 @@ pub const DEFAULT_BACKLOG: NonZeroU32 = nz(1024);
 /// A client offering none is still accepted (mosquitto's clients offer none).
 pub const DEFAULT_TLS_ALPN: &[&str] = &["mqtt"];
 
+/// `frontend.accept_proxy`: no source is trusted to send a PROXY header; a header is data.
+pub const DEFAULT_ACCEPT_PROXY: Vec<ipnet::IpNet> = Vec::new();
+
 /// `frontend.source_burst`: one second's worth of `source_rate` unless said otherwise.
 pub fn default_source_burst(source_rate: NonZeroU32) -> NonZeroU32 {
     source_rate
 }
 
 // ---- [[pool]] -------------------------------------------------------------------------------
+
+/// `pool.send_proxy`: backends see the LB's address, no PROXY header is sent.
+pub const DEFAULT_SEND_PROXY: Option<crate::model::ProxyVersion> = None;
 
 /// `pool.backend.weight`.
 pub const DEFAULT_WEIGHT: NonZeroU32 = nz(1);

@@ -78,6 +78,44 @@ pub struct Frontend {
     pub limits: FrontendLimits,
     /// TLS terminated here (`tls = { cert, key }`); `None`: the bytes are passed as they come.
     pub tls: Option<crate::tls::FrontendTls>,
+    /// Sources trusted to start their connections with a PROXY header (another LB in front):
+    /// the address it carries is then the client's. Empty: no header is read from anyone.
+    pub accept_proxy: Vec<ipnet::IpNet>,
+}
+
+impl Frontend {
+    /// Whether a connection from `ip` must start with a PROXY header.
+    pub fn trusts_proxy(&self, ip: std::net::IpAddr) -> bool {
+        trusts_proxy(&self.accept_proxy, ip)
+    }
+}
+
+/// Whether `ip` is in `nets` (an IPv4 client seen on an IPv6 socket as `::ffff:a.b.c.d`
+/// matches its IPv4 network).
+pub fn trusts_proxy(nets: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// The PROXY protocol version a pool's backends are sent (`send_proxy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 ...\r\n`): addresses only.
+    V1,
+    /// The binary header, with TLVs (the TLS version when the frontend terminated TLS).
+    V2,
+}
+
+impl ProxyVersion {
+    pub const NAMES: [&'static str; 2] = ["v1", "v2"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "v1" => Some(Self::V1),
+            "v2" => Some(Self::V2),
+            _ => None,
+        }
+    }
 }
 
 /// A backend pool with the probe that decides its members' health.
@@ -99,6 +137,9 @@ pub struct Pool {
     /// How fast each member takes new connections (HAProxy's server `maxconn`, `maxqueue`,
     /// `timeout queue`, `slowstart`).
     pub admission: Admission,
+    /// Each connection to a member starts with a PROXY header carrying the client's address
+    /// (HAProxy's `send-proxy`/`send-proxy-v2`); `None`: the member sees the LB's address.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// Admission of new connections to each member of a pool. A burst (a failover moves thousands

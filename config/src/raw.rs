@@ -101,6 +101,7 @@ pub struct RawFrontend {
     pub source_rate: Option<u32>,
     pub source_burst: Option<u32>,
     pub tls: Option<RawTls>,
+    pub accept_proxy: Option<Vec<String>>,
 }
 
 /// `tls = { cert = "chain.pem", key = "key.pem", alpn = ["mqtt"], sni = [...] }` of a frontend.
@@ -135,6 +136,7 @@ pub struct RawPool {
     pub queue_timeout: Option<String>,
     pub slow_start: Option<String>,
     pub server_reference: Option<String>,
+    pub send_proxy: Option<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }

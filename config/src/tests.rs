@@ -243,7 +243,8 @@ distribution = "random"
 idle_timeout = "0s"
 "#;
     let p = problems(text);
-    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    let mut keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    keys.sort();
     for expected in [
         "lb.admin",
         "frontend[0].bind",
@@ -696,4 +697,72 @@ fn tls_sni_certificates_are_checked_against_their_names() {
         assert_eq!(p[0].key, key, "{sni}");
         assert!(p[0].message.contains(says), "{sni}: {}", p[0].message);
     }
+}
+
+#[test]
+fn proxy_protocol_keys_are_off_by_default_and_checked() {
+    let c = Config::parse(MINIMAL, "t.toml").expect("valid");
+    assert_eq!(c.pool("brokers").expect("pool").send_proxy, None);
+    assert!(c.frontends[0].accept_proxy.is_empty());
+    assert!(!c.frontends[0].trusts_proxy("127.0.0.1".parse().expect("ip")));
+
+    let with = |frontend: &str, pool: &str| {
+        MINIMAL
+            .replace(
+                "bind = \"127.0.0.1:1883\"\n",
+                &format!("bind = \"127.0.0.1:1883\"\n{frontend}\n"),
+            )
+            .replace(
+                "name = \"brokers\"\n",
+                &format!("name = \"brokers\"\n{pool}\n"),
+            )
+    };
+    let c = Config::parse(
+        &with(
+            "accept_proxy = [\"10.0.0.0/8\", \"192.0.2.7\", \"fd00::/8\"]",
+            "send_proxy = \"v2\"",
+        ),
+        "t.toml",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.pool("brokers").expect("pool").send_proxy,
+        Some(ProxyVersion::V2)
+    );
+    let f = &c.frontends[0];
+    for (ip, trusted) in [
+        ("10.9.8.7", true),
+        ("192.0.2.7", true),
+        ("192.0.2.8", false),
+        ("::ffff:10.1.1.1", true),
+        ("fd12::1", true),
+        ("127.0.0.1", false),
+    ] {
+        assert_eq!(f.trusts_proxy(ip.parse().expect("ip")), trusted, "{ip}");
+    }
+
+    let p = problems(&with(
+        "accept_proxy = [\"10.0.0.0/33\", \"not-an-ip\"]",
+        "send_proxy = \"v3\"",
+    ));
+    let mut keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "frontend[0].accept_proxy[0]",
+            "frontend[0].accept_proxy[1]",
+            "pool[0].send_proxy"
+        ],
+        "{p:?}"
+    );
+
+    let c = Config::parse(&with("accept_proxy = [\"0.0.0.0/0\"]", ""), "t.toml").expect("valid");
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.key == "frontend[0].accept_proxy[0]"),
+        "trusting everyone is warned: {:?}",
+        c.warnings
+    );
 }

@@ -16,7 +16,8 @@
 //! routing decision) has no sockets and is tested beside the code.
 //!
 //! The modules are layered, each importing only those above it in this list (no import
-//! circle): the bottom (`outcome`, `select`, `port`, `limits`, `backend`), the data
+//! circle): the bottom (`outcome`, `select`, `port`, `limits`, `backend`, and `proxy_protocol`,
+//! the PROXY header codec), the data
 //! (`metrics`, `snapshot`, `state`, `admin_state`, `evacuate`, `events`, `discovery`), the
 //! state every task shares (`shared`), the tasks over it (`conn`, `health`, `listener`,
 //! `admin`), and the facade that starts them (`lb`, with `reload` and `workers`).
@@ -25,6 +26,7 @@ mod backend;
 mod limits;
 mod outcome;
 pub mod port;
+mod proxy_protocol;
 pub mod select;
 
 mod admin_state;
@@ -50,5 +52,5 @@ mod workers;
 /// other crates use `mqlb_mqtt` itself.
 use mqlb_mqtt as mqtt;
 
-pub use health::probe::{probe_once, ProbeError};
+pub use health::probe::{probe_once, probe_once_via, ProbeError};
 pub use lb::{Lb, Listeners, ReloadError, StartError};

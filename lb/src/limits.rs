@@ -221,16 +221,66 @@ impl Sources {
 pub struct Admitted {
     pub(crate) global: Arc<AtomicU32>,
     pub(crate) frontend: Arc<AtomicU32>,
-    pub(crate) sources: Arc<Sources>,
-    pub(crate) name: Arc<str>,
-    pub(crate) ip: IpAddr,
+    /// Its place among its source's connections: taken at accept, or, for a connection from
+    /// an LB in front (`accept_proxy`), once its PROXY header named the real client.
+    pub(crate) source: Option<SourcePlace>,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.global.fetch_sub(1, Ordering::AcqRel);
         self.frontend.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's place in its source's count; given back on drop.
+pub struct SourcePlace {
+    pub(crate) sources: Arc<Sources>,
+    pub(crate) name: Arc<str>,
+    pub(crate) ip: IpAddr,
+}
+
+impl Drop for SourcePlace {
+    fn drop(&mut self) {
         self.sources.release(&self.name, self.ip);
+    }
+}
+
+/// The limits decided at accept for a connection whose source is not known yet (it comes
+/// from a trusted LB in front, whose own address is not the client's): the global and the
+/// frontend ones; the per-source ones wait for the PROXY header ([`source_limits`]).
+pub fn accept_limits(limits: &FrontendLimits) -> FrontendLimits {
+    FrontendLimits {
+        max_connections_per_source: None,
+        source_rate: None,
+        ..*limits
+    }
+}
+
+/// The per-source half of `limits`, for a source learnt from a PROXY header.
+pub fn source_limits(limits: &FrontendLimits) -> FrontendLimits {
+    FrontendLimits {
+        max_connections: None,
+        ..*limits
+    }
+}
+
+impl Sources {
+    /// Decides the per-source limits for `ip` (a client a PROXY header named) on `frontend`
+    /// and, if admitted, counts it until the place is dropped.
+    pub fn admit_source(
+        self: &Arc<Self>,
+        frontend: &str,
+        ip: IpAddr,
+        limits: &FrontendLimits,
+        now: Instant,
+    ) -> Result<SourcePlace, Refusal> {
+        self.admit(frontend, ip, &source_limits(limits), Load::default(), now)?;
+        Ok(SourcePlace {
+            sources: self.clone(),
+            name: Arc::from(frontend),
+            ip,
+        })
     }
 }
 
@@ -300,6 +350,48 @@ mod tests {
             true
         });
         assert!(!spent, "a refusal for another reason spends no token");
+    }
+
+    /// Behind an LB in front: the global and frontend limits at accept, the source's once
+    /// the header named it, each counted for the source it names and given back on drop.
+    #[test]
+    fn a_proxied_source_is_limited_by_the_address_its_header_names() {
+        let limits = FrontendLimits {
+            max_connections: nz(10),
+            max_connections_per_source: nz(1),
+            source_rate: None,
+        };
+        let at_accept = accept_limits(&limits);
+        let c = Counts {
+            global: 0,
+            frontend: 9,
+            source: 5,
+        };
+        assert_eq!(decide(None, &at_accept, c, || false), Ok(()));
+        let full = Counts { frontend: 10, ..c };
+        assert_eq!(
+            decide(None, &at_accept, full, || true),
+            Err(Refusal::Frontend)
+        );
+
+        let s = Arc::new(Sources::default());
+        let (a, b): (IpAddr, IpAddr) = (
+            "198.51.100.1".parse().expect("ip"),
+            "198.51.100.2".parse().expect("ip"),
+        );
+        let now = Instant::now();
+        let first = s.admit_source("f", a, &limits, now).expect("first");
+        assert_eq!(
+            s.admit_source("f", a, &limits, now).err(),
+            Some(Refusal::Source)
+        );
+        let other = s
+            .admit_source("f", b, &limits, now)
+            .expect("another client");
+        drop(first);
+        let again = s.admit_source("f", a, &limits, now).expect("given back");
+        drop((again, other));
+        assert_eq!(s.len(), 0);
     }
 
     #[test]

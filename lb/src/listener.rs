@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn;
-use crate::limits::{Admitted, Refusal};
+use crate::limits::{accept_limits, Admitted, Refusal, SourcePlace};
 use crate::shared::Shared;
 use crate::snapshot::RuleRt;
 use mqlb_http::lock;
@@ -140,9 +140,20 @@ fn admit(
         global: shared.live.load(Ordering::Acquire),
         frontend: frontend_live.load(Ordering::Acquire),
     };
-    let decided = shared
-        .sources
-        .admit(frontend, peer.ip(), limits, load, Instant::now());
+    // From an LB in front the peer is that LB: its clients' limits wait for the header.
+    let deferred = rule.trusts_proxy(peer.ip());
+    let decided = if deferred {
+        let counts = crate::limits::Counts {
+            global: load.global,
+            frontend: load.frontend,
+            source: 0,
+        };
+        crate::limits::decide(global_max, &accept_limits(limits), counts, || true)
+    } else {
+        shared
+            .sources
+            .admit(frontend, peer.ip(), limits, load, Instant::now())
+    };
     if let Err(why) = decided {
         shared
             .metrics
@@ -157,9 +168,11 @@ fn admit(
     Ok(Some(Admitted {
         global: shared.live.clone(),
         frontend: frontend_live.clone(),
-        sources: shared.sources.clone(),
-        name: frontend.clone(),
-        ip: peer.ip(),
+        source: (!deferred).then(|| SourcePlace {
+            sources: shared.sources.clone(),
+            name: frontend.clone(),
+            ip: peer.ip(),
+        }),
     }))
 }
 
@@ -194,6 +207,14 @@ pub(crate) async fn accept_loop(
             .with_label_values(&[&frontend, why.label()]);
     }
     if let Some(rule) = shared.snapshot.load().rules.get(&frontend) {
+        if !rule.accept_proxy.is_empty() {
+            for why in conn::HeaderFail::REASONS {
+                shared
+                    .metrics
+                    .proxy_header_errors_total
+                    .with_label_values(&[&frontend, why]);
+            }
+        }
         if rule.tls.is_some() {
             shared
                 .metrics
@@ -239,15 +260,10 @@ pub(crate) async fn accept_loop(
                     continue;
                 };
                 let s = shared.clone();
-                let connection = conn::handle(s, rule, stream, peer, local, !inherits_options);
-                match admitted {
-                    // Holds the connection's place in the counts for its whole life.
-                    Some(place) => shared.tracker.spawn(async move {
-                        let _place = place;
-                        connection.await
-                    }),
-                    None => shared.tracker.spawn(connection),
-                };
+                // Holds the connection's place in the counts for its whole life.
+                let connection =
+                    conn::handle(s, rule, stream, peer, local, !inherits_options, admitted);
+                shared.tracker.spawn(connection);
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: out of resources. Back off briefly instead of spinning;

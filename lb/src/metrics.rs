@@ -47,6 +47,7 @@ pub struct Metrics {
     pub tls_handshakes_total: IntCounterVec,
     pub tls_handshake_errors_total: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
+    pub proxy_header_errors_total: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -172,6 +173,13 @@ impl Metrics {
                 ),
                 &["frontend"],
             )?,
+            proxy_header_errors_total: IntCounterVec::new(
+                opts(
+                    "mqlb_proxy_header_errors_total",
+                    "Connections from an accept_proxy source refused for their PROXY header, by reason; never passed on.",
+                ),
+                &["frontend", "reason"],
+            )?,
             registry,
         };
         m.registry
@@ -198,6 +206,8 @@ impl Metrics {
         m.registry
             .register(Box::new(m.tls_handshake_errors_total.clone()))?;
         m.registry.register(Box::new(m.tls_cert_expiry.clone()))?;
+        m.registry
+            .register(Box::new(m.proxy_header_errors_total.clone()))?;
         // CPU seconds, resident memory, open descriptors, start time: the standard process_*
         // series, so the LB's own cost sits beside its traffic on a dashboard.
         mqlb_http::metrics::register_process(&m.registry)?;

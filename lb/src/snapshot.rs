@@ -73,6 +73,8 @@ pub struct RuleRt {
     /// every connection; carried from the previous snapshot while the certificate, key and
     /// ALPN stay the same, so reloads keep its session ticket keys and resumed sessions.
     pub tls: Option<mqlb_config::TlsServer>,
+    /// The sources its frontend takes a PROXY header from (`accept_proxy`).
+    pub accept_proxy: Vec<ipnet::IpNet>,
     /// Metric handles of this rule × each pool member, looked up on first use: the data path
     /// then touches its counters without hashing label values or taking the vec's lock.
     member_metrics: Vec<OnceLock<MemberMetrics>>,
@@ -110,6 +112,7 @@ impl RuleRt {
             tls_handshakes: OnceLock::new(),
             limits: mqlb_config::FrontendLimits::default(),
             tls: None,
+            accept_proxy: Vec::new(),
             cfg,
             pool,
         }
@@ -148,6 +151,12 @@ impl RuleRt {
             m.tls_handshakes_total
                 .with_label_values(&[&self.cfg.frontend])
         })
+    }
+
+    /// Whether a connection from `ip` comes through a trusted LB in front, so starts with a
+    /// PROXY header.
+    pub(crate) fn trusts_proxy(&self, ip: std::net::IpAddr) -> bool {
+        !self.accept_proxy.is_empty() && mqlb_config::trusts_proxy(&self.accept_proxy, ip)
     }
 
     /// `mqlb_route_decisions_total` for the rule's own distribution (not a fallback).
@@ -211,6 +220,7 @@ impl Snapshot {
                 let mut rt = RuleRt::new(r.clone(), pool);
                 if let Some(f) = config.frontends.iter().find(|f| f.name == r.frontend) {
                     rt.limits = f.limits;
+                    rt.accept_proxy = f.accept_proxy.clone();
                     let carried = prev
                         .and_then(|s| s.rules.get(&r.frontend))
                         .and_then(|old| old.tls.clone());

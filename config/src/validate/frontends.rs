@@ -37,7 +37,9 @@ fn frontend(
     bind_is_free(c, k, bind, binds, admin);
     let limits = limits(c, k, f);
     let tls = f.tls.as_ref().and_then(|t| tls(c, k, &f.name, t));
+    let accept_proxy = accept_proxy(c, k, f);
     Some(Frontend {
+        accept_proxy,
         name: f.name.clone(),
         bind,
         backlog,
@@ -163,6 +165,37 @@ fn bind_is_free(
             format!("address {bind} is also lb.admin"),
         );
     }
+}
+
+/// `accept_proxy = ["10.0.0.0/8", "192.0.2.7"]`: CIDRs, or addresses (one host each).
+fn accept_proxy(c: &mut Checker, k: &str, f: &RawFrontend) -> Vec<ipnet::IpNet> {
+    let Some(list) = &f.accept_proxy else {
+        return DEFAULT_ACCEPT_PROXY;
+    };
+    let mut nets = Vec::new();
+    for (j, text) in list.iter().enumerate() {
+        let parsed = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(n) if n.prefix_len() == 0 => {
+                c.warn(
+                    format!("{k}.accept_proxy[{j}]"),
+                    format!(
+                        "frontend {:?} trusts a PROXY header from every address: any client can claim any source",
+                        f.name
+                    ),
+                );
+                nets.push(n);
+            }
+            Ok(n) => nets.push(n),
+            Err(_) => c.error(
+                format!("{k}.accept_proxy[{j}]"),
+                format!("{text:?} is not a CIDR (10.0.0.0/8, fd00::/8) or an IP address"),
+            ),
+        }
+    }
+    nets
 }
 
 fn limits(c: &mut Checker, k: &str, f: &RawFrontend) -> FrontendLimits {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::probes::default_probe;
 use super::Checker;
 use crate::defaults::*;
-use crate::model::{Admission, Backend, MqttPorts, Pool, Probe};
+use crate::model::{Admission, Backend, MqttPorts, Pool, Probe, ProxyVersion};
 use crate::raw::{RawBackend, RawPool};
 
 /// `probes` are the validated `[[probe]]`s the pools may name.
@@ -33,7 +33,9 @@ fn pool(c: &mut Checker, k: &str, p: &RawPool, probes: &[Probe]) -> Pool {
     let admission = admission(c, k, p);
     let remove_after = pool_remove_after(c, k, p);
     let server_reference = server_reference(c, k, p);
+    let send_proxy = send_proxy(c, k, p);
     Pool {
+        send_proxy,
         name: p.name.clone(),
         server_reference,
         probe,
@@ -159,4 +161,20 @@ fn server_reference(c: &mut Checker, k: &str, p: &RawPool) -> Option<String> {
         }
         ok
     })
+}
+
+/// `pool.send_proxy = "v1" | "v2"`.
+fn send_proxy(c: &mut Checker, k: &str, p: &RawPool) -> Option<ProxyVersion> {
+    let text = p.send_proxy.as_deref()?;
+    let v = ProxyVersion::parse(text);
+    if v.is_none() {
+        c.error(
+            format!("{k}.send_proxy"),
+            format!(
+                "{text:?} is not a PROXY protocol version: one of {}",
+                ProxyVersion::NAMES.join(", ")
+            ),
+        );
+    }
+    v.or(DEFAULT_SEND_PROXY)
 }

@@ -84,18 +84,20 @@ impl InspectFail {
 /// Reads what `rule` needs to route: nothing for a tuple distribution, the CONNECT (by
 /// `deadline`, the connection's start plus `inspect_timeout`, and within `inspect_max_bytes`)
 /// for a client-ID one. Returns the bytes read, which are replayed to the backend. `client` is
-/// the plain stream or the decrypted one of a TLS frontend.
+/// the plain stream or the decrypted one of a TLS frontend; `early` the client's bytes read
+/// already (past a PROXY header), which come first.
 pub(crate) async fn inspect(
     rule: &Rule,
     client: &mut (impl AsyncRead + Unpin),
     deadline: Instant,
+    early: Vec<u8>,
 ) -> (Vec<u8>, Inspection) {
     if rule.distribution != Distribution::MqttClientId {
-        return (Vec::new(), Inspection::NotRead);
+        return (early, Inspection::NotRead);
     }
     let read = tokio::time::timeout_at(
         deadline,
-        read_connect(client, rule.inspect_max_bytes as usize),
+        read_connect(client, rule.inspect_max_bytes as usize, early),
     )
     .await
     .unwrap_or(Err(InspectFail::Timeout));
@@ -116,20 +118,27 @@ pub(crate) async fn inspect(
 async fn read_connect(
     client: &mut (impl AsyncRead + Unpin),
     max_bytes: usize,
+    early: Vec<u8>,
 ) -> Result<(Vec<u8>, Result<mqtt::Connect, ConnectError>), InspectFail> {
-    let mut buf = Vec::with_capacity(256.min(max_bytes));
+    let mut buf = early;
+    buf.reserve(256.min(max_bytes.saturating_sub(buf.len())));
     // On the heap, not in the task: the task lives as long as the connection.
     let mut chunk = vec![0u8; 1024];
+    // Early bytes are looked at before any read: they may hold the whole CONNECT.
+    let mut read_first = buf.is_empty();
     loop {
-        let room = (max_bytes - buf.len()).min(chunk.len());
-        let n = client
-            .read(&mut chunk[..room])
-            .await
-            .map_err(InspectFail::Io)?;
-        if n == 0 {
-            return Err(InspectFail::Eof);
+        if read_first {
+            let room = max_bytes.saturating_sub(buf.len()).min(chunk.len());
+            let n = client
+                .read(&mut chunk[..room])
+                .await
+                .map_err(InspectFail::Io)?;
+            if n == 0 {
+                return Err(InspectFail::Eof);
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        buf.extend_from_slice(&chunk[..n]);
+        read_first = true;
         match parse_connect(&buf) {
             Ok(Some(c)) => return Ok((buf, Ok(c))),
             Ok(None) if buf.len() >= max_bytes => {

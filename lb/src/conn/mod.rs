@@ -5,6 +5,7 @@
 //! until one side is done, the connection idles out, its backend goes down (if the rule says so)
 //! or shutdown's grace runs out; [`Outcome`] names how it ended.
 
+mod accept_proxy;
 mod connect;
 mod copy;
 mod frames;
@@ -16,6 +17,7 @@ mod splice;
 mod sweep;
 mod tls;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +27,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::Source;
+use crate::limits::{Admitted, SourcePlace};
 use crate::mqtt::{self, Refusal};
 pub use crate::outcome::Outcome;
 use crate::shared::Shared;
 use crate::snapshot::{Member, RuleRt};
 use crate::state::ConnInfo;
+pub(crate) use accept_proxy::HeaderFail;
 pub(crate) use connect::{keepalive, set_keepalive, set_socket_options};
 use copy::Leg;
 use inspect::Inspection;
@@ -52,6 +56,7 @@ pub(crate) fn handle(
     peer: SocketAddr,
     local: SocketAddr,
     set_options: bool,
+    mut place: Option<Admitted>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     // The LB's own data-path probe: served like a client, counted as nothing.
     let client_traffic = !shared.own_probes.contains(peer);
@@ -74,9 +79,13 @@ pub(crate) fn handle(
         if probe_only {
             return;
         }
-        let Some((mut client, mut server, info)) = connect.await else {
+        let Some((mut client, mut server, info, source)) = connect.await else {
             return;
         };
+        // A client a PROXY header named holds its place among its source's connections.
+        if let (Some(p), Some(s)) = (place.as_mut(), source) {
+            p.source = Some(s);
+        }
         if !client_traffic {
             let limit = info.rule.pool.cfg.probe.timeout;
             // The probe hangs up after its CONNACK; a broken one is cut at its own timeout.
@@ -112,17 +121,22 @@ async fn proxy(shared: &Shared, info: &Arc<ConnInfo>, client: impl Leg, server: 
     mm.finish(&shared.metrics, cfg, info.backend(), outcome);
 }
 
-/// The connect phase: TLS (on a frontend that terminates it), inspect, route, connect. `None`
-/// when the connection ended here (counted already).
+/// What the connect phase hands the relay: both legs, the connection's entry, and the place
+/// among its source's connections of a client a PROXY header named.
+type Established = (ClientLeg, TcpStream, Arc<ConnInfo>, Option<SourcePlace>);
+
+/// The connect phase: the PROXY header (from a source the frontend trusts), TLS (on a frontend
+/// that terminates it), inspect, route, connect. `None` when the connection ended here
+/// (counted already).
 async fn establish(
     shared: Arc<Shared>,
     rule: Arc<RuleRt>,
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     set_options: bool,
     client_traffic: bool,
-) -> Option<(ClientLeg, TcpStream, Arc<ConnInfo>)> {
+) -> Option<Established> {
     let (shared, rule) = (&*shared, &rule);
     let cfg = &rule.cfg;
     if set_options {
@@ -137,10 +151,15 @@ async fn establish(
         client_traffic,
     };
 
-    // One deadline for the TLS handshake and the CONNECT after it.
+    // One deadline for the PROXY header, the TLS handshake and the CONNECT after them.
     let deadline = tokio::time::Instant::now() + cfg.inspect_timeout;
-    let mut client = terminate(tally, client, peer, deadline).await?;
-    let (buffered, inspection) = inspect::inspect(cfg, &mut client, deadline).await;
+    let (peer, local, early, source) = if client_traffic && rule.trusts_proxy(peer.ip()) {
+        proxied(tally, &mut client, peer, local, deadline).await?
+    } else {
+        (peer, local, Vec::new(), None)
+    };
+    let (mut client, early) = terminate(tally, client, peer, deadline, early).await?;
+    let (buffered, inspection) = inspect::inspect(cfg, &mut client, deadline, early).await;
     match &inspection {
         Inspection::NotMqtt(e) => {
             tracing::debug!(rule = cfg.name, %peer, error = %e, "first bytes are not MQTT")
@@ -173,6 +192,16 @@ async fn establish(
         return None;
     }
 
+    // A `send_proxy` pool's backends get the client's address first, whichever one is tried.
+    let replay = match with_proxy_header(rule, &client, peer, local, &buffered) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(rule = cfg.name, %peer, error = %e, "PROXY header not built; refusing");
+            tally.end(Outcome::Rejected);
+            return None;
+        }
+    };
+
     // Connect and replay what the inspection read, trying the next choice when either fails
     // (nothing was sent to the client yet). Each connect waits for a slot of its backend's
     // admission first: a burst queues here instead of flooding the broker.
@@ -196,7 +225,7 @@ async fn establish(
             }
         };
         let addr = member.cfg.addr_for_level(level.map(|l| l as u8));
-        let attempt = connect::connect_and_replay(addr, &buffered, &cfg.tcp_keepalive);
+        let attempt = connect::connect_and_replay(addr, &replay, &cfg.tcp_keepalive);
         match tokio::time::timeout(cfg.connect_timeout, attempt).await {
             Ok(Ok(s)) => {
                 backend = Some((idx, addr, s));
@@ -227,32 +256,119 @@ async fn establish(
         client_id,
         buffered.len() as u64,
     );
-    if let ClientLeg::Tls(s) = &client {
-        info.tls = s.get_ref().1.protocol_version();
-    }
+    info.tls = client.tls_version();
     let info = Arc::new(info);
     tracing::debug!(rule = cfg.name, %peer, backend = info.backend(), %backend_addr, client_id = ?info.client_id, "proxying");
-    Some((client, server, info))
+    Some((client, server, info, source))
+}
+
+/// The addresses a trusted LB's PROXY header names (the socket's own for a LOCAL one), the
+/// client's bytes that came after it, and its place under the per-source limits, now that the
+/// source is known. `None` when the header is missing, bad, late, or its source over a limit:
+/// closed and counted (a refused source is reset, as at accept).
+async fn proxied(
+    tally: Tally<'_>,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<(SocketAddr, SocketAddr, Vec<u8>, Option<SourcePlace>)> {
+    let (shared, rule) = (tally.shared, tally.rule);
+    let cfg = &rule.cfg;
+    let (header, early) = match accept_proxy::read(client, deadline).await {
+        Ok(h) => h,
+        Err(fail) => {
+            tracing::debug!(rule = cfg.name, frontend = cfg.frontend, %peer, reason = fail.reason(), error = %fail, "refusing: PROXY header");
+            shared
+                .metrics
+                .proxy_header_errors_total
+                .with_label_values(&[&cfg.frontend, fail.reason()])
+                .inc();
+            tally.end(Outcome::Rejected);
+            return None;
+        }
+    };
+    let (client_addr, dst) = header.addrs.unwrap_or((peer, local));
+    tracing::debug!(rule = cfg.name, via = %peer, client = %client_addr, "PROXY header read");
+    let limits = &rule.limits;
+    let mut source = None;
+    if limits.max_connections_per_source.is_some() || limits.source_rate.is_some() {
+        let now = std::time::Instant::now();
+        match shared
+            .sources
+            .admit_source(&cfg.frontend, client_addr.ip(), limits, now)
+        {
+            Ok(place) => source = Some(place),
+            Err(why) => {
+                shared
+                    .metrics
+                    .refused_total
+                    .with_label_values(&[&cfg.frontend, why.label()])
+                    .inc();
+                tracing::debug!(frontend = cfg.frontend, client = %client_addr, via = %peer, reason = why.label(), "connection refused by a limit");
+                if let Err(e) = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO)) {
+                    tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
+                }
+                tally.end(Outcome::Rejected);
+                return None;
+            }
+        }
+    }
+    Some((client_addr, dst, early, source))
+}
+
+/// What a backend of the rule's pool is sent before the client's bytes: with `send_proxy`, a
+/// PROXY header naming `peer` and the address it connected to (`local`, or the socket's own
+/// when the frontend listens on a wildcard address), then `buffered`; else `buffered` alone.
+fn with_proxy_header<'b>(
+    rule: &RuleRt,
+    client: &ClientLeg,
+    peer: SocketAddr,
+    local: SocketAddr,
+    buffered: &'b [u8],
+) -> std::io::Result<Cow<'b, [u8]>> {
+    let Some(version) = rule.pool.cfg.send_proxy else {
+        return Ok(Cow::Borrowed(buffered));
+    };
+    let dst = if local.ip().is_unspecified() {
+        client.socket().local_addr()?
+    } else {
+        local
+    };
+    let tls = client
+        .tls_version()
+        .map(|v| crate::proxy_protocol::TlsFacts {
+            version: crate::proxy_protocol::tls_version_name(v),
+            // The mTLS hook: the verified client certificate's CN goes here.
+            client_cn: None,
+        });
+    let mut header = crate::proxy_protocol::encode(version, peer, dst, tls)?;
+    header.extend_from_slice(buffered);
+    Ok(Cow::Owned(header))
 }
 
 /// The client leg the rest of the connection reads: the TLS stream once its handshake is done
 /// on a frontend that terminates TLS, else the socket as it is. `None` when the handshake
 /// failed (closed and counted). The LB's own probe speaks plain MQTT to any frontend: it is
 /// known by its address before any byte, and checks the route past the handshake.
+///
+/// `early` is what the client sent that was read already (past a PROXY header): the start of
+/// the handshake, or on a plain frontend the start of the CONNECT, returned for the inspection.
 async fn terminate(
     tally: Tally<'_>,
     client: TcpStream,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Option<ClientLeg> {
+    early: Vec<u8>,
+) -> Option<(ClientLeg, Vec<u8>)> {
     let (rule, metrics) = (tally.rule, &tally.shared.metrics);
     let Some(server) = rule.tls.as_ref().filter(|_| tally.client_traffic) else {
-        return Some(ClientLeg::Plain(client));
+        return Some((ClientLeg::Plain(client), early));
     };
-    match tls::accept(server.config(), client, deadline).await {
+    match tls::accept(server.config(), client, deadline, &early).await {
         Ok(s) => {
             rule.tls_handshakes(metrics).inc();
-            Some(ClientLeg::Tls(Box::new(s)))
+            Some((ClientLeg::Tls(Box::new(s)), Vec::new()))
         }
         Err(fail) => {
             let cfg = &rule.cfg;

@@ -77,19 +77,38 @@ impl HandshakeFail {
     }
 }
 
-/// Completes the server handshake on `client` by `deadline`. On an error rustls has queued its
+/// Completes the server handshake on `client` by `deadline`, `early` being its first bytes
+/// when they were read already (past a PROXY header). On an error rustls has queued its
 /// alert, which the accept sends before it returns; the socket is then dropped (closed).
 pub(crate) async fn accept(
     server: &Arc<rustls::ServerConfig>,
     client: TcpStream,
     deadline: Instant,
+    early: &[u8],
 ) -> Result<TlsStream<TcpStream>, HandshakeFail> {
     let acceptor = TlsAcceptor::from(server.clone());
-    match tokio::time::timeout_at(deadline, acceptor.accept(client)).await {
+    let mut fed = Ok(());
+    let accept = acceptor.accept_with(client, |conn| fed = feed(conn, early));
+    // Bytes that are no handshake fail here, without waiting for more.
+    fed.map_err(HandshakeFail::of)?;
+    match tokio::time::timeout_at(deadline, accept).await {
         Err(_) => Err(HandshakeFail::Timeout),
         Ok(Err(e)) => Err(HandshakeFail::of(e)),
         Ok(Ok(s)) => Ok(s),
     }
+}
+
+/// Gives rustls bytes of the handshake read before it started, and processes them, so the
+/// handshake goes on (answers) without waiting for the socket to have more.
+fn feed(conn: &mut rustls::ServerConnection, mut early: &[u8]) -> io::Result<()> {
+    while !early.is_empty() {
+        if conn.read_tls(&mut early)? == 0 {
+            break;
+        }
+        conn.process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    }
+    Ok(())
 }
 
 /// The client leg as the connect phase holds it: plain, or TLS terminated here (boxed: the
@@ -97,6 +116,24 @@ pub(crate) async fn accept(
 pub(crate) enum ClientLeg {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl ClientLeg {
+    /// The TCP socket under it.
+    pub(crate) fn socket(&self) -> &TcpStream {
+        match self {
+            ClientLeg::Plain(s) => s,
+            ClientLeg::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// The TLS version negotiated, when TLS is terminated here.
+    pub(crate) fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
+        match self {
+            ClientLeg::Plain(_) => None,
+            ClientLeg::Tls(s) => s.get_ref().1.protocol_version(),
+        }
+    }
 }
 
 impl AsyncRead for ClientLeg {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
-use mqlb_config::{Probe, ProbeProtocol};
+use mqlb_config::{Probe, ProbeProtocol, ProxyVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -53,14 +53,36 @@ pub async fn probe_once(
     target: SocketAddr,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
+    probe_once_via(protocol, target, timeout, None).await
+}
+
+/// [`probe_once`] of a member of a pool whose backends expect a PROXY header (`send_proxy`):
+/// an `mqtt` probe sends a LOCAL one first (there is no client to name; a broker that demands
+/// the header would refuse the CONNECT without it). A `tcp` probe sends nothing, and an `http`
+/// one is taken to reach a health endpoint, which does not speak PROXY (HAProxy's checks
+/// likewise send the header only to the traffic port).
+pub async fn probe_once_via(
+    protocol: &ProbeProtocol,
+    target: SocketAddr,
+    timeout: Duration,
+    send_proxy: Option<ProxyVersion>,
+) -> Result<(), ProbeError> {
     tokio::time::timeout(timeout, async {
-        let stream = TcpStream::connect(target)
+        let mut stream = TcpStream::connect(target)
             .await
             .map_err(ProbeError::Connect)?;
         match protocol {
             ProbeProtocol::Tcp => Ok(()),
             ProbeProtocol::Http { path } => http(stream, target, path).await,
-            ProbeProtocol::Mqtt => mqtt_handshake(stream, "mqlb-probe").await,
+            ProbeProtocol::Mqtt => {
+                if let Some(v) = send_proxy {
+                    stream
+                        .write_all(&crate::proxy_protocol::local(v))
+                        .await
+                        .map_err(|e| ProbeError::Mqtt(format!("PROXY header: {e}")))?;
+                }
+                mqtt_handshake(stream, "mqlb-probe").await
+            }
         }
     })
     .await
@@ -164,10 +186,16 @@ pub(crate) async fn run(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        // Read each time: a reload that sets send_proxy keeps the probe task.
+        let send_proxy = shared
+            .snapshot
+            .load()
+            .pool(&pool)
+            .and_then(|p| p.cfg.send_proxy);
         let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = probe_once(&probe.protocol, target, probe.timeout) => r,
+            r = probe_once_via(&probe.protocol, target, probe.timeout, send_proxy) => r,
         };
         let took = started.elapsed();
         duration.observe(took.as_secs_f64());
