@@ -261,8 +261,9 @@ pub(crate) async fn accept_loop(
                 };
                 let s = shared.clone();
                 // Holds the connection's place in the counts for its whole life.
+                let place = admitted.map(Box::new);
                 let connection =
-                    conn::handle(s, rule, stream, peer, local, !inherits_options, admitted);
+                    conn::handle(s, rule, stream, peer, local, !inherits_options, place);
                 shared.tracker.spawn(connection);
             }
             Err(e) => {

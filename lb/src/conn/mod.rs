@@ -43,7 +43,9 @@ pub(crate) use sweep::sweep_idle;
 use tls::ClientLeg;
 pub(crate) use tls::HandshakeFail;
 
-/// Serves one client connection from accept to close: the future of its task.
+/// Serves one client connection from accept to close: the future of its task. `place` is its
+/// place in the connection limits' counts, held to the end (boxed: a frontend without limits
+/// has none, and its idle connections pay one pointer for it, not the counts' handles).
 ///
 /// The connect phase runs boxed, so its state (inspect buffers, connect attempts and their
 /// timers, the accepted addresses) is freed once the backend answers; the task then holds only
@@ -56,7 +58,7 @@ pub(crate) fn handle(
     peer: SocketAddr,
     local: SocketAddr,
     set_options: bool,
-    mut place: Option<Admitted>,
+    mut place: Option<Box<Admitted>>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     // The LB's own data-path probe: served like a client, counted as nothing.
     let client_traffic = !shared.own_probes.contains(peer);
