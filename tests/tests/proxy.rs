@@ -937,3 +937,61 @@ async fn mqlb_behind_mqlb_sees_the_real_client() -> anyhow::Result<()> {
     inner.shutdown().await;
     Ok(())
 }
+
+/// `accept_proxy` follows reloads on a listener that stays open: the next connection after
+/// the reload is read by the new list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_proxy_follows_a_reload() -> anyhow::Result<()> {
+    let rec = Recorder::start()?;
+    let dir = TempDir::new("proxy-reload")?;
+    let toml = |accept: &str| {
+        format!(
+            "{LB_HEAD}[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:0\"\n{accept}\n\
+             [[pool]]\nname = \"rec\"\nprobe = \"alive\"\n\
+             [[pool.backend]]\nid = \"r1\"\naddr = \"{}\"\n\
+             [[probe]]\nname = \"alive\"\nprotocol = \"tcp\"\nport = \"traffic\"\n\
+             interval = \"1s\"\ntimeout = \"500ms\"\nthreshold = 1\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"rec\"\n",
+            rec.addr
+        )
+    };
+    let lb = start_lb(&dir, &toml("")).await?;
+    let front = lb
+        .frontend_addr("f")
+        .ok_or_else(|| anyhow::anyhow!("no frontend"))?;
+    // Sends a v1 header claiming `claimed`, then a CONNECT; true if the backend got the CONNECT
+    // first (the header was taken), false if it got the header as data.
+    let send = |claimed: SocketAddr, id: &'static str| {
+        let rec = &rec;
+        async move {
+            let mut c = TcpStream::connect(front).await?;
+            c.write_all(&claim(true, claimed, front)?).await?;
+            mqtt_connect(&mut c, id).await?;
+            let mut got = None;
+            wait_until(&format!("{id} at the backend"), DEADLINE, || {
+                got = rec
+                    .seen()
+                    .into_iter()
+                    .find(|s| s.first_packet == connect_packet(id));
+                std::future::ready(got.is_some())
+            })
+            .await?;
+            let got = got.ok_or_else(|| anyhow::anyhow!("gone"))?;
+            anyhow::Ok(got.header.is_none())
+        }
+    };
+    let claimed: SocketAddr = "198.51.100.5:5".parse()?;
+    assert!(!send(claimed, "before").await?, "not trusted yet: data");
+    std::fs::write(
+        dir.path().join("lb.toml"),
+        toml("accept_proxy = [\"127.0.0.0/8\"]"),
+    )?;
+    lb.reload().await?;
+    assert_eq!(lb.frontend_addr("f"), Some(front), "the listener stays");
+    assert!(send(claimed, "trusted").await?, "taken after the reload");
+    std::fs::write(dir.path().join("lb.toml"), toml(""))?;
+    lb.reload().await?;
+    assert!(!send(claimed, "after").await?, "data again");
+    lb.shutdown().await;
+    Ok(())
+}
