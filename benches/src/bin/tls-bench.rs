@@ -1,0 +1,340 @@
+//! MQTT over TLS at the LB (issue 15): full and resumed TLS handshakes per second, TLS bulk
+//! throughput and memory per idle TLS connection, through `mqlb lb` terminating TLS and through
+//! HAProxy terminating TLS (Debian's, OpenSSL) in the same run, with the same certificate and
+//! key (ECDSA P-256, made here with rcgen), both in front of the same plain discard server; and
+//! "direct": a rustls server in this program terminating TLS itself, what TLS costs here with
+//! no LB at all.
+//!
+//! `cargo run --release -p mqlb-benches --bin tls-bench [-- --reps N --handshakes N --idle N]`
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use mqlb_benches::{arg, discard_server, median, mqlb_release_bin, reps_arg, wait_listening, Proc};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// The PEM files of a CA and a leaf for 127.0.0.1 it signed.
+struct Pki {
+    ca: CertificateDer<'static>,
+    chain: std::path::PathBuf,
+    key: std::path::PathBuf,
+    /// Chain and key in one file, as HAProxy's `crt` takes them.
+    combined: std::path::PathBuf,
+}
+
+fn pki(dir: &Path) -> anyhow::Result<Pki> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &ca)?;
+    let p = Pki {
+        ca: ca.der().clone(),
+        chain: dir.join("chain.pem"),
+        key: dir.join("key.pem"),
+        combined: dir.join("combined.pem"),
+    };
+    std::fs::write(&p.chain, leaf.pem())?;
+    std::fs::write(&p.key, key.serialize_pem())?;
+    std::fs::write(&p.combined, leaf.pem() + &key.serialize_pem())?;
+    Ok(p)
+}
+
+fn client(pki: &Pki, resume: bool) -> anyhow::Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(TlsConnector::from(Arc::new(cfg)))
+}
+
+fn server_name() -> anyhow::Result<ServerName<'static>> {
+    Ok(ServerName::try_from("127.0.0.1")?)
+}
+
+/// The direct case: this program's own rustls server, discarding what it reads until the
+/// client's close_notify and answering one byte, on a runtime of its own (2 threads, as the
+/// LBs have): what terminating TLS costs here with no LB, sharing the cores with the clients.
+fn direct_server(pki: &Pki) -> anyhow::Result<SocketAddr> {
+    let chain = CertificateDer::pem_file_iter(&pki.chain)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&pki.key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = std_listener.local_addr()?;
+    std_listener.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                return;
+            };
+            while let Ok((s, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 256 * 1024];
+                    while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+                    let _ = tls.write_all(b"k").await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+    });
+    Ok(addr)
+}
+
+/// `mqlb lb` terminating TLS on one frontend, five-tuple to `backend`.
+async fn start_mqlb_tls(
+    dir: &Path,
+    pki: &Pki,
+    backend: SocketAddr,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
+    let admin = mqlb_tests::free_port()?;
+    let file = dir.join("mqlb-tls.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[lb]\nadmin = \"127.0.0.1:{admin}\"\nwatch_config = false\n\
+             [[frontend]]\nname = \"f\"\nbind = \"{front}\"\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n\
+             [[pool]]\nname = \"p\"\nprobe = \"t\"\n[[pool.backend]]\nid = \"b\"\naddr = \"{backend}\"\n\
+             [[probe]]\nname = \"t\"\nport = \"traffic\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n",
+            pki.chain.display(),
+            pki.key.display()
+        ),
+    )?;
+    let child = Command::new(mqlb_release_bin()?)
+        .args(["lb", "-c"])
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .context("starting mqlb lb")?;
+    let mut p = Proc(child);
+    wait_listening(front, &mut p).await?;
+    Ok((p, front))
+}
+
+/// HAProxy terminating TLS (tickets on, as its default), TCP mode to `backend`.
+async fn start_haproxy_tls(
+    dir: &Path,
+    pki: &Pki,
+    backend: SocketAddr,
+) -> anyhow::Result<Option<(Proc, SocketAddr)>> {
+    if Command::new("haproxy")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
+    let file = dir.join("haproxy-tls.cfg");
+    std::fs::write(
+        &file,
+        format!(
+            "global\n  maxconn 8000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 3s\n  timeout client 4m\n  timeout server 4m\n\
+             frontend f\n  bind {front} ssl crt {}\n  default_backend b\nbackend b\n  server s0 {backend}\n",
+            pki.combined.display()
+        ),
+    )?;
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting haproxy")?;
+    let mut p = Proc(child);
+    wait_listening(front, &mut p).await?;
+    Ok(Some((p, front)))
+}
+
+/// `total` TLS handshakes to `addr`, 16 at a time, each connection closed after it (and read
+/// to its end); with
+/// `resume`, each worker's connector keeps its tickets, so all but its first resume. Returns
+/// handshakes per second and how many were resumed.
+async fn handshakes(
+    addr: SocketAddr,
+    pki: &Pki,
+    total: usize,
+    resume: bool,
+) -> anyhow::Result<(f64, usize)> {
+    const WORKERS: usize = 16;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let connector = client(pki, resume)?;
+        let n = total / WORKERS + usize::from(w < total % WORKERS);
+        tasks.push(tokio::spawn(async move {
+            let mut resumed = 0;
+            for _ in 0..n {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let mut tls = connector.connect(server_name()?, tcp).await?;
+                if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    resumed += 1;
+                }
+                // Close, and read to the server's close: TLS 1.3 tickets come after the
+                // handshake, and only a read takes them in (the same for every target).
+                tls.shutdown().await?;
+                let mut rest = Vec::new();
+                let read = tls.read_to_end(&mut rest);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+            }
+            anyhow::Ok(resumed)
+        }));
+    }
+    let mut resumed = 0;
+    for t in tasks {
+        resumed += t.await??;
+    }
+    Ok((total as f64 / start.elapsed().as_secs_f64(), resumed))
+}
+
+/// One TLS stream of `bytes` to `addr` (written, closed with close_notify, the server's one
+/// byte read back): MiB/s.
+async fn bulk(addr: SocketAddr, pki: &Pki, bytes: usize) -> anyhow::Result<f64> {
+    let connector = client(pki, false)?;
+    let start = Instant::now();
+    let mut tls = connector
+        .connect(server_name()?, TcpStream::connect(addr).await?)
+        .await?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        tls.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    tls.shutdown().await?;
+    let mut ack = [0u8; 1];
+    tls.read_exact(&mut ack).await?;
+    Ok(bytes as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// RSS growth of process `pid` per idle TLS connection: `n` connections through `addr`
+/// handshaken and then silent (plus one byte each so the LB has opened its backend leg).
+async fn idle_kib(addr: SocketAddr, pki: &Pki, pid: u32, n: usize) -> anyhow::Result<f64> {
+    let connector = client(pki, false)?;
+    let before = rss_kib(pid)?;
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut tls = connector
+            .connect(server_name()?, TcpStream::connect(addr).await?)
+            .await?;
+        tls.write_all(b"x").await?;
+        tls.flush().await?;
+        held.push(tls);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await; // the last legs settle
+    let after = rss_kib(pid)?;
+    drop(held);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let reps = reps_arg(3);
+    let total = arg("--handshakes", 2000usize);
+    let idle = arg("--idle", 2000usize);
+    let bytes = arg("--mib", 256usize) << 20;
+    let dir = mqlb_tests::TempDir::new("tls-bench")?;
+    let pki = pki(dir.path())?;
+    let sink = discard_server()?;
+    let direct = direct_server(&pki)?;
+    let (mqlb, mqlb_addr) = start_mqlb_tls(dir.path(), &pki, sink).await?;
+    let hap = start_haproxy_tls(dir.path(), &pki, sink).await?;
+    let targets: Vec<(&str, SocketAddr)> = [("direct", direct), ("mqlb", mqlb_addr)]
+        .into_iter()
+        .chain(hap.as_ref().map(|(_, a)| ("haproxy", *a)))
+        .collect();
+    let names = [
+        "full handshakes/s",
+        "resumed handshakes/s",
+        "TLS bulk MiB/s (1 stream)",
+    ];
+    let mut rows: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); targets.len()]; names.len()];
+    for r in 0..reps {
+        for (t, (name, addr)) in targets.iter().enumerate() {
+            rows[0][t].push(handshakes(*addr, &pki, total, false).await?.0);
+            let (rate, resumed) = handshakes(*addr, &pki, total, true).await?;
+            anyhow::ensure!(
+                resumed * 2 > total,
+                "{name}: only {resumed} of {total} resumed"
+            );
+            rows[1][t].push(rate);
+            rows[2][t].push(bulk(*addr, &pki, bytes).await?);
+        }
+        eprintln!("repetition {} of {reps} done", r + 1);
+    }
+    let mqlb_idle = idle_kib(mqlb_addr, &pki, mqlb.0.id(), idle).await?;
+    let hap_idle = match &hap {
+        Some((p, a)) => Some(idle_kib(*a, &pki, p.0.id(), idle).await?),
+        None => None,
+    };
+    println!("mqlb tls-bench: medians of {reps} interleaved repetitions, loopback, 2 cores");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "workload", "direct", "mqlb", "haproxy", "mqlb/dir", "hap/dir", "mqlb/hap"
+    );
+    for (i, name) in names.iter().enumerate() {
+        let m: Vec<f64> = rows[i].iter().map(|v| median(v.clone())).collect();
+        let hap = m.get(2).copied();
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        println!(
+            "{:<28} {:>10.0} {:>10.0} {:>10} {:>9.2} {:>9} {:>9}",
+            name,
+            m[0],
+            m[1],
+            or_dash(hap.map(|h| format!("{h:.0}"))),
+            m[1] / m[0],
+            or_dash(hap.map(|h| format!("{:.2}", h / m[0]))),
+            or_dash(hap.map(|h| format!("{:.2}", m[1] / h))),
+        );
+    }
+    println!(
+        "memory per idle TLS connection ({idle} held): mqlb {mqlb_idle:.1} KiB, haproxy {} (mqlb/haproxy {})",
+        hap_idle.map_or("-".into(), |h| format!("{h:.1} KiB")),
+        hap_idle.map_or("-".into(), |h| format!("{:.2}", mqlb_idle / h)),
+    );
+    Ok(())
+}
