@@ -427,4 +427,54 @@ mod tests {
         big.extend_from_slice(&[0x21, 0x11, 0xf0, 0x00]);
         assert_eq!(parse(&big), Err(HeaderError::TooLarge));
     }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Bytes after either signature (or none): never a panic, and a header never claims
+        /// more bytes than it was given.
+        fn input() -> impl Strategy<Value = Vec<u8>> {
+            let tail = proptest::collection::vec(any::<u8>(), 0..300);
+            (0..3u8, tail).prop_map(|(start, tail)| {
+                let head: &[u8] = match start {
+                    0 => v2::PROTOCOL_PREFIX,
+                    1 => b"PROXY ",
+                    _ => b"",
+                };
+                [head, tail.as_slice()].concat()
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_parse_without_panic(buf in input()) {
+                if let Ok(Some(h)) = parse(&buf) {
+                    prop_assert!(h.len <= buf.len());
+                }
+            }
+
+            /// A v2 header with any TLVs and any bytes after it reads back whole.
+            #[test]
+            fn v2_headers_with_tlvs_read_back(
+                src in any::<std::net::SocketAddrV4>(),
+                dst in any::<std::net::SocketAddrV4>(),
+                tlv in proptest::collection::vec(any::<u8>(), 0..200),
+                after in proptest::collection::vec(any::<u8>(), 0..50),
+            ) {
+                let h = Builder::with_addresses(
+                    v2::Version::Two | Command::Proxy,
+                    Protocol::Stream,
+                    (SocketAddr::V4(src), SocketAddr::V4(dst)),
+                )
+                .write_tlv(Type::NoOp, &tlv)
+                .and_then(|b| b.build())
+                .expect("small header");
+                let all = [h.as_slice(), after.as_slice()].concat();
+                let got = parse(&all).expect("valid").expect("complete");
+                prop_assert_eq!(got.len, h.len());
+                prop_assert_eq!(got.addrs, Some((SocketAddr::V4(src), SocketAddr::V4(dst))));
+            }
+        }
+    }
 }
