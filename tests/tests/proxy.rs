@@ -849,6 +849,12 @@ async fn a_trusted_header_comes_before_tls_and_is_passed_on() -> anyhow::Result<
             "{tlvs:?}"
         );
     }
+    // The LB's own data-path probe, known by its address, needs no header to get through.
+    wait_until("mqlb_data_path_up 1", DEADLINE, || {
+        let up = metric(&lb.metrics_text(), "mqlb_data_path_up", &[("rule", "r")]);
+        std::future::ready(up == 1.0)
+    })
+    .await?;
     for t in open {
         t.abort();
     }
