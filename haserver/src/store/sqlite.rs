@@ -71,6 +71,9 @@ CREATE TABLE IF NOT EXISTS retained (
     props TEXT,
     at_ms INTEGER NOT NULL
 );
+-- The tombstones by time, for their purge at each write (a scan of the table would cost
+-- every batch its whole size).
+CREATE INDEX IF NOT EXISTS retained_tombstones ON retained (at_ms) WHERE length(payload) = 0;
 ";
 
 /// A row of `retained`: topic, payload, QoS, properties (JSON), time.

@@ -79,6 +79,7 @@ CREATE TABLE retained (
     props TEXT,
     at_ms BIGINT NOT NULL
 );
+CREATE INDEX retained_tombstones ON retained (at_ms) WHERE octet_length(payload) = 0;
 ",
     ),
 ];
