@@ -104,7 +104,8 @@ pub struct RawFrontend {
     pub accept_proxy: Option<Vec<String>>,
 }
 
-/// `tls = { cert = "chain.pem", key = "key.pem", alpn = ["mqtt"], sni = [...] }` of a frontend.
+/// `tls = { cert = "chain.pem", key = "key.pem", alpn = ["mqtt"], sni = [...], client_ca = ... }`
+/// of a frontend.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
@@ -113,6 +114,11 @@ pub struct RawTls {
     pub alpn: Option<Vec<String>>,
     #[serde(default)]
     pub sni: Vec<RawSniCert>,
+    /// mTLS: `client_ca = "ca.pem"`, `client_auth = "required" | "optional"`, and
+    /// `client_id = "cn" | "any"`.
+    pub client_ca: Option<String>,
+    pub client_auth: Option<String>,
+    pub client_id: Option<String>,
 }
 
 /// `{ names = ["b.example.com"], cert = "b.pem", key = "b.key" }` in a frontend's `tls.sni`.

@@ -27,8 +27,24 @@ pub struct FrontendTls {
     /// More certificates, each served to clients that ask for one of its names (SNI); the one
     /// above serves the others (no SNI, as for an IP address, or a name none of these has).
     pub sni: Vec<SniCert>,
+    /// Client certificates (mTLS): the CA they must chain to, and whether a client may
+    /// connect without one. `None`: no client certificate is asked for.
+    pub client_auth: Option<ClientAuth>,
+    /// The client ID must be the verified client certificate's subject CN (`client_id =
+    /// "cn"`): a CONNECT with another one, or without a certificate, is refused.
+    pub client_id_is_cn: bool,
     /// The server side built from the files when they were read.
     pub server: TlsServer,
+}
+
+/// Client certificates a frontend asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// The PEM file of the CA certificates a client certificate must chain to.
+    pub ca: PathBuf,
+    /// A client without a certificate is refused at the handshake (`required`), or accepted
+    /// (`optional`; one from another CA is refused either way).
+    pub required: bool,
 }
 
 /// A certificate served to clients whose SNI is one of `names`.
@@ -233,13 +249,14 @@ impl rustls::server::ResolvesServerCert for BySni {
     }
 }
 
-/// The server configuration of a frontend: TLS 1.2 and 1.3, ALPN `alpn`, no client
-/// certificates, `default` for clients without a known SNI and each of `sni` for its names
-/// (checked with [`Identity::check_name`] before).
+/// The server configuration of a frontend: TLS 1.2 and 1.3, ALPN `alpn`, client certificates
+/// as `client` asks, `default` for clients without a known SNI and each of `sni` for its
+/// names (checked with [`Identity::check_name`] before).
 pub fn server(
     default: Identity,
     sni: Vec<(Vec<String>, Identity)>,
     alpn: &[String],
+    client: Option<&ClientAuth>,
 ) -> Result<TlsServer, TlsError> {
     let mut digest = Sha256::new();
     digest.update(default.digest);
@@ -266,11 +283,40 @@ pub fn server(
         names,
         default: Arc::new(default.certified),
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsError::Setup)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(TlsError::Setup)?;
+    let builder = match client {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let pem = read(&auth.ca)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in certificates(&auth.ca, &pem)? {
+                digest.update([2]);
+                digest.update(&ca);
+                roots.add(ca).map_err(|e| TlsError::Pem {
+                    file: auth.ca.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+            digest.update([u8::from(auth.required)]);
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.into(),
+                provider(),
+            );
+            let verifier = if auth.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier.build().map_err(|e| TlsError::Pem {
+                file: auth.ca.clone(),
+                message: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     // Stateless resumption: a device that reconnects resumes with a ticket (keys rotated every
     // 6 hours), whatever the size of the fleet; the default session cache (256 sessions) would
@@ -339,6 +385,56 @@ fn not_after(cert: &[u8]) -> Option<i64> {
     }
 }
 
+/// The subject's common name (CN, OID 2.5.4.3) of an X.509 certificate in DER, the first if
+/// it has several: what a client certificate names its device by. The walk of [`not_after`],
+/// one field further.
+pub fn subject_cn(cert: &[u8]) -> Option<String> {
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let (SEQUENCE, certificate, _) = element(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, _) = element(certificate)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    // [0] version (optional), serialNumber, signature, issuer, validity, then subject.
+    if rest.first() == Some(&0xa0) {
+        rest = element(rest)?.2;
+    }
+    for _ in 0..4 {
+        rest = element(rest)?.2;
+    }
+    let (SEQUENCE, mut rdns, _) = element(rest)? else {
+        return None;
+    };
+    // Bounded: each step consumes one element of the subject.
+    while !rdns.is_empty() {
+        let (SET, mut set, next) = element(rdns)? else {
+            return None;
+        };
+        rdns = next;
+        while !set.is_empty() {
+            let (SEQUENCE, pair, more) = element(set)? else {
+                return None;
+            };
+            set = more;
+            let (0x06, oid, value) = element(pair)? else {
+                return None;
+            };
+            if oid == CN {
+                // UTF8String, PrintableString, IA5String or T61String: the bytes as text.
+                let (tag, text, _) = element(value)?;
+                return matches!(tag, 0x0c | 0x13 | 0x16 | 0x14)
+                    .then(|| String::from_utf8(text.to_vec()).ok())
+                    .flatten();
+            }
+        }
+    }
+    None
+}
+
 /// `year` and `MMDDHHMMSS` (UTC) as seconds since the Unix epoch.
 fn unix_time(year: i64, mmddhhmmss: &str) -> Option<i64> {
     if !mmddhhmmss.bytes().all(|b| b.is_ascii_digit()) {
@@ -367,7 +463,7 @@ mod tests {
 
     /// [`server`] with one certificate: reads `cert` and `key`.
     fn load(cert: &Path, key: &Path, alpn: &[String]) -> Result<TlsServer, TlsError> {
-        server(super::identity(cert, key)?, Vec::new(), alpn)
+        server(super::identity(cert, key)?, Vec::new(), alpn, None)
     }
 
     /// A self-signed certificate and its key, as PEM; `other_key` is a second, unrelated key.
@@ -428,6 +524,62 @@ mod tests {
         assert_eq!(unix_time(2000, "1301000000"), None);
         assert_eq!(not_after(b"\x30\x03\x30\x01"), None);
         assert_eq!(not_after(b""), None);
+    }
+
+    /// The subject CN is read whatever comes beside it in the subject, and a certificate
+    /// without one, or bytes that are not a certificate, give none.
+    #[test]
+    fn the_subject_cn_is_read_from_the_der() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "fleet");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "dev-0042");
+        let cert = params.self_signed(&key).expect("cert");
+        assert_eq!(subject_cn(cert.der()).as_deref(), Some("dev-0042"));
+        let mut none = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("params");
+        none.distinguished_name = rcgen::DistinguishedName::new();
+        let cert = none.self_signed(&key).expect("cert");
+        assert_eq!(subject_cn(cert.der()), None);
+        assert_eq!(subject_cn(b"\x30\x03\x30\x01\x00"), None);
+        assert_eq!(subject_cn(b""), None);
+    }
+
+    /// Client certificates: the CA file is read into the configuration (a missing one is
+    /// refused naming it), and required and optional are different configurations.
+    #[test]
+    fn client_certificates_are_asked_for_against_the_ca() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert, key, _) = identity();
+        let (c, k) = (
+            write(dir.path(), "c.pem", &cert),
+            write(dir.path(), "k.pem", &key),
+        );
+        let ca = write(dir.path(), "ca.pem", &cert);
+        let with = |file: &Path, required| {
+            let auth = ClientAuth {
+                ca: file.to_path_buf(),
+                required,
+            };
+            server(
+                super::identity(&c, &k).expect("id"),
+                Vec::new(),
+                &[],
+                Some(&auth),
+            )
+        };
+        let required = with(&ca, true).expect("required");
+        let optional = with(&ca, false).expect("optional");
+        assert_ne!(required, optional);
+        assert_ne!(required, load(&c, &k, &[]).expect("none"));
+        let missing = dir.path().join("none.pem");
+        match with(&missing, true) {
+            Err(TlsError::Read { file, .. }) => assert_eq!(file, missing),
+            other => panic!("expected a read error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct RuleRt {
     pub tls: Option<mqlb_config::TlsServer>,
     /// The sources its frontend takes a PROXY header from (`accept_proxy`).
     pub accept_proxy: Vec<ipnet::IpNet>,
+    /// Its frontend's `tls.client_id = "cn"`: the client ID must be the client certificate's
+    /// CN.
+    pub client_id_is_cn: bool,
     /// Metric handles of this rule × each pool member, looked up on first use: the data path
     /// then touches its counters without hashing label values or taking the vec's lock.
     member_metrics: Vec<OnceLock<MemberMetrics>>,
@@ -113,6 +116,7 @@ impl RuleRt {
             limits: mqlb_config::FrontendLimits::default(),
             tls: None,
             accept_proxy: Vec::new(),
+            client_id_is_cn: false,
             cfg,
             pool,
         }
@@ -228,6 +232,7 @@ impl Snapshot {
                         Some(old) if old == t.server => old,
                         _ => t.server.clone(),
                     });
+                    rt.client_id_is_cn = f.tls.as_ref().is_some_and(|t| t.client_id_is_cn);
                 }
                 Some((r.frontend.clone(), Arc::new(rt)))
             })

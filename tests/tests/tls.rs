@@ -79,6 +79,42 @@ impl Pki {
         Ok(leaf.der().to_vec())
     }
 
+    /// A client certificate this CA signs whose subject CN is `cn`, with its key, written to
+    /// `{cn}.pem` and `{cn}-key.pem`.
+    fn client_cert(&self, cn: &str) -> anyhow::Result<()> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.ca)?;
+        std::fs::write(self.path(&format!("{cn}.pem")), cert.pem())?;
+        std::fs::write(self.path(&format!("{cn}-key.pem")), key.serialize_pem())?;
+        Ok(())
+    }
+
+    /// A rustls client trusting this CA that presents the client certificate `cn` (made by
+    /// [`Pki::client_cert`], of this PKI or of `issuer`'s).
+    fn client_with_cert(
+        &self,
+        issuer: &Pki,
+        cn: &str,
+    ) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        use rustls::pki_types::pem::PemObject;
+        let chain = CertificateDer::pem_file_iter(issuer.path(&format!("{cn}.pem")))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(issuer.path(&format!("{cn}-key.pem")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(BOTH)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -1145,5 +1181,131 @@ async fn inside_tls_the_version_picks_the_port_and_refusals_get_their_connack() 
     )
     .await?;
     t.lb.shutdown().await;
+    Ok(())
+}
+
+/// mTLS (issue 15): `client_ca` with `client_id = "cn"`. A client whose certificate the CA
+/// signed and whose client ID is the certificate's CN gets through to the broker (a rustls
+/// client and mosquitto_pub with --cert/--key); the same certificate with another client ID is
+/// refused by the LB with CONNACK 2 (0x85 in 5.0) and counted `cn_mismatch`; no certificate, or
+/// one from another CA, ends at the handshake, counted, and never reaches a broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_and_the_client_id_must_be_their_cn() -> anyhow::Result<()>
+{
+    let t = TlsTopo::start_with(1, "", "watch_config = false\n", |pki| {
+        pki.client_cert("dev-1")?;
+        Ok(format!(
+            ", client_ca = {:?}, client_id = \"cn\"",
+            pki.path_str("ca.pem")
+        ))
+    })
+    .await?;
+    let with_cert = t.pki.client_with_cert(&t.pki, "dev-1")?;
+    let mut ok = t
+        .tls_connect(&with_cert, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(
+        mqtt_connect(&mut ok, "dev-1").await?,
+        [0x20, 2, 0, 0],
+        "its CN"
+    );
+    let mut other = t
+        .tls_connect(&with_cert, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(
+        mqtt_connect(&mut other, "dev-2").await?,
+        [0x20, 2, 0, 2],
+        "another client ID: identifier rejected"
+    );
+    t.wait_metric(
+        "mqlb_mqtt_connect_errors_total",
+        &[("rule", "tls"), ("reason", "cn_mismatch")],
+        1.0,
+    )
+    .await?;
+    let errors = || t.metric("mqlb_tls_handshake_errors_total", &[("frontend", "mqtts")]);
+    let handshakes_failed = errors();
+    // No certificate: the handshake fails (in TLS 1.3 the client sees it at its first read).
+    let anonymous = t.pki.client(&[], BOTH)?;
+    let refused = match t
+        .tls_connect(&anonymous, TcpStream::connect(t.tls).await?)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut s) => mqtt_connect(&mut s, "dev-1").await.is_err(),
+    };
+    assert!(refused, "a client without a certificate got a CONNACK");
+    // A certificate from another CA: the same.
+    let stranger = Pki::new()?;
+    stranger.client_cert("dev-1")?;
+    let foreign = t.pki.client_with_cert(&stranger, "dev-1")?;
+    let refused = match t
+        .tls_connect(&foreign, TcpStream::connect(t.tls).await?)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut s) => mqtt_connect(&mut s, "dev-1").await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA got a CONNACK");
+    wait_until("both handshakes counted", DEADLINE, || async {
+        errors() >= handshakes_failed + 2.0
+    })
+    .await?;
+    // mosquitto_pub with the device's certificate and key, as a device would.
+    let (ca, cert, key) = (
+        t.pki.path_str("ca.pem"),
+        t.pki.path_str("dev-1.pem"),
+        t.pki.path_str("dev-1-key.pem"),
+    );
+    let device = [
+        "--cafile",
+        ca.as_str(),
+        "--cert",
+        cert.as_str(),
+        "--key",
+        key.as_str(),
+    ];
+    mqlb_tests::mosquitto_pub_with(t.tls, "dev-1", "devices/dev-1", "hello", &device)?;
+    t.wait_metric(
+        "mqlb_mqtt_connect_errors_total",
+        &[("rule", "tls"), ("reason", "cn_mismatch")],
+        1.0,
+    )
+    .await?;
+    Ok(())
+}
+
+/// `client_auth = "optional"`: a client without a certificate completes the handshake; with
+/// `client_id = "cn"` it is then refused at its CONNECT (it has no CN), while one with a
+/// certificate gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_certificates_let_the_handshake_through_and_the_cn_rule_decides(
+) -> anyhow::Result<()> {
+    let t = TlsTopo::start_with(1, "", "watch_config = false\n", |pki| {
+        pki.client_cert("dev-9")?;
+        Ok(format!(
+            ", client_ca = {:?}, client_auth = \"optional\", client_id = \"cn\"",
+            pki.path_str("ca.pem")
+        ))
+    })
+    .await?;
+    let anonymous = t.pki.client(&[], BOTH)?;
+    let mut s = t
+        .tls_connect(&anonymous, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(
+        mqtt_connect(&mut s, "dev-9").await?,
+        [0x20, 2, 0, 2],
+        "no CN"
+    );
+    let with_cert = t.pki.client_with_cert(&t.pki, "dev-9")?;
+    let mut s = t
+        .tls_connect(&with_cert, TcpStream::connect(t.tls).await?)
+        .await?;
+    assert_eq!(
+        mqtt_connect(&mut s, "dev-9").await?,
+        [0x20, 2, 0, 0],
+        "its CN"
+    );
     Ok(())
 }

@@ -9,7 +9,7 @@ use super::Checker;
 use crate::defaults::*;
 use crate::model::{Frontend, FrontendLimits, SourceRate};
 use crate::raw::{RawFrontend, RawTls};
-use crate::tls::{FrontendTls, SniCert, TlsError};
+use crate::tls::{ClientAuth, FrontendTls, SniCert, TlsError};
 
 /// `admin` is `lb.admin`, which no frontend may take.
 pub(super) fn frontends(c: &mut Checker, raw: &[RawFrontend], admin: SocketAddr) -> Vec<Frontend> {
@@ -95,16 +95,19 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
             key,
         });
     }
+    let (client_auth, client_id_is_cn) = client_auth(c, k, name, t)?;
     let default = default?;
     if !ok || identities.len() != t.sni.len() {
         return None;
     }
-    match crate::tls::server(default, identities, &alpn) {
+    match crate::tls::server(default, identities, &alpn, client_auth.as_ref()) {
         Ok(server) => Some(FrontendTls {
             cert,
             key,
             alpn,
             sni,
+            client_auth,
+            client_id_is_cn,
             server,
         }),
         Err(e) => {
@@ -112,6 +115,61 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
             None
         }
     }
+}
+
+/// `tls.client_ca`, `tls.client_auth` (`required` by default) and `tls.client_id` (`any` by
+/// default; `cn`: the CONNECT's client ID must be the certificate's CN). `None` after an
+/// error (recorded).
+fn client_auth(
+    c: &mut Checker,
+    k: &str,
+    name: &str,
+    t: &RawTls,
+) -> Option<(Option<ClientAuth>, bool)> {
+    let required = match t.client_auth.as_deref() {
+        None | Some("required") => true,
+        Some("optional") => false,
+        Some(other) => {
+            c.error(
+                format!("{k}.tls.client_auth"),
+                format!("frontend {name:?}: {other:?} is not \"required\" or \"optional\""),
+            );
+            return None;
+        }
+    };
+    let client_id_is_cn = match t.client_id.as_deref() {
+        None | Some("any") => false,
+        Some("cn") => true,
+        Some(other) => {
+            c.error(
+                format!("{k}.tls.client_id"),
+                format!("frontend {name:?}: {other:?} is not \"any\" or \"cn\""),
+            );
+            return None;
+        }
+    };
+    let Some(ca) = &t.client_ca else {
+        for (key, set) in [
+            ("client_auth", t.client_auth.is_some()),
+            ("client_id", client_id_is_cn),
+        ] {
+            if set {
+                c.error(
+                    format!("{k}.tls.{key}"),
+                    format!(
+                        "frontend {name:?}: needs tls.client_ca, the CA of the client certificates"
+                    ),
+                );
+                return None;
+            }
+        }
+        return Some((None, false));
+    };
+    let auth = ClientAuth {
+        ca: PathBuf::from(ca),
+        required,
+    };
+    Some((Some(auth), client_id_is_cn))
 }
 
 /// One certificate and key of a frontend's `tls` (at key `k`), read and checked; a problem is

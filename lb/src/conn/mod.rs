@@ -171,7 +171,12 @@ async fn establish(
         }
         _ => {}
     }
-    let verdict = route::decide(cfg, &inspection, peer, local);
+    let cn = client.peer_cn();
+    let verdict = rule
+        .client_id_is_cn
+        .then(|| route::check_cn(&inspection, cn.as_deref()))
+        .flatten()
+        .unwrap_or_else(|| route::decide(cfg, &inspection, peer, local));
     if let Some(reason) = verdict.connect_error {
         tally.connect_error(reason);
     }
@@ -195,7 +200,7 @@ async fn establish(
     }
 
     // A `send_proxy` pool's backends get the client's address first, whichever one is tried.
-    let replay = match with_proxy_header(rule, &client, peer, local, &buffered) {
+    let replay = match with_proxy_header(rule, &client, cn.as_deref(), (peer, local), &buffered) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(rule = cfg.name, %peer, error = %e, "PROXY header not built; refusing");
@@ -321,12 +326,13 @@ async fn proxied(
 
 /// What a backend of the rule's pool is sent before the client's bytes: with `send_proxy`, a
 /// PROXY header naming `peer` and the address it connected to (`local`, or the socket's own
-/// when the frontend listens on a wildcard address), then `buffered`; else `buffered` alone.
+/// when the frontend listens on a wildcard address), with the TLS facts and the client
+/// certificate's `cn` when TLS was terminated, then `buffered`; else `buffered` alone.
 fn with_proxy_header<'b>(
     rule: &RuleRt,
     client: &ClientLeg,
-    peer: SocketAddr,
-    local: SocketAddr,
+    cn: Option<&str>,
+    (peer, local): (SocketAddr, SocketAddr),
     buffered: &'b [u8],
 ) -> std::io::Result<Cow<'b, [u8]>> {
     let Some(version) = rule.pool.cfg.send_proxy else {
@@ -341,8 +347,8 @@ fn with_proxy_header<'b>(
         .tls_version()
         .map(|v| crate::proxy_protocol::TlsFacts {
             version: crate::proxy_protocol::tls_version_name(v),
-            // The mTLS hook: the verified client certificate's CN goes here.
-            client_cn: None,
+            // The verified client certificate's CN (mTLS), when there is one.
+            client_cn: cn,
         });
     let mut header = crate::proxy_protocol::encode(version, peer, dst, tls)?;
     header.extend_from_slice(buffered);

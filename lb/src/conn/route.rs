@@ -99,6 +99,23 @@ pub(crate) fn decide<'a>(
     }
 }
 
+/// Under `tls.client_id = "cn"`: a CONNECT whose client ID is not `cn`, the subject CN of the
+/// client certificate the handshake verified (none without one), is refused with CONNACK 0x85
+/// (3.1.1: 2, identifier rejected), counted as `cn_mismatch`. Other first bytes are left to
+/// [`decide`].
+pub(crate) fn check_cn(inspection: &Inspection, cn: Option<&str>) -> Option<Verdict<'static>> {
+    let Inspection::Connect { level, client_id } = inspection else {
+        return None;
+    };
+    (cn != Some(client_id.as_str())).then(|| Verdict {
+        decision: Decision::Refuse {
+            connack: mqtt::connack(*level, Refusal::IdentifierRejected),
+            outcome: Outcome::Rejected,
+        },
+        connect_error: Some("cn_mismatch"),
+    })
+}
+
 /// The tuple key of a distribution; five-tuple for the client-ID one's fallbacks.
 fn tuple_key(d: Distribution, peer: SocketAddr, local: SocketAddr) -> Key<'static> {
     match d {
@@ -128,6 +145,40 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 9], 40000)),
             SocketAddr::from(([127, 0, 0, 1], 1883)),
         )
+    }
+
+    /// `client_id = "cn"`: only a CONNECT whose client ID is the certificate's CN passes;
+    /// another ID, an empty one or no certificate gets 0x85 (5.0) or 2 (3.1.1).
+    #[test]
+    fn the_client_id_must_be_the_certificates_cn() {
+        let connect = |level, id: &str| Inspection::Connect {
+            level,
+            client_id: id.to_string(),
+        };
+        let refused = |level| Verdict {
+            decision: Decision::Refuse {
+                connack: mqtt::connack(level, Refusal::IdentifierRejected),
+                outcome: Outcome::Rejected,
+            },
+            connect_error: Some("cn_mismatch"),
+        };
+        let (v5, v4) = (ProtocolLevel::V5, ProtocolLevel::V311);
+        assert_eq!(check_cn(&connect(v5, "dev-1"), Some("dev-1")), None);
+        assert_eq!(
+            check_cn(&connect(v5, "dev-2"), Some("dev-1")),
+            Some(refused(v5))
+        );
+        assert_eq!(
+            check_cn(&connect(v4, "dev-2"), Some("dev-1")),
+            Some(refused(v4))
+        );
+        assert_eq!(check_cn(&connect(v4, ""), Some("dev-1")), Some(refused(v4)));
+        assert_eq!(check_cn(&connect(v5, "dev-1"), None), Some(refused(v5)));
+        assert_eq!(
+            mqtt::connack(v5, Refusal::IdentifierRejected),
+            Some(&[0x20, 0x03, 0x00, 0x85, 0x00][..])
+        );
+        assert_eq!(check_cn(&Inspection::NotRead, None), None);
     }
 
     fn five_tuple() -> Key<'static> {

@@ -134,6 +134,17 @@ impl ClientLeg {
             ClientLeg::Tls(s) => s.get_ref().1.protocol_version(),
         }
     }
+
+    /// The subject CN of the client certificate the handshake verified (mTLS), if any.
+    pub(crate) fn peer_cn(&self) -> Option<String> {
+        match self {
+            ClientLeg::Plain(_) => None,
+            ClientLeg::Tls(s) => {
+                let leaf = s.get_ref().1.peer_certificates()?.first()?;
+                mqlb_config::subject_cn(leaf)
+            }
+        }
+    }
 }
 
 impl AsyncRead for ClientLeg {
