@@ -288,6 +288,11 @@ impl Node {
                     .build()
                     .map(|(tx, rx, _ack)| (tx, rx));
                 load_retained(&n.id, client, &d, link).await;
+                // Sessions are written and loaded where they are replicated.
+                if let Some(r) = mesh.replication.get() {
+                    load_sessions(&n.id, client, &d, r).await;
+                    r.set_durable(d.clone());
+                }
                 handle.spawn(d.clone().run(client.clone(), stop.clone()));
                 Some(d)
             }
@@ -593,6 +598,36 @@ async fn load_retained(
             tracing::info!(node, loaded = n, expired = stored - n, after = ?started.elapsed(), "retained messages loaded from the HA servers");
         }
         Err(e) => tracing::warn!(node, error = %e, "retained messages not all loaded"),
+    }
+}
+
+/// Loads the persistent sessions stored by the HA servers as replicas (issue 18): a client of
+/// one reconnecting is restored from it, as from a dead owner's replica.
+async fn load_sessions(
+    node: &str,
+    client: &HaClient,
+    durable: &Durable,
+    replication: &crate::replication::Replication,
+) {
+    match tokio::time::timeout(LOAD_WITHIN, client.all_sessions(LOAD_PAGES)).await {
+        Ok(Ok(entries)) => {
+            let metas = entries.into_iter().filter_map(durable::meta_of).collect();
+            let n = replication.load_stored(metas);
+            durable.sessions_loaded(n);
+            tracing::info!(
+                node,
+                loaded = n,
+                "persistent sessions loaded from the HA servers"
+            );
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node, error = %e, "persistent sessions not loaded from the HA servers")
+        }
+        Err(_) => tracing::warn!(
+            node,
+            after = ?LOAD_WITHIN,
+            "persistent sessions not loaded from the HA servers in time"
+        ),
     }
 }
 

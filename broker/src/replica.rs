@@ -267,6 +267,10 @@ pub struct Dropped {
     pub replicas: u64,
 }
 
+/// The owner of a replica loaded from the HA servers' database at start (issue 18): no node
+/// (a node ID cannot hold U+0000), so any live owner's meta replaces it.
+pub const STORED: &str = "\u{0}stored";
+
 /// The peers' persistent sessions this node holds copies of, by client ID.
 #[derive(Debug)]
 pub struct Replicas {
@@ -367,7 +371,7 @@ impl Replicas {
         if self
             .by_client
             .get(&client)
-            .is_some_and(|r| r.owner != owner && !meta.online && !meta.fresh)
+            .is_some_and(|r| r.owner != owner && r.owner != STORED && !meta.online && !meta.fresh)
         {
             return;
         }
@@ -1126,6 +1130,30 @@ mod tests {
             subscriptions: subs,
             will: None,
         }
+    }
+
+    /// Issue 18: a session loaded from the database is the replica of no node; a live owner's
+    /// word replaces it even while its client is offline (the rule that refuses another
+    /// node's offline meta as stale does not protect it), and the new owner keeps it.
+    #[test]
+    fn a_stored_replica_gives_way_to_a_live_owner() {
+        let mut r = Replicas::new(10, 10);
+        r.meta(STORED, meta("c", vec![sub("old/#", 1)], false), 0, false);
+        assert_eq!(r.owner("c"), Some(STORED));
+        r.meta("b2", meta("c", vec![sub("new/#", 1)], false), 1, false);
+        assert_eq!(
+            r.owner("c"),
+            Some("b2"),
+            "the live owner's offline meta is taken"
+        );
+        let s = r.session("c", 2, usize::MAX).expect("a session");
+        assert_eq!(s.subscriptions, [sub("new/#", 1)]);
+        r.meta("b3", meta("c", vec![sub("stale/#", 1)], false), 3, false);
+        assert_eq!(
+            r.owner("c"),
+            Some("b2"),
+            "another node's offline meta is still stale"
+        );
     }
 
     fn tag(seq: u64) -> Tag {

@@ -157,6 +157,8 @@ pub(crate) struct Replication {
     live: Mutex<Vec<String>>,
     /// Bytes of messages a restored copy may carry from a peer (what fits in a mesh frame).
     budget: usize,
+    /// Writes every change of the sessions owned here to the HA servers (issue 18).
+    durable: OnceLock<Arc<crate::durable::Durable>>,
 }
 
 impl Replication {
@@ -185,7 +187,33 @@ impl Replication {
             },
             live: Mutex::new(Vec::new()),
             budget,
+            durable: OnceLock::new(),
         }))
+    }
+
+    /// Where the sessions owned here are written through to (issue 18).
+    pub(crate) fn set_durable(&self, d: Arc<crate::durable::Durable>) {
+        let _ = self.durable.set(d);
+    }
+
+    /// Sessions read from the HA servers' database at start (issue 18), held as replicas of
+    /// [`replica::STORED`]; returns how many (one this node owns already is left out).
+    pub(crate) fn load_stored(&self, metas: Vec<ReplicaMeta>) -> usize {
+        let now = self.now_ms();
+        let metas: Vec<ReplicaMeta> = {
+            let book = lock(&self.book);
+            metas
+                .into_iter()
+                .filter(|m| !book.owns(&m.client_id))
+                .collect()
+        };
+        let n = metas.len();
+        let mut held = lock(&self.held);
+        for m in metas {
+            held.meta(replica::STORED, m, now, false);
+        }
+        self.metrics.held.set(held.len() as i64);
+        n
     }
 
     /// Where the wills this node publishes enter its router.
@@ -211,6 +239,9 @@ impl Replication {
 
     fn announce(&self, a: Option<Announce>) {
         let Some(a) = a else { return };
+        if let Some(d) = self.durable.get() {
+            d.session(&a);
+        }
         self.metrics.owned.set(lock(&self.book).len() as i64);
         let frame = match a {
             Announce::Meta(m) => Frame::ReplicaMeta(m),

@@ -425,8 +425,9 @@ pub struct ClusterSettings {
     /// them: `replication_factor - 1` other nodes queue them (every node when there are no
     /// more). Every node knows every session's subscriptions and will whatever it is.
     pub replication_factor: NonZeroU32,
-    /// Retained messages written through to the HA servers' database, so a whole-cluster
-    /// restart keeps them (issue 18); on by default when `[[haserver]]`s are configured.
+    /// Retained messages (and, replicated, persistent sessions' subscriptions) written through
+    /// to the HA servers' database, so a whole-cluster restart keeps them (issue 18); on by
+    /// default when `[[haserver]]`s are configured.
     pub durable_retained: bool,
     /// Reconnect back-off to a peer: starts here, doubles up to `reconnect_max`.
     pub reconnect_min: Duration,

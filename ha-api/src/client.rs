@@ -13,6 +13,7 @@ use hyper::body::Bytes;
 use crate::auth;
 use crate::model::{ClusterView, Registration};
 use crate::retained::{self, RetainedBatch, RetainedEntry, RetainedPage};
+use crate::sessions::{SessionBatch, SessionEntry, SessionPage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -282,6 +283,53 @@ impl HaClient {
         }
         Err(ClientError::AllFailed(format!(
             "retained messages: more than {max_pages} pages"
+        )))
+    }
+
+    /// Writes a batch of persistent sessions and their ends (the primary's, fenced); returns
+    /// how many the store applied.
+    pub async fn write_sessions(&self, entries: Vec<SessionEntry>) -> Result<u64, ClientError> {
+        let body = serde_json::to_string(&SessionBatch { entries })
+            .map_err(|e| ClientError::Json(e.to_string()))?;
+        let (status, b) = self
+            .call(
+                hyper::Method::POST,
+                "/api/sessions",
+                Some(body),
+                Duration::ZERO,
+            )
+            .await?;
+        Self::ok(status, &b)?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))?;
+        Ok(v.get("applied")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0))
+    }
+
+    /// Every stored persistent session, at most `max_pages` pages.
+    pub async fn all_sessions(&self, max_pages: usize) -> Result<Vec<SessionEntry>, ClientError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..max_pages {
+            let path = match &after {
+                Some(t) => format!("/api/sessions?after={}", retained::encode_after(t)),
+                None => "/api/sessions".to_string(),
+            };
+            let (status, b) = self
+                .call(hyper::Method::GET, &path, None, Duration::ZERO)
+                .await?;
+            Self::ok(status, &b)?;
+            let page: SessionPage =
+                serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))?;
+            all.extend(page.entries);
+            match page.next {
+                Some(n) if Some(&n) != after.as_ref() => after = Some(n),
+                _ => return Ok(all),
+            }
+        }
+        Err(ClientError::AllFailed(format!(
+            "sessions: more than {max_pages} pages"
         )))
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::expiry::Cutoffs;
 use crate::model::{MemberState, Registration};
 use crate::retained::{RetainedEntry, RetainedProps};
+use crate::sessions::{SessionEntry, StoredSession, StoredSubscription};
 use crate::store::{Registered, Store, StoreError};
 
 pub type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -37,6 +38,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("max_members", max_members),
     ("state_survives_reopening", state_survives_reopening),
     ("retained_messages", retained_messages),
+    ("persistent_sessions", persistent_sessions),
 ];
 
 /// A lease no check outlives.
@@ -484,5 +486,87 @@ pub fn retained_messages(open: Open<'_>) -> Result<(), Failure> {
     let topics: Vec<String> = listed(s.as_ref())?.into_iter().map(|(t, _)| t).collect();
     assert_eq!(topics, ["a", "b/\u{e9}", "d", "y", "z"], "after reopening");
     assert_eq!(listed(s.as_ref())?[0].1, b"two", "not the fenced write");
+    Ok(())
+}
+
+fn session(client_id: &str, filters: &[&str], at: i64) -> SessionEntry {
+    SessionEntry {
+        client_id: client_id.into(),
+        session: Some(StoredSession {
+            expiry: u32::MAX,
+            subscriptions: filters
+                .iter()
+                .map(|f| StoredSubscription {
+                    filter: (*f).into(),
+                    qos: 1,
+                    nolocal: false,
+                    preserve_retain: true,
+                })
+                .collect(),
+        }),
+        at_ms: BASE + at,
+    }
+}
+
+fn ended(client_id: &str, at: i64) -> SessionEntry {
+    SessionEntry {
+        session: None,
+        ..session(client_id, &[], at)
+    }
+}
+
+/// Issue 18: persistent sessions follow the same rules as retained messages: the latest
+/// write of a client ID wins (a session moving between nodes: the old node's end and the new
+/// node's session may land in any order), an end is remembered, writes are fenced, all of it
+/// survives a reopening.
+pub fn persistent_sessions(open: Open<'_>) -> Result<(), Failure> {
+    let now = BASE;
+    {
+        let s = open()?;
+        fenced(
+            s.write_sessions(0, &[session("c", &["a"], 1)], now),
+            "before anyone held the lease",
+        )?;
+        let e = primary(s.as_ref())?;
+        let batch = [
+            session("c1", &["a/#"], 10),
+            session("c2", &["b", "c/+"], 10),
+            session("c1", &["a/#", "d"], 11),
+        ];
+        assert_eq!(s.write_sessions(e, &batch, now)?, 3);
+        // c2 moved: the new node's session (20) lands before the old node's end (15).
+        let moved = [session("c2", &["b"], 20), ended("c2", 15), ended("c3", 5)];
+        assert_eq!(
+            s.write_sessions(e, &moved, now)?,
+            2,
+            "c2 at 20 and c3's end"
+        );
+        assert_eq!(
+            s.write_sessions(e, &[session("c3", &["x"], 4)], now)?,
+            0,
+            "older than c3's end"
+        );
+        let all = s.sessions("", 100)?;
+        assert_eq!(all, [batch[2].clone(), moved[0].clone()]);
+        assert_eq!(s.sessions("c1", 100)?, [moved[0].clone()], "after c1");
+        assert_eq!(s.version()?, 0, "sessions are not membership changes");
+        let e2 = run_out(s.as_ref(), ("ha1", "a1"), ("ha2", "a2"))?;
+        fenced(
+            s.write_sessions(e, &[ended("c1", 99)], now),
+            "a stale epoch",
+        )?;
+        assert_eq!(s.write_sessions(e2, &[ended("c2", 30)], now)?, 1);
+    }
+    let s = open()?;
+    let ids: Vec<String> = s
+        .sessions("", 100)?
+        .into_iter()
+        .map(|e| e.client_id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["c1"],
+        "after reopening: c2 ended, c1 not by the fenced write"
+    );
     Ok(())
 }

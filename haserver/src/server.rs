@@ -34,6 +34,7 @@ use crate::lock;
 use crate::log_limit::LogLimiter;
 use crate::model::{ClusterView, MemberState, Registration};
 use crate::retained::{self, RetainedBatch, RetainedPage};
+use crate::sessions::{SessionBatch, SessionPage};
 use crate::store::{Lease, Registered, Store, StoreError};
 
 /// Largest request body accepted.
@@ -722,6 +723,9 @@ enum Route<'a> {
     WriteRetained,
     /// `GET /api/retained`: a page of them, for a broker starting.
     ReadRetained,
+    /// `POST /api/sessions`, `GET /api/sessions`: persistent sessions, the same way.
+    WriteSessions,
+    ReadSessions,
     Other,
 }
 
@@ -738,6 +742,8 @@ impl<'a> Route<'a> {
             (&Method::DELETE, ["api", "members", id]) => Route::Deregister(id),
             (&Method::POST, ["api", "retained"]) => Route::WriteRetained,
             (&Method::GET, ["api", "retained"]) => Route::ReadRetained,
+            (&Method::POST, ["api", "sessions"]) => Route::WriteSessions,
+            (&Method::GET, ["api", "sessions"]) => Route::ReadSessions,
             _ => Route::Other,
         }
     }
@@ -755,6 +761,8 @@ impl<'a> Route<'a> {
             Route::Deregister(_) => "deregister",
             Route::WriteRetained => "retained_write",
             Route::ReadRetained => "retained_read",
+            Route::WriteSessions => "sessions_write",
+            Route::ReadSessions => "sessions_read",
             Route::Other => "other",
         }
     }
@@ -772,7 +780,7 @@ impl<'a> Route<'a> {
     /// Largest body accepted: a batch of retained messages carries their payloads.
     fn max_body(self) -> usize {
         match self {
-            Route::WriteRetained => retained::MAX_BATCH_BODY,
+            Route::WriteRetained | Route::WriteSessions => retained::MAX_BATCH_BODY,
             _ => MAX_BODY,
         }
     }
@@ -808,7 +816,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
     }
     let write = matches!(
         route,
-        Route::Register | Route::Heartbeat(_) | Route::Deregister(_) | Route::WriteRetained
+        Route::Register
+            | Route::Heartbeat(_)
+            | Route::Deregister(_)
+            | Route::WriteRetained
+            | Route::WriteSessions
     );
     // A write carries the lease epoch of the primary taking it (fencing).
     let mut epoch = 0;
@@ -826,6 +838,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
         Route::Deregister(id) => deregister(&shared, epoch, id).await,
         Route::WriteRetained => write_retained(&shared, epoch, &body).await,
         Route::ReadRetained => read_retained(&shared, &parts.uri).await,
+        Route::WriteSessions => write_sessions(&shared, epoch, &body).await,
+        Route::ReadSessions => read_sessions(&shared, &parts.uri).await,
         Route::Page | Route::Healthz | Route::Metrics | Route::Other => error(
             StatusCode::NOT_FOUND,
             format!("no route {} {path}", parts.method),
@@ -1122,6 +1136,51 @@ async fn read_retained(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
     }
 }
 
+async fn write_sessions(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
+    let batch: SessionBatch = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    if let Some(msg) = batch.entries.iter().find_map(|e| e.validate().err()) {
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
+    let now = now_ms();
+    match shared
+        .db(move |s| s.write_sessions(epoch, &batch.entries, now))
+        .await
+    {
+        Ok(applied) => reply(StatusCode::OK, json!({ "applied": applied })),
+        Err(e) => store_error(shared, e),
+    }
+}
+
+/// A page of persistent sessions after the client ID `after` (base64url) names.
+async fn read_sessions(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
+    let q = query(uri);
+    let after = match q.get("after") {
+        None => String::new(),
+        Some(a) => match retained::decode_after(a) {
+            Some(t) => t,
+            None => return error(StatusCode::BAD_REQUEST, "after: not a base64url client ID"),
+        },
+    };
+    let limit = retained::MAX_PAGE;
+    match shared.db(move |s| s.sessions(&after, limit)).await {
+        Ok(entries) => {
+            let next = if entries.len() >= limit as usize {
+                entries.last().map(|e| e.client_id.clone())
+            } else {
+                None
+            };
+            match serde_json::to_value(SessionPage { entries, next }) {
+                Ok(v) => reply(StatusCode::OK, v),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        Err(e) => store_error(shared, e),
+    }
+}
+
 async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -1235,6 +1294,22 @@ mod tests {
             limit: u32,
         ) -> Result<Vec<crate::retained::RetainedEntry>, StoreError> {
             self.inner.retained(after, limit)
+        }
+        fn write_sessions(
+            &self,
+            epoch: u64,
+            entries: &[crate::sessions::SessionEntry],
+            now_ms: i64,
+        ) -> Result<u64, StoreError> {
+            self.write()?;
+            self.inner.write_sessions(epoch, entries, now_ms)
+        }
+        fn sessions(
+            &self,
+            after: &str,
+            limit: u32,
+        ) -> Result<Vec<crate::sessions::SessionEntry>, StoreError> {
+            self.inner.sessions(after, limit)
         }
     }
 

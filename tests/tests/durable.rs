@@ -6,6 +6,7 @@
 //! retained message that was set, with its properties, and not the cleared one.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -176,5 +177,128 @@ async fn retained_messages_survive_a_whole_cluster_restart() -> anyhow::Result<(
     let m = &sub5.received()[0];
     assert!(m.retain);
     assert_eq!(m.user_properties, [("k".to_string(), "v".to_string())]);
+    Ok(())
+}
+
+/// Connects `id` with clean session 0 (MQTT 3.1.1) to `addr`; returns the client, its event
+/// loop and the CONNACK's Session Present.
+async fn persistent(
+    addr: std::net::SocketAddr,
+    id: &str,
+) -> anyhow::Result<(rumqttc::AsyncClient, rumqttc::EventLoop, bool)> {
+    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_clean_session(false);
+    o.set_keep_alive(Duration::from_secs(30));
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 64);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .context("no CONNACK")??;
+        if let rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)) = ev {
+            anyhow::ensure!(a.code == rumqttc::ConnectReturnCode::Success, "{a:?}");
+            return Ok((c, el, a.session_present));
+        }
+    }
+}
+
+/// Polls `el` until `want` says yes of an incoming packet, within the deadline.
+async fn until(
+    el: &mut rumqttc::EventLoop,
+    what: &str,
+    want: impl Fn(&rumqttc::Packet) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .with_context(|| format!("no {what}"))??;
+        if let rumqttc::Event::Incoming(p) = &ev {
+            if want(p) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A persistent session's subscriptions survive a whole-cluster restart (issue 18): its
+/// client reconnects on another node with clean session 0 and gets Session Present 1 and a
+/// message on its filter without subscribing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_survives_a_whole_cluster_restart() -> anyhow::Result<()> {
+    let mut t = Topology::start(3).await?;
+    let (b1, b2, b3) = (
+        t.brokers[0].clone(),
+        t.brokers[1].clone(),
+        t.brokers[2].clone(),
+    );
+    let (c, mut el, present) = persistent(b1.mqtt, "durable-session").await?;
+    assert!(!present, "a new session");
+    c.subscribe("s/#", QoS::AtLeastOnce).await?;
+    until(&mut el, "SUBACK", |p| {
+        matches!(p, rumqttc::Packet::SubAck(_))
+    })
+    .await?;
+    c.disconnect().await?;
+    // Its DISCONNECT is sent once the loop runs: until the connection ends.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, el.poll()).await {}
+    drop(el);
+    wait_until("the HA server holds the session", DEADLINE, || async {
+        ha_get_json(t.ha, "/api/sessions").await.is_ok_and(|v| {
+            v["entries"].as_array().is_some_and(|e| {
+                e.len() == 1
+                    && e[0]["client_id"] == "durable-session"
+                    && e[0]["session"]["subscriptions"][0]["filter"] == "s/#"
+            })
+        })
+    })
+    .await?;
+
+    for name in ["b1", "b2", "b3", "ha1"] {
+        t.kill(name)?;
+    }
+    for name in ["ha1", "b1", "b2", "b3"] {
+        t.restart(name).await?;
+    }
+
+    let (_c, mut el, present) = persistent(b2.mqtt, "durable-session").await?;
+    assert!(
+        present,
+        "Session Present 1 after the whole cluster restarted"
+    );
+    let publisher = Client::connect(b3.mqtt, "durable-session-pub").await?;
+    // b3's link to b2 may take a moment after the restart: publish until it arrives.
+    let got = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let got = got.clone();
+        tokio::spawn(async move {
+            for _ in 0..300 {
+                if got.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if publisher
+                    .publish("s/x", QoS::AtLeastOnce, b"hello")
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            publisher.disconnect().await;
+        })
+    };
+    let r = until(
+        &mut el,
+        "the message on its filter, without a SUBSCRIBE",
+        |p| matches!(p, rumqttc::Packet::Publish(m) if m.topic == "s/x"),
+    )
+    .await;
+    got.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await?;
+    r?;
+    let text = metrics(b2.http).await?;
+    assert_eq!(metric(&text, "mqlb_broker_sessions_loaded_total", &[]), 1.0);
     Ok(())
 }

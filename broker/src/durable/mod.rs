@@ -10,6 +10,14 @@
 //! Each entry carries the node's time, never going back, and the store keeps the latest of
 //! each topic, so batches of several nodes may land in any order.
 //!
+//! Persistent sessions go the same way, from their owner's book ([`crate::replica::Book`]:
+//! every change the mesh announces to the peers is also queued here): the expiry and the
+//! subscriptions, not the messages; an ended session is written as its end. A starting node
+//! holds the stored sessions as replicas of an owner that is not there
+//! ([`crate::replica::STORED`]), which a live owner's word replaces: a client reconnecting
+//! after a whole-cluster restart is restored from them (Session Present 1, its subscriptions
+//! without a SUBSCRIBE), by the replicas' own path.
+//!
 //! Every node loads the stored messages into its router when it starts, before it serves
 //! ([`load`]): the mesh does not carry retained messages to a node that joins (each keeps its
 //! own), so loading on the first node only would leave the others without; loading before
@@ -27,14 +35,16 @@ use mqlb_config::defaults::{
     DURABLE_BATCH_BYTES, DURABLE_BATCH_ENTRIES, DURABLE_FLUSH_EVERY, DURABLE_QUEUE_TOPICS,
 };
 use mqlb_ha_api::retained::{RetainedEntry, RetainedProps, MAX_BATCH_BODY};
+use mqlb_ha_api::sessions::{SessionEntry, StoredSession, StoredSubscription};
 use mqlb_ha_api::{now_ms, ClientError, HaClient};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use rumqttd::protocol::PublishProperties;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::mesh::frame::MeshPublish;
+use crate::mesh::frame::{MeshPublish, MeshSubscription, ReplicaMeta};
 use crate::metrics::Metrics;
+use crate::replica::Announce;
 use pending::{Pending, Pushed};
 
 /// The longest wait between two attempts while the HA servers refuse or do not answer.
@@ -46,12 +56,16 @@ struct DurableMetrics {
     write_errors: IntCounter,
     pending: IntGauge,
     loaded: IntCounter,
+    sessions_stored: IntCounter,
+    sessions_dropped: IntCounter,
+    sessions_loaded: IntCounter,
 }
 
 /// A node's writer of retained messages.
 pub(crate) struct Durable {
     node: String,
-    pending: Mutex<Pending>,
+    pending: Mutex<Pending<RetainedEntry>>,
+    sessions: Mutex<Pending<SessionEntry>>,
     wake: Notify,
     metrics: DurableMetrics,
 }
@@ -82,7 +96,22 @@ impl Durable {
                 "mqlb_broker_retained_loaded_total",
                 "Retained messages loaded from the HA servers' database into this node's router when it started.",
             )?,
+            sessions_stored: IntCounter::new(
+                "mqlb_broker_sessions_stored_total",
+                "Persistent sessions (their subscriptions and expiry) and session ends of this node written to the HA servers' database (cluster.durable_retained).",
+            )?,
+            sessions_dropped: IntCounter::new(
+                "mqlb_broker_sessions_store_dropped_total",
+                "Session changes never written to the HA servers' database (100 000 sessions waiting, or refused as invalid).",
+            )?,
+            sessions_loaded: IntCounter::new(
+                "mqlb_broker_sessions_loaded_total",
+                "Persistent sessions loaded from the HA servers' database as replicas when this node started.",
+            )?,
         };
+        metrics.register(Box::new(m.sessions_stored.clone()))?;
+        metrics.register(Box::new(m.sessions_dropped.clone()))?;
+        metrics.register(Box::new(m.sessions_loaded.clone()))?;
         metrics.register(Box::new(m.stored.clone()))?;
         metrics.register(Box::new(m.dropped.clone()))?;
         metrics.register(Box::new(m.write_errors.clone()))?;
@@ -94,13 +123,90 @@ impl Durable {
         Ok(Arc::new(Durable {
             node: node.to_string(),
             pending: Mutex::new(Pending::new(DURABLE_QUEUE_TOPICS)),
+            sessions: Mutex::new(Pending::new(DURABLE_QUEUE_TOPICS)),
             wake: Notify::new(),
             metrics: m,
         }))
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending<RetainedEntry>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Pending<SessionEntry>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a session this node owns became, as announced to the peers (the replication's
+    /// book; off the data path: CONNACK, SUBACK, UNSUBSCRIBE, the end of a connection).
+    pub(crate) fn session(&self, a: &Announce) {
+        let (client_id, session) = match a {
+            Announce::Meta(m) => (
+                m.client_id.clone(),
+                Some(StoredSession {
+                    expiry: m.expiry,
+                    subscriptions: m
+                        .subscriptions
+                        .iter()
+                        .map(|s| StoredSubscription {
+                            filter: s.filter.clone(),
+                            qos: s.qos,
+                            nolocal: s.nolocal,
+                            preserve_retain: s.preserve_retain,
+                        })
+                        .collect(),
+                }),
+            ),
+            Announce::Close(client_id) => (client_id.clone(), None),
+        };
+        let mut pending = self.sessions();
+        let at_ms = pending.stamp(now_ms());
+        let entry = SessionEntry {
+            client_id,
+            session,
+            at_ms,
+        };
+        if pending.push(entry) == Pushed::Dropped {
+            self.metrics.sessions_dropped.inc();
+        }
+    }
+
+    /// Sessions' changes, as [`Durable::flush`] does retained messages.
+    async fn flush_sessions(&self, client: &HaClient, rounds: usize) -> Result<(), ClientError> {
+        for _ in 0..rounds {
+            let batch = self
+                .sessions()
+                .take(DURABLE_BATCH_ENTRIES, DURABLE_BATCH_BYTES);
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len() as u64;
+            match client.write_sessions(batch.clone()).await {
+                Ok(_) => self.metrics.sessions_stored.inc_by(n),
+                Err(ClientError::Status(400, why)) => {
+                    tracing::warn!(
+                        node = self.node,
+                        entries = n,
+                        error = why,
+                        "HA server refused a batch of sessions as invalid; dropped"
+                    );
+                    self.metrics.sessions_dropped.inc_by(n);
+                }
+                Err(e) => {
+                    self.sessions().put_back(batch);
+                    self.metrics.write_errors.inc();
+                    return Err(e);
+                }
+            }
+            if self.sessions().len() < DURABLE_BATCH_ENTRIES {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn sessions_loaded(&self, n: usize) {
+        self.metrics.sessions_loaded.inc_by(n as u64);
     }
 
     /// A local client's retained PUBLISH (an empty payload clears the topic), after the ACL
@@ -143,6 +249,12 @@ impl Durable {
     /// Writes batches while some wait and the HA servers take them, at most `rounds` of them.
     /// `Err` when a write failed (that batch waits again).
     async fn flush(&self, client: &HaClient, rounds: usize) -> Result<(), ClientError> {
+        let sessions = self.flush_sessions(client, rounds).await;
+        self.flush_retained(client, rounds).await?;
+        sessions
+    }
+
+    async fn flush_retained(&self, client: &HaClient, rounds: usize) -> Result<(), ClientError> {
         for _ in 0..rounds {
             let batch = self
                 .pending()
@@ -249,6 +361,30 @@ fn props_of(p: &PublishProperties) -> RetainedProps {
         user_properties: p.user_properties.clone(),
         content_type: p.content_type.clone(),
     }
+}
+
+/// A stored session as a replica's meta: offline from now (its expiry counts from the load),
+/// without a will (a will is not stored: the cluster that died did not publish it, and the
+/// nodes loading would each be tempted to).
+pub(crate) fn meta_of(e: SessionEntry) -> Option<ReplicaMeta> {
+    let s = e.session?;
+    Some(ReplicaMeta {
+        client_id: e.client_id,
+        expiry: s.expiry,
+        online: false,
+        fresh: false,
+        subscriptions: s
+            .subscriptions
+            .into_iter()
+            .map(|f| MeshSubscription {
+                filter: f.filter,
+                qos: f.qos.min(2),
+                nolocal: f.nolocal,
+                preserve_retain: f.preserve_retain,
+            })
+            .collect(),
+        will: None,
+    })
 }
 
 /// A stored retained message as the router takes it from the mesh's shape, with the time

@@ -1,10 +1,37 @@
-//! The retained messages a broker has yet to write to the HA server: one entry per topic (the
-//! last write of a topic replaces the one waiting), taken in the order topics began to wait,
-//! at most a bound of topics. Pure: no I/O, no clock (the caller stamps the times).
+//! What a broker has yet to write to the HA server (retained messages by topic, sessions by
+//! client ID): one entry per key (the last write of a key replaces the one waiting), taken in
+//! the order keys began to wait, at most a bound of keys. Pure: no I/O, no clock (the caller
+//! stamps the times).
 
 use std::collections::{HashMap, VecDeque};
 
 use mqlb_ha_api::retained::RetainedEntry;
+use mqlb_ha_api::sessions::SessionEntry;
+
+/// An entry of a [`Pending`] queue.
+pub(crate) trait Keyed {
+    fn key(&self) -> &str;
+    /// Bytes it takes, roughly (what batches are bounded by).
+    fn size(&self) -> usize;
+}
+
+impl Keyed for RetainedEntry {
+    fn key(&self) -> &str {
+        &self.topic
+    }
+    fn size(&self) -> usize {
+        RetainedEntry::size(self)
+    }
+}
+
+impl Keyed for SessionEntry {
+    fn key(&self) -> &str {
+        &self.client_id
+    }
+    fn size(&self) -> usize {
+        SessionEntry::size(self)
+    }
+}
 
 /// What [`Pending::push`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,8 +44,8 @@ pub(crate) enum Pushed {
     Dropped,
 }
 
-pub(crate) struct Pending {
-    entries: HashMap<String, RetainedEntry>,
+pub(crate) struct Pending<E> {
+    entries: HashMap<String, E>,
     /// Topics of `entries`, oldest first (each once).
     order: VecDeque<String>,
     max_topics: usize,
@@ -27,8 +54,8 @@ pub(crate) struct Pending {
     last_at: i64,
 }
 
-impl Pending {
-    pub(crate) fn new(max_topics: usize) -> Pending {
+impl<E: Keyed> Pending<E> {
+    pub(crate) fn new(max_topics: usize) -> Pending<E> {
         Pending {
             entries: HashMap::new(),
             order: VecDeque::new(),
@@ -47,29 +74,30 @@ impl Pending {
         self.last_at
     }
 
-    pub(crate) fn push(&mut self, entry: RetainedEntry) -> Pushed {
-        if let Some(waiting) = self.entries.get_mut(&entry.topic) {
+    pub(crate) fn push(&mut self, entry: E) -> Pushed {
+        if let Some(waiting) = self.entries.get_mut(entry.key()) {
             *waiting = entry;
             return Pushed::Replaced;
         }
         if self.entries.len() >= self.max_topics {
             return Pushed::Dropped;
         }
-        self.order.push_back(entry.topic.clone());
-        self.entries.insert(entry.topic.clone(), entry);
+        let key = entry.key().to_string();
+        self.order.push_back(key.clone());
+        self.entries.insert(key, entry);
         Pushed::Added
     }
 
     /// The next batch: the oldest waiting topics, at most `max_entries` of them and, past the
     /// first, no more than `max_bytes` (a larger message goes alone).
-    pub(crate) fn take(&mut self, max_entries: usize, max_bytes: usize) -> Vec<RetainedEntry> {
+    pub(crate) fn take(&mut self, max_entries: usize, max_bytes: usize) -> Vec<E> {
         let mut batch = Vec::new();
         let mut bytes = 0;
         while batch.len() < max_entries {
             let Some(topic) = self.order.front() else {
                 break;
             };
-            let size = self.entries.get(topic).map_or(0, RetainedEntry::size);
+            let size = self.entries.get(topic).map_or(0, Keyed::size);
             if !batch.is_empty() && bytes + size > max_bytes {
                 break;
             }
@@ -87,13 +115,14 @@ impl Pending {
     /// A batch whose write failed waits again, first in line, except the topics written
     /// again meanwhile (their newer entry waits already). It may take the queue past its
     /// bound by one batch: what was accepted is not dropped for a failed write.
-    pub(crate) fn put_back(&mut self, batch: Vec<RetainedEntry>) {
+    pub(crate) fn put_back(&mut self, batch: Vec<E>) {
         for e in batch.into_iter().rev() {
-            if self.entries.contains_key(&e.topic) {
+            if self.entries.contains_key(e.key()) {
                 continue;
             }
-            self.order.push_front(e.topic.clone());
-            self.entries.insert(e.topic.clone(), e);
+            let key = e.key().to_string();
+            self.order.push_front(key.clone());
+            self.entries.insert(key, e);
         }
     }
 }
@@ -181,7 +210,7 @@ mod tests {
 
     #[test]
     fn stamps_never_go_back() {
-        let mut p = Pending::new(1);
+        let mut p: Pending<RetainedEntry> = Pending::new(1);
         assert_eq!(p.stamp(100), 100);
         assert_eq!(p.stamp(90), 100, "the wall clock stepped back");
         assert_eq!(p.stamp(120), 120);

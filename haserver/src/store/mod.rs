@@ -12,6 +12,7 @@ pub mod sqlite;
 use crate::expiry::Cutoffs;
 use crate::model::{ClusterView, Event, Registration};
 use crate::retained::{RetainedEntry, RetainedProps};
+use crate::sessions::{SessionEntry, StoredSession};
 
 pub use lease::Lease;
 pub use postgres::{PostgresOptions, PostgresStore};
@@ -48,6 +49,9 @@ pub enum StoreError {
         current: u64,
         expired: bool,
     },
+    /// A stored session does not parse (written by something else).
+    #[error("the database holds session {client_id:?} malformed: {msg}")]
+    MalformedSession { client_id: String, msg: String },
     /// A retained message's properties as stored do not parse (written by something else).
     #[error("the database holds retained message {topic:?} with malformed properties: {msg}")]
     Malformed { topic: String, msg: String },
@@ -125,6 +129,17 @@ pub trait Store: Send + Sync {
     /// Up to `limit` retained messages (no tombstones) with topics after `after` in byte
     /// order (`""`: from the first).
     fn retained(&self, after: &str, limit: u32) -> Result<Vec<RetainedEntry>, StoreError>;
+    /// Applies a batch of persistent sessions and their ends, as [`Store::write_retained`]
+    /// does retained messages: the latest of each client ID by `at_ms` wins, an end stays a
+    /// tombstone for [`TOMBSTONE_KEEP_MS`].
+    fn write_sessions(
+        &self,
+        epoch: u64,
+        entries: &[SessionEntry],
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+    /// Up to `limit` sessions (no ends) with client IDs after `after` in byte order.
+    fn sessions(&self, after: &str, limit: u32) -> Result<Vec<SessionEntry>, StoreError>;
     /// Versions as any HA server's writes commit, pushed by the database (PostgreSQL's
     /// LISTEN/NOTIFY); `None`: the server polls the version instead.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
@@ -149,4 +164,16 @@ fn props_of(topic: &str, text: Option<&str>) -> Result<RetainedProps, StoreError
             msg: e.to_string(),
         }),
     }
+}
+
+/// A session as both stores keep it: JSON text; `None` for an end (a tombstone).
+fn session_text(s: &Option<StoredSession>) -> Option<String> {
+    s.as_ref().and_then(|s| serde_json::to_string(s).ok())
+}
+
+fn session_of(client_id: &str, text: &str) -> Result<StoredSession, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::MalformedSession {
+        client_id: client_id.to_string(),
+        msg: e.to_string(),
+    })
 }

@@ -9,13 +9,17 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::lease::{self, Lease};
-use super::{props_of, props_text, Registered, Store, StoreError, TOMBSTONE_KEEP_MS};
+use super::{
+    props_of, props_text, session_of, session_text, Registered, Store, StoreError,
+    TOMBSTONE_KEEP_MS,
+};
 use crate::expiry::Cutoffs;
 use crate::lock;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
 use crate::retained::RetainedEntry;
+use crate::sessions::SessionEntry;
 
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -76,6 +80,12 @@ CREATE TABLE IF NOT EXISTS retained (
 CREATE INDEX IF NOT EXISTS retained_tombstones ON retained (at_ms) WHERE length(payload) = 0;
 ";
 
+/// Persistent sessions (issue 18) in the `sessions` table schema 1 made room for: `data` is
+/// the session as JSON, NULL for an end (a tombstone), `updated_ms` its time.
+const SCHEMA_V4: &str = "
+CREATE INDEX IF NOT EXISTS sessions_tombstones ON sessions (updated_ms) WHERE data IS NULL;
+";
+
 /// A row of `retained`: topic, payload, QoS, properties (JSON), time.
 type RetainedRow = (String, Vec<u8>, u8, Option<String>, i64);
 
@@ -117,6 +127,9 @@ impl SqliteStore {
         }
         if current < 3 {
             tx.execute_batch(SCHEMA_V3)?;
+        }
+        if current < 4 {
+            tx.execute_batch(SCHEMA_V4)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -434,6 +447,56 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    fn write_sessions(
+        &self,
+        epoch: u64,
+        entries: &[SessionEntry],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut conn = lock(&self.conn);
+        let tx = write_tx(&mut conn, epoch)?;
+        let mut applied = 0;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO sessions (client_id, data, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(client_id) DO UPDATE SET data = ?2, updated_ms = ?3
+                 WHERE ?3 >= sessions.updated_ms",
+            )?;
+            for e in entries {
+                applied +=
+                    upsert.execute(params![e.client_id, session_text(&e.session), e.at_ms])? as u64;
+            }
+        }
+        tx.execute(
+            "DELETE FROM sessions WHERE data IS NULL AND updated_ms < ?1",
+            [now_ms - TOMBSTONE_KEEP_MS],
+        )?;
+        tx.commit()?;
+        Ok(applied)
+    }
+
+    fn sessions(&self, after: &str, limit: u32) -> Result<Vec<SessionEntry>, StoreError> {
+        let conn = lock(&self.conn);
+        let rows: Vec<(String, String, i64)> = conn
+            .prepare_cached(
+                "SELECT client_id, data, updated_ms FROM sessions
+                 WHERE client_id > ?1 AND data IS NOT NULL ORDER BY client_id LIMIT ?2",
+            )?
+            .query_map(params![after, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(client_id, data, at_ms)| {
+                Ok(SessionEntry {
+                    session: Some(session_of(&client_id, &data)?),
+                    client_id,
+                    at_ms,
+                })
+            })
+            .collect()
+    }
+
     fn acquire_lease(&self, holder: &str, addr: &str, ttl_ms: i64) -> Result<Lease, StoreError> {
         let mut conn = lock(&self.conn);
         // IMMEDIATE takes the write lock first: two servers cannot both see the lease free.
@@ -508,6 +571,7 @@ mod tests {
         max_members,
         state_survives_reopening,
         retained_messages,
+        persistent_sessions,
     );
 
     /// A file written by the schema before fencing (version 1) opens, migrated: its lease row

@@ -24,10 +24,14 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use super::lease::{self, Lease};
-use super::{props_of, props_text, Registered, Store, StoreError, TOMBSTONE_KEEP_MS};
+use super::{
+    props_of, props_text, session_of, session_text, Registered, Store, StoreError,
+    TOMBSTONE_KEEP_MS,
+};
 use crate::expiry::Cutoffs;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
 use crate::retained::RetainedEntry;
+use crate::sessions::SessionEntry;
 pub use listen::CHANNEL;
 use pool::{Pool, Target};
 
@@ -80,6 +84,18 @@ CREATE TABLE retained (
     at_ms BIGINT NOT NULL
 );
 CREATE INDEX retained_tombstones ON retained (at_ms) WHERE octet_length(payload) = 0;
+",
+    ),
+    // Persistent sessions (issue 18): `data` the session as JSON, NULL for an end.
+    (
+        3,
+        "
+CREATE TABLE sessions (
+    client_id TEXT COLLATE \"C\" PRIMARY KEY,
+    data TEXT,
+    updated_ms BIGINT NOT NULL
+);
+CREATE INDEX sessions_tombstones ON sessions (updated_ms) WHERE data IS NULL;
 ",
     ),
 ];
@@ -642,6 +658,67 @@ impl Store for PostgresStore {
                     qos: u8::try_from(r.try_get::<_, i16>(2)?).unwrap_or(0),
                     at_ms: r.try_get(4)?,
                     topic,
+                });
+            }
+            c.release();
+            Ok(out)
+        })
+    }
+
+    fn write_sessions(
+        &self,
+        epoch: u64,
+        entries: &[SessionEntry],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = write_tx(&mut c, epoch).await?;
+            let upsert = tx
+                .prepare(
+                    "INSERT INTO sessions (client_id, data, updated_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (client_id) DO UPDATE SET data = $2, updated_ms = $3
+                     WHERE $3 >= sessions.updated_ms",
+                )
+                .await?;
+            let mut applied = 0;
+            for e in entries {
+                applied += tx
+                    .execute(
+                        &upsert,
+                        &[&e.client_id, &session_text(&e.session), &e.at_ms],
+                    )
+                    .await?;
+            }
+            tx.execute(
+                "DELETE FROM sessions WHERE data IS NULL AND updated_ms < $1",
+                &[&(now_ms - TOMBSTONE_KEEP_MS)],
+            )
+            .await?;
+            tx.commit().await?;
+            c.release();
+            Ok(applied)
+        })
+    }
+
+    fn sessions(&self, after: &str, limit: u32) -> Result<Vec<SessionEntry>, StoreError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            let rows = c
+                .query(
+                    "SELECT client_id, data, updated_ms FROM sessions
+                     WHERE client_id > $1 AND data IS NOT NULL ORDER BY client_id LIMIT $2",
+                    &[&after, &i64::from(limit)],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let client_id: String = r.try_get(0)?;
+                let data: String = r.try_get(1)?;
+                out.push(SessionEntry {
+                    session: Some(session_of(&client_id, &data)?),
+                    at_ms: r.try_get(2)?,
+                    client_id,
                 });
             }
             c.release();
