@@ -250,16 +250,19 @@ pub enum Distribution {
     MqttClientId,
     RoundRobin,
     LeastConnections,
+    /// The server name (SNI) of the TLS ClientHello, the TLS passed through as it is.
+    Sni,
 }
 
 impl Distribution {
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "five-tuple",
         "source-ip",
         "source-ip-protocol",
         "mqtt-client-id",
         "round-robin",
         "least-connections",
+        "sni",
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -270,6 +273,7 @@ impl Distribution {
             "mqtt-client-id" => Self::MqttClientId,
             "round-robin" => Self::RoundRobin,
             "least-connections" => Self::LeastConnections,
+            "sni" => Self::Sni,
             _ => return None,
         })
     }
@@ -282,6 +286,7 @@ impl Distribution {
             Self::MqttClientId => "mqtt-client-id",
             Self::RoundRobin => "round-robin",
             Self::LeastConnections => "least-connections",
+            Self::Sni => "sni",
         }
     }
 }

@@ -766,3 +766,28 @@ fn proxy_protocol_keys_are_off_by_default_and_checked() {
         c.warnings
     );
 }
+
+/// `distribution = "sni"` reads the ClientHello of TLS passed through: on a frontend that
+/// terminates TLS it is refused; mTLS keys without `client_ca` are refused naming the key.
+#[test]
+fn sni_needs_tls_passed_through_and_mtls_keys_need_a_client_ca() {
+    let dir = tempfile::tempdir().expect("dir");
+    let plain = format!("{MINIMAL}distribution = \"sni\"\n");
+    let c = Config::parse(&plain, "t.toml").expect("sni on a plain frontend");
+    assert_eq!(c.rules[0].distribution, Distribution::Sni);
+    let tls = tls_frontend(
+        dir.path(),
+        r#"{ cert = "DIR/chain.pem", key = "DIR/key.pem" }"#,
+    ) + "distribution = \"sni\"\n";
+    let p = problems(&tls);
+    assert!(p.iter().any(|p| p.key == "rule[0].distribution"), "{p:?}");
+    let orphan = tls_frontend(
+        dir.path(),
+        r#"{ cert = "DIR/chain.pem", key = "DIR/key.pem", client_id = "cn" }"#,
+    );
+    let p = problems(&orphan);
+    assert!(
+        p.iter().any(|p| p.key == "frontend[0].tls.client_id"),
+        "{p:?}"
+    );
+}

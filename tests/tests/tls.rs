@@ -1309,3 +1309,132 @@ async fn optional_client_certificates_let_the_handshake_through_and_the_cn_rule_
     );
     Ok(())
 }
+
+/// A TLS server for SNI pass-through tests: it terminates TLS with the PKI's `chain.pem` and
+/// answers each connection's first line with its own `id`.
+fn tls_echo_id(pki: &Pki, id: &'static str) -> anyhow::Result<SocketAddr> {
+    use rustls::pki_types::pem::PemObject;
+    let chain =
+        CertificateDer::pem_file_iter(pki.path("chain.pem"))?.collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.path("key.pem"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(BOTH)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut line = [0u8; 1];
+                while matches!(tls.read(&mut line).await, Ok(1) if line[0] != b'\n') {}
+                let _ = tls.write_all(format!("{id}\n").as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// `distribution = "sni"` (issue 15): the LB does not terminate TLS; it reads the ClientHello's
+/// server name, routes by it with rendezvous hashing (each name always on the same backend, as
+/// a client ID is), and passes the TLS through: the client's handshake completes with the
+/// backend itself. A ClientHello without a server name falls back to the five-tuple, and
+/// bytes that are not TLS are refused and counted `not_tls`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_pass_through_routes_by_server_name_and_the_backend_terminates() -> anyhow::Result<()> {
+    use mqlb_lb::select::{backend_hash, rendezvous_order, Candidate, Key};
+    let pki = Pki::new()?;
+    let names: Vec<String> = (0..8).map(|i| format!("dev-{i}.example")).collect();
+    let all: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .chain(["127.0.0.1"])
+        .collect();
+    pki.leaf(&all, (4096, 1, 1), "chain.pem", "key.pem")?;
+    let ids = ["s1", "s2"];
+    let backends = [tls_echo_id(&pki, ids[0])?, tls_echo_id(&pki, ids[1])?];
+    let toml = format!(
+        "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\n\
+         [[frontend]]\nname = \"pass\"\nbind = \"127.0.0.1:0\"\n\
+         [[pool]]\nname = \"tls\"\nprobe = \"t\"\n\
+         [[pool.backend]]\nid = \"s1\"\naddr = \"{}\"\n[[pool.backend]]\nid = \"s2\"\naddr = \"{}\"\n\
+         [[probe]]\nname = \"t\"\nport = \"traffic\"\n\
+         [[rule]]\nname = \"sni\"\nfrontend = \"pass\"\npool = \"tls\"\ndistribution = \"sni\"\n",
+        backends[0], backends[1]
+    );
+    let lb = Lb::start(Config::parse(&toml, "test")?, Listeners::default()).await?;
+    let front = lb
+        .frontend_addr("pass")
+        .ok_or_else(|| anyhow::anyhow!("frontend pass not open"))?;
+    let cands: Vec<Candidate> = ids
+        .iter()
+        .map(|id| Candidate {
+            hash: backend_hash(id),
+            weight: 1,
+            active: 0,
+            eligible: true,
+        })
+        .collect();
+    let connector = pki.client(&[], BOTH)?;
+    let served_by = |name: String| {
+        let connector = connector.clone();
+        async move {
+            let server = ServerName::try_from(name)?;
+            let tcp = TcpStream::connect(front).await?;
+            let mut tls = tokio::time::timeout(DEADLINE, connector.connect(server, tcp)).await??;
+            tls.write_all(b"which?\n").await?;
+            let mut answer = String::new();
+            tokio::time::timeout(DEADLINE, tls.read_to_string(&mut answer)).await??;
+            anyhow::Ok(answer.trim().to_string())
+        }
+    };
+    let mut chosen = std::collections::HashSet::new();
+    for name in &names {
+        let want = ids[rendezvous_order(Key::ClientId(name).hash(), &cands)[0]];
+        chosen.insert(want);
+        for round in 0..2 {
+            assert_eq!(served_by(name.clone()).await?, want, "{name} round {round}");
+        }
+    }
+    assert!(
+        chosen.len() == 2,
+        "8 names all hash to {chosen:?}: the test shows nothing"
+    );
+    // No server name (an IP address is not sent as SNI): the five-tuple picks; it works.
+    let any = served_by("127.0.0.1".to_string()).await?;
+    assert!(ids.contains(&any.as_str()), "{any}");
+    let decisions = metric(
+        &lb.metrics_text(),
+        "mqlb_route_decisions_total",
+        &[("rule", "sni"), ("method", "no-sni-five-tuple")],
+    );
+    assert_eq!(decisions, 1.0, "counted as the fallback");
+    // Not TLS at all: refused, counted.
+    let mut plain = TcpStream::connect(front).await?;
+    plain
+        .write_all(&encode_connect(&ConnectOptions {
+            client_id: "mqtt-on-tls".into(),
+            ..Default::default()
+        }))
+        .await?;
+    assert!(read_until_closed(&mut plain).await?.is_empty());
+    wait_until("not_tls counted", DEADLINE, || async {
+        metric(
+            &lb.metrics_text(),
+            "mqlb_mqtt_connect_errors_total",
+            &[("rule", "sni"), ("reason", "not_tls")],
+        ) == 1.0
+    })
+    .await?;
+    lb.shutdown().await;
+    Ok(())
+}

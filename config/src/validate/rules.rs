@@ -22,6 +22,7 @@ pub(super) fn rules(c: &mut Checker, raw: &RawConfig) -> (Vec<Rule>, HashSet<Str
         let rule = rule(c, &k, r);
         warn_rule(c, &k, r, &rule);
         warn_unused_mqtt_ports(c, &k, &rule, raw);
+        sni_passes_tls_through(c, &k, &rule, raw);
         rules.push(rule);
     }
     (rules, used_frontends)
@@ -225,6 +226,24 @@ fn warn_rule(c: &mut Checker, k: &str, r: &RawRule, rule: &Rule) {
                 "tcp_keepalive_time {} is not below idle_timeout {}: the idle timeout closes a quiet connection before keepalive probes it",
                 format_duration(rule.tcp_keepalive.time),
                 format_duration(rule.idle_timeout)
+            ),
+        );
+    }
+}
+
+/// Cross-section: `distribution = "sni"` reads the ClientHello of TLS passed through, so its
+/// frontend must not terminate TLS itself (there, route by client ID, which TLS hides no more).
+fn sni_passes_tls_through(c: &mut Checker, k: &str, rule: &Rule, raw: &RawConfig) {
+    let terminates = raw
+        .frontends
+        .iter()
+        .any(|f| f.name == rule.frontend && f.tls.is_some());
+    if rule.distribution == Distribution::Sni && terminates {
+        c.error(
+            format!("{k}.distribution"),
+            format!(
+                "\"sni\" routes TLS passed through, and frontend {:?} terminates TLS: use \"mqtt-client-id\" there",
+                rule.frontend
             ),
         );
     }

@@ -18,6 +18,8 @@ pub(crate) enum Inspection {
         level: ProtocolLevel,
         client_id: String,
     },
+    /// A TLS ClientHello (an `sni` rule), with the server name it asks for, if any.
+    Hello { sni: Option<String> },
     /// Bytes that are not MQTT.
     NotMqtt(ConnectError),
     /// MQTT the LB cannot use: it is refused whatever the rule says.
@@ -49,6 +51,9 @@ pub(crate) enum InspectFail {
     Eof,
     #[error("reading the CONNECT: {0}")]
     Io(std::io::Error),
+    /// An `sni` rule's first bytes are not a TLS ClientHello.
+    #[error("not a TLS ClientHello: {0}")]
+    NotTls(String),
 }
 
 impl InspectFail {
@@ -77,6 +82,7 @@ impl InspectFail {
             InspectFail::Timeout => "timeout",
             InspectFail::Eof => "eof",
             InspectFail::Io(_) => "io_error",
+            InspectFail::NotTls(_) => "not_tls",
         }
     }
 }
@@ -92,15 +98,23 @@ pub(crate) async fn inspect(
     deadline: Instant,
     early: Vec<u8>,
 ) -> (Vec<u8>, Inspection) {
-    if rule.distribution != Distribution::MqttClientId {
-        return (early, Inspection::NotRead);
+    let max = rule.inspect_max_bytes as usize;
+    match rule.distribution {
+        Distribution::MqttClientId => {}
+        Distribution::Sni => {
+            let read = tokio::time::timeout_at(deadline, read_client_hello(client, max, early))
+                .await
+                .unwrap_or(Err(InspectFail::Timeout));
+            return match read {
+                Ok((buf, sni)) => (buf, Inspection::Hello { sni }),
+                Err(fail) => (Vec::new(), Inspection::Unusable(fail)),
+            };
+        }
+        _ => return (early, Inspection::NotRead),
     }
-    let read = tokio::time::timeout_at(
-        deadline,
-        read_connect(client, rule.inspect_max_bytes as usize, early),
-    )
-    .await
-    .unwrap_or(Err(InspectFail::Timeout));
+    let read = tokio::time::timeout_at(deadline, read_connect(client, max, early))
+        .await
+        .unwrap_or(Err(InspectFail::Timeout));
     match read {
         Ok((buf, Ok(c))) => (
             buf,
@@ -111,6 +125,54 @@ pub(crate) async fn inspect(
         ),
         Ok((buf, Err(e))) => (buf, Inspection::NotMqtt(e)),
         Err(fail) => (Vec::new(), Inspection::Unusable(fail)),
+    }
+}
+
+/// Reads a TLS ClientHello (rustls's `Acceptor` parses it; the handshake is not answered) and
+/// returns the bytes read, to be passed through, and its server name: until the ClientHello
+/// is whole, the bytes prove not to be one, or `max_bytes` are read.
+async fn read_client_hello(
+    client: &mut (impl AsyncRead + Unpin),
+    max_bytes: usize,
+    early: Vec<u8>,
+) -> Result<(Vec<u8>, Option<String>), InspectFail> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut buf = early;
+    let mut fed = 0;
+    let mut chunk = vec![0u8; 1024];
+    let mut read_first = buf.is_empty();
+    loop {
+        if read_first {
+            let room = max_bytes.saturating_sub(buf.len()).min(chunk.len());
+            let n = client
+                .read(&mut chunk[..room])
+                .await
+                .map_err(InspectFail::Io)?;
+            if n == 0 {
+                return Err(InspectFail::Eof);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        read_first = true;
+        let mut new = &buf[fed..];
+        // Bounded: each call takes bytes, or stops at 0.
+        while !new.is_empty() {
+            match acceptor.read_tls(&mut new) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(InspectFail::NotTls(e.to_string())),
+            }
+        }
+        fed = buf.len() - new.len();
+        match acceptor.accept() {
+            Ok(Some(hello)) => {
+                let sni = hello.client_hello().server_name().map(str::to_owned);
+                return Ok((buf, sni));
+            }
+            Ok(None) if buf.len() >= max_bytes => return Err(InspectFail::Oversized(None)),
+            Ok(None) => {}
+            Err((e, _)) => return Err(InspectFail::NotTls(e.to_string())),
+        }
     }
 }
 

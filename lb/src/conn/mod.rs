@@ -248,9 +248,13 @@ async fn establish(
         tally.end(outcome);
         return None;
     };
+    // Listed as the connection's client ID: the CONNECT's, or on an `sni` rule the server name.
     let client_id = match inspection {
         Inspection::Connect { client_id, .. } if method == Method::Rule => {
             Some(client_id.into_boxed_str())
+        }
+        Inspection::Hello { sni: Some(name) } if method == Method::Rule => {
+            Some(name.into_boxed_str())
         }
         _ => None,
     };

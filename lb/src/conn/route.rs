@@ -20,6 +20,8 @@ pub(crate) enum Method {
     EmptyIdFiveTuple,
     /// Bytes that are not MQTT, on a rule with `non_mqtt = "forward"`.
     NonMqttFiveTuple,
+    /// A ClientHello without a server name, on an `sni` rule.
+    NoSniFiveTuple,
 }
 
 impl Method {
@@ -29,6 +31,7 @@ impl Method {
             Method::Rule => None,
             Method::EmptyIdFiveTuple => Some("fallback-five-tuple"),
             Method::NonMqttFiveTuple => Some("non-mqtt-five-tuple"),
+            Method::NoSniFiveTuple => Some("no-sni-five-tuple"),
         }
     }
 }
@@ -84,6 +87,15 @@ pub(crate) fn decide<'a>(
             },
             Some("empty_client_id"),
         ),
+        // The server name is hashed as a client ID is: each name on its own backend.
+        Inspection::Hello { sni: Some(name) } => (
+            Decision::Route {
+                key: Key::ClientId(name),
+                method: Method::Rule,
+            },
+            None,
+        ),
+        Inspection::Hello { sni: None } => (tuple(Method::NoSniFiveTuple), Some("no_sni")),
         Inspection::NotMqtt(e) => (
             match rule.non_mqtt {
                 NonMqtt::Forward => tuple(Method::NonMqttFiveTuple),
@@ -145,6 +157,38 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 9], 40000)),
             SocketAddr::from(([127, 0, 0, 1], 1883)),
         )
+    }
+
+    /// An `sni` rule: a server name is hashed as a client ID is; none falls back to the
+    /// five-tuple, counted `no_sni`.
+    #[test]
+    fn a_client_hello_routes_by_its_server_name() {
+        let (peer, local) = addrs();
+        let r = rule("distribution = \"sni\"\n");
+        let named = Inspection::Hello {
+            sni: Some("dev-1.example".into()),
+        };
+        assert_eq!(
+            decide(&r, &named, peer, local),
+            Verdict {
+                decision: Decision::Route {
+                    key: Key::ClientId("dev-1.example"),
+                    method: Method::Rule,
+                },
+                connect_error: None,
+            }
+        );
+        let anonymous = Inspection::Hello { sni: None };
+        assert_eq!(
+            decide(&r, &anonymous, peer, local),
+            Verdict {
+                decision: Decision::Route {
+                    key: five_tuple(),
+                    method: Method::NoSniFiveTuple,
+                },
+                connect_error: Some("no_sni"),
+            }
+        );
     }
 
     /// `client_id = "cn"`: only a CONNECT whose client ID is the certificate's CN passes;
