@@ -287,10 +287,13 @@ impl Node {
                 let link = LinkBuilder::new(&format!("mqlb-retained-{}", n.id), router_tx.clone())
                     .build()
                     .map(|(tx, rx, _ack)| (tx, rx));
-                load_retained(&n.id, client, &d, link).await;
-                // Sessions are written and loaded where they are replicated.
+                let reached = load_retained(&n.id, client, &d, link).await;
+                // Sessions are written and loaded where they are replicated (and not waited
+                // for a second time when the HA servers did not answer).
                 if let Some(r) = mesh.replication.get() {
-                    load_sessions(&n.id, client, &d, r).await;
+                    if reached {
+                        load_sessions(&n.id, client, &d, r).await;
+                    }
                     r.set_durable(d.clone());
                 }
                 handle.spawn(d.clone().run(client.clone(), stop.clone()));
@@ -556,30 +559,31 @@ const LOAD_WITHIN: Duration = Duration::from_secs(10);
 const LOAD_PAGES: usize = 10_000;
 
 /// Loads the retained messages stored by the HA servers into the router (issue 18), through
-/// a local link of their own, before the node's listeners and links are up.
+/// a local link of their own, before the node's listeners and links are up. `false`: the HA
+/// servers did not answer.
 async fn load_retained(
     node: &str,
     client: &HaClient,
     durable: &Durable,
     link: Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), rumqttd::local::LinkError>,
-) {
+) -> bool {
     let started = Instant::now();
     let entries = match tokio::time::timeout(LOAD_WITHIN, client.all_retained(LOAD_PAGES)).await {
         Ok(Ok(e)) => e,
         Ok(Err(e)) => {
             tracing::warn!(node, error = %e, "retained messages not loaded from the HA servers; starting without them");
-            return;
+            return false;
         }
         Err(_) => {
             tracing::warn!(node, after = ?LOAD_WITHIN, "retained messages not loaded from the HA servers in time; starting without them");
-            return;
+            return false;
         }
     };
     let (mut link_tx, mut link_rx) = match link {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(node, error = %e, "no router link to load retained messages");
-            return;
+            return true;
         }
     };
     let left = LOAD_WITHIN.saturating_sub(started.elapsed());
@@ -599,6 +603,7 @@ async fn load_retained(
         }
         Err(e) => tracing::warn!(node, error = %e, "retained messages not all loaded"),
     }
+    true
 }
 
 /// Loads the persistent sessions stored by the HA servers as replicas (issue 18): a client of
