@@ -392,3 +392,13 @@ pub async fn publish_rate(
     }
     Ok(delivered as f64 / elapsed.as_secs_f64())
 }
+
+/// The resident memory of process `pid`, KiB (`VmRSS` of /proc).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}

@@ -329,6 +329,28 @@ pub fn server(
     })
 }
 
+/// The DER tag of a SEQUENCE.
+const SEQUENCE: u8 = 0x30;
+
+/// An X.509 certificate's to-be-signed fields from its `skip + 1`-th on (the optional
+/// `[0]` version is not counted): the walk [`not_after`] and [`subject_cn`] share.
+fn tbs_field(cert: &[u8], skip: usize) -> Option<&[u8]> {
+    let (SEQUENCE, certificate, _) = element(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, _) = element(certificate)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    if rest.first() == Some(&0xa0) {
+        rest = element(rest)?.2;
+    }
+    for _ in 0..skip {
+        rest = element(rest)?.2;
+    }
+    Some(rest)
+}
+
 /// One DER element at the start of `der`: its tag, its content, and what follows it.
 fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = der.split_first()?;
@@ -351,22 +373,8 @@ fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// of the DER before it are walked, no more (x509-parser would bring a parser framework and a
 /// date library for this one date).
 fn not_after(cert: &[u8]) -> Option<i64> {
-    const SEQUENCE: u8 = 0x30;
-    let (SEQUENCE, certificate, _) = element(cert)? else {
-        return None;
-    };
-    let (SEQUENCE, tbs, _) = element(certificate)? else {
-        return None;
-    };
-    let mut rest = tbs;
-    // [0] version (optional), serialNumber, signature, issuer, then validity.
-    if rest.first() == Some(&0xa0) {
-        rest = element(rest)?.2;
-    }
-    for _ in 0..3 {
-        rest = element(rest)?.2;
-    }
-    let (SEQUENCE, validity, _) = element(rest)? else {
+    // serialNumber, signature, issuer, then validity.
+    let (SEQUENCE, validity, _) = element(tbs_field(cert, 3)?)? else {
         return None;
     };
     let (_, _, after_not_before) = element(validity)?;
@@ -389,24 +397,10 @@ fn not_after(cert: &[u8]) -> Option<i64> {
 /// it has several: what a client certificate names its device by. The walk of [`not_after`],
 /// one field further.
 pub fn subject_cn(cert: &[u8]) -> Option<String> {
-    const SEQUENCE: u8 = 0x30;
     const SET: u8 = 0x31;
     const CN: &[u8] = &[0x55, 0x04, 0x03];
-    let (SEQUENCE, certificate, _) = element(cert)? else {
-        return None;
-    };
-    let (SEQUENCE, tbs, _) = element(certificate)? else {
-        return None;
-    };
-    let mut rest = tbs;
-    // [0] version (optional), serialNumber, signature, issuer, validity, then subject.
-    if rest.first() == Some(&0xa0) {
-        rest = element(rest)?.2;
-    }
-    for _ in 0..4 {
-        rest = element(rest)?.2;
-    }
-    let (SEQUENCE, mut rdns, _) = element(rest)? else {
+    // serialNumber, signature, issuer, validity, then subject.
+    let (SEQUENCE, mut rdns, _) = element(tbs_field(cert, 4)?)? else {
         return None;
     };
     // Bounded: each step consumes one element of the subject.

@@ -260,6 +260,19 @@ impl TlsTopo {
     }
 }
 
+/// Backends `ids`, all eligible and equally weighted, as the LB's rendezvous hashing sees
+/// them: what a test predicts a key's backend with.
+fn candidates(ids: &[&str]) -> Vec<mqlb_lb::select::Candidate> {
+    ids.iter()
+        .map(|id| mqlb_lb::select::Candidate {
+            hash: mqlb_lb::select::backend_hash(id),
+            weight: 1,
+            active: 0,
+            eligible: true,
+        })
+        .collect()
+}
+
 /// Sends an MQTT 3.1.1 CONNECT for `client_id` and reads the 4-byte CONNACK.
 async fn mqtt_connect(
     s: &mut (impl AsyncRead + AsyncWrite + Unpin),
@@ -356,18 +369,10 @@ async fn mosquitto_clients_publish_and_subscribe_through_the_tls_frontend() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_client_id_over_tls_lands_where_rendezvous_hashing_puts_it() -> anyhow::Result<()>
 {
-    use mqlb_lb::select::{backend_hash, rendezvous_order, Candidate, Key};
+    use mqlb_lb::select::{rendezvous_order, Key};
     let t = TlsTopo::start(3, "").await?;
     let ids = ["b1", "b2", "b3"];
-    let cands: Vec<Candidate> = ids
-        .iter()
-        .map(|id| Candidate {
-            hash: backend_hash(id),
-            weight: 1,
-            active: 0,
-            eligible: true,
-        })
-        .collect();
+    let cands = candidates(&ids);
     let connector = t.pki.client(&["mqtt"], BOTH)?;
     let mut chosen = std::collections::HashSet::new();
     for i in 0..8 {
@@ -1351,7 +1356,7 @@ fn tls_echo_id(pki: &Pki, id: &'static str) -> anyhow::Result<SocketAddr> {
 /// bytes that are not TLS are refused and counted `not_tls`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_pass_through_routes_by_server_name_and_the_backend_terminates() -> anyhow::Result<()> {
-    use mqlb_lb::select::{backend_hash, rendezvous_order, Candidate, Key};
+    use mqlb_lb::select::{rendezvous_order, Key};
     let pki = Pki::new()?;
     let names: Vec<String> = (0..8).map(|i| format!("dev-{i}.example")).collect();
     let all: Vec<&str> = names
@@ -1375,15 +1380,7 @@ async fn sni_pass_through_routes_by_server_name_and_the_backend_terminates() -> 
     let front = lb
         .frontend_addr("pass")
         .ok_or_else(|| anyhow::anyhow!("frontend pass not open"))?;
-    let cands: Vec<Candidate> = ids
-        .iter()
-        .map(|id| Candidate {
-            hash: backend_hash(id),
-            weight: 1,
-            active: 0,
-            eligible: true,
-        })
-        .collect();
+    let cands = candidates(&ids);
     let connector = pki.client(&[], BOTH)?;
     let served_by = |name: String| {
         let connector = connector.clone();

@@ -16,19 +16,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mqlb_benches::{median, mqlb_release_bin, mqtt_connect_rate, wait_listening, Proc};
+use mqlb_benches::{median, mqlb_release_bin, mqtt_connect_rate, rss_kib, wait_listening, Proc};
 use mqlb_mqtt::{encode_connect, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
 
 /// Opens `n` MQTT sessions through `addr` (64 at a time): CONNECT with keep-alive 0 (no
 /// pings: the sessions stay silent), wait for the CONNACK, keep the socket.

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use mqlb_benches::{arg, discard_server, median, mqlb_release_bin, reps_arg, wait_listening, Proc};
+use mqlb_benches::{
+    arg, discard_server, median, mqlb_release_bin, reps_arg, rss_kib, wait_listening, Proc,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -240,15 +242,6 @@ async fn bulk(addr: SocketAddr, pki: &Pki, bytes: usize) -> anyhow::Result<f64> 
     let mut ack = [0u8; 1];
     tls.read_exact(&mut ack).await?;
     Ok(bytes as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
 }
 
 /// RSS growth of process `pid` per idle TLS connection: `n` connections through `addr`

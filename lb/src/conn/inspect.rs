@@ -128,6 +128,26 @@ pub(crate) async fn inspect(
     }
 }
 
+/// One read of the client's next bytes onto `buf` (through `chunk`), no further than
+/// `max_bytes` in all; the client closing is [`InspectFail::Eof`].
+async fn read_more(
+    client: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    chunk: &mut [u8],
+    max_bytes: usize,
+) -> Result<(), InspectFail> {
+    let room = max_bytes.saturating_sub(buf.len()).min(chunk.len());
+    let n = client
+        .read(&mut chunk[..room])
+        .await
+        .map_err(InspectFail::Io)?;
+    if n == 0 {
+        return Err(InspectFail::Eof);
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
 /// Reads a TLS ClientHello (rustls's `Acceptor` parses it; the handshake is not answered) and
 /// returns the bytes read, to be passed through, and its server name: until the ClientHello
 /// is whole, the bytes prove not to be one, or `max_bytes` are read.
@@ -143,15 +163,7 @@ async fn read_client_hello(
     let mut read_first = buf.is_empty();
     loop {
         if read_first {
-            let room = max_bytes.saturating_sub(buf.len()).min(chunk.len());
-            let n = client
-                .read(&mut chunk[..room])
-                .await
-                .map_err(InspectFail::Io)?;
-            if n == 0 {
-                return Err(InspectFail::Eof);
-            }
-            buf.extend_from_slice(&chunk[..n]);
+            read_more(client, &mut buf, &mut chunk, max_bytes).await?;
         }
         read_first = true;
         let mut new = &buf[fed..];
@@ -190,15 +202,7 @@ async fn read_connect(
     let mut read_first = buf.is_empty();
     loop {
         if read_first {
-            let room = max_bytes.saturating_sub(buf.len()).min(chunk.len());
-            let n = client
-                .read(&mut chunk[..room])
-                .await
-                .map_err(InspectFail::Io)?;
-            if n == 0 {
-                return Err(InspectFail::Eof);
-            }
-            buf.extend_from_slice(&chunk[..n]);
+            read_more(client, &mut buf, &mut chunk, max_bytes).await?;
         }
         read_first = true;
         match parse_connect(&buf) {
