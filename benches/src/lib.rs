@@ -192,12 +192,7 @@ pub async fn start_haproxy_with(
     backends: &[SocketAddr],
     mqtt: bool,
 ) -> anyhow::Result<Option<(Proc, SocketAddr)>> {
-    if Command::new("haproxy")
-        .arg("-v")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
+    if !haproxy_installed() {
         return Ok(None);
     }
     let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
@@ -222,16 +217,30 @@ pub async fn start_haproxy_with(
         "haproxy.cfg"
     });
     std::fs::write(&file, t)?;
+    Ok(Some((run_haproxy(&file, front).await?, front)))
+}
+
+/// Whether `haproxy` is on this machine (the benches compare with it where it is).
+pub fn haproxy_installed() -> bool {
+    Command::new("haproxy")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Runs HAProxy with the configuration `file` and waits until it listens on `front`; its
+/// complaints go to stderr.
+pub async fn run_haproxy(file: &Path, front: SocketAddr) -> anyhow::Result<Proc> {
     let child = Command::new("haproxy")
         .args(["-db", "-f"])
-        .arg(&file)
+        .arg(file)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .context("starting haproxy")?;
     let mut p = Proc(child);
     wait_listening(front, &mut p).await?;
-    Ok(Some((p, front)))
+    Ok(p)
 }
 
 /// MQTT options of the benchmark clients: keep-alive 30 s, 500 messages in flight.

@@ -237,67 +237,65 @@ impl HaClient {
     /// Writes a batch of retained messages and clearings (the primary's, fenced like every
     /// write); returns how many the store applied (an older write of a topic is not).
     pub async fn write_retained(&self, entries: Vec<RetainedEntry>) -> Result<u64, ClientError> {
-        let body = serde_json::to_string(&RetainedBatch { entries })
-            .map_err(|e| ClientError::Json(e.to_string()))?;
-        let (status, b) = self
-            .call(
-                hyper::Method::POST,
-                "/api/retained",
-                Some(body),
-                Duration::ZERO,
-            )
-            .await?;
-        Self::ok(status, &b)?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))?;
-        Ok(v.get("applied")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0))
-    }
-
-    /// One page of the stored retained messages, by topic, after `after`.
-    pub async fn retained_page(&self, after: Option<&str>) -> Result<RetainedPage, ClientError> {
-        let path = match after {
-            Some(t) => format!("/api/retained?after={}", retained::encode_after(t)),
-            None => "/api/retained".to_string(),
-        };
-        let (status, b) = self
-            .call(hyper::Method::GET, &path, None, Duration::ZERO)
-            .await?;
-        Self::ok(status, &b)?;
-        serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))
+        self.write_batch("/api/retained", &RetainedBatch { entries })
+            .await
     }
 
     /// Every stored retained message, page by page, at most `max_pages` pages (the bound of the
     /// loop: a store that kept answering "more" would otherwise hold the caller forever).
     pub async fn all_retained(&self, max_pages: usize) -> Result<Vec<RetainedEntry>, ClientError> {
-        let mut all = Vec::new();
-        let mut after: Option<String> = None;
-        for _ in 0..max_pages {
-            let page = self.retained_page(after.as_deref()).await?;
-            all.extend(page.entries);
-            match page.next {
-                Some(n) if Some(&n) != after.as_ref() => after = Some(n),
-                _ => return Ok(all),
-            }
-        }
-        Err(ClientError::AllFailed(format!(
-            "retained messages: more than {max_pages} pages"
-        )))
+        self.all_pages("/api/retained", max_pages, |p: RetainedPage| {
+            (p.entries, p.next)
+        })
+        .await
     }
 
     /// Writes a batch of persistent sessions and their ends (the primary's, fenced); returns
     /// how many the store applied.
     pub async fn write_sessions(&self, entries: Vec<SessionEntry>) -> Result<u64, ClientError> {
-        let body = serde_json::to_string(&SessionBatch { entries })
-            .map_err(|e| ClientError::Json(e.to_string()))?;
+        self.write_batch("/api/sessions", &SessionBatch { entries })
+            .await
+    }
+
+    /// Every stored persistent session, at most `max_pages` pages.
+    pub async fn all_sessions(&self, max_pages: usize) -> Result<Vec<SessionEntry>, ClientError> {
+        self.all_pages("/api/sessions", max_pages, |p: SessionPage| {
+            (p.entries, p.next)
+        })
+        .await
+    }
+
+    /// One page of the stored retained messages, by topic, after `after`.
+    pub async fn retained_page(&self, after: Option<&str>) -> Result<RetainedPage, ClientError> {
+        self.page("/api/retained", after).await
+    }
+
+    /// One page of the paged listing at `path`, the entries after `after`.
+    async fn page<P: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        after: Option<&str>,
+    ) -> Result<P, ClientError> {
+        let url = match after {
+            Some(t) => format!("{path}?after={}", retained::encode_after(t)),
+            None => path.to_string(),
+        };
         let (status, b) = self
-            .call(
-                hyper::Method::POST,
-                "/api/sessions",
-                Some(body),
-                Duration::ZERO,
-            )
+            .call(hyper::Method::GET, &url, None, Duration::ZERO)
+            .await?;
+        Self::ok(status, &b)?;
+        serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))
+    }
+
+    /// POSTs `batch` to `path`; the store's count of what it applied.
+    async fn write_batch(
+        &self,
+        path: &str,
+        batch: &impl serde::Serialize,
+    ) -> Result<u64, ClientError> {
+        let body = serde_json::to_string(batch).map_err(|e| ClientError::Json(e.to_string()))?;
+        let (status, b) = self
+            .call(hyper::Method::POST, path, Some(body), Duration::ZERO)
             .await?;
         Self::ok(status, &b)?;
         let v: serde_json::Value =
@@ -307,29 +305,26 @@ impl HaClient {
             .unwrap_or(0))
     }
 
-    /// Every stored persistent session, at most `max_pages` pages.
-    pub async fn all_sessions(&self, max_pages: usize) -> Result<Vec<SessionEntry>, ClientError> {
+    /// Every entry of the paged listing at `path` (`?after=` the previous page's `next`), at
+    /// most `max_pages` pages; `parts` splits a page into its entries and its `next`.
+    async fn all_pages<P: serde::de::DeserializeOwned, E>(
+        &self,
+        path: &str,
+        max_pages: usize,
+        parts: impl Fn(P) -> (Vec<E>, Option<String>),
+    ) -> Result<Vec<E>, ClientError> {
         let mut all = Vec::new();
         let mut after: Option<String> = None;
         for _ in 0..max_pages {
-            let path = match &after {
-                Some(t) => format!("/api/sessions?after={}", retained::encode_after(t)),
-                None => "/api/sessions".to_string(),
-            };
-            let (status, b) = self
-                .call(hyper::Method::GET, &path, None, Duration::ZERO)
-                .await?;
-            Self::ok(status, &b)?;
-            let page: SessionPage =
-                serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))?;
-            all.extend(page.entries);
-            match page.next {
+            let (entries, next) = parts(self.page(path, after.as_deref()).await?);
+            all.extend(entries);
+            match next {
                 Some(n) if Some(&n) != after.as_ref() => after = Some(n),
                 _ => return Ok(all),
             }
         }
         Err(ClientError::AllFailed(format!(
-            "sessions: more than {max_pages} pages"
+            "{path}: more than {max_pages} pages"
         )))
     }
 

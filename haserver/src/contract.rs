@@ -44,7 +44,8 @@ pub const CHECKS: &[(&str, Check)] = &[
 /// A lease no check outlives.
 const LONG: i64 = 600_000;
 
-fn reg(id: &str) -> Registration {
+/// A member registration with only its ID varying, for checks and tests.
+pub fn reg(id: &str) -> Registration {
     Registration {
         id: id.into(),
         mqtt: "127.0.0.1:1883".into(),

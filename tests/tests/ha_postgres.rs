@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mqlb_config::Config;
-use mqlb_haserver::model::Registration;
-use mqlb_haserver::{contract, HaServer, PostgresOptions, PostgresStore, Store, Timing};
+use mqlb_haserver::contract::{self, reg};
+use mqlb_haserver::{HaServer, PostgresOptions, PostgresStore, Store, Timing};
 use mqlb_lb::{Lb, Listeners};
 use mqlb_tests::{
     get_json, ha_get_json, ha_request, wait_until, Client, Cluster, Hosts, Postgres, QoS,
@@ -74,17 +74,6 @@ async fn the_postgres_store_keeps_the_store_contract() -> anyhow::Result<()> {
     }
     assert!(ran.len() >= 8, "checks run: {ran:?}");
     Ok(())
-}
-
-fn reg(id: &str) -> Registration {
-    Registration {
-        id: id.into(),
-        mqtt: "127.0.0.1:1883".into(),
-        mqtt_v5: None,
-        mesh: None,
-        http: None,
-        pid: None,
-    }
 }
 
 /// A version written through one store handle reaches another's change stream at once: the

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{topo, topo_with, DEADLINE};
+use common::{backend_of, topo, topo_with, DEADLINE};
 use mqlb_mqtt::{encode_connect, ConnectOptions, ProtocolLevel};
 use mqlb_tests::{backend_state, connections, get_json, http, metric, wait_until, Client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,20 +44,6 @@ async fn wait_metric(
     })
     .await
     .map(|_| ())
-}
-
-async fn backend_of(admin: std::net::SocketAddr, client_id: &str) -> anyhow::Result<String> {
-    let start = Instant::now();
-    loop {
-        let listed = connections(admin).await?;
-        if let Some((_, b, _)) = listed.into_iter().find(|(id, _, _)| id == client_id) {
-            return Ok(b);
-        }
-        if start.elapsed() > DEADLINE {
-            anyhow::bail!("{client_id} not in /api/connections within {DEADLINE:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

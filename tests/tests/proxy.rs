@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::DEADLINE;
+use common::{read_until_closed, DEADLINE};
 use mqlb_config::Config;
 use mqlb_lb::{Lb, Listeners};
 use mqlb_mqtt::{encode_connect, ConnectOptions};
@@ -562,23 +562,6 @@ async fn a_trusted_header_is_the_client_for_source_ip_hashing_and_the_connection
     Ok(())
 }
 
-/// Reads until the LB closes the connection; fails if it stays open past `DEADLINE`.
-async fn closed(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 256];
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => all.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("not closed within {DEADLINE:?}"))?;
-    Ok(all)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_headers_from_a_trusted_source_are_refused_and_counted_by_reason() -> anyhow::Result<()>
 {
@@ -602,7 +585,11 @@ async fn bad_headers_from_a_trusted_source_are_refused_and_counted_by_reason() -
         c.write_all(&sent).await?;
         c.write_all(&connect_packet("after")).await?;
         let started = std::time::Instant::now();
-        assert_eq!(closed(&mut c).await?, b"", "{reason}: closed, nothing said");
+        assert_eq!(
+            read_until_closed(&mut c).await?,
+            b"",
+            "{reason}: closed, nothing said"
+        );
         assert!(
             started.elapsed() < Duration::from_millis(900),
             "{reason}: at once"
@@ -616,11 +603,11 @@ async fn bad_headers_from_a_trusted_source_are_refused_and_counted_by_reason() -
     let mut c = TcpStream::connect(t.front).await?;
     c.write_all(b"PROXY TCP4 ").await?;
     c.shutdown().await?;
-    closed(&mut c).await?;
+    read_until_closed(&mut c).await?;
     let mut c = TcpStream::connect(t.front).await?;
     c.write_all(b"PROXY TCP4 198.51").await?;
     let started = std::time::Instant::now();
-    closed(&mut c).await?;
+    read_until_closed(&mut c).await?;
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(900), "cut after {took:?}");
     for reason in ["eof", "timeout"] {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use common::DEADLINE;
+use common::{backend_of, read_until_closed, DEADLINE};
 use mqlb_config::Config;
 use mqlb_lb::{Lb, Listeners};
 use mqlb_mqtt::{encode_connect, ConnectOptions};
@@ -289,21 +289,6 @@ async fn mqtt_connect(
     Ok(connack)
 }
 
-/// The backend `/api/connections` lists `client_id` on, once it is listed.
-async fn backend_of(admin: SocketAddr, client_id: &str) -> anyhow::Result<String> {
-    let start = Instant::now();
-    loop {
-        let listed = connections(admin).await?;
-        if let Some((_, b, _)) = listed.into_iter().find(|(id, _, _)| id == client_id) {
-            return Ok(b);
-        }
-        if start.elapsed() > DEADLINE {
-            anyhow::bail!("{client_id} not in /api/connections within {DEADLINE:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The `tls` of `client_id` in `/api/connections`, once it is listed.
 async fn tls_listed(admin: SocketAddr, client_id: &str) -> anyhow::Result<Option<String>> {
     let start = Instant::now();
@@ -320,23 +305,6 @@ async fn tls_listed(admin: SocketAddr, client_id: &str) -> anyhow::Result<Option
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Reads until the LB closes; fails if it keeps the connection open past `DEADLINE`.
-async fn read_until_closed(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
-    let mut all = Vec::new();
-    let mut buf = [0u8; 1024];
-    tokio::time::timeout(DEADLINE, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => all.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("connection not closed within {DEADLINE:?}"))?;
-    Ok(all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,13 +9,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use mqlb_benches::{
-    arg, discard_server, median, mqlb_release_bin, reps_arg, rss_kib, wait_listening, Proc,
+    arg, discard_server, haproxy_installed, median, mqlb_release_bin, reps_arg, rss_kib,
+    run_haproxy, wait_listening, Proc,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -152,12 +153,7 @@ async fn start_haproxy_tls(
     pki: &Pki,
     backend: SocketAddr,
 ) -> anyhow::Result<Option<(Proc, SocketAddr)>> {
-    if Command::new("haproxy")
-        .arg("-v")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
+    if !haproxy_installed() {
         return Ok(None);
     }
     let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
@@ -170,15 +166,7 @@ async fn start_haproxy_tls(
             pki.combined.display()
         ),
     )?;
-    let child = Command::new("haproxy")
-        .args(["-db", "-f"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting haproxy")?;
-    let mut p = Proc(child);
-    wait_listening(front, &mut p).await?;
-    Ok(Some((p, front)))
+    Ok(Some((run_haproxy(&file, front).await?, front)))
 }
 
 /// `total` TLS handshakes to `addr`, 16 at a time, each connection closed after it (and read

@@ -171,7 +171,10 @@ async fn establish(
         }
         _ => {}
     }
-    let cn = client.peer_cn();
+    // The client certificate's CN, read (from its DER) only where something uses it.
+    let cn = (rule.client_id_is_cn || rule.pool.cfg.send_proxy.is_some())
+        .then(|| client.peer_cn())
+        .flatten();
     let verdict = rule
         .client_id_is_cn
         .then(|| route::check_cn(&inspection, cn.as_deref()))

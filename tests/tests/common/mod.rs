@@ -112,3 +112,36 @@ pub fn tcp_lb_toml(backend: std::net::SocketAddr, extra_rule: &str) -> String {
          [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n{extra_rule}"
     )
 }
+
+/// Reads until the LB closes the connection; fails if it stays open past [`DEADLINE`].
+pub async fn read_until_closed(s: &mut tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("connection not closed within {DEADLINE:?}"))?;
+    Ok(all)
+}
+
+/// The backend the LB's `/api/connections` lists `client_id` on, once it is listed (within
+/// [`DEADLINE`]).
+pub async fn backend_of(admin: SocketAddr, client_id: &str) -> anyhow::Result<String> {
+    let start = std::time::Instant::now();
+    loop {
+        let listed = mqlb_tests::connections(admin).await?;
+        if let Some((_, b, _)) = listed.into_iter().find(|(id, _, _)| id == client_id) {
+            return Ok(b);
+        }
+        if start.elapsed() > DEADLINE {
+            anyhow::bail!("{client_id} not in /api/connections within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
