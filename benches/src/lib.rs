@@ -29,23 +29,32 @@ pub async fn bulk_mib_s(addr: SocketAddr, conns: usize, bytes: usize) -> anyhow:
     for _ in 0..conns {
         tasks.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await?;
-            let chunk = vec![0x5au8; 256 * 1024];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(chunk.len());
-                s.write_all(&chunk[..n]).await?;
-                left -= n;
-            }
-            s.shutdown().await?;
-            let mut ack = [0u8; 1];
-            s.read_exact(&mut ack).await?;
-            anyhow::Ok(())
+            send_and_ack(&mut s, bytes).await
         }));
     }
     for t in tasks {
         t.await??;
     }
     Ok((conns * bytes) as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+}
+
+/// Writes `bytes` on `s` in 256 KiB chunks, closes its write side and waits for the discard
+/// server's one-byte ack: one bulk transfer, plain or TLS.
+pub async fn send_and_ack(
+    s: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin),
+    bytes: usize,
+) -> anyhow::Result<()> {
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    s.shutdown().await?;
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).await?;
+    Ok(())
 }
 
 /// Opens `total` MQTT connections (CONNECT → CONNACK → DISCONNECT) with `concurrency` at a

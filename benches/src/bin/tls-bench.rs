@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use mqlb_benches::{
     arg, discard_server, haproxy_installed, median, mqlb_release_bin, reps_arg, rss_kib,
-    run_haproxy, wait_listening, Proc,
+    run_haproxy, send_and_ack, wait_listening, Proc,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -219,16 +219,7 @@ async fn bulk(addr: SocketAddr, pki: &Pki, bytes: usize) -> anyhow::Result<f64> 
     let mut tls = connector
         .connect(server_name()?, TcpStream::connect(addr).await?)
         .await?;
-    let chunk = vec![0x5au8; 256 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        tls.write_all(&chunk[..n]).await?;
-        left -= n;
-    }
-    tls.shutdown().await?;
-    let mut ack = [0u8; 1];
-    tls.read_exact(&mut ack).await?;
+    send_and_ack(&mut tls, bytes).await?;
     Ok(bytes as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
 }
 
