@@ -289,16 +289,9 @@ pub fn server(
     let builder = match client {
         None => builder.with_no_client_auth(),
         Some(auth) => {
-            let pem = read(&auth.ca)?;
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in certificates(&auth.ca, &pem)? {
-                digest.update([2]);
-                digest.update(&ca);
-                roots.add(ca).map_err(|e| TlsError::Pem {
-                    file: auth.ca.clone(),
-                    message: e.to_string(),
-                })?;
-            }
+            let (roots, ca_digest) = roots(&auth.ca)?;
+            digest.update([2]);
+            digest.update(ca_digest);
             digest.update([u8::from(auth.required)]);
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 roots.into(),
@@ -327,6 +320,106 @@ pub fn server(
         digest: digest.finalize().into(),
         not_after,
     })
+}
+
+/// The CA certificates of the PEM file `ca`, as trust roots, and a digest of them.
+fn roots(ca: &Path) -> Result<(rustls::RootCertStore, [u8; 32]), TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let mut digest = Sha256::new();
+    for cert in certificates(ca, &read(ca)?)? {
+        digest.update((cert.len() as u64).to_be_bytes());
+        digest.update(&cert);
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            file: ca.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok((roots, digest.finalize().into()))
+}
+
+/// A rustls client configuration: what mqlb verifies a server it connects to with (a broker
+/// behind the LB, a probe's target, a mesh peer). Equal when built from the same CA
+/// certificates, client identity and ALPN list, like [`TlsServer`].
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    digest: [u8; 32],
+}
+
+impl TlsClient {
+    pub fn config(&self) -> &Arc<rustls::ClientConfig> {
+        &self.config
+    }
+}
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl Eq for TlsClient {}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short: String = self.digest[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        write!(f, "TlsClient(sha256 {short}…)")
+    }
+}
+
+/// A client configuration that trusts the CA certificates of `ca` only (never the system's:
+/// brokers and peers carry a private CA's certificates), TLS 1.2 and 1.3, presents `identity`
+/// when the server asks for a certificate, and offers `alpn`.
+pub fn client(
+    ca: &Path,
+    identity: Option<Identity>,
+    alpn: &[String],
+) -> Result<TlsClient, TlsError> {
+    let (roots, ca_digest) = roots(ca)?;
+    let mut digest = Sha256::new();
+    digest.update(ca_digest);
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Setup)?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            digest.update([1]);
+            digest.update(id.digest);
+            builder.with_client_cert_resolver(Arc::new(OneClientCert(Arc::new(id.certified))))
+        }
+    };
+    for p in alpn {
+        digest.update([0]);
+        digest.update(p.as_bytes());
+    }
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(TlsClient {
+        config: Arc::new(config),
+        digest: digest.finalize().into(),
+    })
+}
+
+/// The client certificate of a [`TlsClient`], whatever the server asks for: it has one.
+#[derive(Debug)]
+struct OneClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for OneClientCert {
+    fn resolve(
+        &self,
+        _root_hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The DER tag of a SEQUENCE.
@@ -601,5 +694,88 @@ mod tests {
             Err(TlsError::Rejected { .. })
         ));
         assert!(matches!(load(&c, &junk, &[]), Err(TlsError::NoKey { .. })));
+    }
+
+    /// Runs a handshake between `client` and `server` in memory, for `name`: what each side
+    /// ended with.
+    fn handshake(client: &TlsClient, server: &TlsServer, name: &str) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+        let mut c = rustls::ClientConnection::new(client.config().clone(), name)?;
+        let mut s = rustls::ServerConnection::new(server.config().clone())?;
+        // Bounded: a TLS 1.3 handshake takes two flights each way.
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).expect("to memory");
+            }
+            s.read_tls(&mut wire.as_slice()).expect("from memory");
+            s.process_new_packets()?;
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).expect("to memory");
+            }
+            c.read_tls(&mut wire.as_slice()).expect("from memory");
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not end");
+    }
+
+    #[test]
+    fn a_client_trusts_its_ca_only_and_shows_its_certificate() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (cert, key, _) = identity();
+        let (c, k) = (
+            write(dir.path(), "c.pem", &cert),
+            write(dir.path(), "k.pem", &key),
+        );
+        let (other, other_key, _) = identity();
+        let (o, ok) = (
+            write(dir.path(), "o.pem", &other),
+            write(dir.path(), "ok.pem", &other_key),
+        );
+        let plain = load(&c, &k, &[]).expect("server");
+        let trusting = client(&c, None, &[]).expect("client");
+        handshake(&trusting, &plain, "localhost").expect("a certificate of its CA");
+        assert!(
+            handshake(&trusting, &plain, "elsewhere.example").is_err(),
+            "another name"
+        );
+        let stranger = client(&o, None, &[]).expect("client");
+        assert!(
+            handshake(&stranger, &plain, "localhost").is_err(),
+            "another CA"
+        );
+        // mTLS: the server asks for a certificate of the CA `c` (self-signed here).
+        let auth = ClientAuth {
+            ca: c.clone(),
+            required: true,
+        };
+        let asking = server(
+            super::identity(&c, &k).expect("id"),
+            Vec::new(),
+            &[],
+            Some(&auth),
+        )
+        .expect("server");
+        assert!(
+            handshake(&trusting, &asking, "localhost").is_err(),
+            "no certificate"
+        );
+        let shown = client(&c, Some(super::identity(&c, &k).expect("id")), &[]).expect("client");
+        handshake(&shown, &asking, "localhost").expect("its certificate");
+        let wrong = client(&c, Some(super::identity(&o, &ok).expect("id")), &[]).expect("client");
+        assert!(
+            handshake(&wrong, &asking, "localhost").is_err(),
+            "another CA's certificate"
+        );
+        assert_ne!(shown, trusting);
+        assert_eq!(trusting, client(&c, None, &[]).expect("again"));
+        match client(&dir.path().join("none.pem"), None, &[]) {
+            Err(TlsError::Read { .. }) => {}
+            other => panic!("expected a read error, got {other:?}"),
+        }
     }
 }
