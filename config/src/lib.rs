@@ -12,7 +12,7 @@ mod duration;
 mod model;
 mod raw;
 mod spans;
-mod tls;
+pub mod tls;
 mod validate;
 
 use std::path::{Path, PathBuf};
