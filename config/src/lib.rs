@@ -9,7 +9,9 @@
 mod auth;
 pub mod defaults;
 mod duration;
+pub mod handshake;
 mod model;
+pub mod proxy;
 mod raw;
 mod spans;
 pub mod tls;
