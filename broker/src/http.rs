@@ -1,5 +1,6 @@
 //! The node's small HTTP endpoint: `/metrics` (Prometheus), `/healthz` (200 while serving,
-//! with each mesh link's state), and the status page (`/`) with `/api/status`. Requests pass the Host/Origin/token checks of
+//! with each mesh link's state), the status page (`/`) with `/api/status`, and `/api/clients`
+//! (each connection's client ID, listener and address). Requests pass the Host/Origin/token checks of
 //! [`mqlb_http::access`] first (docs/design.md, "Security"): the peer list and the metrics
 //! are a map of the cluster, and the endpoint will take writes one day.
 
@@ -12,13 +13,15 @@ use rumqttd::StatsControl;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::clients::Clients;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 
-fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, path: &str) -> Reply {
+fn respond(metrics: &Metrics, guard: &Guard, mesh: &Mesh, clients: &Clients, path: &str) -> Reply {
     match path {
         "/" => return status_page(),
         "/api/status" => return status_json(mesh),
+        "/api/clients" => return mqlb_http::json(StatusCode::OK, &clients.json()),
         _ => {}
     }
     let content_type = if path == "/metrics" {
@@ -80,6 +83,7 @@ fn status_json(mesh: &Mesh) -> Reply {
 pub(crate) async fn serve(
     metrics: Arc<Metrics>,
     mesh: Arc<Mesh>,
+    clients: Arc<Clients>,
     router: StatsControl,
     listener: TcpListener,
     token: Option<Secret>,
@@ -112,8 +116,13 @@ pub(crate) async fn serve(
                 token: token.as_ref(),
             };
             let refused = guard.refuse(&req, &policy);
-            let (metrics, guard, mesh, router) =
-                (metrics.clone(), guard.clone(), mesh.clone(), router.clone());
+            let (metrics, guard, mesh, clients, router) = (
+                metrics.clone(),
+                guard.clone(),
+                mesh.clone(),
+                clients.clone(),
+                router.clone(),
+            );
             let path = req.uri().path().to_owned();
             async move {
                 if let Some(refused) = refused {
@@ -122,7 +131,7 @@ pub(crate) async fn serve(
                 if path == "/metrics" {
                     metrics.refresh(&router, &mesh).await;
                 }
-                respond(&metrics, &guard, &mesh, &path)
+                respond(&metrics, &guard, &mesh, &clients, &path)
             }
         },
     )

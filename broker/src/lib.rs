@@ -6,8 +6,10 @@
 //! runtime the node owns. [`auth`] holds the node's logins and ACL (mosquitto's files).
 
 pub mod auth;
+mod clients;
 mod counted;
 mod durable;
+mod front;
 mod http;
 mod membership;
 pub mod mesh;

@@ -17,8 +17,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthError};
+use crate::clients::Clients;
 use crate::counted::Counted;
 use crate::durable::{self, Durable};
+use crate::front::{Front, FrontMetrics};
 use crate::http;
 use crate::membership;
 use crate::mesh::{serve_inbound, Injected, Mesh, MeshSettings};
@@ -138,6 +140,9 @@ pub struct Node {
     auth: Arc<Auth>,
     pub mqtt: SocketAddr,
     pub mqtt_v5: Option<SocketAddr>,
+    /// MQTT 3.1.1 and 5.0 over TLS (`mqtts`, `mqtts_v5`).
+    pub mqtts: Option<SocketAddr>,
+    pub mqtts_v5: Option<SocketAddr>,
     pub mesh_addr: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
 }
@@ -152,6 +157,29 @@ fn connection_settings(n: &BrokerNode, auth: Option<Arc<Auth>>) -> ConnectionSet
         dynamic_filters: true,
         authorizer: auth.map(|a| a as Arc<dyn Authorizer>),
     }
+}
+
+/// A TLS listener's socket, bound here with the node's backlog so an address in use is an error
+/// of `start` (rumqttd binds the plain ones itself; these it is given, `Server::bound`).
+fn bind_mqtt(
+    what: &'static str,
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<std::net::TcpListener, NodeError> {
+    let err = |source| NodeError::Bind { what, addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket
+        .listen(i32::try_from(backlog).unwrap_or(i32::MAX))
+        .map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    Ok(socket.into())
 }
 
 fn bind_std(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, NodeError> {
@@ -204,6 +232,12 @@ impl Node {
         // Listeners this crate binds itself are bound here, so an address in use is an error
         // now. (rumqttd binds its MQTT listeners inside `Server::start`.)
         let mesh_listener = n.mesh.map(|a| bind_std("mesh", a)).transpose()?;
+        let tls_listeners = [("mqtts", n.mqtts), ("mqtts_v5", n.mqtts_v5)]
+            .map(|(what, a)| a.map(|a| bind_mqtt(what, a, n.backlog.get())).transpose());
+        let [mqtts_listener, mqtts_v5_listener] = tls_listeners;
+        let (mqtts_listener, mqtts_v5_listener) = (mqtts_listener?, mqtts_v5_listener?);
+        let mqtts_addr = mqtts_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let mqtts_v5_addr = mqtts_v5_listener.as_ref().and_then(|l| l.local_addr().ok());
         let http_listener = n.http.map(|a| bind_std("http", a)).transpose()?;
         let mesh_addr = mesh_listener.as_ref().and_then(|l| l.local_addr().ok());
         let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -311,53 +345,108 @@ impl Node {
             connections: connection_settings(&n, checked.clone()),
         };
         let limit = ConnLimit::new(n.max_connections.get() as usize);
+        // Every listener's first steps (issue 15): a PROXY header from `accept_proxy`, TLS on
+        // mqtts*; its clients listed with their addresses (`/api/clients`).
+        let clients = Arc::new(Clients::default());
+        let names: Vec<&'static str> = [
+            ("mqtt", Some(n.mqtt)),
+            ("mqtt_v5", n.mqtt_v5),
+            ("mqtts", n.mqtts),
+            ("mqtts_v5", n.mqtts_v5),
+        ]
+        .into_iter()
+        .filter_map(|(name, a)| a.map(|_| name))
+        .collect();
+        let front_metrics = FrontMetrics::register(metrics.registry(), &names)?;
+        let front = |listener: &'static str, tls: bool| -> Arc<dyn rumqttd::Accept> {
+            Arc::new(Front {
+                node: n.id.clone(),
+                listener,
+                tls: tls
+                    .then(|| n.tls.as_ref().map(|t| t.server.config().clone()))
+                    .flatten(),
+                accept_proxy: n.accept_proxy.clone(),
+                timeout: n.handshake_timeout,
+                metrics: front_metrics.clone(),
+            })
+        };
+        // The codec of a listener: 3.1.1 (`V4`) or 5.0 (`V5`), tapped, its clients listed.
+        macro_rules! tap {
+            ($codec:expr, $v4:expr, $listener:expr) => {
+                Tap::new(
+                    Counted::new($codec, metrics.clone()),
+                    mesh.clone(),
+                    limit.clone(),
+                    checked.clone(),
+                    durable.clone(),
+                    $v4,
+                )
+                .listed($listener, clients.clone())
+            };
+        }
         // A factory per listener: the watchdog calls it again to replace a poisoned server.
         // (A macro, because rumqttd does not export the type of its router channel.)
         macro_rules! factory {
-            ($settings:expr, $tap:expr) => {{
-                let (settings, router_tx, tap, wills, hook) = (
+            ($settings:expr, $tap:expr, $front:expr) => {{
+                let (settings, router_tx, tap, wills, hook, front) = (
                     $settings,
                     router_tx.clone(),
                     $tap,
                     wills.clone(),
                     hook.clone(),
+                    $front,
                 );
                 move || {
                     // `Tap::clone` starts a fresh per-connection state.
                     let mut server = Server::new(settings.clone(), router_tx.clone(), tap.clone())
                         .delayed_wills(wills.clone())
-                        .session_hook(hook.clone());
+                        .session_hook(hook.clone())
+                        .accept(front.clone());
                     async move { server.start(LinkType::Remote).await }
                 }
             }};
         }
         let make_v4 = factory!(
             settings("v4", n.mqtt),
-            Tap::new(
-                Counted::new(V4, metrics.clone()),
-                mesh.clone(),
-                limit.clone(),
-                checked.clone(),
-                durable.clone(),
-                true,
-            )
+            tap!(V4, true, "mqtt"),
+            front("mqtt", false)
         );
         servers.push(handle.spawn(make_v4()));
         let make_v5 = n.mqtt_v5.map(|addr| {
             factory!(
                 settings("v5", addr),
-                Tap::new(
-                    Counted::new(V5, metrics.clone()),
-                    mesh.clone(),
-                    limit.clone(),
-                    checked.clone(),
-                    durable.clone(),
-                    false,
-                )
+                tap!(V5, false, "mqtt_v5"),
+                front("mqtt_v5", false)
             )
         });
         if let Some(make) = &make_v5 {
             servers.push(handle.spawn(make()));
+        }
+        // The TLS listeners, on the sockets bound above: accepting already, so not part of the
+        // readiness check, and not watched by a CONNECT (a client certificate may be required).
+        if let (Some(l), Some(addr)) = (mqtts_listener, mqtts_addr) {
+            let mut server = Server::new(
+                settings("v4-tls", addr),
+                router_tx.clone(),
+                tap!(V4, true, "mqtts"),
+            )
+            .delayed_wills(wills.clone())
+            .session_hook(hook.clone())
+            .accept(front("mqtts", true))
+            .bound(l);
+            handle.spawn(async move { server.start(LinkType::Remote).await });
+        }
+        if let (Some(l), Some(addr)) = (mqtts_v5_listener, mqtts_v5_addr) {
+            let mut server = Server::new(
+                settings("v5-tls", addr),
+                router_tx.clone(),
+                tap!(V5, false, "mqtts_v5"),
+            )
+            .delayed_wills(wills.clone())
+            .session_hook(hook.clone())
+            .accept(front("mqtts_v5", true))
+            .bound(l);
+            handle.spawn(async move { server.start(LinkType::Remote).await });
         }
         if let Some(l) = mesh_listener {
             let l = tokio::net::TcpListener::from_std(l).map_err(|source| NodeError::Bind {
@@ -400,6 +489,7 @@ impl Node {
             handle.spawn(http::serve(
                 metrics.clone(),
                 mesh.clone(),
+                clients.clone(),
                 rumqttd::StatsControl::new(router_tx.clone()),
                 l,
                 n.http_token.clone(),
@@ -419,19 +509,26 @@ impl Node {
             auth,
             mqtt: n.mqtt,
             mqtt_v5: n.mqtt_v5,
+            mqtts: mqtts_addr,
+            mqtts_v5: mqtts_v5_addr,
             mesh_addr,
             http: http_addr,
         };
         // Ready when every MQTT listener answers a CONNECT (a bare TCP connect that hangs up
         // made rumqttd log an error per listener); a server that returned meanwhile failed.
-        let want: Vec<(SocketAddr, u8)> = std::iter::once((n.mqtt, 4))
-            .chain(n.mqtt_v5.map(|a| (a, 5)))
+        let target = |addr, level| watchdog::Target {
+            addr,
+            level,
+            accept_proxy: n.accept_proxy.clone(),
+        };
+        let want: Vec<watchdog::Target> = std::iter::once(target(n.mqtt, 4))
+            .chain(n.mqtt_v5.map(|a| target(a, 5)))
             .collect();
         let start = Instant::now();
         loop {
             let mut all = true;
-            for (a, level) in &want {
-                all &= watchdog::self_check(*a, *level, &n.id).await;
+            for t in &want {
+                all &= watchdog::self_check(t, &n.id).await;
             }
             if all {
                 break;
@@ -450,8 +547,9 @@ impl Node {
             }
             if start.elapsed() > Duration::from_secs(10) {
                 node.shutdown();
+                let addrs: Vec<SocketAddr> = want.iter().map(|t| t.addr).collect();
                 return Err(NodeError::Rumqttd(format!(
-                    "MQTT listeners {want:?} not up after 10 s"
+                    "MQTT listeners {addrs:?} not up after 10 s"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -461,8 +559,7 @@ impl Node {
         if let Some(h) = handles.next() {
             handle.spawn(watchdog::watch(
                 n.id.clone(),
-                n.mqtt,
-                4,
+                target(n.mqtt, 4),
                 h,
                 make_v4,
                 node.metrics.clone(),
@@ -472,15 +569,14 @@ impl Node {
         if let (Some(h), Some(make), Some(addr)) = (handles.next(), make_v5, n.mqtt_v5) {
             handle.spawn(watchdog::watch(
                 n.id.clone(),
-                addr,
-                5,
+                target(addr, 5),
                 h,
                 make,
                 node.metrics.clone(),
                 node.stop.clone(),
             ));
         }
-        tracing::info!(node = node.id, mqtt = %n.mqtt, mqtt_v5 = ?n.mqtt_v5, mesh = ?mesh_addr, http = ?http_addr, peers = spec.peers.len(), "broker node started");
+        tracing::info!(node = node.id, mqtt = %n.mqtt, mqtt_v5 = ?n.mqtt_v5, mqtts = ?mqtts_addr, mqtts_v5 = ?mqtts_v5_addr, accept_proxy = n.accept_proxy.len(), mesh = ?mesh_addr, http = ?http_addr, peers = spec.peers.len(), "broker node started");
         Ok(node)
     }
 

@@ -110,6 +110,11 @@ pub(crate) struct Tap<P> {
     persist: u32,
     disconnect_expiry: Option<u32>,
     replicated: Mutex<Replicated>,
+    /// The listener's name and the node's connection listing (`/api/clients`), and the
+    /// client's address (the socket's, or what a trusted PROXY header claimed; issue 15).
+    listener: &'static str,
+    clients: Option<Arc<crate::clients::Clients>>,
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// What a connection's codec remembers for the replicas: the tag of each QoS 1/2 message
@@ -143,6 +148,9 @@ impl<P: Clone> Clone for Tap<P> {
             persist: 0,
             disconnect_expiry: None,
             replicated: Mutex::new(Replicated::default()),
+            listener: self.listener,
+            clients: self.clients.clone(),
+            peer: None,
         }
     }
 }
@@ -190,6 +198,9 @@ impl<P> Drop for Tap<P> {
                     will_kept,
                 );
             }
+        }
+        if let (true, Some(c)) = (registration != 0, &self.clients) {
+            c.gone(registration);
         }
         if registration != 0 {
             let session = self.session_expiry;
@@ -282,7 +293,21 @@ impl<P> Tap<P> {
             persist: 0,
             disconnect_expiry: None,
             replicated: Mutex::new(Replicated::default()),
+            listener: "mqtt",
+            clients: None,
+            peer: None,
         }
+    }
+
+    /// This codec's listener (`mqtt`, `mqtts_v5`, ...) and the listing its connections join.
+    pub(crate) fn listed(
+        mut self,
+        listener: &'static str,
+        clients: Arc<crate::clients::Clients>,
+    ) -> Self {
+        self.listener = listener;
+        self.clients = Some(clients);
+        self
     }
 
     fn replicated(&self) -> std::sync::MutexGuard<'_, Replicated> {
@@ -292,7 +317,7 @@ impl<P> Tap<P> {
     /// Admits a CONNECT, or refuses it before rumqttd's router could.
     fn admit(&mut self, client_id: &str) -> Result<(), Error> {
         if client_id_refused(client_id) {
-            tracing::info!(client_id, "CONNECT refused: client ID with + $ # or /");
+            tracing::info!(client_id, peer = ?self.peer, "CONNECT refused: client ID with + $ # or /");
             return Err(Error::IncorrectPacketFormat);
         }
         if !self.counted {
@@ -301,6 +326,7 @@ impl<P> Tap<P> {
                 self.limit.active.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!(
                     client_id,
+                    peer = ?self.peer,
                     max = self.limit.max,
                     "CONNECT refused: max_connections reached"
                 );
@@ -467,6 +493,10 @@ impl<P: Protocol> Protocol for Tap<P> {
         self.ack_wait.take()
     }
 
+    fn peer(&mut self, addr: std::net::SocketAddr) {
+        self.peer = Some(addr);
+    }
+
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error> {
         let packet = match packet {
             Packet::ConnAck(mut ack, props) => {
@@ -479,6 +509,9 @@ impl<P: Protocol> Protocol for Tap<P> {
                         self.connect_at,
                     );
                     self.registration.store(r, Ordering::Release);
+                    if let Some(c) = &self.clients {
+                        c.connected(r, &self.client_id, self.listener, self.peer);
+                    }
                     if let Some(repl) = self.mesh.replication.get() {
                         let will = self.will.as_ref().map(|(publish, delay)| MeshWill {
                             publish: publish.clone(),

@@ -100,9 +100,16 @@ async fn read_connack(s: &mut TcpStream) -> std::io::Result<bool> {
 /// well-behaved client ends it, so the broker has nothing to complain about: the whole CONNACK
 /// is read (unread bytes at close make the kernel send a reset), then DISCONNECT, then our half
 /// of the connection is closed and the broker's close awaited.
-pub(crate) async fn self_check(addr: SocketAddr, level: u8, node: &str) -> bool {
+pub(crate) async fn self_check(target: &Target, node: &str) -> bool {
+    let (addr, level) = (target.addr, target.level);
     let attempt = async {
         let mut s = TcpStream::connect(addr).await?;
+        // A listener that wants a PROXY header from this source gets LOCAL: no client, the
+        // socket's address stays (issue 15).
+        if mqlb_config::trusts_proxy(&target.accept_proxy, s.local_addr()?.ip()) {
+            s.write_all(&mqlb_config::proxy::local(mqlb_config::ProxyVersion::V2))
+                .await?;
+        }
         s.write_all(&connect_packet(level, &check_client_id(node)))
             .await?;
         let accepted = read_connack(&mut s).await?;
@@ -126,11 +133,19 @@ pub(crate) async fn self_check(addr: SocketAddr, level: u8, node: &str) -> bool 
     }
 }
 
+/// A listener the check connects to: its address, MQTT level (4 or 5) and the sources it
+/// wants a PROXY header from (`broker.accept_proxy`).
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
+    pub(crate) level: u8,
+    pub(crate) accept_proxy: Vec<ipnet::IpNet>,
+}
+
 /// Watches the server in `running` (made by `make`) and replaces it when it stops answering.
 pub(crate) async fn watch<F, Fut, E>(
     node: String,
-    addr: SocketAddr,
-    level: u8,
+    target: Target,
     mut running: JoinHandle<Result<(), E>>,
     make: F,
     metrics: Arc<Metrics>,
@@ -140,6 +155,7 @@ pub(crate) async fn watch<F, Fut, E>(
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: Display + Send + 'static,
 {
+    let addr = target.addr;
     let mut failures = 0;
     loop {
         tokio::select! {
@@ -149,7 +165,7 @@ pub(crate) async fn watch<F, Fut, E>(
             }
             _ = tokio::time::sleep(EVERY) => {}
         }
-        if self_check(addr, level, &node).await {
+        if self_check(&target, &node).await {
             failures = 0;
             continue;
         }
@@ -251,8 +267,11 @@ mod tests {
         };
         let task = tokio::spawn(watch(
             "n1".into(),
-            addr,
-            level,
+            Target {
+                addr,
+                level,
+                accept_proxy: Vec::new(),
+            },
             first,
             make,
             metrics.clone(),
@@ -303,7 +322,15 @@ mod tests {
         .await;
         // The replacement answers real CONNECTs (the watchdog's own checks among them).
         assert!(
-            self_check(w.addr, 4, "test").await,
+            self_check(
+                &Target {
+                    addr: w.addr,
+                    level: 4,
+                    accept_proxy: Vec::new()
+                },
+                "test"
+            )
+            .await,
             "replacement does not answer"
         );
         assert!(w.answered.load(Ordering::Relaxed) >= 1);

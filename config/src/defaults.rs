@@ -173,6 +173,9 @@ pub const DEFAULT_MAX_PAYLOAD: NonZeroU32 = nz(256 * 1024);
 pub const DEFAULT_MAX_INFLIGHT: NonZeroU32 = nz(100);
 /// `broker.max_queued_messages`: the default of mosquitto, EMQX and HiveMQ.
 pub const DEFAULT_MAX_QUEUED: NonZeroU32 = nz(1000);
+/// `broker.handshake_timeout`: a client's PROXY header and TLS handshake, together; as long as
+/// the node waits for a CONNECT after them.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---- [ha] and [[haserver]] ------------------------------------------------------------------
 

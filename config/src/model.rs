@@ -466,6 +466,25 @@ pub struct BrokerNode {
     /// is busy accepting. A burst of reconnecting devices (a failover moves thousands at once)
     /// overflows a short one, and each overflowed SYN waits 1 s, 3 s, 7 s... to be retried.
     pub backlog: NonZeroU32,
+    /// MQTT 3.1.1 over TLS, terminated by the node itself (end-to-end TLS); needs `tls`.
+    pub mqtts: Option<SocketAddr>,
+    /// MQTT 5.0 over TLS; needs `tls`.
+    pub mqtts_v5: Option<SocketAddr>,
+    /// The certificate, key and client CA of the TLS listeners, read and built at load (the
+    /// shape and checks of a frontend's `tls`; a broker has no `client_id` rule).
+    pub tls: Option<crate::tls::FrontendTls>,
+    /// Sources (the LBs in front) whose connections to any of the node's MQTT listeners must
+    /// start with a PROXY header: the address it carries is then the client's. Empty: none.
+    pub accept_proxy: Vec<ipnet::IpNet>,
+    /// Bounds a connection's PROXY header and TLS handshake, together.
+    pub handshake_timeout: Duration,
+}
+
+impl BrokerNode {
+    /// Whether a connection from `ip` must start with a PROXY header.
+    pub fn trusts_proxy(&self, ip: std::net::IpAddr) -> bool {
+        trusts_proxy(&self.accept_proxy, ip)
+    }
 }
 
 /// `[ha]` and `[[haserver]]`: the HA servers and the membership timing.

@@ -75,6 +75,12 @@ pub struct RawBroker {
     pub max_queued_messages: Option<u32>,
     pub http_token_file: Option<String>,
     pub backlog: Option<u32>,
+    /// MQTT over TLS (issue 15): 3.1.1 and 5.0 listeners, with `tls` (a frontend's shape).
+    pub mqtts: Option<String>,
+    pub mqtts_v5: Option<String>,
+    pub tls: Option<RawTls>,
+    pub accept_proxy: Option<Vec<String>>,
+    pub handshake_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

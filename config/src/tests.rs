@@ -185,7 +185,11 @@ fn every_duration_key_has_the_upper_bound() {
     ] {
         cases.push((rule(key), format!("rule[0].{key}")));
     }
-    assert_eq!(cases.len(), 19, "every duration key of raw.rs");
+    cases.push((
+        "[[broker]]\nid = \"b\"\nmqtt = \"127.0.0.1:1001\"\nhandshake_timeout = \"8761h\"\n".into(),
+        "broker[0].handshake_timeout".into(),
+    ));
+    assert_eq!(cases.len(), 20, "every duration key of raw.rs");
     for (text, key) in &cases {
         let p = problems(text);
         assert_eq!(p.len(), 1, "{key}: {p:?}");
@@ -790,4 +794,77 @@ fn sni_needs_tls_passed_through_and_mtls_keys_need_a_client_ca() {
         p.iter().any(|p| p.key == "frontend[0].tls.client_id"),
         "{p:?}"
     );
+}
+
+/// `[[broker]]` with TLS listeners and `accept_proxy`: a frontend's `tls` table and CIDR list,
+/// the same checks, the messages naming the broker.
+#[test]
+fn broker_tls_listeners_and_accept_proxy_are_read_and_checked() {
+    let dir = tempfile::tempdir().expect("dir");
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+    std::fs::write(dir.path().join("chain.pem"), cert.pem()).expect("cert");
+    std::fs::write(dir.path().join("key.pem"), signing_key.serialize_pem()).expect("key");
+    let d = dir.path().display();
+    let broker = |extra: &str| {
+        format!("[[broker]]\nid = \"b1\"\nmqtt = \"127.0.0.1:1001\"\n{extra}\n")
+            .replace("DIR", &d.to_string())
+    };
+    let plain = Config::parse(&broker(""), "t").expect("valid");
+    let b = &plain.brokers[0];
+    assert_eq!(
+        (b.mqtts, &b.tls, b.handshake_timeout),
+        (None, &None, Duration::from_secs(10))
+    );
+    assert!(!b.trusts_proxy("127.0.0.1".parse().expect("ip")));
+
+    let c = Config::parse(
+        &broker(
+            "mqtts = \"127.0.0.1:1002\"\nmqtts_v5 = \"127.0.0.1:1003\"\n\
+             tls = { cert = \"DIR/chain.pem\", key = \"DIR/key.pem\", client_ca = \"DIR/chain.pem\", client_auth = \"optional\" }\n\
+             accept_proxy = [\"127.0.0.1/32\", \"fd00::/8\"]\nhandshake_timeout = \"2s\"",
+        ),
+        "t",
+    )
+    .expect("valid");
+    let b = &c.brokers[0];
+    assert_eq!(b.mqtts, Some("127.0.0.1:1002".parse().expect("addr")));
+    assert_eq!(b.mqtts_v5, Some("127.0.0.1:1003".parse().expect("addr")));
+    let tls = b.tls.as_ref().expect("tls");
+    assert_eq!(tls.client_auth.as_ref().map(|a| a.required), Some(false));
+    assert_eq!(tls.server.config().alpn_protocols, [b"mqtt".to_vec()]);
+    assert!(b.trusts_proxy("::ffff:127.0.0.1".parse().expect("ip")));
+    assert!(!b.trusts_proxy("127.0.0.2".parse().expect("ip")));
+    assert_eq!(b.handshake_timeout, Duration::from_secs(2));
+
+    let cases = [
+        ("mqtts = \"127.0.0.1:1002\"", "broker[0].tls", "need tls"),
+        (
+            "tls = { cert = \"DIR/chain.pem\", key = \"DIR/key.pem\" }",
+            "broker[0].tls",
+            "no mqtts",
+        ),
+        (
+            "mqtts = \"127.0.0.1:1002\"\ntls = { cert = \"DIR/none.pem\", key = \"DIR/key.pem\" }",
+            "broker[0].tls.cert",
+            "broker \"b1\"",
+        ),
+        (
+            "mqtts = \"127.0.0.1:1002\"\ntls = { cert = \"DIR/chain.pem\", key = \"DIR/key.pem\", client_id = \"cn\" }",
+            "broker[0].tls.client_id",
+            "frontend's rule",
+        ),
+        (
+            "mqtts = \"127.0.0.1:1001\"\ntls = { cert = \"DIR/chain.pem\", key = \"DIR/key.pem\" }",
+            "broker[0].mqtts",
+            "also broker[0].mqtt",
+        ),
+        ("accept_proxy = [\"10.0.0.0/33\"]", "broker[0].accept_proxy[0]", "not a CIDR"),
+    ];
+    for (extra, key, says) in cases {
+        let p = problems(&broker(extra));
+        assert_eq!(p.len(), 1, "{extra}: {p:?}");
+        assert_eq!(p[0].key, key, "{extra}");
+        assert!(p[0].message.contains(says), "{extra}: {}", p[0].message);
+    }
 }

@@ -39,6 +39,11 @@ fn cluster_specs(ips: &[IpAddr], factor: usize) -> anyhow::Result<Vec<mqlb_broke
             max_inflight: std::num::NonZeroU32::new(100).context("non-zero")?,
             max_queued_messages: std::num::NonZeroU32::new(1000).context("non-zero")?,
             backlog: std::num::NonZeroU32::new(1024).context("non-zero")?,
+            mqtts: None,
+            mqtts_v5: None,
+            tls: None,
+            accept_proxy: Vec::new(),
+            handshake_timeout: Duration::from_secs(10),
         });
     }
     Ok(nodes
@@ -102,8 +107,24 @@ impl Cluster {
             &[],
             &mqlb_config::AuthSettings::default(),
             factor,
+            &|_| Ok(()),
         )
         .await
+    }
+
+    /// Starts `n` nodes, each `[[broker]]` changed by `shape` first (issue 15: TLS listeners on
+    /// free ports, `tls`, `accept_proxy`); called again on each retry with fresh ports.
+    pub async fn start_shaped(
+        n: usize,
+        shape: impl Fn(&mut mqlb_config::BrokerNode) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Cluster> {
+        let auth = mqlb_config::AuthSettings::default();
+        Self::start_factor(&loopbacks(n), &[], &auth, 2, &shape).await
+    }
+
+    /// Node `i`'s MQTT 3.1.1 and 5.0 over TLS listeners (`mqtts`, `mqtts_v5`).
+    pub fn mqtts(&self, i: usize) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (self.specs[i].node.mqtts, self.specs[i].node.mqtts_v5)
     }
 
     async fn start_with(
@@ -111,7 +132,7 @@ impl Cluster {
         ha: &[SocketAddr],
         auth: &mqlb_config::AuthSettings,
     ) -> anyhow::Result<Cluster> {
-        Self::start_factor(ips, ha, auth, 2).await
+        Self::start_factor(ips, ha, auth, 2, &|_| Ok(())).await
     }
 
     async fn start_factor(
@@ -119,6 +140,7 @@ impl Cluster {
         ha: &[SocketAddr],
         auth: &mqlb_config::AuthSettings,
         factor: usize,
+        shape: &dyn Fn(&mut mqlb_config::BrokerNode) -> anyhow::Result<()>,
     ) -> anyhow::Result<Cluster> {
         let mut last = None;
         // A port picked free may be taken before a node binds it: try again with new ports.
@@ -127,6 +149,7 @@ impl Cluster {
             for s in &mut specs {
                 s.ha = ha.to_vec();
                 s.auth = auth.clone();
+                shape(&mut s.node)?;
             }
             let mut nodes = Vec::new();
             for s in &specs {

@@ -31,6 +31,7 @@ pub mod http_host;
 pub mod metrics;
 pub mod mosquitto;
 pub mod persistent;
+pub mod pki;
 pub mod ports;
 pub mod postgres;
 pub mod process;
@@ -59,7 +60,7 @@ pub use ports::{discard_server, free_port, loopback, serve_threads};
 pub use postgres::Postgres;
 pub use process::{mqlb_bin, mqlb_release_bin, KillOnDrop};
 pub use scratch::TempDir;
-pub use topology::{Topology, TopologyFile};
+pub use topology::{Shape, Topology, TopologyFile};
 pub use up::Up;
 pub use wait::{wait_listening, wait_until};
 

@@ -22,6 +22,19 @@ pub struct BrokerAddrs {
     pub mqtt: SocketAddr,
     pub mqtt_v5: SocketAddr,
     pub http: SocketAddr,
+    /// MQTT 3.1.1 over TLS, with [`Shape::broker_tls`].
+    pub mqtts: Option<SocketAddr>,
+}
+
+/// What a topology has beyond the plain one (issue 15): TOML lines added to `[cluster]`, to the
+/// LB's pool (`send_proxy = "v2"`) and to each `[[broker]]` (`accept_proxy = [...]`), and a
+/// broker `tls = {...}` table, which gives each broker an `mqtts` listener too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape<'a> {
+    pub cluster: &'a str,
+    pub pool: &'a str,
+    pub broker: &'a str,
+    pub broker_tls: Option<&'a str>,
 }
 
 /// The configuration file of a topology: an HA server, `n` brokers (b1..bn) and an LB with
@@ -47,6 +60,18 @@ impl TopologyFile {
     /// [`TopologyFile::write`] with more `[cluster]` settings (TOML lines), such as
     /// `replicate_sessions = false` for a run without replication.
     pub fn write_with(n: usize, cluster: &str) -> anyhow::Result<TopologyFile> {
+        Self::write_shaped(
+            n,
+            &Shape {
+                cluster,
+                ..Shape::default()
+            },
+        )
+    }
+
+    /// [`TopologyFile::write`] with the additions of `shape`.
+    pub fn write_shaped(n: usize, shape: &Shape<'_>) -> anyhow::Result<TopologyFile> {
+        let cluster = shape.cluster;
         let dir = TempDir::new("topology")?;
         let (front, admin, ha) = (
             loopback(free_port()?),
@@ -57,7 +82,8 @@ impl TopologyFile {
         let mut toml = format!(
             "[lb]\nadmin = \"{admin}\"\nshutdown_grace = \"2s\"\nwatch_config = false\n\
              [[frontend]]\nname = \"mqtt\"\nbind = \"{front}\"\n\
-             [[pool]]\nname = \"brokers\"\nprobe = \"mqtt\"\ndiscovery = \"haserver\"\n"
+             [[pool]]\nname = \"brokers\"\nprobe = \"mqtt\"\ndiscovery = \"haserver\"\n{}\n",
+            shape.pool
         );
         let mut broker_toml = format!("[cluster]\nsecret = \"{TEST_SECRET}\"\n{cluster}\n");
         for i in 1..=n {
@@ -66,6 +92,10 @@ impl TopologyFile {
                 mqtt: loopback(free_port()?),
                 mqtt_v5: loopback(free_port()?),
                 http: loopback(free_port()?),
+                mqtts: match shape.broker_tls {
+                    Some(_) => Some(loopback(free_port()?)),
+                    None => None,
+                },
             };
             let mesh = loopback(free_port()?);
             toml += &format!(
@@ -78,6 +108,11 @@ impl TopologyFile {
                 "[[broker]]\nid = \"{}\"\nmqtt = \"{}\"\nmqtt_v5 = \"{}\"\nmesh = \"{mesh}\"\nhttp = \"{}\"\n",
                 b.id, b.mqtt, b.mqtt_v5, b.http
             );
+            broker_toml += shape.broker;
+            broker_toml += "\n";
+            if let (Some(tls), Some(a)) = (shape.broker_tls, b.mqtts) {
+                broker_toml += &format!("mqtts = \"{a}\"\ntls = {tls}\n");
+            }
             brokers.push(b);
         }
         toml += &format!(
@@ -125,10 +160,22 @@ impl Topology {
 
     /// [`Topology::start`] with more `[cluster]` settings (see [`TopologyFile::write_with`]).
     pub async fn start_with(n: usize, cluster: &str) -> anyhow::Result<Topology> {
+        Self::start_shaped(
+            n,
+            &Shape {
+                cluster,
+                ..Shape::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Topology::start`] with the additions of `shape` (see [`Shape`]).
+    pub async fn start_shaped(n: usize, shape: &Shape<'_>) -> anyhow::Result<Topology> {
         let mut last = None;
         // Ports picked free may be taken before a process binds them: try again.
         for _ in 0..3 {
-            match Self::try_start(n, cluster).await {
+            match Self::try_start(n, shape).await {
                 Ok(t) => return Ok(t),
                 Err(e) => last = Some(e),
             }
@@ -136,8 +183,8 @@ impl Topology {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("topology did not start")))
     }
 
-    async fn try_start(n: usize, cluster: &str) -> anyhow::Result<Topology> {
-        let f = TopologyFile::write_with(n, cluster)?;
+    async fn try_start(n: usize, shape: &Shape<'_>) -> anyhow::Result<Topology> {
+        let f = TopologyFile::write_shaped(n, shape)?;
         let mut t = Topology {
             _dir: f.dir,
             config_file: f.path,

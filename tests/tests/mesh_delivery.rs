@@ -126,6 +126,11 @@ fn node(id: &str) -> anyhow::Result<mqlb_config::BrokerNode> {
         max_inflight: n(100)?,
         max_queued_messages: n(1000)?,
         backlog: n(1024)?,
+        mqtts: None,
+        mqtts_v5: None,
+        tls: None,
+        accept_proxy: Vec::new(),
+        handshake_timeout: Duration::from_secs(10),
     })
 }
 

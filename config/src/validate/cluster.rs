@@ -98,7 +98,21 @@ fn broker(
         );
     }
     let max_payload_size = max_payload_size(c, k, b);
+    let mqtts = addr(c, "mqtts", b.mqtts.as_deref());
+    let mqtts_v5 = addr(c, "mqtts_v5", b.mqtts_v5.as_deref());
+    let who = format!("broker {:?}", b.id);
+    let tls = broker_tls(c, k, &who, b);
+    let accept_proxy = super::frontends::accept_proxy(c, k, &who, b.accept_proxy.as_deref());
     BrokerNode {
+        mqtts,
+        mqtts_v5,
+        tls,
+        accept_proxy,
+        handshake_timeout: c.duration(
+            &format!("{k}.handshake_timeout"),
+            b.handshake_timeout.as_deref(),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        ),
         id: b.id.clone(),
         mqtt: mqtt.unwrap_or(UNPARSED_ADDR),
         mqtt_v5,
@@ -126,6 +140,41 @@ fn broker(
         ),
         backlog: c.non_zero(&format!("{k}.backlog"), b.backlog, DEFAULT_BACKLOG),
     }
+}
+
+/// `tls` of a broker: a frontend's checks and builder; needed by `mqtts` / `mqtts_v5`, and
+/// useless without one of them. `client_id = "cn"` is a frontend's rule (the LB refuses the
+/// CONNECT); a broker does not enforce it, so it is refused rather than ignored.
+fn broker_tls(
+    c: &mut Checker,
+    k: &str,
+    who: &str,
+    b: &RawBroker,
+) -> Option<crate::tls::FrontendTls> {
+    let listeners = b.mqtts.is_some() || b.mqtts_v5.is_some();
+    let Some(t) = &b.tls else {
+        if listeners {
+            c.error(
+                format!("{k}.tls"),
+                format!("{who}: mqtts / mqtts_v5 need tls = {{ cert, key }}"),
+            );
+        }
+        return None;
+    };
+    if !listeners {
+        c.error(
+            format!("{k}.tls"),
+            format!("{who}: tls is set but no mqtts or mqtts_v5 listener uses it"),
+        );
+    }
+    if t.client_id.is_some() {
+        c.error(
+            format!("{k}.tls.client_id"),
+            format!("{who}: client_id is a frontend's rule; a broker does not check it"),
+        );
+        return None;
+    }
+    super::frontends::tls(c, k, who, t)
 }
 
 fn max_payload_size(c: &mut Checker, k: &str, b: &RawBroker) -> NonZeroU32 {

@@ -36,8 +36,9 @@ fn frontend(
     let bind = c.addr(&format!("{k}.bind"), &f.bind)?;
     bind_is_free(c, k, bind, binds, admin);
     let limits = limits(c, k, f);
-    let tls = f.tls.as_ref().and_then(|t| tls(c, k, &f.name, t));
-    let accept_proxy = accept_proxy(c, k, f);
+    let who = format!("frontend {:?}", f.name);
+    let tls = f.tls.as_ref().and_then(|t| tls(c, k, &who, t));
+    let accept_proxy = accept_proxy(c, k, &who, f.accept_proxy.as_deref());
     Some(Frontend {
         accept_proxy,
         name: f.name.clone(),
@@ -51,7 +52,9 @@ fn frontend(
 /// `tls`: the files are read and the server configuration built now, so a missing file, a
 /// PEM without a certificate or a key that does not fit the certificate is refused at load,
 /// naming the frontend and the file; so is an SNI name a certificate is not valid for.
-fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> {
+/// `who` names the section in messages (`frontend "mqtt"`, `broker "b1"`): a broker's TLS
+/// listeners take the same table.
+pub(super) fn tls(c: &mut Checker, k: &str, who: &str, t: &RawTls) -> Option<FrontendTls> {
     let alpn: Vec<String> = match &t.alpn {
         Some(list) => list.clone(),
         None => DEFAULT_TLS_ALPN.iter().map(|p| p.to_string()).collect(),
@@ -67,14 +70,14 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
         }
     }
     let (cert, key) = (PathBuf::from(&t.cert), PathBuf::from(&t.key));
-    let default = identity(c, &format!("{k}.tls"), name, &cert, &key);
+    let default = identity(c, &format!("{k}.tls"), who, &cert, &key);
     let mut sni = Vec::new();
     let mut identities = Vec::new();
     let mut seen = HashSet::new();
     for (j, s) in t.sni.iter().enumerate() {
         let ks = format!("{k}.tls.sni[{j}]");
         let (cert, key) = (PathBuf::from(&s.cert), PathBuf::from(&s.key));
-        let id = identity(c, &ks, name, &cert, &key);
+        let id = identity(c, &ks, who, &cert, &key);
         if s.names.is_empty() {
             c.error(format!("{ks}.names"), "lists no name");
         }
@@ -82,10 +85,10 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
             if !seen.insert(n.to_ascii_lowercase()) {
                 c.error(
                     format!("{ks}.names"),
-                    format!("frontend {name:?}: {n:?} is named by another tls.sni certificate"),
+                    format!("{who}: {n:?} is named by another tls.sni certificate"),
                 );
             } else if let Some(Err(e)) = id.as_ref().map(|i| i.check_name(n)) {
-                c.error(format!("{ks}.names"), format!("frontend {name:?}: {e}"));
+                c.error(format!("{ks}.names"), format!("{who}: {e}"));
             }
         }
         identities.extend(id.map(|i| (s.names.clone(), i)));
@@ -95,7 +98,7 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
             key,
         });
     }
-    let (client_auth, client_id_is_cn) = client_auth(c, k, name, t)?;
+    let (client_auth, client_id_is_cn) = client_auth(c, k, who, t)?;
     let default = default?;
     if !ok || identities.len() != t.sni.len() {
         return None;
@@ -111,7 +114,7 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
             server,
         }),
         Err(e) => {
-            c.error(format!("{k}.tls"), format!("frontend {name:?}: {e}"));
+            c.error(format!("{k}.tls"), format!("{who}: {e}"));
             None
         }
     }
@@ -123,7 +126,7 @@ fn tls(c: &mut Checker, k: &str, name: &str, t: &RawTls) -> Option<FrontendTls> 
 fn client_auth(
     c: &mut Checker,
     k: &str,
-    name: &str,
+    who: &str,
     t: &RawTls,
 ) -> Option<(Option<ClientAuth>, bool)> {
     let required = match t.client_auth.as_deref() {
@@ -132,7 +135,7 @@ fn client_auth(
         Some(other) => {
             c.error(
                 format!("{k}.tls.client_auth"),
-                format!("frontend {name:?}: {other:?} is not \"required\" or \"optional\""),
+                format!("{who}: {other:?} is not \"required\" or \"optional\""),
             );
             return None;
         }
@@ -143,7 +146,7 @@ fn client_auth(
         Some(other) => {
             c.error(
                 format!("{k}.tls.client_id"),
-                format!("frontend {name:?}: {other:?} is not \"any\" or \"cn\""),
+                format!("{who}: {other:?} is not \"any\" or \"cn\""),
             );
             return None;
         }
@@ -156,9 +159,7 @@ fn client_auth(
             if set {
                 c.error(
                     format!("{k}.tls.{key}"),
-                    format!(
-                        "frontend {name:?}: needs tls.client_ca, the CA of the client certificates"
-                    ),
+                    format!("{who}: needs tls.client_ca, the CA of the client certificates"),
                 );
                 return None;
             }
@@ -177,7 +178,7 @@ fn client_auth(
 fn identity(
     c: &mut Checker,
     k: &str,
-    name: &str,
+    who: &str,
     cert: &Path,
     key: &Path,
 ) -> Option<crate::tls::Identity> {
@@ -196,7 +197,7 @@ fn identity(
                 TlsError::Rejected { .. } => "key",
                 _ => "cert",
             };
-            c.error(format!("{k}.{which}"), format!("frontend {name:?}: {e}"));
+            c.error(format!("{k}.{which}"), format!("{who}: {e}"));
             None
         }
     }
@@ -225,9 +226,15 @@ fn bind_is_free(
     }
 }
 
-/// `accept_proxy = ["10.0.0.0/8", "192.0.2.7"]`: CIDRs, or addresses (one host each).
-fn accept_proxy(c: &mut Checker, k: &str, f: &RawFrontend) -> Vec<ipnet::IpNet> {
-    let Some(list) = &f.accept_proxy else {
+/// `accept_proxy = ["10.0.0.0/8", "192.0.2.7"]`: CIDRs, or addresses (one host each), of a
+/// frontend or a broker (`who`).
+pub(super) fn accept_proxy(
+    c: &mut Checker,
+    k: &str,
+    who: &str,
+    list: Option<&[String]>,
+) -> Vec<ipnet::IpNet> {
+    let Some(list) = list else {
         return DEFAULT_ACCEPT_PROXY;
     };
     let mut nets = Vec::new();
@@ -240,8 +247,7 @@ fn accept_proxy(c: &mut Checker, k: &str, f: &RawFrontend) -> Vec<ipnet::IpNet> 
                 c.warn(
                     format!("{k}.accept_proxy[{j}]"),
                     format!(
-                        "frontend {:?} trusts a PROXY header from every address: any client can claim any source",
-                        f.name
+                        "{who} trusts a PROXY header from every address: any client can claim any source"
                     ),
                 );
                 nets.push(n);

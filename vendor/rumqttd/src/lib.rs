@@ -21,9 +21,10 @@ use tracing_subscriber::{
 pub use link::alerts;
 pub use link::local;
 pub use link::meters;
+pub use link::network::N;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
-pub use server::{Broker, DelayedWills, LinkType, Server};
+pub use server::{Accept, Broker, DelayedWills, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
 // mqlb patch (across the cluster, issue 12): shared subscriptions across routers (PATCHED.md).

@@ -786,4 +786,8 @@ pub trait Protocol {
     fn ack_wait(&mut self) -> Option<AckWait> {
         None
     }
+    /// mqlb patch (issue 15): the address of the client this connection's codec serves (the
+    /// socket's, or what a trusted PROXY header claimed), told once before its first read, so
+    /// an embedder's codec can show it with the client.
+    fn peer(&mut self, _addr: std::net::SocketAddr) {}
 }

@@ -443,6 +443,26 @@ pub struct Server<P> {
     awaiting_will_handler: DelayedWills,
     /// mqlb patch (across the cluster, issue 12): asked before each CONNECT reaches the router.
     session_hook: Option<Arc<dyn crate::SessionHook>>,
+    /// mqlb patch (issue 15): the embedder's first step of each accepted socket (see `Accept`).
+    accept: Option<Arc<dyn Accept>>,
+    /// mqlb patch (issue 15): a socket the embedder bound (see `Server::bound`).
+    bound: Option<std::net::TcpListener>,
+}
+
+/// mqlb patch (issue 15, PROXY protocol and TLS on a listener): what the embedder does with an
+/// accepted socket before MQTT: read a PROXY header, complete a TLS handshake with its own
+/// rustls configuration, or both in that order. Run on the connection's own task, never in
+/// the accept loop, so a slow or stalled client holds up no other. `None` refuses the socket
+/// (the embedder has logged and counted why); `Some` gives the stream MQTT is read from and the
+/// client's address (the socket's, or the one a trusted PROXY header claimed).
+pub trait Accept: Send + Sync + 'static {
+    fn accept(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Option<(Box<dyn N>, SocketAddr)>> + Send + '_>,
+    >;
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -457,7 +477,24 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             protocol,
             awaiting_will_handler: DelayedWills::default(),
             session_hook: None,
+            accept: None,
+            bound: None,
         }
+    }
+
+    /// mqlb patch (issue 15): serve on `listener`, bound (and listening, non-blocking) by the
+    /// embedder, so an address in use is its error at once and the port accepts connections
+    /// before `start` runs, without a probe connection to find out.
+    pub fn bound(mut self, listener: std::net::TcpListener) -> Server<P> {
+        self.bound = Some(listener);
+        self
+    }
+
+    /// mqlb patch (issue 15): each accepted socket goes through `accept` first, on its own
+    /// task; rumqttd's own `tls` (not built in mqlb) is then not used.
+    pub fn accept(mut self, accept: Arc<dyn Accept>) -> Server<P> {
+        self.accept = Some(accept);
+        self
     }
 
     /// mqlb patch (across the cluster, issue 12): `hook` is asked before each accepted CONNECT
@@ -491,15 +528,21 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
         // mqlb patch: bound with the configured backlog (`TcpListener::bind` listens with 128).
         let listen = self.config.listen;
-        let socket = if listen.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
+        let listener = match self.bound.take() {
+            // mqlb patch (issue 15): bound by the embedder.
+            Some(l) => tokio::net::TcpListener::from_std(l)?,
+            None => {
+                let socket = if listen.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                #[cfg(unix)]
+                socket.set_reuseaddr(true)?;
+                socket.bind(listen)?;
+                socket.listen(self.config.backlog)?
+            }
         };
-        #[cfg(unix)]
-        socket.set_reuseaddr(true)?;
-        socket.bind(listen)?;
-        let listener = socket.listen(self.config.backlog)?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
@@ -519,6 +562,35 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // mqlb patch (issue 15): the embedder's step (PROXY header, TLS) and the link, on
+            // the connection's own task; the protocol is told the client's address.
+            if let (Some(accept), LinkType::Remote) = (&self.accept, &link_type) {
+                let (accept, config, router_tx) =
+                    (accept.clone(), config.clone(), self.router_tx.clone());
+                let (mut protocol, wills, hook) = (
+                    self.protocol.clone(),
+                    self.awaiting_will_handler.clone(),
+                    self.session_hook.clone(),
+                );
+                count += 1;
+                task::spawn(async move {
+                    let Some((network, peer)) = accept.accept(stream, addr).await else {
+                        return;
+                    };
+                    protocol.peer(peer);
+                    remote(config, None, router_tx, network, protocol, wills, hook)
+                        .instrument(tracing::error_span!(
+                            "remote_link",
+                            %peer,
+                            client_id = field::Empty,
+                            connection_id = field::Empty,
+                        ))
+                        .await
+                });
+                time::sleep(delay).await;
+                continue;
+            }
+
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {
@@ -537,7 +609,9 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             let router_tx = self.router_tx.clone();
             count += 1;
 
-            let protocol = self.protocol.clone();
+            let mut protocol = self.protocol.clone();
+            // mqlb patch (issue 15): the protocol is told the client's address.
+            protocol.peer(addr);
             match link_type {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => {
@@ -578,6 +652,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     .instrument(tracing::error_span!(
                         "remote_link",
                         ?tenant_id,
+                        peer = %addr,
                         client_id = field::Empty,
                         connection_id = field::Empty,
                     )),
