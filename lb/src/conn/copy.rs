@@ -100,13 +100,13 @@ impl Leg for TcpStream {
     }
 }
 
-/// Boxed: the TLS session's state (buffers, keys) is large, and the task of every connection,
-/// plain ones too, is as large as its largest variant.
-impl Leg for Box<tokio_rustls::server::TlsStream<TcpStream>> {
+/// Boxed: the TLS session's state (keys, handshake state) is large, and the task of every
+/// connection, plain ones too, is as large as its largest variant.
+impl Leg for Box<super::tls_stream::TlsServerStream> {
     const RAW: bool = false;
 
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        self.socket()
     }
 
     fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -16,6 +16,7 @@ mod route;
 mod splice;
 mod sweep;
 mod tls;
+mod tls_stream;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;

@@ -4,27 +4,49 @@
 //! What follows reads the decrypted stream exactly as a plain one: the CONNECT, the route, the
 //! relay (through the copy's buffer: `splice` cannot move TLS records). The server
 //! configuration comes built with the snapshot (`RuleRt::tls`), one per load, none per
-//! connection. The backend leg stays plain.
+//! connection; the session is a [`TlsServerStream`], which holds no buffer while idle.
 //!
 //! The LB's own data-path probe connects without TLS (the proxy knows it by its address before
 //! any byte): it checks the route past the handshake, not the certificate.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+use tokio::time::Instant;
 
-// The handshake itself is shared with the broker nodes' TLS listeners.
-pub(crate) use mqlb_config::handshake::{accept, HandshakeFail};
+use super::tls_stream::TlsServerStream;
+
+// How a handshake failed is told apart as for the broker nodes' TLS listeners.
+pub(crate) use mqlb_config::handshake::HandshakeFail;
+
+/// Completes the server handshake on `client` by `deadline`, `early` being its first bytes
+/// when they were read already (past a PROXY header). On an error the alert rustls queued is
+/// sent if the socket takes it at once; the socket is then dropped (closed).
+pub(crate) async fn accept(
+    server: &Arc<rustls::ServerConfig>,
+    client: TcpStream,
+    deadline: Instant,
+    early: &[u8],
+) -> Result<TlsServerStream, HandshakeFail> {
+    let mut stream = TlsServerStream::new(server.clone(), client, early)
+        .map_err(|e| HandshakeFail::of(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    let handshake = std::future::poll_fn(|cx| stream.poll_handshake(cx));
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Err(_) => Err(HandshakeFail::Timeout),
+        Ok(Err(e)) => Err(HandshakeFail::of(e)),
+        Ok(Ok(())) => Ok(stream),
+    }
+}
 
 /// The client leg as the connect phase holds it: plain, or TLS terminated here (boxed: the
 /// session's state is large and only TLS connections pay for it).
 pub(crate) enum ClientLeg {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsServerStream>),
 }
 
 impl ClientLeg {
@@ -32,7 +54,7 @@ impl ClientLeg {
     pub(crate) fn socket(&self) -> &TcpStream {
         match self {
             ClientLeg::Plain(s) => s,
-            ClientLeg::Tls(s) => s.get_ref().0,
+            ClientLeg::Tls(s) => s.socket(),
         }
     }
 
@@ -40,7 +62,7 @@ impl ClientLeg {
     pub(crate) fn tls_version(&self) -> Option<rustls::ProtocolVersion> {
         match self {
             ClientLeg::Plain(_) => None,
-            ClientLeg::Tls(s) => s.get_ref().1.protocol_version(),
+            ClientLeg::Tls(s) => s.session().protocol_version(),
         }
     }
 
@@ -49,7 +71,7 @@ impl ClientLeg {
         match self {
             ClientLeg::Plain(_) => None,
             ClientLeg::Tls(s) => {
-                let leaf = s.get_ref().1.peer_certificates()?.first()?;
+                let leaf = s.session().peer_certificates()?.first()?;
                 mqlb_config::subject_cn(leaf)
             }
         }
