@@ -316,7 +316,7 @@ impl Node {
         // then its clients' written through (`durable`).
         let durable = match (&ha, spec.durable_retained) {
             (Some(client), true) => {
-                let d = Durable::new(&n.id, &metrics)?;
+                let d = Durable::new(&n.id, &metrics, client.clone())?;
                 // Built here: rumqttd does not export the type of its router channel.
                 let link = LinkBuilder::new(&format!("mqlb-retained-{}", n.id), router_tx.clone())
                     .build()
@@ -618,7 +618,14 @@ impl Node {
     /// MQTT port refuses connections.
     pub async fn stop(mut self) {
         if let (Some(client), Some(d)) = (&self.ha, &self.durable) {
-            d.flush_before_stop(client, Duration::from_secs(2)).await;
+            // Persistent sessions' queues too (issue 18): the sessions taken out of the
+            // router, so nothing is delivered after they were read.
+            let queues = match self.mesh.replication.get() {
+                Some(r) => r.queued_at_stop(Duration::from_secs(1)).await,
+                None => Vec::new(),
+            };
+            d.flush_before_stop(client, Duration::from_secs(3), queues)
+                .await;
         }
         if let Some(client) = &self.ha {
             match tokio::time::timeout(Duration::from_secs(2), client.deregister(&self.id)).await {

@@ -833,6 +833,11 @@ impl Replicas {
         })
     }
 
+    /// The client IDs of the replicas held.
+    pub fn clients(&self) -> Vec<String> {
+        self.by_client.keys().cloned().collect()
+    }
+
     /// The owner of the replica of `client_id`.
     pub fn owner(&self, client_id: &str) -> Option<&str> {
         self.by_client.get(client_id).map(|r| r.owner.as_str())
@@ -910,6 +915,29 @@ pub fn merge(copies: Vec<MeshSession>) -> Option<MeshSession> {
     Some(base)
 }
 
+/// `merged` (the replicas' copies) with the messages the HA servers' database kept of the
+/// session (`stored`, issue 18) ahead of its own: those were queued before the whole cluster
+/// stopped, the replicas' since it started again, so that is their order. A message in both is
+/// taken once, where it was stored; every PUBREL either owes; the stored last packet id if the
+/// copies know none.
+pub fn stored_first(mut merged: MeshSession, stored: MeshSession) -> MeshSession {
+    let ids: HashSet<MsgId> = stored
+        .pending
+        .iter()
+        .filter_map(|(_, p)| Tag::find(&p.user_properties).map(|t| t.id))
+        .collect();
+    let rest = std::mem::take(&mut merged.pending)
+        .into_iter()
+        .filter(|(_, p)| Tag::find(&p.user_properties).is_none_or(|t| !ids.contains(&t.id)));
+    merged.pending = stored.pending.into_iter().chain(rest).collect();
+    let pubrels: BTreeSet<u16> = merged.pubrels.drain(..).chain(stored.pubrels).collect();
+    merged.pubrels = pubrels.into_iter().collect();
+    if merged.last_pkid == 0 {
+        merged.last_pkid = stored.last_pkid;
+    }
+    merged
+}
+
 /// An owner's persistent session, as far as its replicas need to know it.
 #[derive(Debug, Clone)]
 struct Owned {
@@ -941,6 +969,11 @@ pub struct Book {
 impl Book {
     pub fn len(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The client IDs of the sessions this node owns.
+    pub fn clients(&self) -> Vec<String> {
+        self.sessions.keys().cloned().collect()
     }
 
     /// This node has the session of `client_id` (live, or saved in its router).
@@ -1154,6 +1187,39 @@ mod tests {
             Some("b2"),
             "another node's offline meta is still stale"
         );
+    }
+
+    /// Issue 18: what the database kept of a session goes ahead of what the replicas
+    /// queued since the restart, whatever the ids' order, and once.
+    #[test]
+    fn stored_messages_come_first_and_once() {
+        let later = |seq| {
+            msg(
+                "a",
+                1,
+                Tag {
+                    id: MsgId { origin: 1, seq },
+                    publisher: 0,
+                },
+            )
+        };
+        let merged = MeshSession {
+            client_id: "c".into(),
+            pending: vec![(0, later(1)), (0, msg("a", 1, tag(2)))],
+            pubrels: vec![4],
+            ..MeshSession::default()
+        };
+        let stored = MeshSession {
+            client_id: "c".into(),
+            pending: vec![(3, msg("a", 2, tag(2))), (0, msg("a", 1, tag(3)))],
+            pubrels: vec![1],
+            last_pkid: 3,
+            ..MeshSession::default()
+        };
+        let s = stored_first(merged, stored);
+        assert_eq!(payloads(&s), ["m2", "m3", "m1"]);
+        assert_eq!(s.pending[0].0, 3, "with its packet id");
+        assert_eq!((s.pubrels.as_slice(), s.last_pkid), (&[1u16, 4][..], 3));
     }
 
     fn tag(seq: u64) -> Tag {

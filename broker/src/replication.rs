@@ -359,6 +359,9 @@ impl Replication {
     /// The client acknowledged (PUBACK, PUBREC) the message tagged `id`.
     pub(crate) fn acked(&self, client_id: &str, id: MsgId) {
         self.update(client_id, Update::Acked(id));
+        if let Some(d) = self.durable.get() {
+            d.acked(client_id, id);
+        }
     }
 
     /// A packet id of the client's deliveries was used, PUBREC'd or completed.
@@ -532,10 +535,63 @@ impl Replication {
         self.install(held, completed, now, added)
     }
 
+    /// What the HA servers' database kept of `client_id`'s queue when this node's replica of
+    /// it is one loaded from there ([`replica::STORED`]: the whole cluster stopped since its
+    /// client was last seen), as a copy to restore and its messages' ids (issue 18).
+    pub(crate) async fn stored_queue(&self, client_id: &str) -> Option<(MeshSession, Vec<MsgId>)> {
+        let durable = self.durable.get()?;
+        if lock(&self.held).owner(client_id) != Some(replica::STORED) {
+            return None;
+        }
+        let entry = durable.fetch_queued(client_id).await?;
+        Some(crate::durable::queued::session_of(
+            entry,
+            mqlb_ha_api::now_ms(),
+        ))
+    }
+
+    /// What this node holds of persistent sessions' queues, for a clean stop to write to the
+    /// HA servers (issue 18): each session it owns taken out of its router (`true`: the
+    /// owner's, all of it) and each replica's copy, as far as `within` allows.
+    pub(crate) async fn queued_at_stop(&self, within: Duration) -> Vec<(MeshSession, bool)> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        let owned = lock(&self.book).clients();
+        for client_id in owned {
+            match tokio::time::timeout_at(deadline, self.control.export(&client_id, usize::MAX))
+                .await
+            {
+                Ok(Some(e)) => out.push((crate::session::to_mesh(e), true)),
+                Ok(None) => {}
+                Err(_) => {
+                    tracing::warn!(
+                        client_id,
+                        "the router did not give its sessions' queues in time; not all written"
+                    );
+                    break;
+                }
+            }
+        }
+        let now = self.now_ms();
+        let held = lock(&self.held);
+        out.extend(
+            held.clients()
+                .iter()
+                .filter_map(|c| held.session(c, now, usize::MAX))
+                .map(|s| (s, false)),
+        );
+        out
+    }
+
     /// Installs the session of `client_id` from its copies (this node's replica and `copies`
-    /// from the peers) before its CONNACK. Blocking (the router's answer): run it off the
-    /// async workers.
-    pub(crate) fn restore(&self, client_id: &str, copies: Vec<MeshSession>) -> bool {
+    /// from the peers, and `stored`: what the HA servers' database kept of it) before its
+    /// CONNACK. Blocking (the router's answer): run it off the async workers.
+    pub(crate) fn restore(
+        &self,
+        client_id: &str,
+        copies: Vec<MeshSession>,
+        stored: Option<(MeshSession, Vec<MsgId>)>,
+    ) -> bool {
         // The session is here (saved in the router): it is the session, the copies are not.
         if lock(&self.book).owns(client_id) {
             return false;
@@ -544,12 +600,19 @@ impl Replication {
         let held = lock(&self.held);
         let own = held.session(client_id, now, usize::MAX);
         let source = if copies.is_empty() { "local" } else { "merged" };
-        let Some(merged) = replica::merge(own.into_iter().chain(copies).collect()) else {
+        let Some(mut merged) = replica::merge(own.into_iter().chain(copies).collect()) else {
             return false;
         };
+        let (stored, stored_ids) = stored.unzip();
+        if let Some(stored) = stored {
+            merged = replica::stored_first(merged, stored);
+        }
         let messages = merged.pending.len();
         if !self.install(held, merged, now, messages) {
             return false;
+        }
+        if let (Some(d), Some(ids)) = (self.durable.get(), stored_ids) {
+            d.restored(client_id, ids);
         }
         self.metrics.restored.with_label_values(&[source]).inc();
         tracing::info!(

@@ -190,8 +190,9 @@ impl Sessions {
         if copies.is_empty() && !self.replication.holds(&client_id) {
             return;
         }
+        let stored = self.replication.stored_queue(&client_id).await;
         let r = self.replication.clone();
-        let _ = tokio::task::spawn_blocking(move || r.restore(&client_id, copies)).await;
+        let _ = tokio::task::spawn_blocking(move || r.restore(&client_id, copies, stored)).await;
     }
 
     /// Before the CONNACK of a CONNECT with Clean Start 0: asks the peers for the session and
@@ -466,7 +467,7 @@ impl SessionHook for Hook {
     }
 }
 
-fn to_mesh(e: SessionExport) -> MeshSession {
+pub(crate) fn to_mesh(e: SessionExport) -> MeshSession {
     MeshSession {
         client_id: e.client_id,
         expiry: e.expiry,

@@ -12,6 +12,7 @@ use hyper::body::Bytes;
 
 use crate::auth;
 use crate::model::{ClusterView, Registration};
+use crate::queued::{QueuedBatch, QueuedEntry, QueuedPage};
 use crate::retained::{self, RetainedBatch, RetainedEntry, RetainedPage};
 use crate::sessions::{SessionBatch, SessionEntry, SessionPage};
 
@@ -263,6 +264,25 @@ impl HaClient {
             (p.entries, p.next)
         })
         .await
+    }
+
+    /// Writes a batch of sessions' queued messages and acknowledgements (the primary's,
+    /// fenced); returns how many messages and deletions the store applied.
+    pub async fn write_queued(&self, entries: Vec<QueuedEntry>) -> Result<u64, ClientError> {
+        self.write_batch("/api/queued", &QueuedBatch { entries })
+            .await
+    }
+
+    /// What the store holds of `client_id`'s queue (`None`: nothing).
+    pub async fn queued(&self, client_id: &str) -> Result<Option<QueuedEntry>, ClientError> {
+        let url = format!("/api/queued?client={}", retained::encode_after(client_id));
+        let (status, b) = self
+            .call(hyper::Method::GET, &url, None, Duration::ZERO)
+            .await?;
+        Self::ok(status, &b)?;
+        let page: QueuedPage =
+            serde_json::from_slice(&b).map_err(|e| ClientError::Json(e.to_string()))?;
+        Ok(page.entry)
     }
 
     /// One page of the stored retained messages, by topic, after `after`.

@@ -1,6 +1,6 @@
 //! The HA server's API as its clients see it: the JSON shapes (`model`: registrations, members,
-//! the membership view, events; `retained`, `sessions`: retained messages and persistent sessions kept for a whole-cluster
-//! restart), the request signing with the cluster secret (`auth`) and the
+//! the membership view, events; `retained`, `sessions`, `queued`: retained messages, persistent sessions and their queued
+//! messages kept for a whole-cluster restart), the request signing with the cluster secret (`auth`) and the
 //! client that brokers and load balancers use (`client::HaClient`: every HA server tried in
 //! turn, a backup's redirect followed). Its own crate so that the LB and the broker, which only
 //! talk to the HA server, do not link the server itself and its SQLite; `mqlb-haserver`
@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod client;
 pub mod model;
+pub mod queued;
 pub mod retained;
 pub mod sessions;
 

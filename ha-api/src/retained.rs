@@ -121,7 +121,7 @@ pub fn decode_after(text: &str) -> Option<String> {
     String::from_utf8(URL_SAFE_NO_PAD.decode(text).ok()?).ok()
 }
 
-mod b64 {
+pub(crate) mod b64 {
     use super::*;
 
     pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {

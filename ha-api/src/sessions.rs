@@ -1,8 +1,8 @@
 //! Persistent sessions' subscriptions as the HA server keeps them for a whole-cluster restart
 //! (issue 18): the node that owns a session writes what it becomes (its expiry and
-//! subscriptions; not its messages) or that it ended, and a starting node reads them all back
-//! and holds them as replicas, so a client reconnecting gets Session Present 1 and its
-//! subscriptions without a SUBSCRIBE.
+//! subscriptions; its queued messages go to [`crate::queued`]) or that it ended, and a
+//! starting node reads them all back and holds them as replicas, so a client reconnecting gets
+//! Session Present 1 and its subscriptions without a SUBSCRIBE.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +16,11 @@ pub struct SessionEntry {
     pub session: Option<StoredSession>,
     /// When its node took it (Unix ms, never going back on that node).
     pub at_ms: i64,
+    /// Its client connected (the session is live in a router again, its messages with it): the
+    /// store drops what it kept of the session's queue before `at_ms` ([`crate::queued`]), as
+    /// it does at an end. Not kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub connected: bool,
 }
 
 impl SessionEntry {
@@ -91,6 +96,7 @@ mod tests {
                 }],
             }),
             at_ms: 5,
+            connected: false,
         };
         let json = serde_json::to_string(&e).expect("serializes");
         assert_eq!(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::expiry::Cutoffs;
 use crate::model::{MemberState, Registration};
+use crate::queued::{QueuedEntry, QueuedMessage};
 use crate::retained::{RetainedEntry, RetainedProps};
 use crate::sessions::{SessionEntry, StoredSession, StoredSubscription};
 use crate::store::{Registered, Store, StoreError};
@@ -39,6 +40,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("state_survives_reopening", state_survives_reopening),
     ("retained_messages", retained_messages),
     ("persistent_sessions", persistent_sessions),
+    ("queued_messages", queued_messages),
 ];
 
 /// A lease no check outlives.
@@ -506,6 +508,7 @@ fn session(client_id: &str, filters: &[&str], at: i64) -> SessionEntry {
                 .collect(),
         }),
         at_ms: BASE + at,
+        connected: false,
     }
 }
 
@@ -569,5 +572,119 @@ pub fn persistent_sessions(open: Open<'_>) -> Result<(), Failure> {
         ["c1"],
         "after reopening: c2 ended, c1 not by the fenced write"
     );
+    Ok(())
+}
+
+fn msg(origin: u64, seq: u64, pkid: u16) -> QueuedMessage {
+    QueuedMessage {
+        origin,
+        seq,
+        pkid,
+        topic: format!("t/{seq}"),
+        payload: vec![seq as u8, 0],
+        qos: if seq.is_multiple_of(2) { 2 } else { 1 },
+        retain: seq == 3,
+        props: RetainedProps {
+            user_properties: vec![("k".into(), "v".into())],
+            ..RetainedProps::default()
+        },
+    }
+}
+
+fn queue(client_id: &str, at: i64, messages: Vec<QueuedMessage>) -> QueuedEntry {
+    QueuedEntry {
+        client_id: client_id.into(),
+        at_ms: BASE + at,
+        replace: false,
+        messages,
+        acked: Vec::new(),
+        last_pkid: 0,
+        pubrels: Vec::new(),
+    }
+}
+
+/// `(origin, seq, pkid)` of what the store keeps of `client_id`'s queue.
+fn kept(s: &dyn Store, client_id: &str) -> Result<Vec<(u64, u64, u16)>, Failure> {
+    Ok(s.queued(client_id)?
+        .map(|e| e.messages)
+        .unwrap_or_default()
+        .iter()
+        .map(|m| (m.origin, m.seq, m.pkid))
+        .collect())
+}
+
+/// Issue 18: sessions' queued messages. Several holders of one session write overlapping
+/// copies: each message is kept once (the owner's packet id fills a replica's 0), in id
+/// order, whole (QoS, RETAIN, properties, the largest u64 ids); acknowledged ones go; the
+/// owner's `replace` drops what was written before it; the client connecting again or the
+/// session ending drops it all; writes are fenced; it survives a reopening.
+pub fn queued_messages(open: Open<'_>) -> Result<(), Failure> {
+    let now = BASE;
+    {
+        let s = open()?;
+        fenced(
+            s.write_queued(0, &[queue("c", 1, vec![msg(1, 1, 0)])], now),
+            "before anyone held the lease",
+        )?;
+        let e = primary(s.as_ref())?;
+        assert_eq!(s.queued("c")?, None, "nothing kept");
+        let big = u64::MAX - 1;
+        let replica = queue("c", 10, vec![msg(big, 2, 0), msg(7, 1, 0), msg(7, 3, 0)]);
+        let mut owner = queue("c", 11, vec![msg(7, 1, 4), msg(7, 3, 0), msg(7, 4, 0)]);
+        owner.last_pkid = 4;
+        owner.pubrels = vec![2];
+        s.write_queued(e, &[replica, owner], now)?;
+        assert_eq!(
+            kept(s.as_ref(), "c")?,
+            [(7, 1, 4), (7, 3, 0), (7, 4, 0), (big, 2, 0)],
+            "once each, by id, the owner's packet id"
+        );
+        let got = s.queued("c")?.ok_or("c's queue")?;
+        assert_eq!(got.messages[1], msg(7, 3, 0), "kept whole");
+        assert_eq!((got.last_pkid, got.pubrels.as_slice()), (4, &[2u16][..]));
+        assert_eq!(got.at_ms, BASE + 11);
+        let mut later = queue("c", 12, Vec::new());
+        later.acked = vec![(7, 1), (9, 9)];
+        later.last_pkid = 2;
+        later.pubrels = vec![5];
+        assert_eq!(
+            s.write_queued(e, &[later], now)?,
+            1,
+            "one of two acked was kept"
+        );
+        let got = s.queued("c")?.ok_or("c's queue")?;
+        assert_eq!(got.messages.len(), 3);
+        assert_eq!((got.last_pkid, got.pubrels.as_slice()), (4, &[2u16, 5][..]));
+        // The owner's whole queue replaces what was written before it.
+        let mut whole = queue("c", 20, vec![msg(7, 4, 1), msg(7, 5, 0)]);
+        whole.replace = true;
+        whole.last_pkid = 1;
+        s.write_queued(e, &[whole], now)?;
+        assert_eq!(kept(s.as_ref(), "c")?, [(7, 4, 1), (7, 5, 0)]);
+        let got = s.queued("c")?.ok_or("c's queue")?;
+        assert_eq!((got.last_pkid, got.pubrels.len()), (1, 0), "replaced too");
+        s.write_queued(e, &[queue("d", 20, vec![msg(8, 1, 0)])], now)?;
+        s.write_queued(e, &[queue("x", 20, vec![msg(8, 1, 0)])], now)?;
+        // d's client connected at 30: its rows before are stale; x's end at 15 is older.
+        let mut connected = session("d", &["a"], 30);
+        connected.connected = true;
+        s.write_sessions(e, &[connected, ended("x", 15)], now)?;
+        assert!(kept(s.as_ref(), "d")?.is_empty(), "d connected after");
+        assert_eq!(kept(s.as_ref(), "x")?, [(8, 1, 0)], "x ended before");
+        assert_eq!(s.version()?, 0, "queues are not membership changes");
+        let e2 = run_out(s.as_ref(), ("ha1", "a1"), ("ha2", "a2"))?;
+        fenced(
+            s.write_queued(e, &[queue("c", 40, vec![msg(9, 9, 0)])], now),
+            "a stale epoch",
+        )?;
+        s.write_sessions(e2, &[ended("x", 40)], now)?;
+    }
+    let s = open()?;
+    assert_eq!(
+        kept(s.as_ref(), "c")?,
+        [(7, 4, 1), (7, 5, 0)],
+        "after reopening"
+    );
+    assert_eq!(s.queued("x")?, None, "x ended");
     Ok(())
 }

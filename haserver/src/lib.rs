@@ -18,7 +18,7 @@ pub use store::{PostgresOptions, PostgresStore, SqliteStore, Store, StoreError};
 
 // The API as its clients see it (`mqlb-ha-api`: the model, request signing, the client), by
 // the paths it had when it lived here.
-pub use mqlb_ha_api::{auth, client, model, retained, sessions};
+pub use mqlb_ha_api::{auth, client, model, queued, retained, sessions};
 pub use mqlb_ha_api::{ClientError, HaClient};
 
 /// Locks a mutex even if a panicking holder poisoned it (a database handle, small maps).

@@ -33,6 +33,7 @@ use crate::http_server::{self, BodyError, ConnMetrics, Limits};
 use crate::lock;
 use crate::log_limit::LogLimiter;
 use crate::model::{ClusterView, MemberState, Registration};
+use crate::queued::{QueuedBatch, QueuedPage};
 use crate::retained::{self, RetainedBatch, RetainedPage};
 use crate::sessions::{SessionBatch, SessionPage};
 use crate::store::{Lease, Registered, Store, StoreError};
@@ -726,6 +727,9 @@ enum Route<'a> {
     /// `POST /api/sessions`, `GET /api/sessions`: persistent sessions, the same way.
     WriteSessions,
     ReadSessions,
+    /// `POST /api/queued`, `GET /api/queued?client=`: sessions' queued messages.
+    WriteQueued,
+    ReadQueued,
     Other,
 }
 
@@ -744,6 +748,8 @@ impl<'a> Route<'a> {
             (&Method::GET, ["api", "retained"]) => Route::ReadRetained,
             (&Method::POST, ["api", "sessions"]) => Route::WriteSessions,
             (&Method::GET, ["api", "sessions"]) => Route::ReadSessions,
+            (&Method::POST, ["api", "queued"]) => Route::WriteQueued,
+            (&Method::GET, ["api", "queued"]) => Route::ReadQueued,
             _ => Route::Other,
         }
     }
@@ -763,6 +769,8 @@ impl<'a> Route<'a> {
             Route::ReadRetained => "retained_read",
             Route::WriteSessions => "sessions_write",
             Route::ReadSessions => "sessions_read",
+            Route::WriteQueued => "queued_write",
+            Route::ReadQueued => "queued_read",
             Route::Other => "other",
         }
     }
@@ -780,7 +788,9 @@ impl<'a> Route<'a> {
     /// Largest body accepted: a batch of retained messages carries their payloads.
     fn max_body(self) -> usize {
         match self {
-            Route::WriteRetained | Route::WriteSessions => retained::MAX_BATCH_BODY,
+            Route::WriteRetained | Route::WriteSessions | Route::WriteQueued => {
+                retained::MAX_BATCH_BODY
+            }
             _ => MAX_BODY,
         }
     }
@@ -821,6 +831,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
             | Route::Deregister(_)
             | Route::WriteRetained
             | Route::WriteSessions
+            | Route::WriteQueued
     );
     // A write carries the lease epoch of the primary taking it (fencing).
     let mut epoch = 0;
@@ -840,6 +851,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> (&'static str, R
         Route::ReadRetained => read_retained(&shared, &parts.uri).await,
         Route::WriteSessions => write_sessions(&shared, epoch, &body).await,
         Route::ReadSessions => read_sessions(&shared, &parts.uri).await,
+        Route::WriteQueued => write_queued(&shared, epoch, &body).await,
+        Route::ReadQueued => read_queued(&shared, &parts.uri).await,
         Route::Page | Route::Healthz | Route::Metrics | Route::Other => error(
             StatusCode::NOT_FOUND,
             format!("no route {} {path}", parts.method),
@@ -1181,6 +1194,39 @@ async fn read_sessions(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
     }
 }
 
+async fn write_queued(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
+    let batch: QueuedBatch = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    if let Some(msg) = batch.entries.iter().find_map(|e| e.validate().err()) {
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
+    let now = now_ms();
+    match shared
+        .db(move |s| s.write_queued(epoch, &batch.entries, now))
+        .await
+    {
+        Ok(applied) => reply(StatusCode::OK, json!({ "applied": applied })),
+        Err(e) => store_error(shared, e),
+    }
+}
+
+/// What is kept of one session's queue (`client`: its client ID, base64url).
+async fn read_queued(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
+    let q = query(uri);
+    let Some(client_id) = q.get("client").and_then(|c| retained::decode_after(c)) else {
+        return error(StatusCode::BAD_REQUEST, "client: not a base64url client ID");
+    };
+    match shared.db(move |s| s.queued(&client_id)).await {
+        Ok(entry) => match serde_json::to_value(QueuedPage { entry }) {
+            Ok(v) => reply(StatusCode::OK, v),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        Err(e) => store_error(shared, e),
+    }
+}
+
 async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -1310,6 +1356,21 @@ mod tests {
             limit: u32,
         ) -> Result<Vec<crate::sessions::SessionEntry>, StoreError> {
             self.inner.sessions(after, limit)
+        }
+        fn write_queued(
+            &self,
+            epoch: u64,
+            entries: &[crate::queued::QueuedEntry],
+            now_ms: i64,
+        ) -> Result<u64, StoreError> {
+            self.write()?;
+            self.inner.write_queued(epoch, entries, now_ms)
+        }
+        fn queued(
+            &self,
+            client_id: &str,
+        ) -> Result<Option<crate::queued::QueuedEntry>, StoreError> {
+            self.inner.queued(client_id)
         }
     }
 

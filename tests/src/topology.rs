@@ -293,6 +293,30 @@ impl Topology {
         Ok(())
     }
 
+    /// SIGTERM to every one of `names` at once, as a whole cluster is stopped cleanly (a
+    /// broker writes what it holds to the HA servers first), then waits for each to exit:
+    /// within `within`, else it is killed and this fails.
+    pub async fn terminate(&mut self, names: &[&str], within: Duration) -> anyhow::Result<()> {
+        for name in names {
+            self.signal(name, "-TERM")?;
+        }
+        let deadline = std::time::Instant::now() + within;
+        for name in names {
+            let mut child = self
+                .procs
+                .remove(*name)
+                .with_context(|| format!("{name} is not running"))?;
+            while child.try_wait()?.is_none() {
+                if std::time::Instant::now() > deadline {
+                    kill_and_reap(&mut child, name);
+                    bail!("{name} did not exit within {within:?} of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// SIGSTOP: the process hangs (its sockets stay open, nothing answers).
     pub fn pause(&self, name: &str) -> anyhow::Result<()> {
         self.signal(name, "-STOP")

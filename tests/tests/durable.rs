@@ -302,3 +302,141 @@ async fn a_persistent_session_survives_a_whole_cluster_restart() -> anyhow::Resu
     assert_eq!(metric(&text, "mqlb_broker_sessions_loaded_total", &[]), 1.0);
     Ok(())
 }
+
+/// A publish a client got: topic, payload, QoS, DUP.
+type Got = (String, Vec<u8>, u8, bool);
+
+/// Polls `el` (its event loop acknowledges each publish) until `n` publishes came; each one.
+async fn receive(el: &mut rumqttc::EventLoop, n: usize) -> anyhow::Result<Vec<Got>> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while got.len() < n {
+        let ev = tokio::time::timeout_at(deadline, el.poll())
+            .await
+            .with_context(|| format!("{} of {n} publishes came: {got:?}", got.len()))??;
+        if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+            got.push((p.topic, p.payload.to_vec(), p.qos as u8, p.dup));
+        }
+    }
+    Ok(got)
+}
+
+/// The HA server's copy of `client_id`'s queue: the payloads kept.
+async fn stored_queue(t: &Topology, client_id: &str) -> anyhow::Result<Vec<String>> {
+    let id = mqlb_haserver::retained::encode_after(client_id);
+    let v = ha_get_json(t.ha, &format!("/api/queued?client={id}")).await?;
+    Ok(v["entry"]["messages"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter_map(|m| m["topic"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Issue 18: the QoS 1 and 2 messages queued for a persistent session whose client is away
+/// survive a clean stop (SIGTERM) of every node: its owner and its replicas write them to the
+/// HA server, each once; after the restart its client, reconnecting on another node, gets
+/// Session Present 1 and every one of them, in order, with its QoS, none twice; once
+/// acknowledged they are gone from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_survive_a_clean_whole_cluster_restart() -> anyhow::Result<()> {
+    let mut t = Topology::start(3).await?;
+    let (b1, b2, b3) = (
+        t.brokers[0].clone(),
+        t.brokers[1].clone(),
+        t.brokers[2].clone(),
+    );
+    let id = "durable-queue";
+    let (c, mut el, _) = persistent(b1.mqtt, id).await?;
+    c.subscribe("q1/#", QoS::AtLeastOnce).await?;
+    c.subscribe("q2/#", QoS::ExactlyOnce).await?;
+    for _ in 0..2 {
+        until(&mut el, "SUBACK", |p| {
+            matches!(p, rumqttc::Packet::SubAck(_))
+        })
+        .await?;
+    }
+    c.disconnect().await?;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, el.poll()).await {}
+    drop(el);
+    wait_until("every node knows the session", DEADLINE, || async {
+        let mut all = true;
+        for b in [&b2, &b3] {
+            all &= metrics(b.http)
+                .await
+                .is_ok_and(|t| metric(&t, "mqlb_session_replicas", &[]) == 1.0);
+        }
+        all
+    })
+    .await?;
+
+    // Published on b3 while the client is away: queued on b1 (its owner), b2 and b3.
+    let publisher = Client::connect(b3.mqtt, "durable-queue-pub").await?;
+    let mut want = Vec::new();
+    for i in 0..6u32 {
+        let (topic, qos) = if i.is_multiple_of(2) {
+            (format!("q1/{i}"), QoS::AtLeastOnce)
+        } else {
+            (format!("q2/{i}"), QoS::ExactlyOnce)
+        };
+        publisher
+            .publish(&topic, qos, format!("m{i}").as_bytes())
+            .await?;
+        want.push((topic, format!("m{i}").into_bytes(), qos as u8));
+    }
+    wait_until("b2 and b3 hold the six messages", DEADLINE, || async {
+        let mut all = true;
+        for b in [&b2, &b3] {
+            all &= metrics(b.http)
+                .await
+                .is_ok_and(|t| metric(&t, "mqlb_session_replica_messages", &[]) == 6.0);
+        }
+        all
+    })
+    .await?;
+    publisher.disconnect().await;
+
+    t.terminate(&["b1", "b2", "b3"], DEADLINE).await?;
+    let kept = stored_queue(&t, id).await?;
+    assert_eq!(
+        kept,
+        want.iter().map(|w| w.0.clone()).collect::<Vec<_>>(),
+        "the HA server holds each queued message once"
+    );
+    t.kill("ha1")?;
+    for name in ["ha1", "b1", "b2", "b3"] {
+        t.restart(name).await?;
+    }
+
+    let (_c, mut el, present) = persistent(b2.mqtt, id).await?;
+    assert!(present, "Session Present 1 after the clean restart");
+    let got = receive(&mut el, want.len()).await?;
+    let plain: Vec<(String, Vec<u8>, u8)> = got
+        .iter()
+        .map(|g| (g.0.clone(), g.1.clone(), g.2))
+        .collect();
+    assert_eq!(plain, want, "every queued message, in order, with its QoS");
+    // Nothing comes twice: a live message after them is the next one.
+    let marker = Client::connect(b3.mqtt, "durable-queue-marker").await?;
+    marker.publish("q1/end", QoS::AtLeastOnce, b"end").await?;
+    let next = receive(&mut el, 1).await?;
+    assert_eq!(next[0].0, "q1/end", "no duplicate before the live message");
+    marker.disconnect().await;
+    let text = metrics(b2.http).await?;
+    assert_eq!(metric(&text, "mqlb_broker_queued_restored_total", &[]), 6.0);
+    // The event loop acknowledges (and completes QoS 2) as it is polled, meanwhile.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !stored_queue(&t, id).await?.is_empty() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the acknowledged messages are still in the HA server after {DEADLINE:?}"
+        );
+        if let Ok(ev) = tokio::time::timeout(Duration::from_millis(100), el.poll()).await {
+            ev?;
+        }
+    }
+    Ok(())
+}

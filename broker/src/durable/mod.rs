@@ -12,11 +12,21 @@
 //!
 //! Persistent sessions go the same way, from their owner's book ([`crate::replica::Book`]:
 //! every change the mesh announces to the peers is also queued here): the expiry and the
-//! subscriptions, not the messages; an ended session is written as its end. A starting node
-//! holds the stored sessions as replicas of an owner that is not there
-//! ([`crate::replica::STORED`]), which a live owner's word replaces: a client reconnecting
-//! after a whole-cluster restart is restored from them (Session Present 1, its subscriptions
-//! without a SUBSCRIBE), by the replicas' own path.
+//! subscriptions; an ended session is written as its end. A starting node holds the stored
+//! sessions as replicas of an owner that is not there ([`crate::replica::STORED`]), which a
+//! live owner's word replaces: a client reconnecting after a whole-cluster restart is restored
+//! from them (Session Present 1, its subscriptions without a SUBSCRIBE), by the replicas' own
+//! path.
+//!
+//! Their queued QoS 1/2 messages are written at a clean stop ([`queued`]): each session the
+//! node owns, taken out of its router (all of it, with packet ids: it replaces what was
+//! written of it before), and each replica's copy, keyed by the messages' cluster-wide ids so
+//! the copies are one row each. Not at every message: a stop is where a whole cluster loses
+//! them, and a kill -9 of every node at once loses them (as it loses the last 100 ms of
+//! retained messages). The node restoring a stored session reads its rows then (not at start:
+//! rows a rolling restart left behind are never put in a replica), puts them ahead of what the
+//! replicas queued since, and deletes each row as the client acknowledges it; meanwhile its
+//! client connecting does not mark the rows stale, as a connect otherwise does.
 //!
 //! Every node loads the stored messages into its router when it starts, before it serves
 //! ([`load`]): the mesh does not carry retained messages to a node that joins (each keeps its
@@ -26,7 +36,10 @@
 
 pub(crate) mod load;
 pub(crate) mod pending;
+pub(crate) mod queued;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +47,7 @@ use bytes::Bytes;
 use mqlb_config::defaults::{
     DURABLE_BATCH_BYTES, DURABLE_BATCH_ENTRIES, DURABLE_FLUSH_EVERY, DURABLE_QUEUE_TOPICS,
 };
+use mqlb_ha_api::queued::QueuedEntry;
 use mqlb_ha_api::retained::{RetainedEntry, RetainedProps, MAX_BATCH_BODY};
 use mqlb_ha_api::sessions::{SessionEntry, StoredSession, StoredSubscription};
 use mqlb_ha_api::{now_ms, ClientError, HaClient};
@@ -42,13 +56,16 @@ use rumqttd::protocol::PublishProperties;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::mesh::frame::{MeshPublish, MeshSubscription, ReplicaMeta};
+use crate::mesh::frame::{MeshPublish, MeshSession, MeshSubscription, MsgId, ReplicaMeta};
 use crate::metrics::Metrics;
 use crate::replica::Announce;
 use pending::{Pending, Pushed};
 
 /// The longest wait between two attempts while the HA servers refuse or do not answer.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a restore waits for the HA servers' copy of a session's queue before it goes on
+/// without (its CONNACK waits meanwhile).
+const FETCH_WITHIN: Duration = Duration::from_secs(2);
 
 struct DurableMetrics {
     stored: IntCounter,
@@ -59,6 +76,9 @@ struct DurableMetrics {
     sessions_stored: IntCounter,
     sessions_dropped: IntCounter,
     sessions_loaded: IntCounter,
+    queued_stored: IntCounter,
+    queued_restored: IntCounter,
+    queued_errors: IntCounter,
 }
 
 /// A node's writer of retained messages.
@@ -66,12 +86,25 @@ pub(crate) struct Durable {
     node: String,
     pending: Mutex<Pending<RetainedEntry>>,
     sessions: Mutex<Pending<SessionEntry>>,
+    /// Sessions restored here with messages the database kept (issue 18): the ids not yet
+    /// acknowledged, whose rows the acknowledgements delete. Until they all are, the client
+    /// connecting does not make the store drop the session's rows.
+    restored: Mutex<HashMap<String, HashSet<MsgId>>>,
+    any_restored: AtomicBool,
+    /// Acknowledged ids of those, to delete at the next round.
+    acks: Mutex<HashMap<String, Vec<(u64, u64)>>>,
+    /// Where a restore reads the stored queue of a session from.
+    client: Arc<HaClient>,
     wake: Notify,
     metrics: DurableMetrics,
 }
 
 impl Durable {
-    pub(crate) fn new(node: &str, metrics: &Metrics) -> Result<Arc<Durable>, prometheus::Error> {
+    pub(crate) fn new(
+        node: &str,
+        metrics: &Metrics,
+        client: Arc<HaClient>,
+    ) -> Result<Arc<Durable>, prometheus::Error> {
         let m = DurableMetrics {
             stored: IntCounter::new(
                 "mqlb_broker_retained_stored_total",
@@ -108,7 +141,22 @@ impl Durable {
                 "mqlb_broker_sessions_loaded_total",
                 "Persistent sessions loaded from the HA servers' database as replicas when this node started.",
             )?,
+            queued_stored: IntCounter::new(
+                "mqlb_broker_queued_stored_total",
+                "Queued QoS 1/2 messages of persistent sessions written to the HA servers' database at a clean stop (this node's sessions and its replicas' copies).",
+            )?,
+            queued_restored: IntCounter::new(
+                "mqlb_broker_queued_restored_total",
+                "Queued messages the HA servers' database kept that a session restored here got (after a whole-cluster restart).",
+            )?,
+            queued_errors: IntCounter::new(
+                "mqlb_broker_queued_store_errors_total",
+                "Writes or reads of sessions' queued messages the HA servers did not answer (the stop went on without them; a restore went on without the stored copy).",
+            )?,
         };
+        metrics.register(Box::new(m.queued_stored.clone()))?;
+        metrics.register(Box::new(m.queued_restored.clone()))?;
+        metrics.register(Box::new(m.queued_errors.clone()))?;
         metrics.register(Box::new(m.sessions_stored.clone()))?;
         metrics.register(Box::new(m.sessions_dropped.clone()))?;
         metrics.register(Box::new(m.sessions_loaded.clone()))?;
@@ -124,6 +172,10 @@ impl Durable {
             node: node.to_string(),
             pending: Mutex::new(Pending::new(DURABLE_QUEUE_TOPICS)),
             sessions: Mutex::new(Pending::new(DURABLE_QUEUE_TOPICS)),
+            restored: Mutex::new(HashMap::new()),
+            any_restored: AtomicBool::new(false),
+            acks: Mutex::new(HashMap::new()),
+            client,
             wake: Notify::new(),
             metrics: m,
         }))
@@ -140,6 +192,17 @@ impl Durable {
     /// What a session this node owns became, as announced to the peers (the replication's
     /// book; off the data path: CONNACK, SUBACK, UNSUBSCRIBE, the end of a connection).
     pub(crate) fn session(&self, a: &Announce) {
+        let connected = match a {
+            Announce::Meta(m) if m.fresh => {
+                self.forget_restored(&m.client_id);
+                true
+            }
+            Announce::Meta(m) => m.online && !self.is_restored(&m.client_id),
+            Announce::Close(client_id) => {
+                self.forget_restored(client_id);
+                false
+            }
+        };
         let (client_id, session) = match a {
             Announce::Meta(m) => (
                 m.client_id.clone(),
@@ -165,6 +228,7 @@ impl Durable {
             client_id,
             session,
             at_ms,
+            connected,
         };
         if pending.push(entry) == Pushed::Dropped {
             self.metrics.sessions_dropped.inc();
@@ -202,6 +266,162 @@ impl Durable {
                 break;
             }
         }
+        Ok(())
+    }
+
+    fn restored_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<MsgId>>> {
+        self.restored.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, u64)>>> {
+        self.acks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_restored(&self, client_id: &str) -> bool {
+        self.any_restored.load(Ordering::Relaxed) && self.restored_map().contains_key(client_id)
+    }
+
+    fn forget_restored(&self, client_id: &str) {
+        if !self.any_restored.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut r = self.restored_map();
+        r.remove(client_id);
+        self.any_restored.store(!r.is_empty(), Ordering::Relaxed);
+    }
+
+    /// The stored queue of `client_id`, for its restore (`None`: nothing kept, or the HA
+    /// servers did not answer within [`FETCH_WITHIN`]: restored without, logged).
+    pub(crate) async fn fetch_queued(&self, client_id: &str) -> Option<QueuedEntry> {
+        match tokio::time::timeout(FETCH_WITHIN, self.client.queued(client_id)).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                self.metrics.queued_errors.inc();
+                tracing::warn!(node = self.node, client_id, error = %e, "the stored queue of a session could not be read; restored without it");
+                None
+            }
+            Err(_) => {
+                self.metrics.queued_errors.inc();
+                tracing::warn!(node = self.node, client_id, after = ?FETCH_WITHIN, "the stored queue of a session was not read in time; restored without it");
+                None
+            }
+        }
+    }
+
+    /// `client_id` was restored here with the stored messages `ids`.
+    pub(crate) fn restored(&self, client_id: &str, ids: Vec<MsgId>) {
+        self.metrics.queued_restored.inc_by(ids.len() as u64);
+        if ids.is_empty() {
+            return;
+        }
+        self.restored_map()
+            .insert(client_id.to_string(), ids.into_iter().collect());
+        self.any_restored.store(true, Ordering::Relaxed);
+    }
+
+    /// The client acknowledged message `id` (on the data path: one atomic load unless a
+    /// restored session waits for acknowledgements): a stored one's row is deleted.
+    pub(crate) fn acked(&self, client_id: &str, id: MsgId) {
+        if !self.any_restored.load(Ordering::Relaxed) {
+            return;
+        }
+        {
+            let mut r = self.restored_map();
+            let Some(ids) = r.get_mut(client_id) else {
+                return;
+            };
+            if !ids.remove(&id) {
+                return;
+            }
+            if ids.is_empty() {
+                r.remove(client_id);
+                self.any_restored.store(!r.is_empty(), Ordering::Relaxed);
+            }
+        }
+        self.acks()
+            .entry(client_id.to_string())
+            .or_default()
+            .push((id.origin, id.seq));
+    }
+
+    /// The acknowledgements of stored messages gathered since the last round, as deletions.
+    async fn flush_acks(&self, client: &HaClient) -> Result<(), ClientError> {
+        let acks = std::mem::take(&mut *self.acks());
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let at_ms = self.sessions().stamp(now_ms());
+        let entries: Vec<QueuedEntry> = acks
+            .into_iter()
+            .map(|(client_id, acked)| QueuedEntry {
+                client_id,
+                at_ms,
+                replace: false,
+                messages: Vec::new(),
+                acked,
+                last_pkid: 0,
+                pubrels: Vec::new(),
+            })
+            .collect();
+        if let Err(e) = client.write_queued(entries.clone()).await {
+            let mut acks = self.acks();
+            for e in entries {
+                acks.entry(e.client_id).or_default().extend(e.acked);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The sessions' queues a clean stop found (see [`crate::replication::Replication::queued_at_stop`]),
+    /// written in batches.
+    async fn write_queues(
+        &self,
+        client: &HaClient,
+        sessions: Vec<(MeshSession, bool)>,
+    ) -> Result<(), ClientError> {
+        let at_ms = self.sessions().stamp(now_ms());
+        // Untagged messages (published while this node had no peers) get ids of this stop's.
+        let origin: u64 = rand::random();
+        let mut seq = 0;
+        let mut fresh = || {
+            seq += 1;
+            MsgId { origin, seq }
+        };
+        let entries: Vec<QueuedEntry> = sessions
+            .into_iter()
+            .filter_map(|(s, owner)| queued::entry_of(s, at_ms, owner, &mut fresh))
+            .collect();
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for e in entries {
+            let size = e.size();
+            if !batch.is_empty()
+                && (bytes + size > DURABLE_BATCH_BYTES || batch.len() >= DURABLE_BATCH_ENTRIES)
+            {
+                self.write_queue_batch(client, std::mem::take(&mut batch))
+                    .await?;
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(e);
+        }
+        if !batch.is_empty() {
+            self.write_queue_batch(client, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_queue_batch(
+        &self,
+        client: &HaClient,
+        batch: Vec<QueuedEntry>,
+    ) -> Result<(), ClientError> {
+        let n: usize = batch.iter().map(|e| e.messages.len()).sum();
+        client.write_queued(batch).await.inspect_err(|_| {
+            self.metrics.queued_errors.inc();
+        })?;
+        self.metrics.queued_stored.inc_by(n as u64);
         Ok(())
     }
 
@@ -250,8 +470,10 @@ impl Durable {
     /// `Err` when a write failed (that batch waits again).
     async fn flush(&self, client: &HaClient, rounds: usize) -> Result<(), ClientError> {
         let sessions = self.flush_sessions(client, rounds).await;
+        // After the sessions: a client's connecting must not delete rows acknowledged since.
+        let acks = self.flush_acks(client).await;
         self.flush_retained(client, rounds).await?;
-        sessions
+        sessions.and(acks)
     }
 
     async fn flush_retained(&self, client: &HaClient, rounds: usize) -> Result<(), ClientError> {
@@ -329,11 +551,21 @@ impl Durable {
         }
     }
 
-    /// What waits, written before a clean stop (SIGTERM), within `within`.
-    pub(crate) async fn flush_before_stop(&self, client: &HaClient, within: Duration) {
+    /// What waits, written before a clean stop (SIGTERM), within `within`, and then the
+    /// sessions' queues the stop found (`queues`).
+    pub(crate) async fn flush_before_stop(
+        &self,
+        client: &HaClient,
+        within: Duration,
+        queues: Vec<(MeshSession, bool)>,
+    ) {
         let started = Instant::now();
         let rounds = 1 + DURABLE_QUEUE_TOPICS / DURABLE_BATCH_ENTRIES;
-        match tokio::time::timeout(within, self.flush(client, rounds)).await {
+        let all = async {
+            self.flush(client, rounds).await?;
+            self.write_queues(client, queues).await
+        };
+        match tokio::time::timeout(within, all).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(node = self.node, error = %e, waiting = self.pending().len(), "retained messages not written before the stop")

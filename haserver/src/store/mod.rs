@@ -3,7 +3,8 @@
 //! (issue 18). Every change bumps the membership version and is logged, in one transaction, so a
 //! crash never leaves a half-applied change. Both stores keep the primary lease by their own
 //! clock (`lease`), and refuse a write whose lease epoch is stale (fencing). They also keep the
-//! cluster's retained messages, so a whole-cluster restart finds them again (issue 18).
+//! cluster's retained messages, persistent sessions and their queued messages, so a
+//! whole-cluster restart finds them again (issue 18).
 
 pub mod lease;
 pub mod postgres;
@@ -11,6 +12,7 @@ pub mod sqlite;
 
 use crate::expiry::Cutoffs;
 use crate::model::{ClusterView, Event, Registration};
+use crate::queued::{QueuedEntry, QueuedMessage};
 use crate::retained::{RetainedEntry, RetainedProps};
 use crate::sessions::{SessionEntry, StoredSession};
 
@@ -140,6 +142,20 @@ pub trait Store: Send + Sync {
     ) -> Result<u64, StoreError>;
     /// Up to `limit` sessions (no ends) with client IDs after `after` in byte order.
     fn sessions(&self, after: &str, limit: u32) -> Result<Vec<SessionEntry>, StoreError>;
+    /// Applies a batch of sessions' queued messages (the primary's write, fenced): each
+    /// entry's `replace` first drops its client's rows written before it, then its messages
+    /// are added (once per client ID and message id; a packet id fills one not known yet),
+    /// then its `acked` ones go. The packet-id state keeps the highest last id and every
+    /// PUBREL owed (a `replace` sets it). Returns how many rows were added or deleted.
+    fn write_queued(
+        &self,
+        epoch: u64,
+        entries: &[QueuedEntry],
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+    /// What is kept of `client_id`'s queue, as one entry (messages by id, `at_ms` the
+    /// latest row's), or `None`.
+    fn queued(&self, client_id: &str) -> Result<Option<QueuedEntry>, StoreError>;
     /// Versions as any HA server's writes commit, pushed by the database (PostgreSQL's
     /// LISTEN/NOTIFY); `None`: the server polls the version instead.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
@@ -164,6 +180,71 @@ fn props_of(topic: &str, text: Option<&str>) -> Result<RetainedProps, StoreError
             msg: e.to_string(),
         }),
     }
+}
+
+/// Whether a session write makes the queue rows of its client written before it stale: an
+/// end, or its client connected (see `SessionEntry::connected`).
+fn clears_queue(e: &SessionEntry) -> bool {
+    e.session.is_none() || e.connected
+}
+
+/// The PUBRELs owed as both stores keep them: a JSON array.
+fn pubrels_text(p: &[u16]) -> String {
+    serde_json::to_string(p).unwrap_or_else(|_| "[]".into())
+}
+
+fn pubrels_of(text: &str) -> Vec<u16> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+/// The union of two lists of PUBRELs owed, in order.
+fn pubrels_union(a: &[u16], b: &[u16]) -> Vec<u16> {
+    let mut all: Vec<u16> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+/// A queue row's columns: origin, seq, pkid, topic, payload, QoS, retain, props (JSON).
+type QueuedRow = (i64, i64, i64, String, Vec<u8>, i64, bool, Option<String>);
+
+/// A session's queue from its rows and its packet-id state (`None` when neither is there).
+fn queued_of(
+    client_id: &str,
+    rows: Vec<QueuedRow>,
+    state: Option<(i64, String)>,
+    at_ms: i64,
+) -> Result<Option<QueuedEntry>, StoreError> {
+    if rows.is_empty() && state.is_none() {
+        return Ok(None);
+    }
+    let mut messages = Vec::with_capacity(rows.len());
+    for (origin, seq, pkid, topic, payload, qos, retain, props) in rows {
+        messages.push(QueuedMessage {
+            // ids are u64 kept in BIGINTs as their bits
+            origin: origin as u64,
+            seq: seq as u64,
+            pkid: u16::try_from(pkid).unwrap_or(0),
+            props: props_of(&topic, props.as_deref())?,
+            topic,
+            payload,
+            qos: u8::try_from(qos).unwrap_or(1).clamp(1, 2),
+            retain,
+        });
+    }
+    messages.sort_by_key(|m| (m.origin, m.seq));
+    let (last_pkid, pubrels) = state
+        .map(|(l, p)| (u16::try_from(l).unwrap_or(0), pubrels_of(&p)))
+        .unwrap_or_default();
+    Ok(Some(QueuedEntry {
+        client_id: client_id.to_string(),
+        at_ms,
+        replace: false,
+        messages,
+        acked: Vec::new(),
+        last_pkid,
+        pubrels,
+    }))
 }
 
 /// A session as both stores keep it: JSON text; `None` for an end (a tombstone).

@@ -10,16 +10,17 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::lease::{self, Lease};
 use super::{
-    props_of, props_text, session_of, session_text, Registered, Store, StoreError,
-    TOMBSTONE_KEEP_MS,
+    clears_queue, props_of, props_text, pubrels_of, pubrels_text, pubrels_union, queued_of,
+    session_of, session_text, QueuedRow, Registered, Store, StoreError, TOMBSTONE_KEEP_MS,
 };
 use crate::expiry::Cutoffs;
 use crate::lock;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
+use crate::queued::QueuedEntry;
 use crate::retained::RetainedEntry;
 use crate::sessions::SessionEntry;
 
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -86,6 +87,30 @@ const SCHEMA_V4: &str = "
 CREATE INDEX IF NOT EXISTS sessions_tombstones ON sessions (updated_ms) WHERE data IS NULL;
 ";
 
+/// Persistent sessions' queued messages (issue 18): one row per client ID and message id
+/// (whoever of the session's holders wrote it), and per client the packet-id state.
+const SCHEMA_V5: &str = "
+CREATE TABLE IF NOT EXISTS queued (
+    client_id TEXT NOT NULL,
+    origin INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    pkid INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    props TEXT,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (client_id, origin, seq)
+);
+CREATE TABLE IF NOT EXISTS queued_state (
+    client_id TEXT PRIMARY KEY,
+    last_pkid INTEGER NOT NULL,
+    pubrels TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+";
+
 /// A row of `retained`: topic, payload, QoS, properties (JSON), time.
 type RetainedRow = (String, Vec<u8>, u8, Option<String>, i64);
 
@@ -130,6 +155,9 @@ impl SqliteStore {
         }
         if current < 4 {
             tx.execute_batch(SCHEMA_V4)?;
+        }
+        if current < 5 {
+            tx.execute_batch(SCHEMA_V5)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -462,9 +490,17 @@ impl Store for SqliteStore {
                  ON CONFLICT(client_id) DO UPDATE SET data = ?2, updated_ms = ?3
                  WHERE ?3 >= sessions.updated_ms",
             )?;
+            let mut clear =
+                tx.prepare_cached("DELETE FROM queued WHERE client_id = ?1 AND at_ms < ?2")?;
+            let mut clear_state =
+                tx.prepare_cached("DELETE FROM queued_state WHERE client_id = ?1 AND at_ms < ?2")?;
             for e in entries {
-                applied +=
-                    upsert.execute(params![e.client_id, session_text(&e.session), e.at_ms])? as u64;
+                let n = upsert.execute(params![e.client_id, session_text(&e.session), e.at_ms])?;
+                if n > 0 && clears_queue(e) {
+                    clear.execute(params![e.client_id, e.at_ms])?;
+                    clear_state.execute(params![e.client_id, e.at_ms])?;
+                }
+                applied += n as u64;
             }
         }
         tx.execute(
@@ -492,9 +528,115 @@ impl Store for SqliteStore {
                     session: Some(session_of(&client_id, &data)?),
                     client_id,
                     at_ms,
+                    connected: false,
                 })
             })
             .collect()
+    }
+
+    fn write_queued(
+        &self,
+        epoch: u64,
+        entries: &[QueuedEntry],
+        _now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut conn = lock(&self.conn);
+        let tx = write_tx(&mut conn, epoch)?;
+        let mut applied = 0;
+        {
+            let mut replace =
+                tx.prepare_cached("DELETE FROM queued WHERE client_id = ?1 AND at_ms < ?2")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO queued (client_id, origin, seq, pkid, topic, payload, qos, retain, props, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT(client_id, origin, seq) DO UPDATE SET
+                     pkid = CASE WHEN queued.pkid = 0 THEN ?4 ELSE queued.pkid END,
+                     at_ms = max(queued.at_ms, ?10)",
+            )?;
+            let mut acked = tx.prepare_cached(
+                "DELETE FROM queued WHERE client_id = ?1 AND origin = ?2 AND seq = ?3",
+            )?;
+            let mut state = tx.prepare_cached(
+                "SELECT last_pkid, pubrels FROM queued_state WHERE client_id = ?1",
+            )?;
+            let mut put_state = tx.prepare_cached(
+                "INSERT INTO queued_state (client_id, last_pkid, pubrels, at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(client_id) DO UPDATE SET last_pkid = ?2, pubrels = ?3,
+                     at_ms = max(queued_state.at_ms, ?4)",
+            )?;
+            for e in entries {
+                if e.replace {
+                    applied += replace.execute(params![e.client_id, e.at_ms])? as u64;
+                }
+                for m in &e.messages {
+                    applied += insert.execute(params![
+                        e.client_id,
+                        m.origin as i64,
+                        m.seq as i64,
+                        m.pkid,
+                        m.topic,
+                        m.payload,
+                        m.qos,
+                        m.retain,
+                        props_text(&m.props),
+                        e.at_ms
+                    ])? as u64;
+                }
+                for (origin, seq) in &e.acked {
+                    applied +=
+                        acked.execute(params![e.client_id, *origin as i64, *seq as i64])? as u64;
+                }
+                if e.last_pkid == 0 && e.pubrels.is_empty() && !e.replace {
+                    continue;
+                }
+                let old: Option<(u16, String)> = state
+                    .query_row([&e.client_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let (last, pubrels) = match old {
+                    Some((last, p)) if !e.replace => (
+                        last.max(e.last_pkid),
+                        pubrels_union(&pubrels_of(&p), &e.pubrels),
+                    ),
+                    _ => (e.last_pkid, e.pubrels.clone()),
+                };
+                put_state.execute(params![e.client_id, last, pubrels_text(&pubrels), e.at_ms])?;
+            }
+        }
+        tx.commit()?;
+        Ok(applied)
+    }
+
+    fn queued(&self, client_id: &str) -> Result<Option<QueuedEntry>, StoreError> {
+        let conn = lock(&self.conn);
+        let rows: Vec<QueuedRow> = conn
+            .prepare_cached(
+                "SELECT origin, seq, pkid, topic, payload, qos, retain, props FROM queued
+                 WHERE client_id = ?1",
+            )?
+            .query_map([client_id], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let state: Option<(i64, String)> = conn
+            .prepare_cached("SELECT last_pkid, pubrels FROM queued_state WHERE client_id = ?1")?
+            .query_row([client_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let at_ms: i64 = conn
+            .prepare_cached(
+                "SELECT max(coalesce((SELECT max(at_ms) FROM queued WHERE client_id = ?1), 0),
+                            coalesce((SELECT at_ms FROM queued_state WHERE client_id = ?1), 0))",
+            )?
+            .query_row([client_id], |r| r.get(0))?;
+        queued_of(client_id, rows, state, at_ms)
     }
 
     fn acquire_lease(&self, holder: &str, addr: &str, ttl_ms: i64) -> Result<Lease, StoreError> {
@@ -572,6 +714,7 @@ mod tests {
         state_survives_reopening,
         retained_messages,
         persistent_sessions,
+        queued_messages,
     );
 
     /// A file written by the schema before fencing (version 1) opens, migrated: its lease row

@@ -25,11 +25,12 @@ use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use super::lease::{self, Lease};
 use super::{
-    props_of, props_text, session_of, session_text, Registered, Store, StoreError,
-    TOMBSTONE_KEEP_MS,
+    clears_queue, props_of, props_text, pubrels_of, pubrels_text, pubrels_union, queued_of,
+    session_of, session_text, QueuedRow, Registered, Store, StoreError, TOMBSTONE_KEEP_MS,
 };
 use crate::expiry::Cutoffs;
 use crate::model::{ClusterView, Event, Member, MemberState, Registration};
+use crate::queued::QueuedEntry;
 use crate::retained::RetainedEntry;
 use crate::sessions::SessionEntry;
 pub use listen::CHANNEL;
@@ -96,6 +97,32 @@ CREATE TABLE sessions (
     updated_ms BIGINT NOT NULL
 );
 CREATE INDEX sessions_tombstones ON sessions (updated_ms) WHERE data IS NULL;
+",
+    ),
+    // Persistent sessions' queued messages (issue 18), as in SQLite: one row per client ID
+    // and message id (u64s kept as their bits), and per client the packet-id state.
+    (
+        4,
+        "
+CREATE TABLE queued (
+    client_id TEXT COLLATE \"C\" NOT NULL,
+    origin BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    pkid INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BYTEA NOT NULL,
+    qos SMALLINT NOT NULL,
+    retain BOOLEAN NOT NULL,
+    props TEXT,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (client_id, origin, seq)
+);
+CREATE TABLE queued_state (
+    client_id TEXT COLLATE \"C\" PRIMARY KEY,
+    last_pkid INTEGER NOT NULL,
+    pubrels TEXT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
 ",
     ),
 ];
@@ -681,14 +708,25 @@ impl Store for PostgresStore {
                      WHERE $3 >= sessions.updated_ms",
                 )
                 .await?;
+            let clear = tx
+                .prepare("DELETE FROM queued WHERE client_id = $1 AND at_ms < $2")
+                .await?;
+            let clear_state = tx
+                .prepare("DELETE FROM queued_state WHERE client_id = $1 AND at_ms < $2")
+                .await?;
             let mut applied = 0;
             for e in entries {
-                applied += tx
+                let n = tx
                     .execute(
                         &upsert,
                         &[&e.client_id, &session_text(&e.session), &e.at_ms],
                     )
                     .await?;
+                if n > 0 && clears_queue(e) {
+                    tx.execute(&clear, &[&e.client_id, &e.at_ms]).await?;
+                    tx.execute(&clear_state, &[&e.client_id, &e.at_ms]).await?;
+                }
+                applied += n;
             }
             tx.execute(
                 "DELETE FROM sessions WHERE data IS NULL AND updated_ms < $1",
@@ -719,10 +757,145 @@ impl Store for PostgresStore {
                     session: Some(session_of(&client_id, &data)?),
                     at_ms: r.try_get(2)?,
                     client_id,
+                    connected: false,
                 });
             }
             c.release();
             Ok(out)
+        })
+    }
+
+    fn write_queued(
+        &self,
+        epoch: u64,
+        entries: &[QueuedEntry],
+        _now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.call(async {
+            let mut c = self.pool.get().await?;
+            let tx = write_tx(&mut c, epoch).await?;
+            let replace = tx
+                .prepare("DELETE FROM queued WHERE client_id = $1 AND at_ms < $2")
+                .await?;
+            let insert = tx
+                .prepare(
+                    "INSERT INTO queued (client_id, origin, seq, pkid, topic, payload, qos, retain, props, at_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                     ON CONFLICT (client_id, origin, seq) DO UPDATE SET
+                         pkid = CASE WHEN queued.pkid = 0 THEN $4 ELSE queued.pkid END,
+                         at_ms = GREATEST(queued.at_ms, $10)",
+                )
+                .await?;
+            let acked = tx
+                .prepare("DELETE FROM queued WHERE client_id = $1 AND origin = $2 AND seq = $3")
+                .await?;
+            let state = tx
+                .prepare("SELECT last_pkid, pubrels FROM queued_state WHERE client_id = $1 FOR UPDATE")
+                .await?;
+            let put_state = tx
+                .prepare(
+                    "INSERT INTO queued_state (client_id, last_pkid, pubrels, at_ms) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (client_id) DO UPDATE SET last_pkid = $2, pubrels = $3,
+                         at_ms = GREATEST(queued_state.at_ms, $4)",
+                )
+                .await?;
+            let mut applied = 0;
+            for e in entries {
+                if e.replace {
+                    applied += tx.execute(&replace, &[&e.client_id, &e.at_ms]).await?;
+                }
+                for m in &e.messages {
+                    let (origin, seq) = (m.origin as i64, m.seq as i64);
+                    let (pkid, qos) = (i32::from(m.pkid), i16::from(m.qos));
+                    applied += tx
+                        .execute(
+                            &insert,
+                            &[
+                                &e.client_id,
+                                &origin,
+                                &seq,
+                                &pkid,
+                                &m.topic,
+                                &m.payload,
+                                &qos,
+                                &m.retain,
+                                &props_text(&m.props),
+                                &e.at_ms,
+                            ],
+                        )
+                        .await?;
+                }
+                for (origin, seq) in &e.acked {
+                    let (origin, seq) = (*origin as i64, *seq as i64);
+                    applied += tx.execute(&acked, &[&e.client_id, &origin, &seq]).await?;
+                }
+                if e.last_pkid == 0 && e.pubrels.is_empty() && !e.replace {
+                    continue;
+                }
+                let old = tx.query_opt(&state, &[&e.client_id]).await?;
+                let (last, pubrels) = match old {
+                    Some(r) if !e.replace => {
+                        let last: i32 = r.try_get(0)?;
+                        let p: String = r.try_get(1)?;
+                        (
+                            last.max(i32::from(e.last_pkid)),
+                            pubrels_union(&pubrels_of(&p), &e.pubrels),
+                        )
+                    }
+                    _ => (i32::from(e.last_pkid), e.pubrels.clone()),
+                };
+                tx.execute(
+                    &put_state,
+                    &[&e.client_id, &last, &pubrels_text(&pubrels), &e.at_ms],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            c.release();
+            Ok(applied)
+        })
+    }
+
+    fn queued(&self, client_id: &str) -> Result<Option<QueuedEntry>, StoreError> {
+        self.call(async {
+            let c = self.pool.get().await?;
+            let rows = c
+                .query(
+                    "SELECT origin, seq, pkid, topic, payload, qos, retain, props, at_ms FROM queued
+                     WHERE client_id = $1",
+                    &[&client_id],
+                )
+                .await?;
+            let state = c
+                .query_opt(
+                    "SELECT last_pkid, pubrels, at_ms FROM queued_state WHERE client_id = $1",
+                    &[&client_id],
+                )
+                .await?;
+            let mut at_ms = 0i64;
+            let mut list: Vec<QueuedRow> = Vec::with_capacity(rows.len());
+            for r in &rows {
+                at_ms = at_ms.max(r.try_get(8)?);
+                list.push((
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    i64::from(r.try_get::<_, i32>(2)?),
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                    i64::from(r.try_get::<_, i16>(5)?),
+                    r.try_get(6)?,
+                    r.try_get(7)?,
+                ));
+            }
+            let state = match state {
+                Some(r) => {
+                    at_ms = at_ms.max(r.try_get(2)?);
+                    Some((i64::from(r.try_get::<_, i32>(0)?), r.try_get(1)?))
+                }
+                None => None,
+            };
+            c.release();
+            Ok(queued_of(client_id, list, state, at_ms)?)
         })
     }
 
