@@ -368,6 +368,12 @@ async fn run_broker(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCod
     if let Some(a) = node.mqtt_v5 {
         outln!("broker {id}: MQTT 5 on {a}");
     }
+    if let Some(a) = node.mqtts {
+        outln!("broker {id}: MQTT 3.1.1 over TLS on {a}");
+    }
+    if let Some(a) = node.mqtts_v5 {
+        outln!("broker {id}: MQTT 5 over TLS on {a}");
+    }
     if let Some(a) = node.http {
         outln!("broker {id}: metrics on http://{a}/metrics");
     }

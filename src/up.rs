@@ -286,7 +286,16 @@ pub async fn run(
             .mqtt_v5
             .map(|a| format!(", MQTT 5 {a}"))
             .unwrap_or_default();
-        outln!("  broker {:<15} MQTT {}{v5}  pid {}", b.id, b.mqtt, p.pid());
+        let tls: String = [("mqtts", b.mqtts), ("mqtts_v5", b.mqtts_v5)]
+            .iter()
+            .filter_map(|(k, a)| a.map(|a| format!(", {k} {a}")))
+            .collect();
+        outln!(
+            "  broker {:<15} MQTT {}{v5}{tls}  pid {}",
+            b.id,
+            b.mqtt,
+            p.pid()
+        );
     }
     outln!("Simulate a failure: kill -9 <pid> (crash) or kill -STOP <pid> (hang; -CONT resumes).");
     if restart {
@@ -331,6 +340,8 @@ fn plan(cfg: &Config, file_args: &[String]) -> Vec<Proc> {
         let name = format!("broker {}", b.id);
         let mut listens = vec![(format!("{name} MQTT"), b.mqtt)];
         listens.extend(b.mqtt_v5.map(|a| (format!("{name} MQTT 5"), a)));
+        listens.extend(b.mqtts.map(|a| (format!("{name} MQTT over TLS"), a)));
+        listens.extend(b.mqtts_v5.map(|a| (format!("{name} MQTT 5 over TLS"), a)));
         listens.extend(b.mesh.map(|a| (format!("{name} mesh"), a)));
         listens.extend(b.http.map(|a| (format!("{name} http"), a)));
         procs.push(Proc::new(name, with("broker", Some(&b.id)), listens));
