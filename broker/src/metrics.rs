@@ -112,7 +112,7 @@ impl Metrics {
             rejected: IntCounterVec::new(
                 Opts::new(
                     "mqlb_mesh_rejected_total",
-                    "Inbound mesh connections refused, by reason (auth, version, garbage, ...).",
+                    "Mesh links refused, by reason: inbound (auth, version, garbage, ...) and, both ways, TLS (plaintext: a plaintext peer at a TLS node; unexpected_tls: a TLS peer at a plaintext node; certificate: one side did not accept the other's; tls: another TLS failure).",
                 ),
                 &["reason"],
             )?,

@@ -72,6 +72,7 @@ impl NodeSpec {
             replica_max_messages: config.cluster.replica_max_messages.get() as usize,
             replication_factor: config.cluster.replication_factor.get() as usize,
             source: None,
+            tls: config.cluster.tls.clone(),
         });
         Ok(NodeSpec {
             node,

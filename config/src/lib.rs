@@ -26,7 +26,9 @@ pub use defaults::{
 };
 pub use duration::{format_duration, parse_duration};
 pub use model::*;
-pub use tls::{subject_cn, ClientAuth, FrontendTls, SniCert, TlsClient, TlsError, TlsServer};
+pub use tls::{
+    subject_cn, ClientAuth, FrontendTls, MeshTls, SniCert, TlsClient, TlsError, TlsServer,
+};
 
 /// Why a configuration could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]

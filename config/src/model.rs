@@ -417,6 +417,8 @@ impl std::fmt::Display for Secret {
 pub struct ClusterSettings {
     /// Authenticates node-to-node links (HMAC challenge-response); required with 2+ brokers.
     pub secret: Option<Secret>,
+    /// `tls`: every mesh link runs over mutual TLS (issue 15); `None`: plaintext links.
+    pub tls: Option<crate::MeshTls>,
     /// Messages queued per peer while its link is slow or down; beyond it they are dropped
     /// and counted, so a slow peer never stalls a node.
     pub peer_queue: NonZeroU32,

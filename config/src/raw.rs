@@ -52,6 +52,7 @@ pub struct RawHaServer {
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub secret: Option<String>,
+    pub tls: Option<RawMeshTls>,
     pub peer_queue: Option<u32>,
     pub replicate_sessions: Option<bool>,
     pub replica_max_messages: Option<u32>,
@@ -59,6 +60,17 @@ pub struct RawCluster {
     pub durable_retained: Option<bool>,
     pub reconnect_min: Option<String>,
     pub reconnect_max: Option<String>,
+}
+
+/// `[cluster] tls = { cert = "node.pem", key = "node.key", ca = "cluster-ca.pem",
+/// server_name = "mesh.example" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMeshTls {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -172,6 +172,7 @@ fn private_key(key: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsErro
 }
 
 /// A certificate chain and its key, read and checked against each other.
+#[derive(Clone)]
 pub struct Identity {
     cert: PathBuf,
     certified: rustls::sign::CertifiedKey,
@@ -401,6 +402,54 @@ pub fn client(
     Ok(TlsClient {
         config: Arc::new(config),
         digest: digest.finalize().into(),
+    })
+}
+
+/// The ALPN protocol of a mesh link: a TLS endpoint that is not an mqlb node (an MQTT
+/// listener, a web server) fails the handshake instead of reading frames.
+pub const MESH_ALPN: &str = "mqlb-mesh";
+
+/// `[cluster] tls`: mutual TLS on every mesh link, both ends of it. Both configurations carry
+/// the node's own certificate and trust `ca` alone: the accepting side requires the dialer's
+/// certificate to chain to it, the dialing side verifies the accepting peer's certificate for
+/// [`MeshTls::server_name`] or, without one, for the IP address it dialed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// One DNS name every node's certificate carries; `None`: each node's certificate carries
+    /// its mesh IP address (an IP SAN), the address its peers dial.
+    pub server_name: Option<String>,
+    /// What an accepted link is served with (client certificates required, from `ca`).
+    pub server: TlsServer,
+    /// What a link to a peer is dialed with (this node's certificate presented).
+    pub client: TlsClient,
+}
+
+/// The mesh TLS of a node: its certificate `cert` and `key` on both sides of every link, and
+/// `ca`, the cluster's CA, the only one trusted.
+pub fn mesh(
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+    server_name: Option<&str>,
+) -> Result<MeshTls, TlsError> {
+    let own = identity(cert, key)?;
+    let alpn = [MESH_ALPN.to_string()];
+    let auth = ClientAuth {
+        ca: ca.to_path_buf(),
+        required: true,
+    };
+    let server = server(own.clone(), Vec::new(), &alpn, Some(&auth))?;
+    let client = client(ca, Some(own), &alpn)?;
+    Ok(MeshTls {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        ca: ca.to_path_buf(),
+        server_name: server_name.map(str::to_string),
+        server,
+        client,
     })
 }
 

@@ -19,6 +19,7 @@
 //! - [`topology`], [`up`]: whole topologies as `mqlb` processes ([`Topology`], [`Up`]);
 //! - [`hosts`]: simulated machines, each its own loopback address, with nftables partitions
 //!   between them ([`Hosts`]);
+//! - [`pki`]: a CA of the test's own and the certificates it signs ([`Pki`]);
 //! - [`postgres`]: a PostgreSQL server of the test's own, in a scratch directory ([`Postgres`]).
 
 pub mod client;
@@ -56,6 +57,7 @@ pub use mosquitto::{
     mosquitto_installed, mosquitto_pub, mosquitto_pub_with, Mosquitto, MosquittoSub,
 };
 pub use persistent::{Persistent, Protocol};
+pub use pki::Pki;
 pub use ports::{discard_server, free_port, loopback, serve_threads};
 pub use postgres::Postgres;
 pub use process::{mqlb_bin, mqlb_release_bin, KillOnDrop};

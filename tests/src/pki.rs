@@ -1,6 +1,6 @@
 //! Certificates made per test (issue 15): a CA and a leaf it signs for 127.0.0.1 and
 //! localhost, client certificates by CN, and rustls clients trusting the CA, as PEM files in
-//! the test's own directory. Used by the LB's TLS tests and the brokers'.
+//! the test's own directory. Used by the LB's TLS tests, the brokers' and the mesh's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -103,6 +103,21 @@ impl Pki {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
         Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    }
+
+    /// A node's mesh TLS (`[cluster] tls`): a leaf of this CA for `names` in `{stem}.pem` and
+    /// `{stem}.key`, trusting `ca` (this CA's `ca.pem`, or another's for a node that trusts the
+    /// cluster but carries a stranger's certificate).
+    pub fn mesh_tls(
+        &self,
+        stem: &str,
+        names: &[&str],
+        ca: &std::path::Path,
+    ) -> anyhow::Result<mqlb_config::MeshTls> {
+        let (cert, key) = (format!("{stem}.pem"), format!("{stem}.key"));
+        self.leaf(names, (4096, 1, 1), &cert, &key)?;
+        mqlb_config::tls::mesh(&self.path(&cert), &self.path(&key), ca, None)
+            .map_err(|e| anyhow::anyhow!("node {stem}'s mesh TLS: {e}"))
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -148,6 +148,7 @@ fn spec(node: &mqlb_config::BrokerNode, peers: Vec<(String, SocketAddr)>) -> mql
             replica_max_messages: 100_000,
             replication_factor: 2,
             source: None,
+            tls: None,
         }),
         ha: Vec::new(),
         heartbeat_interval: Duration::from_millis(200),

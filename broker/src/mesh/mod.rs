@@ -4,7 +4,7 @@
 //! local router and goes no further (one hop, full mesh), so there are no loops and no
 //! duplicates.
 //!
-//! Links are authenticated ([`auth`]), framed with a version and a length limit ([`frame`]),
+//! Links are authenticated ([`auth`]), over mutual TLS with `[cluster] tls`, framed with a version and a length limit ([`frame`]),
 //! reconnected with exponential back-off, and fed from a bounded queue per peer: a slow or
 //! dead peer costs dropped (and counted) messages, never a stalled node.
 //!
@@ -154,6 +154,8 @@ pub struct MeshSettings {
     /// names one), so on a machine with several addresses a peer, a firewall or a partition
     /// sees the node's own, not whichever the route picks.
     pub source: Option<IpAddr>,
+    /// `[cluster] tls`: every link, dialed or accepted, runs over mutual TLS (issue 15).
+    pub tls: Option<mqlb_config::MeshTls>,
 }
 
 /// A live client connection of this node, by client ID (see [`Mesh::client_connected`]).

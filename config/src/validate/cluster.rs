@@ -3,11 +3,13 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::path::Path;
 
 use super::{Checker, UNPARSED_ADDR};
 use crate::defaults::*;
 use crate::model::{BrokerNode, ClusterSettings, Secret};
-use crate::raw::{RawBroker, RawCluster, RawConfig};
+use crate::raw::{RawBroker, RawCluster, RawConfig, RawMeshTls};
+use crate::tls::TlsError;
 
 pub(super) fn validate_cluster(
     c: &mut Checker,
@@ -50,6 +52,7 @@ fn cluster_section(c: &mut Checker, rc: &RawCluster) -> ClusterSettings {
     }
     ClusterSettings {
         secret,
+        tls: rc.tls.as_ref().and_then(|t| mesh_tls(c, t)),
         peer_queue: c.non_zero("cluster.peer_queue", rc.peer_queue, DEFAULT_PEER_QUEUE),
         replicate_sessions: rc.replicate_sessions.unwrap_or(DEFAULT_REPLICATE_SESSIONS),
         replica_max_messages: c.non_zero(
@@ -204,5 +207,151 @@ fn cluster_secret(c: &mut Checker, rc: &RawCluster) {
             format!("must be at least {MIN_SECRET_LEN} characters"),
         ),
         Some(_) => {}
+    }
+}
+
+/// `cluster.tls`: the files are read and both sides' configurations built now, so a missing
+/// file, a key that does not fit or a CA file without a certificate is refused at load with
+/// the key of the file; a `server_name` must be a DNS name.
+fn mesh_tls(c: &mut Checker, t: &RawMeshTls) -> Option<crate::MeshTls> {
+    if let Some(name) = &t.server_name {
+        let dns = rustls::pki_types::DnsName::try_from(name.as_str()).is_ok();
+        if !dns || name.parse::<std::net::IpAddr>().is_ok() {
+            c.error(
+                "cluster.tls.server_name",
+                format!(
+                    "{name:?} is not a DNS name (without server_name a peer's certificate is \
+                     checked for the IP address it is dialed at)"
+                ),
+            );
+            return None;
+        }
+    }
+    let (cert, key, ca) = (Path::new(&t.cert), Path::new(&t.key), Path::new(&t.ca));
+    match crate::tls::mesh(cert, key, ca, t.server_name.as_deref()) {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            let file = match &e {
+                TlsError::Read { file, .. }
+                | TlsError::NoCertificate { file }
+                | TlsError::Pem { file, .. }
+                | TlsError::NoKey { file } => Some(file.as_path()),
+                TlsError::Rejected { .. } => Some(key),
+                TlsError::Setup(_) | TlsError::Name { .. } => None,
+            };
+            // The same file may be given twice (cert and key in one PEM): the first key wins.
+            let which = match file {
+                Some(f) if f == cert => "cert",
+                Some(f) if f == key => "key",
+                Some(f) if f == ca => "ca",
+                _ => "cert",
+            };
+            c.error(format!("cluster.tls.{which}"), format!("mesh links: {e}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, ConfigError};
+
+    /// A cluster of two with `tls = {TLS}` (`DIR`: the test's directory, which holds a CA's
+    /// certificate `ca.pem`, and `node.pem` / `node.key` it signed for 127.0.0.1).
+    fn cluster(dir: &std::path::Path, tls: &str) -> Result<Config, ConfigError> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let node = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("leaf");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca");
+        std::fs::write(dir.join("node.pem"), node.pem()).expect("cert");
+        std::fs::write(dir.join("node.key"), key.serialize_pem()).expect("key");
+        std::fs::write(dir.join("junk.pem"), "junk").expect("junk");
+        let tls = tls.replace("DIR", &dir.display().to_string());
+        let mut text = format!("[cluster]\nsecret = \"0123456789abcdef\"\ntls = {tls}\n");
+        for i in 1..=2 {
+            text.push_str(&format!(
+                "[[broker]]\nid = \"n{i}\"\nmqtt = \"127.0.0.1:10{i}1\"\nmesh = \"127.0.0.1:10{i}2\"\n"
+            ));
+        }
+        Config::parse(&text, "t.toml")
+    }
+
+    #[test]
+    fn cluster_tls_builds_both_sides_of_the_links_at_load() {
+        let dir = tempfile::tempdir().expect("dir");
+        let files = r#"cert = "DIR/node.pem", key = "DIR/node.key", ca = "DIR/ca.pem""#;
+        let c = cluster(dir.path(), &format!("{{ {files} }}")).expect("valid");
+        let tls = c.cluster.tls.expect("tls");
+        assert_eq!(tls.ca, dir.path().join("ca.pem"));
+        assert_eq!(tls.server_name, None);
+        assert_eq!(
+            tls.client.config().alpn_protocols,
+            [crate::tls::MESH_ALPN.as_bytes().to_vec()]
+        );
+        assert_eq!(
+            tls.server.config().alpn_protocols,
+            tls.client.config().alpn_protocols
+        );
+        let named = format!("{{ {files}, server_name = \"mesh.example\" }}");
+        let c = cluster(dir.path(), &named).expect("valid");
+        assert_eq!(
+            c.cluster.tls.and_then(|t| t.server_name).as_deref(),
+            Some("mesh.example")
+        );
+    }
+
+    #[test]
+    fn unusable_cluster_tls_is_refused_naming_the_key_and_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cases = [
+            (
+                r#"{ cert = "DIR/none.pem", key = "DIR/node.key", ca = "DIR/ca.pem" }"#,
+                "cluster.tls.cert",
+                "none.pem",
+            ),
+            (
+                r#"{ cert = "DIR/node.pem", key = "DIR/junk.pem", ca = "DIR/ca.pem" }"#,
+                "cluster.tls.key",
+                "junk.pem",
+            ),
+            (
+                r#"{ cert = "DIR/node.pem", key = "DIR/node.key", ca = "DIR/junk.pem" }"#,
+                "cluster.tls.ca",
+                "junk.pem",
+            ),
+            (
+                r#"{ cert = "DIR/node.pem", key = "DIR/node.key", ca = "DIR/ca.pem", server_name = "127.0.0.1" }"#,
+                "cluster.tls.server_name",
+                "not a DNS name",
+            ),
+        ];
+        for (tls, key, named) in cases {
+            let problems = match cluster(dir.path(), tls) {
+                Err(ConfigError::Invalid { problems, .. }) => problems,
+                other => panic!("{tls}: expected problems, got {other:?}"),
+            };
+            assert_eq!(problems.len(), 1, "{tls}: {problems:?}");
+            assert_eq!(problems[0].key, key, "{tls}");
+            assert!(
+                problems[0].message.contains(named),
+                "{tls}: {}",
+                problems[0].message
+            );
+        }
+        match cluster(
+            dir.path(),
+            r#"{ cert = "DIR/node.pem", key = "DIR/node.key" }"#,
+        ) {
+            Err(ConfigError::Syntax { message, .. }) => {
+                assert!(message.contains("`ca`"), "{message}")
+            }
+            other => panic!("a tls without its CA must be refused: {other:?}"),
+        }
     }
 }

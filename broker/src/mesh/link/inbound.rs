@@ -7,16 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use mqlb_config::Secret;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::transport::Transport;
 use super::{handshake, read_frame, watch_liveness, HandshakeError, HANDSHAKE_TIMEOUT};
 use crate::mesh::frame::{self, encode, Frame};
 use crate::mesh::reliable;
-use crate::mesh::{Injected, Mesh};
+use crate::mesh::{Injected, Mesh, MeshSettings};
 
 /// Accepts inbound links and hands their publishes to the injector.
 pub(crate) async fn serve_inbound(
@@ -43,16 +43,13 @@ pub(crate) async fn serve_inbound(
         if let Err(e) = watch_liveness(&stream) {
             tracing::debug!(error = %e, %addr, "mesh link without liveness checks");
         }
-        let (mesh, inject, secret, stop) = (
-            mesh.clone(),
-            inject.clone(),
-            settings.secret.clone(),
-            stop.clone(),
-        );
+        let (mesh, inject, settings, stop) =
+            (mesh.clone(), inject.clone(), settings.clone(), stop.clone());
+        // The handshakes (TLS's too) run on the link's own task, never in this loop.
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = inbound(mesh, stream, addr, secret, inject) => {}
+                _ = inbound(mesh, stream, addr, settings, inject) => {}
             }
         });
     }
@@ -60,19 +57,25 @@ pub(crate) async fn serve_inbound(
 
 async fn inbound(
     mesh: Arc<Mesh>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     addr: SocketAddr,
-    secret: Secret,
+    settings: MeshSettings,
     inject: mpsc::Sender<Injected>,
 ) {
+    // Its ACKs are small and a PUBACK at the origin waits for them (issue 12).
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%addr, error = %e, "TCP_NODELAY not set on an inbound mesh link");
+    }
     let mut buf = BytesMut::new();
-    let hs = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(&mesh, &secret, &mut stream, &mut buf),
-    )
-    .await
-    .unwrap_or(Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)));
-    let peer = match hs {
+    let up = async {
+        let mut t = Transport::accept(settings.tls.as_ref(), stream).await?;
+        let peer = handshake(&mesh, &settings.secret, &mut t, &mut buf).await?;
+        Ok::<_, HandshakeError>((t, peer))
+    };
+    let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, up)
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout(HANDSHAKE_TIMEOUT)));
+    let (stream, peer) = match hs {
         Ok(p) => p,
         Err(e) => {
             mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
@@ -80,18 +83,15 @@ async fn inbound(
             return;
         }
     };
-    tracing::info!(peer, %addr, "inbound mesh link up");
-    // Its ACKs are small and a PUBACK at the origin waits for them (issue 12).
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(peer, error = %e, "TCP_NODELAY not set on an inbound mesh link");
-    }
+    let tls = matches!(stream, Transport::Tls(_));
+    tracing::info!(peer, %addr, tls, "inbound mesh link up");
     // What this link says of the peer's shared groups is forgotten when it ends (issue 12).
     let share = mesh.share.get().map(|s| ShareLink::new(s.clone(), &peer));
     let received = mesh.metrics.received.with_label_values(&[&peer]);
     let duplicates = mesh.metrics.duplicates.with_label_values(&[&peer]);
     let skipped = mesh.metrics.skipped.with_label_values(&[&peer]);
     let max = mesh.max_frame().saturating_add(frame::SEQUENCED_HEADER);
-    let (mut stream, w) = stream.into_split();
+    let (mut stream, w) = stream.split();
     // The peer's acknowledgements go back on this link, written by their own task, which
     // ends with the link.
     let _acks = AbortOnDrop(tokio::spawn(write_acks(w, mesh.origin_acks(&peer))));

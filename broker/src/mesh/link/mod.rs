@@ -1,9 +1,11 @@
 //! The links between nodes, the mesh's I/O: each node keeps one outbound link to every peer
 //! (`outbound.rs`, this node's frames) and accepts one inbound link from each (`inbound.rs`,
-//! theirs); both start with the handshake here, and the kernel finds a vanished peer.
+//! theirs); both start with the handshake here, over the link's [`transport`] (TCP, or TLS
+//! with `[cluster] tls`), and the kernel finds a vanished peer.
 
 mod inbound;
 mod outbound;
+mod transport;
 
 pub(crate) use inbound::serve_inbound;
 pub(crate) use outbound::outbound;
@@ -12,13 +14,13 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use mqlb_config::Secret;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::mesh::frame::{decode, encode, Frame, FrameError, VERSION};
 use crate::mesh::{auth, Mesh};
 
-/// Time allowed for a link's handshake.
+/// Time allowed for a link's handshake (TLS's and the mesh's together).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a link handshake failed; `label` is the `reason` of `mqlb_mesh_rejected_total`.
@@ -40,6 +42,12 @@ pub enum HandshakeError {
     Auth(String),
     #[error("peer claims this node's own id {0:?}")]
     SelfLink(String),
+    #[error("peer{} sent plaintext, but this node's mesh links need TLS (cluster.tls)", .0.as_ref().map(|n| format!(" {n:?}")).unwrap_or_default())]
+    Plaintext(Option<String>),
+    #[error("peer speaks TLS, but this node's mesh links are plaintext (no cluster.tls)")]
+    UnexpectedTls,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
 impl HandshakeError {
@@ -52,7 +60,20 @@ impl HandshakeError {
             HandshakeError::Unexpected(..) => "protocol",
             HandshakeError::Auth(_) => "auth",
             HandshakeError::SelfLink(_) => "self",
+            HandshakeError::Plaintext(_) => "plaintext",
+            HandshakeError::UnexpectedTls => "unexpected_tls",
+            HandshakeError::Tls(e) if transport::is_certificate(e) => "certificate",
+            HandshakeError::Tls(_) => "tls",
         }
+    }
+
+    /// A refusal about TLS: one side's configuration, not a peer that is down, so it is
+    /// logged as a warning and counted on the dialing side too.
+    pub fn is_tls(&self) -> bool {
+        matches!(
+            self,
+            HandshakeError::Plaintext(_) | HandshakeError::UnexpectedTls | HandshakeError::Tls(_)
+        )
     }
 }
 
@@ -79,7 +100,7 @@ async fn read_frame(
 async fn handshake(
     mesh: &Mesh,
     secret: &Secret,
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
     buf: &mut BytesMut,
 ) -> Result<String, HandshakeError> {
     let own_nonce = auth::nonce();

@@ -13,6 +13,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::transport::Transport;
 use super::{handshake, watch_liveness, HandshakeError, HANDSHAKE_TIMEOUT};
 use crate::mesh::frame::{self, decode, encode, Frame};
 use crate::mesh::reliable::Unacked;
@@ -215,26 +216,29 @@ pub(crate) async fn outbound(
     let mut groups = mesh.share.get().map(|s| s.advertised());
     loop {
         let attempt = async {
-            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, dial(peer.addr, settings.source))
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, dial(peer.addr, settings.source))
                 .await
                 .map_err(|_| HandshakeError::Timeout(CONNECT_TIMEOUT))??;
             s.set_nodelay(true)?;
             watch_liveness(&s)?;
             let mut buf = BytesMut::new();
-            let id = tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
-                handshake(&mesh, &settings.secret, &mut s, &mut buf),
-            )
-            .await
-            .map_err(|_| HandshakeError::Timeout(HANDSHAKE_TIMEOUT))??;
-            Ok::<_, HandshakeError>((s, id))
+            let up = async {
+                let mut t = Transport::dial(settings.tls.as_ref(), s, peer.addr.ip()).await?;
+                let id = handshake(&mesh, &settings.secret, &mut t, &mut buf).await?;
+                Ok::<_, HandshakeError>((t, id))
+            };
+            let (t, id) = tokio::time::timeout(HANDSHAKE_TIMEOUT, up)
+                .await
+                .map_err(|_| HandshakeError::Timeout(HANDSHAKE_TIMEOUT))??;
+            // What the peer sent after its AUTH (an ACK already) is the start of the ACKs.
+            Ok::<_, HandshakeError>((t, id, buf))
         };
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
             r = attempt => r,
         };
         match connected {
-            Ok((stream, id)) => {
+            Ok((stream, id, rest)) => {
                 if id != peer.id {
                     tracing::warn!(expected = peer.id, got = id, addr = %peer.addr, "peer answered with another node id");
                 }
@@ -242,9 +246,9 @@ pub(crate) async fn outbound(
                 peer.up.store(true, Ordering::Release);
                 up_gauge.set(1);
                 backoff = settings.reconnect_min;
-                let (mut r, w) = stream.into_split();
+                let (mut r, w) = stream.split();
                 let mut w = BufWriter::with_capacity(64 * 1024, w);
-                let mut acks = BytesMut::new();
+                let mut acks = rest;
                 let why = 'link: {
                     if let Err(e) = send_share_groups(&mut w, groups.as_mut()).await {
                         break 'link e.to_string();
@@ -305,6 +309,12 @@ pub(crate) async fn outbound(
                 unacked.for_each_mut(|m| m.durable = None);
                 counters.kept(&unacked);
                 tracing::warn!(peer = peer.id, addr = %peer.addr, why, "mesh link down; reconnecting");
+            }
+            // Both ends must agree on TLS and trust each other's certificates: a mismatch
+            // is a configuration to fix, not a peer that is down.
+            Err(e) if e.is_tls() => {
+                mesh.metrics.rejected.with_label_values(&[e.label()]).inc();
+                tracing::warn!(peer = peer.id, addr = %peer.addr, error = %e, ?backoff, "mesh link to the peer refused");
             }
             Err(e) => {
                 tracing::debug!(peer = peer.id, addr = %peer.addr, error = %e, ?backoff, "mesh link attempt failed");
