@@ -377,25 +377,30 @@ async fn run_broker(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCod
     if let Some(a) = node.http {
         outln!("broker {id}: metrics on http://{a}/metrics");
     }
-    wait_for_broker_signals(&node).await?;
+    wait_for_broker_signals(&node, config.as_deref()).await?;
     node.stop().await;
     Ok(ExitCode::SUCCESS)
 }
 
-/// SIGHUP reloads `[auth]`'s password and ACL files (clients stay connected; a bad file keeps
-/// the old ones, and the node logs why); returns on SIGTERM or Ctrl-C.
+/// SIGHUP reloads `[auth]`'s password and ACL files and, from the configuration file, the
+/// node's TLS certificate (clients stay connected; a bad file keeps the old ones, and the node
+/// logs why); returns on SIGTERM or Ctrl-C.
 #[cfg(unix)]
-async fn wait_for_broker_signals(node: &mqlb_broker::Node) -> anyhow::Result<()> {
+async fn wait_for_broker_signals(
+    node: &mqlb_broker::Node,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                tracing::info!(node = node.id(), "SIGHUP: reloading the auth files");
+                tracing::info!(node = node.id(), "SIGHUP: reloading the auth files and the TLS certificate");
                 // `reload_auth` logged the error; the previous files stay in force.
-                if node.reload_auth().is_err() {
-                    continue;
+                let _ = node.reload_auth();
+                if let Some(path) = config {
+                    reload_broker_tls(node, path);
                 }
             }
             _ = term.recv() => return Ok(()),
@@ -404,8 +409,33 @@ async fn wait_for_broker_signals(node: &mqlb_broker::Node) -> anyhow::Result<()>
     }
 }
 
+/// Reads the configuration file again for the node's `[[broker]] tls` (its files re-read and
+/// checked as at start); a file that does not load keeps the certificate in force.
+#[cfg(unix)]
+fn reload_broker_tls(node: &mqlb_broker::Node, path: &std::path::Path) {
+    let tls = Config::load(path).map(|c| {
+        c.brokers
+            .into_iter()
+            .find(|b| b.id == node.id())
+            .and_then(|b| b.tls)
+    });
+    match tls
+        .map_err(anyhow::Error::from)
+        .and_then(|t| node.reload_tls(t.as_ref()).map_err(anyhow::Error::from))
+    {
+        Ok(true) => tracing::info!(node = node.id(), "TLS certificate reloaded"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(node = node.id(), error = %format!("{e:#}"), "TLS not reloaded; the certificate in force stays")
+        }
+    }
+}
+
 #[cfg(not(unix))]
-async fn wait_for_broker_signals(_node: &mqlb_broker::Node) -> anyhow::Result<()> {
+async fn wait_for_broker_signals(
+    _node: &mqlb_broker::Node,
+    _config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     wait_for_stop().await
 }
 

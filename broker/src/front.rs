@@ -79,8 +79,9 @@ pub(crate) struct Front {
     pub(crate) node: String,
     /// `mqtt`, `mqtt_v5`, `mqtts`, `mqtts_v5`: the config key, and the metrics' label.
     pub(crate) listener: &'static str,
-    /// The TLS server configuration (`mqtts*`), built at load by `config::tls`.
-    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS server configuration (`mqtts*`), built at load by `config::tls`; swapped by a
+    /// reload (each handshake takes the one current at its start).
+    pub(crate) tls: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
     pub(crate) accept_proxy: Vec<ipnet::IpNet>,
     pub(crate) timeout: Duration,
     pub(crate) metrics: FrontMetrics,
@@ -126,7 +127,7 @@ impl Front {
         let Some(tls) = &self.tls else {
             return Some((Box::new(Rewind::new(early, stream)), client));
         };
-        match handshake::accept(tls, stream, deadline, &early).await {
+        match handshake::accept(&tls.load_full(), stream, deadline, &early).await {
             Ok(s) => Some((Box::new(s), client)),
             Err(e) => {
                 self.metrics

@@ -139,6 +139,11 @@ pub struct Node {
     /// Writes the retained messages of this node's clients to the HA servers (issue 18).
     durable: Option<Arc<Durable>>,
     auth: Arc<Auth>,
+    /// The TLS listeners' server configuration (both share it), swapped by [`Node::reload_tls`].
+    tls: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
+    /// What `tls` was built from, so a reload that reads the same files changes nothing (and
+    /// keeps the session tickets' keys).
+    tls_loaded: std::sync::Mutex<Option<mqlb_config::TlsServer>>,
     pub mqtt: SocketAddr,
     pub mqtt_v5: Option<SocketAddr>,
     /// MQTT 3.1.1 and 5.0 over TLS (`mqtts`, `mqtts_v5`).
@@ -359,13 +364,15 @@ impl Node {
         .filter_map(|(name, a)| a.map(|_| name))
         .collect();
         let front_metrics = FrontMetrics::register(metrics.registry(), &names)?;
-        let front = |listener: &'static str, tls: bool| -> Arc<dyn rumqttd::Accept> {
+        let tls = n
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(arc_swap::ArcSwap::new(t.server.config().clone())));
+        let front = |listener: &'static str, on_tls: bool| -> Arc<dyn rumqttd::Accept> {
             Arc::new(Front {
                 node: n.id.clone(),
                 listener,
-                tls: tls
-                    .then(|| n.tls.as_ref().map(|t| t.server.config().clone()))
-                    .flatten(),
+                tls: tls.clone().filter(|_| on_tls),
                 accept_proxy: n.accept_proxy.clone(),
                 timeout: n.handshake_timeout,
                 metrics: front_metrics.clone(),
@@ -508,6 +515,8 @@ impl Node {
             ha,
             durable,
             auth,
+            tls,
+            tls_loaded: std::sync::Mutex::new(n.tls.as_ref().map(|t| t.server.clone())),
             mqtt: n.mqtt,
             mqtt_v5: n.mqtt_v5,
             mqtts: mqtts_addr,
@@ -590,6 +599,28 @@ impl Node {
     /// old files stay and the error says why.
     pub fn reload_auth(&self) -> Result<(), AuthError> {
         self.auth.reload()
+    }
+
+    /// Serves `tls` (the node's `[[broker]] tls` as loaded again, files re-read) on the TLS
+    /// listeners from the next handshake on; live connections keep their session. The
+    /// listeners themselves are fixed at start: TLS cannot be turned on or off without a
+    /// restart. Returns whether the certificate changed.
+    pub fn reload_tls(&self, tls: Option<&mqlb_config::FrontendTls>) -> Result<bool, NodeError> {
+        match (&self.tls, tls) {
+            (None, None) => Ok(false),
+            (Some(current), Some(new)) => {
+                let mut loaded = self.tls_loaded.lock().unwrap_or_else(|p| p.into_inner());
+                if loaded.as_ref() == Some(&new.server) {
+                    return Ok(false);
+                }
+                current.store(new.server.config().clone());
+                *loaded = Some(new.server.clone());
+                Ok(true)
+            }
+            _ => Err(NodeError::Rumqttd(
+                "TLS listeners are added or removed by a restart, not a reload".into(),
+            )),
+        }
     }
 
     /// Prometheus text of this node's metrics.

@@ -526,3 +526,60 @@ async fn through_an_lb_sending_proxy_v2_the_broker_shows_the_clients_own_address
     }
     Ok(())
 }
+
+/// The certificate renewed in place (as certbot does) and the node's `tls` loaded again (what
+/// `mqlb broker`'s SIGHUP does): new clients get the new certificate, a live one keeps its
+/// session; loading the same files again changes nothing, and files that do not load are a
+/// config error that leaves the certificate in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_a_renewed_certificate_to_new_clients_and_keeps_live_ones(
+) -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let table = tls_table(&pki, "");
+    let c = tls_node(&table, "[]", "10s").await?;
+    let node = c.node(0).ok_or_else(|| anyhow::anyhow!("no node"))?;
+    let (Some(mqtts), _) = c.mqtts(0) else {
+        anyhow::bail!("no TLS listener");
+    };
+    let served = |s: &tokio_rustls::client::TlsStream<TcpStream>| {
+        s.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+    };
+    let mut live = tls_connect(&pki, TcpStream::connect(mqtts).await?).await?;
+    assert_eq!(
+        mqtt_connect(&mut live, "live", ProtocolLevel::V311).await?,
+        0
+    );
+    let before = served(&live);
+
+    let renewed = pki.leaf(
+        &["127.0.0.1", "localhost"],
+        (4096, 1, 1),
+        "chain.pem",
+        "key.pem",
+    )?;
+    let again = loaded(&table, "[]", "10s")?;
+    assert!(node.reload_tls(again.tls.as_ref())?, "a new certificate");
+    assert!(
+        !node.reload_tls(again.tls.as_ref())?,
+        "the same files again"
+    );
+    let fresh = tls_connect(&pki, TcpStream::connect(mqtts).await?).await?;
+    assert_eq!(served(&fresh), Some(renewed.clone()));
+    assert_ne!(before, Some(renewed.clone()));
+    // The live connection still answers a PINGREQ.
+    live.write_all(&[0xc0, 0x00]).await?;
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(DEADLINE, live.read_exact(&mut pong)).await??;
+    assert_eq!(pong, [0xd0, 0x00]);
+
+    std::fs::write(pki.path("chain.pem"), "not a certificate")?;
+    let err = loaded(&table, "[]", "10s").expect_err("a broken certificate loads");
+    assert!(err.to_string().contains("broker[0].tls.cert"), "{err}");
+    let after = tls_connect(&pki, TcpStream::connect(mqtts).await?).await?;
+    assert_eq!(served(&after), Some(renewed));
+    Ok(())
+}
