@@ -336,6 +336,7 @@ impl Node {
                     }
                     r.set_durable(d.clone());
                 }
+                let _ = mesh.durable.set(d.clone());
                 handle.spawn(d.clone().run(client.clone(), stop.clone()));
                 Some(d)
             }

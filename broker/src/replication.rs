@@ -787,6 +787,7 @@ impl Replication {
                     tracing::warn!("injector full: a will was not delivered on this node");
                 }
             }
+            mesh.will_published(&will);
             mesh.forward_local(|| will);
         }
     }

@@ -440,3 +440,91 @@ async fn queued_messages_survive_a_clean_whole_cluster_restart() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Connects `id` to `addr` with a retained QoS 1 last will; returns the client and its event
+/// loop once the CONNACK came (dropping the loop closes the connection without DISCONNECT).
+async fn with_retained_will(
+    addr: std::net::SocketAddr,
+    id: &str,
+    topic: &str,
+    payload: &[u8],
+) -> anyhow::Result<(rumqttc::AsyncClient, rumqttc::EventLoop)> {
+    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_last_will(rumqttc::LastWill::new(
+        topic,
+        payload.to_vec(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 16);
+    until(&mut el, "CONNACK", |p| {
+        matches!(p, rumqttc::Packet::ConnAck(_))
+    })
+    .await?;
+    Ok((c, el))
+}
+
+/// Issue 18: a retained will is stored like any retained message, whoever publishes it: the
+/// node of a client whose connection ends without DISCONNECT, or the survivor that publishes
+/// the will of a client whose node died. The whole cluster is killed and started again, and a
+/// new subscriber gets both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_wills_survive_a_whole_cluster_restart() -> anyhow::Result<()> {
+    let mut t = Topology::start(3).await?;
+    let (b1, b2, b3) = (
+        t.brokers[0].clone(),
+        t.brokers[1].clone(),
+        t.brokers[2].clone(),
+    );
+    let (_c1, el1) = with_retained_will(b1.mqtt, "will-client", "w/client", b"gone").await?;
+    let (_c3, _el3) = with_retained_will(b3.mqtt, "will-node", "w/node", b"dead").await?;
+    drop(el1);
+    // base64 of the payloads
+    wait_stored(
+        &t,
+        "the HA server holds the client's will",
+        &[("w/client", "Z29uZQ==")],
+    )
+    .await?;
+    wait_until("b1 holds the will of b3's client", DEADLINE, || async {
+        metrics(b1.http)
+            .await
+            .is_ok_and(|t| metric(&t, "mqlb_session_replicas", &[]) == 1.0)
+    })
+    .await?;
+    t.kill("b3")?;
+    wait_stored(
+        &t,
+        "the HA server holds the will a survivor published",
+        &[("w/client", "Z29uZQ=="), ("w/node", "ZGVhZA==")],
+    )
+    .await?;
+
+    for name in ["b1", "b2", "ha1"] {
+        t.kill(name)?;
+    }
+    for name in ["ha1", "b1", "b2", "b3"] {
+        t.restart(name).await?;
+    }
+    let sub = Client::connect(b2.mqtt, "will-sub").await?;
+    sub.subscribe("w/#", QoS::AtLeastOnce).await?;
+    wait_until("both retained wills", DEADLINE, || async {
+        sub.received().len() >= 2
+    })
+    .await?;
+    let mut got: Vec<(String, Vec<u8>, bool)> = sub
+        .received()
+        .into_iter()
+        .map(|m| (m.topic, m.payload, m.retain))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("w/client".to_string(), b"gone".to_vec(), true),
+            ("w/node".to_string(), b"dead".to_vec(), true),
+        ]
+    );
+    Ok(())
+}

@@ -441,13 +441,33 @@ impl Durable {
         let Ok(topic) = std::str::from_utf8(topic) else {
             return; // not a topic rumqttd takes either
         };
+        self.push_retained(topic, payload, qos, props.map(props_of).unwrap_or_default());
+    }
+
+    /// A retained will this node published (see `Mesh::will_published`).
+    pub(crate) fn retained_will(&self, will: &MeshPublish) {
+        let Ok(topic) = std::str::from_utf8(&will.topic) else {
+            return;
+        };
+        let props = RetainedProps {
+            payload_format_indicator: will.payload_format_indicator,
+            message_expiry_interval: will.message_expiry_interval,
+            response_topic: will.response_topic.clone(),
+            correlation_data: will.correlation_data.as_ref().map(|b| b.to_vec()),
+            user_properties: will.user_properties.clone(),
+            content_type: will.content_type.clone(),
+        };
+        self.push_retained(topic, &will.payload, will.qos, props);
+    }
+
+    fn push_retained(&self, topic: &str, payload: &Bytes, qos: u8, props: RetainedProps) {
         let mut pending = self.pending();
         let entry = RetainedEntry {
             topic: topic.to_string(),
             payload: payload.to_vec(),
             qos,
             at_ms: pending.stamp(now_ms()),
-            props: props.map(props_of).unwrap_or_default(),
+            props,
         };
         // base64 takes 4/3 of it, and the batch some JSON around
         if entry.size() / 3 * 4 + 1024 > MAX_BATCH_BODY {

@@ -194,6 +194,8 @@ pub(crate) struct Mesh {
     pub(crate) share: std::sync::OnceLock<Arc<crate::share::Share>>,
     /// Session replicas (issue 12): set once the router runs.
     pub(crate) replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
+    /// Where retained wills this node publishes are written (issue 18): set once it loaded.
+    pub(crate) durable: std::sync::OnceLock<Arc<crate::durable::Durable>>,
     /// rumqttd's delayed wills of this node's listeners: a client that connects on another
     /// node cancels (or, with a clean start, fires) the will its connection here left.
     wills: rumqttd::DelayedWills,
@@ -220,6 +222,7 @@ impl Mesh {
             sessions: std::sync::OnceLock::new(),
             share: std::sync::OnceLock::new(),
             replication: std::sync::OnceLock::new(),
+            durable: std::sync::OnceLock::new(),
             wills,
             clients: Mutex::new(Clients::default()),
             next_connection: AtomicU64::new(1),
@@ -417,6 +420,7 @@ impl Mesh {
             }
         };
         let Some(rx) = rx else {
+            self.will_published(&will);
             self.forward_local(|| will);
             return;
         };
@@ -438,9 +442,19 @@ impl Mesh {
                 decided = rx => decided.unwrap_or(false),
             };
             if send {
+                mesh.will_published(&will);
                 mesh.forward_local(|| will);
             }
         });
+    }
+
+    /// A will this node publishes (its client's, or a dead peer's client's: one node does):
+    /// a retained one is written to the HA servers as a client's retained PUBLISH is (issue
+    /// 18; the tap never sees a will, the router publishes it).
+    pub(crate) fn will_published(&self, will: &MeshPublish) {
+        if let (true, Some(d)) = (will.retain, self.durable.get()) {
+            d.retained_will(will);
+        }
     }
 
     /// Offers a control frame to every peer; a full queue drops it (counted).
