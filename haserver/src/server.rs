@@ -401,10 +401,17 @@ impl HaServer {
         let addr = listener
             .local_addr()
             .map_err(|e| HaError::Bind(SocketAddr::from(([0, 0, 0, 0], 0)), e))?;
-        let version = {
+        // A database that fails at start (PostgreSQL not up yet) is no reason not to start:
+        // degraded, no primary, every round tries again.
+        let (version, db_error) = {
             let store = store.clone();
             match tokio::task::spawn_blocking(move || store.version()).await {
-                Ok(v) => v?,
+                Ok(Ok(v)) => (v, None),
+                Ok(Err(e)) if e.is_database_failure() => {
+                    tracing::warn!(id, error = %e, "the database fails at start: degraded, no membership until it answers");
+                    (0, Some(e.to_string()))
+                }
+                Ok(Err(e)) => return Err(e.into()),
                 Err(e) => return Err(StoreError::Task(e.to_string()).into()),
             }
         };
@@ -416,7 +423,7 @@ impl HaServer {
             timing,
             held: Mutex::new(None),
             primary: Mutex::new(None),
-            db_error: Mutex::new(None),
+            db_error: Mutex::new(db_error),
             last_view: Mutex::new(None),
             lease_error: Mutex::new(None),
             version: version_tx,

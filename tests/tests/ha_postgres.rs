@@ -245,6 +245,49 @@ async fn healthz(ha: SocketAddr) -> Option<serde_json::Value> {
     get_json(ha, "/healthz").await.ok()
 }
 
+/// Issue 18: HA servers that cannot reach PostgreSQL when they start (it comes later) start
+/// anyway, degraded: `/healthz` says so, there is no primary and no membership write is taken;
+/// they keep trying, and once the database is up (not migrated yet: they migrate it) one is
+/// primary and the other a backup, and a member registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_servers_started_before_their_database_wait_for_it_degraded() -> anyhow::Result<()> {
+    let mut pg = Postgres::start().await?;
+    pg.stop()?;
+    let url = pg.url("postgres");
+    let (a, b) = (start_ha("ha1", &url).await?, start_ha("ha2", &url).await?);
+    let member = serde_json::to_vec(&reg("b1"))?;
+    for ha in [a.addr(), b.addr()] {
+        let h = healthz(ha).await.context("/healthz")?;
+        assert_eq!(
+            (h["degraded"].as_bool(), h["role"].as_str()),
+            (Some(true), Some("backup")),
+            "{h}"
+        );
+        let (status, _) = ha_request(ha, "POST", "/api/members", &member).await?;
+        assert_ne!(status, 200, "a write without a database");
+    }
+    pg.start_again().await?;
+    wait_until(
+        "one primary, one backup, neither degraded",
+        DEADLINE,
+        || async {
+            let (Some(x), Some(y)) = (healthz(a.addr()).await, healthz(b.addr()).await) else {
+                return false;
+            };
+            let mut roles = [x["role"].as_str(), y["role"].as_str()];
+            roles.sort();
+            roles == [Some("backup"), Some("primary")]
+                && x["degraded"] == false
+                && y["degraded"] == false
+        },
+    )
+    .await?;
+    let primary = if a.is_primary() { a.addr() } else { b.addr() };
+    let (status, body) = ha_request(primary, "POST", "/api/members", &member).await?;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}
+
 /// Three HA servers on three simulated hosts, PostgreSQL on a fourth. The primary's host is cut
 /// off from the database: it stops acting as primary before a backup takes over, within the
 /// lease; a watcher of every server's `/healthz` (and of their own state) never sees two

@@ -15,6 +15,7 @@ mod pool;
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,6 +184,9 @@ pub struct PostgresStore {
     timeout: Duration,
     changes: watch::Receiver<u64>,
     listener: tokio::task::AbortHandle,
+    /// The schema is migrated: a store opened while the database could not be reached
+    /// migrates at its first call that reaches it.
+    migrated: AtomicBool,
 }
 
 impl Drop for PostgresStore {
@@ -249,7 +253,18 @@ impl PostgresStore {
             Ok(v)
         })
         .await
-        .map_err(|f| fail(&target, f))?;
+        .map_err(|f| fail(&target, f));
+        // A database that does not answer yet (it starts after the HA servers, or is down) is
+        // no reason not to start: the server serves degraded and every call tries again, with
+        // the pool's back-off; one that answers wrongly (a newer schema) is.
+        let (version, migrated) = match version {
+            Ok(v) => (v, true),
+            Err(e @ (StoreError::Postgres { .. } | StoreError::Timeout { .. })) => {
+                tracing::warn!(error = %e, "PostgreSQL not reached at start; starting degraded, trying again");
+                (0, false)
+            }
+            Err(e) => return Err(e),
+        };
         let (tx, rx) = watch::channel(version);
         let listener = tokio::spawn(listen::run(target, tx)).abort_handle();
         Ok(PostgresStore {
@@ -258,13 +273,35 @@ impl PostgresStore {
             timeout: options.timeout,
             changes: rx,
             listener,
+            migrated: AtomicBool::new(migrated),
         })
+    }
+
+    /// The schema migrated, once the database answers (see `open`).
+    async fn ready(&self) -> Result<(), Fail> {
+        if self.migrated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut c = self.pool.get().await?;
+        migrate(&mut c).await?;
+        c.release();
+        if !self.migrated.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                at = self.pool.target.at,
+                "PostgreSQL reached: schema migrated"
+            );
+        }
+        Ok(())
     }
 
     /// Runs one call to completion on the store's runtime, within the timeout.
     fn call<T>(&self, fut: impl Future<Output = Result<T, Fail>>) -> Result<T, StoreError> {
+        let ready_then = async {
+            self.ready().await?;
+            fut.await
+        };
         self.rt
-            .block_on(bounded(&self.pool.target.at, self.timeout, fut))
+            .block_on(bounded(&self.pool.target.at, self.timeout, ready_then))
             .map_err(|f| fail(&self.pool.target, f))
     }
 }
