@@ -92,6 +92,11 @@ impl Cluster {
         Self::start_with(ips, &[], &mqlb_config::AuthSettings::default()).await
     }
 
+    /// [`Cluster::start_on`] with nodes that register with the HA servers at `ha`.
+    pub async fn start_on_with_ha(ips: &[IpAddr], ha: &[SocketAddr]) -> anyhow::Result<Cluster> {
+        Self::start_with(ips, ha, &mqlb_config::AuthSettings::default()).await
+    }
+
     /// Starts `n` nodes with the same `[auth]` settings (password and ACL files).
     pub async fn start_with_auth(
         n: usize,

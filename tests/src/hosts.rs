@@ -162,6 +162,9 @@ pub struct Hosts {
 
 /// The set of (source, destination) address pairs whose packets are dropped.
 const SET: &str = "cut";
+/// The set of (source, destination, destination port) whose packets are dropped, and their
+/// answers ([`Hosts::cut_port`]).
+const PORT_SET: &str = "cut_port";
 
 fn nft(script: &str) -> anyhow::Result<()> {
     use std::io::Write;
@@ -233,8 +236,11 @@ impl Hosts {
         nft(&format!(
             "table inet {table} {{\n\
                set {SET} {{ type ipv4_addr . ipv4_addr; }}\n\
+               set {PORT_SET} {{ type ipv4_addr . ipv4_addr . inet_service; }}\n\
                chain out {{ type filter hook output priority 0; policy accept;\n\
                  ip saddr . ip daddr @{SET} drop\n\
+                 ip saddr . ip daddr . tcp dport @{PORT_SET} drop\n\
+                 ip daddr . ip saddr . tcp sport @{PORT_SET} drop\n\
                }}\n\
              }}\n"
         ))?;
@@ -294,7 +300,34 @@ impl Hosts {
 
     /// Heals every partition.
     pub fn heal_all(&self) -> anyhow::Result<()> {
-        nft(&format!("flush set inet {} {SET}\n", self.table))
+        nft(&format!(
+            "flush set inet {t} {SET}\nflush set inet {t} {PORT_SET}\n",
+            t = self.table
+        ))
+    }
+
+    /// Drops what `from` sends to the TCP port `to` and what comes back, until
+    /// [`Hosts::heal_port`]: one service partitioned from one address. `from` may be an
+    /// address that is no host: `127.0.0.1`, where the connections of a process that binds no
+    /// source leave from (mqlb's LB, see the module): cutting it from a broker's MQTT port is
+    /// the LB's side of a partition between the LB's host and the broker's (the LB reaches a
+    /// broker there and nothing else).
+    pub fn cut_port(&self, from: Ipv4Addr, to: SocketAddr) -> anyhow::Result<()> {
+        nft(&format!(
+            "add element inet {} {PORT_SET} {{ {from} . {} . {} }}\n",
+            self.table,
+            to.ip(),
+            to.port()
+        ))
+    }
+
+    /// Undoes [`Hosts::cut_port`].
+    pub fn heal_port(&self, from: Ipv4Addr, to: SocketAddr) -> anyhow::Result<()> {
+        let e = format!("{from} . {} . {}", to.ip(), to.port());
+        nft(&format!(
+            "add element inet {t} {PORT_SET} {{ {e} }}\ndelete element inet {t} {PORT_SET} {{ {e} }}\n",
+            t = self.table
+        ))
     }
 
     /// SIGSTOP every process started on `host` ([`Host::spawn`]): the machine hangs, its

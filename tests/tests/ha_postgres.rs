@@ -415,6 +415,11 @@ async fn a_primary_cut_off_from_the_database_is_replaced_within_the_lease() -> a
 
 /// An LB whose pool comes from the HA servers (`discovery = "haserver"`).
 async fn lb_on(ha: &[SocketAddr]) -> anyhow::Result<Lb> {
+    lb_with(ha, "").await
+}
+
+/// [`lb_on`] with more keys in its rule (`rule`: TOML lines).
+async fn lb_with(ha: &[SocketAddr], rule: &str) -> anyhow::Result<Lb> {
     let mut servers = String::new();
     for (i, a) in ha.iter().enumerate() {
         servers.push_str(&format!(
@@ -429,7 +434,7 @@ async fn lb_on(ha: &[SocketAddr]) -> anyhow::Result<Lb> {
              [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
              [[pool]]\nname = \"brokers\"\nprobe = \"p\"\ndiscovery = \"haserver\"\n\
              [[probe]]\nname = \"p\"\nport = \"traffic\"\ninterval = \"500ms\"\ntimeout = \"300ms\"\n\
-             [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\ndistribution = \"mqtt-client-id\"\n",
+             [[rule]]\nname = \"mqtt\"\nfrontend = \"mqtt\"\npool = \"brokers\"\ndistribution = \"mqtt-client-id\"\n{rule}",
             mqlb_tests::TEST_SECRET
         ),
         "test",
@@ -649,4 +654,136 @@ async fn haserver_processes_on_postgres_fail_over_after_a_kill() -> anyhow::Resu
     eprintln!("after kill -9 of the primary, the backup took over in {took:?} (lease 1.5 s)");
     assert!(took <= Duration::from_millis(1500 + 500 + 500), "{took:?}");
     Ok(())
+}
+
+/// Issue 18: three hosts each with an HA server (on PostgreSQL) and a broker, the LB and
+/// PostgreSQL on a fourth. The LB is cut off from the host of a persistent subscriber's broker
+/// (the LB's connections to that broker's MQTT port are dropped: see `Hosts::cut_port`) while
+/// a publisher on another broker sends QoS 1 messages one at a time. The broker leaves the
+/// LB's pool (its probe fails; it stays in the membership, its HA heartbeats still get
+/// through), the subscriber's connection is closed and it reconnects through the LB to
+/// another broker with Session Present 1 (its session moves over the mesh, which the cut
+/// spares), and it gets every message the cluster acknowledged, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_host_cut_off_from_the_lb_loses_no_persistent_message() -> anyhow::Result<()> {
+    use mqlb_tests::{Persistent, Protocol};
+    let hosts = Hosts::new(4)?;
+    let pg = Postgres::start_on(hosts.host(3).ip.into()).await?;
+    let url = pg.url("postgres");
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let id = format!("ha{}", i + 1);
+        servers.push(hosts.host(i).start_haserver_pg(&id, &url, TIMING).await?);
+    }
+    let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr()).collect();
+    let ips: Vec<std::net::IpAddr> = (0..3).map(|i| hosts.host(i).ip.into()).collect();
+    let cluster = Cluster::start_on_with_ha(&ips, &addrs).await?;
+    cluster.wait_meshed().await?;
+    // As the built-in configuration does: a client of a broker that went down reconnects at
+    // once, not after its keep alive.
+    let lb = lb_with(&addrs, "close_on_backend_down = true\n").await?;
+    let front = lb.frontend_addr("mqtt").context("no frontend")?;
+    wait_until("the LB's pool is the three brokers", DEADLINE, || async {
+        pool(&lb).await == ["n1", "n2", "n3"]
+    })
+    .await?;
+
+    let sub = Persistent::connect(front, "cut-sub", Protocol::V311).await?;
+    sub.subscribe("cut/#").await?;
+    let on = common_backend(&lb, "cut-sub").await?;
+    let i: usize = on.trim_start_matches('n').parse::<usize>()? - 1;
+    let other = (i + 1) % 3;
+    let publisher =
+        Arc::new(Persistent::connect(cluster.mqtt(other), "cut-pub", Protocol::V311).await?);
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let task = {
+        let (publisher, sent) = (publisher.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for m in 0..150u32 {
+                let payload = m.to_string().into_bytes();
+                if publisher
+                    .publish_acked("cut/t", payload.clone(), Duration::from_secs(5))
+                    .await?
+                {
+                    acked.push(payload);
+                }
+                sent.store(m as usize + 1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(acked)
+        })
+    };
+    wait_until("30 messages out before the cut", DEADLINE, || async {
+        sent.load(Ordering::Relaxed) >= 30
+    })
+    .await?;
+    let cut_at = Instant::now();
+    hosts.cut_port([127, 0, 0, 1].into(), cluster.mqtt(i))?;
+    wait_until(&format!("{on} leaves the LB's pool"), DEADLINE, || async {
+        !pool(&lb).await.contains(&on)
+    })
+    .await?;
+    eprintln!("{on} left the pool {:?} after the cut", cut_at.elapsed());
+    wait_until(
+        "the subscriber is back through the LB",
+        DEADLINE,
+        || async { sub.connacks().len() >= 2 },
+    )
+    .await?;
+    eprintln!(
+        "the subscriber reconnected {:?} after the cut",
+        cut_at.elapsed()
+    );
+    assert_eq!(
+        sub.session_present().last(),
+        Some(&true),
+        "its session moved with it"
+    );
+    let now_on = common_backend(&lb, "cut-sub").await?;
+    assert_ne!(now_on, on, "reconnected to another broker");
+    let acked = task.await??;
+    assert!(
+        acked.len() >= 140,
+        "the cluster acknowledged {} of 150",
+        acked.len()
+    );
+    wait_until(
+        "every acknowledged message reached the subscriber",
+        DEADLINE,
+        || async {
+            sub.with_received(|got| {
+                let have: HashSet<&[u8]> = got.iter().map(|d| d.payload.as_slice()).collect();
+                acked.iter().all(|a| have.contains(a.as_slice()))
+            })
+        },
+    )
+    .await?;
+    let view = ha_get_json(addrs[0], "/api/cluster").await?;
+    let up = view["members"]
+        .as_array()
+        .map_or(0, |m| m.iter().filter(|m| m["state"] == "up").count());
+    assert_eq!(up, 3, "the cut broker stayed in the membership: {view}");
+    hosts.heal_all()?;
+    drop(cluster);
+    Ok(())
+}
+
+/// The broker the LB put `client_id`'s newest connection on (its `/api/connections`).
+async fn common_backend(lb: &Lb, client_id: &str) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let listed = mqlb_tests::connections(lb.admin_addr()).await?;
+        let newest = listed
+            .into_iter()
+            .filter(|(id, _, _)| id == client_id)
+            .max_by_key(|(_, _, n)| *n);
+        if let Some((_, b, _)) = newest {
+            return Ok(b);
+        }
+        anyhow::ensure!(
+            start.elapsed() < DEADLINE,
+            "{client_id} not in the LB's /api/connections within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
