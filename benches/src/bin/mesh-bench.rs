@@ -3,7 +3,10 @@
 //! publisher waits for its PUBACK on a node with 0, 1 and 2 peers (issue 12: the PUBACK waits
 //! until the peers hold the message).
 //!
-//! `cargo run --release -p mqlb-benches --bin mesh-bench [-- --quick] [--puback-only]`
+//! `--tls` (issue 15): the cross-node figures over plaintext links and over mutual TLS links
+//! (`[cluster] tls`), two clusters in the same run, interleaved: the cost of encrypting the mesh.
+//!
+//! `cargo run --release -p mqlb-benches --bin mesh-bench [-- --quick] [--puback-only | --tls]`
 
 use std::time::{Duration, Instant};
 
@@ -171,10 +174,6 @@ async fn puback_table(quick: bool) -> anyhow::Result<()> {
             runs[i].push(pubacks(c.mqtt(0), seq, flood, &format!("r{rep}p{i}")).await?);
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     println!(
         "-- PUBACK of QoS 1 on node A: {seq} one at a time (wait), then {flood} with 100 in flight; medians of {reps} --"
     );
@@ -193,11 +192,88 @@ async fn puback_table(quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The TLS table: a 2-node cluster with plaintext links and one with TLS links (a certificate
+/// per node, of one test CA), each measured cross-node `reps` times, interleaved: flood
+/// msg/s, paced latency, and a QoS 1 publisher's PUBACK wait (which includes a mesh round
+/// trip); medians, and TLS / plain.
+async fn tls_table(quick: bool) -> anyhow::Result<()> {
+    let (n, paced_n, seq, flood, reps) = if quick {
+        (5_000, 500, 500, 5_000, 1)
+    } else {
+        (50_000, 2_000, 2_000, 20_000, 5)
+    };
+    let pki = mqlb_tests::Pki::new()?;
+    let clusters = [
+        ("plain", Cluster::start(2).await?),
+        ("tls", Cluster::start_tls(2, &pki).await?),
+    ];
+    let mut runs: Vec<[Vec<Run>; 3]> = (0..2).map(|_| [vec![], vec![], vec![]]).collect();
+    let paced = Some(Duration::from_millis(1));
+    for rep in 0..reps {
+        for (i, (name, c)) in clusters.iter().enumerate() {
+            let tag = format!("tls-r{rep}-{name}");
+            let (a, b) = (c.mqtt(0), c.mqtt(1));
+            runs[i][0].push(run(a, b, n, None, &tag).await?);
+            runs[i][1].push(run(a, b, paced_n, paced, &format!("{tag}-paced")).await?);
+            runs[i][2].push(pubacks(a, seq, flood, &tag).await?);
+        }
+    }
+    println!(
+        "mqlb mesh-bench --tls: cross node (A -> B), 2 in-process nodes, loopback, plaintext links against TLS links; medians of {reps}"
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut rows = Vec::new();
+    for (i, (name, _)) in clusters.iter().enumerate() {
+        let [f, p, a] = &runs[i];
+        let row = [
+            median(f.iter().map(|r| r.rate).collect()),
+            median(p.iter().map(|r| ms(r.p50)).collect()),
+            median(p.iter().map(|r| ms(r.p99)).collect()),
+            median(a.iter().map(|r| ms(r.p50)).collect()),
+            median(a.iter().map(|r| r.rate).collect()),
+        ];
+        println!(
+            "{name:<6} flood {:>8.0} msg/s ({n} QoS 1)   paced p50 {:>6.3} ms p99 {:>6.3} ms   PUBACK wait p50 {:>6.3} ms, {:>7.0} msg/s with 100 in flight",
+            row[0], row[1], row[2], row[3], row[4]
+        );
+        rows.push(row);
+    }
+    let (plain, tls) = (&rows[0], &rows[1]);
+    println!(
+        "tls/plain: flood msg/s x{:.2}   paced p50 x{:.2}   PUBACK wait p50 x{:.2}, msg/s x{:.2}",
+        tls[0] / plain[0],
+        tls[1] / plain[1],
+        tls[3] / plain[3],
+        tls[4] / plain[4]
+    );
+    let spread = |i: usize, k: usize| {
+        let v: Vec<f64> = runs[i][k].iter().map(|r| r.rate).collect();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        format!("{lo:.0}-{hi:.0}")
+    };
+    println!(
+        "flood msg/s range: plain {}, tls {}",
+        spread(0, 0),
+        spread(1, 0)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     if std::env::args().any(|a| a == "--puback-only") {
         return puback_table(quick).await;
+    }
+    if std::env::args().any(|a| a == "--tls") {
+        return tls_table(quick).await;
     }
     let n = if quick { 5_000 } else { 50_000 };
     let cluster = Cluster::start(2).await?;
