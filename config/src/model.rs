@@ -140,6 +140,39 @@ pub struct Pool {
     /// Each connection to a member starts with a PROXY header carrying the client's address
     /// (HAProxy's `send-proxy`/`send-proxy-v2`); `None`: the member sees the LB's address.
     pub send_proxy: Option<ProxyVersion>,
+    /// TLS to every member (`tls = { ca = ... }`): each connection, probe `tls` and `mqtts`
+    /// included, verifies the member's certificate; `None`: plaintext.
+    pub tls: Option<PoolTls>,
+}
+
+/// `pool.tls`: how the LB connects to a pool's members over TLS, read and built at load so a
+/// missing file or a CA file without a certificate is refused naming the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolTls {
+    /// The PEM file of the CA certificates a member's certificate must chain to (or a
+    /// member's own self-signed certificate): the only ones trusted, never the system's.
+    pub ca: PathBuf,
+    /// The name every member's certificate is verified against, and sent as SNI; `None`: the
+    /// member's IP address, verified as an IP address SAN (no SNI is sent for an address).
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// The LB's client certificate chain and key, shown when a member asks for one (mTLS).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// ALPN protocols offered (none by default: a broker that knows no ALPN ignores it, one
+    /// that requires `mqtt` gets it by `alpn = ["mqtt"]`).
+    pub alpn: Vec<String>,
+    /// The client side built from the files when they were read.
+    pub client: crate::tls::TlsClient,
+}
+
+impl PoolTls {
+    /// The name the certificate of the member at `ip` is verified against.
+    pub fn server_name_for(&self, ip: std::net::IpAddr) -> rustls::pki_types::ServerName<'static> {
+        match &self.server_name {
+            Some(n) => n.clone(),
+            None => rustls::pki_types::ServerName::IpAddress(ip.into()),
+        }
+    }
 }
 
 /// Admission of new connections to each member of a pool. A burst (a failover moves thousands
@@ -204,6 +237,18 @@ pub enum ProbeProtocol {
     Http { path: String },
     /// Healthy when an MQTT CONNECT is answered by a CONNACK that accepts it.
     Mqtt,
+    /// Healthy when a TLS handshake with the member completes and its certificate verifies
+    /// (the pool's `tls`); Azure's probes have no TLS one (their `Https` is an HTTP GET).
+    Tls,
+    /// [`ProbeProtocol::Mqtt`] inside TLS (the pool's `tls`).
+    Mqtts,
+}
+
+impl ProbeProtocol {
+    /// Whether it speaks TLS to the member, so needs its pool's `tls`.
+    pub fn uses_tls(&self) -> bool {
+        matches!(self, ProbeProtocol::Tls | ProbeProtocol::Mqtts)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -161,8 +161,21 @@ pub struct RawPool {
     pub slow_start: Option<String>,
     pub server_reference: Option<String>,
     pub send_proxy: Option<String>,
+    pub tls: Option<RawPoolTls>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
+}
+
+/// `tls = { ca = "brokers-ca.pem", server_name = "broker.internal", cert = "lb.pem",
+/// key = "lb.key", alpn = ["mqtt"] }` of a pool: TLS to its members.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPoolTls {
+    pub ca: String,
+    pub server_name: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub alpn: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

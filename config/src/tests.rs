@@ -868,3 +868,120 @@ fn broker_tls_listeners_and_accept_proxy_are_read_and_checked() {
         assert!(p[0].message.contains(says), "{extra}: {}", p[0].message);
     }
 }
+
+/// MINIMAL with `pool.tls = tls` (DIR: `dir`, which gets a self-signed `chain.pem`/`key.pem`)
+/// and `probe`, a `[[probe]]` the pool names when given.
+fn tls_pool(dir: &std::path::Path, tls: &str, probe: Option<&str>) -> String {
+    let frontend = tls_frontend(dir, "{ cert = \"DIR/chain.pem\", key = \"DIR/key.pem\" }");
+    let plain = frontend.replace(
+        &format!(
+            "tls = {{ cert = \"{0}/chain.pem\", key = \"{0}/key.pem\" }}\n",
+            dir.display()
+        ),
+        "",
+    );
+    let tls = tls.replace("DIR", &dir.display().to_string());
+    let mut pool = format!("name = \"brokers\"\ntls = {tls}\n");
+    if let Some(protocol) = probe {
+        pool += "probe = \"p\"\n";
+        return plain.replace("name = \"brokers\"\n", &pool)
+            + &format!("[[probe]]\nname = \"p\"\nprotocol = \"{protocol}\"\n");
+    }
+    plain.replace("name = \"brokers\"\n", &pool)
+}
+
+#[test]
+fn pool_tls_is_read_at_load_and_verifies_the_members_address_by_default() {
+    let dir = tempfile::tempdir().expect("dir");
+    let c = Config::parse(
+        &tls_pool(dir.path(), r#"{ ca = "DIR/chain.pem" }"#, None),
+        "t",
+    )
+    .expect("valid");
+    assert!(c.frontends[0].tls.is_none(), "the frontend stays plain");
+    let tls = c.pools[0].tls.as_ref().expect("pool tls");
+    assert_eq!(tls.ca, dir.path().join("chain.pem"));
+    assert!(tls.alpn.is_empty() && tls.cert.is_none());
+    let ip: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
+    assert_eq!(
+        tls.server_name_for(ip),
+        rustls::pki_types::ServerName::IpAddress(ip.into())
+    );
+    let full = tls_pool(
+        dir.path(),
+        r#"{ ca = "DIR/chain.pem", server_name = "broker.internal", cert = "DIR/chain.pem", key = "DIR/key.pem", alpn = ["mqtt"] }"#,
+        Some("mqtts"),
+    );
+    let c = Config::parse(&full, "t").expect("valid");
+    let tls = c.pools[0].tls.as_ref().expect("pool tls");
+    assert_eq!(tls.server_name_for(ip).to_str(), "broker.internal");
+    assert_eq!(tls.client.config().alpn_protocols, [b"mqtt".to_vec()]);
+    assert!(tls.client.config().client_auth_cert_resolver.has_certs());
+    assert_eq!(c.pools[0].probe.protocol, ProbeProtocol::Mqtts);
+    assert!(Config::parse(MINIMAL, "t").expect("valid").pools[0]
+        .tls
+        .is_none());
+}
+
+#[test]
+fn unusable_pool_tls_is_refused_naming_the_pool_and_tls_probes_need_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("junk.pem"), "junk").expect("junk");
+    let cases = [
+        (r#"{ ca = "DIR/none.pem" }"#, "pool[0].tls.ca", "none.pem"),
+        (r#"{ ca = "DIR/junk.pem" }"#, "pool[0].tls.ca", "junk.pem"),
+        // A key is not a CA certificate.
+        (
+            r#"{ ca = "DIR/key.pem" }"#,
+            "pool[0].tls.ca",
+            "no PEM certificate",
+        ),
+        (
+            r#"{ ca = "DIR/chain.pem", server_name = "not a name" }"#,
+            "pool[0].tls.server_name",
+            "not a DNS name",
+        ),
+        (
+            r#"{ ca = "DIR/chain.pem", cert = "DIR/chain.pem" }"#,
+            "pool[0].tls.key",
+            "needs tls.key",
+        ),
+        (
+            r#"{ ca = "DIR/chain.pem", cert = "DIR/chain.pem", key = "DIR/junk.pem" }"#,
+            "pool[0].tls.key",
+            "junk.pem",
+        ),
+        (
+            r#"{ ca = "DIR/chain.pem", alpn = [""] }"#,
+            "pool[0].tls.alpn[0]",
+            "ALPN",
+        ),
+    ];
+    for (tls, key, named) in cases {
+        let p = problems(&tls_pool(dir.path(), tls, None));
+        assert_eq!(p.len(), 1, "{tls}: {p:?}");
+        assert_eq!(p[0].key, key, "{tls}");
+        assert!(p[0].message.contains(named), "{tls}: {}", p[0].message);
+        if named != "ALPN" {
+            assert!(
+                p[0].message.contains("pool \"brokers\""),
+                "{}",
+                p[0].message
+            );
+        }
+    }
+    for protocol in ["tls", "mqtts"] {
+        let text = MINIMAL.replace(
+            "name = \"brokers\"\n",
+            "name = \"brokers\"\nprobe = \"p\"\n",
+        ) + &format!("[[probe]]\nname = \"p\"\nprotocol = \"{protocol}\"\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "pool[0].probe");
+        assert!(
+            p[0].message.contains("probe \"p\"") && p[0].message.contains("pool \"brokers\""),
+            "{}",
+            p[0].message
+        );
+    }
+}

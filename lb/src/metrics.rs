@@ -16,7 +16,7 @@ pub struct Departed {
 
 /// Every `result` label of `mqlb_probes_total`: "ok" and each `ProbeError::label`
 /// (`health::probe`), so the series of a departed member can be removed by name.
-pub const PROBE_RESULTS: [&str; 7] = [
+pub const PROBE_RESULTS: [&str; 8] = [
     "ok",
     "timeout",
     "connect_error",
@@ -24,6 +24,7 @@ pub const PROBE_RESULTS: [&str; 7] = [
     "http_error",
     "mqtt_refused",
     "mqtt_error",
+    "tls_error",
 ];
 
 /// Every metric the LB exports.
@@ -48,6 +49,7 @@ pub struct Metrics {
     pub tls_handshake_errors_total: IntCounterVec,
     pub tls_cert_expiry: IntGaugeVec,
     pub proxy_header_errors_total: IntCounterVec,
+    pub backend_tls_handshake_errors_total: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -180,6 +182,13 @@ impl Metrics {
                 ),
                 &["frontend", "reason"],
             )?,
+            backend_tls_handshake_errors_total: IntCounterVec::new(
+                opts(
+                    "mqlb_backend_tls_handshake_errors_total",
+                    "TLS handshakes with a member of a pool with tls that failed, by reason (certificate: it did not verify); each a failed connect, tried on the next member.",
+                ),
+                &["pool", "backend", "reason"],
+            )?,
             registry,
         };
         m.registry
@@ -208,6 +217,8 @@ impl Metrics {
         m.registry.register(Box::new(m.tls_cert_expiry.clone()))?;
         m.registry
             .register(Box::new(m.proxy_header_errors_total.clone()))?;
+        m.registry
+            .register(Box::new(m.backend_tls_handshake_errors_total.clone()))?;
         // CPU seconds, resident memory, open descriptors, start time: the standard process_*
         // series, so the LB's own cost sits beside its traffic on a dashboard.
         mqlb_http::metrics::register_process(&m.registry)?;
@@ -237,6 +248,11 @@ impl Metrics {
             for result in PROBE_RESULTS {
                 self.probes_total
                     .remove_label_values(&[pool.as_str(), backend.as_str(), result])
+                    .ok();
+            }
+            for reason in crate::backend::tls::TlsFail::REASONS {
+                self.backend_tls_handshake_errors_total
+                    .remove_label_values(&[pool.as_str(), backend.as_str(), reason])
                     .ok();
             }
         }

@@ -55,18 +55,28 @@ pub fn plan_listeners(open_now: &[Frontend], new: &Config) -> ListenerPlan {
 }
 
 /// The files a reload reads besides the config file and that the watcher follows too: the
-/// frontends' TLS certificates and keys, so a certificate renewed in place (certbot, a
-/// secrets agent) is taken without a SIGHUP.
+/// frontends' TLS certificates and keys, the pools' CA files and client certificates, so a
+/// certificate renewed in place (certbot, a secrets agent) is taken without a SIGHUP.
 pub(crate) fn watched_files(config: &Config) -> Vec<PathBuf> {
-    config
+    let frontends = config
         .frontends
         .iter()
         .filter_map(|f| f.tls.as_ref())
         .flat_map(|t| {
             let sni = t.sni.iter().flat_map(|s| [s.cert.clone(), s.key.clone()]);
-            [t.cert.clone(), t.key.clone()].into_iter().chain(sni)
-        })
-        .collect()
+            let ca = t.client_auth.iter().map(|a| a.ca.clone());
+            [t.cert.clone(), t.key.clone()]
+                .into_iter()
+                .chain(sni)
+                .chain(ca)
+        });
+    let pools = config
+        .pools
+        .iter()
+        .filter_map(|p| p.tls.as_ref())
+        .flat_map(|t| [Some(t.ca.clone()), t.cert.clone(), t.key.clone()])
+        .flatten();
+    frontends.chain(pools).collect()
 }
 
 /// A cheap fingerprint of the config file and the `also` files it names: changes when any

@@ -59,16 +59,7 @@ pub(super) fn tls(c: &mut Checker, k: &str, who: &str, t: &RawTls) -> Option<Fro
         Some(list) => list.clone(),
         None => DEFAULT_TLS_ALPN.iter().map(|p| p.to_string()).collect(),
     };
-    let mut ok = true;
-    for (j, p) in alpn.iter().enumerate() {
-        if p.is_empty() || p.len() > MAX_ALPN_LEN {
-            c.error(
-                format!("{k}.tls.alpn[{j}]"),
-                format!("an ALPN protocol name is 1-{MAX_ALPN_LEN} bytes"),
-            );
-            ok = false;
-        }
-    }
+    let ok = alpn_ok(c, &format!("{k}.tls"), &alpn);
     let (cert, key) = (PathBuf::from(&t.cert), PathBuf::from(&t.key));
     let default = identity(c, &format!("{k}.tls"), who, &cert, &key);
     let mut sni = Vec::new();
@@ -173,9 +164,25 @@ fn client_auth(
     Some((Some(auth), client_id_is_cn))
 }
 
-/// One certificate and key of a frontend's `tls` (at key `k`), read and checked; a problem is
-/// reported at `k.cert` or `k.key`, whichever file it is in.
-fn identity(
+/// Whether each of `k.alpn` is a protocol name ALPN can carry (1-255 bytes); reported if not.
+pub(super) fn alpn_ok(c: &mut Checker, k: &str, alpn: &[String]) -> bool {
+    let mut ok = true;
+    for (j, p) in alpn.iter().enumerate() {
+        if p.is_empty() || p.len() > MAX_ALPN_LEN {
+            c.error(
+                format!("{k}.alpn[{j}]"),
+                format!("an ALPN protocol name is 1-{MAX_ALPN_LEN} bytes"),
+            );
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// One certificate and key of a `tls` table (at key `k`: a frontend's, a broker's, or a pool's
+/// client certificate), read and checked; a problem is reported at `k.cert` or `k.key`,
+/// whichever file it is in, after `who`.
+pub(super) fn identity(
     c: &mut Checker,
     k: &str,
     who: &str,

@@ -1,13 +1,15 @@
 //! `[[pool]]` and its `[[pool.backend]]`s.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use super::frontends::{alpn_ok, identity};
 use super::probes::default_probe;
 use super::Checker;
 use crate::defaults::*;
-use crate::model::{Admission, Backend, MqttPorts, Pool, Probe, ProxyVersion};
-use crate::raw::{RawBackend, RawPool};
+use crate::model::{Admission, Backend, MqttPorts, Pool, PoolTls, Probe, ProxyVersion};
+use crate::raw::{RawBackend, RawPool, RawPoolTls};
 
 /// `probes` are the validated `[[probe]]`s the pools may name.
 pub(super) fn pools(c: &mut Checker, raw: &[RawPool], probes: &[Probe]) -> Vec<Pool> {
@@ -34,8 +36,19 @@ fn pool(c: &mut Checker, k: &str, p: &RawPool, probes: &[Probe]) -> Pool {
     let remove_after = pool_remove_after(c, k, p);
     let server_reference = server_reference(c, k, p);
     let send_proxy = send_proxy(c, k, p);
+    let tls = p.tls.as_ref().and_then(|t| pool_tls(c, k, &p.name, t));
+    if probe.protocol.uses_tls() && p.tls.is_none() {
+        c.error(
+            format!("{k}.probe"),
+            format!(
+                "pool {:?}: probe {:?} speaks TLS to the members: the pool needs tls = {{ ca = \"...\" }}, the CA their certificates are verified against",
+                p.name, probe.name
+            ),
+        );
+    }
     Pool {
         send_proxy,
+        tls,
         name: p.name.clone(),
         server_reference,
         probe,
@@ -177,4 +190,69 @@ fn send_proxy(c: &mut Checker, k: &str, p: &RawPool) -> Option<ProxyVersion> {
         );
     }
     v.or(DEFAULT_SEND_PROXY)
+}
+
+/// `pool.tls`: the CA file (and the LB's client certificate, if given) read and the client
+/// configuration built now, so a missing file, a CA file without a certificate or a key that
+/// does not fit is refused at load naming the pool and the file. `None` after an error
+/// (recorded).
+fn pool_tls(c: &mut Checker, k: &str, name: &str, t: &RawPoolTls) -> Option<PoolTls> {
+    let k = format!("{k}.tls");
+    let who = format!("pool {name:?}");
+    let alpn = t.alpn.clone().unwrap_or_default();
+    let mut ok = alpn_ok(c, &k, &alpn);
+    let server_name = match t.server_name.as_deref() {
+        None => None,
+        Some(n) => match rustls::pki_types::ServerName::try_from(n.to_string()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                c.error(
+                    format!("{k}.server_name"),
+                    format!("{who}: {n:?} is not a DNS name or an IP address"),
+                );
+                ok = false;
+                None
+            }
+        },
+    };
+    let (cert, key) = (
+        t.cert.as_ref().map(PathBuf::from),
+        t.key.as_ref().map(PathBuf::from),
+    );
+    let id = match (&cert, &key) {
+        (Some(cert), Some(key)) => {
+            let id = identity(c, &k, &who, cert, key);
+            ok &= id.is_some();
+            id
+        }
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            let (set, missing) = if cert.is_some() {
+                ("cert", "key")
+            } else {
+                ("key", "cert")
+            };
+            c.error(
+                format!("{k}.{missing}"),
+                format!("{who}: tls.{set} needs tls.{missing} (the LB's client certificate and its key)"),
+            );
+            return None;
+        }
+    };
+    let ca = PathBuf::from(&t.ca);
+    let client = match crate::tls::client(&ca, id, &alpn) {
+        Ok(client) => client,
+        Err(e) => {
+            c.error(format!("{k}.ca"), format!("{who}: {e}"));
+            return None;
+        }
+    };
+    ok.then_some(PoolTls {
+        ca,
+        server_name,
+        cert,
+        key,
+        alpn,
+        client,
+    })
 }

@@ -79,6 +79,8 @@ fn protocol(c: &mut Checker, k: &str, p: &RawProbe) -> ProbeProtocol {
         None => DEFAULT_PROBE_PROTOCOL,
         Some("tcp") => ProbeProtocol::Tcp,
         Some("mqtt") => ProbeProtocol::Mqtt,
+        Some("tls") => ProbeProtocol::Tls,
+        Some("mqtts") => ProbeProtocol::Mqtts,
         Some("http") => {
             let path = p.path.clone().unwrap_or_else(|| DEFAULT_PROBE_PATH.into());
             if !path.starts_with('/')
@@ -94,7 +96,7 @@ fn protocol(c: &mut Checker, k: &str, p: &RawProbe) -> ProbeProtocol {
         Some(other) => {
             c.error(
                 format!("{k}.protocol"),
-                format!("unknown protocol {other:?}: expected tcp, http or mqtt"),
+                format!("unknown protocol {other:?}: expected tcp, http, mqtt, tls or mqtts"),
             );
             DEFAULT_PROBE_PROTOCOL
         }

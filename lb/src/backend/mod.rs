@@ -1,10 +1,13 @@
 //! Live state of one backend: health (fed by probes and passive failures through the pure
 //! [`machine`]), load, drain, membership, and connect admission ([`pending`]). An `Arc` carried
 //! from one config snapshot to the next for backends that did not change, so a reload keeps
-//! health and counts. A bottom module: the data path, the probe loop and the admin API read it.
+//! health and counts. A bottom module: the data path, the probe loop and the admin API read it;
+//! the first two also make the TLS handshake with a member of a `pool.tls` pool through it
+//! ([`tls`]).
 
 pub mod machine;
 pub mod pending;
+pub(crate) mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -1,11 +1,26 @@
-//! Opening the backend leg: a socket tuned for MQTT, connected, with the bytes the inspection
-//! read replayed on it.
+//! Opening the backend leg: a socket tuned for MQTT, connected, TLS when the pool has
+//! `tls`, with the bytes the inspection read replayed on it.
+//!
+//! A PROXY header goes in clear before the TLS handshake, as HAProxy's `send-proxy-v2` with
+//! `ssl` and NGINX's `proxy_protocol` with `proxy_ssl` send it, and as a server that reads the
+//! header to decide whom it speaks TLS with (mosquitto 2.1, HAProxy's `accept-proxy`)
+//! expects it.
 
+use std::borrow::Cow;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use rustls::pki_types::ServerName;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+
+use crate::backend::tls::{self as upstream, TlsFail};
 
 /// TCP keepalive on both legs, so a peer that vanished without a FIN is noticed: the rule's
 /// `tcp_keepalive_*` (60 s, then every 10 s, by default).
@@ -35,7 +50,71 @@ pub(crate) fn set_keepalive(s: &TcpStream, ka: &mqlb_config::TcpKeepalive) {
     }
 }
 
-/// Opens the backend leg and sends it the bytes read while inspecting.
+/// What a backend is sent before the client's next bytes: `clear` right after the TCP
+/// connect (a PROXY header; on a plain pool the replayed CONNECT with it, in one write), then,
+/// on a TLS pool, `sealed` inside TLS (the replayed CONNECT).
+pub(crate) struct Replay<'b> {
+    pub clear: Cow<'b, [u8]>,
+    pub sealed: &'b [u8],
+}
+
+/// TLS to the backend: the pool's client configuration and the name its certificate is
+/// verified against.
+pub(crate) struct Upstream<'a> {
+    pub config: &'a Arc<rustls::ClientConfig>,
+    pub name: ServerName<'static>,
+}
+
+/// Why the backend leg could not be opened: the `why` of the passive failure it counts as.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectFail {
+    #[error("connect: {0}")]
+    Tcp(io::Error),
+    #[error("connect timeout")]
+    Timeout,
+    #[error("{0}")]
+    Tls(TlsFail),
+    #[error("sending the buffered bytes: {0}")]
+    Replay(io::Error),
+}
+
+/// Opens the backend leg by `deadline` (the rule's connect timeout, which bounds the TLS
+/// handshake too) and sends it `replay`.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    replay: &Replay<'_>,
+    ka: &mqlb_config::TcpKeepalive,
+    tls: Option<Upstream<'_>>,
+    deadline: Instant,
+) -> Result<ServerLeg, ConnectFail> {
+    let plain = tokio::time::timeout_at(deadline, connect_and_replay(addr, &replay.clear, ka));
+    let stream = match plain.await {
+        Err(_) => return Err(ConnectFail::Timeout),
+        Ok(Err(e)) => return Err(ConnectFail::Tcp(e)),
+        Ok(Ok(s)) => s,
+    };
+    let Some(tls) = tls else {
+        return Ok(ServerLeg::Plain(stream));
+    };
+    let sealed = async {
+        let mut s = upstream::connect(tls.config, tls.name, stream)
+            .await
+            .map_err(ConnectFail::Tls)?;
+        if !replay.sealed.is_empty() {
+            s.write_all(replay.sealed)
+                .await
+                .map_err(ConnectFail::Replay)?;
+            s.flush().await.map_err(ConnectFail::Replay)?;
+        }
+        Ok(s)
+    };
+    match tokio::time::timeout_at(deadline, sealed).await {
+        Err(_) => Err(ConnectFail::Tls(TlsFail::Timeout)),
+        Ok(r) => r.map(|s| ServerLeg::Tls(Box::new(s))),
+    }
+}
+
+/// Opens the TCP connection and sends it the bytes read while inspecting.
 ///
 /// The socket is made by hand rather than by `TcpStream::connect`: TCP_NODELAY is set on it
 /// (MQTT packets are small and latency matters) and TCP keepalive (a backend host that
@@ -72,6 +151,53 @@ pub(crate) async fn connect_and_replay(
         stream.write_all(replay).await?;
     }
     Ok(stream)
+}
+
+/// The backend leg: the socket, or TLS over it to a member of a `pool.tls` pool (boxed: the
+/// session's state is large and only TLS connections pay for it).
+pub(crate) enum ServerLeg {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ServerLeg {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerLeg::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerLeg {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerLeg::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerLeg::Plain(s) => Pin::new(s).poll_flush(cx),
+            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerLeg::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
 }
 
 #[cfg(test)]

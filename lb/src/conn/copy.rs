@@ -8,9 +8,10 @@
 //! references and is never copied through user space (what HAProxy does with `option
 //! splice-auto`, which is off there by default; here it is always on).
 //!
-//! A client leg whose TLS mqlb terminates ([`Leg`] with `RAW = false`) always goes through the
-//! buffer: the bytes on its socket are records, not the stream, so neither readiness of the
-//! socket nor `splice` can stand for its reads and writes.
+//! A client leg whose TLS mqlb terminates, or a backend leg it speaks TLS on (`pool.tls`)
+//! ([`Leg`] with `RAW = false`), always goes through the buffer: the bytes on its socket are
+//! records, not the stream, so neither readiness of the socket nor `splice` can stand for its
+//! reads and writes.
 
 use std::io;
 use std::pin::Pin;
@@ -75,7 +76,8 @@ mod pool {
     }
 }
 
-/// One side of a copy: the backend's socket, or the client's, plain or TLS terminated here.
+/// One side of a copy: the client's socket or the backend's, plain or TLS (terminated here,
+/// or spoken to the backend).
 pub(crate) trait Leg: AsyncRead + AsyncWrite + Unpin {
     /// The stream's bytes are the socket's bytes (no TLS): the socket's readiness tells when a
     /// read can make progress, and `splice` may move them.
@@ -107,6 +109,19 @@ impl Leg for Box<super::tls_stream::TlsServerStream> {
 
     fn tcp(&self) -> &TcpStream {
         self.socket()
+    }
+
+    fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut **self).poll_shutdown(cx)
+    }
+}
+
+/// The backend leg of a `pool.tls` pool: TLS this LB speaks to the member.
+impl Leg for Box<tokio_rustls::client::TlsStream<TcpStream>> {
+    const RAW: bool = false;
+
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
     }
 
     fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -374,9 +389,9 @@ impl Dir {
 
 /// Both directions of a proxied connection; done when both saw EOF, failed when either failed
 /// (the error names which peer).
-pub(crate) struct Bidi<C: Leg> {
+pub(crate) struct Bidi<C: Leg, S: Leg> {
     pub client: C,
-    pub server: TcpStream,
+    pub server: S,
     pub up: Dir,
     pub down: Dir,
     /// The packet boundaries of the server → client stream (`frames`), so that an evacuation
@@ -384,7 +399,7 @@ pub(crate) struct Bidi<C: Leg> {
     pub down_frames: Framer,
 }
 
-impl<C: Leg> Bidi<C> {
+impl<C: Leg, S: Leg> Bidi<C, S> {
     /// Copies what is ready; `bytes_in` (client → backend) and `bytes_out` count what moved.
     /// With `stop`, the server → client direction ends at its next packet boundary after
     /// writing `stop` there (the client → server one goes on until the client closes).
@@ -428,7 +443,7 @@ impl<C: Leg> Bidi<C> {
     }
 }
 
-impl<C: Leg> Drop for Bidi<C> {
+impl<C: Leg, S: Leg> Drop for Bidi<C, S> {
     fn drop(&mut self) {
         self.up.release();
         self.down.release();

@@ -1,6 +1,6 @@
 //! A client connection's path, one task per connection, in the order it happens: on a TLS
 //! frontend [`tls`] completes the handshake first; [`inspect`] reads the first bytes (the
-//! CONNECT, on a client-ID rule), [`route`] decides from them what to do (pure), [`connect`] opens the backend leg and replays what was read
+//! CONNECT, on a client-ID rule), [`route`] decides from them what to do (pure), [`connect`] opens the backend leg (TLS again on a `pool.tls` pool) and replays what was read
 //! (trying the next choice when one fails before any byte went back), [`relay`] copies both ways
 //! until one side is done, the connection idles out, its backend goes down (if the rule says so)
 //! or shutdown's grace runs out; [`Outcome`] names how it ended.
@@ -36,6 +36,7 @@ use crate::snapshot::{Member, RuleRt};
 use crate::state::ConnInfo;
 pub(crate) use accept_proxy::HeaderFail;
 pub(crate) use connect::{keepalive, set_keepalive, set_socket_options};
+use connect::{ConnectFail, Replay, ServerLeg, Upstream};
 use copy::Leg;
 use inspect::Inspection;
 use relay::Relay;
@@ -102,15 +103,17 @@ pub(crate) fn handle(
             }
             return;
         }
-        match client {
-            ClientLeg::Plain(c) => proxy(&shared, &info, c, server).await,
-            ClientLeg::Tls(c) => proxy(&shared, &info, c, server).await,
+        match (client, server) {
+            (ClientLeg::Plain(c), ServerLeg::Plain(s)) => proxy(&shared, &info, c, s).await,
+            (ClientLeg::Plain(c), ServerLeg::Tls(s)) => proxy(&shared, &info, c, s).await,
+            (ClientLeg::Tls(c), ServerLeg::Plain(s)) => proxy(&shared, &info, c, s).await,
+            (ClientLeg::Tls(c), ServerLeg::Tls(s)) => proxy(&shared, &info, c, s).await,
         }
     }
 }
 
 /// The established connection, counted while it lives: the relay until it ends.
-async fn proxy(shared: &Shared, info: &Arc<ConnInfo>, client: impl Leg, server: TcpStream) {
+async fn proxy(shared: &Shared, info: &Arc<ConnInfo>, client: impl Leg, server: impl Leg) {
     let cfg = &info.rule.cfg;
     let member = &info.rule.pool.members[info.member];
     member.state.conn_opened();
@@ -126,7 +129,7 @@ async fn proxy(shared: &Shared, info: &Arc<ConnInfo>, client: impl Leg, server: 
 
 /// What the connect phase hands the relay: both legs, the connection's entry, and the place
 /// among its source's connections of a client a PROXY header named.
-type Established = (ClientLeg, TcpStream, Arc<ConnInfo>, Option<SourcePlace>);
+type Established = (ClientLeg, ServerLeg, Arc<ConnInfo>, Option<SourcePlace>);
 
 /// The connect phase: the PROXY header (from a source the frontend trusts), TLS (on a frontend
 /// that terminates it), inspect, route, connect. `None` when the connection ended here
@@ -204,7 +207,7 @@ async fn establish(
     }
 
     // A `send_proxy` pool's backends get the client's address first, whichever one is tried.
-    let replay = match with_proxy_header(rule, &client, cn.as_deref(), (peer, local), &buffered) {
+    let replay = match replay(rule, &client, cn.as_deref(), (peer, local), &buffered) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(rule = cfg.name, %peer, error = %e, "PROXY header not built; refusing");
@@ -219,6 +222,7 @@ async fn establish(
     let mut backend = None;
     let mut outcome = Outcome::ConnectFailed;
     let admission = &rule.pool.cfg.admission;
+    let tls = rule.pool.cfg.tls.as_ref();
     for &idx in order.iter().take(cfg.max_connect_attempts.get() as usize) {
         let member = &rule.pool.members[idx];
         let state = &member.state;
@@ -236,14 +240,18 @@ async fn establish(
             }
         };
         let addr = member.cfg.addr_for_level(level.map(|l| l as u8));
-        let attempt = connect::connect_and_replay(addr, &replay, &cfg.tcp_keepalive);
-        match tokio::time::timeout(cfg.connect_timeout, attempt).await {
-            Ok(Ok(s)) => {
+        let upstream = tls.map(|t| Upstream {
+            config: t.client.config(),
+            name: t.server_name_for(addr.ip()),
+        });
+        let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+        let ka = &cfg.tcp_keepalive;
+        match connect::connect(addr, &replay, ka, upstream, deadline).await {
+            Ok(s) => {
                 backend = Some((idx, addr, s));
                 break;
             }
-            Ok(Err(e)) => tally.connect_failed(member, addr, &e.to_string()),
-            Err(_) => tally.connect_failed(member, addr, "connect timeout"),
+            Err(e) => tally.connect_failed(member, addr, &e),
         }
     }
     let Some((idx, backend_addr, server)) = backend else {
@@ -332,20 +340,53 @@ async fn proxied(
     Some((client_addr, dst, early, source))
 }
 
-/// What a backend of the rule's pool is sent before the client's bytes: with `send_proxy`, a
-/// PROXY header naming `peer` and the address it connected to (`local`, or the socket's own
-/// when the frontend listens on a wildcard address), with the TLS facts and the client
-/// certificate's `cn` when TLS was terminated, then `buffered`; else `buffered` alone.
-fn with_proxy_header<'b>(
+/// What a backend of the rule's pool is sent: with `send_proxy`, a PROXY header naming `peer`
+/// and the address it connected to (`local`, or the socket's own when the frontend listens on
+/// a wildcard address), with the TLS facts and the client certificate's `cn` when TLS was
+/// terminated, in clear; then `buffered`, in the same write on a plain pool, inside TLS on a
+/// `pool.tls` one.
+fn replay<'b>(
     rule: &RuleRt,
     client: &ClientLeg,
     cn: Option<&str>,
-    (peer, local): (SocketAddr, SocketAddr),
+    addrs: (SocketAddr, SocketAddr),
     buffered: &'b [u8],
-) -> std::io::Result<Cow<'b, [u8]>> {
-    let Some(version) = rule.pool.cfg.send_proxy else {
-        return Ok(Cow::Borrowed(buffered));
+) -> std::io::Result<Replay<'b>> {
+    let header = match rule.pool.cfg.send_proxy {
+        None => None,
+        Some(version) => Some(proxy_header(version, client, cn, addrs)?),
     };
+    let tls = rule.pool.cfg.tls.is_some();
+    Ok(match (header, tls) {
+        (None, false) => Replay {
+            clear: Cow::Borrowed(buffered),
+            sealed: &[],
+        },
+        (None, true) => Replay {
+            clear: Cow::Borrowed(&[]),
+            sealed: buffered,
+        },
+        (Some(mut header), false) => {
+            header.extend_from_slice(buffered);
+            Replay {
+                clear: Cow::Owned(header),
+                sealed: &[],
+            }
+        }
+        (Some(header), true) => Replay {
+            clear: Cow::Owned(header),
+            sealed: buffered,
+        },
+    })
+}
+
+/// The PROXY header of [`replay`].
+fn proxy_header(
+    version: mqlb_config::ProxyVersion,
+    client: &ClientLeg,
+    cn: Option<&str>,
+    (peer, local): (SocketAddr, SocketAddr),
+) -> std::io::Result<Vec<u8>> {
     let dst = if local.ip().is_unspecified() {
         client.socket().local_addr()?
     } else {
@@ -358,9 +399,7 @@ fn with_proxy_header<'b>(
             // The verified client certificate's CN (mTLS), when there is one.
             client_cn: cn,
         });
-    let mut header = crate::proxy_protocol::encode(version, peer, dst, tls)?;
-    header.extend_from_slice(buffered);
-    Ok(Cow::Owned(header))
+    crate::proxy_protocol::encode(version, peer, dst, tls)
 }
 
 /// The client leg the rest of the connection reads: the TLS stream once its handshake is done
@@ -444,12 +483,22 @@ impl Tally<'_> {
         }
     }
 
-    /// A connect to a backend failed: counted against it (passive health).
-    fn connect_failed(&self, member: &Member, addr: SocketAddr, why: &str) {
+    /// A connect to a backend failed: counted against it (passive health). A failed TLS
+    /// handshake is counted by reason too, and logged as a warning: a certificate that does not
+    /// verify is a misconfiguration or an impostor, not a broker that is slow.
+    fn connect_failed(&self, member: &Member, addr: SocketAddr, why: &ConnectFail) {
         let (shared, pool) = (self.shared, &self.rule.pool.cfg);
-        tracing::debug!(pool = pool.name, backend = member.cfg.id, %addr, why, own_probe = !self.client_traffic, "backend connect failed");
+        tracing::debug!(pool = pool.name, backend = member.cfg.id, %addr, %why, own_probe = !self.client_traffic, "backend connect failed");
         if !self.client_traffic {
             return;
+        }
+        if let ConnectFail::Tls(fail) = why {
+            tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, reason = fail.reason(), error = %fail, "TLS handshake with the backend failed; trying the next");
+            shared
+                .metrics
+                .backend_tls_handshake_errors_total
+                .with_label_values(&[&pool.name, &member.cfg.id, fail.reason()])
+                .inc();
         }
         shared
             .metrics
@@ -461,7 +510,7 @@ impl Tally<'_> {
             .observe_health(names, &member.state, false, &pool.probe, Source::Passive)
             .is_some()
         {
-            tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, why, "backend marked down by failed client connects");
+            tracing::warn!(pool = pool.name, backend = member.cfg.id, %addr, %why, "backend marked down by failed client connects");
         }
     }
 }

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use mqlb_config::Rule;
 use socket2::SockRef;
-use tokio::net::TcpStream;
 
 use super::copy::{Bidi, Dir, Leg, Peer};
 use super::frames::{self, Framer};
@@ -37,19 +36,14 @@ pub(crate) fn sweep_tick(cfg: &Rule) -> Duration {
 
 /// Resolves to how the connection ended; byte counts are folded into the metrics by the
 /// sweeper and once more at the end, never per packet.
-pub(crate) struct Relay<'a, C: Leg> {
+pub(crate) struct Relay<'a, C: Leg, S: Leg> {
     shared: &'a Shared,
     info: &'a ConnInfo,
-    copy: Bidi<C>,
+    copy: Bidi<C, S>,
 }
 
-impl<'a, C: Leg> Relay<'a, C> {
-    pub(crate) fn new(
-        shared: &'a Shared,
-        info: &'a ConnInfo,
-        client: C,
-        server: TcpStream,
-    ) -> Self {
+impl<'a, C: Leg, S: Leg> Relay<'a, C, S> {
+    pub(crate) fn new(shared: &'a Shared, info: &'a ConnInfo, client: C, server: S) -> Self {
         Relay {
             shared,
             info,
@@ -73,7 +67,7 @@ impl<'a, C: Leg> Relay<'a, C> {
             if info.rule.cfg.reset_on_idle {
                 // Azure's "TCP reset on idle": with SO_LINGER 0 the close that follows is an
                 // RST, so both ends learn at once that the flow is gone.
-                for s in [self.copy.client.tcp(), &self.copy.server] {
+                for s in [self.copy.client.tcp(), self.copy.server.tcp()] {
                     if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
                         tracing::debug!(error = %e, "SO_LINGER 0 not set; closing with FIN");
                     }
@@ -110,7 +104,7 @@ impl<'a, C: Leg> Relay<'a, C> {
     }
 }
 
-impl<C: Leg> Future for Relay<'_, C> {
+impl<C: Leg, S: Leg> Future for Relay<'_, C, S> {
     type Output = Outcome;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Empty;
 use hyper::body::Bytes;
-use mqlb_config::{Probe, ProbeProtocol, ProxyVersion};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use mqlb_config::{PoolTls, Probe, ProbeProtocol, ProxyVersion};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,8 @@ pub enum ProbeError {
     MqttRefused(u8),
     #[error("MQTT: {0}")]
     Mqtt(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl ProbeError {
@@ -43,6 +45,7 @@ impl ProbeError {
             ProbeError::Http(_) => "http_error",
             ProbeError::MqttRefused(_) => "mqtt_refused",
             ProbeError::Mqtt(_) => "mqtt_error",
+            ProbeError::Tls(_) => "tls_error",
         }
     }
 }
@@ -53,19 +56,22 @@ pub async fn probe_once(
     target: SocketAddr,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
-    probe_once_via(protocol, target, timeout, None).await
+    probe_once_via(protocol, target, timeout, None, None).await
 }
 
-/// [`probe_once`] of a member of a pool whose backends expect a PROXY header (`send_proxy`):
-/// an `mqtt` probe sends a LOCAL one first (there is no client to name; a broker that demands
-/// the header would refuse the CONNECT without it). A `tcp` probe sends nothing, and an `http`
-/// one is taken to reach a health endpoint, which does not speak PROXY (HAProxy's checks
-/// likewise send the header only to the traffic port).
+/// [`probe_once`] of a member of a pool whose backends expect a PROXY header (`send_proxy`)
+/// or speak TLS (`tls`). An `mqtt`, `tls` or `mqtts` probe sends a LOCAL PROXY header first,
+/// in clear before any TLS as the pool's connections do (there is no client to name; a broker
+/// that demands the header would refuse the CONNECT or the handshake without it). A `tcp`
+/// probe sends nothing, and an `http` one is taken to reach a health endpoint, which does not
+/// speak PROXY (HAProxy's checks likewise send the header only to the traffic port). `tls`
+/// and `mqtts` verify the member with the pool's `tls`, as its connections do.
 pub async fn probe_once_via(
     protocol: &ProbeProtocol,
     target: SocketAddr,
     timeout: Duration,
     send_proxy: Option<ProxyVersion>,
+    tls: Option<&PoolTls>,
 ) -> Result<(), ProbeError> {
     tokio::time::timeout(timeout, async {
         let mut stream = TcpStream::connect(target)
@@ -75,18 +81,68 @@ pub async fn probe_once_via(
             ProbeProtocol::Tcp => Ok(()),
             ProbeProtocol::Http { path } => http(stream, target, path).await,
             ProbeProtocol::Mqtt => {
-                if let Some(v) = send_proxy {
-                    stream
-                        .write_all(&crate::proxy_protocol::local(v))
-                        .await
-                        .map_err(|e| ProbeError::Mqtt(format!("PROXY header: {e}")))?;
-                }
+                local_header(&mut stream, send_proxy, ProbeError::Mqtt).await?;
                 mqtt_handshake(stream, "mqlb-probe").await
+            }
+            ProbeProtocol::Tls | ProbeProtocol::Mqtts => {
+                let tls = tls.ok_or_else(|| {
+                    ProbeError::Tls("no TLS settings to verify the member with".into())
+                })?;
+                local_header(&mut stream, send_proxy, ProbeError::Tls).await?;
+                let name = tls.server_name_for(target.ip());
+                let session = crate::backend::tls::connect(tls.client.config(), name, stream)
+                    .await
+                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
+                match protocol {
+                    ProbeProtocol::Mqtts => mqtt_handshake(session, "mqlb-probe").await,
+                    _ => tls_goodbye(session).await,
+                }
             }
         }
     })
     .await
     .unwrap_or(Err(ProbeError::Timeout(timeout)))
+}
+
+/// The LOCAL PROXY header of `send_proxy`, if any; a failure is reported as `fail` says.
+async fn local_header(
+    stream: &mut TcpStream,
+    send_proxy: Option<ProxyVersion>,
+    fail: fn(String) -> ProbeError,
+) -> Result<(), ProbeError> {
+    let Some(v) = send_proxy else { return Ok(()) };
+    stream
+        .write_all(&crate::proxy_protocol::local(v))
+        .await
+        .map_err(|e| fail(format!("PROXY header: {e}")))
+}
+
+/// Ends a `tls` probe's session: a close_notify, then the member's answer read to its end.
+/// In TLS 1.3 the client's handshake is over before the server has checked the client
+/// certificate, so a member that refuses the LB's (mTLS) says so only now, with an alert;
+/// anything else (its close_notify, a plain close) is a member that accepted the session.
+async fn tls_goodbye(
+    mut session: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Result<(), ProbeError> {
+    if let Err(e) = session.shutdown().await {
+        tracing::debug!(error = %e, "probe close_notify not sent; reading the member's answer");
+    }
+    let mut sink = [0u8; 256];
+    // Bounded by the probe's timeout.
+    loop {
+        match session.read(&mut sink).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => {
+                return match crate::backend::tls::TlsFail::of(e) {
+                    fail @ crate::backend::tls::TlsFail::Alert(_) => {
+                        Err(ProbeError::Tls(fail.to_string()))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 async fn http(stream: TcpStream, target: SocketAddr, path: &str) -> Result<(), ProbeError> {
@@ -129,7 +185,7 @@ fn unique_client_id(prefix: &str) -> String {
 /// CONNECT (3.1.1, a one-time client ID starting with `client_prefix`) → an accepting CONNACK
 /// → DISCONNECT. The `mqtt` probe and the data-path probe (through a frontend) both use it.
 pub(crate) async fn mqtt_handshake(
-    mut stream: TcpStream,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     client_prefix: &str,
 ) -> Result<(), ProbeError> {
     let connect = encode_connect(&ConnectOptions {
@@ -186,16 +242,16 @@ pub(crate) async fn run(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        // Read each time: a reload that sets send_proxy keeps the probe task.
-        let send_proxy = shared
-            .snapshot
-            .load()
-            .pool(&pool)
-            .and_then(|p| p.cfg.send_proxy);
+        // Read each time: a reload that sets send_proxy or changes tls (a rotated client
+        // certificate, a new CA) keeps the probe task.
+        let pool_rt = shared.snapshot.load().pool(&pool).cloned();
+        let pool_cfg = pool_rt.as_ref().map(|p| &p.cfg);
+        let send_proxy = pool_cfg.and_then(|p| p.send_proxy);
+        let tls = pool_cfg.and_then(|p| p.tls.as_ref());
         let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = probe_once_via(&probe.protocol, target, probe.timeout, send_proxy) => r,
+            r = probe_once_via(&probe.protocol, target, probe.timeout, send_proxy, tls) => r,
         };
         let took = started.elapsed();
         duration.observe(took.as_secs_f64());
@@ -239,6 +295,7 @@ mod tests {
             ProbeError::Http(String::new()),
             ProbeError::MqttRefused(5),
             ProbeError::Mqtt(String::new()),
+            ProbeError::Tls(String::new()),
         ] {
             assert!(crate::metrics::PROBE_RESULTS.contains(&e.label()), "{e}");
         }
