@@ -54,7 +54,7 @@ pub use http::{
 };
 pub use metrics::metric;
 pub use mosquitto::{
-    mosquitto_installed, mosquitto_pub, mosquitto_pub_with, Mosquitto, MosquittoSub,
+    mosquitto_installed, mosquitto_pub, mosquitto_pub_with, Mosquitto, MosquittoSub, MosquittoTls,
 };
 pub use persistent::{Persistent, Protocol};
 pub use pki::Pki;

@@ -2,7 +2,7 @@
 //! `mosquitto_sub`/`mosquitto_pub` clients.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,52 @@ pub fn mosquitto_installed() -> bool {
         .is_ok()
 }
 
+/// The TLS of a [`Mosquitto`]'s main listener ([`Mosquitto::start_tls`]): PEM files.
+pub struct MosquittoTls<'a> {
+    /// The CA of client certificates (mosquitto's `cafile`, which a TLS listener needs).
+    pub ca: &'a Path,
+    /// The server certificate chain and its key.
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    /// Clients must show a certificate of `ca` (`require_certificate true`: mTLS).
+    pub require_certificate: bool,
+    /// Every CONNECT is refused (CONNACK 5, not authorized: `allow_anonymous false` with no
+    /// password file): a broker whose TLS works and whose MQTT does not.
+    pub refuse_connect: bool,
+}
+
 impl Mosquitto {
     pub async fn start() -> anyhow::Result<Mosquitto> {
+        Self::start_conf(|port, alt_port| {
+            format!(
+                "listener {port} 127.0.0.1\nlistener {alt_port} 127.0.0.1\nallow_anonymous true\n"
+            )
+        })
+        .await
+    }
+
+    /// A broker whose main listener (`port`) serves MQTT over TLS as `tls` says; the
+    /// `alt_port` one stays plain.
+    pub async fn start_tls(tls: &MosquittoTls<'_>) -> anyhow::Result<Mosquitto> {
+        let listener = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {}\n",
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display(),
+            tls.require_certificate
+        );
+        let anonymous = !tls.refuse_connect;
+        Self::start_conf(|port, alt_port| {
+            format!(
+                "listener {port} 127.0.0.1\n{listener}listener {alt_port} 127.0.0.1\n\
+                 allow_anonymous {anonymous}\n"
+            )
+        })
+        .await
+    }
+
+    /// A broker with the listeners `listeners(port, alt_port)` writes, on free ports.
+    async fn start_conf(listeners: impl Fn(u16, u16) -> String) -> anyhow::Result<Mosquitto> {
         if !mosquitto_installed() {
             bail!("mosquitto is not installed (apt-get install -y mosquitto mosquitto-clients)");
         }
@@ -44,8 +88,8 @@ impl Mosquitto {
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nlistener {alt_port} 127.0.0.1\n\
-                     allow_anonymous true\npersistence false\nlog_dest none\nmax_queued_messages 100000\n"
+                    "{}persistence false\nlog_dest none\nmax_queued_messages 100000\n",
+                    listeners(port, alt_port)
                 ),
             )?;
             let mut m = Mosquitto {

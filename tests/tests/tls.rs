@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use common::{backend_of, read_until_closed, DEADLINE};
+use common::{backend_of, candidates, mqtt_connect, ping, read_until_closed, DEADLINE};
 use mqlb_config::Config;
 use mqlb_lb::{Lb, Listeners};
 use mqlb_mqtt::{encode_connect, ConnectOptions};
@@ -135,35 +135,6 @@ impl TlsTopo {
             .await
             .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
     }
-}
-
-/// Backends `ids`, all eligible and equally weighted, as the LB's rendezvous hashing sees
-/// them: what a test predicts a key's backend with.
-fn candidates(ids: &[&str]) -> Vec<mqlb_lb::select::Candidate> {
-    ids.iter()
-        .map(|id| mqlb_lb::select::Candidate {
-            hash: mqlb_lb::select::backend_hash(id),
-            weight: 1,
-            active: 0,
-            eligible: true,
-        })
-        .collect()
-}
-
-/// Sends an MQTT 3.1.1 CONNECT for `client_id` and reads the 4-byte CONNACK.
-async fn mqtt_connect(
-    s: &mut (impl AsyncRead + AsyncWrite + Unpin),
-    client_id: &str,
-) -> anyhow::Result<[u8; 4]> {
-    s.write_all(&encode_connect(&ConnectOptions {
-        client_id: client_id.into(),
-        ..Default::default()
-    }))
-    .await?;
-    s.flush().await?;
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(DEADLINE, s.read_exact(&mut connack)).await??;
-    Ok(connack)
 }
 
 /// The `tls` of `client_id` in `/api/connections`, once it is listed.
@@ -475,16 +446,6 @@ async fn a_stalled_handshake_is_cut_at_the_inspect_timeout_and_holds_up_no_one(
     )
     .await?;
     t.lb.shutdown().await;
-    Ok(())
-}
-
-/// A PINGREQ answered by the broker: the connection still carries MQTT both ways.
-async fn ping(s: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> anyhow::Result<()> {
-    s.write_all(&[0xc0, 0]).await?;
-    s.flush().await?;
-    let mut pong = [0u8; 2];
-    tokio::time::timeout(DEADLINE, s.read_exact(&mut pong)).await??;
-    anyhow::ensure!(pong == [0xd0, 0], "not a PINGRESP: {pong:?}");
     Ok(())
 }
 

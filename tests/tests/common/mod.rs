@@ -1,5 +1,6 @@
-//! What the LB tests share: an LB in front of mosquitto brokers (`topo`), and an LB in front of
-//! one plain TCP backend (`tcp_lb_toml`, `count_then_reply_server`).
+//! What the LB tests share: an LB in front of mosquitto brokers (`topo`), an LB in front of
+//! one plain TCP backend (`tcp_lb_toml`, `count_then_reply_server`), and raw MQTT over any
+//! stream (`mqtt_connect`, `ping`).
 
 #![allow(dead_code)]
 
@@ -8,8 +9,9 @@ use std::time::Duration;
 
 use mqlb_config::Config;
 use mqlb_lb::{Lb, Listeners};
+use mqlb_mqtt::{encode_connect, ConnectOptions};
 use mqlb_tests::{Mosquitto, TempDir};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 pub struct Topo {
@@ -144,4 +146,43 @@ pub async fn backend_of(admin: SocketAddr, client_id: &str) -> anyhow::Result<St
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Backends `ids`, all eligible and equally weighted, as the LB's rendezvous hashing sees
+/// them: what a test predicts a key's backend with.
+pub fn candidates(ids: &[&str]) -> Vec<mqlb_lb::select::Candidate> {
+    ids.iter()
+        .map(|id| mqlb_lb::select::Candidate {
+            hash: mqlb_lb::select::backend_hash(id),
+            weight: 1,
+            active: 0,
+            eligible: true,
+        })
+        .collect()
+}
+
+/// Sends an MQTT 3.1.1 CONNECT for `client_id` and reads the 4-byte CONNACK.
+pub async fn mqtt_connect(
+    s: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    client_id: &str,
+) -> anyhow::Result<[u8; 4]> {
+    s.write_all(&encode_connect(&ConnectOptions {
+        client_id: client_id.into(),
+        ..Default::default()
+    }))
+    .await?;
+    s.flush().await?;
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut connack)).await??;
+    Ok(connack)
+}
+
+/// A PINGREQ answered by the broker: the connection still carries MQTT both ways.
+pub async fn ping(s: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> anyhow::Result<()> {
+    s.write_all(&[0xc0, 0]).await?;
+    s.flush().await?;
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut pong)).await??;
+    anyhow::ensure!(pong == [0xd0, 0], "not a PINGRESP: {pong:?}");
+    Ok(())
 }
