@@ -203,6 +203,26 @@ mod tests {
         assert_eq!(fingerprint(&config, &also), None);
     }
 
+    /// The watcher follows the files a pool's `tls` names too: a rotated client certificate or
+    /// CA is taken without a SIGHUP.
+    #[test]
+    fn the_watched_files_include_the_pools_tls_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, signing_key.serialize_pem()).expect("write");
+        let text = format!(
+            "[[frontend]]\nname = \"f\"\nbind = \"127.0.0.1:1000\"\n\
+             [[pool]]\nname = \"p\"\ntls = {{ ca = {c:?}, cert = {c:?}, key = {k:?} }}\n\
+             [[pool.backend]]\nid = \"a\"\naddr = \"127.0.0.1:1\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n"
+        );
+        let config = Config::parse(&text, "test").expect("valid");
+        assert_eq!(watched_files(&config), [c.clone(), c, k]);
+    }
+
     #[test]
     fn a_new_backlog_on_the_same_address_keeps_the_socket() {
         let old = cfg(&[("x", "127.0.0.1:1000")], &["x"]);

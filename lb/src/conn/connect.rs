@@ -1,10 +1,10 @@
 //! Opening the backend leg: a socket tuned for MQTT, connected, TLS when the pool has
 //! `tls`, with the bytes the inspection read replayed on it.
 //!
-//! A PROXY header goes in clear before the TLS handshake, as HAProxy's `send-proxy-v2` with
-//! `ssl` and NGINX's `proxy_protocol` with `proxy_ssl` send it, and as a server that reads the
-//! header to decide whom it speaks TLS with (mosquitto 2.1, HAProxy's `accept-proxy`)
-//! expects it.
+//! A PROXY header goes in clear before the TLS handshake: the PROXY protocol is the first
+//! thing on the TCP stream, and HAProxy's `send-proxy-v2` on an `ssl` server, AWS NLB and the
+//! brokers that document PROXY with their own TLS (TBMQ) all put it there; a listener reads it
+//! before its TLS (HAProxy's `accept-proxy` on a `bind ... ssl`).
 
 use std::borrow::Cow;
 use std::io;

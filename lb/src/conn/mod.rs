@@ -1,6 +1,7 @@
 //! A client connection's path, one task per connection, in the order it happens: on a TLS
 //! frontend [`tls`] completes the handshake first; [`inspect`] reads the first bytes (the
-//! CONNECT, on a client-ID rule), [`route`] decides from them what to do (pure), [`connect`] opens the backend leg (TLS again on a `pool.tls` pool) and replays what was read
+//! CONNECT, on a client-ID rule), [`route`] decides from them what to do (pure), [`connect`]
+//! opens the backend leg (TLS again on a `pool.tls` pool) and replays what was read
 //! (trying the next choice when one fails before any byte went back), [`relay`] copies both ways
 //! until one side is done, the connection idles out, its backend goes down (if the rule says so)
 //! or shutdown's grace runs out; [`Outcome`] names how it ended.

@@ -4,7 +4,8 @@
 //! What follows reads the decrypted stream exactly as a plain one: the CONNECT, the route, the
 //! relay (through the copy's buffer: `splice` cannot move TLS records). The server
 //! configuration comes built with the snapshot (`RuleRt::tls`), one per load, none per
-//! connection; the session is a [`TlsServerStream`], which holds no buffer while idle.
+//! connection; the session is a [`TlsServerStream`], which holds no buffer while idle. The
+//! backend leg is plain, or TLS again on a `pool.tls` pool (`connect`).
 //!
 //! The LB's own data-path probe connects without TLS (the proxy knows it by its address before
 //! any byte): it checks the route past the handshake, not the certificate.
