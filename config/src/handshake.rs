@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+
+use crate::tls_stream::TlsServerStream;
 
 /// Why a handshake failed: the `reason` label of `mqlb_tls_handshake_errors_total`.
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +49,8 @@ impl HandshakeFail {
         }
     }
 
-    /// What a failed accept's error was: tokio-rustls wraps rustls's own error in an
-    /// `InvalidData` one, and reports a close mid-handshake as `UnexpectedEof`.
+    /// What a failed accept's error was: rustls's own error wrapped in an `InvalidData` one (as
+    /// tokio-rustls does too), a close mid-handshake as `UnexpectedEof`.
     pub fn of(e: io::Error) -> HandshakeFail {
         use rustls::{Error, InvalidMessage};
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -70,37 +70,22 @@ impl HandshakeFail {
 }
 
 /// Completes the server handshake on `client` by `deadline`, `early` being its first bytes
-/// when they were read already (past a PROXY header). On an error rustls has queued its
-/// alert, which the accept sends before it returns; the socket is then dropped (closed).
+/// when they were read already (past a PROXY header). On an error the alert rustls queued is
+/// sent if the socket takes it at once; the socket is then dropped (closed).
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     server: &Arc<rustls::ServerConfig>,
     client: S,
     deadline: Instant,
     early: &[u8],
-) -> Result<TlsStream<S>, HandshakeFail> {
-    let acceptor = TlsAcceptor::from(server.clone());
-    let mut fed = Ok(());
-    let accept = acceptor.accept_with(client, |conn| fed = feed(conn, early));
-    // Bytes that are no handshake fail here, without waiting for more.
-    fed.map_err(HandshakeFail::of)?;
-    match tokio::time::timeout_at(deadline, accept).await {
+) -> Result<TlsServerStream<S>, HandshakeFail> {
+    let mut stream = TlsServerStream::new(server.clone(), client, early)
+        .map_err(|e| HandshakeFail::of(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    let handshake = std::future::poll_fn(|cx| stream.poll_handshake(cx));
+    match tokio::time::timeout_at(deadline, handshake).await {
         Err(_) => Err(HandshakeFail::Timeout),
         Ok(Err(e)) => Err(HandshakeFail::of(e)),
-        Ok(Ok(s)) => Ok(s),
+        Ok(Ok(())) => Ok(stream),
     }
-}
-
-/// Gives rustls bytes of the handshake read before it started, and processes them, so the
-/// handshake goes on (answers) without waiting for the socket to have more.
-fn feed(conn: &mut rustls::ServerConnection, mut early: &[u8]) -> io::Result<()> {
-    while !early.is_empty() {
-        if conn.read_tls(&mut early)? == 0 {
-            break;
-        }
-        conn.process_new_packets()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

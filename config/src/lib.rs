@@ -15,6 +15,7 @@ pub mod proxy;
 mod raw;
 mod spans;
 pub mod tls;
+pub mod tls_stream;
 mod validate;
 
 use std::path::{Path, PathBuf};

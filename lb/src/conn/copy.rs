@@ -104,7 +104,7 @@ impl Leg for TcpStream {
 
 /// Boxed: the TLS session's state (keys, handshake state) is large, and the task of every
 /// connection, plain ones too, is as large as its largest variant.
-impl Leg for Box<super::tls_stream::TlsServerStream> {
+impl Leg for Box<mqlb_config::tls_stream::TlsServerStream<TcpStream>> {
     const RAW: bool = false;
 
     fn tcp(&self) -> &TcpStream {

@@ -17,7 +17,6 @@ mod route;
 mod splice;
 mod sweep;
 mod tls;
-mod tls_stream;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;

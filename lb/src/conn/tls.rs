@@ -12,42 +12,20 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
-use super::tls_stream::TlsServerStream;
-
-// How a handshake failed is told apart as for the broker nodes' TLS listeners.
-pub(crate) use mqlb_config::handshake::HandshakeFail;
-
-/// Completes the server handshake on `client` by `deadline`, `early` being its first bytes
-/// when they were read already (past a PROXY header). On an error the alert rustls queued is
-/// sent if the socket takes it at once; the socket is then dropped (closed).
-pub(crate) async fn accept(
-    server: &Arc<rustls::ServerConfig>,
-    client: TcpStream,
-    deadline: Instant,
-    early: &[u8],
-) -> Result<TlsServerStream, HandshakeFail> {
-    let mut stream = TlsServerStream::new(server.clone(), client, early)
-        .map_err(|e| HandshakeFail::of(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-    let handshake = std::future::poll_fn(|cx| stream.poll_handshake(cx));
-    match tokio::time::timeout_at(deadline, handshake).await {
-        Err(_) => Err(HandshakeFail::Timeout),
-        Ok(Err(e)) => Err(HandshakeFail::of(e)),
-        Ok(Ok(())) => Ok(stream),
-    }
-}
+// The handshake and the session are shared with the broker nodes' TLS listeners.
+pub(crate) use mqlb_config::handshake::{accept, HandshakeFail};
+use mqlb_config::tls_stream::TlsServerStream;
 
 /// The client leg as the connect phase holds it: plain, or TLS terminated here (boxed: the
 /// session's state is large and only TLS connections pay for it).
 pub(crate) enum ClientLeg {
     Plain(TcpStream),
-    Tls(Box<TlsServerStream>),
+    Tls(Box<TlsServerStream<TcpStream>>),
 }
 
 impl ClientLeg {

@@ -1,11 +1,12 @@
-//! The server side of a TLS connection the LB terminates, over rustls's unbuffered API, so an
-//! idle connection holds no buffer: only its keys and handshake state (about 3.4 KiB).
+//! The server side of a TLS connection mqlb terminates (an LB frontend, a broker's `mqtts`
+//! listener), over rustls's unbuffered API, so an idle connection holds no buffer: only its
+//! keys and handshake state (about 3.4 KiB).
 //!
 //! rustls's buffered connection (what tokio-rustls wraps) keeps a 4 KiB receive buffer for
 //! its whole life once it has read, and most connections are idle devices: that buffer was more
 //! than half of what an idle TLS connection cost. Here the received records, the records to send
 //! and the decrypted bytes not taken yet each live in a buffer that exists only while it holds
-//! something, the promise the plain copy keeps too (copy.rs: "no buffer while idle").
+//! something, the promise the LB's plain copy keeps too ("no buffer while idle").
 //!
 //! The stream is polled by the connection's one task, reads and writes alike; records rustls
 //! queues on its own (session tickets, a TLS 1.3 key update's answer, alerts) are sent in order
@@ -19,7 +20,6 @@ use std::task::{ready, Context, Poll};
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// The receive buffer's first size: one record of the largest size a peer may send (16 KiB of
 /// plaintext and its overhead), so a read takes a whole record.
@@ -47,9 +47,9 @@ enum Next {
     Closed,
 }
 
-/// A TLS server connection on a TCP socket (see the module doc).
-pub(crate) struct TlsServerStream {
-    sock: TcpStream,
+/// A TLS server connection on a stream, a TCP socket (see the module doc).
+pub struct TlsServerStream<S> {
+    sock: S,
     conn: UnbufferedServerConnection,
     /// Received TLS bytes not yet processed (`..used`, a partial record); freed when empty.
     incoming: Vec<u8>,
@@ -67,11 +67,11 @@ pub(crate) struct TlsServerStream {
     close_sent: bool,
 }
 
-impl TlsServerStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> TlsServerStream<S> {
     /// A connection that has not shaken hands yet; `early` are its first bytes, read before.
-    pub(crate) fn new(
+    pub fn new(
         config: Arc<rustls::ServerConfig>,
-        sock: TcpStream,
+        sock: S,
         early: &[u8],
     ) -> Result<Self, rustls::Error> {
         let mut incoming = Vec::new();
@@ -94,18 +94,19 @@ impl TlsServerStream {
         })
     }
 
-    pub(crate) fn socket(&self) -> &TcpStream {
+    /// The stream under the session.
+    pub fn socket(&self) -> &S {
         &self.sock
     }
 
     /// The session's state: versions, the client's certificates, ALPN.
-    pub(crate) fn session(&self) -> &rustls::CommonState {
+    pub fn session(&self) -> &rustls::CommonState {
         &self.conn
     }
 
     /// Drives the handshake until it is complete and what it sent is on the socket. On an error
     /// rustls has queued its alert, which is written if the socket takes it at once.
-    pub(crate) fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    pub fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if let Err(e) = self.process() {
                 self.send_alert();
@@ -223,13 +224,14 @@ impl TlsServerStream {
     }
 
     /// The alert rustls queued with an error, written if the socket takes it now (the
-    /// connection is closed after).
+    /// connection is closed after; nothing waits for it).
     fn send_alert(&mut self) {
         let status = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
             let mut alert = [0u8; 64];
             if let Ok(n) = encode.encode(&mut alert) {
-                let _ = self.sock.try_write(&alert[..n]);
+                let mut now = Context::from_waker(std::task::Waker::noop());
+                let _ = Pin::new(&mut self.sock).poll_write(&mut now, &alert[..n]);
             }
         }
     }
@@ -310,13 +312,13 @@ fn append(
     ))
 }
 
-/// rustls's error as the I/O error tokio-rustls would give (what [`super::tls::HandshakeFail`]
-/// reads).
+/// rustls's error as the I/O error tokio-rustls would give (what
+/// [`crate::handshake::HandshakeFail::of`] reads).
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl AsyncRead for TlsServerStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -361,7 +363,7 @@ impl AsyncRead for TlsServerStream {
     }
 }
 
-impl AsyncWrite for TlsServerStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<S> {
     /// Encrypts up to 64 KiB of `data` once the records of the last write are on the socket:
     /// at most one write's records wait in the stream.
     fn poll_write(
@@ -410,6 +412,7 @@ mod tests {
     use super::*;
     use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     /// A server configuration for `localhost` and a client trusting it, speaking `version`.
     fn configs(
@@ -442,7 +445,10 @@ mod tests {
     /// header) when `split` is set.
     async fn pair(
         version: &'static rustls::SupportedProtocolVersion,
-    ) -> (tokio_rustls::client::TlsStream<TcpStream>, TlsServerStream) {
+    ) -> (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        TlsServerStream<TcpStream>,
+    ) {
         let (server, client) = configs(version);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
