@@ -2,7 +2,8 @@
 //! over TLS only, behind an in-process LB whose frontends are plain or terminate TLS; the
 //! members' certificates verified (another CA, another name: never used), the LB's client
 //! certificate for brokers that ask for one, the `tls` and `mqtts` probes, a reload that
-//! rotates the files under live connections, and a PROXY header in clear before the handshake.
+//! rotates the files under live connections, and a PROXY header in clear before the handshake;
+//! and mqlb's own broker node behind it, on its `mqtts` listener with PROXY v2.
 
 mod common;
 
@@ -548,4 +549,84 @@ async fn send_proxy_sends_the_header_in_clear_before_the_tls_handshake() -> anyh
     assert_eq!(source, Some(me));
     lb.shutdown().await;
     Ok(())
+}
+
+/// An mqlb broker node serving MQTT over TLS on `mqtts` (the certificate of `pki`) and taking
+/// PROXY headers from loopback (the LB).
+async fn mqlb_tls_node(pki: &Pki) -> anyhow::Result<mqlb_tests::Cluster> {
+    let text = format!(
+        "[[broker]]\nid = \"n\"\nmqtt = \"127.0.0.1:1\"\nmqtts = \"127.0.0.1:2\"\n\
+         tls = {{ cert = {:?}, key = {:?} }}\naccept_proxy = [\"127.0.0.1/32\"]\n",
+        pki.path_str("chain.pem"),
+        pki.path_str("key.pem")
+    );
+    let want = Config::parse(&text, "broker.toml")?
+        .brokers
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no broker"))?;
+    mqlb_tests::Cluster::start_shaped(1, |n| {
+        n.mqtts = Some(mqlb_tests::loopback(mqlb_tests::free_port()?));
+        n.tls = want.tls.clone();
+        n.accept_proxy = want.accept_proxy.clone();
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqlb_brokers_mqtts_listener_behind_the_lb_with_tls_and_proxy_v2() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let node = mqlb_tls_node(&pki).await?;
+    let mqtts = node
+        .node(0)
+        .and_then(|n| n.mqtts)
+        .ok_or_else(|| anyhow::anyhow!("no mqtts listener"))?;
+    let http = node.http(0).ok_or_else(|| anyhow::anyhow!("no http"))?;
+    let file = pki.path("lb.toml");
+    let toml = lb_toml(&pki, &[mqtts], &pool_tls(&pki, ""), "mqtts")
+        .replace("tls = { ca", "send_proxy = \"v2\"\ntls = { ca");
+    std::fs::write(&file, toml)?;
+    let lb = Lb::start(Config::load(&file)?, Listeners::default()).await?;
+    let admin = lb.admin_addr();
+    wait_until("b1 up by its mqtts probe", DEADLINE, || async {
+        backend_state(admin, "b1").await.is_ok_and(|s| s == "up")
+    })
+    .await?;
+    // A client from another loopback address than the LB's: the node lists it by that address,
+    // on its TLS listener.
+    let client = tokio::net::TcpSocket::new_v4()?;
+    client.bind("127.0.0.9:0".parse()?)?;
+    let front = lb.frontend_addr("mqtt").expect("open");
+    let mut s = client.connect(front).await?;
+    assert_eq!(mqtt_connect(&mut s, "via-lb").await?, [0x20, 2, 0, 0]);
+    let me = s.local_addr()?.to_string();
+    let start = std::time::Instant::now();
+    let listed = loop {
+        if let Some(found) = node_lists(http, "via-lb").await? {
+            break found;
+        }
+        anyhow::ensure!(start.elapsed() < DEADLINE, "via-lb not listed by the node");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(listed, ("mqtts".to_string(), me));
+    ping(&mut s).await?;
+    lb.shutdown().await;
+    Ok(())
+}
+
+/// Where the node's `/api/clients` at `http` lists `client_id`: `(listener, peer)`.
+async fn node_lists(http: SocketAddr, client_id: &str) -> anyhow::Result<Option<(String, String)>> {
+    let (status, body) = mqlb_tests::http(http, "GET", "/api/clients").await?;
+    anyhow::ensure!(status == 200, "/api/clients: {status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v["clients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["client_id"] == client_id)
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (s("listener"), s("peer"))
+        }))
 }
