@@ -460,6 +460,15 @@ async fn run_haserver(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitC
                 url.expose(),
                 mqlb_haserver::PostgresOptions {
                     source: me.db_source,
+                    tls: match &me.db_ca {
+                        Some(ca) => Some(
+                            mqlb_config::tls::client(ca, None, &[])
+                                .with_context(|| format!("haserver {id}: db_ca"))?
+                                .config()
+                                .clone(),
+                        ),
+                        None => None,
+                    },
                     ..mqlb_haserver::PostgresOptions::for_lease(cfg.ha.lease)
                 },
             )

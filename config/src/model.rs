@@ -557,6 +557,9 @@ pub struct HaServer {
     /// PostgreSQL only: connect to it from this address (a machine with several), so the
     /// database's `pg_hba.conf` and the network see this machine's.
     pub db_source: Option<std::net::IpAddr>,
+    /// PostgreSQL only: TLS to it, verifying its certificate against this CA (PEM), checked
+    /// at load.
+    pub db_ca: Option<std::path::PathBuf>,
 }
 
 /// `haserver.db`: where an HA server keeps its state; HA servers that back each other up share

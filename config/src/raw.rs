@@ -46,6 +46,7 @@ pub struct RawHaServer {
     pub listen: String,
     pub db: Option<String>,
     pub db_source: Option<String>,
+    pub db_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

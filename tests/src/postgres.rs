@@ -58,6 +58,8 @@ pub struct Postgres {
     /// The superuser every test connects as (trust authentication on loopback).
     pub user: String,
     running: bool,
+    /// Its certificate and key, once it serves TLS ([`Postgres::restart_with_tls`]).
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Postgres {
@@ -74,6 +76,7 @@ impl Postgres {
             addr: SocketAddr::new(ip, 0),
             user: "mqlb".into(),
             running: false,
+            tls: None,
         };
         if is_root() {
             // PostgreSQL will not run as root: the postgres user owns the directory.
@@ -149,12 +152,19 @@ impl Postgres {
         let data = self.data();
         let log = self.dir.path().join("postgres.log").display().to_string();
         // The socket directory is the scratch directory: no clash with a system server's.
-        let opts = format!(
+        let mut opts = format!(
             "-c listen_addresses={} -p {} -k {} -c fsync=off -c max_connections=100",
             self.addr.ip(),
             self.addr.port(),
             self.dir.path().display()
         );
+        if let Some((cert, key)) = &self.tls {
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
         let started = self.run_pg(
             "pg_ctl",
             &[
@@ -174,6 +184,33 @@ impl Postgres {
         )
         .await?;
         Ok(())
+    }
+
+    /// Stops the server and starts it again serving TLS with the certificate chain `cert` and
+    /// key `key` (PEM), copied into its directory where its user may read them (the key mode
+    /// 0600, as PostgreSQL requires). Clients may still connect without TLS.
+    pub async fn restart_with_tls(
+        &mut self,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        self.stop()?;
+        let (c, k) = (
+            self.dir.path().join("server.crt"),
+            self.dir.path().join("server.key"),
+        );
+        std::fs::copy(cert, &c).with_context(|| format!("copying {}", cert.display()))?;
+        std::fs::copy(key, &k).with_context(|| format!("copying {}", key.display()))?;
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))?;
+        if is_root() {
+            run(Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&c)
+                .arg(&k))?;
+        }
+        self.tls = Some((c, k));
+        self.start_again().await
     }
 
     /// Stops the server at once (`immediate`: like a crash, no checkpoint); the data stays.

@@ -787,3 +787,82 @@ async fn common_backend(lb: &Lb, client_id: &str) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Issue 18: TLS to PostgreSQL. The database serves TLS with a certificate of a test CA; an HA
+/// server given that CA (`haserver.db_ca`) connects over TLS (PostgreSQL's `pg_stat_ssl` says
+/// so for each of its connections) and is primary; `sslmode=require` without a CA is refused
+/// at start, naming the key; a CA that did not sign the server's certificate leaves the
+/// server degraded, saying why, rather than talking in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ha_server_talks_tls_to_postgres_verifying_its_certificate() -> anyhow::Result<()> {
+    let pki = mqlb_tests::Pki::new()?;
+    let mut pg = Postgres::start().await?;
+    pg.restart_with_tls(&pki.path("chain.pem"), &pki.path("key.pem"))
+        .await?;
+    let url = pg.url("postgres");
+    let tls = |ca: &std::path::Path| -> anyhow::Result<PostgresOptions> {
+        let client = mqlb_config::tls::client(ca, None, &[])?;
+        Ok(PostgresOptions {
+            tls: Some(client.config().clone()),
+            ..PostgresOptions::for_lease(TIMING.lease)
+        })
+    };
+    let start = |options: PostgresOptions| {
+        let url = url.clone();
+        async move {
+            let store = PostgresStore::open(&url, options).await?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            Ok::<_, anyhow::Error>(
+                HaServer::start(
+                    "ha1",
+                    listener,
+                    Arc::new(store),
+                    mqlb_tests::ha_options(TIMING),
+                )
+                .await?,
+            )
+        }
+    };
+    let ha = start(tls(&pki.path("ca.pem"))?).await?;
+    wait_until("the HA server is primary over TLS", DEADLINE, || async {
+        healthz(ha.addr())
+            .await
+            .is_some_and(|h| h["role"] == "primary" && h["degraded"] == false)
+    })
+    .await?;
+    let ssl = pg.psql(
+        "postgres",
+        "SELECT string_agg(DISTINCT s.ssl::text, ',') FROM pg_stat_ssl s \
+         JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'mqlb-haserver'",
+    )?;
+    assert_eq!(ssl, "true", "every connection of the HA server is TLS");
+    ha.stop().await;
+
+    let refused = PostgresStore::open(
+        &format!("{url}?sslmode=require"),
+        PostgresOptions::for_lease(TIMING.lease),
+    )
+    .await;
+    let e = refused
+        .err()
+        .context("sslmode=require without a CA opened")?;
+    assert!(e.to_string().contains("haserver.db_ca"), "{e}");
+
+    let stranger = mqlb_tests::Pki::new()?;
+    let ha = start(tls(&stranger.path("ca.pem"))?).await?;
+    wait_until(
+        "a server certificate of another CA: degraded",
+        DEADLINE,
+        || async {
+            healthz(ha.addr()).await.is_some_and(|h| {
+                h["degraded"] == true
+                    && h["database"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("certificate"))
+            })
+        },
+    )
+    .await?;
+    assert!(!ha.is_primary());
+    Ok(())
+}

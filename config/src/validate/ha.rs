@@ -62,11 +62,13 @@ fn servers(c: &mut Checker, raw: &[RawHaServer]) -> Vec<HaServer> {
         let listen = c.addr(&format!("{k}.listen"), &h.listen);
         let db = db(c, &format!("{k}.db"), h.db.as_deref());
         let db_source = db_source(c, &format!("{k}.db_source"), h.db_source.as_deref(), &db);
+        let db_ca = db_ca(c, &format!("{k}.db_ca"), h.db_ca.as_deref(), &db);
         servers.push(HaServer {
             id: h.id.clone(),
             listen: listen.unwrap_or(UNPARSED_ADDR),
             db,
             db_source,
+            db_ca,
         });
     }
     servers
@@ -103,6 +105,22 @@ fn db_source(c: &mut Checker, key: &str, raw: Option<&str>, db: &HaDb) -> Option
     }
 }
 
+/// `haserver.db_ca`: a PEM file of CA certificates, for a PostgreSQL `db` only, read here so
+/// a bad file is refused at load rather than at the first connect.
+fn db_ca(c: &mut Checker, key: &str, raw: Option<&str>, db: &HaDb) -> Option<std::path::PathBuf> {
+    let raw = raw?;
+    if matches!(db, HaDb::Sqlite(_)) {
+        c.error(key, "only for a PostgreSQL db (postgres://...)");
+        return None;
+    }
+    let path = std::path::PathBuf::from(raw);
+    if let Err(e) = crate::tls::client(&path, None, &[]) {
+        c.error(key, e.to_string());
+        return None;
+    }
+    Some(path)
+}
+
 /// Cross-section: a pool's `discovery` names a known source, and `"haserver"` needs one.
 fn pool_discovery(c: &mut Checker, raw: &RawConfig) {
     for (i, p) in raw.pools.iter().enumerate() {
@@ -125,6 +143,23 @@ fn pool_discovery(c: &mut Checker, raw: &RawConfig) {
 mod tests {
     use crate::model::{HaDb, PostgresUrl};
     use crate::Config;
+
+    #[test]
+    fn db_ca_is_for_postgres_and_must_load() {
+        for (keys, want) in [
+            (
+                "db = \"x.sqlite\"\ndb_ca = \"ca.pem\"\n",
+                "haserver[0].db_ca: only for",
+            ),
+            (
+                "db = \"postgres://h/ha\"\ndb_ca = \"/nonexistent/ca.pem\"\n",
+                "haserver[0].db_ca: cannot read",
+            ),
+        ] {
+            let e = ha(keys).expect_err(keys);
+            assert!(e.contains(want), "{keys}: {e}");
+        }
+    }
 
     fn ha(keys: &str) -> Result<Config, String> {
         Config::parse(

@@ -12,6 +12,7 @@
 
 mod listen;
 mod pool;
+mod tls;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::watch;
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{IsolationLevel, Row, Transaction};
 
 use super::lease::{self, Lease};
@@ -145,6 +146,9 @@ pub struct PostgresOptions {
     /// Every call (and connect) gives up after this: a partition or a stalled server costs
     /// one timeout, not a hung lease round. Keep it below the lease's renewal period.
     pub timeout: Duration,
+    /// TLS to the database, trusting this configuration's CA (`haserver.db_ca`): required
+    /// when set. `None`: none, and a URL with `sslmode=require` is refused.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl PostgresOptions {
@@ -154,6 +158,7 @@ impl PostgresOptions {
             source: None,
             pool_size: 4,
             timeout: (lease / 3).max(Duration::from_millis(100)),
+            tls: None,
         }
     }
 }
@@ -210,6 +215,20 @@ fn target(url: &str, options: &PostgresOptions) -> Result<Target, StoreError> {
         _ => return Err(StoreError::Url("several hosts: name one".into())),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
+    // TLS when there is a CA to verify the server with, and only then (tokio-postgres would
+    // otherwise try it on `prefer`, its default, with nothing to verify against).
+    match (&options.tls, config.get_ssl_mode()) {
+        (Some(_), _) => config.ssl_mode(SslMode::Require),
+        (None, SslMode::Require) => {
+            return Err(StoreError::Url(
+                "sslmode=require needs haserver.db_ca, the CA that signed the server's certificate"
+                    .into(),
+            ))
+        }
+        (None, _) => config.ssl_mode(SslMode::Disable),
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| StoreError::Url(format!("host {host:?}: {e}")))?;
     if config.get_application_name().is_none() {
         config.application_name("mqlb-haserver");
     }
@@ -232,6 +251,10 @@ fn target(url: &str, options: &PostgresOptions) -> Result<Target, StoreError> {
         port,
         source: options.source,
         timeout: options.timeout,
+        tls: tls::Connector {
+            config: options.tls.clone(),
+            name,
+        },
     })
 }
 

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{Client, Connection, NoTls};
+use tokio_postgres::{Client, Connection};
 
 use super::super::StoreError;
 use crate::lock;
@@ -39,6 +38,8 @@ pub struct Target {
     pub source: Option<IpAddr>,
     /// Bounds a connect and, as TCP_USER_TIMEOUT, data left unacknowledged.
     pub timeout: Duration,
+    /// TLS to the server (`sslmode=require` with `haserver.db_ca`).
+    pub tls: super::tls::Connector,
 }
 
 impl Target {
@@ -59,7 +60,7 @@ impl Target {
     /// Opens one connection; the caller drives (or spawns) the returned `Connection`.
     pub async fn connect(
         &self,
-    ) -> Result<(Client, Connection<TcpStream, NoTlsStream>), StoreError> {
+    ) -> Result<(Client, Connection<TcpStream, super::tls::Stream>), StoreError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
             .map_err(|e| self.io_error("resolving the host", e))?
@@ -87,7 +88,7 @@ impl Target {
     async fn connect_to(
         &self,
         addr: SocketAddr,
-    ) -> Result<(Client, Connection<TcpStream, NoTlsStream>), StoreError> {
+    ) -> Result<(Client, Connection<TcpStream, super::tls::Stream>), StoreError> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()
         } else {
@@ -119,7 +120,7 @@ impl Target {
         )
         .map_err(|e| self.io_error("keepalive", e))?;
         self.config
-            .connect_raw(stream, NoTls)
+            .connect_raw(stream, self.tls.clone())
             .await
             .map_err(|e| self.error(&e))
     }
