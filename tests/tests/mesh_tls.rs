@@ -348,3 +348,53 @@ async fn garbage_and_a_stalled_handshake_at_a_tls_node_are_refused_and_counted(
     .await?;
     Ok(())
 }
+
+/// The user's path: a configuration file with `[cluster] tls` and two `[[broker]]`s, each node
+/// started from it as `mqlb broker` does (`NodeSpec::from_config`): they link, and their mesh
+/// refuses a plaintext peer, so TLS came from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_started_from_a_config_with_cluster_tls_link_over_tls() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    pki.leaf(&["127.0.0.1"], (4096, 1, 1), "node.pem", "node.key")?;
+    let mut text = format!(
+        "[cluster]\nsecret = \"{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\
+         tls = {{ cert = \"{}\", key = \"{}\", ca = \"{}\" }}\n",
+        mqlb_tests::TEST_SECRET,
+        pki.path_str("node.pem"),
+        pki.path_str("node.key"),
+        pki.path_str("ca.pem"),
+    );
+    for id in ["b1", "b2"] {
+        let port = mqlb_tests::free_port;
+        text.push_str(&format!(
+            "[[broker]]\nid = \"{id}\"\nmqtt = \"127.0.0.1:{}\"\nmesh = \"127.0.0.1:{}\"\n",
+            port()?,
+            port()?
+        ));
+    }
+    let config = mqlb_config::Config::parse(&text, "mesh-tls.toml")?;
+    let mut nodes = Vec::new();
+    for id in ["b1", "b2"] {
+        let spec = mqlb_broker::NodeSpec::from_config(&config, id)?;
+        nodes.push(mqlb_broker::Node::start(spec).await?);
+    }
+    wait_until("b1 and b2 linked", DEADLINE, || async {
+        nodes.iter().all(|n| n.links().iter().all(|(_, up)| *up))
+    })
+    .await?;
+    let mesh = nodes[0].mesh_addr.context("b1's mesh address")?;
+    let mut plain = TcpStream::connect(mesh).await?;
+    plain.write_all(b"\x00\x00\x00\x05\x01MQLB").await?;
+    wait_until("b1 refused a plaintext peer", DEADLINE, || async {
+        metric(
+            &nodes[0].metrics_text(),
+            "mqlb_mesh_rejected_total",
+            &[("reason", "plaintext")],
+        ) == 1.0
+    })
+    .await?;
+    for n in nodes {
+        n.stop().await;
+    }
+    Ok(())
+}
