@@ -5,7 +5,12 @@
 //! the last PUBACK the database held them all, and plain QoS 1 msg/s (10 -> 2); medians and
 //! the on/off ratios.
 //!
-//! `cargo run --release -p mqlb-benches --bin durable-bench [-- --quick] [--reps N] [--per-pub N]`
+//! Then what a clean stop costs when it writes persistent sessions' queued messages: a node
+//! with `--sessions` (100) persistent sessions whose clients are away and `--queued` (100)
+//! QoS 1 messages queued for each gets SIGTERM; the time until it exited, store on and off.
+//!
+//! `cargo run --release -p mqlb-benches --bin durable-bench [-- --quick] [--reps N] [--per-pub N]
+//! [--sessions N] [--queued N]`
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -230,5 +235,123 @@ async fn main() -> anyhow::Result<()> {
     let dropped = queue_dropped(&on).await?;
     let errors = node_metric(&on, "mqlb_broker_retained_store_errors_total", &[]).await?;
     println!("store on: {dropped} dropped (queue full), {errors} failed batches");
+
+    // What a clean stop costs when it writes the persistent sessions' queues.
+    let (sessions, per) = (arg("--sessions", 100usize), arg("--queued", 100usize));
+    let mut stops = vec![Vec::new(); 2];
+    for rep in 0..reps {
+        for (p, durable) in [true, false].into_iter().enumerate() {
+            let id = format!("stop{rep}{p}");
+            let node = start_node(dir.path(), &id, durable, &ha_part).await?;
+            stops[p].push(stop_with_queues(node, &id, sessions, per).await?);
+            if durable {
+                let kept = stored_queues(ha, &id, sessions).await?;
+                anyhow::ensure!(
+                    kept == sessions * per,
+                    "{kept} of {} queued stored",
+                    sessions * per
+                );
+            }
+        }
+    }
+    let m: Vec<f64> = stops.iter().map(|r| median(r.clone())).collect();
+    println!(
+        "SIGTERM to exit, {sessions} persistent sessions away x {per} QoS1 queued: store on {:.0} ms, \
+         off {:.0} ms (medians; on: {:?})",
+        m[0],
+        m[1],
+        stops[0].iter().map(|v| v.round()).collect::<Vec<_>>()
+    );
     Ok(())
+}
+
+/// Queued messages the HA server keeps for the sessions of `stop_with_queues(.., tag, ..)`.
+async fn stored_queues(ha: SocketAddr, tag: &str, sessions: usize) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for s in 0..sessions {
+        let path = format!(
+            "/api/queued?client={}",
+            mqlb_ha_api::retained::encode_after(&format!("{tag}-s{s}"))
+        );
+        let headers = mqlb_tests::ha_auth_headers(
+            SECRET.as_bytes(),
+            "GET",
+            &path,
+            mqlb_tests::unix_ms(),
+            b"",
+        );
+        let (status, body) = mqlb_tests::http_with_headers(ha, "GET", &path, &headers, b"").await?;
+        anyhow::ensure!(status == 200, "GET {path}: {status} {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        n += v["entry"]["messages"].as_array().map_or(0, Vec::len);
+    }
+    Ok(n)
+}
+
+/// `sessions` persistent sessions on `node`, their clients away, `per` QoS 1 messages queued
+/// for each; then SIGTERM: the ms until the process exited (with the store on, it wrote the
+/// queues to the HA server first).
+async fn stop_with_queues(
+    mut node: Node,
+    tag: &str,
+    sessions: usize,
+    per: usize,
+) -> anyhow::Result<f64> {
+    for s in 0..sessions {
+        let mut o = opts(format!("{tag}-s{s}"), node.mqtt);
+        o.set_clean_session(false);
+        let (c, mut el) = AsyncClient::new(o, 16);
+        c.subscribe(format!("q/{tag}/{s}"), QoS::AtLeastOnce)
+            .await?;
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            anyhow::ensure!(Instant::now() < deadline, "no SUBACK for session {s}");
+            if let Event::Incoming(Packet::SubAck(_)) = el.poll().await? {
+                break;
+            }
+        }
+        c.disconnect().await?;
+        while el.poll().await.is_ok() {}
+    }
+    let (c, mut el) = AsyncClient::new(opts(format!("{tag}-pub"), node.mqtt), 1000);
+    let want = sessions * per;
+    let publisher = tokio::spawn({
+        let (c, tag) = (c.clone(), tag.to_string());
+        async move {
+            for i in 0..want {
+                c.publish(
+                    format!("q/{tag}/{}", i % sessions),
+                    QoS::AtLeastOnce,
+                    false,
+                    vec![7u8; 64],
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    let mut acks = 0;
+    let deadline = Instant::now() + DEADLINE;
+    while acks < want {
+        anyhow::ensure!(Instant::now() < deadline, "{acks} of {want} PUBACKs");
+        if let Event::Incoming(Packet::PubAck(_)) = el.poll().await? {
+            acks += 1;
+        }
+    }
+    publisher.await??;
+    let pid = node._proc.0.id();
+    let at = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "kill -TERM {pid}");
+    while node._proc.0.try_wait()?.is_none() {
+        anyhow::ensure!(
+            at.elapsed() < DEADLINE,
+            "the node did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(at.elapsed().as_secs_f64() * 1000.0)
 }
