@@ -27,6 +27,8 @@ pub struct Metrics {
     pub dropped: IntCounterVec,
     pub link_up: IntGaugeVec,
     pub rejected: IntCounterVec,
+    /// `[cluster] tls` (issue 15): when this node's mesh certificate expires, by its file.
+    pub mesh_tls_cert_expiry: IntGaugeVec,
     /// Acknowledged delivery (issue 12): numbered frames sent again after a reconnect,
     /// re-sends dropped as already delivered, numbers a peer never sent, and the frames kept
     /// per peer until it acknowledges them.
@@ -115,6 +117,13 @@ impl Metrics {
                     "Mesh links refused, by reason: inbound (auth, version, garbage, ...) and, both ways, TLS (plaintext: a plaintext peer at a TLS node; unexpected_tls: a TLS peer at a plaintext node; certificate: one side did not accept the other's; tls: another TLS failure).",
                 ),
                 &["reason"],
+            )?,
+            mesh_tls_cert_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "mqlb_mesh_tls_cert_expiry_seconds",
+                    "When this node's mesh certificate (cluster.tls.cert) expires, Unix seconds; absent without mesh TLS.",
+                ),
+                &["cert"],
             )?,
             resent: IntCounterVec::new(
                 Opts::new(
@@ -242,6 +251,8 @@ impl Metrics {
         m.registry.register(Box::new(m.dropped.clone()))?;
         m.registry.register(Box::new(m.link_up.clone()))?;
         m.registry.register(Box::new(m.rejected.clone()))?;
+        m.registry
+            .register(Box::new(m.mesh_tls_cert_expiry.clone()))?;
         m.registry.register(Box::new(m.resent.clone()))?;
         m.registry.register(Box::new(m.duplicates.clone()))?;
         m.registry.register(Box::new(m.skipped.clone()))?;

@@ -351,7 +351,7 @@ async fn garbage_and_a_stalled_handshake_at_a_tls_node_are_refused_and_counted(
 
 /// The user's path: a configuration file with `[cluster] tls` and two `[[broker]]`s, each node
 /// started from it as `mqlb broker` does (`NodeSpec::from_config`): they link, and their mesh
-/// refuses a plaintext peer, so TLS came from the file.
+/// refuses a plaintext peer, so TLS came from the file; the certificate's expiry is a metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_started_from_a_config_with_cluster_tls_link_over_tls() -> anyhow::Result<()> {
     let pki = Pki::new()?;
@@ -382,6 +382,16 @@ async fn brokers_started_from_a_config_with_cluster_tls_link_over_tls() -> anyho
         nodes.iter().all(|n| n.links().iter().all(|(_, up)| *up))
     })
     .await?;
+    // rcgen's certificates are valid until 4096-01-01.
+    let expiry = metric(
+        &nodes[0].metrics_text(),
+        "mqlb_mesh_tls_cert_expiry_seconds",
+        &[("cert", &pki.path_str("node.pem"))],
+    );
+    ensure!(
+        expiry == 67_090_118_400.0,
+        "mesh certificate expiry {expiry}"
+    );
     let mesh = nodes[0].mesh_addr.context("b1's mesh address")?;
     let mut plain = TcpStream::connect(mesh).await?;
     plain.write_all(b"\x00\x00\x00\x05\x01MQLB").await?;

@@ -214,6 +214,15 @@ impl Mesh {
         metrics: Arc<Metrics>,
         wills: rumqttd::DelayedWills,
     ) -> Mesh {
+        // An expiring mesh certificate splits the cluster the day it expires: alert before.
+        if let Some(t) = settings.as_ref().and_then(|s| s.tls.as_ref()) {
+            if let Some(at) = t.server.not_after() {
+                metrics
+                    .mesh_tls_cert_expiry
+                    .with_label_values(&[&t.cert.display().to_string()])
+                    .set(at);
+            }
+        }
         Mesh {
             id,
             settings,
