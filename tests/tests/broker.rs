@@ -320,6 +320,14 @@ async fn garbage_and_wrong_secret_peers_are_refused_and_the_mesh_keeps_working(
     let watcher = Client::connect(cluster.mqtt(0), "watcher").await?;
     watcher.subscribe("forged/#", QoS::AtLeastOnce).await?;
     let mut s = tokio::net::TcpStream::connect(mesh).await?;
+    // Each side sends its HELLO at once, as nodes do (the accepting node reads the first
+    // bytes before it answers: TLS or not).
+    let hello = frame::Frame::Hello {
+        version: frame::VERSION,
+        node_id: "intruder".into(),
+        nonce: auth::nonce(),
+    };
+    s.write_all(&frame::encode(&hello)?).await?;
     let mut buf = BytesMut::new();
     let their_nonce = loop {
         if let Some(f) = frame::decode(&mut buf, 1024)? {
@@ -330,12 +338,6 @@ async fn garbage_and_wrong_secret_peers_are_refused_and_the_mesh_keeps_working(
         }
         anyhow::ensure!(s.read_buf(&mut buf).await? > 0, "closed before HELLO");
     };
-    let hello = frame::Frame::Hello {
-        version: frame::VERSION,
-        node_id: "intruder".into(),
-        nonce: auth::nonce(),
-    };
-    s.write_all(&frame::encode(&hello)?).await?;
     let mac = auth::mac(b"not-the-cluster-secret", &their_nonce, "intruder");
     s.write_all(&frame::encode(&frame::Frame::Auth { mac })?)
         .await?;
