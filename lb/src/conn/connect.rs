@@ -9,13 +9,11 @@
 use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rustls::pki_types::ServerName;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
@@ -153,52 +151,8 @@ pub(crate) async fn connect_and_replay(
     Ok(stream)
 }
 
-/// The backend leg: the socket, or TLS over it to a member of a `pool.tls` pool (boxed: the
-/// session's state is large and only TLS connections pay for it).
-pub(crate) enum ServerLeg {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ServerLeg {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerLeg::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerLeg {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerLeg::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerLeg::Plain(s) => Pin::new(s).poll_flush(cx),
-            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerLeg::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ServerLeg::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
-    }
-}
+/// The backend leg: the socket, or TLS over it to a member of a `pool.tls` pool.
+pub(crate) type ServerLeg = super::tls::MaybeTls<TlsStream<TcpStream>>;
 
 #[cfg(test)]
 mod tests {

@@ -21,12 +21,15 @@ use tokio::net::TcpStream;
 pub(crate) use mqlb_config::handshake::{accept, HandshakeFail};
 use mqlb_config::tls_stream::TlsServerStream;
 
-/// The client leg as the connect phase holds it: plain, or TLS terminated here (boxed: the
-/// session's state is large and only TLS connections pay for it).
-pub(crate) enum ClientLeg {
+/// A leg of a proxied connection: the socket, or TLS over it (boxed: the session's state is
+/// large and only TLS connections pay for it).
+pub(crate) enum MaybeTls<T> {
     Plain(TcpStream),
-    Tls(Box<TlsServerStream<TcpStream>>),
+    Tls(Box<T>),
 }
+
+/// The client leg as the connect phase holds it: plain, or TLS terminated here.
+pub(crate) type ClientLeg = MaybeTls<TlsServerStream<TcpStream>>;
 
 impl ClientLeg {
     /// The TCP socket under it.
@@ -57,42 +60,42 @@ impl ClientLeg {
     }
 }
 
-impl AsyncRead for ClientLeg {
+impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientLeg::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientLeg::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for ClientLeg {
+impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientLeg::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientLeg::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientLeg::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientLeg::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientLeg::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientLeg::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
