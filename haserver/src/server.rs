@@ -1088,14 +1088,25 @@ async fn deregister(shared: &Arc<Shared>, epoch: u64, id: &str) -> Res {
     }
 }
 
-async fn write_retained(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
-    let batch: RetainedBatch = match serde_json::from_slice(body) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
-    };
-    if let Some(msg) = batch.entries.iter().find_map(|e| e.validate().err()) {
-        return error(StatusCode::BAD_REQUEST, msg);
+/// A batch write's body, parsed, and each of its `entries` checked with `validate`; or why
+/// not (a 400).
+fn batch_body<B: serde::de::DeserializeOwned, E>(
+    body: &[u8],
+    entries: impl Fn(&B) -> &[E],
+    validate: impl Fn(&E) -> Result<(), String>,
+) -> Result<B, String> {
+    let batch: B = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    match entries(&batch).iter().find_map(|e| validate(e).err()) {
+        Some(msg) => Err(msg),
+        None => Ok(batch),
     }
+}
+
+async fn write_retained(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
+    let batch = match batch_body(body, |b: &RetainedBatch| &b.entries, |e| e.validate()) {
+        Ok(b) => b,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
     let now = now_ms();
     let total = batch.entries.len() as u64;
     match shared
@@ -1157,13 +1168,10 @@ async fn read_retained(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
 }
 
 async fn write_sessions(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
-    let batch: SessionBatch = match serde_json::from_slice(body) {
+    let batch = match batch_body(body, |b: &SessionBatch| &b.entries, |e| e.validate()) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    if let Some(msg) = batch.entries.iter().find_map(|e| e.validate().err()) {
-        return error(StatusCode::BAD_REQUEST, msg);
-    }
     let now = now_ms();
     match shared
         .db(move |s| s.write_sessions(epoch, &batch.entries, now))
@@ -1202,13 +1210,10 @@ async fn read_sessions(shared: &Arc<Shared>, uri: &hyper::Uri) -> Res {
 }
 
 async fn write_queued(shared: &Arc<Shared>, epoch: u64, body: &[u8]) -> Res {
-    let batch: QueuedBatch = match serde_json::from_slice(body) {
+    let batch = match batch_body(body, |b: &QueuedBatch| &b.entries, |e| e.validate()) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    if let Some(msg) = batch.entries.iter().find_map(|e| e.validate().err()) {
-        return error(StatusCode::BAD_REQUEST, msg);
-    }
     let now = now_ms();
     match shared
         .db(move |s| s.write_queued(epoch, &batch.entries, now))
