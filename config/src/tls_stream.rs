@@ -1,5 +1,6 @@
-//! The server side of a TLS connection mqlb terminates (an LB frontend, a broker's `mqtts`
-//! listener), over rustls's unbuffered API, so an idle connection holds no buffer: only its
+//! A TLS connection on a stream over rustls's unbuffered API, for both sides mqlb speaks: the
+//! server side of what it terminates (an LB frontend, a broker's `mqtts` listener) and the
+//! client side it opens to a `pool.tls` backend. An idle connection holds no buffer: only its
 //! keys and handshake state (about 3.4 KiB).
 //!
 //! rustls's buffered connection (what tokio-rustls wraps) keeps a 4 KiB receive buffer for
@@ -7,6 +8,10 @@
 //! than half of what an idle TLS connection cost. Here the received records, the records to send
 //! and the decrypted bytes not taken yet each live in a buffer that exists only while it holds
 //! something, the promise the LB's plain copy keeps too ("no buffer while idle").
+//!
+//! The state machine is written once, over [`Side`]: rustls gives the client and the server
+//! the same states (`UnbufferedConnectionCommon<Data>`), the server's alone may offer early
+//! data (refused here), and the client's first state is its ClientHello to encode and send.
 //!
 //! The stream is polled by the connection's one task, reads and writes alike; records rustls
 //! queues on its own (session tickets, a TLS 1.3 key update's answer, alerts) are sent in order
@@ -17,8 +22,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The receive buffer's first size: one record of the largest size a peer may send (16 KiB of
@@ -47,10 +56,61 @@ enum Next {
     Closed,
 }
 
-/// A TLS server connection on a stream, a TCP socket (see the module doc).
-pub struct TlsServerStream<S> {
+/// The side of a session: rustls's unbuffered client or server connection, whose
+/// `process_tls_records` are two inherent methods of the same shape.
+pub trait Side: Unpin {
+    type Data;
+
+    /// rustls's next state, given the received bytes not yet processed.
+    fn process_tls_records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+
+    /// The session's state: versions, the peer's certificates, ALPN.
+    fn common(&self) -> &rustls::CommonState;
+}
+
+impl Side for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+
+    fn process_tls_records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        (**self).process_tls_records(incoming)
+    }
+
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+}
+
+impl Side for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+
+    fn process_tls_records<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        (**self).process_tls_records(incoming)
+    }
+
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
+}
+
+/// The server side of a TLS connection mqlb terminates.
+pub type TlsServerStream<S> = TlsStream<S, UnbufferedServerConnection>;
+
+/// The client side of a TLS connection mqlb opens (to a `pool.tls` backend).
+pub type TlsClientStream<S> = TlsStream<S, UnbufferedClientConnection>;
+
+/// A TLS connection on a stream, a TCP socket (see the module doc), of either [`Side`].
+pub struct TlsStream<S, C> {
     sock: S,
-    conn: UnbufferedServerConnection,
+    conn: C,
     /// Received TLS bytes not yet processed (`..used`, a partial record); freed when empty.
     incoming: Vec<u8>,
     used: usize,
@@ -67,21 +127,42 @@ pub struct TlsServerStream<S> {
     close_sent: bool,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> TlsServerStream<S> {
+impl<S> TlsServerStream<S> {
     /// A connection that has not shaken hands yet; `early` are its first bytes, read before.
     pub fn new(
         config: Arc<rustls::ServerConfig>,
         sock: S,
         early: &[u8],
     ) -> Result<Self, rustls::Error> {
+        let conn = UnbufferedServerConnection::new(config)?;
+        Ok(TlsStream::with(sock, conn, early))
+    }
+}
+
+impl<S> TlsClientStream<S> {
+    /// A connection to `name` (verified against the configuration's roots, sent as SNI when it
+    /// is a DNS name) that has not shaken hands yet: its ClientHello goes out with the first
+    /// [`TlsStream::poll_handshake`].
+    pub fn new(
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+        sock: S,
+    ) -> Result<Self, rustls::Error> {
+        let conn = UnbufferedClientConnection::new(config, name)?;
+        Ok(TlsStream::with(sock, conn, &[]))
+    }
+}
+
+impl<S, C> TlsStream<S, C> {
+    fn with(sock: S, conn: C, early: &[u8]) -> Self {
         let mut incoming = Vec::new();
         if !early.is_empty() {
             incoming = vec![0; early.len().max(RECORD)];
             incoming[..early.len()].copy_from_slice(early);
         }
-        Ok(TlsServerStream {
+        TlsStream {
             sock,
-            conn: UnbufferedServerConnection::new(config)?,
+            conn,
             incoming,
             used: early.len(),
             outgoing: Vec::new(),
@@ -91,17 +172,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsServerStream<S> {
             eof: false,
             cut: false,
             close_sent: false,
-        })
+        }
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin, C: Side> TlsStream<S, C> {
     /// The stream under the session.
     pub fn socket(&self) -> &S {
         &self.sock
     }
 
-    /// The session's state: versions, the client's certificates, ALPN.
+    /// The session's state: versions, the peer's certificates, ALPN.
     pub fn session(&self) -> &rustls::CommonState {
-        &self.conn
+        self.conn.common()
     }
 
     /// Drives the handshake until it is complete and what it sent is on the socket. On an error
@@ -113,7 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsServerStream<S> {
                 return Poll::Ready(Err(tls_error(e)));
             }
             ready!(self.poll_send(cx))?;
-            if !self.conn.is_handshaking() {
+            if !self.conn.common().is_handshaking() {
                 return Poll::Ready(Ok(()));
             }
             if ready!(self.poll_fill(cx))? == 0 {
@@ -198,7 +281,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsServerStream<S> {
                     }
                     None => Some((Next::Read, 0)),
                 },
-                // Early data is not enabled (`max_early_data_size` 0): none is accepted.
+                // Early data is not enabled (a server's `max_early_data_size` 0, a client's
+                // `enable_early_data` false): none is accepted, none is sent.
                 _ => {
                     return Err(rustls::Error::General(
                         "unexpected TLS state (early data?)".into(),
@@ -318,7 +402,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncRead for TlsStream<S, C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -363,7 +447,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsServerStream<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin, C: Side> AsyncWrite for TlsStream<S, C> {
     /// Encrypts up to 64 KiB of `data` once the records of the last write are on the socket:
     /// at most one write's records wait in the stream.
     fn poll_write(
@@ -411,16 +495,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsServerStream<S> {
 mod tests {
     use super::*;
     use std::future::poll_fn;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpListener, TcpStream};
 
     /// A server configuration for `localhost` and a client trusting it, speaking `version`.
+    /// Each call's certificate is self-signed by a CA of its own name, so a client of one
+    /// call does not know another's issuer.
     fn configs(
         version: &'static rustls::SupportedProtocolVersion,
     ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let rcgen::CertifiedKey { cert, signing_key } =
-            rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+        let signing_key = rcgen::KeyPair::generate().expect("key pair");
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test CA {n}"));
+        let cert = params.self_signed(&signing_key).expect("rcgen");
         let key =
             rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).expect("key");
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -440,25 +533,32 @@ mod tests {
         (Arc::new(server), Arc::new(client))
     }
 
+    fn localhost() -> ServerName<'static> {
+        ServerName::try_from("localhost").expect("name")
+    }
+
+    async fn listen() -> (TcpListener, std::net::SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (listener, addr)
+    }
+
     /// A TLS client (tokio-rustls: rustls's buffered side) and this server, handshaken; the
     /// client's first bytes are `early` for the server (read before it, as past a PROXY
-    /// header) when `split` is set.
-    async fn pair(
+    /// header).
+    async fn server_pair(
         version: &'static rustls::SupportedProtocolVersion,
     ) -> (
         tokio_rustls::client::TlsStream<TcpStream>,
         TlsServerStream<TcpStream>,
     ) {
         let (server, client) = configs(version);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = listen().await;
         let connector = tokio_rustls::TlsConnector::from(client);
         let dial = async {
             let sock = TcpStream::connect(addr).await.expect("connect");
             connector
-                .connect("localhost".try_into().expect("name"), sock)
+                .connect(localhost(), sock)
                 .await
                 .expect("client handshake")
         };
@@ -478,74 +578,172 @@ mod tests {
         tokio::join!(dial, accept)
     }
 
+    /// A TLS server (tokio-rustls) and this client, handshaken.
+    async fn client_pair(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (
+        tokio_rustls::server::TlsStream<TcpStream>,
+        TlsClientStream<TcpStream>,
+    ) {
+        let (server, client) = configs(version);
+        let (listener, addr) = listen().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let accept = async {
+            let (sock, _) = listener.accept().await.expect("accept");
+            acceptor.accept(sock).await.expect("server handshake")
+        };
+        let dial = async {
+            let sock = TcpStream::connect(addr).await.expect("connect");
+            let mut s = TlsClientStream::new(client, localhost(), sock).expect("client");
+            poll_fn(|cx| s.poll_handshake(cx))
+                .await
+                .expect("client handshake");
+            s
+        };
+        tokio::join!(accept, dial)
+    }
+
     /// Bytes that are not all alike, so a record misplaced shows.
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 % 251) as u8).collect()
     }
 
-    #[tokio::test]
-    async fn carries_a_megabyte_each_way_and_holds_nothing_when_idle() {
-        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-            let (mut client, mut server) = pair(version).await;
-            assert!(!server.holds_buffers(), "after the handshake");
-            let up = pattern(1 << 20);
-            let down: Vec<u8> = up.iter().rev().copied().collect();
-            let (up2, down2) = (up.clone(), down.clone());
-            let client_side = async move {
-                let (mut r, mut w) = tokio::io::split(&mut client);
-                let send = async {
-                    // Uneven writes: records of every size.
-                    for chunk in up2.chunks(12_345) {
-                        w.write_all(chunk).await.expect("client write");
-                    }
-                    w.flush().await.expect("flush");
-                };
-                let recv = async {
-                    let mut got = vec![0u8; down2.len()];
-                    r.read_exact(&mut got).await.expect("client read");
-                    assert!(got == down2, "what the server sent");
-                };
-                tokio::join!(send, recv);
-                client
-            };
-            let server_side = async {
-                let mut got = vec![0u8; up.len()];
-                // Small reads: a record larger than the reader's room waits in `plain`.
-                let mut at = 0;
-                while at < got.len() {
-                    let end = (at + 1000).min(got.len());
-                    let n = server.read(&mut got[at..end]).await.expect("server read");
-                    assert!(n > 0, "no early end");
-                    at += n;
+    /// A megabyte each way between `ours` and `theirs` (rustls's buffered side, either side),
+    /// then the close_notify both ways, the one of `ours_closes` side first. `ours` holds no
+    /// buffer after its handshake, nor once idle again.
+    async fn megabyte_each_way_then_close<C: Side>(
+        mut ours: TlsStream<TcpStream, C>,
+        mut theirs: impl AsyncRead + AsyncWrite + Unpin,
+        ours_closes: bool,
+    ) {
+        assert!(!ours.holds_buffers(), "after the handshake");
+        let up = pattern(1 << 20);
+        let down: Vec<u8> = up.iter().rev().copied().collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let their_side = async move {
+            let (mut r, mut w) = tokio::io::split(&mut theirs);
+            let send = async {
+                // Uneven writes: records of every size.
+                for chunk in up2.chunks(12_345) {
+                    w.write_all(chunk).await.expect("peer write");
                 }
-                assert!(got == up, "what the client sent");
-                server.write_all(&down).await.expect("server write");
-                server.flush().await.expect("flush");
+                w.flush().await.expect("flush");
             };
-            let (mut client, ()) = tokio::join!(client_side, server_side);
-            // Idle again: a read that waits holds no buffer.
-            let mut one = [0u8; 1];
-            let waited =
-                tokio::time::timeout(std::time::Duration::from_millis(50), server.read(&mut one))
-                    .await;
-            assert!(waited.is_err(), "nothing to read");
-            assert!(!server.holds_buffers(), "idle after traffic ({version:?})");
-            // A close_notify ends the server's reads cleanly, and its own reaches the client.
-            client.shutdown().await.expect("client close");
-            assert_eq!(server.read(&mut one).await.expect("clean end"), 0);
-            server.shutdown().await.expect("server close");
-            let mut rest = Vec::new();
-            client
+            let recv = async {
+                let mut got = vec![0u8; down2.len()];
+                r.read_exact(&mut got).await.expect("peer read");
+                assert!(got == down2, "what this stream sent");
+            };
+            tokio::join!(send, recv);
+            theirs
+        };
+        let our_side = async {
+            let mut got = vec![0u8; up.len()];
+            // Small reads: a record larger than the reader's room waits in `plain`.
+            let mut at = 0;
+            while at < got.len() {
+                let end = (at + 1000).min(got.len());
+                let n = ours.read(&mut got[at..end]).await.expect("read");
+                assert!(n > 0, "no early end");
+                at += n;
+            }
+            assert!(got == up, "what the peer sent");
+            // One write of it all: encrypted 64 KiB at a time.
+            ours.write_all(&down).await.expect("write");
+            ours.flush().await.expect("flush");
+        };
+        let (mut theirs, ()) = tokio::join!(their_side, our_side);
+        // Idle again: a read that waits holds no buffer.
+        let mut one = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_millis(50), ours.read(&mut one)).await;
+        assert!(waited.is_err(), "nothing to read");
+        assert!(!ours.holds_buffers(), "idle after traffic");
+        let mut rest = Vec::new();
+        if ours_closes {
+            ours.shutdown().await.expect("close");
+            theirs
                 .read_to_end(&mut rest)
                 .await
-                .expect("client sees the end");
+                .expect("peer sees the end");
+            assert!(rest.is_empty());
+            theirs.shutdown().await.expect("peer close");
+            assert_eq!(ours.read(&mut one).await.expect("clean end"), 0);
+        } else {
+            // A close_notify ends this stream's reads cleanly, and its own reaches the peer.
+            theirs.shutdown().await.expect("peer close");
+            assert_eq!(ours.read(&mut one).await.expect("clean end"), 0);
+            ours.shutdown().await.expect("close");
+            theirs
+                .read_to_end(&mut rest)
+                .await
+                .expect("peer sees the end");
             assert!(rest.is_empty());
         }
     }
 
+    /// The peer's writes of one byte each (a record each) all arrive, and leave no buffer.
+    async fn one_byte_records<C: Side>(
+        mut ours: TlsStream<TcpStream, C>,
+        mut theirs: impl AsyncRead + AsyncWrite + Unpin,
+    ) {
+        let sent = pattern(300);
+        let send = async {
+            for b in &sent {
+                theirs.write_all(&[*b]).await.expect("peer write");
+                theirs.flush().await.expect("flush");
+            }
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while got.len() < sent.len() {
+                let n = ours.read(&mut buf).await.expect("read");
+                assert!(n > 0, "no early end");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got == sent, "what the peer sent");
+        };
+        tokio::join!(send, recv);
+        assert!(!ours.holds_buffers(), "all taken");
+    }
+
+    #[tokio::test]
+    async fn server_carries_a_megabyte_each_way_and_holds_nothing_when_idle() {
+        for (version, ours_closes) in [
+            (&rustls::version::TLS13, false),
+            (&rustls::version::TLS12, true),
+        ] {
+            let (client, server) = server_pair(version).await;
+            megabyte_each_way_then_close(server, client, ours_closes).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn client_carries_a_megabyte_each_way_and_holds_nothing_when_idle() {
+        for (version, ours_closes) in [
+            (&rustls::version::TLS13, true),
+            (&rustls::version::TLS12, false),
+        ] {
+            let (server, client) = client_pair(version).await;
+            assert_eq!(
+                client.session().protocol_version(),
+                server.get_ref().1.protocol_version()
+            );
+            megabyte_each_way_then_close(client, server, ours_closes).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn both_sides_read_a_peer_writing_a_byte_a_record() {
+        let (client, server) = server_pair(&rustls::version::TLS13).await;
+        one_byte_records(server, client).await;
+        let (server, client) = client_pair(&rustls::version::TLS13).await;
+        one_byte_records(client, server).await;
+    }
+
     #[tokio::test]
     async fn a_peer_that_vanishes_without_close_notify_is_a_cut_end() {
-        let (mut client, mut server) = pair(&rustls::version::TLS13).await;
+        let (mut client, mut server) = server_pair(&rustls::version::TLS13).await;
         // One exchange, so the client has read the session tickets (unread bytes would make
         // its close a reset).
         let mut one = [0u8; 1];
@@ -558,13 +756,16 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
+    /// rustls's error inside an I/O error (what `HandshakeFail::of` and the LB's `TlsFail::of`
+    /// read).
+    fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    }
+
     #[tokio::test]
     async fn bytes_that_are_not_tls_fail_the_handshake_with_rustls_error() {
         let (server, _) = configs(&rustls::version::TLS13);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let (listener, addr) = listen().await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
         let (sock, _) = listener.accept().await.expect("accept");
         c.write_all(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c")
@@ -574,10 +775,99 @@ mod tests {
         let e = poll_fn(|cx| s.poll_handshake(cx))
             .await
             .expect_err("not TLS");
-        let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
         assert!(
-            matches!(tls, Some(rustls::Error::InvalidMessage(_))),
+            matches!(rustls_error(&e), Some(rustls::Error::InvalidMessage(_))),
             "{e:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_server_of_another_ca_fails_the_client_handshake_and_hears_why() {
+        let (_, client) = configs(&rustls::version::TLS13);
+        let (stranger, _) = configs(&rustls::version::TLS13);
+        let (listener, addr) = listen().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(stranger);
+        let accept = async {
+            let (sock, _) = listener.accept().await.expect("accept");
+            acceptor.accept(sock).await.map(drop)
+        };
+        let dial = async {
+            let sock = TcpStream::connect(addr).await.expect("connect");
+            let mut s = TlsClientStream::new(client, localhost(), sock).expect("client");
+            poll_fn(|cx| s.poll_handshake(cx)).await
+        };
+        let both = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(accept, dial)
+        });
+        let (heard, ours) = both.await.expect("no hang");
+        let e = ours.expect_err("the certificate does not verify");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            matches!(
+                rustls_error(&e),
+                Some(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer
+                ))
+            ),
+            "{e:?}"
+        );
+        // The alert rustls queued reached the server.
+        let heard = heard.expect_err("the server hears an alert");
+        assert!(
+            matches!(
+                rustls_error(&heard),
+                Some(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::UnknownCA
+                ))
+            ),
+            "{heard:?}"
+        );
+    }
+
+    /// The client's handshake with a server that reads the ClientHello, answers `reply` and
+    /// ends its side (a FIN: the socket is kept until the client is done, so no reset).
+    async fn answering(reply: &'static [u8]) -> io::Result<()> {
+        let (_, client) = configs(&rustls::version::TLS13);
+        let (listener, addr) = listen().await;
+        let serve = async {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut header = [0u8; 5];
+            sock.read_exact(&mut header).await.expect("hello");
+            assert_eq!(header[0], 0x16, "a handshake record");
+            let mut hello = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+            sock.read_exact(&mut hello).await.expect("hello");
+            sock.write_all(reply).await.expect("reply");
+            sock.shutdown().await.expect("FIN");
+            sock
+        };
+        let dial = async {
+            let sock = TcpStream::connect(addr).await.expect("connect");
+            let mut s = TlsClientStream::new(client, localhost(), sock).expect("client");
+            poll_fn(|cx| s.poll_handshake(cx)).await
+        };
+        let both = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(serve, dial).1
+        });
+        both.await.expect("no hang")
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_not_tls_fails_the_client_handshake() {
+        let e = answering(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .expect_err("not TLS");
+        assert!(
+            matches!(rustls_error(&e), Some(rustls::Error::InvalidMessage(_))),
+            "{e:?}"
+        );
+        // A CONNACK, a plain MQTT port.
+        let e = answering(b"\x20\x02\x00\x00").await.expect_err("not TLS");
+        assert!(
+            matches!(rustls_error(&e), Some(rustls::Error::InvalidMessage(_))),
+            "{e:?}"
+        );
+        // Nothing, then the close.
+        let e = answering(b"").await.expect_err("closed");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e:?}");
     }
 }
