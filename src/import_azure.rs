@@ -186,7 +186,9 @@ fn probe(p: &Value, warnings: &mut Vec<String>) -> ProbeOut {
         }
         "https" => {
             warnings.push(format!(
-                "probe {name}: HTTPS probes are not supported (mqlb has no TLS); probing TCP port {port} instead"
+                "probe {name}: HTTPS probes are not carried (mqlb's tls and mqtts probes verify \
+                 the member's certificate, so they need the CA in pool.tls, which the export does \
+                 not have); probing TCP port {port} instead"
             ));
             t += "protocol = \"tcp\"\n";
         }

@@ -86,19 +86,7 @@ enum Command {
     /// Validate a config file: print OK (and warnings) or every problem; exit 1 on error.
     CheckConfig { file: PathBuf },
     /// Run one health probe and print the result; exit 0 if healthy, 1 if not.
-    Probe {
-        /// HOST:PORT to probe.
-        target: String,
-        /// MQTT probe: CONNECT must be answered by an accepting CONNACK.
-        #[arg(long, conflicts_with = "http")]
-        mqtt: bool,
-        /// HTTP probe: GET this path must answer 200.
-        #[arg(long, value_name = "PATH")]
-        http: Option<String>,
-        /// Give up after this long (e.g. 2s, 500ms).
-        #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
-        timeout: Duration,
-    },
+    Probe(ProbeArgs),
     /// Convert another load balancer's configuration into an mqlb config (TOML on stdout,
     /// a warning on stderr for each setting that cannot be carried).
     Import {
@@ -161,12 +149,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::CheckConfig { file } => return check_config(&file),
-        Command::Probe {
-            target,
-            mqtt,
-            http,
-            timeout,
-        } => runtime().and_then(|rt| rt.block_on(probe(&target, mqtt, http, timeout))),
+        Command::Probe(args) => runtime().and_then(|rt| rt.block_on(probe(args))),
         Command::Import {
             from: ImportFrom::Azure { file },
         } => import_azure(&file),
@@ -307,24 +290,71 @@ fn import_azure(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     print_report(&out.toml)
 }
 
-async fn probe(
-    target: &str,
+/// `mqlb probe`'s options: the protocols of `[[probe]]`, and for `--tls`/`--mqtts` what a
+/// pool's `tls` says (the CA, the name, the client certificate, ALPN).
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// HOST:PORT to probe.
+    target: String,
+    /// MQTT probe: CONNECT must be answered by an accepting CONNACK.
+    #[arg(long, conflicts_with_all = ["http", "tls", "mqtts"])]
     mqtt: bool,
+    /// HTTP probe: GET this path must answer 200.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["tls", "mqtts"])]
     http: Option<String>,
+    /// TLS probe: a handshake whose certificate verifies against --cafile, ended without an
+    /// alert (the target took the client certificate, if it asked for one).
+    #[arg(long, requires = "cafile", conflicts_with = "mqtts")]
+    tls: bool,
+    /// MQTT over TLS: the TLS probe, then CONNECT answered by an accepting CONNACK.
+    #[arg(long, requires = "cafile")]
+    mqtts: bool,
+    /// The CA certificates (PEM) the target's certificate must chain to: the only ones trusted.
+    #[arg(long, value_name = "PEM")]
+    cafile: Option<PathBuf>,
+    /// The name the certificate is verified against and sent as SNI [default: HOST when it is
+    /// a name, else the address, verified as an IP address SAN].
+    #[arg(long, value_name = "NAME", requires = "cafile")]
+    server_name: Option<String>,
+    /// A client certificate chain (PEM), shown when the target asks for one (mTLS).
+    #[arg(long, value_name = "PEM", requires_all = ["key", "cafile"])]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<PathBuf>,
+    /// An ALPN protocol to offer (repeat for several; none by default).
+    #[arg(long, value_name = "PROTOCOL", requires = "cafile")]
+    alpn: Vec<String>,
+    /// Give up after this long (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     timeout: Duration,
-) -> anyhow::Result<ExitCode> {
+}
+
+async fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
+    let target = args.target.as_str();
     let addr: SocketAddr = target
         .to_socket_addrs()
         .with_context(|| format!("{target}: not a HOST:PORT"))?
         .next()
         .with_context(|| format!("{target}: resolves to no address"))?;
-    let protocol = match (mqtt, http) {
-        (true, _) => ProbeProtocol::Mqtt,
-        (false, Some(path)) => ProbeProtocol::Http { path },
-        (false, None) => ProbeProtocol::Tcp,
+    let protocol = if args.mqtt {
+        ProbeProtocol::Mqtt
+    } else if let Some(path) = args.http.clone() {
+        ProbeProtocol::Http { path }
+    } else if args.tls {
+        ProbeProtocol::Tls
+    } else if args.mqtts {
+        ProbeProtocol::Mqtts
+    } else {
+        ProbeProtocol::Tcp
     };
+    let tls = match &args.cafile {
+        Some(ca) => Some(probe_tls(&args, ca)?),
+        None => None,
+    };
+    let timeout = args.timeout;
     let started = std::time::Instant::now();
-    let result = mqlb_lb::probe_once(&protocol, addr, timeout).await;
+    let result = mqlb_lb::probe_once_via(&protocol, addr, timeout, None, tls.as_ref()).await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(match result {
         Ok(()) => {
@@ -335,6 +365,39 @@ async fn probe(
             outln!("{addr}: unhealthy: {e} ({ms:.1} ms)");
             ExitCode::FAILURE
         }
+    })
+}
+
+/// The TLS side of a `--tls`/`--mqtts` probe, built as a pool's `tls` is (the files read now,
+/// an unreadable or mismatched one refused naming it).
+fn probe_tls(args: &ProbeArgs, ca: &std::path::Path) -> anyhow::Result<mqlb_config::PoolTls> {
+    // HOST of HOST:PORT when it is a name, not an address: what curl and openssl s_client
+    // verify by default.
+    let host = args
+        .target
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .filter(|h| h.parse::<std::net::IpAddr>().is_err());
+    let server_name = match args.server_name.as_deref().or(host) {
+        None => None,
+        Some(n) => Some(
+            rustls::pki_types::ServerName::try_from(n.to_string()).map_err(|_| {
+                anyhow::anyhow!("--server-name {n:?}: not a DNS name or an IP address")
+            })?,
+        ),
+    };
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some(mqlb_config::tls::identity(cert, key)?),
+        _ => None,
+    };
+    let client = mqlb_config::tls::client(ca, identity, &args.alpn)?;
+    Ok(mqlb_config::PoolTls {
+        ca: ca.to_path_buf(),
+        server_name,
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        alpn: args.alpn.clone(),
+        client,
     })
 }
 

@@ -7,8 +7,10 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use mqlb_tests::pki::Pki;
 use mqlb_tests::{
-    free_port, http, metric, mqlb_bin, wait_until, Client, KillOnDrop, Mosquitto, TempDir,
+    free_port, http, metric, mqlb_bin, wait_until, Client, KillOnDrop, Mosquitto, MosquittoTls,
+    TempDir,
 };
 
 fn run(args: &[&str]) -> anyhow::Result<(i32, String)> {
@@ -73,6 +75,87 @@ async fn probe_reports_healthy_and_unhealthy() -> anyhow::Result<()> {
     // An MQTT broker does not speak HTTP.
     let (code, out) = run(&["probe", &target, "--http", "/health", "--timeout", "500ms"])?;
     assert_eq!(code, 1, "{out}");
+    Ok(())
+}
+
+/// `mqlb probe --tls` and `--mqtts` against a mosquitto serving MQTT over TLS: healthy with the
+/// broker's CA, unhealthy with another CA, another name, or no client certificate where one is
+/// required, and `--mqtt` in clear is no answer from a TLS port.
+#[tokio::test]
+async fn probe_speaks_tls_and_mqtts() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let other = Pki::new()?;
+    pki.client_cert("device-1")?;
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("chain.pem"),
+        pki.path("key.pem"),
+    );
+    let tls = |require_certificate| MosquittoTls {
+        ca: &ca,
+        cert: &cert,
+        key: &key,
+        require_certificate,
+        refuse_connect: false,
+    };
+    let broker = Mosquitto::start_tls(&tls(false)).await?;
+    let target = broker.addr().to_string();
+    let ca = pki.path_str("ca.pem");
+    for how in ["--tls", "--mqtts"] {
+        let (code, out) = run(&["probe", &target, how, "--cafile", &ca])?;
+        assert_eq!((code, out.contains("healthy")), (0, true), "{how}: {out}");
+    }
+    let (code, out) = run(&[
+        "probe",
+        &target,
+        "--mqtts",
+        "--cafile",
+        &other.path_str("ca.pem"),
+    ])?;
+    assert_eq!(
+        (code, out.contains("unhealthy")),
+        (1, true),
+        "another CA: {out}"
+    );
+    let (code, out) = run(&[
+        "probe",
+        &target,
+        "--tls",
+        "--cafile",
+        &ca,
+        "--server-name",
+        "elsewhere.example",
+    ])?;
+    assert_eq!(
+        (code, out.contains("unhealthy")),
+        (1, true),
+        "another name: {out}"
+    );
+    let (code, out) = run(&["probe", &target, "--mqtt", "--timeout", "500ms"])?;
+    assert_eq!(code, 1, "MQTT in clear to a TLS port: {out}");
+    let (code, out) = run(&["probe", &target, "--tls"])?;
+    assert_eq!(code, 2, "--tls without --cafile is a usage error: {out}");
+
+    let mtls = Mosquitto::start_tls(&tls(true)).await?;
+    let target = mtls.addr().to_string();
+    let (code, out) = run(&["probe", &target, "--mqtts", "--cafile", &ca])?;
+    assert_eq!(
+        (code, out.contains("unhealthy")),
+        (1, true),
+        "no client certificate: {out}"
+    );
+    let (code, out) = run(&[
+        "probe",
+        &target,
+        "--mqtts",
+        "--cafile",
+        &ca,
+        "--cert",
+        &pki.path_str("device-1.pem"),
+        "--key",
+        &pki.path_str("device-1-key.pem"),
+    ])?;
+    assert_eq!(code, 0, "with the client certificate: {out}");
     Ok(())
 }
 
