@@ -4,15 +4,16 @@
 //! member is verified the same way by both.
 //!
 //! The rustls client configuration is built at config load (`mqlb_config::PoolTls`: the CA
-//! files are read there) and shared through the snapshot; a handshake costs no file read.
+//! files are read there) and shared through the snapshot; a handshake costs no file read. The
+//! session is a [`TlsClientStream`] (rustls's unbuffered API, as the frontends' sessions), so
+//! an idle connection to a TLS pool holds no buffer on its backend leg either.
 
 use std::io;
 use std::sync::Arc;
 
+use mqlb_config::tls_stream::TlsClientStream;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 /// Why the handshake with a member failed: the `reason` label of
 /// `mqlb_backend_tls_handshake_errors_total`.
@@ -59,8 +60,9 @@ impl TlsFail {
         }
     }
 
-    /// What a failed connect's error was: tokio-rustls wraps rustls's own error in an
-    /// `InvalidData` one, and reports a close mid-handshake as `UnexpectedEof`.
+    /// What a failed connect's error was: the session wraps rustls's own error in an
+    /// `InvalidData` one (as tokio-rustls does), and reports a close mid-handshake as
+    /// `UnexpectedEof`.
     pub(crate) fn of(e: io::Error) -> TlsFail {
         use rustls::Error;
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -84,11 +86,13 @@ pub(crate) async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(
     config: &Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
     io: IO,
-) -> Result<TlsStream<IO>, TlsFail> {
-    TlsConnector::from(config.clone())
-        .connect(name, io)
+) -> Result<TlsClientStream<IO>, TlsFail> {
+    let mut session = TlsClientStream::new(config.clone(), name, io)
+        .map_err(|e| TlsFail::of(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    std::future::poll_fn(|cx| session.poll_handshake(cx))
         .await
-        .map_err(TlsFail::of)
+        .map_err(TlsFail::of)?;
+    Ok(session)
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::client::TlsStream;
+
+use mqlb_config::tls_stream::TlsClientStream;
 
 use crate::backend::tls::{self as upstream, TlsFail};
 
@@ -152,7 +153,7 @@ pub(crate) async fn connect_and_replay(
 }
 
 /// The backend leg: the socket, or TLS over it to a member of a `pool.tls` pool.
-pub(crate) type ServerLeg = super::tls::MaybeTls<TlsStream<TcpStream>>;
+pub(crate) type ServerLeg = super::tls::MaybeTls<TlsClientStream<TcpStream>>;
 
 #[cfg(test)]
 mod tests {

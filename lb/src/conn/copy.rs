@@ -102,26 +102,16 @@ impl Leg for TcpStream {
     }
 }
 
-/// Boxed: the TLS session's state (keys, handshake state) is large, and the task of every
-/// connection, plain ones too, is as large as its largest variant.
-impl Leg for Box<mqlb_config::tls_stream::TlsServerStream<TcpStream>> {
+/// A TLS leg: a client's TLS terminated here, or TLS this LB speaks to a member of a
+/// `pool.tls` pool. Boxed: the TLS session's state (keys, handshake state) is large, and the
+/// task of every connection, plain ones too, is as large as its largest variant.
+impl<C: mqlb_config::tls_stream::Side> Leg
+    for Box<mqlb_config::tls_stream::TlsStream<TcpStream, C>>
+{
     const RAW: bool = false;
 
     fn tcp(&self) -> &TcpStream {
         self.socket()
-    }
-
-    fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut **self).poll_shutdown(cx)
-    }
-}
-
-/// The backend leg of a `pool.tls` pool: TLS this LB speaks to the member.
-impl Leg for Box<tokio_rustls::client::TlsStream<TcpStream>> {
-    const RAW: bool = false;
-
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
     }
 
     fn poll_half_close(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -122,7 +122,7 @@ async fn local_header(
 /// certificate, so a member that refuses the LB's (mTLS) says so only now, with an alert;
 /// anything else (its close_notify, a plain close) is a member that accepted the session.
 async fn tls_goodbye(
-    mut session: tokio_rustls::client::TlsStream<TcpStream>,
+    mut session: mqlb_config::tls_stream::TlsClientStream<TcpStream>,
 ) -> Result<(), ProbeError> {
     if let Err(e) = session.shutdown().await {
         tracing::debug!(error = %e, "probe close_notify not sent; reading the member's answer");
