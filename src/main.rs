@@ -325,6 +325,9 @@ struct ProbeArgs {
     /// An ALPN protocol to offer (repeat for several; none by default).
     #[arg(long, value_name = "PROTOCOL", requires = "cafile")]
     alpn: Vec<String>,
+    /// The address to connect from (a host with several: the LB's `source`).
+    #[arg(long, value_name = "IP")]
+    source: Option<std::net::IpAddr>,
     /// Give up after this long (e.g. 2s, 500ms).
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
     timeout: Duration,
@@ -354,7 +357,12 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     };
     let timeout = args.timeout;
     let started = std::time::Instant::now();
-    let result = mqlb_lb::probe_once_via(&protocol, addr, timeout, None, tls.as_ref()).await;
+    let via = mqlb_lb::Via {
+        tls: tls.as_ref(),
+        source: args.source,
+        send_proxy: None,
+    };
+    let result = mqlb_lb::probe_once_via(&protocol, addr, timeout, via).await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(match result {
         Ok(()) => {

@@ -1,6 +1,6 @@
 //! The validated configuration: real types only, so nothing downstream re-checks or panics.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,6 +49,9 @@ pub struct LbSettings {
     /// (`state_file`); `None`: beside the config file (`FILE.state.json`), or nowhere for a
     /// config without a file.
     pub state_file: Option<PathBuf>,
+    /// The address the LB's own connections come from (`source`: to pool members, probes and
+    /// HA servers), on a host with several; `None`: the one the kernel's route picks.
+    pub source: Option<IpAddr>,
 }
 
 /// Per-frontend connection limits, checked at accept (a refused connection is reset before
@@ -143,6 +146,9 @@ pub struct Pool {
     /// TLS to every member (`tls = { ca = ... }`): each connection, probe `tls` and `mqtts`
     /// included, verifies the member's certificate; `None`: plaintext.
     pub tls: Option<PoolTls>,
+    /// The address connections to the members and their probes come from: the pool's
+    /// `source`, else `lb.source`; `None`: the kernel's choice (HAProxy's `source`).
+    pub source: Option<IpAddr>,
 }
 
 /// `pool.tls`: how the LB connects to a pool's members over TLS, read and built at load so a

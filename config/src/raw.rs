@@ -107,6 +107,7 @@ pub struct RawLb {
     pub admin_token_file: Option<String>,
     pub max_connections: Option<u32>,
     pub state_file: Option<String>,
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +164,7 @@ pub struct RawPool {
     pub server_reference: Option<String>,
     pub send_proxy: Option<String>,
     pub tls: Option<RawPoolTls>,
+    pub source: Option<String>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<RawBackend>,
 }

@@ -985,3 +985,48 @@ fn unusable_pool_tls_is_refused_naming_the_pool_and_tls_probes_need_it() {
         );
     }
 }
+
+#[test]
+fn a_pool_connects_from_its_source_else_the_lbs() {
+    let c = Config::parse(MINIMAL, "t.toml").expect("valid");
+    assert_eq!(
+        (c.lb.source, c.pool("brokers").and_then(|p| p.source)),
+        (None, None)
+    );
+
+    let lb_wide = format!("[lb]\nsource = \"127.0.9.1\"\n{MINIMAL}");
+    let c = Config::parse(&lb_wide, "t.toml").expect("valid");
+    let ip: std::net::IpAddr = "127.0.9.1".parse().expect("ip");
+    assert_eq!(c.lb.source, Some(ip));
+    assert_eq!(c.pool("brokers").and_then(|p| p.source), Some(ip));
+
+    let own = format!("[lb]\nsource = \"127.0.9.1\"\n{MINIMAL}").replace(
+        "name = \"brokers\"\n",
+        "name = \"brokers\"\nsource = \"127.0.8.1\"\n",
+    );
+    let c = Config::parse(&own, "t.toml").expect("valid");
+    let ip: std::net::IpAddr = "127.0.8.1".parse().expect("ip");
+    assert_eq!(c.pool("brokers").and_then(|p| p.source), Some(ip));
+}
+
+#[test]
+fn a_source_must_be_an_address_of_the_members_family() {
+    let p = problems(&MINIMAL.replace(
+        "name = \"brokers\"\n",
+        "name = \"brokers\"\nsource = \"lb-host\"\n",
+    ));
+    assert!(
+        p.iter()
+            .any(|p| p.key == "pool[0].source" && p.message.contains("not an IP address")),
+        "{p:?}"
+    );
+    let p = problems(&format!("[lb]\nsource = \"::1\"\n{MINIMAL}"));
+    assert!(
+        p.iter().any(|p| p.key == "lb.source"
+            && p.message
+                .contains("cannot reach backend \"b1\" at 127.0.0.1:1884")),
+        "{p:?}"
+    );
+    let p = problems(&format!("[lb]\nsource = \"127.0.0.300\"\n{MINIMAL}"));
+    assert!(p.iter().any(|p| p.key == "lb.source"), "{p:?}");
+}

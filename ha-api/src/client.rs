@@ -3,7 +3,7 @@
 //! one answered. When none answers, the caller keeps its last view (static stability). Every
 //! request is signed with the cluster secret (`crate::auth`), afresh for each server tried.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -41,15 +41,26 @@ pub async fn request(
     secret: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Option<String>, Bytes), ClientError> {
+    request_from(addr, None, method, path, body, secret, timeout).await
+}
+
+/// [`request`] from the address `source` (a host with several), else the kernel's choice.
+async fn request_from(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    method: hyper::Method,
+    path: &str,
+    body: Option<String>,
+    secret: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Option<String>, Bytes), ClientError> {
     let body = Bytes::from(body.unwrap_or_default());
     let time_ms = crate::now_ms();
     let nonce = auth::nonce();
     let signature = auth::sign(secret, method.as_str(), path, time_ms, &nonce, &body);
     let io_err = |e: &dyn std::fmt::Display| ClientError::Io(addr, e.to_string());
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| io_err(&e))?;
+        let stream = connect(addr, source).await.map_err(|e| io_err(&e))?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
@@ -106,6 +117,24 @@ pub struct HaClient {
     secret: mqlb_config::Secret,
     preferred: AtomicUsize,
     timeout: Duration,
+    source: Option<IpAddr>,
+}
+
+async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(ip) = source else {
+        return tokio::net::TcpStream::connect(addr).await;
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0)).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("binding the source address {ip}: {e}"))
+    })?;
+    socket.connect(addr).await
 }
 
 impl HaClient {
@@ -116,7 +145,14 @@ impl HaClient {
             secret,
             preferred: AtomicUsize::new(0),
             timeout: Duration::from_secs(2),
+            source: None,
         }
+    }
+
+    /// Connects from `source` (`lb.source`), when given.
+    pub fn with_source(mut self, source: Option<IpAddr>) -> HaClient {
+        self.source = source;
+        self
     }
 
     pub fn servers(&self) -> &[SocketAddr] {
@@ -140,8 +176,9 @@ impl HaClient {
             let i = (start + k) % self.servers.len();
             let mut addr = self.servers[i];
             for _hop in 0..2 {
-                match request(
+                match request_from(
                     addr,
+                    self.source,
                     method.clone(),
                     path,
                     body.clone(),

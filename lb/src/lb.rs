@@ -258,7 +258,7 @@ impl Lb {
             // The HA servers authenticate every request with the cluster secret.
             match cfg.cluster.secret.clone() {
                 Some(secret) => {
-                    let client = HaClient::new(servers, secret);
+                    let client = HaClient::new(servers, secret).with_source(cfg.lb.source);
                     let stopping = lb.inner.shared.stopping.clone();
                     tokio::spawn(crate::discovery::follow(lb.clone(), client, stopping));
                 }

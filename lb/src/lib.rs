@@ -52,5 +52,5 @@ mod workers;
 /// other crates use `mqlb_mqtt` itself.
 use mqlb_mqtt as mqtt;
 
-pub use health::probe::{probe_once, probe_once_via, ProbeError};
+pub use health::probe::{probe_once, probe_once_via, ProbeError, Via};
 pub use lb::{Lb, Listeners, ReloadError, StartError};

@@ -422,6 +422,17 @@ async fn lb_on(ha: &[SocketAddr]) -> anyhow::Result<Lb> {
 
 /// [`lb_on`] with more keys in its rule (`rule`: TOML lines).
 async fn lb_with(ha: &[SocketAddr], rule: &str) -> anyhow::Result<Lb> {
+    lb_from(ha, None, rule).await
+}
+
+/// [`lb_with`] on a host of its own: its connections (to the brokers, their probes, the HA
+/// servers) come from `source` (`lb.source`).
+async fn lb_from(
+    ha: &[SocketAddr],
+    source: Option<std::net::Ipv4Addr>,
+    rule: &str,
+) -> anyhow::Result<Lb> {
+    let source = source.map_or(String::new(), |ip| format!("source = \"{ip}\"\n"));
     let mut servers = String::new();
     for (i, a) in ha.iter().enumerate() {
         servers.push_str(&format!(
@@ -431,7 +442,7 @@ async fn lb_with(ha: &[SocketAddr], rule: &str) -> anyhow::Result<Lb> {
     }
     let cfg = Config::parse(
         &format!(
-            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n\
+            "[lb]\nadmin = \"127.0.0.1:0\"\nwatch_config = false\nshutdown_grace = \"1s\"\n{source}\
              [cluster]\nsecret = \"{}\"\n{servers}\
              [[frontend]]\nname = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
              [[pool]]\nname = \"brokers\"\nprobe = \"p\"\ndiscovery = \"haserver\"\n\
@@ -658,18 +669,19 @@ async fn haserver_processes_on_postgres_fail_over_after_a_kill() -> anyhow::Resu
     Ok(())
 }
 
-/// Issue 18: three hosts each with an HA server (on PostgreSQL) and a broker, the LB and
-/// PostgreSQL on a fourth. The LB is cut off from the host of a persistent subscriber's broker
-/// (the LB's connections to that broker's MQTT port are dropped: see `Hosts::cut_port`) while
-/// a publisher on another broker sends QoS 1 messages one at a time. The broker leaves the
+/// Issue 18: three hosts each with an HA server (on PostgreSQL) and a broker, PostgreSQL on a
+/// fourth, the LB on a fifth (its connections come from that host's address, `lb.source`).
+/// The LB's host is partitioned from the host of a persistent subscriber's broker while a
+/// publisher on another broker sends QoS 1 messages one at a time. The broker leaves the
 /// LB's pool (its probe fails; it stays in the membership, its HA heartbeats still get
-/// through), the subscriber's connection is closed and it reconnects through the LB to
+/// through; the LB's discovery moves to another HA server), the subscriber's connection is
+/// closed and it reconnects through the LB to
 /// another broker with Session Present 1 (its session moves over the mesh, which the cut
 /// spares), and it gets every message the cluster acknowledged, none lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_host_cut_off_from_the_lb_loses_no_persistent_message() -> anyhow::Result<()> {
     use mqlb_tests::{Persistent, Protocol};
-    let hosts = Hosts::new(4)?;
+    let hosts = Hosts::new(5)?;
     let pg = Postgres::start_on(hosts.host(3).ip.into()).await?;
     let url = pg.url("postgres");
     let mut servers = Vec::new();
@@ -683,7 +695,8 @@ async fn a_broker_host_cut_off_from_the_lb_loses_no_persistent_message() -> anyh
     cluster.wait_meshed().await?;
     // As the built-in configuration does: a client of a broker that went down reconnects at
     // once, not after its keep alive.
-    let lb = lb_with(&addrs, "close_on_backend_down = true\n").await?;
+    let lb_host = hosts.host(4);
+    let lb = lb_from(&addrs, Some(lb_host.ip), "close_on_backend_down = true\n").await?;
     let front = lb.frontend_addr("mqtt").context("no frontend")?;
     wait_until("the LB's pool is the three brokers", DEADLINE, || async {
         pool(&lb).await == ["n1", "n2", "n3"]
@@ -720,7 +733,7 @@ async fn a_broker_host_cut_off_from_the_lb_loses_no_persistent_message() -> anyh
     })
     .await?;
     let cut_at = Instant::now();
-    hosts.cut_port([127, 0, 0, 1].into(), cluster.mqtt(i))?;
+    hosts.partition(lb_host, hosts.host(i))?;
     wait_until(&format!("{on} leaves the LB's pool"), DEADLINE, || async {
         !pool(&lb).await.contains(&on)
     })

@@ -96,13 +96,7 @@ fn db_source(c: &mut Checker, key: &str, raw: Option<&str>, db: &HaDb) -> Option
         c.error(key, "only for a PostgreSQL db (postgres://...)");
         return None;
     }
-    match raw.parse() {
-        Ok(ip) => Some(ip),
-        Err(_) => {
-            c.error(key, format!("{raw:?} is not an IP address"));
-            None
-        }
-    }
+    c.ip(key, raw)
 }
 
 /// `haserver.db_ca`: a PEM file of CA certificates, for a PostgreSQL `db` only, read here so

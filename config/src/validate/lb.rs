@@ -37,6 +37,7 @@ pub(super) fn lb_section(c: &mut Checker, r: &RawLb) -> LbSettings {
                 Some(std::path::PathBuf::from(p))
             }
         }),
+        source: r.source.as_deref().and_then(|s| c.ip("lb.source", s)),
     };
     if let Some(n) = lb.data_threads.filter(|n| n.get() > MAX_DATA_THREADS) {
         c.error(

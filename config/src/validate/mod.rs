@@ -56,6 +56,17 @@ impl Checker {
         });
     }
 
+    /// An IP address (a `source` to connect from).
+    fn ip(&mut self, key: &str, text: &str) -> Option<std::net::IpAddr> {
+        match text.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.error(key, format!("{text:?} is not an IP address"));
+                None
+            }
+        }
+    }
+
     fn addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
         match text.parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -171,7 +182,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, (Vec<Problem>, Vec<Problem>)> 
     let mut c = Checker::default();
     let lb = lb::lb_section(&mut c, &raw.lb);
     let probes = probes::probes(&mut c, &raw.probes);
-    let pools = pools::pools(&mut c, &raw.pools, &probes);
+    let pools = pools::pools(&mut c, &raw.pools, &probes, lb.source);
     let frontends = frontends::frontends(&mut c, &raw.frontends, lb.admin);
     let (rules, used_frontends) = rules::rules(&mut c, &raw);
     frontends::warn_unopened(&mut c, &raw.frontends, &used_frontends);

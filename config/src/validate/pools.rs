@@ -1,6 +1,7 @@
 //! `[[pool]]` and its `[[pool.backend]]`s.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,18 +13,29 @@ use crate::model::{Admission, Backend, MqttPorts, Pool, PoolTls, Probe, ProxyVer
 use crate::raw::{RawBackend, RawPool, RawPoolTls};
 
 /// `probes` are the validated `[[probe]]`s the pools may name.
-pub(super) fn pools(c: &mut Checker, raw: &[RawPool], probes: &[Probe]) -> Vec<Pool> {
+pub(super) fn pools(
+    c: &mut Checker,
+    raw: &[RawPool],
+    probes: &[Probe],
+    lb_source: Option<IpAddr>,
+) -> Vec<Pool> {
     let mut names = HashSet::new();
     let mut pools = Vec::new();
     for (i, p) in raw.iter().enumerate() {
         let k = format!("pool[{i}]");
         c.name(&format!("{k}.name"), &p.name, &mut names, "pool");
-        pools.push(pool(c, &k, p, probes));
+        pools.push(pool(c, &k, p, probes, lb_source));
     }
     pools
 }
 
-fn pool(c: &mut Checker, k: &str, p: &RawPool, probes: &[Probe]) -> Pool {
+fn pool(
+    c: &mut Checker,
+    k: &str,
+    p: &RawPool,
+    probes: &[Probe],
+    lb_source: Option<IpAddr>,
+) -> Pool {
     let probe = pool_probe(c, k, p, probes);
     if p.backends.is_empty() && p.discovery.is_none() {
         c.warn(
@@ -46,9 +58,11 @@ fn pool(c: &mut Checker, k: &str, p: &RawPool, probes: &[Probe]) -> Pool {
             ),
         );
     }
+    let source = pool_source(c, k, p, &backends, lb_source);
     Pool {
         send_proxy,
         tls,
+        source,
         name: p.name.clone(),
         server_reference,
         probe,
@@ -57,6 +71,35 @@ fn pool(c: &mut Checker, k: &str, p: &RawPool, probes: &[Probe]) -> Pool {
         remove_after,
         admission,
     }
+}
+
+/// `pool.source`, else `lb.source`: an address of the pool's members' family (a socket bound
+/// to an IPv4 address cannot reach an IPv6 member). Not checked to be this host's: a file is
+/// checked on other machines too; a connect from an address the host lacks fails naming it.
+fn pool_source(
+    c: &mut Checker,
+    k: &str,
+    p: &RawPool,
+    backends: &[Backend],
+    lb_source: Option<IpAddr>,
+) -> Option<IpAddr> {
+    let (key, source) = match p.source.as_deref() {
+        Some(s) => (format!("{k}.source"), c.ip(&format!("{k}.source"), s)?),
+        None => ("lb.source".to_string(), lb_source?),
+    };
+    for b in backends
+        .iter()
+        .filter(|b| b.addr.is_ipv4() != source.is_ipv4())
+    {
+        c.error(
+            key.clone(),
+            format!(
+                "pool {:?}: source {source} cannot reach backend {:?} at {} (another address family)",
+                p.name, b.id, b.addr
+            ),
+        );
+    }
+    Some(source)
 }
 
 /// Cross-section: the `[[probe]]` a pool names must exist.

@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
@@ -81,12 +81,14 @@ pub(crate) enum ConnectFail {
 /// handshake too) and sends it `replay`.
 pub(crate) async fn connect(
     addr: SocketAddr,
+    from: Option<IpAddr>,
     replay: &Replay<'_>,
     ka: &mqlb_config::TcpKeepalive,
     tls: Option<Upstream<'_>>,
     deadline: Instant,
 ) -> Result<ServerLeg, ConnectFail> {
-    let plain = tokio::time::timeout_at(deadline, connect_and_replay(addr, &replay.clear, ka));
+    let plain =
+        tokio::time::timeout_at(deadline, connect_and_replay(addr, from, &replay.clear, ka));
     let stream = match plain.await {
         Err(_) => return Err(ConnectFail::Timeout),
         Ok(Err(e)) => return Err(ConnectFail::Tcp(e)),
@@ -122,14 +124,11 @@ pub(crate) async fn connect(
 /// query per connection.
 pub(crate) async fn connect_and_replay(
     addr: SocketAddr,
+    from: Option<IpAddr>,
     replay: &[u8],
     ka: &mqlb_config::TcpKeepalive,
 ) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = socket_from(addr, from)?;
     socket.set_tcp_nodelay(true)?;
     socket.set_tcp_keepalive(&keepalive(ka))?;
     match socket.connect(&addr.into()) {
@@ -152,6 +151,51 @@ pub(crate) async fn connect_and_replay(
     Ok(stream)
 }
 
+/// A non-blocking TCP socket for `addr`, bound to the `from` address (`source`) when given.
+///
+/// A bound socket takes its port at the bind, one port per socket whatever its destination:
+/// about 28 000 connections from one source in all. IP_BIND_ADDRESS_NO_PORT (Linux 4.2) leaves
+/// the port to the connect, which shares ports across destinations as an unbound socket does
+/// (HAProxy sets it for its `source` too).
+pub(crate) fn socket_from(addr: SocketAddr, from: Option<IpAddr>) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    if let Some(ip) = from {
+        #[cfg(target_os = "linux")]
+        bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::new(ip, 0).into()).map_err(|e| {
+            io::Error::new(e.kind(), format!("binding the source address {ip}: {e}"))
+        })?;
+    }
+    Ok(socket)
+}
+
+/// IP_BIND_ADDRESS_NO_PORT on `socket` (neither socket2 nor rustix has it).
+#[cfg(target_os = "linux")]
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is the open socket `socket` owns, and the value is a c_int whose
+    // size is the length passed; setsockopt reads no more than that.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The backend leg: the socket, or TLS over it to a member of a `pool.tls` pool.
 pub(crate) type ServerLeg = super::tls::MaybeTls<TlsClientStream<TcpStream>>;
 
@@ -171,7 +215,9 @@ mod tests {
             interval: Duration::from_secs(3),
             count: Some(4),
         };
-        let s = connect_and_replay(addr, b"CONNECT", &ka).await.unwrap();
+        let s = connect_and_replay(addr, None, b"CONNECT", &ka)
+            .await
+            .unwrap();
         assert!(s.nodelay().unwrap());
         let sock = SockRef::from(&s);
         assert!(sock.keepalive().unwrap());
@@ -196,7 +242,45 @@ mod tests {
             l.local_addr().unwrap()
         };
         let ka = mqlb_config::TcpKeepalive::default();
-        assert!(connect_and_replay(addr, b"CONNECT", &ka).await.is_err());
-        assert!(connect_and_replay(addr, b"", &ka).await.is_err());
+        assert!(connect_and_replay(addr, None, b"CONNECT", &ka)
+            .await
+            .is_err());
+        assert!(connect_and_replay(addr, None, b"", &ka).await.is_err());
+    }
+
+    /// With a `source`, the member sees that address (many connections from it, each to the
+    /// same member, as the data path makes); one the host does not have is an error naming it.
+    #[tokio::test]
+    async fn the_source_address_is_the_one_the_member_sees() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let ka = mqlb_config::TcpKeepalive::default();
+        let from: IpAddr = "127.0.0.77".parse().unwrap();
+        let unconnected = socket_from(addr, Some(from)).unwrap();
+        let bound = unconnected.local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(
+            bound,
+            SocketAddr::new(from, 0),
+            "the port is left to the connect"
+        );
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(
+                connect_and_replay(addr, Some(from), b"x", &ka)
+                    .await
+                    .unwrap(),
+            );
+            let (_a, peer) = l.accept().await.unwrap();
+            assert_eq!(peer.ip(), from);
+        }
+        let absent: IpAddr = "192.0.2.1".parse().unwrap();
+        let e = connect_and_replay(addr, Some(absent), b"x", &ka)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("binding the source address 192.0.2.1"),
+            "{e}"
+        );
     }
 }

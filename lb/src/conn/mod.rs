@@ -7,7 +7,7 @@
 //! or shutdown's grace runs out; [`Outcome`] names how it ended.
 
 mod accept_proxy;
-mod connect;
+pub(crate) mod connect;
 mod copy;
 mod frames;
 mod inspect;
@@ -246,7 +246,8 @@ async fn establish(
         });
         let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
         let ka = &cfg.tcp_keepalive;
-        match connect::connect(addr, &replay, ka, upstream, deadline).await {
+        let from = rule.pool.cfg.source;
+        match connect::connect(addr, from, &replay, ka, upstream, deadline).await {
             Ok(s) => {
                 backend = Some((idx, addr, s));
                 break;

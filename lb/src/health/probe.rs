@@ -1,7 +1,7 @@
 //! Health probes: one task per pool member, probing every `interval` (the first at once) and
 //! feeding the health state machine; plus `probe_once`, which `mqlb probe` runs by hand.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,11 +56,30 @@ pub async fn probe_once(
     target: SocketAddr,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
-    probe_once_via(protocol, target, timeout, None, None).await
+    probe_once_via(protocol, target, timeout, Via::default()).await
+}
+
+/// How a pool reaches its members, which its probes do alike: the PROXY header its
+/// connections start with, their TLS, the address they come from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Via<'a> {
+    pub send_proxy: Option<ProxyVersion>,
+    pub tls: Option<&'a PoolTls>,
+    pub source: Option<IpAddr>,
+}
+
+impl<'a> Via<'a> {
+    pub fn of(pool: &'a mqlb_config::Pool) -> Via<'a> {
+        Via {
+            send_proxy: pool.send_proxy,
+            tls: pool.tls.as_ref(),
+            source: pool.source,
+        }
+    }
 }
 
 /// [`probe_once`] of a member of a pool whose backends expect a PROXY header (`send_proxy`)
-/// or speak TLS (`tls`). An `mqtt`, `tls` or `mqtts` probe sends a LOCAL PROXY header first,
+/// or speak TLS (`tls`), from the pool's `source`. An `mqtt`, `tls` or `mqtts` probe sends a LOCAL PROXY header first,
 /// in clear before any TLS as the pool's connections do (there is no client to name; a broker
 /// that demands the header would refuse the CONNECT or the handshake without it). A `tcp`
 /// probe sends nothing, and an `http` one is taken to reach a health endpoint, which does not
@@ -70,11 +89,18 @@ pub async fn probe_once_via(
     protocol: &ProbeProtocol,
     target: SocketAddr,
     timeout: Duration,
-    send_proxy: Option<ProxyVersion>,
-    tls: Option<&PoolTls>,
+    via: Via<'_>,
 ) -> Result<(), ProbeError> {
+    let Via {
+        send_proxy,
+        tls,
+        source,
+    } = via;
     tokio::time::timeout(timeout, async {
-        let mut stream = TcpStream::connect(target)
+        let socket =
+            crate::conn::connect::socket_from(target, source).map_err(ProbeError::Connect)?;
+        let mut stream = tokio::net::TcpSocket::from_std_stream(socket.into())
+            .connect(target)
             .await
             .map_err(ProbeError::Connect)?;
         match protocol {
@@ -242,16 +268,16 @@ pub(crate) async fn run(
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        // Read each time: a reload that sets send_proxy or changes tls (a rotated client
-        // certificate, a new CA) keeps the probe task.
+        // Read each time: a reload that sets send_proxy or source or changes tls (a rotated
+        // client certificate, a new CA) keeps the probe task.
         let pool_rt = shared.snapshot.load().pool(&pool).cloned();
-        let pool_cfg = pool_rt.as_ref().map(|p| &p.cfg);
-        let send_proxy = pool_cfg.and_then(|p| p.send_proxy);
-        let tls = pool_cfg.and_then(|p| p.tls.as_ref());
+        let via = pool_rt
+            .as_ref()
+            .map_or_else(Via::default, |p| Via::of(&p.cfg));
         let started = Instant::now();
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = probe_once_via(&probe.protocol, target, probe.timeout, send_proxy, tls) => r,
+            r = probe_once_via(&probe.protocol, target, probe.timeout, via) => r,
         };
         let took = started.elapsed();
         duration.observe(took.as_secs_f64());
