@@ -54,6 +54,20 @@ fn build_mqlb(release: bool) -> Result<PathBuf, String> {
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-q", "--bin", "mqlb"])
         .current_dir(&root);
+    // What cargo set for this test process (its package's manifest, name, version) is not the
+    // build's: ring's build tracks CARGO_MANIFEST_DIR, and inheriting the test's made every
+    // build from a test and every build from a shell after it compile ring, rustls and all that
+    // depends on them again (12 s each time).
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_MANIFEST_")
+            || key.starts_with("CARGO_PKG_")
+            || key == "CARGO_CRATE_NAME"
+            || key == "CARGO_PRIMARY_PACKAGE"
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     if release {
         cmd.arg("--release");
     }

@@ -73,7 +73,10 @@ async fn probe_reports_healthy_and_unhealthy() -> anyhow::Result<()> {
     // An address this machine does not have: no packet leaves, the bind fails naming it.
     let (code, out) = run(&["probe", &target, "--source", "192.0.2.1"])?;
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("binding the source address 192.0.2.1"), "{out}");
+    assert!(
+        out.contains("binding the source address 192.0.2.1"),
+        "{out}"
+    );
     let closed = format!("127.0.0.1:{}", free_port()?);
     let (code, out) = run(&["probe", &closed])?;
     assert_eq!(code, 1, "{out}");
