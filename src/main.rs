@@ -454,8 +454,8 @@ async fn run_broker(config: Option<PathBuf>, id: &str) -> anyhow::Result<ExitCod
 }
 
 /// SIGHUP reloads `[auth]`'s password and ACL files and, from the configuration file, the
-/// node's TLS certificate (clients stay connected; a bad file keeps the old ones, and the node
-/// logs why); returns on SIGTERM or Ctrl-C.
+/// node's TLS certificate and its mesh certificate (clients and links stay connected; a bad file
+/// keeps the old ones, and the node logs why); returns on SIGTERM or Ctrl-C.
 #[cfg(unix)]
 async fn wait_for_broker_signals(
     node: &mqlb_broker::Node,
@@ -467,7 +467,7 @@ async fn wait_for_broker_signals(
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                tracing::info!(node = node.id(), "SIGHUP: reloading the auth files and the TLS certificate");
+                tracing::info!(node = node.id(), "SIGHUP: reloading the auth files and the TLS certificates");
                 // `reload_auth` logged the error; the previous files stay in force.
                 let _ = node.reload_auth();
                 if let Some(path) = config {
@@ -480,24 +480,36 @@ async fn wait_for_broker_signals(
     }
 }
 
-/// Reads the configuration file again for the node's `[[broker]] tls` (its files re-read and
-/// checked as at start); a file that does not load keeps the certificate in force.
+/// Reads the configuration file again for the node's `[[broker]] tls` and `[cluster] tls`
+/// (their files re-read and checked as at start); a file that does not load keeps the
+/// certificates in force.
 #[cfg(unix)]
 fn reload_broker_tls(node: &mqlb_broker::Node, path: &std::path::Path) {
-    let tls = Config::load(path).map(|c| {
-        c.brokers
-            .into_iter()
-            .find(|b| b.id == node.id())
-            .and_then(|b| b.tls)
-    });
-    match tls
-        .map_err(anyhow::Error::from)
-        .and_then(|t| node.reload_tls(t.as_ref()).map_err(anyhow::Error::from))
-    {
-        Ok(true) => tracing::info!(node = node.id(), "TLS certificate reloaded"),
-        Ok(false) => {}
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
         Err(e) => {
-            tracing::error!(node = node.id(), error = %format!("{e:#}"), "TLS not reloaded; the certificate in force stays")
+            tracing::error!(node = node.id(), error = %e, "TLS not reloaded; the certificates in force stay");
+            return;
+        }
+    };
+    let own = cfg
+        .brokers
+        .iter()
+        .find(|b| b.id == node.id())
+        .and_then(|b| b.tls.as_ref());
+    for (what, result) in [
+        ("TLS certificate", node.reload_tls(own)),
+        (
+            "mesh TLS certificate",
+            node.reload_mesh_tls(cfg.cluster.tls.as_ref()),
+        ),
+    ] {
+        match result {
+            Ok(true) => tracing::info!(node = node.id(), "{what} reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(node = node.id(), error = %e, "{what} not reloaded; the one in force stays")
+            }
         }
     }
 }

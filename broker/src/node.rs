@@ -105,6 +105,9 @@ pub enum NodeError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Auth(#[from] AuthError),
+    /// A reload asked for what only a restart does.
+    #[error("{0}")]
+    NeedsRestart(&'static str),
 }
 
 /// The node's runtime. Shut down in the background whenever it goes (also on an error half-way
@@ -618,10 +621,17 @@ impl Node {
                 *loaded = Some(new.server.clone());
                 Ok(true)
             }
-            _ => Err(NodeError::Rumqttd(
-                "TLS listeners are added or removed by a restart, not a reload".into(),
+            _ => Err(NodeError::NeedsRestart(
+                "TLS listeners are added or removed by a restart, not a reload",
             )),
         }
+    }
+
+    /// Runs the mesh links' next handshakes with `tls` (`[cluster] tls` as loaded again, files
+    /// re-read): a renewed certificate reaches each link as it is made again, live links keep
+    /// their session. Returns whether it changed.
+    pub fn reload_mesh_tls(&self, tls: Option<&mqlb_config::MeshTls>) -> Result<bool, NodeError> {
+        self.mesh.reload_tls(tls).map_err(NodeError::NeedsRestart)
     }
 
     /// Prometheus text of this node's metrics.

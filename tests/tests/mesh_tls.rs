@@ -408,3 +408,78 @@ async fn brokers_started_from_a_config_with_cluster_tls_link_over_tls() -> anyho
     }
     Ok(())
 }
+
+/// n3's `mqlb_mesh_tls_cert_expiry_seconds` for the certificate of `tls` (0: no such series).
+fn expiry(c: &Cluster, tls: &mqlb_config::MeshTls) -> f64 {
+    let cert = tls.cert.display().to_string();
+    metric_of(
+        c,
+        2,
+        "mqlb_mesh_tls_cert_expiry_seconds",
+        &[("cert", &cert)],
+    )
+}
+
+/// A mesh certificate swapped by a reload (`Node::reload_mesh_tls`, what SIGHUP does with the
+/// file's `[cluster] tls`) reaches the links made after it and not the live ones: n3 takes a
+/// certificate of another CA and keeps its links; n1, restarted, then refuses n3 both ways;
+/// n3 reloads a renewed certificate of the cluster's CA and n1 links with it again. The expiry
+/// series follows the certificate in force. Turning TLS off by a reload is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_mesh_certificate_reaches_the_next_links() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let stranger = Pki::new()?;
+    let mut c = Cluster::start_tls(3, &pki).await?;
+    c.wait_meshed().await?;
+    let n3 = c.node(2).context("n3")?;
+    let foreign = stranger.mesh_tls("n3", &["127.0.0.1"], &pki.path("ca.pem"))?;
+    ensure!(
+        n3.reload_mesh_tls(Some(&foreign))?,
+        "the certificate changed"
+    );
+    ensure!(
+        !n3.reload_mesh_tls(Some(&foreign))?,
+        "the same again is no change"
+    );
+    ensure!(
+        expiry(&c, &foreign) > 0.0,
+        "the expiry of the certificate in force is shown"
+    );
+    ensure!(
+        n3.links().iter().all(|(_, up)| *up),
+        "live links stay: {:?}",
+        n3.links()
+    );
+    ensure!(
+        n3.reload_mesh_tls(None).is_err(),
+        "TLS is not turned off by a reload"
+    );
+
+    c.restart(0).await?;
+    wait_until("n1 refused n3's new certificate", DEADLINE, || async {
+        rejected(&c, 0, "certificate") >= 2.0
+    })
+    .await?;
+    let n1_links = |c: &Cluster| c.node(0).map(|n| n.links()).unwrap_or_default();
+    ensure!(
+        n1_links(&c).contains(&("n3".to_string(), false)),
+        "n1 and n3 linked: {:?}",
+        n1_links(&c)
+    );
+
+    let renewed = pki.mesh_tls("n3-renewed", &["127.0.0.1"], &pki.path("ca.pem"))?;
+    ensure!(
+        c.node(2).context("n3")?.reload_mesh_tls(Some(&renewed))?,
+        "renewed"
+    );
+    c.wait_meshed().await?;
+    ensure!(
+        expiry(&c, &renewed) > 0.0,
+        "the renewed certificate's expiry is shown"
+    );
+    ensure!(
+        expiry(&c, &foreign) == 0.0,
+        "the replaced certificate's series is gone"
+    );
+    Ok(())
+}

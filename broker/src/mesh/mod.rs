@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use mqlb_config::Secret;
+use mqlb_config::{MeshTls, Secret};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -205,6 +205,25 @@ pub(crate) struct Mesh {
     next_connection: AtomicU64,
     /// Acknowledged delivery: per origin node, its numbered stream to this node.
     origins: Mutex<HashMap<String, Origin>>,
+    /// The links' TLS in force (`[cluster] tls`, swapped by [`Mesh::reload_tls`]): read at
+    /// each handshake, so a live link keeps the session it made.
+    tls: Option<ArcSwap<MeshTls>>,
+}
+
+/// `mqlb_mesh_tls_cert_expiry_seconds` of `now` in place of `before`'s: an expiring mesh
+/// certificate splits the cluster the day it expires, so it is alerted on before.
+fn show_expiry(metrics: &Metrics, before: Option<&MeshTls>, now: &MeshTls) {
+    if let Some(b) = before.filter(|b| b.cert != now.cert) {
+        let _ = metrics
+            .mesh_tls_cert_expiry
+            .remove_label_values(&[&b.cert.display().to_string()]);
+    }
+    if let Some(at) = now.server.not_after() {
+        metrics
+            .mesh_tls_cert_expiry
+            .with_label_values(&[&now.cert.display().to_string()])
+            .set(at);
+    }
 }
 
 impl Mesh {
@@ -214,17 +233,13 @@ impl Mesh {
         metrics: Arc<Metrics>,
         wills: rumqttd::DelayedWills,
     ) -> Mesh {
-        // An expiring mesh certificate splits the cluster the day it expires: alert before.
-        if let Some(t) = settings.as_ref().and_then(|s| s.tls.as_ref()) {
-            if let Some(at) = t.server.not_after() {
-                metrics
-                    .mesh_tls_cert_expiry
-                    .with_label_values(&[&t.cert.display().to_string()])
-                    .set(at);
-            }
+        let tls = settings.as_ref().and_then(|s| s.tls.clone());
+        if let Some(t) = &tls {
+            show_expiry(&metrics, None, t);
         }
         Mesh {
             id,
+            tls: tls.map(ArcSwap::from_pointee),
             settings,
             peers: ArcSwap::from_pointee(Vec::new()),
             metrics,
@@ -236,6 +251,31 @@ impl Mesh {
             clients: Mutex::new(Clients::default()),
             next_connection: AtomicU64::new(1),
             origins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The TLS the next link handshake, dialed or accepted, runs with.
+    pub(crate) fn tls(&self) -> Option<Arc<MeshTls>> {
+        self.tls.as_ref().map(|t| t.load_full())
+    }
+
+    /// Runs the next link handshakes with `new` (the `[cluster] tls` of the file read again,
+    /// its files re-read); live links keep theirs. TLS is turned on or off by a restart only:
+    /// a node that switched alone would refuse, and be refused by, every peer. Returns
+    /// whether anything changed.
+    pub(crate) fn reload_tls(&self, new: Option<&MeshTls>) -> Result<bool, &'static str> {
+        match (&self.tls, new) {
+            (None, None) => Ok(false),
+            (Some(current), Some(new)) => {
+                let before = current.load();
+                if **before == *new {
+                    return Ok(false);
+                }
+                show_expiry(&self.metrics, Some(&before), new);
+                current.store(Arc::new(new.clone()));
+                Ok(true)
+            }
+            _ => Err("mesh TLS is turned on or off by a restart, not a reload"),
         }
     }
 

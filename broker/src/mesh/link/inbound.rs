@@ -68,7 +68,7 @@ async fn inbound(
     }
     let mut buf = BytesMut::new();
     let up = async {
-        let mut t = Transport::accept(settings.tls.as_ref(), stream).await?;
+        let mut t = Transport::accept(mesh.tls().as_deref(), stream).await?;
         let peer = handshake(&mesh, &settings.secret, &mut t, &mut buf).await?;
         Ok::<_, HandshakeError>((t, peer))
     };

@@ -223,7 +223,7 @@ pub(crate) async fn outbound(
             watch_liveness(&s)?;
             let mut buf = BytesMut::new();
             let up = async {
-                let mut t = Transport::dial(settings.tls.as_ref(), s, peer.addr.ip()).await?;
+                let mut t = Transport::dial(mesh.tls().as_deref(), s, peer.addr.ip()).await?;
                 let id = handshake(&mesh, &settings.secret, &mut t, &mut buf).await?;
                 Ok::<_, HandshakeError>((t, id))
             };
