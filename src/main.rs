@@ -355,14 +355,13 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         Some(ca) => Some(probe_tls(&args, ca)?),
         None => None,
     };
-    let timeout = args.timeout;
     let started = std::time::Instant::now();
     let via = mqlb_lb::Via {
         tls: tls.as_ref(),
         source: args.source,
         send_proxy: None,
     };
-    let result = mqlb_lb::probe_once_via(&protocol, addr, timeout, via).await;
+    let result = mqlb_lb::probe_once_via(&protocol, addr, args.timeout, via).await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     Ok(match result {
         Ok(()) => {

@@ -44,6 +44,24 @@ pub async fn request(
     request_from(addr, None, method, path, body, secret, timeout).await
 }
 
+/// A connection to `addr`, from `source` when given.
+async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(ip) = source else {
+        return tokio::net::TcpStream::connect(addr).await;
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0)).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("binding the source address {ip}: {e}"))
+    })?;
+    socket.connect(addr).await
+}
+
 /// [`request`] from the address `source` (a host with several), else the kernel's choice.
 async fn request_from(
     addr: SocketAddr,
@@ -118,23 +136,6 @@ pub struct HaClient {
     preferred: AtomicUsize,
     timeout: Duration,
     source: Option<IpAddr>,
-}
-
-async fn connect(
-    addr: SocketAddr,
-    source: Option<IpAddr>,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let Some(ip) = source else {
-        return tokio::net::TcpStream::connect(addr).await;
-    };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.bind(SocketAddr::new(ip, 0)).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("binding the source address {ip}: {e}"))
-    })?;
-    socket.connect(addr).await
 }
 
 impl HaClient {
