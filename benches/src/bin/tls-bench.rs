@@ -3,9 +3,12 @@
 //! HAProxy terminating TLS (Debian's, OpenSSL) in the same run, with the same certificate and
 //! key (ECDSA P-256, made here with rcgen), both in front of the same plain discard server; and
 //! "direct": a rustls server in this program terminating TLS itself, what TLS costs here with
-//! no LB at all.
+//! no LB at all. Then the LB's other TLS leg: memory per idle connection to a `pool.tls` pool
+//! (plaintext clients, the LB speaking TLS to the direct server), against a plain pool's in the
+//! same run.
 //!
-//! `cargo run --release -p mqlb-benches --bin tls-bench [-- --reps N --handshakes N --idle N]`
+//! `cargo run --release -p mqlb-benches --bin tls-bench [-- --reps N --handshakes N --idle N
+//! --pools-only]` (`--pools-only`: the pool rows alone)
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,6 +30,8 @@ use tokio_rustls::TlsConnector;
 /// The PEM files of a CA and a leaf for 127.0.0.1 it signed.
 struct Pki {
     ca: CertificateDer<'static>,
+    /// The CA as a pool's `tls.ca` reads it.
+    ca_pem: std::path::PathBuf,
     chain: std::path::PathBuf,
     key: std::path::PathBuf,
     /// Chain and key in one file, as HAProxy's `crt` takes them.
@@ -42,10 +47,12 @@ fn pki(dir: &Path) -> anyhow::Result<Pki> {
     let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &ca)?;
     let p = Pki {
         ca: ca.der().clone(),
+        ca_pem: dir.join("ca.pem"),
         chain: dir.join("chain.pem"),
         key: dir.join("key.pem"),
         combined: dir.join("combined.pem"),
     };
+    std::fs::write(&p.ca_pem, ca.pem())?;
     std::fs::write(&p.chain, leaf.pem())?;
     std::fs::write(&p.key, key.serialize_pem())?;
     std::fs::write(&p.combined, leaf.pem() + &key.serialize_pem())?;
@@ -147,6 +154,47 @@ async fn start_mqlb_tls(
     Ok((p, front))
 }
 
+/// `mqlb lb` with a plaintext frontend, five-tuple to `backend`, a pool speaking TLS to it
+/// (verified by `ca`, for its address) when `ca` is given: the process, its frontend and its
+/// admin address.
+async fn start_mqlb_pool(
+    dir: &Path,
+    backend: SocketAddr,
+    ca: Option<&Path>,
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    let front: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", mqlb_tests::free_port()?).parse()?;
+    let tag = if ca.is_some() {
+        "tls-pool"
+    } else {
+        "plain-pool"
+    };
+    let file = dir.join(format!("mqlb-{tag}.toml"));
+    let tls = ca.map_or(String::new(), |ca| {
+        format!("tls = {{ ca = \"{}\" }}\n", ca.display())
+    });
+    std::fs::write(
+        &file,
+        format!(
+            "[lb]\nadmin = \"{admin}\"\nwatch_config = false\n\
+             [[frontend]]\nname = \"f\"\nbind = \"{front}\"\n\
+             [[pool]]\nname = \"p\"\nprobe = \"t\"\n{tls}\
+             [[pool.backend]]\nid = \"b\"\naddr = \"{backend}\"\n\
+             [[probe]]\nname = \"t\"\nport = \"traffic\"\n\
+             [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n"
+        ),
+    )?;
+    let child = Command::new(mqlb_release_bin()?)
+        .args(["lb", "-c"])
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .with_context(|| format!("starting mqlb lb ({tag})"))?;
+    let mut p = Proc(child);
+    wait_listening(front, &mut p).await?;
+    Ok((p, front, admin))
+}
+
 /// HAProxy terminating TLS (tickets on, as its default), TCP mode to `backend`.
 async fn start_haproxy_tls(
     dir: &Path,
@@ -223,38 +271,180 @@ async fn bulk(addr: SocketAddr, pki: &Pki, bytes: usize) -> anyhow::Result<f64> 
     Ok(bytes as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
 }
 
-/// RSS growth of process `pid` per idle TLS connection: `n` connections through `addr`
-/// handshaken and then silent (plus one byte each so the LB has opened its backend leg).
-async fn idle_kib(addr: SocketAddr, pki: &Pki, pid: u32, n: usize) -> anyhow::Result<f64> {
-    let connector = client(pki, false)?;
+/// RSS growth of process `pid` per connection while `n` connections that `open` made (and
+/// sent a byte on, so the LB opens its backend leg) are held idle.
+async fn idle_kib<T, F>(pid: u32, n: usize, open: impl FnMut() -> F) -> anyhow::Result<f64>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
     let before = rss_kib(pid)?;
-    let mut held = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut tls = connector
-            .connect(server_name()?, TcpStream::connect(addr).await?)
-            .await?;
-        tls.write_all(b"x").await?;
-        tls.flush().await?;
-        held.push(tls);
-    }
+    let held = hold(n, open).await?;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await; // the last legs settle
     let after = rss_kib(pid)?;
     drop(held);
     Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
+/// `n` connections `open` made.
+async fn hold<T, F>(n: usize, mut open: impl FnMut() -> F) -> anyhow::Result<Vec<T>>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(open().await?);
+    }
+    Ok(held)
+}
+
+/// Waits until the LB whose admin is `admin` relays `n` connections
+/// (`mqlb_connections_active`: the backend leg open, its TLS handshake done), then a little
+/// more for the legs to settle (TLS 1.3 session tickets read).
+async fn relaying(admin: SocketAddr, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, text) = mqlb_tests::http(admin, "GET", "/metrics").await?;
+        let active = mqlb_tests::metric(&text, "mqlb_connections_active", &[]);
+        if active >= n as f64 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {active} of {n} connections relayed after 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// [`idle_kib`] of TLS connections through `addr`, handshaken and then silent.
+async fn idle_tls_kib(addr: SocketAddr, pki: &Pki, pid: u32, n: usize) -> anyhow::Result<f64> {
+    let connector = client(pki, false)?;
+    idle_kib(pid, n, || async {
+        let mut tls = connector
+            .connect(server_name()?, TcpStream::connect(addr).await?)
+            .await?;
+        tls.write_all(b"x").await?;
+        tls.flush().await?;
+        anyhow::Ok(tls)
+    })
+    .await
+}
+
+/// RSS growth per plaintext connection held idle through `addr`, an LB whose admin is
+/// `admin`, counted once it relays them all: the growth from `n / 4` connections held to
+/// `n / 4 + n`, what one more connection costs past what the first ones settle in the
+/// process (the runtime's and the allocator's first growth, the copy's buffer pool).
+async fn idle_plain_kib(
+    addr: SocketAddr,
+    admin: SocketAddr,
+    pid: u32,
+    n: usize,
+) -> anyhow::Result<f64> {
+    let open = || async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"x").await?;
+        anyhow::Ok(s)
+    };
+    let warm = hold(n / 4, open).await?;
+    relaying(admin, warm.len()).await?;
+    let before = rss_kib(pid)?;
+    let held = hold(n, open).await?;
+    relaying(admin, warm.len() + n).await?;
+    let after = rss_kib(pid)?;
+    drop((warm, held));
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+/// Memory per idle connection through `mqlb lb` to a plain pool and to a TLS pool (the
+/// direct server, verified by the bench's CA), each LB a process of its own: KiB, plain then
+/// TLS.
+async fn pool_idle(
+    dir: &Path,
+    pki: &Pki,
+    sink: SocketAddr,
+    direct: SocketAddr,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let (plain, addr, admin) = start_mqlb_pool(dir, sink, None).await?;
+    let plain_kib = idle_plain_kib(addr, admin, plain.0.id(), n).await?;
+    drop(plain);
+    let (tls, addr, admin) = start_mqlb_pool(dir, direct, Some(&pki.ca_pem)).await?;
+    let tls_kib = idle_plain_kib(addr, admin, tls.0.id(), n).await?;
+    Ok((plain_kib, tls_kib))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let reps = reps_arg(3);
-    let total = arg("--handshakes", 2000usize);
-    let idle = arg("--idle", 2000usize);
-    let bytes = arg("--mib", 256usize) << 20;
+    let sizes = Sizes {
+        reps: reps_arg(3),
+        handshakes: arg("--handshakes", 2000usize),
+        idle: arg("--idle", 2000usize),
+        bytes: arg("--mib", 256usize) << 20,
+    };
+    let idle = sizes.idle;
     let dir = mqlb_tests::TempDir::new("tls-bench")?;
     let pki = pki(dir.path())?;
     let sink = discard_server()?;
     let direct = direct_server(&pki)?;
-    let (mqlb, mqlb_addr) = start_mqlb_tls(dir.path(), &pki, sink).await?;
-    let hap = start_haproxy_tls(dir.path(), &pki, sink).await?;
+    let pools_only = std::env::args().any(|a| a == "--pools-only");
+    if !pools_only {
+        terminating(dir.path(), &pki, sink, direct, &sizes).await?;
+    }
+    // Each LB a fresh process, plain and TLS alternated: the plain figure moves between
+    // runs of one binary (1.8 to 4.4 KiB seen, the allocator's growth), the median steadies it.
+    let (mut plain, mut tls) = (Vec::new(), Vec::new());
+    for _ in 0..sizes.reps {
+        let (p, t) = pool_idle(dir.path(), &pki, sink, direct, idle).await?;
+        plain.push(p);
+        tls.push(t);
+    }
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (plain_kib, tls_kib) = (median(plain.clone()), median(tls.clone()));
+    println!(
+        "memory per idle connection to a TLS pool ({idle} held, median of {}): mqlb {tls_kib:.1} KiB, \
+         to a plain pool {plain_kib:.1} KiB (tls/plain {:.2}, +{:.1} KiB; runs: tls {}, plain {})",
+        sizes.reps,
+        tls_kib / plain_kib,
+        tls_kib - plain_kib,
+        list(&tls),
+        list(&plain),
+    );
+    Ok(())
+}
+
+/// How much each workload does.
+struct Sizes {
+    reps: usize,
+    handshakes: usize,
+    /// Connections held for the memory rows.
+    idle: usize,
+    /// Of the bulk stream.
+    bytes: usize,
+}
+
+/// The rows of TLS terminated at the LB: handshakes, bulk, memory per idle TLS connection.
+async fn terminating(
+    dir: &Path,
+    pki: &Pki,
+    sink: SocketAddr,
+    direct: SocketAddr,
+    sizes: &Sizes,
+) -> anyhow::Result<()> {
+    let &Sizes {
+        reps,
+        handshakes: total,
+        idle,
+        bytes,
+    } = sizes;
+    let (mqlb, mqlb_addr) = start_mqlb_tls(dir, pki, sink).await?;
+    let hap = start_haproxy_tls(dir, pki, sink).await?;
     let targets: Vec<(&str, SocketAddr)> = [("direct", direct), ("mqlb", mqlb_addr)]
         .into_iter()
         .chain(hap.as_ref().map(|(_, a)| ("haproxy", *a)))
@@ -267,20 +457,20 @@ async fn main() -> anyhow::Result<()> {
     let mut rows: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); targets.len()]; names.len()];
     for r in 0..reps {
         for (t, (name, addr)) in targets.iter().enumerate() {
-            rows[0][t].push(handshakes(*addr, &pki, total, false).await?.0);
-            let (rate, resumed) = handshakes(*addr, &pki, total, true).await?;
+            rows[0][t].push(handshakes(*addr, pki, total, false).await?.0);
+            let (rate, resumed) = handshakes(*addr, pki, total, true).await?;
             anyhow::ensure!(
                 resumed * 2 > total,
                 "{name}: only {resumed} of {total} resumed"
             );
             rows[1][t].push(rate);
-            rows[2][t].push(bulk(*addr, &pki, bytes).await?);
+            rows[2][t].push(bulk(*addr, pki, bytes).await?);
         }
         eprintln!("repetition {} of {reps} done", r + 1);
     }
-    let mqlb_idle = idle_kib(mqlb_addr, &pki, mqlb.0.id(), idle).await?;
+    let mqlb_idle = idle_tls_kib(mqlb_addr, pki, mqlb.0.id(), idle).await?;
     let hap_idle = match &hap {
-        Some((p, a)) => Some(idle_kib(*a, &pki, p.0.id(), idle).await?),
+        Some((p, a)) => Some(idle_tls_kib(*a, pki, p.0.id(), idle).await?),
         None => None,
     };
     println!("mqlb tls-bench: medians of {reps} interleaved repetitions, loopback, 2 cores");
