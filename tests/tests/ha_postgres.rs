@@ -575,11 +575,16 @@ async fn the_ha_servers_recover_alone_from_a_database_restart() -> anyhow::Resul
         .iter()
         .position(|s| s.is_primary())
         .context("no primary")?;
+    // A member the LB's pool then lists: at a port nothing listens on, so the LB's choices for
+    // the clients below fail over from it (reg's 127.0.0.1:1883 is `mqlb up`'s LB, or any
+    // broker a developer runs: the clients went to that one).
+    let mut late = reg("late");
+    late.mqtt = format!("127.0.0.1:{}", mqlb_tests::free_port()?);
     let (status, text) = ha_request(
         addrs[p],
         "POST",
         "/api/members",
-        &serde_json::to_vec(&reg("late"))?,
+        &serde_json::to_vec(&late)?,
     )
     .await?;
     assert_eq!(status, 200, "a write after the restart: {text}");
