@@ -17,10 +17,16 @@
 //! - a node gets its first member of a group: until its peers have its SHARE_GROUPS (one mesh
 //!   hop), it takes its share and so do they: those messages are delivered twice (QoS 1 is at
 //!   least once; QoS 2 too, across nodes). A peer counts it only for messages that reached the
-//!   peer after it learned of the members (`decide`): a message it reads late (a slow
-//!   member's backlog) is not left to a node that never had it in its group. (A message that
-//!   reaches a peer after the SHARE_GROUPS but reached the new node before its SUBSCRIBE, a
-//!   path slower than two hops, is still lost.)
+//!   peer's router after it learned of the members (`decide`): a message it reads late (a slow
+//!   member's backlog) is not left to a node that never had it in its group. The new node's
+//!   own publishes cannot overtake the list: it is sent after what the node queued for the
+//!   peer before it (its router had each of them after that), and the peer applies a list
+//!   that adds a group once its router has what came before it on the link (`Share::adds`,
+//!   at most a second of waiting), else a message published on the new node just before its
+//!   member came (a restored session, its first, in a failover under load) reached the
+//!   peer's router after the list and neither node delivered it. (A message of a third node
+//!   that reaches a peer after the SHARE_GROUPS but reached the new node before its
+//!   SUBSCRIBE, a path slower than two hops, is still lost.)
 //! - a node loses its last member (UNSUBSCRIBE, disconnect): until its peers have the new
 //!   list, they skip its share, which it no longer has anyone for: lost, for one mesh hop.
 //! - a node dies or its link breaks: its share of what was published until its peers notice
@@ -138,6 +144,16 @@ impl Share {
             .with_label_values(&[peer])
             .set(groups.len() as i64);
         s.peers.insert(peer.to_string(), (link, groups));
+    }
+
+    /// Whether `groups`, a new list of `peer`'s, names a group this node did not know `peer`
+    /// has members of (the link then first lets the router take what came before it).
+    pub(crate) fn adds(&self, peer: &str, groups: &[String]) -> bool {
+        let s = self.read();
+        let known = s.peers.get(peer).map(|(_, g)| g);
+        groups
+            .iter()
+            .any(|g| known.is_none_or(|k| !k.contains_key(g)))
     }
 
     /// Inbound link `link` from `peer` closed: what it said is no longer known (unless a newer
@@ -422,5 +438,21 @@ mod tests {
         a.on_peer("n2", 1, vec!["g/t".into()]);
         let again = (0..200).filter(|i| a.decide("g/t", b"t", format!("{i}").as_bytes(), after));
         assert_eq!(again.count(), n);
+    }
+
+    /// Only a list that names a group not known of the peer waits for the router (a removal
+    /// or the same list again is applied at once: waiting would only lose more).
+    #[test]
+    fn a_list_adds_only_groups_not_known_of_the_peer() {
+        let a = share("n1");
+        assert!(a.adds("n2", &["g/t".into()]));
+        assert!(!a.adds("n2", &[]));
+        a.on_peer("n2", 1, vec!["g/t".into(), "h/t".into()]);
+        assert!(!a.adds("n2", &["g/t".into(), "h/t".into()]));
+        assert!(!a.adds("n2", &["h/t".into()]));
+        assert!(a.adds("n2", &["h/t".into(), "k/t".into()]));
+        assert!(a.adds("n3", &["g/t".into()]));
+        a.link_closed("n2", 1);
+        assert!(a.adds("n2", &["g/t".into()]));
     }
 }

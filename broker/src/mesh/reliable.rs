@@ -206,6 +206,12 @@ impl Inbound {
     }
 }
 
+/// Whether acknowledgement `ack` (see [`Inbound::ack`]) covers frame `frame` `(epoch, seq)`:
+/// the router accepted it and everything before it. Another stream's says nothing of it.
+pub fn covers(ack: Option<(u64, u64)>, frame: (u64, u64)) -> bool {
+    ack.is_some_and(|(epoch, seq)| epoch == frame.0 && seq >= frame.1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +362,23 @@ mod tests {
         assert_eq!(tx.ack(2, 400), Ok(0), "another stream's ack is ignored");
         assert_eq!(tx.ack(1, 3), Ok(0));
         assert_eq!(tx.epoch(), 1);
+    }
+
+    #[test]
+    fn an_acknowledgement_covers_its_stream_up_to_its_frame() {
+        assert!(covers(Some((7, 5)), (7, 5)));
+        assert!(covers(Some((7, 9)), (7, 5)));
+        assert!(!covers(Some((7, 4)), (7, 5)), "frame 5 not accepted yet");
+        assert!(!covers(Some((8, 9)), (7, 5)), "another stream");
+        assert!(!covers(None, (7, 1)));
+        // As a receiver acknowledges: frame 2 accepted before 1 covers nothing until 1 is.
+        let mut rx = Inbound::default();
+        for seq in 1..=2 {
+            assert_eq!(rx.offer(3, seq), Verdict::Deliver { skipped: 0 });
+        }
+        rx.accepted(3, 2);
+        assert!(!covers(rx.ack(), (3, 2)));
+        rx.accepted(3, 1);
+        assert!(covers(rx.ack(), (3, 2)));
     }
 }

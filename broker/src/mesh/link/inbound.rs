@@ -95,6 +95,10 @@ async fn inbound(
     // The peer's acknowledgements go back on this link, written by their own task, which
     // ends with the link.
     let _acks = AbortOnDrop(tokio::spawn(write_acks(w, mesh.origin_acks(&peer))));
+    // What the router accepted of the peer's stream, and the last frame given to it: a list of
+    // shared groups waits for the router to have what came before it (issue 12).
+    let mut accepted = mesh.origin_acks(&peer);
+    let mut last_injected: Option<(u64, u64)> = None;
     loop {
         let (p, seq) = match read_frame(&mut stream, &mut buf, max).await {
             Ok(Some(Frame::Publish(p))) => (p, None),
@@ -123,6 +127,11 @@ async fn inbound(
             }
             Ok(Some(Frame::ShareGroups { groups })) => {
                 if let Some(s) = &share {
+                    // The peer's new members did not take what its router had before them:
+                    // counted only for what reaches this router after that (`crate::share`).
+                    if let Some(last) = last_injected.filter(|_| s.share.adds(&peer, &groups)) {
+                        router_has(&mut accepted, last, &peer).await;
+                    }
                     s.share.on_peer(&peer, s.link, groups);
                 }
                 continue;
@@ -214,6 +223,9 @@ async fn inbound(
         if inject.send(injected).await.is_err() {
             return;
         }
+        if seq.is_some() {
+            last_injected = seq;
+        }
         received.inc();
     }
 }
@@ -239,6 +251,29 @@ impl ShareLink {
 impl Drop for ShareLink {
     fn drop(&mut self) {
         self.share.link_closed(&self.peer, self.link);
+    }
+}
+
+/// How long a peer's list of shared groups waits for the router to accept what came before
+/// it: applied later is the safe side (this node serves the peer's share meanwhile).
+const LIST_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits until the router accepted frame `last` of `peer`'s stream, at most [`LIST_WAIT`].
+async fn router_has(
+    accepted: &mut watch::Receiver<Option<(u64, u64)>>,
+    last: (u64, u64),
+    peer: &str,
+) {
+    let waited =
+        tokio::time::timeout(LIST_WAIT, accepted.wait_for(|a| reliable::covers(*a, last))).await;
+    match waited {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => tracing::debug!(peer, "no acceptance to wait for; shared groups applied"),
+        Err(_) => tracing::debug!(
+            peer,
+            ?LIST_WAIT,
+            "the router is slow; shared groups applied without its acceptance"
+        ),
     }
 }
 

@@ -250,9 +250,6 @@ pub(crate) async fn outbound(
                 let mut w = BufWriter::with_capacity(64 * 1024, w);
                 let mut acks = rest;
                 let why = 'link: {
-                    if let Err(e) = send_share_groups(&mut w, groups.as_mut()).await {
-                        break 'link e.to_string();
-                    }
                     // The persistent sessions of this node, for the peer's replicas (issue 12).
                     if let Err(e) = send_replicas(&mesh, &mut w).await {
                         break 'link e.to_string();
@@ -262,6 +259,10 @@ pub(crate) async fn outbound(
                         break 'link e.to_string();
                     }
                     counters.kept(&unacked);
+                    // The shared groups after the publishes they may not cover (`crate::share`).
+                    if let Err(e) = send_share_groups(&mut w, groups.as_mut()).await {
+                        break 'link e.to_string();
+                    }
                     loop {
                         tokio::select! {
                             _ = stop.cancelled() => return,
@@ -281,6 +282,28 @@ pub(crate) async fn outbound(
                                 }
                             }
                             Some(Ok(())) = changed(groups.as_mut()) => {
+                                // What is queued was queued before the change (this node's
+                                // router had it after): it goes first, so the list does not
+                                // overtake a message the new members did not take (issue 12).
+                                let mut queued = rx.len();
+                                while queued > 0 {
+                                    let mut batch = Vec::with_capacity(queued.min(256));
+                                    while batch.len() < queued.min(256) {
+                                        match rx.try_recv() {
+                                            Ok(m) => batch.push(m),
+                                            Err(_) => break,
+                                        }
+                                    }
+                                    if batch.is_empty() {
+                                        break;
+                                    }
+                                    queued -= batch.len();
+                                    let r = send_batch(&mut w, batch, &mut unacked, &counters).await;
+                                    counters.kept(&unacked);
+                                    if let Err(e) = r {
+                                        break 'link e.to_string();
+                                    }
+                                }
                                 if let Err(e) = send_share_groups(&mut w, groups.as_mut()).await {
                                     break 'link e.to_string();
                                 }
