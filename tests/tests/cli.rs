@@ -87,6 +87,13 @@ async fn probe_reports_healthy_and_unhealthy() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `mqlb args` and checks that it reported the target unhealthy (exit 1).
+fn unhealthy(args: &[&str], why: &str) -> anyhow::Result<()> {
+    let (code, out) = run(args)?;
+    assert_eq!((code, out.contains("unhealthy")), (1, true), "{why}: {out}");
+    Ok(())
+}
+
 /// `mqlb probe --tls` and `--mqtts` against a mosquitto serving MQTT over TLS: healthy with the
 /// broker's CA, unhealthy with another CA, another name, or no client certificate where one is
 /// required, and `--mqtt` in clear is no answer from a TLS port.
@@ -114,32 +121,16 @@ async fn probe_speaks_tls_and_mqtts() -> anyhow::Result<()> {
         let (code, out) = run(&["probe", &target, how, "--cafile", &ca])?;
         assert_eq!((code, out.contains("healthy")), (0, true), "{how}: {out}");
     }
-    let (code, out) = run(&[
-        "probe",
-        &target,
-        "--mqtts",
-        "--cafile",
-        &other.path_str("ca.pem"),
-    ])?;
-    assert_eq!(
-        (code, out.contains("unhealthy")),
-        (1, true),
-        "another CA: {out}"
-    );
-    let (code, out) = run(&[
-        "probe",
-        &target,
-        "--tls",
-        "--cafile",
-        &ca,
-        "--server-name",
-        "elsewhere.example",
-    ])?;
-    assert_eq!(
-        (code, out.contains("unhealthy")),
-        (1, true),
-        "another name: {out}"
-    );
+    let other_ca = other.path_str("ca.pem");
+    unhealthy(
+        &["probe", &target, "--mqtts", "--cafile", &other_ca],
+        "another CA",
+    )?;
+    let name = ["--server-name", "elsewhere.example"];
+    unhealthy(
+        &["probe", &target, "--tls", "--cafile", &ca, name[0], name[1]],
+        "another name",
+    )?;
     let (code, out) = run(&["probe", &target, "--mqtt", "--timeout", "500ms"])?;
     assert_eq!(code, 1, "MQTT in clear to a TLS port: {out}");
     let (code, out) = run(&["probe", &target, "--tls"])?;
@@ -147,12 +138,10 @@ async fn probe_speaks_tls_and_mqtts() -> anyhow::Result<()> {
 
     let mtls = Mosquitto::start_tls(&tls(true)).await?;
     let target = mtls.addr().to_string();
-    let (code, out) = run(&["probe", &target, "--mqtts", "--cafile", &ca])?;
-    assert_eq!(
-        (code, out.contains("unhealthy")),
-        (1, true),
-        "no client certificate: {out}"
-    );
+    unhealthy(
+        &["probe", &target, "--mqtts", "--cafile", &ca],
+        "no client certificate",
+    )?;
     let (code, out) = run(&[
         "probe",
         &target,

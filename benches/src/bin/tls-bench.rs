@@ -143,15 +143,20 @@ async fn start_mqlb_tls(
             pki.key.display()
         ),
     )?;
+    Ok((spawn_lb(&file, front, "tls").await?, front))
+}
+
+/// `mqlb lb -c file` (release), once its frontend `front` listens.
+async fn spawn_lb(file: &Path, front: SocketAddr, what: &str) -> anyhow::Result<Proc> {
     let child = Command::new(mqlb_release_bin()?)
         .args(["lb", "-c"])
-        .arg(&file)
+        .arg(file)
         .env("RUST_LOG", "warn")
         .spawn()
-        .context("starting mqlb lb")?;
+        .with_context(|| format!("starting mqlb lb ({what})"))?;
     let mut p = Proc(child);
     wait_listening(front, &mut p).await?;
-    Ok((p, front))
+    Ok(p)
 }
 
 /// `mqlb lb` with a plaintext frontend, five-tuple to `backend`, a pool speaking TLS to it
@@ -184,15 +189,7 @@ async fn start_mqlb_pool(
              [[rule]]\nname = \"r\"\nfrontend = \"f\"\npool = \"p\"\n"
         ),
     )?;
-    let child = Command::new(mqlb_release_bin()?)
-        .args(["lb", "-c"])
-        .arg(&file)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .with_context(|| format!("starting mqlb lb ({tag})"))?;
-    let mut p = Proc(child);
-    wait_listening(front, &mut p).await?;
-    Ok((p, front, admin))
+    Ok((spawn_lb(&file, front, tag).await?, front, admin))
 }
 
 /// HAProxy terminating TLS (tickets on, as its default), TCP mode to `backend`.
