@@ -57,6 +57,10 @@ impl<P: Protocol> Protocol for Counted<P> {
         }
         Ok(n)
     }
+
+    fn empty_client_id_needs_clean_session(&self) -> bool {
+        self.inner.empty_client_id_needs_clean_session()
+    }
 }
 
 #[cfg(test)]

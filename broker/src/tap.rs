@@ -493,6 +493,10 @@ impl<P: Protocol> Protocol for Tap<P> {
         self.ack_wait.take()
     }
 
+    fn empty_client_id_needs_clean_session(&self) -> bool {
+        self.inner.empty_client_id_needs_clean_session()
+    }
+
     fn peer(&mut self, addr: std::net::SocketAddr) {
         self.peer = Some(addr);
     }

@@ -8,8 +8,8 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
 use crate::harness::{
-    connect4, connect5, filter5, publish5, Ended, Kind, QoS, Raw, Role, Target, Version, DEADLINE,
-    V4, V5,
+    connect4, connect4_session, connect5, connect5_session, filter5, publish5, Ended, Kind, QoS,
+    Raw, Role, Target, Version, DEADLINE, V4, V5,
 };
 use crate::rule;
 
@@ -36,6 +36,54 @@ async fn keep_alive_zero_is_accepted(t: Arc<Target>) -> anyhow::Result<()> {
     Ok(())
 }
 rule!(keep_alive_zero_is_accepted);
+
+/// MQTT 5.0, 3.1.3.1: a Server that allows a zero-length Client Identifier "MUST then process
+/// the CONNECT packet as if the Client had provided that unique ClientID, and MUST return the
+/// Assigned Client Identifier in the CONNACK" (MQTT-3.1.3-6, -7), with Clean Start 0 as with 1:
+/// refusing it with Clean Session 0 is 3.1.1's rule (its MQTT-3.1.3-8, return code 0x02), which
+/// stays for 3.1.1 clients. rumqttd applied the 3.1.1 rule to both versions (found by the Paho
+/// interoperability suite, client_test5's `test_zero_length_clientid`).
+async fn zero_length_client_id_is_assigned_one(t: Arc<Target>) -> anyhow::Result<()> {
+    for clean_start in [true, false] {
+        let connect = connect5_session("", clean_start, None);
+        let (mut c, ack) = t.connect5(Role::Subscriber, connect).await?;
+        ensure!(
+            ack.code == v5::ConnectReturnCode::Success,
+            "5.0, clean start {clean_start}: {ack:?}"
+        );
+        let assigned = ack
+            .properties
+            .as_ref()
+            .and_then(|p| p.assigned_client_identifier.as_deref())
+            .unwrap_or_default();
+        ensure!(
+            !assigned.is_empty(),
+            "5.0, clean start {clean_start}: no Assigned Client Identifier in {ack:?}"
+        );
+        c.send(v5::Packet::PingReq(v5::PingReq)).await?;
+        let pong = c.recv().await?;
+        ensure!(
+            pong == v5::Packet::PingResp(v5::PingResp),
+            "5.0, clean start {clean_start}: {pong:?}"
+        );
+    }
+    let (_, ack) = t
+        .connect4(Role::Subscriber, connect4_session("", false))
+        .await?;
+    ensure!(
+        ack.code == v4::ConnectReturnCode::BadClientId,
+        "3.1.1, clean session 0: {ack:?}"
+    );
+    let (_, ack) = t
+        .connect4(Role::Subscriber, connect4_session("", true))
+        .await?;
+    ensure!(
+        ack.code == v4::ConnectReturnCode::Success,
+        "3.1.1, clean session 1: {ack:?}"
+    );
+    Ok(())
+}
+rule!(zero_length_client_id_is_assigned_one);
 
 /// A hand-made MQTT 5 CONNECT (clean start, keep alive 60) with `props` as its properties and,
 /// if given, a will on topic `w` with `will_props` as the will's properties.

@@ -173,6 +173,12 @@ impl<P: Protocol> Network<P> {
         Ok(())
     }
 
+    /// mqlb patch (zero-length Client Identifier): the codec's rule, see
+    /// [`Protocol::empty_client_id_needs_clean_session`].
+    pub fn empty_client_id_needs_clean_session(&self) -> bool {
+        self.protocol.empty_client_id_needs_clean_session()
+    }
+
     /// mqlb patch (Maximum Packet Size): the largest packet the client takes (MQTT-3.1.2-24).
     pub fn set_max_outgoing_size(&mut self, max: Option<u32>) {
         self.max_outgoing_size = max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));

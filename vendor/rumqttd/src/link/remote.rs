@@ -313,7 +313,10 @@ where
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;
 
-    if empty_client_id && !clean_session {
+    // mqlb patch (zero-length Client Identifier): 3.1.1's refusal of a zero-length ID without
+    // Clean Session (its MQTT-3.1.3-8) is the codec's to say; MQTT 5 assigns an ID either way
+    // (MQTT-3.1.3-6, -7; `remote` in server/broker.rs assigns it).
+    if empty_client_id && !clean_session && network.empty_client_id_needs_clean_session() {
         let ack = ConnAck {
             session_present: false,
             code: ConnectReturnCode::ClientIdentifierNotValid,

@@ -790,4 +790,11 @@ pub trait Protocol {
     /// socket's, or what a trusted PROXY header claimed), told once before its first read, so
     /// an embedder's codec can show it with the client.
     fn peer(&mut self, _addr: std::net::SocketAddr) {}
+    /// mqlb patch (zero-length Client Identifier): whether a CONNECT with a zero-length Client
+    /// Identifier must have Clean Session 1, as in MQTT 3.1.1 (its MQTT-3.1.3-8). MQTT 5 has no
+    /// such rule: a server that takes a zero-length ID assigns one and processes the CONNECT as
+    /// if the client had sent it (MQTT-3.1.3-6, -7), with Clean Start 0 as with 1.
+    fn empty_client_id_needs_clean_session(&self) -> bool {
+        true
+    }
 }

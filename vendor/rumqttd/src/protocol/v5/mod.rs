@@ -358,6 +358,11 @@ fn read_u32(stream: &mut Bytes) -> Result<u32, Error> {
 pub struct V5;
 
 impl Protocol for V5 {
+    /// mqlb patch (zero-length Client Identifier): MQTT-3.1.3-6, -7.
+    fn empty_client_id_needs_clean_session(&self) -> bool {
+        false
+    }
+
     /// Reads a stream of bytes and extracts next MQTT packet out of it
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
         let fixed_header = check(stream.iter(), max_size)?;
