@@ -88,7 +88,12 @@ pub(crate) struct Tap<P> {
     auth: Option<Arc<Auth>>,
     /// Where retained PUBLISHes go to be written to the HA servers (issue 18; `None`: off).
     durable: Option<Arc<Durable>>,
+    /// The CONNECT's Client Identifier; empty when the client left the choice to the broker
+    /// (see `assigned`).
     client_id: String,
+    /// The ID rumqttd assigned a CONNECT with an empty one (the CONNACK's Assigned Client
+    /// Identifier): the session's name on every node, its replicas' too (MQTT-3.1.3-6).
+    assigned: std::sync::OnceLock<String>,
     username: Option<String>,
     /// The CONNECT's Clean Start and Session Expiry Interval (3.1.1: 0 with a clean session,
     /// never without): the will waits for the shorter of its delay and the session.
@@ -139,6 +144,7 @@ impl<P: Clone> Clone for Tap<P> {
             auth: self.auth.clone(),
             durable: self.durable.clone(),
             client_id: String::new(),
+            assigned: std::sync::OnceLock::new(),
             username: None,
             clean_start: true,
             session_expiry: 0,
@@ -191,12 +197,7 @@ impl<P> Drop for Tap<P> {
         if registration != 0 {
             if let Some(r) = self.mesh.replication.get() {
                 let will_kept = self.will.is_some();
-                r.disconnected(
-                    &self.client_id,
-                    registration,
-                    self.disconnect_expiry,
-                    will_kept,
-                );
+                r.disconnected(self.id(), registration, self.disconnect_expiry, will_kept);
             }
         }
         if let (true, Some(c)) = (registration != 0, &self.clients) {
@@ -205,19 +206,24 @@ impl<P> Drop for Tap<P> {
         if registration != 0 {
             let session = self.session_expiry;
             let will = self.will.take().map(|(w, delay)| (w, delay.min(session)));
-            self.mesh.client_gone(&self.client_id, registration, will);
+            self.mesh.client_gone(self.id(), registration, will);
         }
     }
 }
 
 impl<P> Tap<P> {
+    /// The session's client ID: the CONNECT's, or the one the broker assigned it.
+    fn id(&self) -> &str {
+        self.assigned.get().map_or(&self.client_id, |a| a)
+    }
+
     /// The client acknowledged (PUBACK, PUBREC) the delivery with packet id `pkid`.
     fn client_has(&self, pkid: u16) -> bool {
         let Some(id) = self.replicated().delivered.remove(&pkid) else {
             return false;
         };
         if let Some(r) = self.mesh.replication.get() {
-            r.acked(&self.client_id, id);
+            r.acked(self.id(), id);
         }
         true
     }
@@ -229,7 +235,7 @@ impl<P> Tap<P> {
             return;
         }
         if let Some(r) = self.mesh.replication.get() {
-            r.pkid(&self.client_id, event);
+            r.pkid(self.id(), event);
         }
     }
 
@@ -253,7 +259,7 @@ impl<P> Tap<P> {
             })
             .collect();
         if let (false, Some(r)) = (granted.is_empty(), self.mesh.replication.get()) {
-            r.subscribed(&self.client_id, granted);
+            r.subscribed(self.id(), granted);
         }
     }
 }
@@ -284,6 +290,7 @@ impl<P> Tap<P> {
             auth,
             durable,
             client_id: String::new(),
+            assigned: std::sync::OnceLock::new(),
             username: None,
             clean_start: true,
             session_expiry: 0,
@@ -363,7 +370,7 @@ impl<P> Tap<P> {
         // rumqttd's router refuses it locally with the same decision (and acknowledges it).
         if let Some(auth) = &self.auth {
             let t = String::from_utf8_lossy(&topic);
-            if !auth.may_publish(&self.client_id, self.username.as_deref(), &t) {
+            if !auth.may_publish(self.id(), self.username.as_deref(), &t) {
                 return;
             }
         }
@@ -468,7 +475,7 @@ impl<P: Protocol> Protocol for Tap<P> {
             }
             Packet::Unsubscribe(unsub, _) if self.persist != 0 => {
                 if let Some(r) = self.mesh.replication.get() {
-                    r.unsubscribed(&self.client_id, &unsub.filters);
+                    r.unsubscribed(self.id(), &unsub.filters);
                 }
             }
             _ => {}
@@ -480,7 +487,7 @@ impl<P: Protocol> Protocol for Tap<P> {
             // A QoS 2 retransmission is delivered once by rumqttd; forward it once too.
             if !(qos == 2 && dup) {
                 let tag = match (qos, self.mesh.replication.get()) {
-                    (1 | 2, Some(r)) => r.tag_local(&self.client_id, props),
+                    (1 | 2, Some(r)) => r.tag_local(self.id(), props),
                     _ => None,
                 };
                 self.forward(publish, qos, props.as_ref(), tag);
@@ -507,21 +514,26 @@ impl<P: Protocol> Protocol for Tap<P> {
                 if ack.code == ConnectReturnCode::Success
                     && self.registration.load(Ordering::Acquire) == 0
                 {
-                    let r = self.mesh.client_connected(
-                        &self.client_id,
-                        self.clean_start,
-                        self.connect_at,
-                    );
+                    if let Some(id) = props
+                        .as_ref()
+                        .and_then(|p| p.assigned_client_identifier.clone())
+                        .filter(|_| self.client_id.is_empty())
+                    {
+                        let _ = self.assigned.set(id);
+                    }
+                    let r =
+                        self.mesh
+                            .client_connected(self.id(), self.clean_start, self.connect_at);
                     self.registration.store(r, Ordering::Release);
                     if let Some(c) = &self.clients {
-                        c.connected(r, &self.client_id, self.listener, self.peer);
+                        c.connected(r, self.id(), self.listener, self.peer);
                     }
                     if let Some(repl) = self.mesh.replication.get() {
                         let will = self.will.as_ref().map(|(publish, delay)| MeshWill {
                             publish: publish.clone(),
                             delay: *delay,
                         });
-                        repl.connected(&self.client_id, self.clean_start, self.persist, r, will);
+                        repl.connected(self.id(), self.clean_start, self.persist, r, will);
                     }
                 }
                 // A refused login: 5.0's 0x86 Bad User Name or Password is, in 3.1.1,

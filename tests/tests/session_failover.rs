@@ -244,6 +244,75 @@ async fn a_v5_session_survives_its_node_with_every_unacknowledged_message() -> a
     check(&later, &BTreeSet::from([100]))
 }
 
+/// A v5 session whose Client Identifier the broker assigned (an empty one in the CONNECT,
+/// Clean Start 0: MQTT-3.1.3-6) outlives its node like any other: its replicas are kept under
+/// the assigned ID, the one the client reconnects with. Two such clients on the same node, so
+/// that a shared key (the empty CONNECT ID, as the replicas were keyed before) mixes them up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_an_assigned_client_id_survives_its_node() -> anyhow::Result<()> {
+    let mut c = Cluster::start(3).await?;
+    c.wait_meshed().await?;
+    let mut assigned = Vec::new();
+    for k in 0..2 {
+        let addr = c.mqtt_v5(0).context("no MQTT 5 listener")?;
+        let mut raw = Raw::<V5>::open(addr).await?;
+        raw.send(v5::Packet::Connect(
+            connect5_session("", false, Some(DAY)),
+            None,
+            None,
+        ))
+        .await?;
+        let id = match raw.recv().await? {
+            v5::Packet::ConnAck(ack) if ack.code == v5::ConnectReturnCode::Success => ack
+                .properties
+                .and_then(|p| p.assigned_client_identifier)
+                .context("no Assigned Client Identifier")?,
+            other => bail!("expected CONNACK 0, got {other:?}"),
+        };
+        raw.subscribe(
+            1,
+            vec![filter5(&format!("anon{k}/t"), QoS::AtLeastOnce)],
+            None,
+        )
+        .await?;
+        assigned.push((id, raw));
+    }
+    wait_until("the peers know both sessions", DEADLINE, || async {
+        [1, 2].iter().all(|i| {
+            c.node(*i)
+                .is_some_and(|n| metric(&n.metrics_text(), "mqlb_session_replicas", &[]) >= 2.0)
+        })
+    })
+    .await?;
+    let ids: Vec<String> = assigned.into_iter().map(|(id, _)| id).collect();
+    publish_range(&c, 1, "anon0/t", 1, 3).await?;
+    publish_range(&c, 1, "anon1/t", 11, 13).await?;
+    wait_until("the replicas queue the six messages", DEADLINE, || async {
+        let sum: f64 = [1, 2]
+            .iter()
+            .filter_map(|i| {
+                Some(metric(
+                    &c.node(*i)?.metrics_text(),
+                    "mqlb_session_replica_messages",
+                    &[],
+                ))
+            })
+            .sum();
+        sum >= 6.0
+    })
+    .await?;
+    c.crash(0);
+    for (k, id) in ids.iter().enumerate() {
+        let (mut back, present) = open5(&c, 2, connect5_session(id, false, Some(DAY))).await?;
+        ensure!(present, "{id}: Session Present 0 after the node's death");
+        let base = 10 * k as u32;
+        let want: BTreeSet<u32> = (base + 1..=base + 3).collect();
+        let got = drain(&mut back, &want).await?;
+        check(&got, &want)?;
+    }
+    Ok(())
+}
+
 /// MQTT 3.1.1, Clean Session 0, on node 1; node 1 dies; the client reconnects on node 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v311_session_survives_its_node_with_every_unacknowledged_message() -> anyhow::Result<()>
