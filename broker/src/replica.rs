@@ -151,14 +151,38 @@ struct Replica {
     /// Since when this node no longer ranks among its holders.
     unranked_since_ms: Option<u64>,
     /// Ids acknowledged before their message arrived here (it took a slower path): it is not
-    /// queued when it does. Bounded by [`EARLY_ACKS`].
-    early: VecDeque<MsgId>,
-    early_set: HashSet<MsgId>,
+    /// queued when it does.
+    early: EarlyAcks,
     /// The packet ids of the owner's deliveries, so that a restore resends under them.
     pkids: Pkids,
 }
 
 const EARLY_ACKS: usize = 4096;
+
+/// Message ids acknowledged before the message reached this node, the last [`EARLY_ACKS`].
+#[derive(Debug, Default)]
+struct EarlyAcks {
+    order: VecDeque<MsgId>,
+    set: HashSet<MsgId>,
+}
+
+impl EarlyAcks {
+    fn insert(&mut self, id: MsgId) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > EARLY_ACKS {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Whether `id` was acknowledged early; it is forgotten then (its message came).
+    fn take(&mut self, id: MsgId) -> bool {
+        self.set.remove(&id)
+    }
+}
 
 /// What a session's packet ids are on its owner, as far as its events have told
 /// (MQTT-4.4.0-1: a resumed session resends its unacknowledged deliveries under their ids and
@@ -280,6 +304,9 @@ pub struct Replicas {
     by_filter: HashMap<String, HashSet<String>>,
     /// Per owner and shared group key, the group's messages the owner serves.
     groups: HashMap<(String, String), GroupQueue>,
+    /// Per owner, what its clients acknowledged before the message reached this node: a
+    /// group's message a member already has is not queued when it comes.
+    group_early: HashMap<String, EarlyAcks>,
     max_messages: usize,
     max_replicas: usize,
     pub dropped: Dropped,
@@ -291,6 +318,7 @@ impl Replicas {
             by_client: HashMap::new(),
             by_filter: HashMap::new(),
             groups: HashMap::new(),
+            group_early: HashMap::new(),
             max_messages: max_messages.max(1),
             max_replicas,
             dropped: Dropped::default(),
@@ -396,8 +424,7 @@ impl Replicas {
                 ids: HashSet::new(),
                 active: false,
                 unranked_since_ms: None,
-                early: VecDeque::new(),
-                early_set: HashSet::new(),
+                early: EarlyAcks::default(),
                 pkids: Pkids::default(),
             });
         if meta.fresh {
@@ -542,12 +569,16 @@ impl Replicas {
             by_client,
             by_filter,
             groups,
+            group_early,
             max_messages,
             dropped,
             ..
         } = self;
         for ((owner, key), g) in groups.iter_mut() {
             if g.ids.contains(&tag.id) || !matches(topic, &g.filter) || !serves(owner, key) {
+                continue;
+            }
+            if group_early.get_mut(owner).is_some_and(|e| e.take(tag.id)) {
                 continue;
             }
             if g.queue.len() >= *max_messages {
@@ -577,7 +608,7 @@ impl Replicas {
             let Some(r) = by_client.get_mut(client) else {
                 continue;
             };
-            if r.ids.contains(&tag.id) || r.early_set.remove(&tag.id) {
+            if r.ids.contains(&tag.id) || r.early.take(tag.id) {
                 continue;
             }
             // The highest QoS of the matching subscriptions (one copy per replica: on
@@ -642,13 +673,13 @@ impl Replicas {
                     }
                     had
                 });
-            if !in_group && r.early_set.insert(*id) {
-                r.early.push_back(*id);
-                if r.early.len() > EARLY_ACKS {
-                    if let Some(old) = r.early.pop_front() {
-                        r.early_set.remove(&old);
-                    }
-                }
+            if !in_group {
+                // Either the replica's own message or a group's, to come by a slower path.
+                r.early.insert(*id);
+                self.group_early
+                    .entry(owner.to_string())
+                    .or_default()
+                    .insert(*id);
             }
         }
     }
@@ -1644,6 +1675,24 @@ mod tests {
         r.remove("m2");
         r.expire(0);
         assert!(r.groups.is_empty());
+    }
+
+    /// A member's acknowledgement can reach a replica holder before the message does (the
+    /// acknowledgement came over the owner's link, the message over the publisher's): the
+    /// group does not queue it when it comes, or a restore gives it to a member again.
+    #[test]
+    fn a_group_message_acknowledged_before_it_came_is_not_queued() {
+        let mut r = Replicas::new(100, 100);
+        let g = sub("$share/g/t/#", 1);
+        r.meta("b1", meta("m1", vec![g], true), 0, true);
+        r.acked("b1", "m1", &[MsgId { origin: 9, seq: 1 }]);
+        for seq in 1..=2 {
+            r.record(tag(seq), &msg("t/x", 1, tag(seq)), 0, |owner, _| {
+                owner == "b1"
+            });
+        }
+        let s = r.session("m1", 0, usize::MAX).expect("held");
+        assert_eq!(payloads(&s), ["m2"]);
     }
 
     #[test]
