@@ -72,11 +72,25 @@ impl Pki {
     /// A client certificate this CA signs whose subject CN is `cn`, with its key, written to
     /// `{cn}.pem` and `{cn}-key.pem`.
     pub fn client_cert(&self, cn: &str) -> anyhow::Result<()> {
+        self.client_cert_until(cn, None)
+    }
+
+    /// [`Pki::client_cert`] valid from 2020-01-01 to `(year, month, day)`: long expired for a
+    /// date in the past.
+    pub fn client_cert_until(
+        &self,
+        cn: &str,
+        not_after: Option<(i32, u8, u8)>,
+    ) -> anyhow::Result<()> {
         let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
+        if let Some((year, month, day)) = not_after {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+        }
         let cert = params.signed_by(&key, &self.ca)?;
         std::fs::write(self.path(&format!("{cn}.pem")), cert.pem())?;
         std::fs::write(self.path(&format!("{cn}-key.pem")), key.serialize_pem())?;

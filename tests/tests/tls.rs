@@ -1058,8 +1058,19 @@ async fn client_certificates_are_required_and_the_client_id_must_be_their_cn() -
         Ok(mut s) => mqtt_connect(&mut s, "dev-1").await.is_err(),
     };
     assert!(refused, "a certificate from another CA got a CONNACK");
-    wait_until("both handshakes counted", DEADLINE, || async {
-        errors() >= handshakes_failed + 2.0
+    // A certificate of the right CA that expired: the same.
+    t.pki.client_cert_until("dev-old", Some((2021, 1, 1)))?;
+    let expired = t.pki.client_with_cert(&t.pki, "dev-old")?;
+    let refused = match t
+        .tls_connect(&expired, TcpStream::connect(t.tls).await?)
+        .await
+    {
+        Err(_) => true,
+        Ok(mut s) => mqtt_connect(&mut s, "dev-old").await.is_err(),
+    };
+    assert!(refused, "an expired certificate got a CONNACK");
+    wait_until("the three handshakes counted", DEADLINE, || async {
+        errors() >= handshakes_failed + 3.0
     })
     .await?;
     // mosquitto_pub with the device's certificate and key, as a device would.
