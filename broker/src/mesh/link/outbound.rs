@@ -89,6 +89,25 @@ async fn resend(
 
 /// Writes a batch from the queue. A QoS 1/2 frame is numbered and kept (also when the write
 /// fails: a new link sends it again); a QoS 0 frame in flight on a broken link is lost.
+/// Messages written to the link in one go, at most.
+const BATCH: usize = 256;
+
+/// `first` and what is queued after it, up to `max` in all, without waiting.
+fn take_batch(
+    rx: &mut mpsc::Receiver<Outbound>,
+    first: Option<Outbound>,
+    max: usize,
+) -> Vec<Outbound> {
+    let mut batch: Vec<Outbound> = first.into_iter().collect();
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 async fn send_batch(
     w: &mut (impl AsyncWrite + Unpin),
     batch: Vec<Outbound>,
@@ -268,13 +287,7 @@ pub(crate) async fn outbound(
                             _ = stop.cancelled() => return,
                             msg = rx.recv() => {
                                 let Some(first) = msg else { return };
-                                let mut batch = vec![first];
-                                while batch.len() < 256 {
-                                    match rx.try_recv() {
-                                        Ok(m) => batch.push(m),
-                                        Err(_) => break,
-                                    }
-                                }
+                                let batch = take_batch(&mut rx, Some(first), BATCH);
                                 let r = send_batch(&mut w, batch, &mut unacked, &counters).await;
                                 counters.kept(&unacked);
                                 if let Err(e) = r {
@@ -287,13 +300,7 @@ pub(crate) async fn outbound(
                                 // overtake a message the new members did not take (issue 12).
                                 let mut queued = rx.len();
                                 while queued > 0 {
-                                    let mut batch = Vec::with_capacity(queued.min(256));
-                                    while batch.len() < queued.min(256) {
-                                        match rx.try_recv() {
-                                            Ok(m) => batch.push(m),
-                                            Err(_) => break,
-                                        }
-                                    }
+                                    let batch = take_batch(&mut rx, None, queued.min(BATCH));
                                     if batch.is_empty() {
                                         break;
                                     }
