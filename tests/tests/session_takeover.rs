@@ -298,9 +298,15 @@ async fn racing_connections_on_two_nodes_leave_exactly_one() -> anyhow::Result<(
         // A connection may be taken over before its CONNACK is read: it is closed then.
         let (mut a, mut b) = (a.ok().map(|(c, _)| c), b.ok().map(|(c, _)| c));
         // Until the takeover has settled both may still be open; then one is closed, or both.
+        // Bounded by time (a ping answered at once takes no time at all: a count alone gave a
+        // loaded CI machine well under a second) and, as every loop, by count.
         let step = Duration::from_millis(100);
+        let settle = std::time::Instant::now() + Duration::from_secs(5);
         let mut open = (a.is_some(), b.is_some());
-        for _ in 0..100 {
+        for _ in 0..10_000 {
+            if std::time::Instant::now() > settle {
+                break;
+            }
             if let Some(c) = &mut a {
                 open.0 = still_open(c, step).await?;
             }
